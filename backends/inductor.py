@@ -1,0 +1,36 @@
+"""Inductor backend: the Program is re-exported (dynamic batch and sequence) and compiled ahead of time
+with AOTInductor into one ``model.pt2`` package that loads in a fresh process with only torch and
+l4compile (for its custom ops) importable; transformers is not needed at run time."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from l4compile.backends import BuildResult
+from l4compile.errors import L4Error
+
+ARTIFACT = "model.pt2"
+
+
+def build(program, workdir: Path, config) -> BuildResult:
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise L4Error("--device cuda needs a CUDA GPU and a CUDA build of torch; this machine has none")
+    ep = program.export()
+    with torch.no_grad():
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(workdir / ARTIFACT))
+    return BuildResult([ARTIFACT], {"format": "aoti-package", "torch": torch.__version__})
+
+
+def load(engine_dir: Path, manifest: dict[str, Any]):
+    import l4compile.ops  # noqa: F401  (registers the custom ops the package may call)
+
+    if manifest["device"] == "cuda" and not torch.cuda.is_available():
+        raise L4Error(f"engine {engine_dir} was built for CUDA and this machine has no CUDA GPU")
+    pkg = torch._inductor.aoti_load_package(str(engine_dir / ARTIFACT))
+
+    def run(input_ids: torch.Tensor) -> torch.Tensor:
+        return pkg(input_ids)
+
+    return run

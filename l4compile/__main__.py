@@ -1,0 +1,3 @@
+from l4compile.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,242 @@
+"""The ``l4compile`` command line. User errors print one ``error:`` line on stderr and exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from l4compile.errors import L4Error
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, as for every user error
+        raise L4Error(f"{message} (see `{self.prog} --help`)")
+
+
+def _quiet() -> None:
+    """Keep library chatter (export/inductor warnings) off the user's terminal."""
+    warnings.filterwarnings("ignore")
+    for name in ("torch", "torch._inductor", "torch._export", "torch.export", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return v
+
+
+def _non_negative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got '{text}'") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got '{text}'")
+    return v
+
+
+def parse_prompt_ids(text: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise L4Error("--prompt-ids is empty; give comma-separated token ids, e.g. --prompt-ids 1,2,3")
+    ids = []
+    for p in parts:
+        try:
+            ids.append(int(p))
+        except ValueError:
+            raise L4Error(f"--prompt-ids: '{p}' is not an integer token id (use e.g. --prompt-ids 1,2,3)") from None
+    return ids
+
+
+def _add_model_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="checkpoint directory (config.json + *.safetensors) or preset name")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--seed", type=int, default=0, help="seed for preset weights")
+    p.add_argument("--layers", type=_positive, default=None, help="presets only: number of decoder layers")
+    p.add_argument("--max-seq-len", type=_positive, default=None)
+    p.add_argument("--max-batch-size", type=_positive, default=4)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="l4compile", description="Compile Llama 4 models into Inductor engines.")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("compile", help="compile MODEL into an engine directory")
+    _add_model_opts(c)
+    c.add_argument("--backend", default="inductor", help="inductor | onnxruntime | tensorrt")
+    c.add_argument("--out", required=True, help="engine directory to write")
+    c.add_argument("--quant", default="none", help="none | fp8 | int4")
+    c.add_argument("--force", action="store_true", help="replace --out if it exists")
+    c.add_argument("--pass", dest="passes", action="append", default=[], metavar="MODULE:FUNC",
+                   help="add a user pass (repeatable)")
+    c.add_argument("--skip-pass", dest="skip_passes", action="append", default=[], metavar="NAME")
+    c.add_argument("--dump-ir", default=None, metavar="DIR", help="write the graph before and after each pass")
+    c.add_argument("--verify", action="store_true", help="check the output after every pass; name the first drift")
+
+    r = sub.add_parser("run", help="run an engine on token ids (greedy)")
+    r.add_argument("engine", metavar="ENGINE")
+    r.add_argument("--prompt-ids", required=True, help="comma-separated token ids, e.g. 1,2,3")
+    r.add_argument("--max-new-tokens", type=_non_negative, default=16)
+    r.add_argument("--logits-out", default=None, metavar="FILE.npy",
+                   help="write the prompt's logits, float32 [prompt_len, vocab]")
+
+    p = sub.add_parser("parity", help="compare an engine with transformers eager")
+    _add_model_opts(p)
+    p.add_argument("--backend", default="inductor")
+    p.add_argument("--engine", default=None, help="use this engine instead of compiling one")
+    p.add_argument("--steps", type=_positive, default=32, help="greedy tokens to compare")
+    p.add_argument("--json", dest="json_out", default=None, metavar="FILE")
+
+    sub.add_parser("passes", help="list registered passes")
+    s = sub.add_parser("presets", help="list model presets")
+    s.add_argument("--json", action="store_true")
+    return ap
+
+
+def cmd_compile(a) -> int:
+    import l4compile
+    from l4compile.progress import Progress
+
+    progress = Progress()
+    eng = l4compile.compile(a.model, backend=a.backend, out=a.out, quant=a.quant, dtype=a.dtype, device=a.device,
+                            max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size, seed=a.seed,
+                            layers=a.layers, force=a.force, passes=tuple(a.passes), skip_passes=tuple(a.skip_passes),
+                            verify=a.verify, dump_ir=a.dump_ir, progress=progress)
+    m = eng.manifest
+    size = sum(v["bytes"] for v in m["artifacts"].values())
+    print(json.dumps({"engine": str(eng.path), "backend": m["backend"], "compile_seconds": m["compile_seconds"],
+                      "engine_bytes": size, "passes": {p["name"]: p["stats"] for p in m["passes"]}}))
+    return 0
+
+
+def cmd_run(a) -> int:
+    import numpy as np
+    import torch
+
+    from l4compile.engine import load_engine
+
+    prompt = parse_prompt_ids(a.prompt_ids)
+    t0 = time.perf_counter()
+    eng = load_engine(a.engine)
+    load_s = time.perf_counter() - t0
+    ids = torch.tensor([prompt], dtype=torch.int64)
+    eng.check_input_ids(ids)
+    if len(prompt) + a.max_new_tokens > eng.max_seq_len:
+        raise L4Error(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({a.max_new_tokens}) exceeds the "
+                      f"engine's max sequence length {eng.max_seq_len}")
+    t1 = time.perf_counter()
+    logits = eng.prefill(ids)
+    prefill_s = time.perf_counter() - t1
+    if a.logits_out:
+        np.save(a.logits_out, logits[0].float().cpu().numpy())
+    t2 = time.perf_counter()
+    out = eng.generate(ids, max_new_tokens=a.max_new_tokens)
+    gen_s = time.perf_counter() - t2
+    new = out[0, len(prompt):].tolist()
+    print(json.dumps({"generated_ids": new, "prompt_len": len(prompt), "load_ms": round(load_s * 1e3, 2),
+                      "prefill_ms": round(prefill_s * 1e3, 3), "generate_ms": round(gen_s * 1e3, 3),
+                      "ms_per_token": round(gen_s * 1e3 / max(1, len(new)), 3)}))
+    return 0
+
+
+def cmd_parity(a) -> int:
+    import l4compile
+    from l4compile import frontend, parity
+    from l4compile.engine import load_engine
+
+    if a.engine:
+        eng = load_engine(a.engine)
+        m = eng.manifest
+        dtype, seed = m["dtype"], m["compile_config"].get("seed", a.seed)
+        layers = m["compile_config"].get("layers", a.layers)
+    else:
+        dtype, seed, layers = a.dtype, a.seed, a.layers
+    lm = frontend.load(a.model, dtype=dtype, seed=seed, layers=layers).model
+    if a.engine:
+        if eng.manifest["model_config"]["vocab_size"] != lm.config.vocab_size:
+            raise L4Error(f"engine {a.engine} was not compiled from {a.model} (vocabulary sizes differ)")
+        rep = _parity_run(eng, lm, a.steps)
+    else:
+        with tempfile.TemporaryDirectory(prefix="l4parity-") as tmp:
+            eng = l4compile.compile(a.model, backend=a.backend, out=Path(tmp) / "engine", dtype=dtype,
+                                    device=a.device, max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size,
+                                    seed=seed, layers=layers)
+            rep = _parity_run(eng, lm, a.steps)
+    d = rep.to_dict()
+    print(f"{'backend':<12}{'dtype':<10}{'quant':<7}{'max rel err':>13}{'tokens':>9}  status")
+    print(f"{rep.backend:<12}{rep.dtype:<10}{rep.quant:<7}{rep.max_rel_error:>13.3e}"
+          f"{rep.token_agreement:>9.1%}  {d['status']}")
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(d, indent=2))
+    return 0 if rep.passed else 1
+
+
+def _parity_run(eng, lm, steps: int):
+    from l4compile import parity
+
+    prompts = parity.default_prompts(eng.vocab_size, int(lm.config.attention_chunk_size), eng.max_seq_len, steps)
+    return parity.compare(eng, lm, prompts, steps)
+
+
+def cmd_passes(a) -> int:
+    from l4compile.pipeline import load_entry_point_passes, select_passes
+    from l4compile.passes import registered_passes
+
+    load_entry_point_passes()
+    order = {s.name: i for i, s in enumerate(select_passes())}
+    specs = sorted(registered_passes().values(), key=lambda s: (order.get(s.name, 1 << 30), s.name))
+    print(f"{'#':<3}{'pass':<24}{'source':<12}{'ordering':<40}description")
+    for s in specs:
+        pos = str(order[s.name] + 1) if s.name in order else "-"
+        print(f"{pos:<3}{s.name:<24}{s.source:<12}{s.ordering():<40}{s.description}")
+    return 0
+
+
+def cmd_presets(a) -> int:
+    from l4compile.presets import PRESETS
+
+    rows = []
+    for p in PRESETS.values():
+        c = p.text_config_kwargs()
+        rows.append({"name": p.name, "layers": c["num_hidden_layers"], "hidden": c["hidden_size"],
+                     "experts": c["num_local_experts"], "top_k": c["num_experts_per_tok"],
+                     "moe_interleave": c["interleave_moe_layer_step"], "qk_norm": c["use_qk_norm"],
+                     "chunk": c["attention_chunk_size"], "vocab": c["vocab_size"], "description": p.description})
+    if a.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'preset':<16}{'layers':>7}{'hidden':>8}{'experts':>8}{'vocab':>8}  description")
+    for r in rows:
+        print(f"{r['name']:<16}{r['layers']:>7}{r['hidden']:>8}{r['experts']:>8}{r['vocab']:>8}  {r['description']}")
+    return 0
+
+
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "parity": cmd_parity, "passes": cmd_passes,
+            "presets": cmd_presets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet()
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.cmd](args)
+    except L4Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,205 @@
+"""The engine directory and its runtime.
+
+Layout: ``manifest.json`` (format version, backend, model config, quant, dtype, device, passes with stats,
+signature, limits, sha256 of every artifact, library versions, compile seconds) plus the backend's
+artifacts. An engine is built in a hidden sibling directory and renamed into place only when complete (the
+manifest is written last), so a killed compile never leaves anything that looks like an engine. Loading
+verifies every checksum before any artifact is opened.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from l4compile.errors import L4Error
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_TMP_TAG = ".l4tmp-"
+_OLD_TAG = ".l4old-"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """Refuse an existing ``out`` unless ``force``; never touch it here."""
+    if out.exists() and not force:
+        raise L4Error(f"output directory {out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise L4Error(f"output path {out} exists and is not a directory; remove it or pick another --out")
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove half-written siblings of ``out`` left by compiles that were killed."""
+    for p in out.parent.glob(f".{out.name}{_TMP_TAG}*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def engine_writer(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a scratch directory; on success it becomes ``out`` atomically (replacing it if ``force``)."""
+    out = out.resolve()
+    check_out_dir(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(out)
+    tmp = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if not (tmp / MANIFEST).is_file():
+            raise RuntimeError("engine writer finished without a manifest")
+        if out.exists():
+            check_out_dir(out, force)
+            old = out.parent / f".{out.name}{_OLD_TAG}{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_manifest(engine_dir: Path, manifest: dict[str, Any], artifacts: Sequence[str]) -> dict[str, Any]:
+    """Checksum ``artifacts`` (paths relative to ``engine_dir``) and write the manifest last."""
+    manifest = dict(manifest, format_version=FORMAT_VERSION,
+                    artifacts={a: {"sha256": sha256_file(engine_dir / a), "bytes": (engine_dir / a).stat().st_size}
+                               for a in artifacts})
+    tmp = engine_dir / (MANIFEST + ".part")
+    with tmp.open("w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, engine_dir / MANIFEST)
+    return manifest
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    mf = path / MANIFEST
+    if not path.is_dir() or not mf.is_file():
+        raise L4Error(f"'{path}' is not an l4compile engine (no {MANIFEST}); build one with `l4compile compile`")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise L4Error(f"engine manifest {mf} is corrupt ({e}); recompile the engine") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        got = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise L4Error(f"engine {path} has format version {got!r}; this l4compile reads version {FORMAT_VERSION}: "
+                      "recompile the engine")
+    for key in ("backend", "artifacts", "model_config", "max_seq_len", "max_batch_size", "dtype", "device"):
+        if key not in manifest:
+            raise L4Error(f"engine manifest {mf} lacks '{key}'; recompile the engine")
+    return manifest
+
+
+def verify_artifacts(path: Path, manifest: dict[str, Any]) -> None:
+    for rel, info in manifest["artifacts"].items():
+        f = path / rel
+        if not f.is_file():
+            raise L4Error(f"engine artifact '{rel}' is missing from {path}; recompile the engine")
+        if sha256_file(f) != info.get("sha256"):
+            raise L4Error(f"engine artifact '{rel}' does not match its checksum in {MANIFEST}: the engine was "
+                          "modified or corrupted; recompile it")
+
+
+class Engine:
+    """A loaded engine. ``prefill`` and ``generate`` validate their inputs against the engine's limits."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], runner: Any):
+        self.path = path
+        self.manifest = manifest
+        self._runner = runner
+        self.vocab_size = int(manifest["model_config"]["vocab_size"])
+        self.max_seq_len = int(manifest["max_seq_len"])
+        self.max_batch_size = int(manifest["max_batch_size"])
+        self.device = torch.device(manifest["device"])
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"Engine({str(self.path)!r}, backend={m['backend']}, dtype={m['dtype']}, quant={m.get('quant')})"
+
+    def check_input_ids(self, input_ids: Any) -> torch.Tensor:
+        """LongTensor [B, S] (or [S], or a list) -> validated LongTensor [B, S] on the engine's device."""
+        ids = torch.as_tensor(input_ids)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+            raise L4Error(f"token ids must be integers, got {ids.dtype}")
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise L4Error(f"token ids must have shape [batch, seq] with seq >= 1, got {list(ids.shape)}")
+        if ids.shape[0] > self.max_batch_size:
+            raise L4Error(f"batch {ids.shape[0]} exceeds the engine's max batch size {self.max_batch_size}; "
+                          "recompile with a larger --max-batch-size")
+        if ids.shape[1] > self.max_seq_len:
+            raise L4Error(f"prompt of {ids.shape[1]} tokens exceeds the engine's max sequence length "
+                          f"{self.max_seq_len}; recompile with a larger --max-seq-len")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise L4Error(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        return ids.to(torch.int64).to(self.device)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: Any) -> torch.Tensor:
+        """LongTensor [B, S] -> logits [B, S, V] in the engine's dtype."""
+        ids = self.check_input_ids(input_ids)
+        return self._runner(ids)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Any, max_new_tokens: int = 32) -> torch.Tensor:
+        """Greedy decoding: LongTensor [B, S] -> LongTensor [B, S + max_new_tokens].
+
+        Until the KV-cache engines land, every step recomputes the whole prefix (O(n^2) work); the result is
+        the same as decoding with a cache."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise L4Error(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        ids = self.check_input_ids(input_ids)
+        if ids.shape[1] + max_new_tokens > self.max_seq_len:
+            raise L4Error(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                          f"engine's max sequence length {self.max_seq_len}")
+        for _ in range(max_new_tokens):
+            logits = self._runner(ids)
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return ids
+
+
+def load_engine(path: str | os.PathLike) -> Engine:
+    """Open an engine directory: read the manifest, verify every checksum, load the backend's runtime."""
+    from l4compile.backends import get_backend
+
+    p = Path(path)
+    manifest = read_manifest(p)
+    verify_artifacts(p, manifest)
+    backend = get_backend(manifest["backend"])
+    t0 = time.perf_counter()
+    runner = backend.load(p, manifest)
+    eng = Engine(p, manifest, runner)
+    eng.load_seconds = time.perf_counter() - t0
+    return eng

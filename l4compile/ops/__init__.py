@@ -1,0 +1,1 @@
+"""Custom ops (torch.library, namespace ``l4``) introduced by passes."""

@@ -1,0 +1,159 @@
+"""The pass manager: selects, orders, runs, times, lints and (optionally) verifies passes over a Program.
+
+Selection: every registered pass with ``default=True`` (builtins and entry-point passes from the group
+``l4compile.passes``), plus user passes given as ``MODULE:FUNC``, minus ``--skip-pass`` names. Order: from the
+passes' declarations only (``passes._registry.order_passes``).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from l4compile.errors import L4Error
+from l4compile.passes import _registry as reg
+from l4compile.program import Program
+
+ENTRY_POINT_GROUP = "l4compile.passes"
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    changed: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+    drift: float | None = None          # verify mode: max|out - ref| / max|ref| after this pass
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"name": self.name, "seconds": round(self.seconds, 4), "changed": self.changed, "stats": self.stats}
+        if self.drift is not None:
+            d["drift"] = self.drift
+        return d
+
+
+def load_entry_point_passes() -> list[str]:
+    """Import every module registered under the entry-point group; their decorators register passes."""
+    names = []
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+        except Exception as e:  # a broken plugin is the user's to fix; name it
+            raise L4Error(f"cannot load pass plugin '{ep.name}' ({ep.value}): {e}") from None
+        spec = getattr(obj, "_l4_pass", None)
+        if spec is not None:
+            names.append(spec.name)
+    return names
+
+
+def load_user_pass(ref: str) -> reg.PassSpec:
+    """``MODULE:FUNC`` -> PassSpec. An undecorated function is registered as a pass that runs last."""
+    mod_name, sep, func_name = ref.partition(":")
+    if not sep or not mod_name or not func_name:
+        raise L4Error(f"--pass '{ref}' must look like MODULE:FUNC (e.g. mypasses:strip_asserts)")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise L4Error(f"--pass '{ref}': cannot import module '{mod_name}': {e}") from None
+    fn = getattr(mod, func_name, None)
+    if not callable(fn):
+        raise L4Error(f"--pass '{ref}': module '{mod_name}' has no function '{func_name}'")
+    spec = getattr(fn, "_l4_pass", None)
+    if spec is None:
+        builtin = [s.name for s in reg.registered_passes().values() if s.default]
+        reg.register_pass(func_name, after=tuple(builtin), source="user")(fn)
+        spec = fn._l4_pass
+    return spec
+
+
+def select_passes(user: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> list[reg.PassSpec]:
+    import l4compile.passes  # noqa: F401  (builtins register on import)
+
+    load_entry_point_passes()
+    known = reg.registered_passes()
+    for name in skip:
+        if name not in known:
+            raise L4Error(f"--skip-pass '{name}': no such pass; known passes: {', '.join(sorted(known))}")
+    chosen = {s.name: s for s in known.values() if s.default}
+    for ref in user:
+        spec = load_user_pass(ref)
+        chosen[spec.name] = spec
+    return reg.order_passes([s for n, s in chosen.items() if n not in skip])
+
+
+def lint(gm: torch.fx.GraphModule, pass_name: str) -> None:
+    """Structural checks after every pass: a well-formed graph whose weights all resolve."""
+    try:
+        gm.graph.lint()
+    except Exception as e:
+        raise L4Error(f"pass '{pass_name}' left a malformed graph: {e}") from None
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            obj: Any = gm
+            for part in str(n.target).split("."):
+                obj = getattr(obj, part, None)
+                if obj is None:
+                    raise L4Error(f"pass '{pass_name}' left get_attr '{n.target}' that resolves to nothing")
+    outputs = [n for n in gm.graph.nodes if n.op == "output"]
+    if len(outputs) != 1:
+        raise L4Error(f"pass '{pass_name}' left {len(outputs)} output nodes")
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().float(), ref.detach().float()
+    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def dump_graph(gm: torch.fx.GraphModule, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(gm.print_readable(print_output=False, include_stride=False, include_device=False))
+
+
+def run_passes(program: Program, compile_config: Any, *, dump_ir: Path | None = None,
+               reference: torch.Tensor | None = None, tolerance: float = 1e-4,
+               on_pass: Callable[[str, float], None] | None = None) -> list[PassRecord]:
+    """Run the selected passes over ``program`` in order. With ``reference`` (the eager model's logits on
+    ``program.example_inputs``), verify after each pass and raise naming the first pass that drifted."""
+    specs = select_passes(compile_config.passes, compile_config.skip_passes)
+    records: list[PassRecord] = []
+    if dump_ir is not None:
+        dump_graph(program.gm, dump_ir / "00-traced.txt")
+    for i, spec in enumerate(specs, start=1):
+        opts = compile_config.options_for(spec.name)
+        if spec.options is not None:
+            try:
+                options = spec.options(**opts)
+            except TypeError as e:
+                raise L4Error(f"options for pass '{spec.name}': {e}") from None
+        elif opts:
+            raise L4Error(f"pass '{spec.name}' takes no options, got {', '.join(opts)}")
+        else:
+            options = None
+        ctx = reg.PassContext(model_config=program.model_config, compile_config=compile_config, options=options,
+                              example_inputs=program.example_inputs, metadata=program.metadata)
+        t0 = time.perf_counter()
+        result = spec.fn(program.gm, ctx)
+        seconds = time.perf_counter() - t0
+        if not isinstance(result, reg.PassResult):
+            raise L4Error(f"pass '{spec.name}' returned {type(result).__name__}, not PassResult")
+        program.gm = result.gm
+        program.gm.recompile()
+        lint(program.gm, spec.name)
+        rec = PassRecord(spec.name, seconds, result.changed, dict(result.stats))
+        if reference is not None:
+            with torch.no_grad():
+                rec.drift = _rel_err(program.gm(*program.example_inputs), reference)
+            if not rec.drift <= tolerance:
+                raise L4Error(f"verify: pass '{spec.name}' changed the model's output (max relative logit error "
+                              f"{rec.drift:.3g} > {tolerance:g}); rerun with --skip-pass {spec.name}")
+        if dump_ir is not None:
+            dump_graph(program.gm, dump_ir / f"{i:02d}-{spec.name}.txt")
+        records.append(rec)
+        if on_pass is not None:
+            on_pass(spec.name, seconds)
+    return records

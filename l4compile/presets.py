@@ -1,0 +1,96 @@
+"""Presets: Llama 4 shapes with random, seeded weights (nothing is ever downloaded).
+
+``tiny`` is CI-sized but has every feature (NoPE layer, chunk < max sequence, qk-norm, llama3 scaling, MoE);
+``scout`` / ``maverick`` carry the published dimensions and are meant for the meta device (tracing, planning)
+or, with ``--layers N``, for full-width benchmarks on big machines.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from l4compile.errors import L4Error
+
+_LLAMA3_SCOUT_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 1.0, "original_max_position_embeddings": 8192}
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    config: dict[str, Any] = field(default_factory=dict)   # Llama4TextConfig kwargs
+    expert_init_std: float | None = None                    # re-draw expert weights so routing matters
+    full_size: bool = False                                 # build on the meta device unless asked otherwise
+
+    def text_config_kwargs(self, layers: int | None = None) -> dict[str, Any]:
+        kw = dict(self.config)
+        if layers is not None:
+            kw["num_hidden_layers"] = layers
+        n = kw["num_hidden_layers"]
+        step = kw.get("interleave_moe_layer_step", 1)
+        kw["moe_layers"] = [i for i in range(n) if (i + 1) % step == 0] if step > 1 else list(range(n))
+        return kw
+
+
+def _tiny(**over) -> dict[str, Any]:
+    base = dict(vocab_size=512, hidden_size=64, intermediate_size=128, intermediate_size_mlp=256,
+                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1,
+                attention_chunk_size=16, max_position_embeddings=512, floor_scale=16, attn_scale=0.1,
+                use_qk_norm=True, rope_parameters=dict(_LLAMA3_SCOUT_ROPE, original_max_position_embeddings=64),
+                initializer_range=0.05, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    base.update(over)
+    return base
+
+
+def _full(**over) -> dict[str, Any]:
+    base = dict(vocab_size=202048, hidden_size=5120, intermediate_size=8192, intermediate_size_mlp=16384,
+                num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8, head_dim=128,
+                num_local_experts=16, num_experts_per_tok=1, interleave_moe_layer_step=1,
+                attention_chunk_size=8192, max_position_embeddings=10485760, floor_scale=8192, attn_scale=0.1,
+                use_qk_norm=True, rope_parameters=dict(_LLAMA3_SCOUT_ROPE), bos_token_id=200000,
+                eos_token_id=[200001, 200007, 200008], pad_token_id=200018)
+    base.update(over)
+    return base
+
+
+def _bench(**over) -> dict[str, Any]:
+    base = dict(vocab_size=4096, hidden_size=512, intermediate_size=1024, intermediate_size_mlp=2048,
+                num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                num_local_experts=16, num_experts_per_tok=1, interleave_moe_layer_step=1,
+                attention_chunk_size=256, max_position_embeddings=4096, floor_scale=256, attn_scale=0.1,
+                use_qk_norm=True, rope_parameters=dict(_LLAMA3_SCOUT_ROPE, original_max_position_embeddings=1024),
+                initializer_range=0.02, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    base.update(over)
+    return base
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("tiny", "CI-sized Scout-style model: 4 layers (layer 3 NoPE), chunk 16, qk-norm, llama3 RoPE, "
+                   "4 experts top-1", _tiny(), expert_init_std=0.25),
+    Preset("tiny-maverick", "CI-sized Maverick-style model: dense/MoE interleave 2, no qk-norm, plain RoPE, "
+                            "8 experts", _tiny(num_local_experts=8, interleave_moe_layer_step=2, use_qk_norm=False,
+                                               rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+           expert_init_std=0.25),
+    Preset("scout", "Llama 4 Scout 17B-16E dimensions (48 layers, 16 experts), random weights",
+           _full(), full_size=True),
+    Preset("maverick", "Llama 4 Maverick 17B-128E dimensions (48 layers, 128 experts, interleave 2, no qk-norm)",
+           _full(num_local_experts=128, interleave_moe_layer_step=2, use_qk_norm=False,
+                 max_position_embeddings=1048576, rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+           full_size=True),
+    Preset("bench-scout", "benchmark size, Scout proportions: hidden 512, 16 experts of width 1024, 4 layers",
+           _bench(), expert_init_std=0.05),
+    Preset("bench-maverick", "benchmark size, Maverick proportions: hidden 256, 128 experts, interleave 2",
+           _bench(hidden_size=256, intermediate_size=512, intermediate_size_mlp=1024, num_attention_heads=4,
+                  num_local_experts=128, interleave_moe_layer_step=2, use_qk_norm=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 500000.0}), expert_init_std=0.05),
+)}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise L4Error(f"unknown preset '{name}'; presets: {', '.join(PRESETS)} (or give a checkpoint directory)") \
+            from None

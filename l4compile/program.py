@@ -1,0 +1,113 @@
+"""Tracing: a transformers Llama 4 causal LM -> ``Program`` (an FX graph plus the metadata passes need).
+
+The harness computes the attention masks itself, from positions (chunked-causal for RoPE layers, full causal
+for NoPE layers), and hands them to transformers as a prepared mask dict. transformers' own mask builders
+branch on batch == 1 and on cache state, which pins dynamic dimensions; explicit masks let one graph serve
+every batch in [1, max_batch] and every length in [1, max_seq_len].
+
+Graph form handed to passes (``Program.gm``): an *unlifted* ``torch.fx.GraphModule`` (``ExportedProgram.module()``)
+whose weights are ``get_attr`` nodes with targets ``lm.<transformers parameter name>`` and whose call nodes
+carry ``nn_module_stack`` metadata naming the transformers module they came from. One input ``input_ids``
+[B, S] int64, one output ``logits`` [B, S, V].
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch.export import Dim
+
+PARAM_PREFIX = "lm."  # get_attr targets are PARAM_PREFIX + transformers parameter name
+
+
+class CausalLMHarness(torch.nn.Module):
+    """input_ids [B, S] -> logits [B, S, V], with explicit position-derived masks and no cache."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.chunk = int(lm.config.attention_chunk_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        b, s = input_ids.shape
+        pos = torch.arange(s, device=input_ids.device)           # [S]
+        q, k = pos[:, None], pos[None, :]
+        causal = k <= q                                           # [S, S] bool, True = visible
+        chunked = causal & ((k // self.chunk) == (q // self.chunk))
+        masks = {"full_attention": causal[None, None], "chunked_attention": chunked[None, None]}
+        out = self.lm(input_ids=input_ids, attention_mask=masks,
+                      position_ids=pos[None].expand(b, s), use_cache=False)
+        return out.logits
+
+
+@contextlib.contextmanager
+def size_oblivious():
+    """Let export keep dimensions whose range starts at 1 symbolic (no 0/1 specialisation)."""
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        yield
+
+
+def dynamic_shapes(max_batch: int, max_seq: int) -> tuple:
+    # The upper bounds sit one above the engine's limits (which the runtime enforces): export specialises
+    # a dimension whose example value equals its declared maximum.
+    batch = Dim("batch", min=1, max=max_batch + 2)
+    seq = Dim("seq", min=1, max=max_seq + 2)
+    return ({0: batch, 1: seq},)
+
+
+def example_inputs(vocab: int, max_batch: int, max_seq: int, device: str = "cpu") -> tuple[torch.Tensor]:
+    """A sample that is not 0/1 in either dynamic dimension (export would specialise on it)."""
+    b = 2
+    s = max(2, min(max_seq, 16))
+    g = torch.Generator().manual_seed(0)
+    return (torch.randint(0, vocab, (b, s), generator=g).to(device),)
+
+
+@dataclass
+class Program:
+    """The unit passes transform and backends emit."""
+
+    gm: torch.fx.GraphModule
+    model_config: Any                                # transformers Llama4TextConfig
+    example_inputs: tuple
+    max_batch: int
+    max_seq: int
+    metadata: dict = field(default_factory=dict)     # source, param provenance, signature, ...
+
+    @property
+    def dynamic_shapes(self) -> tuple:
+        return dynamic_shapes(self.max_batch, self.max_seq)
+
+    def export(self) -> torch.export.ExportedProgram:
+        """Re-export the (pass-rewritten) graph for a backend; dimensions stay dynamic."""
+        with size_oblivious():
+            return torch.export.export(self.gm, self.example_inputs, dynamic_shapes=self.dynamic_shapes,
+                                       strict=False)
+
+    def param_provenance(self) -> dict[str, str]:
+        """get_attr target -> transformers parameter name, for every weight the graph reads."""
+        out = {}
+        for n in self.gm.graph.nodes:
+            if n.op == "get_attr" and str(n.target).startswith(PARAM_PREFIX):
+                out[str(n.target)] = str(n.target)[len(PARAM_PREFIX):]
+        return out
+
+
+def trace(lm: torch.nn.Module, *, max_batch: int, max_seq: int, device: str = "cpu") -> Program:
+    """torch.export ``lm`` (a Llama4ForCausalLM in eval mode) with dynamic batch and sequence."""
+    harness = CausalLMHarness(lm).eval()
+    inputs = example_inputs(lm.config.vocab_size, max_batch, max_seq, device)
+    with size_oblivious(), torch.no_grad():
+        ep = torch.export.export(harness, inputs, dynamic_shapes=dynamic_shapes(max_batch, max_seq), strict=False)
+    gm = ep.module()
+    prog = Program(gm=gm, model_config=lm.config, example_inputs=inputs, max_batch=max_batch, max_seq=max_seq)
+    prog.metadata["signature"] = {
+        "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}],
+        "outputs": [{"name": "logits", "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""),
+                     "shape": ["batch", "seq", int(lm.config.vocab_size)]}],
+        "dynamic": {"batch": [1, max_batch], "seq": [1, max_seq]},
+    }
+    return prog

@@ -1,0 +1,73 @@
+"""Shared fixtures: small random Llama 4 checkpoints written with save_pretrained, compiled once per session."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, intermediate_size_mlp=160, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
+            interleave_moe_layer_step=1, attention_chunk_size=8, max_position_embeddings=256, floor_scale=4,
+            attn_scale=0.5, use_qk_norm=True, initializer_range=0.05)
+
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+# Variants for backend parity: together they cover NoPE layers, several chunk boundaries, qk-norm on and off,
+# llama3 scaling, dense/MoE interleave, odd expert counts and top-1/top-2 routing.
+VARIANTS = {
+    "scout-like": dict(rope_parameters=LLAMA3),
+    "maverick-top2-odd": dict(interleave_moe_layer_step=2, use_qk_norm=False, num_local_experts=5,
+                              num_experts_per_tok=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "deep-top2-llama3-noqk": dict(num_hidden_layers=8, attention_chunk_size=4, floor_scale=2, use_qk_norm=False,
+                                  num_local_experts=3, num_experts_per_tok=2, rope_parameters=LLAMA3),
+}
+
+
+def make_model(seed: int = 0, expert_std: float = 0.3, **over):
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    kw = dict(BASE, **over)
+    n, step = kw["num_hidden_layers"], kw["interleave_moe_layer_step"]
+    kw["moe_layers"] = [i for i in range(n) if (i + 1) % step == 0] if step > 1 else list(range(n))
+    torch.manual_seed(seed)
+    model = Llama4ForCausalLM(Llama4TextConfig(**kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".experts." in name:
+                p.normal_(0.0, expert_std)
+    return model
+
+
+def save_checkpoint(path: Path, **over) -> Path:
+    make_model(**over).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    return {name: save_checkpoint(root / name, **over) for name, over in VARIANTS.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory) -> Path:
+    """The `tiny` preset compiled once per session with the Inductor backend."""
+    import l4compile
+
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    l4compile.compile("tiny", backend="inductor", out=out, max_seq_len=128, max_batch_size=2)
+    return out
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The real command line in a fresh process (exit codes and stderr as a user sees them)."""
+    return subprocess.run([sys.executable, "-m", "l4compile", *args], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, PYTHONWARNINGS="ignore"))
