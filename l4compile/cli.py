@@ -26,6 +26,9 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch._logging
+
+    torch._logging.set_logs(inductor=logging.ERROR, export=logging.ERROR, dynamo=logging.ERROR)
 
 
 def _positive(text: str) -> int:

@@ -29,6 +29,16 @@ def library_versions() -> dict[str, str]:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
+def render_engine_readme(manifest: dict[str, Any], out: Path) -> str:
+    import importlib.resources
+
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(importlib.resources.files("l4compile.templates"))),
+                             autoescape=False)
+    return env.get_template("engine_readme.md.j2").render(m=manifest, engine_dir=str(out))
+
+
 def resolve_max_seq(config: CompileConfig, model_config) -> int:
     limit = int(model_config.max_position_embeddings)
     if config.max_seq_len is None:
@@ -88,6 +98,7 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
             "stage_seconds": progress.stages, "compile_seconds": round(time.perf_counter() - t_start, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        write_manifest(work, manifest, result.artifacts)
+        (work / "README.md").write_text(render_engine_readme(manifest, out))
+        write_manifest(work, manifest, [*result.artifacts, "README.md"])
     progress.note(f"engine written to {out}")
     return load_engine(out)

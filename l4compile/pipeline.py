@@ -87,18 +87,11 @@ def select_passes(user: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> lis
 
 
 def lint(gm: torch.fx.GraphModule, pass_name: str) -> None:
-    """Structural checks after every pass: a well-formed graph whose weights all resolve."""
+    """Structural checks after every pass: fx's lint (well-formed, every get_attr resolves), one output."""
     try:
         gm.graph.lint()
     except Exception as e:
         raise L4Error(f"pass '{pass_name}' left a malformed graph: {e}") from None
-    for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            obj: Any = gm
-            for part in str(n.target).split("."):
-                obj = getattr(obj, part, None)
-                if obj is None:
-                    raise L4Error(f"pass '{pass_name}' left get_attr '{n.target}' that resolves to nothing")
     outputs = [n for n in gm.graph.nodes if n.op == "output"]
     if len(outputs) != 1:
         raise L4Error(f"pass '{pass_name}' left {len(outputs)} output nodes")

@@ -1,0 +1,190 @@
+"""Every user error exits 2 with one `error:` line on stderr, no traceback, and loses nothing."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from l4compile.cli import main
+from tests.conftest import run_cli, save_checkpoint
+
+
+def expect_error(capsys, argv: list[str], *needles: str) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def good_ckpt(tmp_path_factory) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("good") / "ckpt")
+
+
+def copy_ckpt(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_path(capsys, tmp_path):
+    expect_error(capsys, ["compile", str(tmp_path / "nope"), "--out", str(tmp_path / "e")], "does not exist")
+
+
+def test_other_model_type(capsys, tmp_path, good_ckpt):
+    ck = copy_ckpt(good_ckpt, tmp_path / "ck")
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (ck / "config.json").write_text(json.dumps(cfg))
+    expect_error(capsys, ["compile", str(ck), "--out", str(tmp_path / "e")], "'llama'", "llama4_text")
+
+
+def test_unreadable_config(capsys, tmp_path, good_ckpt):
+    ck = copy_ckpt(good_ckpt, tmp_path / "ck")
+    (ck / "config.json").write_text("{not json")
+    expect_error(capsys, ["compile", str(ck), "--out", str(tmp_path / "e")], "cannot read", "config.json")
+
+
+def test_bad_config_field(capsys, tmp_path, good_ckpt):
+    ck = copy_ckpt(good_ckpt, tmp_path / "ck")
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["num_experts_per_tok"] = 9
+    (ck / "config.json").write_text(json.dumps(cfg))
+    expect_error(capsys, ["compile", str(ck), "--out", str(tmp_path / "e")], "num_experts_per_tok")
+
+
+def test_truncated_safetensors_names_tensor(capsys, tmp_path, good_ckpt):
+    ck = copy_ckpt(good_ckpt, tmp_path / "ck")
+    f = ck / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 1000])
+    line = expect_error(capsys, ["compile", str(ck), "--out", str(tmp_path / "e")], "truncated", "tensor '")
+    assert not (tmp_path / "e").exists()
+    assert "model.safetensors" in line
+
+
+def test_mismatched_safetensors_names_tensor(capsys, tmp_path, good_ckpt):
+    from safetensors.torch import load_file, save_file
+
+    ck = copy_ckpt(good_ckpt, tmp_path / "ck")
+    sd = load_file(ck / "model.safetensors")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    sd[name] = sd[name][:-1].contiguous()
+    save_file(sd, ck / "model.safetensors", metadata={"format": "pt"})
+    expect_error(capsys, ["compile", str(ck), "--out", str(tmp_path / "e")], name, "shape")
+
+
+def test_missing_tensor_is_named(capsys, tmp_path, good_ckpt):
+    from safetensors.torch import load_file, save_file
+
+    ck = copy_ckpt(good_ckpt, tmp_path / "ck")
+    sd = load_file(ck / "model.safetensors")
+    del sd["model.norm.weight"]
+    save_file(sd, ck / "model.safetensors", metadata={"format": "pt"})
+    expect_error(capsys, ["compile", str(ck), "--out", str(tmp_path / "e")], "model.norm.weight")
+
+
+def test_pickle_only_checkpoint_is_refused(capsys, tmp_path, good_ckpt):
+    ck = copy_ckpt(good_ckpt, tmp_path / "ck")
+    (ck / "model.safetensors").rename(ck / "pytorch_model.bin")
+    expect_error(capsys, ["compile", str(ck), "--out", str(tmp_path / "e")], "never unpickles")
+
+
+@pytest.mark.parametrize("flag,value,needle", [("--backend", "tvm", "unknown backend 'tvm'"),
+                                               ("--quant", "int3", "unknown quant 'int3'"),
+                                               ("--dtype", "float8", "unknown dtype 'float8'")])
+def test_unknown_options(capsys, tmp_path, flag, value, needle):
+    expect_error(capsys, ["compile", "tiny", "--out", str(tmp_path / "e"), flag, value], needle)
+
+
+def test_unknown_preset(capsys, tmp_path):
+    expect_error(capsys, ["compile", "tinyy", "--out", str(tmp_path / "e")], "unknown preset 'tinyy'", "tiny-maverick")
+
+
+def test_unknown_skip_pass(capsys, tmp_path):
+    expect_error(capsys, ["compile", "tiny", "--out", str(tmp_path / "e"), "--skip-pass", "nope"], "'nope'")
+
+
+def test_existing_out_is_left_untouched(capsys, tmp_path):
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    expect_error(capsys, ["compile", "tiny", "--out", str(out)], "already exists", "--force")
+    assert [p.name for p in out.iterdir()] == ["precious.txt"] and (out / "precious.txt").read_text() == "keep me"
+
+
+def test_run_on_non_engine(capsys, tmp_path):
+    expect_error(capsys, ["run", str(tmp_path), "--prompt-ids", "1,2"], "not an l4compile engine")
+
+
+@pytest.mark.parametrize("ids,needle", [("1,99999", "token id 99999 is outside the vocabulary"),
+                                        ("1,-3", "token id -3"),
+                                        ("1,x,3", "'x' is not an integer"),
+                                        ("", "--prompt-ids is empty")])
+def test_bad_prompt_ids(capsys, tiny_engine, ids, needle):
+    expect_error(capsys, ["run", str(tiny_engine), "--prompt-ids", ids], needle)
+
+
+def test_prompt_longer_than_engine_max(capsys, tiny_engine):
+    ids = ",".join(["5"] * 129)
+    expect_error(capsys, ["run", str(tiny_engine), "--prompt-ids", ids], "129 tokens", "max sequence length 128")
+
+
+def test_prompt_plus_new_tokens_over_max(capsys, tiny_engine):
+    ids = ",".join(["5"] * 120)
+    expect_error(capsys, ["run", str(tiny_engine), "--prompt-ids", ids, "--max-new-tokens", "20"],
+                 "max sequence length 128")
+
+
+def test_tampered_engine(capsys, tiny_engine, tmp_path):
+    eng = shutil.copytree(tiny_engine, tmp_path / "eng")
+    with (eng / "model.pt2").open("r+b") as f:
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    expect_error(capsys, ["run", str(eng), "--prompt-ids", "1,2"], "model.pt2", "checksum")
+
+
+def test_corrupt_manifest(capsys, tiny_engine, tmp_path):
+    eng = shutil.copytree(tiny_engine, tmp_path / "eng")
+    (eng / "manifest.json").write_text("{")
+    expect_error(capsys, ["run", str(eng), "--prompt-ids", "1,2"], "manifest", "corrupt")
+
+
+def test_real_process_exit_code_and_single_line(tmp_path):
+    """Through a real process: exit code 2, one stderr line, nothing else."""
+    r = run_cli("compile", str(tmp_path / "missing"), "--out", str(tmp_path / "e"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("error: ")
+    r = run_cli("compile", "tiny")  # argparse errors follow the same rule
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_sigkill_mid_compile_leaves_no_engine(tmp_path):
+    out = tmp_path / "eng"
+    proc = subprocess.Popen([sys.executable, "-m", "l4compile", "compile", "tiny", "--out", str(out),
+                             "--max-seq-len", "64"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".eng.l4tmp-*")):  # backend build has started
+        time.sleep(0.2)
+    assert list(tmp_path.glob(".eng.l4tmp-*")), "compile never reached the backend stage"
+    time.sleep(2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    assert all(not (p / "manifest.json").exists() for p in tmp_path.glob(".eng.l4tmp-*"))
+    r = run_cli("compile", "tiny", "--out", str(out), "--max-seq-len", "64")
+    assert r.returncode == 0, r.stderr
+    assert (out / "manifest.json").is_file() and not list(tmp_path.glob(".eng.l4tmp-*"))
