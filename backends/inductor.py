@@ -1,6 +1,10 @@
 """Inductor backend: the Program is re-exported (dynamic batch and sequence) and compiled ahead of time
 with AOTInductor into one ``model.pt2`` package that loads in a fresh process with only torch and
-l4compile (for its custom ops) importable; transformers is not needed at run time."""
+l4compile (for its custom ops) importable; transformers is not needed at run time.
+
+Before compiling, l4 ops that have an aten decomposition (``l4compile.ops.DECOMPOSITIONS``: attention) are
+inlined so Inductor generates their code; the rest (``l4.moe``) run through AOTInductor's proxy executor.
+With the kv_cache pass the package is one step graph serving both prefill and decode."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,7 +21,9 @@ ARTIFACT = "model.pt2"
 def build(program, workdir: Path, config) -> BuildResult:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise L4Error("--device cuda needs a CUDA GPU and a CUDA build of torch; this machine has none")
-    ep = program.export()
+    import l4compile.ops
+
+    ep = program.export().run_decompositions(l4compile.ops.DECOMPOSITIONS)   # attention becomes plain aten
     with torch.no_grad():
         torch._inductor.aoti_compile_and_package(ep, package_path=str(workdir / ARTIFACT))
     return BuildResult([ARTIFACT], {"format": "aoti-package", "torch": torch.__version__})
@@ -30,7 +36,7 @@ def load(engine_dir: Path, manifest: dict[str, Any]):
         raise L4Error(f"engine {engine_dir} was built for CUDA and this machine has no CUDA GPU")
     pkg = torch._inductor.aoti_load_package(str(engine_dir / ARTIFACT))
 
-    def run(input_ids: torch.Tensor) -> torch.Tensor:
-        return pkg(input_ids)
+    def run(*inputs: torch.Tensor):
+        return pkg(*inputs)
 
     return run

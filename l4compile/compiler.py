@@ -85,6 +85,14 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
         records = run_passes(program, config, dump_ir=Path(dump_ir) if dump_ir else None, reference=reference,
                              tolerance=tol, on_pass=lambda n, s: progress.note(f"  pass {n}: {s:.2f}s"))
     del lm
+    if program.kv_layout is not None:
+        sig = program.metadata["signature"]
+        n = len(program.kv_layout["layers"])
+        sig["inputs"] += [{"name": "start_pos", "dtype": "int64", "shape": [1]},
+                          {"name": f"k_cache_i, v_cache_i for i < {n}", "dtype": program.kv_layout["dtype"],
+                           "shape": program.kv_layout["shape"]}]
+        sig["outputs"] += [{"name": f"k_cache_i', v_cache_i' for i < {n}", "dtype": program.kv_layout["dtype"],
+                            "shape": program.kv_layout["shape"]}]
     with engine_writer(out, force) as work:
         with progress.stage(f"backend {config.backend}"):
             result = be.build(program, work, config)
@@ -94,6 +102,7 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
             "model_config": program.model_config.to_dict(), "model_source": loaded.source,
             "compile_config": config.to_dict(), "config_hash": config.stable_hash(),
             "passes": [r.to_dict() for r in records], "signature": program.metadata["signature"],
+            "kv_cache": program.kv_layout,
             "backend_info": result.info, "versions": library_versions(),
             "stage_seconds": progress.stages, "compile_seconds": round(time.perf_counter() - t_start, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

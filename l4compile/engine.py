@@ -164,30 +164,76 @@ class Engine:
         if lo < 0 or hi >= self.vocab_size:
             bad = lo if lo < 0 else hi
             raise L4Error(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        return ids.to(torch.int64).to(self.device)
+        return ids.to(device=self.device, dtype=torch.int64).contiguous()   # AOTI assumes dense strides
+
+    @property
+    def kv_cache(self) -> dict | None:
+        """The cache layout (per-layer slots, dtype, bytes per token), or None for a cacheless engine."""
+        return self.manifest.get("kv_cache")
+
+    def new_caches(self, batch: int) -> list[torch.Tensor]:
+        """Zeroed caches for ``batch`` sequences: [k_0, v_0, k_1, v_1, ...], each [B, Hkv, slots, D]."""
+        layout = self.kv_cache
+        if layout is None:
+            raise L4Error(f"engine {self.path} has no KV cache (it was compiled with --skip-pass kv_cache)")
+        _, n_kv, _, head_dim = layout["shape"]
+        dtype = getattr(torch, layout["dtype"])
+        return [torch.zeros(batch, n_kv, layer["slots"], head_dim, dtype=dtype, device=self.device)
+                for layer in layout["layers"] for _ in (0, 1)]
+
+    def _step(self, ids: torch.Tensor, start: int, caches: list[torch.Tensor]):
+        start_pos = torch.tensor([start], dtype=torch.int64, device=self.device)
+        out = self._runner(ids, start_pos, *(c.contiguous() for c in caches))
+        return out[0], list(out[1:])
 
     @torch.no_grad()
     def prefill(self, input_ids: Any) -> torch.Tensor:
         """LongTensor [B, S] -> logits [B, S, V] in the engine's dtype."""
         ids = self.check_input_ids(input_ids)
-        return self._runner(ids)
+        if self.kv_cache is None:
+            return self._runner(ids)
+        return self._step(ids, 0, self.new_caches(ids.shape[0]))[0]
+
+    @torch.no_grad()
+    def prefill_with_cache(self, input_ids: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """LongTensor [B, S] -> (logits [B, S, V], caches after the prompt)."""
+        ids = self.check_input_ids(input_ids)
+        return self._step(ids, 0, self.new_caches(ids.shape[0]))
+
+    @torch.no_grad()
+    def decode(self, tokens: Any, start_pos: int, caches: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
+        """One step: tokens [B, T] at absolute positions start_pos.. -> (logits [B, T, V], updated caches)."""
+        ids = self.check_input_ids(tokens)
+        if start_pos < 0 or start_pos + ids.shape[1] > self.max_seq_len:
+            raise L4Error(f"positions {start_pos}..{start_pos + ids.shape[1] - 1} fall outside the engine's max "
+                          f"sequence length {self.max_seq_len}")
+        return self._step(ids, start_pos, caches)
 
     @torch.no_grad()
     def generate(self, input_ids: Any, max_new_tokens: int = 32) -> torch.Tensor:
         """Greedy decoding: LongTensor [B, S] -> LongTensor [B, S + max_new_tokens].
 
-        Until the KV-cache engines land, every step recomputes the whole prefix (O(n^2) work); the result is
-        the same as decoding with a cache."""
+        With a KV cache (the default) the prompt is prefilled once and each new token is one decode step;
+        engines compiled with ``--skip-pass kv_cache`` recompute the whole prefix at every step instead."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise L4Error(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         ids = self.check_input_ids(input_ids)
         if ids.shape[1] + max_new_tokens > self.max_seq_len:
             raise L4Error(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                           f"engine's max sequence length {self.max_seq_len}")
-        for _ in range(max_new_tokens):
-            logits = self._runner(ids)
-            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        return ids
+        if max_new_tokens == 0:
+            return ids
+        if self.kv_cache is None:
+            for _ in range(max_new_tokens):
+                logits = self._runner(ids)
+                ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            return ids
+        logits, caches = self._step(ids, 0, self.new_caches(ids.shape[0]))
+        out = [ids, logits[:, -1].argmax(-1, keepdim=True)]
+        for i in range(max_new_tokens - 1):
+            logits, caches = self._step(out[-1], ids.shape[1] + i, caches)
+            out.append(logits[:, -1].argmax(-1, keepdim=True))
+        return torch.cat(out, dim=1)
 
 
 def load_engine(path: str | os.PathLike) -> Engine:

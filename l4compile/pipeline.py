@@ -140,7 +140,7 @@ def run_passes(program: Program, compile_config: Any, *, dump_ir: Path | None = 
         rec = PassRecord(spec.name, seconds, result.changed, dict(result.stats))
         if reference is not None:
             with torch.no_grad():
-                rec.drift = _rel_err(program.gm(*program.example_inputs), reference)
+                rec.drift = _rel_err(program.run_example(), reference)
             if not rec.drift <= tolerance:
                 raise L4Error(f"verify: pass '{spec.name}' changed the model's output (max relative logit error "
                               f"{rec.drift:.3g} > {tolerance:g}); rerun with --skip-pass {spec.name}")

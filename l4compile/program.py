@@ -78,14 +78,35 @@ class Program:
     metadata: dict = field(default_factory=dict)     # source, param provenance, signature, ...
 
     @property
-    def dynamic_shapes(self) -> tuple:
-        return dynamic_shapes(self.max_batch, self.max_seq)
+    def kv_layout(self) -> dict | None:
+        """The KV-cache layout once the kv_cache pass has run (the graph is then a prefill/decode step)."""
+        return self.gm.meta.get("l4_kv_cache")
+
+    def call_inputs(self) -> tuple[tuple, tuple]:
+        """(example inputs, dynamic shapes) for the graph's current signature."""
+        layout = self.kv_layout
+        if layout is None:
+            return self.example_inputs, dynamic_shapes(self.max_batch, self.max_seq)
+        (ids,) = self.example_inputs
+        dims = dynamic_shapes(self.max_batch, self.max_seq)[0]
+        _, n_kv, _, head_dim = layout["shape"]
+        dtype = getattr(torch, layout["dtype"])
+        caches = [torch.zeros(ids.shape[0], n_kv, layer["slots"], head_dim, dtype=dtype, device=ids.device)
+                  for layer in layout["layers"] for _ in (0, 1)]
+        start = torch.zeros(1, dtype=torch.int64, device=ids.device)
+        return (ids, start, *caches), (dims, None, *({0: dims[0]} for _ in caches))
+
+    def run_example(self) -> torch.Tensor:
+        """Run the graph on its example inputs -> logits (for verify mode)."""
+        inputs, _ = self.call_inputs()
+        out = self.gm(*inputs)
+        return out[0] if isinstance(out, (tuple, list)) else out
 
     def export(self) -> torch.export.ExportedProgram:
-        """Re-export the (pass-rewritten) graph for a backend; dimensions stay dynamic."""
+        """Re-export the (pass-rewritten) graph for a backend; batch and sequence stay dynamic."""
+        inputs, shapes = self.call_inputs()
         with size_oblivious():
-            return torch.export.export(self.gm, self.example_inputs, dynamic_shapes=self.dynamic_shapes,
-                                       strict=False)
+            return torch.export.export(self.gm, inputs, dynamic_shapes=shapes, strict=False)
 
     def param_provenance(self) -> dict[str, str]:
         """get_attr target -> transformers parameter name, for every weight the graph reads."""
@@ -102,8 +123,9 @@ def trace(lm: torch.nn.Module, *, max_batch: int, max_seq: int, device: str = "c
     inputs = example_inputs(lm.config.vocab_size, max_batch, max_seq, device)
     with size_oblivious(), torch.no_grad():
         ep = torch.export.export(harness, inputs, dynamic_shapes=dynamic_shapes(max_batch, max_seq), strict=False)
-    gm = ep.module()
+    gm = ep.module(check_guards=False)  # the engine enforces the limits; passes may run on any size
     prog = Program(gm=gm, model_config=lm.config, example_inputs=inputs, max_batch=max_batch, max_seq=max_seq)
+    prog.metadata["max_seq"] = max_seq
     prog.metadata["signature"] = {
         "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}],
         "outputs": [{"name": "logits", "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""),

@@ -6,6 +6,6 @@
     def my_pass(gm, ctx: PassContext) -> PassResult: ...
 """
 from ._registry import PassContext, PassResult, PassSpec, get_pass, order_passes, register_pass, registered_passes
-from . import eliminate_dead_code  # noqa: F401  (builtin passes register on import)
+from . import eliminate_dead_code, fuse_moe, kv_cache, lower_irope  # noqa: F401  (builtin passes register on import)
 
 __all__ = ["PassContext", "PassResult", "PassSpec", "get_pass", "order_passes", "register_pass", "registered_passes"]

@@ -31,7 +31,9 @@ VARIANTS = {
 }
 
 
-def make_model(seed: int = 0, expert_std: float = 0.3, **over):
+def make_model(seed: int = 0, expert_std: float = 0.3, router_std: float | None = None, **over):
+    """A random float32 Llama4ForCausalLM over BASE; experts (and optionally the router) get a larger std
+    so routing matters."""
     from transformers import Llama4ForCausalLM, Llama4TextConfig
 
     kw = dict(BASE, **over)
@@ -43,6 +45,8 @@ def make_model(seed: int = 0, expert_std: float = 0.3, **over):
         for name, p in model.named_parameters():
             if ".experts." in name:
                 p.normal_(0.0, expert_std)
+            elif router_std is not None and name.endswith("router.weight"):
+                p.normal_(0.0, router_std)
     return model
 
 
@@ -55,6 +59,16 @@ def save_checkpoint(path: Path, **over) -> Path:
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ckpt")
     return {name: save_checkpoint(root / name, **over) for name, over in VARIANTS.items()}
+
+
+@pytest.fixture(scope="session")
+def engines(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """Every VARIANTS checkpoint compiled once per session (Inductor, float32, max sequence 112)."""
+    import l4compile
+
+    root = tmp_path_factory.mktemp("variant-engines")
+    return {name: l4compile.compile(str(ckpt), out=root / name, max_seq_len=112, max_batch_size=2).path
+            for name, ckpt in checkpoints.items()}
 
 
 @pytest.fixture(scope="session")

@@ -20,30 +20,60 @@ def rel_err(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_compile_run_matches_eager(variant, checkpoints, tmp_path, capsys):
-    ckpt = checkpoints[variant]
-    out = tmp_path / "engine"
-    assert main(["compile", str(ckpt), "--backend", "inductor", "--out", str(out), "--max-seq-len", "96"]) == 0
-    ref_model = Llama4ForCausalLM.from_pretrained(ckpt).eval()
-    chunk = ref_model.config.attention_chunk_size
-    g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, ref_model.config.vocab_size, (1, 5 * chunk + 3), generator=g)  # crosses 5 chunks
+def eager_greedy(model, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """transformers full recompute at every step -> (tokens [B, S + steps], last-position logits per step)."""
+    seq, step_logits = prompt, []
+    with torch.no_grad():
+        for _ in range(steps):
+            last = model(seq).logits[:, -1]
+            step_logits.append(last)
+            seq = torch.cat([seq, last.argmax(-1, keepdim=True)], 1)
+    return seq, step_logits
+
+
+def test_cli_compile_reports_fusion_and_lowering(checkpoints, tmp_path, capsys):
+    ckpt = checkpoints["maverick-top2-odd"]
     capsys.readouterr()
+    assert main(["compile", str(ckpt), "--backend", "inductor", "--out", str(tmp_path / "e"), "--max-seq-len", "64"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cfg = Llama4ForCausalLM.config_class.from_pretrained(ckpt)
+    assert summary["passes"]["fuse_moe"]["matches"] == len(cfg.moe_layers) == 2   # dense layers left alone
+    assert summary["passes"]["lower_irope"]["matches"] == cfg.num_hidden_layers
+    assert summary["engine_bytes"] > 0
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_run_matches_eager(variant, checkpoints, engines, tmp_path, capsys):
+    """`l4compile run --logits-out` on a prompt crossing 5 chunks, then 32 greedy tokens through the cache."""
+    ref_model = Llama4ForCausalLM.from_pretrained(checkpoints[variant]).eval()
+    chunk = ref_model.config.attention_chunk_size
+    prompt = torch.randint(0, ref_model.config.vocab_size, (1, 5 * chunk + 3), generator=torch.Generator().manual_seed(1))
     logits_file = tmp_path / "logits.npy"
     ids = ",".join(map(str, prompt[0].tolist()))
-    assert main(["run", str(out), "--prompt-ids", ids, "--max-new-tokens", "32", "--logits-out", str(logits_file)]) == 0
+    capsys.readouterr()
+    assert main(["run", str(engines[variant]), "--prompt-ids", ids, "--max-new-tokens", "32",
+                 "--logits-out", str(logits_file)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-
     with torch.no_grad():
         ref = ref_model(prompt).logits[0]
-        got = np.load(logits_file)
-        assert got.dtype == np.float32 and got.shape == tuple(ref.shape)
-        assert rel_err(got, ref) < TOL
-        seq = prompt
-        for _ in range(32):
-            seq = torch.cat([seq, ref_model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    got = np.load(logits_file)
+    assert got.dtype == np.float32 and got.shape == tuple(ref.shape)
+    assert rel_err(got, ref) < TOL
+    seq, _ = eager_greedy(ref_model, prompt, 32)
     assert result["generated_ids"] == seq[0, prompt.shape[1]:].tolist()
+
+
+def test_skip_fuse_moe_still_matches(checkpoints, tmp_path):
+    """The reference (every expert for every token) path stays available for comparison."""
+    from l4compile import frontend
+
+    ckpt = checkpoints["maverick-top2-odd"]
+    eng = l4compile.compile(str(ckpt), out=tmp_path / "e", max_seq_len=64, skip_passes=("fuse_moe",))
+    assert "fuse_moe" not in [p["name"] for p in eng.manifest["passes"]]
+    lm = frontend.load(str(ckpt)).model
+    ids = torch.randint(0, eng.vocab_size, (2, 37), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert rel_err(eng.prefill(ids), lm(ids).logits) < TOL
 
 
 def test_engine_serves_every_length_and_batch(tiny_engine):
@@ -84,4 +114,4 @@ def test_multimodal_checkpoint_uses_its_text_model(tmp_path):
     lm = frontend.load(str(tmp_path / "mm")).model
     ids = torch.randint(0, BASE["vocab_size"], (1, 20))
     with torch.no_grad():
-        assert rel_err(lm(ids).logits, mm(input_ids=ids).logits) < 1e-6
+        assert rel_err(lm(ids).logits, mm.language_model(input_ids=ids).logits) < 1e-6

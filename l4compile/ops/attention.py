@@ -1,0 +1,160 @@
+# B batch, T new tokens, L cache slots, Hq query heads, Hkv kv heads, D head_dim, P table positions
+"""``l4::attention`` and ``l4::attention_cached``: one Llama 4 (iRoPE) attention per layer, semantics explicit.
+
+Both take the q/k/v projections ``[B, T, H*D]`` and return the attention output ``[B, T, Hq*D]`` (before
+o_proj). Per layer (LLAMA4.md):
+* RoPE layers: real cos/sin rotation of interleaved pairs ``(x[2j], x[2j+1])`` from precomputed float32 tables
+  ``cos/sin [P, D/2]`` (llama3 scaling and the attention factor folded in), then, if ``qk_norm``, a weightless
+  RMS norm over D in float32; a chunked-causal mask: key k visible to query q iff k <= q and k//chunk == q//chunk.
+* NoPE layers: no RoPE, no qk-norm, full causal mask; with ``temp_tuning`` the queries are scaled by
+  ``1 + attn_scale * log1p(floor((p + 1) / floor_scale))`` at absolute position p.
+* GQA: query head h reads kv head h // (Hq / Hkv); scores scaled by ``scaling``.
+
+``l4::attention`` is the prefill form (positions 0..T-1, no cache). ``l4::attention_cached`` continues a
+sequence at ``start_pos`` ([1] int64) with a cache ``[B, Hkv, L, D]`` per k and v, and returns the updated cache:
+slot = position mod L. Chunked layers use L = attention_chunk_size (a ring buffer: a query only ever sees its own
+chunk), NoPE layers L = max sequence length. Keys are the L cache slots followed by the T new keys; a slot's
+position is the most recent p <= start-1 with p = slot (mod L), valid if p >= 0. The same graph serves prefill
+(start 0, empty cache, any T) and decode (T = 1).
+
+Lowering: the implementations below are plain aten with no data-dependent shapes; the Inductor backend
+decomposes both ops into them (``DECOMPOSITIONS``) so Inductor compiles attention itself. ONNX: the same
+arithmetic maps to Gather (tables), Mul/Sub/Add (rotation), ReduceMean/Sqrt (norm), MatMul/Softmax/Where.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, T, H, D]; cos/sin [T, D/2] float32 -> rotated pairs, in float32 then cast back like HF."""
+    xf = x.float()
+    x0, x1 = xf[..., 0::2], xf[..., 1::2]                         # [B, T, H, D/2]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).type_as(x)
+
+
+def _rms(x: Tensor, eps: float) -> Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+def _project(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, cos: Tensor, sin: Tensor, n_heads: int,
+             n_kv_heads: int, head_dim: int, use_rope: bool, qk_norm: bool, temp_tuning: bool, floor_scale: float,
+             attn_scale: float, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """-> q [B, Hq, T, D], k and v [B, Hkv, T, D] with RoPE / qk-norm / temperature applied."""
+    b, t = q.shape[0], q.shape[1]
+    q = q.view(b, t, n_heads, head_dim)                          # [B, T, Hq, D]
+    k = k.view(b, t, n_kv_heads, head_dim)                       # [B, T, Hkv, D]
+    v = v.view(b, t, n_kv_heads, head_dim)
+    if use_rope:
+        c, s = cos.index_select(0, pos), sin.index_select(0, pos)   # [T, D/2]
+        q, k = _rope(q, c, s), _rope(k, c, s)
+        if qk_norm:
+            q, k = _rms(q, eps), _rms(k, eps)
+    elif temp_tuning:
+        scale = torch.log1p(torch.floor((pos.float() + 1.0) / floor_scale)) * attn_scale + 1.0   # [T]
+        q = (q * scale[None, :, None, None]).to(q.dtype)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, n_heads: int, n_kv_heads: int, scaling: float) -> Tensor:
+    """q [B, Hq, T, D], k/v [B, Hkv, N, D], mask [T, N] bool (True = visible) -> [B, T, Hq*D]."""
+    b, _, n, d = k.shape
+    rep = n_heads // n_kv_heads
+    if rep > 1:
+        k = k[:, :, None].expand(b, n_kv_heads, rep, n, d).reshape(b, n_heads, n, d)
+        v = v[:, :, None].expand(b, n_kv_heads, rep, n, d).reshape(b, n_heads, n, d)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None], scale=scaling)
+    return out.transpose(1, 2).reshape(b, q.shape[2], n_heads * d)
+
+
+def _visible(q_pos: Tensor, k_pos: Tensor, chunk: int) -> Tensor:
+    """[T] x [N] positions -> [T, N] bool; chunk == 0 means a full causal mask."""
+    qp, kp = q_pos[:, None], k_pos[None, :]
+    vis = (kp <= qp) & (kp >= 0)
+    if chunk > 0:
+        vis = vis & (torch.div(kp, chunk, rounding_mode="floor") == torch.div(qp, chunk, rounding_mode="floor"))
+    return vis
+
+
+def attention_impl(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int,
+                   head_dim: int, use_rope: bool, qk_norm: bool, chunk: int, temp_tuning: bool, floor_scale: float,
+                   attn_scale: float, scaling: float, eps: float) -> Tensor:
+    pos = torch.arange(q.shape[1], device=q.device)                              # [T]
+    qh, kh, vh = _project(q, k, v, pos, cos, sin, n_heads, n_kv_heads, head_dim, use_rope, qk_norm, temp_tuning,
+                          floor_scale, attn_scale, eps)
+    return _attend(qh, kh, vh, _visible(pos, pos, chunk), n_heads, n_kv_heads, scaling)
+
+
+def attention_cached_impl(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor,
+                          cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int, head_dim: int, use_rope: bool,
+                          qk_norm: bool, chunk: int, temp_tuning: bool, floor_scale: float, attn_scale: float,
+                          scaling: float, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    t, slots = q.shape[1], k_cache.shape[2]
+    start = start_pos.reshape(1).to(torch.int64)                                 # [1]
+    pos = start + torch.arange(t, device=q.device)                               # [T] absolute positions
+    qh, kh, vh = _project(q, k, v, pos, cos, sin, n_heads, n_kv_heads, head_dim, use_rope, qk_norm, temp_tuning,
+                          floor_scale, attn_scale, eps)
+    slot = torch.arange(slots, device=q.device)                                  # [L]
+    before = start - 1
+    slot_pos = before - torch.remainder(before - slot, slots)                    # [L] position held by each slot
+    keys = torch.cat([k_cache, kh], dim=2)                                       # [B, Hkv, L+T, D]
+    values = torch.cat([v_cache, vh], dim=2)
+    out = _attend(qh, keys, values, _visible(pos, torch.cat([slot_pos, pos]), chunk), n_heads, n_kv_heads, scaling)
+    last = start + (t - 1)
+    new_pos = last - torch.remainder(last - slot, slots)                         # [L] position after the write
+    take = (new_pos >= start)[None, None, :, None]                               # [1, 1, L, 1]
+    src = torch.clamp(new_pos - start, 0, t - 1)                                 # [L] index into the new tokens
+    k_new = torch.where(take, kh.index_select(2, src), k_cache)
+    v_new = torch.where(take, vh.index_select(2, src), v_cache)
+    return out, k_new, v_new
+
+
+@torch.library.custom_op("l4::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int,
+              head_dim: int, use_rope: bool, qk_norm: bool, chunk: int, temp_tuning: bool, floor_scale: float,
+              attn_scale: float, scaling: float, eps: float) -> Tensor:
+    """q [B, T, Hq*D], k/v [B, T, Hkv*D] -> [B, T, Hq*D]; positions 0..T-1."""
+    return attention_impl(q, k, v, cos, sin, n_heads, n_kv_heads, head_dim, use_rope, qk_norm, chunk, temp_tuning,
+                          floor_scale, attn_scale, scaling, eps)
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, cos, sin, n_heads, n_kv_heads, head_dim, *rest):
+    return q.new_empty(q.shape[0], q.shape[1], n_heads * head_dim)
+
+
+@torch.library.custom_op("l4::attention_cached", mutates_args=())
+def attention_cached(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor,
+                     cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int, head_dim: int, use_rope: bool,
+                     qk_norm: bool, chunk: int, temp_tuning: bool, floor_scale: float, attn_scale: float,
+                     scaling: float, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Continue at start_pos with caches [B, Hkv, L, D] -> (out [B, T, Hq*D], k_cache', v_cache')."""
+    return attention_cached_impl(q, k, v, k_cache, v_cache, start_pos, cos, sin, n_heads, n_kv_heads, head_dim,
+                                 use_rope, qk_norm, chunk, temp_tuning, floor_scale, attn_scale, scaling, eps)
+
+
+@attention_cached.register_fake
+def _attention_cached_fake(q, k, v, k_cache, v_cache, start_pos, cos, sin, n_heads, n_kv_heads, head_dim, *rest):
+    return (q.new_empty(q.shape[0], q.shape[1], n_heads * head_dim), torch.empty_like(k_cache),
+            torch.empty_like(v_cache))
+
+
+DECOMPOSITIONS = {torch.ops.l4.attention.default: attention_impl,
+                  torch.ops.l4.attention_cached.default: attention_cached_impl}
+
+
+def rope_tables(config, positions: int) -> tuple[Tensor, Tensor]:
+    """float32 cos/sin [positions, D/2] exactly as transformers computes them (llama3 scaling included)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope_type = config.rope_parameters.get("rope_type", "default")
+    if rope_type == "default":
+        from transformers.models.llama4.modeling_llama4 import Llama4TextRotaryEmbedding
+        inv_freq, factor = Llama4TextRotaryEmbedding.compute_default_rope_parameters(config)
+    else:
+        inv_freq, factor = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    freqs = torch.arange(positions, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]   # [P, D/2]
+    return torch.cos(freqs) * factor, torch.sin(freqs) * factor
