@@ -26,5 +26,12 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
+# Benchmarks (not tests): ratios against transformers eager / torch.compile measured in one run.
+bench: setup
+	$(BIN)/python benchmarks/bench_moe.py
+	$(BIN)/python benchmarks/bench_decode.py
+	$(BIN)/l4compile bench tiny --backends eager,torch-compile,inductor,onnxruntime,tensorrt \
+		--prompt-lens 16,64 --batch-sizes 1 --decode-steps 8 --repeats 5 --threads 1 --out benchmarks/results/bench-tiny --force
+
 clean:
 	rm -rf engines build dist *.egg-info

@@ -11,6 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
+from l4compile.bench import cli as bench_cli
 from l4compile.errors import L4Error
 
 
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("passes", help="list registered passes")
     s = sub.add_parser("presets", help="list model presets")
     s.add_argument("--json", action="store_true")
+    bench_cli.add_parser(sub)
     return ap
 
 
@@ -202,10 +204,10 @@ def cmd_passes(a) -> int:
     load_entry_point_passes()
     order = {s.name: i for i, s in enumerate(select_passes())}
     specs = sorted(registered_passes().values(), key=lambda s: (order.get(s.name, 1 << 30), s.name))
-    print(f"{'#':<3}{'pass':<24}{'source':<12}{'ordering':<40}description")
+    print(f"{'#':<3}{'pass':<24}{'source':<12}{'ordering':<46}description")
     for s in specs:
         pos = str(order[s.name] + 1) if s.name in order else "-"
-        print(f"{pos:<3}{s.name:<24}{s.source:<12}{s.ordering():<40}{s.description}")
+        print(f"{pos:<3}{s.name:<24}{s.source:<12}{s.ordering():<46}{s.description}")
     return 0
 
 
@@ -229,7 +231,7 @@ def cmd_presets(a) -> int:
 
 
 COMMANDS = {"compile": cmd_compile, "run": cmd_run, "parity": cmd_parity, "passes": cmd_passes,
-            "presets": cmd_presets}
+            "presets": cmd_presets, "bench": bench_cli.run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,95 @@
+"""``l4compile bench MODEL ...`` and ``l4compile bench compare A B``.
+
+Wiring (l4compile/cli.py): ``bench_cli.add_parser(sub)`` in ``build_parser`` and ``"bench": bench_cli.run`` in
+``COMMANDS``."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from l4compile.errors import L4Error
+
+_BACKENDS_HELP = "comma-separated: eager,torch-compile,inductor,onnxruntime,tensorrt (default: all)"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    b = subparsers.add_parser(
+        "bench", help="benchmark backends against transformers eager and torch.compile; write reports",
+        description="Benchmark MODEL on each backend (prefill latency, decode ms/token, tokens/s, peak memory) "
+                    "and write report.json, report.html and report.md into --out. "
+                    "`l4compile bench compare A/report.json B/report.json` prints the deltas between two runs.")
+    b.add_argument("model", metavar="MODEL", help="checkpoint directory or preset name; or `compare`")
+    b.add_argument("reports", nargs="*", metavar="REPORT", help="with `compare`: two report.json files (or dirs)")
+    b.add_argument("--backends", default="eager,torch-compile,inductor,onnxruntime,tensorrt", help=_BACKENDS_HELP)
+    b.add_argument("--quant", default="none", help="none | fp8 | int4 (engines; baselines stay unquantized)")
+    b.add_argument("--prompt-lens", default="128,512", help="comma-separated prompt lengths (default 128,512)")
+    b.add_argument("--batch-sizes", default="1,4", help="comma-separated batch sizes (default 1,4)")
+    b.add_argument("--decode-steps", default="32", help="new tokens per generate (default 32)")
+    b.add_argument("--repeats", default="5", help="measured repeats per backend and shape (default 5)")
+    b.add_argument("--out", default=None, metavar="DIR", help="report directory (default bench-<model>)")
+    b.add_argument("--force", action="store_true", help="overwrite reports already in --out")
+    b.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    b.add_argument("--device", default="cpu", help="cpu | cuda")
+    b.add_argument("--seed", default="0", help="seed for preset weights")
+    b.add_argument("--layers", default=None, help="presets only: number of decoder layers")
+    b.add_argument("--max-seq-len", default=None, help="engines' max sequence length "
+                                                       "(default: longest prompt + --decode-steps)")
+    b.add_argument("--threads", default=None, help="torch CPU threads for the run (default: torch's choice)")
+    return b
+
+
+def _int(option: str, text: str | None, *, minimum: int | None = 1) -> int | None:
+    if text is None:
+        return None
+    try:
+        v = int(text)
+    except ValueError:
+        raise L4Error(f"{option} '{text}' is not an integer") from None
+    if minimum is not None and v < minimum:
+        raise L4Error(f"{option} must be at least {minimum}, got {v}")
+    return v
+
+
+def config_from_args(a) -> "BenchConfig":  # noqa: F821
+    from l4compile.bench.runner import BenchConfig, parse_backends, parse_int_list
+
+    return BenchConfig(model=a.model, backends=parse_backends(a.backends), quant=a.quant, dtype=a.dtype,
+                       device=a.device, prompt_lens=parse_int_list("--prompt-lens", a.prompt_lens),
+                       batch_sizes=parse_int_list("--batch-sizes", a.batch_sizes),
+                       decode_steps=_int("--decode-steps", a.decode_steps), repeats=_int("--repeats", a.repeats),
+                       seed=_int("--seed", a.seed, minimum=None), layers=_int("--layers", a.layers),
+                       max_seq_len=_int("--max-seq-len", a.max_seq_len), threads=_int("--threads", a.threads))
+
+
+def run_compare(paths: list[str]) -> int:
+    from l4compile.bench.report import compare, load_report
+
+    if len(paths) != 2:
+        raise L4Error(f"bench compare takes two reports (A/report.json B/report.json), got {len(paths)}")
+    a, b = (load_report(p) for p in paths)
+    print(compare(a, b, paths[0], paths[1]))
+    return 0
+
+
+def run(a) -> int:
+    if a.model == "compare":
+        return run_compare(a.reports)
+    if a.reports:
+        raise L4Error(f"unexpected argument(s) after MODEL: {' '.join(a.reports)} "
+                      "(did you mean `l4compile bench compare A B`?)")
+    from l4compile.bench.report import build_report, headline, write_report
+    from l4compile.bench.runner import run_bench
+
+    cfg = config_from_args(a)
+    out = Path(a.out) if a.out else Path(f"bench-{Path(a.model).name or 'model'}")
+    if out.exists() and not out.is_dir():
+        raise L4Error(f"--out {out} exists and is not a directory; pick another --out")
+    existing = [p.name for p in (out / "report.json", out / "report.html", out / "report.md") if p.exists()]
+    if existing and not a.force:
+        raise L4Error(f"{out} already holds {', '.join(existing)}; pass --force to overwrite or pick another --out")
+    report = build_report(run_bench(cfg))
+    paths = write_report(report, out)
+    for line in headline(report):
+        print(line)
+    print(f"wrote {paths['json']}, {paths['html'].name}, {paths['md'].name}")
+    return 0

@@ -1,0 +1,387 @@
+"""Run a benchmark: build every backend, warm up, then measure prefill and decode with backends interleaved.
+
+Baselines are the transformers model itself: ``eager`` (Llama4ForCausalLM from ``frontend.load``) and
+``torch-compile`` (``torch.compile`` of its forward; lazily compiled during warm-up). Every other name is an
+l4compile engine backend, compiled with ``l4compile.compile`` into a temporary directory; a backend that cannot
+run here (not built yet, missing package, unsupported option) is reported as skipped with the reason.
+
+Per repeat, per (batch, prompt) shape, each backend runs one prefill and one greedy generate of
+``decode_steps`` new tokens; the backend order rotates every repeat so drift (thermal, neighbours on a shared
+machine) hits all of them alike. decode ms per step = (generate time - prefill time of the same repeat) / steps.
+"""
+# B batch, S prompt length, N new tokens, V vocab
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from l4compile.errors import L4Error
+
+BASELINES = ("eager", "torch-compile")
+DEFAULT_BACKENDS = ("eager", "torch-compile", "inductor", "onnxruntime", "tensorrt")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str
+    backends: tuple[str, ...] = DEFAULT_BACKENDS
+    quant: str = "none"
+    dtype: str = "float32"
+    device: str = "cpu"
+    prompt_lens: tuple[int, ...] = (128, 512)
+    batch_sizes: tuple[int, ...] = (1, 4)
+    decode_steps: int = 32
+    repeats: int = 5
+    seed: int = 0
+    layers: int | None = None
+    max_seq_len: int | None = None      # engines' limit; default max(prompt_lens) + decode_steps
+    threads: int | None = None          # torch.set_num_threads for the run; None: torch's default
+
+    def __post_init__(self) -> None:
+        from l4compile.config import BACKENDS, DEVICES, DTYPES, QUANTS
+
+        known = BASELINES + BACKENDS
+        if not self.backends:
+            raise L4Error("--backends is empty; choose from: " + ", ".join(known))
+        for b in self.backends:
+            if b not in known:
+                raise L4Error(f"unknown backend '{b}' in --backends; choose from: {', '.join(known)}")
+        if len(set(self.backends)) != len(self.backends):
+            raise L4Error("--backends lists a backend twice")
+        for name, value, allowed in (("--quant", self.quant, QUANTS), ("--dtype", self.dtype, DTYPES),
+                                     ("--device", self.device, DEVICES)):
+            if value not in allowed:
+                raise L4Error(f"unknown {name} '{value}'; choose one of: {', '.join(allowed)}")
+        for name, vals in (("--prompt-lens", self.prompt_lens), ("--batch-sizes", self.batch_sizes)):
+            if not vals or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in vals):
+                raise L4Error(f"{name} must be positive integers, got {list(vals)!r}")
+        for name, v in (("--decode-steps", self.decode_steps), ("--repeats", self.repeats),
+                        ("--threads", 1 if self.threads is None else self.threads)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise L4Error(f"{name} must be a positive integer, got {v!r}")
+        if self.max_seq_len is not None and self.max_seq_len < self.needed_seq_len:
+            raise L4Error(f"--max-seq-len {self.max_seq_len} is below the longest prompt plus --decode-steps "
+                          f"({max(self.prompt_lens)} + {self.decode_steps} = {self.needed_seq_len}); "
+                          "raise --max-seq-len or shorten --prompt-lens")
+
+    @property
+    def needed_seq_len(self) -> int:
+        return max(self.prompt_lens) + self.decode_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    def stable_hash(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def parse_int_list(option: str, text: str) -> tuple[int, ...]:
+    """'128,512' -> (128, 512); anything else is a one-line user error naming the option."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not text or not all(parts):
+        raise L4Error(f"{option} '{text}' is not a comma-separated list of positive integers (e.g. {option} 128,512)")
+    out = []
+    for p in parts:
+        if not p.isdigit() or int(p) < 1:
+            raise L4Error(f"{option}: '{p}' is not a positive integer (use e.g. {option} 128,512)")
+        out.append(int(p))
+    return tuple(out)
+
+
+def parse_backends(text: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in str(text).split(","))
+    if not text or not all(parts):
+        raise L4Error(f"--backends '{text}' is not a comma-separated list (e.g. --backends eager,inductor)")
+    return parts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory: peak process RSS on CPU (VmHWM, reset per call through /proc/self/clear_refs), max allocated on CUDA.
+
+class MemoryMeter:
+    def __init__(self, device: str):
+        self.device = device
+        self.method = "cuda max_memory_allocated" if device == "cuda" else self._cpu_method()
+
+    @staticmethod
+    def _cpu_method() -> str:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return "process peak RSS (VmHWM, reset before each call)"
+        except OSError:
+            return "process peak RSS since start (ru_maxrss; cannot reset here)"
+
+    @staticmethod
+    def _status(key: str) -> int | None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
+    def reset(self) -> int | None:
+        """Start a measurement; returns the memory in use now."""
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return int(torch.cuda.memory_allocated())
+        if "VmHWM" in self.method:
+            with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        return self._status("VmRSS")
+
+    def peak(self) -> int | None:
+        if self.device == "cuda":
+            return int(torch.cuda.max_memory_allocated())
+        hwm = self._status("VmHWM")
+        if hwm is None:
+            import resource
+            hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return hwm
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backends under test
+
+@dataclass
+class Runner:
+    name: str
+    kind: str                                   # "baseline" | "engine"
+    prefill: Callable[[torch.Tensor], Any]
+    generate: Callable[[torch.Tensor, int], torch.Tensor]
+    decode_method: str
+    compile_seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BackendStatus:
+    name: str
+    kind: str
+    status: str                                 # "ok" | "skipped"
+    reason: str | None = None
+    compile_seconds: float | None = None
+    warmup_seconds: float | None = None
+    decode_method: str | None = None
+    engine_config_hash: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _hf_runners(lm: torch.nn.Module, names: tuple[str, ...]) -> list[Runner]:
+    pad = lm.config.pad_token_id if lm.config.pad_token_id is not None else 0
+
+    def prefill_with(fwd):
+        def prefill(ids: torch.Tensor):
+            return fwd(input_ids=ids, use_cache=False).logits
+        return prefill
+
+    def generate_with(fwd, patched: bool):
+        def generate(ids: torch.Tensor, n: int) -> torch.Tensor:
+            if patched:
+                lm.forward = fwd                 # generate calls self(...): route it through the compiled forward
+            try:
+                return lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                   min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=pad)
+            finally:
+                if patched:
+                    del lm.forward
+        return generate
+
+    method = "transformers generate, DynamicCache, greedy (do_sample=False, min_new_tokens=max_new_tokens)"
+    out = []
+    for name in names:
+        if name == "eager":
+            out.append(Runner(name, "baseline", prefill_with(lm.forward), generate_with(lm.forward, False), method))
+        elif name == "torch-compile":
+            compiled = torch.compile(lm.forward)
+            out.append(Runner(name, "baseline", prefill_with(compiled), generate_with(compiled, True),
+                              method + "; forward compiled with torch.compile (default mode)",
+                              info={"lazy_compile": True}))
+    return out
+
+
+def _engine_runner(cfg: BenchConfig, name: str, workdir: Path, max_seq: int) -> Runner:
+    """Compile ``cfg.model`` for backend ``name``; L4Error (backend missing, option unsupported) means skip."""
+    import l4compile
+    from l4compile.backends import get_backend
+    from l4compile.engine import Engine
+
+    get_backend(name)
+    t0 = time.perf_counter()
+    eng = l4compile.compile(cfg.model, backend=name, out=workdir / name, quant=cfg.quant, dtype=cfg.dtype,
+                            device=cfg.device, max_seq_len=max_seq, max_batch_size=max(cfg.batch_sizes),
+                            seed=cfg.seed, layers=cfg.layers)
+    seconds = time.perf_counter() - t0
+    cached = getattr(eng, "kv_cache", None) is not None or hasattr(Engine, "decode_step")
+    method = ("Engine.generate with the engine's KV cache: one prefill, then one cached decode step per token"
+              if cached else "Engine.generate, recomputing the whole prefix every step (no KV cache in this engine)")
+    return Runner(name, "engine", eng.prefill, lambda ids, n: eng.generate(ids, max_new_tokens=n), method,
+                  compile_seconds=round(seconds, 3),
+                  info={"engine_config_hash": eng.manifest.get("config_hash"),
+                        "engine_compile_seconds": eng.manifest.get("compile_seconds")})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress bar: on a terminal only
+
+class ProgressBar:
+    def __init__(self, total: int, stream=None, enabled: bool | None = None, width: int = 28):
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.total, self.done, self.width = max(1, total), 0, width
+        self.t0 = time.perf_counter()
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self.stream.write(f"\r\033[K{text}\n")
+            self.stream.flush()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        frac = self.done / self.total
+        filled = int(round(frac * self.width))
+        el = time.perf_counter() - self.t0
+        eta = el / frac - el if frac > 0 else 0.0
+        self.stream.write(f"\r\033[Kbench [{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total}"
+                          f"  {label}  eta {eta:4.0f}s")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3, out
+
+
+def make_inputs(cfg: BenchConfig, vocab: int) -> dict[tuple[int, int], torch.Tensor]:
+    """One fixed LongTensor [B, S] per shape, the same for every backend (ids avoid the low special tokens)."""
+    g = torch.Generator().manual_seed(cfg.seed + 1234)
+    lo = min(3, vocab - 1)
+    return {(b, s): torch.randint(lo, vocab, (b, s), generator=g).to(cfg.device)
+            for b in cfg.batch_sizes for s in cfg.prompt_lens}
+
+
+def run_bench(cfg: BenchConfig, *, stream=None, progress: bool | None = None) -> dict[str, Any]:
+    """Run the benchmark described by ``cfg``; returns the pieces ``report.build_report`` assembles."""
+    old_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_bench(cfg, stream=stream, progress=progress)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run_bench(cfg: BenchConfig, *, stream=None, progress: bool | None = None) -> dict[str, Any]:
+    from l4compile import frontend
+    from l4compile.bench.env import environment
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise L4Error("--device cuda needs a CUDA GPU and a CUDA build of torch; this machine has none")
+    bar = ProgressBar(0, stream=stream, enabled=progress)
+    bar.note(f"loading {cfg.model} ...")
+    loaded = frontend.load(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed, layers=cfg.layers)
+    lm = loaded.model
+    limit = int(lm.config.max_position_embeddings)
+    if cfg.needed_seq_len > limit:
+        raise L4Error(f"longest prompt plus --decode-steps ({max(cfg.prompt_lens)} + {cfg.decode_steps} = "
+                      f"{cfg.needed_seq_len}) exceeds the model's max_position_embeddings {limit}; "
+                      "shorten --prompt-lens or --decode-steps")
+    max_seq = cfg.max_seq_len or cfg.needed_seq_len
+    statuses: dict[str, BackendStatus] = {}
+    runners: list[Runner] = []
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="l4bench-")))
+        import torch._dynamo
+        stack.enter_context(torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096))
+        hf = {r.name: r for r in _hf_runners(lm, tuple(b for b in cfg.backends if b in BASELINES))}
+        for name in cfg.backends:
+            if name in hf:
+                runners.append(hf[name])
+                continue
+            bar.note(f"compiling {name} ...")
+            try:
+                runners.append(_engine_runner(cfg, name, workdir, max_seq))
+            except L4Error as e:
+                statuses[name] = BackendStatus(name, "engine", "skipped", reason=str(e))
+                bar.note(f"  {name}: skipped ({e})")
+        shapes = [(b, s) for b in cfg.batch_sizes for s in cfg.prompt_lens]
+        inputs = make_inputs(cfg, int(lm.config.vocab_size))
+        meter = MemoryMeter(cfg.device)
+        bar.total = max(1, len(runners) * len(shapes) * (cfg.repeats + 1))
+        bar.t0 = time.perf_counter()
+        tokens: dict[tuple[str, int, int], list[list[int]]] = {}
+        with torch.no_grad():
+            for r in runners:                        # warm-up: one prefill + one generate per shape
+                t0 = time.perf_counter()
+                for (b, s) in shapes:
+                    r.prefill(inputs[(b, s)])
+                    out = r.generate(inputs[(b, s)], cfg.decode_steps)
+                    tokens[(r.name, b, s)] = out[:, s:].tolist()
+                    bar.step(f"warm-up {r.name} b={b} s={s}")
+                _sync(cfg.device)
+                warm = time.perf_counter() - t0
+                if r.info.get("lazy_compile"):
+                    r.compile_seconds = round(warm, 3)
+                statuses[r.name] = BackendStatus(r.name, r.kind, "ok", compile_seconds=r.compile_seconds,
+                                                 warmup_seconds=round(warm, 3), decode_method=r.decode_method,
+                                                 engine_config_hash=r.info.get("engine_config_hash"))
+            samples = []
+            for rep in range(cfg.repeats):
+                k = rep % max(1, len(runners))
+                order = runners[k:] + runners[:k]    # rotate so no backend always runs first
+                for (b, s) in shapes:
+                    ids = inputs[(b, s)]
+                    for r in order:
+                        before = meter.reset()
+                        p_ms, _ = _timed(lambda: r.prefill(ids), cfg.device)
+                        g_ms, _ = _timed(lambda: r.generate(ids, cfg.decode_steps), cfg.device)
+                        peak = meter.peak()
+                        samples.append({"backend": r.name, "batch": b, "prompt_len": s, "repeat": rep,
+                                        "prefill_ms": round(p_ms, 4), "generate_ms": round(g_ms, 4),
+                                        "decode_ms_per_token": round((g_ms - p_ms) / cfg.decode_steps, 4),
+                                        "memory_before_bytes": before, "peak_memory_bytes": peak})
+                        bar.step(f"repeat {rep + 1}/{cfg.repeats} {r.name} b={b} s={s}")
+        bar.close()
+    agree: dict[tuple[str, int, int], bool | None] = {}
+    for (name, b, s), toks in tokens.items():
+        ref = tokens.get(("eager", b, s))
+        agree[(name, b, s)] = None if ref is None else toks == ref
+    ordered = [statuses[n] for n in cfg.backends]
+    return {"config": cfg, "environment": environment(cfg.device), "model_source": loaded.source,
+            "model_config": lm.config.to_dict(), "backends": ordered, "samples": samples,
+            "matches_eager": agree, "memory_method": meter.method, "engine_max_seq_len": max_seq}
