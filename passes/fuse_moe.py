@@ -38,7 +38,6 @@ After::
 from __future__ import annotations
 
 import operator
-import re
 from dataclasses import dataclass
 
 import torch
@@ -47,33 +46,17 @@ import torch.fx
 from l4compile.errors import L4Error
 from l4compile.ops import moe as _moe_op  # noqa: F401  (registers torch.ops.l4.moe)
 
+from ._provenance import innermost_module, layer_index
 from ._registry import PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
 MOE_CLASS = "Llama4TextMoe"
-_LAYER_RE = re.compile(r"layers\.(\d+)\.")
 _ADD_OPS = (aten.add_.Tensor, aten.add.Tensor)
 
 
 @dataclass(frozen=True)
 class FuseMoeOptions:
     require_match: bool = True     # raise if no MoE block, or not every config.moe_layers entry, is found
-
-
-def _moe_path(node: torch.fx.Node) -> str | None:
-    """Path of the innermost Llama4TextMoe module in the node's module stack, if any."""
-    stack = node.meta.get("nn_module_stack") or {}
-    found = None
-    for path, cls in stack.values():
-        qual = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
-        if qual.rsplit(".", 1)[-1] == MOE_CLASS:
-            found = path
-    return found
-
-
-def _layer_of(path: str) -> int:
-    m = _LAYER_RE.search(path + ".")
-    return int(m.group(1)) if m else -1
 
 
 def _attr(node, target: str) -> bool:
@@ -84,7 +67,7 @@ class _Block:
     """The nodes of one MoE module and the pieces the fused op needs."""
 
     def __init__(self, path: str, nodes: list[torch.fx.Node]):
-        self.path, self.nodes, self.layer = path, nodes, _layer_of(path)
+        self.path, self.nodes, self.layer = path, nodes, layer_index(path)
 
     def fail(self, why: str):
         raise L4Error(f"fuse_moe: cannot match the MoE block of layer {self.layer} ({self.path}): {why}; "
@@ -147,7 +130,7 @@ def _blocks(gm: torch.fx.GraphModule) -> list[_Block]:
     groups: dict[str, list[torch.fx.Node]] = {}
     for n in gm.graph.nodes:
         if n.op == "call_function":
-            path = _moe_path(n)
+            path = innermost_module(n, MOE_CLASS)
             if path is not None:
                 groups.setdefault(path, []).append(n)
     return [_Block(p, ns) for p, ns in groups.items()]

@@ -30,7 +30,6 @@ After::
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -39,11 +38,11 @@ import torch.fx
 from l4compile.errors import L4Error
 from l4compile.ops import attention as _attn_op
 
+from ._provenance import innermost_module, layer_index
 from ._registry import PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
 ATTN_CLASS = "Llama4TextAttention"
-_LAYER_RE = re.compile(r"layers\.(\d+)\.")
 COMPLEX_OPS = (aten.view_as_complex.default, aten.view_as_real.default, aten.polar.default, aten.complex.default)
 _CORE_OPS = (aten.scaled_dot_product_attention.default, aten.softmax.int, aten._softmax.default)
 
@@ -51,16 +50,6 @@ _CORE_OPS = (aten.scaled_dot_product_attention.default, aten.softmax.int, aten._
 @dataclass(frozen=True)
 class LowerIropeOptions:
     max_positions: int | None = None   # rows of the cos/sin tables; default: the program's max sequence length
-
-
-def _attn_path(node: torch.fx.Node) -> str | None:
-    stack = node.meta.get("nn_module_stack") or {}
-    found = None
-    for path, cls in stack.values():
-        qual = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
-        if qual.rsplit(".", 1)[-1] == ATTN_CLASS:
-            found = path
-    return found
 
 
 def _is_complex(node: torch.fx.Node) -> bool:
@@ -84,7 +73,7 @@ def lower_irope(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     graph = gm.graph
     blocks: dict[str, list[torch.fx.Node]] = {}
     for n in graph.nodes:
-        path = _attn_path(n) if n.op == "call_function" else None
+        path = innermost_module(n, ATTN_CLASS) if n.op == "call_function" else None
         if path is not None:
             blocks.setdefault(path, []).append(n)
     if not blocks:
@@ -99,8 +88,7 @@ def lower_irope(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
 
     n_chunked = n_global = 0
     for path, nodes in blocks.items():
-        m = _LAYER_RE.search(path + ".")
-        layer = int(m.group(1)) if m else -1
+        layer = layer_index(path)
         prefix = str(path)
         q, k, v, o = (_linear_on(nodes, f"{prefix}.{p}_proj.weight") for p in "qkvo")
         use_rope = bool(cfg.no_rope_layers[layer])
