@@ -13,6 +13,7 @@ from pathlib import Path
 
 from l4compile.bench import cli as bench_cli
 from l4compile.errors import L4Error
+from l4compile.plan import cli as plan_cli
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,9 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--logits-out", default=None, metavar="FILE.npy",
                    help="write the prompt's logits, float32 [prompt_len, vocab]")
 
-    p = sub.add_parser("parity", help="compare an engine with transformers eager")
-    _add_model_opts(p)
-    p.add_argument("--backend", default="inductor")
+    p = sub.add_parser("parity", help="compare engines with transformers eager (backend x quant x dtype)")
+    _add_model_opts(p)   # --dtype takes a comma-separated list here
+    p.add_argument("--backend", default=None, help="one backend (default inductor); same as --backends B")
+    p.add_argument("--backends", default=None, metavar="B1,B2,...",
+                   help="the matrix: comma-separated backends, e.g. inductor,onnxruntime,tensorrt")
+    p.add_argument("--quant", default="none", metavar="Q1,Q2,...", help="comma-separated: none | fp8 | int4")
     p.add_argument("--engine", default=None, help="use this engine instead of compiling one")
     p.add_argument("--steps", type=_positive, default=32, help="greedy tokens to compare")
     p.add_argument("--json", dest="json_out", default=None, metavar="FILE")
@@ -109,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("presets", help="list model presets")
     s.add_argument("--json", action="store_true")
     bench_cli.add_parser(sub)
+    plan_cli.add_parser(sub)
     return ap
 
 
@@ -158,36 +163,53 @@ def cmd_run(a) -> int:
     return 0
 
 
+def _csv_choice(text: str, allowed: tuple[str, ...], option: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if x not in allowed]
+    if not items or bad:
+        raise L4Error(f"{option}: unknown value {(bad or [text])[0]!r}; choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(items))
+
+
 def cmd_parity(a) -> int:
-    import l4compile
+    """One engine (``--engine``) or the matrix backend x quant x dtype; exit 1 if any present backend fails."""
     from l4compile import frontend, parity
+    from l4compile.config import BACKENDS, DTYPES, QUANTS
     from l4compile.engine import load_engine
 
+    if a.backend is not None and a.backends is not None:
+        raise L4Error("give --backend or --backends, not both")
+    matrix = a.backends is not None
+    backends = _csv_choice(a.backends or a.backend or "inductor", BACKENDS, "--backends")
+    quants = _csv_choice(a.quant, QUANTS, "--quant")
+    dtypes = _csv_choice(a.dtype, DTYPES, "--dtype")
     if a.engine:
+        if matrix or len(dtypes) > 1 or len(quants) > 1:
+            raise L4Error("--engine compares one existing engine; drop --backends and list options")
         eng = load_engine(a.engine)
         m = eng.manifest
-        dtype, seed = m["dtype"], m["compile_config"].get("seed", a.seed)
+        seed = m["compile_config"].get("seed", a.seed)
         layers = m["compile_config"].get("layers", a.layers)
-    else:
-        dtype, seed, layers = a.dtype, a.seed, a.layers
-    lm = frontend.load(a.model, dtype=dtype, seed=seed, layers=layers).model
-    if a.engine:
-        if eng.manifest["model_config"]["vocab_size"] != lm.config.vocab_size:
+        lm = frontend.load(a.model, dtype=m["dtype"], seed=seed, layers=layers).model
+        if m["model_config"]["vocab_size"] != lm.config.vocab_size:
             raise L4Error(f"engine {a.engine} was not compiled from {a.model} (vocabulary sizes differ)")
-        rep = _parity_run(eng, lm, a.steps)
+        rows = [parity.from_report(_parity_run(eng, lm, a.steps))]
     else:
-        with tempfile.TemporaryDirectory(prefix="l4parity-") as tmp:
-            eng = l4compile.compile(a.model, backend=a.backend, out=Path(tmp) / "engine", dtype=dtype,
-                                    device=a.device, max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size,
-                                    seed=seed, layers=layers)
-            rep = _parity_run(eng, lm, a.steps)
-    d = rep.to_dict()
-    print(f"{'backend':<12}{'dtype':<10}{'quant':<7}{'max rel err':>13}{'tokens':>9}  status")
-    print(f"{rep.backend:<12}{rep.dtype:<10}{rep.quant:<7}{rep.max_rel_error:>13.3e}"
-          f"{rep.token_agreement:>9.1%}  {d['status']}")
+        def show(row) -> None:   # one line per cell as it completes (compiles take a while)
+            print(f"  {row.backend}/{row.quant}/{row.dtype}: {row.status}", file=sys.stderr, flush=True)
+
+        rows = parity.run_matrix(a.model, backends, quants, dtypes, device=a.device, seed=a.seed, layers=a.layers,
+                                 max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size, steps=a.steps,
+                                 on_row=show if sys.stderr.isatty() else None)
+    print(parity.format_table(rows))
+    failed = any(r.status == "fail" for r in rows)
     if a.json_out:
+        if matrix:
+            d = {"status": "fail" if failed else "pass", "rows": [r.to_dict() for r in rows]}
+        else:
+            d = rows[0].to_dict()
         Path(a.json_out).write_text(json.dumps(d, indent=2))
-    return 0 if rep.passed else 1
+    return 1 if failed else 0
 
 
 def _parity_run(eng, lm, steps: int):
@@ -231,7 +253,7 @@ def cmd_presets(a) -> int:
 
 
 COMMANDS = {"compile": cmd_compile, "run": cmd_run, "parity": cmd_parity, "passes": cmd_passes,
-            "presets": cmd_presets, "bench": bench_cli.run}
+            "presets": cmd_presets, "bench": bench_cli.run, "plan": plan_cli.run}
 
 
 def main(argv: list[str] | None = None) -> int:
