@@ -145,9 +145,7 @@ def cmd_run(a) -> int:
     load_s = time.perf_counter() - t0
     ids = torch.tensor([prompt], dtype=torch.int64)
     eng.check_input_ids(ids)
-    if len(prompt) + a.max_new_tokens > eng.max_seq_len:
-        raise L4Error(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({a.max_new_tokens}) exceeds the "
-                      f"engine's max sequence length {eng.max_seq_len}")
+    eng.check_room(len(prompt), a.max_new_tokens)   # fail before any work is done
     t1 = time.perf_counter()
     logits = eng.prefill(ids)
     prefill_s = time.perf_counter() - t1

@@ -140,6 +140,7 @@ class Engine:
         self.max_seq_len = int(manifest["max_seq_len"])
         self.max_batch_size = int(manifest["max_batch_size"])
         self.device = torch.device(manifest["device"])
+        self.load_seconds = 0.0
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -165,6 +166,11 @@ class Engine:
             bad = lo if lo < 0 else hi
             raise L4Error(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         return ids.to(device=self.device, dtype=torch.int64).contiguous()   # AOTI assumes dense strides
+
+    def check_room(self, prompt_len: int, max_new_tokens: int) -> None:
+        if prompt_len + max_new_tokens > self.max_seq_len:
+            raise L4Error(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                          f"engine's max sequence length {self.max_seq_len}")
 
     @property
     def kv_cache(self) -> dict | None:
@@ -218,9 +224,7 @@ class Engine:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise L4Error(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         ids = self.check_input_ids(input_ids)
-        if ids.shape[1] + max_new_tokens > self.max_seq_len:
-            raise L4Error(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                          f"engine's max sequence length {self.max_seq_len}")
+        self.check_room(ids.shape[1], max_new_tokens)
         if max_new_tokens == 0:
             return ids
         if self.kv_cache is None:

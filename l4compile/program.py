@@ -51,19 +51,17 @@ def size_oblivious():
 
 
 def dynamic_shapes(max_batch: int, max_seq: int) -> tuple:
-    # The upper bounds sit one above the engine's limits (which the runtime enforces): export specialises
-    # a dimension whose example value equals its declared maximum.
+    # The upper bounds sit above the engine's limits (which the runtime enforces): export specialises a
+    # dimension whose example value equals its declared maximum.
     batch = Dim("batch", min=1, max=max_batch + 2)
     seq = Dim("seq", min=1, max=max_seq + 2)
     return ({0: batch, 1: seq},)
 
 
-def example_inputs(vocab: int, max_batch: int, max_seq: int, device: str = "cpu") -> tuple[torch.Tensor]:
-    """A sample that is not 0/1 in either dynamic dimension (export would specialise on it)."""
-    b = 2
-    s = max(2, min(max_seq, 16))
+def example_inputs(vocab: int, max_seq: int, device: str = "cpu") -> tuple[torch.Tensor]:
+    """A [2, min(max_seq, 16)] sample: not 0/1 in either dynamic dimension (export would specialise on it)."""
     g = torch.Generator().manual_seed(0)
-    return (torch.randint(0, vocab, (b, s), generator=g).to(device),)
+    return (torch.randint(0, vocab, (2, max(2, min(max_seq, 16))), generator=g).to(device),)
 
 
 @dataclass
@@ -120,7 +118,7 @@ class Program:
 def trace(lm: torch.nn.Module, *, max_batch: int, max_seq: int, device: str = "cpu") -> Program:
     """torch.export ``lm`` (a Llama4ForCausalLM in eval mode) with dynamic batch and sequence."""
     harness = CausalLMHarness(lm).eval()
-    inputs = example_inputs(lm.config.vocab_size, max_batch, max_seq, device)
+    inputs = example_inputs(lm.config.vocab_size, max_seq, device)
     with size_oblivious(), torch.no_grad():
         ep = torch.export.export(harness, inputs, dynamic_shapes=dynamic_shapes(max_batch, max_seq), strict=False)
     gm = ep.module(check_guards=False)  # the engine enforces the limits; passes may run on any size
