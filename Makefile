@@ -13,7 +13,7 @@ $(BIN)/python:
 setup: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,onnx]"
 
 # The main job: compile the `tiny` preset with the Inductor backend and generate from the engine.
 demo: setup

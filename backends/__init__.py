@@ -1,5 +1,6 @@
 """Backends: each module has ``build(program, workdir, config) -> BuildResult`` and
-``load(engine_dir, manifest) -> runner`` (a callable ``input_ids [B, S] -> logits [B, S, V]``)."""
+``load(engine_dir, manifest) -> runner`` (a callable ``input_ids [B, S] -> logits [B, S, V]``, or with a KV cache
+``(input_ids, start_pos, *caches) -> (logits, *caches)``)."""
 from __future__ import annotations
 
 import importlib
@@ -9,7 +10,8 @@ from typing import Any
 
 from l4compile.errors import L4Error
 
-AVAILABLE = {"inductor": "l4compile.backends.inductor"}
+AVAILABLE = {"inductor": "l4compile.backends.inductor", "onnxruntime": "l4compile.backends.onnxruntime",
+             "tensorrt": "l4compile.backends.tensorrt"}
 
 
 @dataclass

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""Parity: an engine against transformers eager on the same model, same prompts.
+"""Parity: an engine against transformers eager on the same model, same prompts; and the parity matrix
+(``run_matrix``: every backend x quant x dtype compiled and compared, with pass / fail / skipped and why).
 
 Measures, per prompt, the max relative logit error ``max|engine - eager| / max|eager|`` and the agreement of
 greedy tokens over ``steps`` new tokens (both sides decode greedily on their own outputs)."""
@@ -67,13 +68,143 @@ def eager_greedy(lm, ids: torch.Tensor, steps: int) -> torch.Tensor:
 def compare(engine, lm, prompts: list[torch.Tensor], steps: int) -> ParityReport:
     m = engine.manifest
     rep = ParityReport(m["backend"], m["dtype"], m.get("quant", "none"), TOLERANCE[m["dtype"]])
+    lm_device = next(lm.parameters()).device       # the engine may run elsewhere (TensorRT: the GPU)
     for ids in prompts:
-        ref = lm(input_ids=ids.to(engine.device), use_cache=False).logits.float()
-        got = engine.prefill(ids).float()
+        ref = lm(input_ids=ids.to(lm_device), use_cache=False).logits.float().cpu()
+        got = engine.prefill(ids).float().cpu()
         err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
         n = min(steps, engine.max_seq_len - ids.shape[1])
         ours = engine.generate(ids, max_new_tokens=n)[:, ids.shape[1]:].cpu()
-        theirs = eager_greedy(lm, ids.to(engine.device), n)[:, ids.shape[1]:].cpu()
+        theirs = eager_greedy(lm, ids.to(lm_device), n)[:, ids.shape[1]:].cpu()
         agree = int((ours == theirs).all(0).cumprod(0).sum())  # tokens agreeing before the first divergence
         rep.prompts.append(PromptResult(ids.shape[1], err, agree, n))
     return rep
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The parity matrix: backend x quant x dtype, one row each, compiled into a temporary directory.
+
+@dataclass
+class MatrixRow:
+    backend: str
+    quant: str
+    dtype: str
+    status: str                         # "pass" | "fail" | "skipped"
+    reason: str = ""                    # why skipped / failed, or what a skipped backend still checked
+    report: ParityReport | None = None
+
+    @property
+    def max_rel_error(self) -> float | None:
+        return self.report.max_rel_error if self.report else None
+
+    @property
+    def token_agreement(self) -> float | None:
+        return self.report.token_agreement if self.report else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.report.to_dict() if self.report else {
+            "backend": self.backend, "dtype": self.dtype, "quant": self.quant, "tolerance": TOLERANCE[self.dtype],
+            "max_rel_error": None, "token_agreement": None, "prompts": []}
+        d.update(status=self.status, reason=self.reason)
+        return d
+
+
+def from_report(rep: ParityReport) -> MatrixRow:
+    status = "pass" if rep.passed else "fail"
+    why = "" if rep.passed else (f"max rel err {rep.max_rel_error:.3g} >= {rep.tolerance:g}"
+                                 if rep.max_rel_error >= rep.tolerance else "greedy tokens diverge")
+    return MatrixRow(rep.backend, rep.quant, rep.dtype, status, why, rep)
+
+
+def unavailable(backend: str, quant: str, dtype: str, device: str) -> str | None:
+    """Why this cell cannot run on this machine / in this build (-> skipped), or None."""
+    import importlib.util
+
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA GPU on this machine"
+    if quant != "none":
+        from l4compile.passes import registered_passes
+        if "quantize" not in registered_passes():
+            return f"--quant {quant} needs the quantize pass, which this l4compile does not have yet"
+    if backend in ("onnxruntime", "tensorrt"):
+        missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            return f"needs {', '.join(missing)} (pip install 'l4compile[onnx]')"
+    if backend == "onnxruntime" and dtype == "bfloat16" and device == "cpu":
+        return "ONNX Runtime's CPU execution provider has no bfloat16 kernels"
+    return None
+
+
+def run_matrix(model: str, backends: list[str], quants: list[str], dtypes: list[str], *, device: str = "cpu",
+               seed: int = 0, layers: int | None = None, max_seq_len: int | None = None, max_batch_size: int = 4,
+               steps: int = 32, on_row=None) -> list[MatrixRow]:
+    """Compile MODEL for every (backend, quant, dtype) into a temporary directory and compare with eager.
+
+    A cell is ``skipped`` when its hardware, package or pass is missing (a TensorRT cell on a machine without
+    TensorRT still exports and checks its graph; ``reason`` says what passed); ``fail`` when the engine does
+    not match eager or its compile fails for any other reason."""
+    import tempfile
+    from pathlib import Path
+
+    import l4compile
+    from l4compile import frontend
+    from l4compile.errors import L4Error
+
+    rows: list[MatrixRow] = []
+
+    def emit(row: MatrixRow) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    for dtype in dtypes:
+        lm = None
+        for backend in backends:
+            for quant in quants:
+                why = unavailable(backend, quant, dtype, device)
+                if why is not None:
+                    emit(MatrixRow(backend, quant, dtype, "skipped", why))
+                    continue
+                if lm is None:
+                    lm = frontend.load(model, dtype=dtype, device=device, seed=seed, layers=layers).model
+                # TensorRT engines run on the GPU whatever --device says (the eager side stays on --device)
+                dev = "cuda" if backend == "tensorrt" and _tensorrt_ready() else device
+                with tempfile.TemporaryDirectory(prefix="l4parity-") as tmp:
+                    try:
+                        eng = l4compile.compile(model, backend=backend, out=Path(tmp) / "engine", quant=quant,
+                                                dtype=dtype, device=dev, max_seq_len=max_seq_len,
+                                                max_batch_size=max_batch_size, seed=seed, layers=layers)
+                    except L4Error as e:
+                        emit(_compile_error_row(backend, quant, dtype, e))
+                        continue
+                    prompts = default_prompts(eng.vocab_size, int(lm.config.attention_chunk_size), eng.max_seq_len,
+                                              steps)
+                    emit(from_report(compare(eng, lm, prompts, steps)))
+                    del eng
+    return rows
+
+
+def _tensorrt_ready() -> bool:
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("tensorrt") is not None
+
+
+def _compile_error_row(backend: str, quant: str, dtype: str, e: Exception) -> MatrixRow:
+    info = getattr(e, "info", None)
+    if backend == "tensorrt" and info is not None:          # the no-TensorRT exit after the graph checks
+        checked = [f"TensorRT op check {info.get('tensorrt_op_check', '?')}"]
+        if "onnxruntime_rel_error" in info:
+            checked.append(f"ONNX Runtime numerics rel err {info['onnxruntime_rel_error']:.2e}")
+        return MatrixRow(backend, quant, dtype, "skipped", f"{e} [{'; '.join(checked)}]")
+    return MatrixRow(backend, quant, dtype, "fail", f"compile failed: {e}")
+
+
+def format_table(rows: list[MatrixRow]) -> str:
+    lines = [f"{'backend':<12}{'quant':<7}{'dtype':<10}{'max rel err':>13}{'tokens':>9}  status"]
+    for r in rows:
+        err = f"{r.max_rel_error:>13.3e}" if r.report else f"{'-':>13}"
+        tok = f"{r.token_agreement:>9.1%}" if r.report else f"{'-':>9}"
+        status = r.status + (f" ({r.reason})" if r.reason else "")
+        lines.append(f"{r.backend:<12}{r.quant:<7}{r.dtype:<10}{err}{tok}  {status}")
+    return "\n".join(lines)

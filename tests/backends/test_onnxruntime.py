@@ -1,0 +1,129 @@
+"""ONNX Runtime engines against transformers eager (float32): logits rel < 1e-4, identical greedy tokens over 32
+steps through the KV cache, on every VARIANTS checkpoint; plus the exported graph's structure."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx", reason="needs onnx (pip install 'l4compile[onnx]')")
+pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'l4compile[onnx]')")
+pytest.importorskip("onnxscript", reason="needs onnxscript (pip install 'l4compile[onnx]')")
+
+import onnx  # noqa: E402
+from transformers import Llama4ForCausalLM  # noqa: E402
+
+import l4compile  # noqa: E402
+from l4compile.cli import main  # noqa: E402
+from tests.conftest import VARIANTS  # noqa: E402
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="session")
+def ort_engines(checkpoints, tmp_path_factory) -> dict:
+    """Every VARIANTS checkpoint compiled once per session (onnxruntime, float32, max sequence 112)."""
+    root = tmp_path_factory.mktemp("ort-engines")
+    return {name: l4compile.compile(str(ckpt), backend="onnxruntime", out=root / name, max_seq_len=112,
+                                    max_batch_size=2).path
+            for name, ckpt in checkpoints.items()}
+
+
+def rel_err(a, b) -> float:
+    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def eager_greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(steps):
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_run_matches_eager(variant, checkpoints, ort_engines, tmp_path, capsys):
+    """`l4compile run --logits-out` on a prompt crossing 5 chunks, then 32 greedy tokens through the cache."""
+    ref_model = Llama4ForCausalLM.from_pretrained(checkpoints[variant]).eval()
+    chunk = ref_model.config.attention_chunk_size
+    prompt = torch.randint(0, ref_model.config.vocab_size, (1, 5 * chunk + 3),
+                           generator=torch.Generator().manual_seed(1))
+    logits_file = tmp_path / "logits.npy"
+    capsys.readouterr()
+    assert main(["run", str(ort_engines[variant]), "--prompt-ids", ",".join(map(str, prompt[0].tolist())),
+                 "--max-new-tokens", "32", "--logits-out", str(logits_file)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    with torch.no_grad():
+        ref = ref_model(prompt).logits[0]
+    got = np.load(logits_file)
+    assert got.dtype == np.float32 and got.shape == tuple(ref.shape)
+    assert rel_err(got, ref) < TOL
+    assert result["generated_ids"] == eager_greedy(ref_model, prompt, 32)[0, prompt.shape[1]:].tolist()
+
+
+def test_engine_format_and_graph(ort_engines, checkpoints):
+    """The engine holds a checked opset >= 21 model with symbolic batch/seq, KV-cache I/O and no custom ops;
+    MoE is lowered per expert (NonZero + ScatterND per expert and MoE layer), never densely."""
+    path = ort_engines["maverick-top2-odd"]
+    eng = l4compile.load_engine(path)
+    m = eng.manifest
+    assert m["backend"] == "onnxruntime" and "model.onnx" in m["artifacts"]
+    model = onnx.load(str(path / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.opset_import[0].version >= 21
+    cfg = Llama4ForCausalLM.config_class.from_pretrained(checkpoints["maverick-top2-odd"])
+    n_layers, n_moe, n_exp = cfg.num_hidden_layers, len(cfg.moe_layers), cfg.num_local_experts
+    ins = [i.name for i in model.graph.input]
+    outs = [o.name for o in model.graph.output]
+    assert ins[:2] == ["input_ids", "start_pos"] and len(ins) == 2 + 2 * n_layers
+    assert outs[0] == "logits" and len(outs) == 1 + 2 * n_layers
+    ids_dims = [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert ids_dims == ["batch", "seq"]
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)      # standard ops only
+    assert ops["TopK"] == n_moe and ops["NonZero"] == ops["ScatterND"] == n_moe * n_exp
+    assert m["backend_info"]["opset"] >= 21 and m["backend_info"]["external_data"] is False
+
+
+def test_engine_serves_every_length_and_batch(ort_engines, checkpoints):
+    from l4compile import frontend
+
+    eng = l4compile.load_engine(ort_engines["scout-like"])
+    lm = frontend.load(str(checkpoints["scout-like"])).model
+    g = torch.Generator().manual_seed(2)
+    for b, s in [(1, 1), (2, 1), (1, 17), (2, 33), (1, eng.max_seq_len)]:
+        ids = torch.randint(0, eng.vocab_size, (b, s), generator=g)
+        with torch.no_grad():
+            assert rel_err(eng.prefill(ids), lm(ids).logits) < TOL, (b, s)
+    ids = torch.randint(0, eng.vocab_size, (2, 9), generator=g)           # batched greedy through the cache
+    with torch.no_grad():
+        assert torch.equal(eng.generate(ids, max_new_tokens=12), eager_greedy(lm, ids, 12))
+
+
+def test_cacheless_engine_with_external_data(checkpoints, tmp_path, monkeypatch):
+    """--skip-pass kv_cache gives `input_ids -> logits` (l4::attention); weights over the protobuf limit go to
+    external data (the limit is lowered here so a tiny model takes that path)."""
+    from l4compile import frontend
+    from l4compile.backends import onnxruntime as ort_backend
+
+    monkeypatch.setattr(ort_backend, "PROTOBUF_LIMIT", 0)
+    ckpt = checkpoints["deep-top2-llama3-noqk"]
+    eng = l4compile.compile(str(ckpt), backend="onnxruntime", out=tmp_path / "e", max_seq_len=40,
+                            max_batch_size=2, skip_passes=("kv_cache",))
+    assert eng.kv_cache is None and eng.manifest["backend_info"]["external_data"] is True
+    assert set(eng.manifest["artifacts"]) >= {"model.onnx", "model.onnx.data"}
+    onnx.checker.check_model(str(eng.path / "model.onnx"), full_check=True)
+    assert [i.name for i in onnx.load(str(eng.path / "model.onnx"), load_external_data=False).graph.input] == \
+        ["input_ids"]
+    lm = frontend.load(str(ckpt)).model
+    ids = torch.randint(0, eng.vocab_size, (2, 23), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert rel_err(eng.prefill(ids), lm(ids).logits) < TOL
+        assert torch.equal(eng.generate(ids[:1], max_new_tokens=6), eager_greedy(lm, ids[:1], 6))
+    (eng.path / "model.onnx.data").write_bytes(b"tampered")             # checksums cover the external data
+    with pytest.raises(l4compile.L4Error, match="checksum"):
+        l4compile.load_engine(eng.path)

@@ -1,0 +1,64 @@
+"""`l4compile parity MODEL --backends ...`: the backend x quant x dtype matrix, run for every backend this machine
+has; absent ones are reported as skipped with the reason, and any failing backend makes the command exit 1."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from l4compile import parity
+from l4compile.cli import main
+
+HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
+
+
+def test_matrix_every_available_backend(tmp_path, capsys):
+    from l4compile.backends.tensorrt import NO_TENSORRT, tensorrt_available
+
+    report = tmp_path / "matrix.json"
+    capsys.readouterr()
+    rc = main(["parity", "tiny", "--backends", "inductor,onnxruntime,tensorrt", "--quant", "none,int4",
+               "--max-seq-len", "40", "--max-batch-size", "1", "--steps", "8", "--json", str(report)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    d = json.loads(report.read_text())
+    cells = {(r["backend"], r["quant"]): r for r in d["rows"]}
+    assert d["status"] == "pass" and len(cells) == 6
+    want = {"inductor": True, "onnxruntime": HAS_ONNX, "tensorrt": tensorrt_available()}
+    for backend, present in want.items():
+        row = cells[(backend, "none")]
+        if present:
+            assert row["status"] == "pass" and row["max_rel_error"] < 1e-4 and row["token_agreement"] == 1.0, row
+            assert len(row["prompts"]) == 3
+        else:
+            assert row["status"] == "skipped" and row["reason"], row
+        assert cells[(backend, "int4")]["status"] == "skipped"          # no quantize pass yet
+    if HAS_ONNX and not want["tensorrt"]:
+        # without TensorRT the cell still exported, op-checked and ran its graph under ONNX Runtime
+        reason = cells[("tensorrt", "none")]["reason"]
+        assert reason.startswith(NO_TENSORRT) and "op check pass" in reason and "ONNX Runtime numerics" in reason
+    header, *lines = out.strip().splitlines()
+    assert header.split()[:3] == ["backend", "quant", "dtype"] and len(lines) == 6
+
+
+def test_any_failing_backend_exits_1(monkeypatch, tmp_path, capsys):
+    rep = parity.ParityReport("onnxruntime", "float32", "none", 1e-4,
+                              [parity.PromptResult(5, 3e-3, 2, 8)])
+    rows = [parity.MatrixRow("inductor", "none", "float32", "skipped", "why not"), parity.from_report(rep)]
+    monkeypatch.setattr(parity, "run_matrix", lambda *a, **k: rows)
+    capsys.readouterr()
+    assert main(["parity", "tiny", "--backends", "inductor,onnxruntime", "--json", str(tmp_path / "m.json")]) == 1
+    out = capsys.readouterr().out
+    assert "fail (max rel err 0.003 >= 0.0001)" in out and "skipped (why not)" in out
+    assert json.loads((tmp_path / "m.json").read_text())["status"] == "fail"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--backends", "inductor,bogus"], "unknown value 'bogus'"),
+    (["--backend", "inductor", "--backends", "inductor"], "not both"),
+    (["--quant", "int3"], "unknown value 'int3'"),
+])
+def test_bad_matrix_options_exit_2(argv, needle, capsys):
+    assert main(["parity", "tiny", *argv]) == 2
+    assert needle in capsys.readouterr().err
