@@ -112,6 +112,11 @@ def build_model(text_cfg, *, seed: int, dtype: str, device: str = "cpu", meta: b
 def load(model: str, *, dtype: str = "float32", device: str = "cpu", seed: int = 0, layers: int | None = None,
          meta: bool = False) -> LoadedModel:
     """Resolve MODEL to an eval-mode Llama4ForCausalLM."""
+    preset_name = None
+    if model in PRESETS and get_preset(model).checkpoint is not None:   # trained preset: a packaged checkpoint
+        preset_name, model = model, str(get_preset(model).checkpoint_dir())
+        if layers is not None:
+            raise L4Error(f"--layers does not apply to preset '{preset_name}' (trained weights, fixed layers)")
     if model in PRESETS:
         preset = get_preset(model)
         text_cfg = text_config_from_dict(dict(preset.text_config_kwargs(layers), model_type="llama4_text"))
@@ -134,7 +139,10 @@ def load(model: str, *, dtype: str = "float32", device: str = "cpu", seed: int =
         state = load_safetensors(path, lm, multimodal=cfg.get("model_type") == "llama4")
         lm.load_state_dict(state, strict=True)
         lm = lm.to(device=device, dtype=torch_dtype(dtype)).eval()
-    return LoadedModel(lm, {"kind": "checkpoint", "path": str(path.resolve()), "model_type": cfg["model_type"]})
+    source = {"kind": "checkpoint", "path": str(path.resolve()), "model_type": cfg["model_type"]}
+    if preset_name is not None:
+        source["preset"] = preset_name
+    return LoadedModel(lm, source)
 
 
 def _read_header(f: Path) -> tuple[dict[str, Any], int]:

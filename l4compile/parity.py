@@ -11,6 +11,12 @@ from typing import Any
 import torch
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 1e-2}
+SQNR_MIN_DB = {"fp8": 25.0, "int4": 18.0}   # quantized engines: logit SQNR against the unquantized model
+
+
+def sqnr_db(got: torch.Tensor, ref: torch.Tensor) -> float:
+    noise = float((got - ref).pow(2).sum())
+    return float("inf") if noise == 0 else 10.0 * torch.log10(ref.pow(2).sum() / noise).item()
 
 
 @dataclass
@@ -19,6 +25,7 @@ class PromptResult:
     max_rel_error: float
     tokens_agree: int
     tokens_total: int
+    sqnr_db: float = float("inf")
 
 
 @dataclass
@@ -39,12 +46,21 @@ class ParityReport:
         return sum(p.tokens_agree for p in self.prompts) / total if total else 1.0
 
     @property
+    def min_sqnr_db(self) -> float:
+        return min((p.sqnr_db for p in self.prompts), default=float("inf"))
+
+    @property
     def passed(self) -> bool:
+        """Unquantized: rel error under the dtype's tolerance and identical greedy tokens. Quantized: logit SQNR
+        against the unquantized model at least SQNR_MIN_DB (tokens are reported, not required)."""
+        if self.quant != "none":
+            return self.min_sqnr_db >= SQNR_MIN_DB[self.quant]
         return self.max_rel_error < self.tolerance and self.token_agreement == 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "dtype": self.dtype, "quant": self.quant, "tolerance": self.tolerance,
                 "max_rel_error": self.max_rel_error, "token_agreement": self.token_agreement,
+                "min_sqnr_db": self.min_sqnr_db,
                 "status": "pass" if self.passed else "fail", "prompts": [asdict(p) for p in self.prompts]}
 
 
@@ -77,7 +93,7 @@ def compare(engine, lm, prompts: list[torch.Tensor], steps: int) -> ParityReport
         ours = engine.generate(ids, max_new_tokens=n)[:, ids.shape[1]:].cpu()
         theirs = eager_greedy(lm, ids.to(lm_device), n)[:, ids.shape[1]:].cpu()
         agree = int((ours == theirs).all(0).cumprod(0).sum())  # tokens agreeing before the first divergence
-        rep.prompts.append(PromptResult(ids.shape[1], err, agree, n))
+        rep.prompts.append(PromptResult(ids.shape[1], err, agree, n, sqnr_db(got, ref)))
     return rep
 
 
@@ -111,8 +127,13 @@ class MatrixRow:
 
 def from_report(rep: ParityReport) -> MatrixRow:
     status = "pass" if rep.passed else "fail"
-    why = "" if rep.passed else (f"max rel err {rep.max_rel_error:.3g} >= {rep.tolerance:g}"
-                                 if rep.max_rel_error >= rep.tolerance else "greedy tokens diverge")
+    if rep.passed:
+        why = ""
+    elif rep.quant != "none":
+        why = f"logit SQNR {rep.min_sqnr_db:.1f} dB < {SQNR_MIN_DB[rep.quant]:g} dB"
+    else:
+        why = (f"max rel err {rep.max_rel_error:.3g} >= {rep.tolerance:g}" if rep.max_rel_error >= rep.tolerance
+               else "greedy tokens diverge")
     return MatrixRow(rep.backend, rep.quant, rep.dtype, status, why, rep)
 
 
@@ -122,10 +143,8 @@ def unavailable(backend: str, quant: str, dtype: str, device: str) -> str | None
 
     if device == "cuda" and not torch.cuda.is_available():
         return "no CUDA GPU on this machine"
-    if quant != "none":
-        from l4compile.passes import registered_passes
-        if "quantize" not in registered_passes():
-            return f"--quant {quant} needs the quantize pass, which this l4compile does not have yet"
+    if quant != "none" and backend != "inductor":
+        return f"--quant {quant}: quantized ops are lowered for the inductor backend only so far"
     if backend in ("onnxruntime", "tensorrt"):
         missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
         if missing:

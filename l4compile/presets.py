@@ -2,11 +2,15 @@
 
 ``tiny`` is CI-sized but has every feature (NoPE layer, chunk < max sequence, qk-norm, llama3 scaling, MoE);
 ``scout`` / ``maverick`` carry the published dimensions and are meant for the meta device (tracing, planning)
-or, with ``--layers N``, for full-width benchmarks on big machines.
+or, with ``--layers N``, for full-width benchmarks on big machines. ``tiny-trained`` is the exception: a packaged
+checkpoint (``l4compile/data/tiny-trained``, made by ``benchmarks/train_tiny.py``) with weights trained on English,
+loaded through the normal checkpoint path, for checks that need a model that has learned something (quantization).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from l4compile.errors import L4Error
@@ -22,8 +26,22 @@ class Preset:
     config: dict[str, Any] = field(default_factory=dict)   # Llama4TextConfig kwargs
     expert_init_std: float | None = None                    # re-draw expert weights so routing matters
     full_size: bool = False                                 # build on the meta device unless asked otherwise
+    checkpoint: str | None = None                           # packaged checkpoint (l4compile/data/<name>): trained
+
+    def checkpoint_dir(self) -> Path | None:
+        """The packaged checkpoint directory (config.json + model.safetensors), for presets with trained weights."""
+        if self.checkpoint is None:
+            return None
+        import importlib.resources
+
+        return Path(str(importlib.resources.files("l4compile") / "data" / self.checkpoint))
 
     def text_config_kwargs(self, layers: int | None = None) -> dict[str, Any]:
+        if self.checkpoint is not None:
+            if layers is not None:
+                raise L4Error(f"--layers does not apply to preset '{self.name}' (trained weights, fixed layers)")
+            cfg = json.loads((self.checkpoint_dir() / "config.json").read_text())
+            return {k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version", "architectures")}
         kw = dict(self.config)
         if layers is not None:
             kw["num_hidden_layers"] = layers
@@ -85,6 +103,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            _bench(hidden_size=256, intermediate_size=512, intermediate_size_mlp=1024, num_attention_heads=4,
                   num_local_experts=128, interleave_moe_layer_step=2, use_qk_norm=False,
                   rope_parameters={"rope_type": "default", "rope_theta": 500000.0}), expert_init_std=0.05),
+    Preset("tiny-trained", "tiny byte-level model TRAINED on English (stdlib pydoc topics): 4 layers (layer 3 NoPE), "
+                           "hidden 128, 8 experts top-1, chunk 32; benchmarks/train_tiny.py",
+           checkpoint="tiny-trained"),
 )}
 
 

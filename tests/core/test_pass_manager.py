@@ -90,7 +90,7 @@ def test_user_pass_runs_last_with_stats(program, user_module):
     assert records[-1].name == "count_linears"
     # fuse_moe took the router and shared-expert linears: 4 layers x (q, k, v, o) + lm_head remain
     assert [r.name for r in records] == ["fuse_moe", "lower_irope", "eliminate_dead_code", "kv_cache",
-                                         "count_linears"]
+                                         "quantize", "count_linears"]
     assert records[-1].stats["linears"] == 4 * 4 + 1
     assert all(r.drift is not None and r.drift < 1e-6 for r in records)
 
