@@ -23,10 +23,25 @@ def build(program, workdir: Path, config) -> BuildResult:
         raise L4Error("--device cuda needs a CUDA GPU and a CUDA build of torch; this machine has none")
     import l4compile.ops
 
+    shards = program.gm.meta.get("l4_shards")   # shard_experts (compile --plan): one package per rank
+    if shards:
+        import dataclasses
+        arts = []
+        for r, gm in enumerate(shards):
+            (workdir / f"rank{r}").mkdir()
+            _package(dataclasses.replace(program, gm=gm), workdir / f"rank{r}" / ARTIFACT)
+            arts.append(f"rank{r}/{ARTIFACT}")
+        return BuildResult(arts, {"format": "aoti-package", "torch": torch.__version__, "ranks": len(shards)})
+    _package(program, workdir / ARTIFACT)
+    return BuildResult([ARTIFACT], {"format": "aoti-package", "torch": torch.__version__})
+
+
+def _package(program, path: Path) -> None:
+    import l4compile.ops
+
     ep = program.export().run_decompositions(l4compile.ops.DECOMPOSITIONS)   # attention becomes plain aten
     with torch.no_grad():
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(workdir / ARTIFACT))
-    return BuildResult([ARTIFACT], {"format": "aoti-package", "torch": torch.__version__})
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
 
 
 def load(engine_dir: Path, manifest: dict[str, Any]):
@@ -34,7 +49,11 @@ def load(engine_dir: Path, manifest: dict[str, Any]):
 
     if manifest["device"] == "cuda" and not torch.cuda.is_available():
         raise L4Error(f"engine {engine_dir} was built for CUDA and this machine has no CUDA GPU")
-    pkg = torch._inductor.aoti_load_package(str(engine_dir / ARTIFACT))
+    artifact = ARTIFACT
+    if manifest.get("sharding"):   # this process's rank (load_engine checked the process group)
+        import torch.distributed as dist
+        artifact = f"rank{dist.get_rank()}/{ARTIFACT}"
+    pkg = torch._inductor.aoti_load_package(str(engine_dir / artifact))
 
     def run(*inputs: torch.Tensor):
         return pkg(*inputs)

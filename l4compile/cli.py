@@ -28,8 +28,10 @@ def _quiet() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch._logging
+    import transformers
 
     torch._logging.set_logs(inductor=logging.ERROR, export=logging.ERROR, dynamo=logging.ERROR)
+    transformers.logging.set_verbosity_error()   # e.g. Scout's own llama3 RoPE config (low == high factor) warns
 
 
 def _positive(text: str) -> int:
@@ -90,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--skip-pass", dest="skip_passes", action="append", default=[], metavar="NAME")
     c.add_argument("--dump-ir", default=None, metavar="DIR", help="write the graph before and after each pass")
     c.add_argument("--verify", action="store_true", help="check the output after every pass; name the first drift")
+    c.add_argument("--plan", default=None, metavar="PLAN.json",
+                   help="shard experts as `l4compile plan --json` placed them: one artifact set per rank")
 
     r = sub.add_parser("run", help="run an engine on token ids (greedy)")
     r.add_argument("engine", metavar="ENGINE")
@@ -97,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=_non_negative, default=16)
     r.add_argument("--logits-out", default=None, metavar="FILE.npy",
                    help="write the prompt's logits, float32 [prompt_len, vocab]")
+    r.add_argument("--nproc", type=_positive, default=None,
+                   help="sharded engines: run N processes with torchrun (one per rank)")
 
     p = sub.add_parser("parity", help="compare engines with transformers eager (backend x quant x dtype)")
     _add_model_opts(p)   # --dtype takes a comma-separated list here
@@ -111,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("passes", help="list registered passes")
     s = sub.add_parser("presets", help="list model presets")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--sizes", action="store_true", help="weight bytes at real dimensions: bf16 / fp8 / int4")
     bench_cli.add_parser(sub)
     plan_cli.add_parser(sub)
     return ap
@@ -124,7 +131,7 @@ def cmd_compile(a) -> int:
     eng = l4compile.compile(a.model, backend=a.backend, out=a.out, quant=a.quant, dtype=a.dtype, device=a.device,
                             max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size, seed=a.seed,
                             layers=a.layers, force=a.force, passes=tuple(a.passes), skip_passes=tuple(a.skip_passes),
-                            verify=a.verify, dump_ir=a.dump_ir, progress=progress)
+                            verify=a.verify, dump_ir=a.dump_ir, progress=progress, plan=a.plan)
     m = eng.manifest
     size = sum(v["bytes"] for v in m["artifacts"].values())
     print(json.dumps({"engine": str(eng.path), "backend": m["backend"], "compile_seconds": m["compile_seconds"],
@@ -138,6 +145,9 @@ def cmd_run(a) -> int:
 
     from l4compile.engine import load_engine
 
+    if getattr(a, "nproc", None):   # sharded engine: one process per rank under torchrun
+        from l4compile.dist import launch
+        return launch(a)
     prompt = parse_prompt_ids(a.prompt_ids)
     t0 = time.perf_counter()
     eng = load_engine(a.engine)
@@ -240,12 +250,19 @@ def cmd_presets(a) -> int:
                      "experts": c["num_local_experts"], "top_k": c["num_experts_per_tok"],
                      "moe_interleave": c["interleave_moe_layer_step"], "qk_norm": c["use_qk_norm"],
                      "chunk": c["attention_chunk_size"], "vocab": c["vocab_size"], "description": p.description})
+    if a.sizes:
+        from l4compile.quant import preset_weight_bytes
+        for r in rows:
+            r["weight_bytes"] = preset_weight_bytes(r["name"])
     if a.json:
         print(json.dumps(rows))
         return 0
-    print(f"{'preset':<16}{'layers':>7}{'hidden':>8}{'experts':>8}{'vocab':>8}  description")
+    sizes = f"{'bf16 GB':>10}{'fp8 GB':>9}{'int4 GB':>9}" if a.sizes else ""
+    print(f"{'preset':<16}{'layers':>7}{'hidden':>8}{'experts':>8}{'vocab':>8}{sizes}  description")
     for r in rows:
-        print(f"{r['name']:<16}{r['layers']:>7}{r['hidden']:>8}{r['experts']:>8}{r['vocab']:>8}  {r['description']}")
+        w = r.get("weight_bytes")
+        sz = "".join(f"{w[q] / 1e9:>{n}.1f}" for q, n in (("none", 10), ("fp8", 9), ("int4", 9))) if w else ""
+        print(f"{r['name']:<16}{r['layers']:>7}{r['hidden']:>8}{r['experts']:>8}{r['vocab']:>8}{sz}  {r['description']}")
     return 0
 
 

@@ -52,16 +52,22 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
             dtype: str = "float32", device: str = "cpu", max_seq_len: int | None = None, max_batch_size: int = 4,
             seed: int = 0, layers: int | None = None, force: bool = False, passes: tuple[str, ...] = (),
             skip_passes: tuple[str, ...] = (), verify: bool = False, dump_ir: str | os.PathLike | None = None,
-            pass_options: dict[str, dict[str, Any]] | None = None, progress: Progress | None = None) -> Engine:
-    """Compile MODEL (checkpoint directory or preset) into an engine directory at ``out`` and load it."""
+            pass_options: dict[str, dict[str, Any]] | None = None, progress: Progress | None = None,
+            plan: str | os.PathLike | dict | None = None) -> Engine:
+    """Compile MODEL (checkpoint directory or preset) into an engine directory at ``out`` and load it.
+    With ``plan`` (``l4compile plan --json`` output), the shard_experts pass writes one artifact set per rank."""
+    if plan is not None:   # expert parallelism: run shard_experts with the plan's placement
+        from l4compile.passes.shard_experts import options_from_plan
+        pass_options = dict(pass_options or {}, shard_experts=options_from_plan(plan, backend))
+        passes = (*passes, "l4compile.passes.shard_experts:shard_experts")
     config = CompileConfig(backend=backend, quant=quant, dtype=dtype, device=device, max_seq_len=max_seq_len,
                            max_batch_size=max_batch_size, seed=seed, layers=layers, passes=tuple(passes),
                            skip_passes=tuple(skip_passes), verify=verify,
                            pass_options=tuple((k, tuple(sorted(v.items())))
                                               for k, v in sorted((pass_options or {}).items())))
-    if config.quant != "none":
-        raise L4Error(f"--quant {config.quant} needs the quantize pass, which this l4compile does not have yet; "
-                      "use --quant none")
+    if config.quant != "none" and config.backend != "inductor":
+        raise L4Error(f"--quant {config.quant} is not lowered for the {config.backend} backend yet (quantized ops "
+                      "have an Inductor lowering only); use --backend inductor or --quant none")
     from l4compile.backends import get_backend
 
     be = get_backend(config.backend)
@@ -102,7 +108,9 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
             "model_config": program.model_config.to_dict(), "model_source": loaded.source,
             "compile_config": config.to_dict(), "config_hash": config.stable_hash(),
             "passes": [r.to_dict() for r in records], "signature": program.metadata["signature"],
-            "kv_cache": program.kv_layout,
+            "weight_bytes": next((r.stats["weight_bytes"] for r in records
+                                  if r.name == "quantize" and "weight_bytes" in r.stats), None),
+            "kv_cache": program.kv_layout, "sharding": program.gm.meta.get("l4_sharding"),
             "backend_info": result.info, "versions": library_versions(),
             "stage_seconds": progress.stages, "compile_seconds": round(time.perf_counter() - t_start, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -110,4 +118,4 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
         (work / "README.md").write_text(render_engine_readme(manifest, out))
         write_manifest(work, manifest, [*result.artifacts, "README.md"])
     progress.note(f"engine written to {out}")
-    return load_engine(out)
+    return load_engine(out, defer_shards=True)

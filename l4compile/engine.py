@@ -240,13 +240,42 @@ class Engine:
         return torch.cat(out, dim=1)
 
 
-def load_engine(path: str | os.PathLike) -> Engine:
-    """Open an engine directory: read the manifest, verify every checksum, load the backend's runtime."""
+def check_process_group(path: Path, manifest: dict[str, Any]) -> int:
+    """A sharded engine (compile --plan) runs one rank per process: -> this process's rank, or L4Error."""
+    world = int(manifest["sharding"]["world_size"])
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise L4Error(f"engine {path} is sharded over {world} ranks (expert parallel) and needs one process per "
+                      f"rank: run `l4compile run {path} --nproc {world} --prompt-ids ...` or `torchrun "
+                      f"--nproc-per-node {world} -m l4compile.dist {path} --prompt-ids ...`")
+    if dist.get_world_size() != world:
+        raise L4Error(f"engine {path} is sharded over {world} ranks; this process group has "
+                      f"{dist.get_world_size()} (use --nproc {world})")
+    return dist.get_rank()
+
+
+def _unloaded_shards(path: Path, manifest: dict[str, Any]):
+    def run(*inputs):
+        check_process_group(path, manifest)
+        raise L4Error(f"engine {path} was opened before its process group existed; load it again")
+    return run
+
+
+def load_engine(path: str | os.PathLike, *, defer_shards: bool = False) -> Engine:
+    """Open an engine directory: read the manifest, verify every checksum, load the backend's runtime.
+    A sharded engine loads this process's rank (torch.distributed must be initialised); with
+    ``defer_shards`` and no process group it opens without a runtime (running it raises the L4Error)."""
     from l4compile.backends import get_backend
 
     p = Path(path)
     manifest = read_manifest(p)
     verify_artifacts(p, manifest)
+    if manifest.get("sharding"):
+        import torch.distributed as dist
+        if defer_shards and not (dist.is_available() and dist.is_initialized()):
+            return Engine(p, manifest, _unloaded_shards(p, manifest))
+        check_process_group(p, manifest)
     backend = get_backend(manifest["backend"])
     t0 = time.perf_counter()
     runner = backend.load(p, manifest)

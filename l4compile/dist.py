@@ -1,0 +1,113 @@
+"""Sharded (expert-parallel) engines on torch.distributed: the torchrun entry point and ``run --nproc``.
+
+    torchrun --nproc-per-node N -m l4compile.dist ENGINE --prompt-ids 1,2,3 [--max-new-tokens K] [--logits-out F]
+    l4compile run ENGINE --nproc N --prompt-ids 1,2,3          # spawns the torchrun line above (--standalone)
+
+Every process joins the default process group (gloo for CPU engines, NCCL for CUDA engines, one GPU per
+process: ``cuda:LOCAL_RANK``), loads its rank's artifact (``rank{r}/model.pt2``) and runs exactly what
+``l4compile run`` runs (the same ``Engine``: prefill, then greedy generate through the KV cache). Everything
+but the experts is replicated, so every rank feeds the same tokens at every step and all ranks produce the
+same logits; only the ``l4::moe_ep`` ops talk to each other. Rank 0 alone prints the JSON line and writes
+``--logits-out``. Multi-node: torchrun's rendezvous, e.g. on each of 2 nodes with 4 GPUs
+``torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id JOB
+-m l4compile.dist ENGINE ...``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from l4compile.errors import L4Error
+
+
+def _run_args(argv: list[str]):
+    from l4compile import cli
+
+    args = cli.build_parser().parse_args(["run", *argv])
+    if getattr(args, "nproc", None):
+        raise L4Error("--nproc is for `l4compile run`; under torchrun the process count is --nproc-per-node")
+    return args
+
+
+def preflight(args) -> dict:
+    """User errors (bad engine, bad ids, wrong process count) before any process is spawned: -> manifest."""
+    from l4compile.cli import parse_prompt_ids
+    from l4compile.engine import read_manifest
+
+    m = read_manifest(Path(args.engine))
+    prompt = parse_prompt_ids(args.prompt_ids)
+    vocab, max_seq = int(m["model_config"]["vocab_size"]), int(m["max_seq_len"])
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise L4Error(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+    if len(prompt) + args.max_new_tokens > max_seq:
+        raise L4Error(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the "
+                      f"engine's max sequence length {max_seq}")
+    world = (m.get("sharding") or {}).get("world_size")
+    nproc = getattr(args, "nproc", None) or int(os.environ.get("WORLD_SIZE", "0")) or None
+    if world and nproc and nproc != world:
+        raise L4Error(f"engine {args.engine} is sharded over {world} ranks; use {world} processes, not {nproc}")
+    return m
+
+
+def launch(args) -> int:
+    """``l4compile run ENGINE --nproc N``: torchrun (standalone rendezvous) over ``-m l4compile.dist``."""
+    preflight(args)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "l4compile.dist", str(args.engine), "--prompt-ids", args.prompt_ids,
+           "--max-new-tokens", str(args.max_new_tokens)]
+    if args.logits_out:
+        cmd += ["--logits-out", str(args.logits_out)]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    rc = subprocess.run(cmd, env=env).returncode
+    return 2 if rc == 2 else rc
+
+
+def init_process_group(manifest: dict) -> None:
+    import torch
+    import torch.distributed as dist
+
+    if manifest["device"] == "cuda":
+        if not torch.cuda.is_available():
+            raise L4Error("this engine was built for CUDA and this machine has no CUDA GPU")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
+    else:
+        dist.init_process_group("gloo")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch.distributed as dist
+
+    from l4compile import cli
+
+    cli._quiet()
+    try:
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise L4Error("l4compile.dist runs under torchrun: `torchrun --nproc-per-node N -m l4compile.dist "
+                          "ENGINE --prompt-ids ...` (or `l4compile run ENGINE --nproc N ...`)")
+        args = _run_args(sys.argv[1:] if argv is None else argv)
+        manifest = preflight(args)
+        init_process_group(manifest)
+        try:
+            rank = dist.get_rank()
+            if rank != 0:          # every rank computes; rank 0 alone reports
+                args.logits_out = None
+            with contextlib.redirect_stdout(io.StringIO()) if rank != 0 else contextlib.nullcontext():
+                rc = cli.cmd_run(args)
+            dist.barrier()
+            return rc
+        finally:
+            dist.destroy_process_group()
+    except L4Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
