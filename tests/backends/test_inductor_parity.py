@@ -3,33 +3,14 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from transformers import Llama4ForCausalLM
 
 import l4compile
 from l4compile.cli import main
+from tests.backends.parity_checks import TOL, check_run_matches_eager, rel_err
 from tests.conftest import VARIANTS
-
-TOL = 1e-4
-
-
-def rel_err(a, b) -> float:
-    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
-    return float((a - b).abs().max() / b.abs().max())
-
-
-def eager_greedy(model, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """transformers full recompute at every step -> (tokens [B, S + steps], last-position logits per step)."""
-    seq, step_logits = prompt, []
-    with torch.no_grad():
-        for _ in range(steps):
-            last = model(seq).logits[:, -1]
-            step_logits.append(last)
-            seq = torch.cat([seq, last.argmax(-1, keepdim=True)], 1)
-    return seq, step_logits
-
 
 def test_cli_compile_reports_fusion_and_lowering(checkpoints, tmp_path, capsys):
     ckpt = checkpoints["maverick-top2-odd"]
@@ -45,22 +26,7 @@ def test_cli_compile_reports_fusion_and_lowering(checkpoints, tmp_path, capsys):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_run_matches_eager(variant, checkpoints, engines, tmp_path, capsys):
     """`l4compile run --logits-out` on a prompt crossing 5 chunks, then 32 greedy tokens through the cache."""
-    ref_model = Llama4ForCausalLM.from_pretrained(checkpoints[variant]).eval()
-    chunk = ref_model.config.attention_chunk_size
-    prompt = torch.randint(0, ref_model.config.vocab_size, (1, 5 * chunk + 3), generator=torch.Generator().manual_seed(1))
-    logits_file = tmp_path / "logits.npy"
-    ids = ",".join(map(str, prompt[0].tolist()))
-    capsys.readouterr()
-    assert main(["run", str(engines[variant]), "--prompt-ids", ids, "--max-new-tokens", "32",
-                 "--logits-out", str(logits_file)]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    with torch.no_grad():
-        ref = ref_model(prompt).logits[0]
-    got = np.load(logits_file)
-    assert got.dtype == np.float32 and got.shape == tuple(ref.shape)
-    assert rel_err(got, ref) < TOL
-    seq, _ = eager_greedy(ref_model, prompt, 32)
-    assert result["generated_ids"] == seq[0, prompt.shape[1]:].tolist()
+    check_run_matches_eager(engines[variant], checkpoints[variant], tmp_path, capsys)
 
 
 def test_skip_fuse_moe_still_matches(checkpoints, tmp_path):

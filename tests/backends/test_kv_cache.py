@@ -7,7 +7,7 @@ from transformers import Llama4ForCausalLM
 
 import l4compile
 from l4compile.errors import L4Error
-from tests.backends.test_inductor_parity import TOL, eager_greedy, rel_err
+from tests.backends.parity_checks import TOL, eager_greedy, rel_err
 from tests.conftest import VARIANTS
 
 NEW = 64

@@ -2,10 +2,8 @@
 steps through the KV cache, on every VARIANTS checkpoint; plus the exported graph's structure."""
 from __future__ import annotations
 
-import json
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,10 +15,8 @@ import onnx  # noqa: E402
 from transformers import Llama4ForCausalLM  # noqa: E402
 
 import l4compile  # noqa: E402
-from l4compile.cli import main  # noqa: E402
+from tests.backends.parity_checks import TOL, check_run_matches_eager, eager_greedy, rel_err  # noqa: E402
 from tests.conftest import VARIANTS  # noqa: E402
-
-TOL = 1e-4
 
 
 @pytest.fixture(scope="session")
@@ -32,37 +28,10 @@ def ort_engines(checkpoints, tmp_path_factory) -> dict:
             for name, ckpt in checkpoints.items()}
 
 
-def rel_err(a, b) -> float:
-    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
-    return float((a - b).abs().max() / b.abs().max())
-
-
-def eager_greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(steps):
-            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    return seq
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_run_matches_eager(variant, checkpoints, ort_engines, tmp_path, capsys):
     """`l4compile run --logits-out` on a prompt crossing 5 chunks, then 32 greedy tokens through the cache."""
-    ref_model = Llama4ForCausalLM.from_pretrained(checkpoints[variant]).eval()
-    chunk = ref_model.config.attention_chunk_size
-    prompt = torch.randint(0, ref_model.config.vocab_size, (1, 5 * chunk + 3),
-                           generator=torch.Generator().manual_seed(1))
-    logits_file = tmp_path / "logits.npy"
-    capsys.readouterr()
-    assert main(["run", str(ort_engines[variant]), "--prompt-ids", ",".join(map(str, prompt[0].tolist())),
-                 "--max-new-tokens", "32", "--logits-out", str(logits_file)]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    with torch.no_grad():
-        ref = ref_model(prompt).logits[0]
-    got = np.load(logits_file)
-    assert got.dtype == np.float32 and got.shape == tuple(ref.shape)
-    assert rel_err(got, ref) < TOL
-    assert result["generated_ids"] == eager_greedy(ref_model, prompt, 32)[0, prompt.shape[1]:].tolist()
+    check_run_matches_eager(ort_engines[variant], checkpoints[variant], tmp_path, capsys)
 
 
 def test_engine_format_and_graph(ort_engines, checkpoints):
@@ -101,7 +70,7 @@ def test_engine_serves_every_length_and_batch(ort_engines, checkpoints):
             assert rel_err(eng.prefill(ids), lm(ids).logits) < TOL, (b, s)
     ids = torch.randint(0, eng.vocab_size, (2, 9), generator=g)           # batched greedy through the cache
     with torch.no_grad():
-        assert torch.equal(eng.generate(ids, max_new_tokens=12), eager_greedy(lm, ids, 12))
+        assert torch.equal(eng.generate(ids, max_new_tokens=12), eager_greedy(lm, ids, 12)[0])
 
 
 def test_cacheless_engine_with_external_data(checkpoints, tmp_path, monkeypatch):
@@ -123,7 +92,7 @@ def test_cacheless_engine_with_external_data(checkpoints, tmp_path, monkeypatch)
     ids = torch.randint(0, eng.vocab_size, (2, 23), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert rel_err(eng.prefill(ids), lm(ids).logits) < TOL
-        assert torch.equal(eng.generate(ids[:1], max_new_tokens=6), eager_greedy(lm, ids[:1], 6))
+        assert torch.equal(eng.generate(ids[:1], max_new_tokens=6), eager_greedy(lm, ids[:1], 6)[0])
     (eng.path / "model.onnx.data").write_bytes(b"tampered")             # checksums cover the external data
     with pytest.raises(l4compile.L4Error, match="checksum"):
         l4compile.load_engine(eng.path)
