@@ -7,7 +7,6 @@ the ratio, and the KV-cache bytes per token at Scout and Maverick dimensions wit
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 import l4compile
+from _common import engine_bench_parser, parse
 from l4compile import frontend
 from l4compile.passes.kv_cache import cache_layout
 
@@ -25,14 +25,8 @@ def kib(n: int) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="bench-scout")
-    ap.add_argument("--prompt", type=int, default=64)
-    ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    ap = engine_bench_parser(__doc__)
+    a = parse(ap)
 
     print("| model | KV bytes/token, full caches | with ring buffers | ring buffers (fixed, per sequence) |")
     print("|---|---|---|---|")

@@ -10,7 +10,6 @@ on the machine hits all alike; medians are reported. Greedy tokens are checked e
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 import l4compile
+from _common import engine_bench_parser, parse
 from l4compile import frontend
 
 
@@ -29,15 +29,9 @@ def timed(fn) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="bench-scout")
-    ap.add_argument("--prompt", type=int, default=64)
-    ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
+    ap = engine_bench_parser(__doc__)
     ap.add_argument("--no-inductor", action="store_true", help="skip the Inductor engine (its compile is slow)")
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)          # ORT sessions take the same thread count (see backends/onnxruntime)
+    a = parse(ap)
 
     lm = frontend.load(a.preset).model
     ids = torch.randint(0, lm.config.vocab_size, (1, a.prompt), generator=torch.Generator().manual_seed(0))

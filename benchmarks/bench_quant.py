@@ -10,7 +10,6 @@ Accuracy is not measured here: a preset has random weights, whose top-1 routing 
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -19,17 +18,12 @@ from pathlib import Path
 import torch
 
 import l4compile
+from _common import engine_bench_parser, parse
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="bench-scout")
-    ap.add_argument("--prompt", type=int, default=64)
-    ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    ap = engine_bench_parser(__doc__)
+    a = parse(ap)
     quants = ("none", "fp8", "int4")
     with tempfile.TemporaryDirectory() as tmp:
         engines, compile_s = {}, {}
