@@ -5,7 +5,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-kernels test-slow bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -14,6 +14,7 @@ setup: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test,onnx]"
+	$(BIN)/pip install -q --no-deps "triton>=3.5,<3.8"   # the kernels' CPU interpreter tests; never touches torch
 
 # The main job: compile the `tiny` preset with the Inductor backend and generate from the engine.
 demo: setup
@@ -22,6 +23,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The Triton kernels under the CPU interpreter only.
+test-kernels: setup
+	$(BIN)/python -m pytest -q tests/kernels
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

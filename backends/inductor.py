@@ -4,6 +4,8 @@ l4compile (for its custom ops) importable; transformers is not needed at run tim
 
 Before compiling, l4 ops that have an aten decomposition (``l4compile.ops.DECOMPOSITIONS``: attention) are
 inlined so Inductor generates their code; the rest (``l4.moe``) run through AOTInductor's proxy executor.
+For ``--device cuda`` the GPU kernels are compiled in as well (``l4compile.kernels.dispatch``): the fused Triton
+MoE, the Triton Int4 GEMM and ``torch._scaled_mm`` for FP8.
 With the kv_cache pass the package is one step graph serving both prefill and decode."""
 from __future__ import annotations
 
@@ -29,17 +31,21 @@ def build(program, workdir: Path, config) -> BuildResult:
         arts = []
         for r, gm in enumerate(shards):
             (workdir / f"rank{r}").mkdir()
-            _package(dataclasses.replace(program, gm=gm), workdir / f"rank{r}" / ARTIFACT)
+            _package(dataclasses.replace(program, gm=gm), workdir / f"rank{r}" / ARTIFACT, config.device)
             arts.append(f"rank{r}/{ARTIFACT}")
         return BuildResult(arts, {"format": "aoti-package", "torch": torch.__version__, "ranks": len(shards)})
-    _package(program, workdir / ARTIFACT)
+    _package(program, workdir / ARTIFACT, config.device)
     return BuildResult([ARTIFACT], {"format": "aoti-package", "torch": torch.__version__})
 
 
-def _package(program, path: Path) -> None:
+def _package(program, path: Path, device: str = "cpu") -> None:
     import l4compile.ops
 
-    ep = program.export().run_decompositions(l4compile.ops.DECOMPOSITIONS)   # attention becomes plain aten
+    decomps = dict(l4compile.ops.DECOMPOSITIONS)                             # attention becomes plain aten
+    if device == "cuda":   # l4::moe / linear_int4 -> Triton triton_ops, linear_fp8 -> _scaled_mm (compiled in)
+        from l4compile.kernels.dispatch import cuda_decompositions
+        decomps.update(cuda_decompositions())
+    ep = program.export().run_decompositions(decomps)
     with torch.no_grad():
         torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
 
@@ -49,6 +55,9 @@ def load(engine_dir: Path, manifest: dict[str, Any]):
 
     if manifest["device"] == "cuda" and not torch.cuda.is_available():
         raise L4Error(f"engine {engine_dir} was built for CUDA and this machine has no CUDA GPU")
+    if manifest["device"] == "cuda":   # l4::moe_fused / l4::int4_mm, should the package call them as ops
+        from l4compile.kernels.dispatch import load_triton_ops
+        load_triton_ops()
     artifact = ARTIFACT
     if manifest.get("sharding"):   # this process's rank (load_engine checked the process group)
         import torch.distributed as dist

@@ -11,6 +11,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The Triton kernels' tests (tests/kernels) run under Triton's CPU interpreter where there is no GPU. triton.jit
+# reads TRITON_INTERPRET when a function is decorated, including triton.language's own jit'd helpers (tl.zeros...),
+# which are decorated as soon as anything imports triton (Inductor does): so it is set here, before any import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, intermediate_size_mlp=160, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,

@@ -33,6 +33,9 @@ Backends
   ``_grouped_mm`` on CPU. Cost: a Python callback per MoE layer per call (needs the Python runtime).
   ``DECOMPOSITIONS`` (bf16 only) is there for a backend that wants pure aten, e.g. CUDA bf16, via
   ``ExportedProgram.run_decompositions(DECOMPOSITIONS)``.
+* CUDA: ``l4compile.kernels`` registers the fused Triton MoE (``l4::moe_fused``, a ``triton_op``: static
+  shapes, no host sync) as this op's CUDA kernel and, for ``--device cuda`` Inductor engines, as its decomposition,
+  so AOTInductor compiles the kernels into the package.
 * ONNX (future): with standard ops, TopK -> Sigmoid -> then, unrolled for each expert e (E is static):
   Equal(idx, e) -> NonZero -> Gather(x) -> Mul(score) -> MatMul(gate_up[e]) -> Split -> Sigmoid/Mul
   (SiLU) -> Mul -> MatMul(down[e]) -> ScatterND(reduction=add) into the shared-expert output.
@@ -72,7 +75,14 @@ def _sort_assignments(idx: Tensor, score: Tensor, top_k: int):
 @torch.library.custom_op("l4::moe", mutates_args=())
 def moe(x: Tensor, router_w: Tensor, gate_up: Tensor, down: Tensor, shared_gate: Tensor,
         shared_up: Tensor, shared_down: Tensor, top_k: int) -> Tensor:
-    """x [T, H] -> [T, H]; see the module docstring."""
+    """x [T, H] -> [T, H]; see the module docstring. On CUDA, ``l4compile.kernels.dispatch`` registers the
+    fused Triton kernel (``l4::moe_fused``) as this op's CUDA implementation; other devices run ``_moe_impl``."""
+    return _moe_impl(x, router_w, gate_up, down, shared_gate, shared_up, shared_down, top_k)
+
+
+def _moe_impl(x: Tensor, router_w: Tensor, gate_up: Tensor, down: Tensor, shared_gate: Tensor,
+              shared_up: Tensor, shared_down: Tensor, top_k: int) -> Tensor:
+    """The expert-grouped eager implementation (host sync for the group sizes; any device)."""
     idx, score = _route(x, router_w, top_k)
     out = _shared(x, shared_gate, shared_up, shared_down)         # [T, H]
     n_exp, i_dim = down.shape[0], down.shape[1]

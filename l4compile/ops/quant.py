@@ -24,10 +24,13 @@ Lowering
   scale into one pointwise producer of the matmul operand, and the engine stores only packed weights.
   ``moe_q`` stays opaque (proxy executor), like ``l4::moe`` and for the same reasons (data-dependent
   expert groups).
-* Not done: CUDA fast paths. FP8 maps to ``torch._scaled_mm(fp8(x / s_x), w_q.t(), scale_a=s_x [T, 1],
-  scale_b=w_scale[None, :], out_dtype=bf16)`` (row-wise scaling, sm89+; K and N multiples of 16); Int4 to a
-  weight-only int4 GEMM (``torch._weight_int4pack_mm`` after ``_convert_weight_to_int4pack``, which wants
-  its own tiled layout, or a Triton kernel). Neither is wired yet: the decomposition above is what runs.
+* CUDA (``l4compile.kernels.dispatch``, eager and ``--device cuda`` Inductor engines): ``linear_fp8`` runs
+  ``torch._scaled_mm`` (below), ``linear_int4`` the Triton kernel ``l4::int4_mm``; ``moe_q``'s expert matmuls go
+  through those ops (``qlinear`` on CUDA tensors). Background, as first sketched: FP8 maps to
+  ``torch._scaled_mm(fp8(x / s_x), w_q.t(), scale_a=s_x [T, 1], scale_b=w_scale[None, :], out_dtype=bf16)``
+  (row-wise scaling, sm89+; K and N multiples of 16); Int4 to a weight-only int4 GEMM
+  (``torch._weight_int4pack_mm`` after ``_convert_weight_to_int4pack``, which wants its own tiled layout, or a
+  Triton kernel: the latter is what we use, on our packing as is).
 * ONNX (owned by the ONNX backend; not done here): ``linear_int4`` is ``com.microsoft.MatMulNBits``
   (bits=4, block_size=G, symmetric: no zero points, or zero point 8 with our +8 offset; ORT packs the
   low nibble first like we do, but wants B as [N, K/G, G/2] and float scales [N * K/G]); standard-opset
@@ -87,6 +90,8 @@ def _linear_int4_impl(x: Tensor, w_packed: Tensor, w_scale: Tensor) -> Tensor:
 
 def qlinear(x: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:
     """Dispatch on the weight's storage dtype (float8 -> W8A8, uint8 -> int4 weight-only)."""
+    if x.is_cuda:   # through the ops, whose CUDA kernels (l4compile.kernels.dispatch) are _scaled_mm / Triton int4
+        return (torch.ops.l4.linear_fp8 if w_q.dtype == FP8_DTYPE else torch.ops.l4.linear_int4)(x, w_q, w_scale)
     return _linear_fp8_impl(x, w_q, w_scale) if w_q.dtype == FP8_DTYPE else _linear_int4_impl(x, w_q, w_scale)
 
 

@@ -1,0 +1,49 @@
+"""GPU kernels behind the l4 ops on CUDA: Triton kernels registered as ``torch.library.triton_op`` (so Inductor and
+AOTInductor compile them into engines) and the ``torch._scaled_mm`` FP8 path.
+
+Files (one kernel each; pure-PyTorch host code apart)::
+
+    layout.py          tile maps for expert-grouped GEMMs, block-size choices      (torch only)
+    fp8_scaled_mm.py   W8A8 linear through torch._scaled_mm (row-wise scales)      (torch only)
+    moe_gate_up.py     grouped [x*s] @ [gate|up] + SwiGLU epilogue                  (Triton kernel)
+    moe_down.py        grouped act @ down                                          (Triton kernel)
+    int4_mm.py         weight-only Int4 GEMM/GEMV, the quantize pass's packing      (Triton kernel)
+    ops.py             ``l4::moe_fused`` and ``l4::int4_mm`` (triton_op) + host glue (needs Triton)
+    dispatch.py        CUDA kernels of ``l4::moe``/``l4::linear_int4``/``l4::linear_fp8`` and the CUDA
+                       decompositions the Inductor backend applies                   (torch only)
+
+Importing ``l4compile`` (or this package) never imports Triton: ``triton_available()`` checks lazily, and
+only ``ops``/the kernel files import it. Correctness tests run the kernels on CPU tensors under Triton's
+interpreter (``TRITON_INTERPRET=1``, see tests/kernels); on CUDA they are compiled and launched as usual.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when ``import triton`` works (the package alone; no GPU needed under the interpreter)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # a broken or mismatched install counts as missing
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def why_unavailable() -> str | None:
+    """None when the Triton kernels can run in this process, else the reason (for skips and errors)."""
+    if not triton_available():
+        return ("triton is not installed (GPU hosts get it with torch; on a CPU machine: "
+                "pip install -e '.[kernels]' or make test-kernels; its tests then run under TRITON_INTERPRET=1)")
+    return None

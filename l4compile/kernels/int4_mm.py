@@ -1,0 +1,58 @@
+# M rows (tokens), N output features, K input features, G scale group, BM/BN/BK tile sizes
+"""Triton kernel: weight-only Int4 GEMM / decode GEMV on the quantize pass's packing (``l4compile.quant``).
+
+    w[n, k] = (nibble(w_packed[n, k // 2], k % 2) - 8) * w_scale[n, k // G]     low nibble = even k
+    y[m, n] = sum_k x[m, k] * w[n, k].to(x.dtype)                               fp32 accumulation
+
+exactly ``l4::linear_int4``'s reference (dequantize in float32, round to x.dtype, matmul). Each program loads a
+[BN, BK/2] block of packed bytes once (half a byte per weight from HBM), splits it into the two nibbles with
+``tl.join`` (interleaved back into k order), scales and feeds tensor cores with a [BM, BK] x [BK, BN] dot.
+
+Scales: with ``SCALE_PER_BLOCK`` (BK divides G, K blocks aligned) one scale per row per K block is loaded;
+otherwise (small or odd groups, e.g. G = 6) scales are gathered per element.
+
+``DOT_F32``: see ``moe_gate_up`` (set only under the CPU interpreter, for bf16).
+
+Shapes: x [M, K]; w_packed [N, K/2] uint8; w_scale [N, K/G]; y [M, N] (x.dtype).
+Grid: (cdiv(M, BM), cdiv(N, BN)).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def int4_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, G,
+                   stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_ym, stride_yn,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   SCALE_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)                     # [BM]
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)                     # [BN]
+    mmask = rm < M
+    nmask = rn < N
+    half = tl.arange(0, BLOCK_K // 2)                                            # [BK/2] byte offsets
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kb = k0 // 2 + half                                                      # [BK/2] byte index
+        packed = tl.load(w_ptr + rn[:, None] * stride_wn + kb[None, :] * stride_wk,
+                         mask=nmask[:, None] & (kb < K // 2)[None, :], other=0x88)  # [BN, BK/2] uint8
+        lo = (packed & 0xF).to(tl.float32) - 8.0
+        hi = (packed >> 4).to(tl.float32) - 8.0
+        q = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))                     # [BN, BK], k order
+        k = k0 + ks                                                              # [BK]
+        kmask = k < K
+        if SCALE_PER_BLOCK:
+            sc = tl.load(s_ptr + rn * stride_sn + (k0 // G) * stride_sg, mask=nmask, other=0.0)  # [BN]
+            w = q * sc.to(tl.float32)[:, None]
+        else:
+            sc = tl.load(s_ptr + rn[:, None] * stride_sn + (k // G)[None, :] * stride_sg,
+                         mask=nmask[:, None] & kmask[None, :], other=0.0)          # [BN, BK]
+            w = q * sc.to(tl.float32)
+        xt = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :] * stride_xk,
+                     mask=mmask[:, None] & kmask[None, :], other=0.0)              # [BM, BK]
+        wt = tl.trans(w.to(xt.dtype))                                            # [BK, BN], rounded like the reference
+        if DOT_F32:                                                              # interpreter (see moe_gate_up)
+            xt, wt = xt.to(tl.float32), wt.to(tl.float32)
+        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])

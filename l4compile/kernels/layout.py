@@ -1,0 +1,108 @@
+# T tokens, E experts, K top-k, A = T*K routed rows, R = A + T rows (routed + shared), G = E + 1 groups,
+# BM rows per tile, NT tiles (static bound), N output features, Kin input features, Gq int4 group size
+"""Pure-PyTorch layout helpers for the Triton kernels: the MoE row/tile maps and block-size choices.
+
+The fused MoE runs every (token, expert) assignment and the shared expert as ONE grouped problem of R rows:
+
+    rows 0 .. A-1      routed assignments sorted by expert (stable), row r reads token ``row_tok[r]`` scaled by
+                       ``row_scale[r]`` = sigmoid(router top logit), group = its expert
+    rows A .. A+T-1    the shared expert: token t, scale 1, group E
+
+Rows are cut into tiles of BM rows that never straddle a group; tile i handles rows
+``[tile_row0[i], min(tile_row0[i] + BM, tile_row_end[i]))`` of group ``tile_group[i]``. The number of tiles
+depends on the routing, so the map has a STATIC length ``NT = ceil(R / BM) + G`` (each group wastes less than one
+tile) and unused tiles carry group G (the kernels skip them). Nothing here syncs with the host or has a
+data-dependent shape, so the whole map traces under torch.export with a symbolic T and compiles into AOTI.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class MoeRows:
+    """The grouped problem (all int32/float32 on x's device)."""
+
+    row_tok: Tensor        # [R] int32: token each row reads
+    row_scale: Tensor      # [R] float32: input scale (routed: sigmoid score in x.dtype, widened; shared: 1)
+    routed_tok: Tensor     # [A] int64: token of each routed row (the index_add target)
+    tile_group: Tensor     # [NT] int32: group of the tile, G for an unused tile
+    tile_row0: Tensor      # [NT] int32: first row of the tile
+    tile_row_end: Tensor   # [NT] int32: end (exclusive) of the tile's group rows
+
+
+def num_tiles(rows: int, groups: int, block_m: int) -> int:
+    """Static bound on the tiles of ``rows`` rows in ``groups`` groups: ceil(rows / BM) + groups."""
+    return (rows + block_m - 1) // block_m + groups
+
+
+def moe_rows(idx: Tensor, score: Tensor, n_experts: int, block_m: int) -> MoeRows:
+    """idx [T, K] expert ids, score [T, K] input scales -> the grouped-row layout described above."""
+    n_tok, top_k = idx.shape
+    dev = idx.device
+    flat_e = idx.reshape(-1)                                                     # [A]
+    order = torch.argsort(flat_e, stable=True)                                  # [A]
+    routed_tok = order // top_k                                                  # [A]
+    tok_ids = torch.arange(n_tok, device=dev)                                    # [T]
+    row_tok = torch.cat((routed_tok, tok_ids)).to(torch.int32)                  # [R]
+    row_scale = torch.cat((score.reshape(-1).index_select(0, order).float(),
+                           torch.ones(n_tok, device=dev, dtype=torch.float32)))  # [R]
+    groups = n_experts + 1
+    counts = torch.zeros(groups, device=dev, dtype=torch.int64)
+    counts.scatter_add_(0, flat_e.long(), torch.ones_like(flat_e, dtype=torch.int64))
+    counts[n_experts] = n_tok                                                   # [G] rows per group
+    group_end = torch.cumsum(counts, 0)                                         # [G]
+    tiles = (counts + block_m - 1) // block_m                                   # [G]
+    tile_end = torch.cumsum(tiles, 0)                                           # [G]
+    n_tiles = num_tiles(n_tok * (top_k + 1), groups, block_m)
+    t = torch.arange(n_tiles, device=dev)                                       # [NT]
+    tile_group = torch.searchsorted(tile_end, t, right=True)                    # [NT] in [0, G]
+    g = tile_group.clamp(max=groups - 1)
+    first_tile = tile_end.index_select(0, g) - tiles.index_select(0, g)         # [NT]
+    group_start = group_end.index_select(0, g) - counts.index_select(0, g)
+    tile_row0 = group_start + (t - first_tile) * block_m                        # [NT]
+    return MoeRows(row_tok, row_scale, routed_tok, tile_group.to(torch.int32), tile_row0.to(torch.int32),
+                   group_end.index_select(0, g).to(torch.int32))
+
+
+# ---- block sizes (static: chosen from weight shapes only, never from the token count, which is symbolic) -----
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << (max(1, n) - 1).bit_length()
+
+
+def moe_blocks(hidden: int, inter: int) -> tuple[int, int, int]:
+    """(BM, BN, BK) for the grouped MoE GEMMs. BM = 64 rows: even at decode (1 row per tile) a 64-row tile
+    keeps the GEMM memory-bound on H100 (64 FLOP/byte in bf16, ridge ~295), so one shape serves both
+    prefill and decode; BN/BK shrink for tiny test dimensions (tl.dot needs every block >= 16)."""
+    return 64, max(16, min(64, _pow2_ceil(min(hidden, inter)))), max(16, min(64, _pow2_ceil(hidden)))
+
+
+@dataclass(frozen=True)
+class Int4Blocks:
+    block_m: int
+    block_n: int
+    block_k: int
+    scale_per_block: bool   # True: a K block lies inside one scale group (one scale per row per block)
+
+
+def int4_blocks(n_out: int, k_in: int, group: int) -> Int4Blocks:
+    """Blocks for ``int4_mm`` with K inputs in groups of ``group`` (any even divisor of K, as
+    ``l4compile.quant.group_for`` makes it). BK is the largest power of two <= 128 dividing the group when that
+    is >= 16 (then each K block sits in one group); otherwise (groups like 6 or 8) BK = 32 and scales are
+    gathered per element. BM = 16: the decode GEMV/small-batch GEMM this kernel is for."""
+    if k_in % 2 or group % 2 or k_in % group:
+        raise ValueError(f"int4_mm: K={k_in} must be even and a multiple of the (even) group {group}")
+    bk = min(128, group & -group)                   # largest power of two dividing the group
+    per_block = bk >= 16
+    if not per_block:
+        bk = 32
+    bn = max(16, min(64, _pow2_floor(n_out)))
+    return Int4Blocks(16, bn, bk, per_block)

@@ -1,0 +1,59 @@
+# R rows (routed + shared), H hidden, I expert width, E experts, BM/BN/BK tile sizes, NT tiles
+"""Triton kernel: the second grouped GEMM of the fused MoE (down projection), one output row per input row.
+
+For every row r of tile ``program_id(0)`` and hidden columns ``program_id(1) * BN ..``::
+
+    y[r] = (act[r] @ Wd).to(y.dtype)          # fp32 accumulation
+
+with Wd = ``down[e]`` ([E, I, H], HF layout) for a routed group e < E and ``shared_down^T`` ([H, I] nn.Linear)
+for the shared group E. Rows stay in the grouped order; the caller adds the routed rows onto the shared rows
+by token (``index_add``; for top-1 every token has exactly one routed row, so no two rows collide).
+
+Shapes: act [R, I]; down [E, I, H]; shared_down [H, I]; tile_group/tile_row0/tile_row_end [NT] int32;
+y [R, H]. Grid: (NT, cdiv(H, BN)).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _down_tile(a_ptr, stride_ar, stride_ai, rows, rmask, w_ptr, stride_wk, stride_wn, cols, cmask, I,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+               DOT_F32: tl.constexpr):
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    for k0 in range(0, I, BLOCK_K):
+        k = k0 + ks                                                               # [BK] in [0, I)
+        kmask = k < I
+        a = tl.load(a_ptr + rows[:, None] * stride_ar + k[None, :] * stride_ai,
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)                # [BM, BK]
+        w = tl.load(w_ptr + k[:, None] * stride_wk + cols[None, :] * stride_wn,
+                    mask=kmask[:, None] & cmask[None, :], other=0.0)                # [BK, BN]
+        if DOT_F32:                                                              # interpreter (see moe_gate_up)
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def moe_down_kernel(act_ptr, down_ptr, sd_ptr, y_ptr, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr,
+                    H, I, E,
+                    stride_ar, stride_ai, stride_de, stride_di, stride_dh, stride_sh, stride_si,
+                    stride_yr, stride_yh,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    tile = tl.program_id(0)
+    grp = tl.load(tile_group_ptr + tile)
+    if grp <= E:                                                                 # grp == E + 1: unused tile
+        rows = tl.load(tile_row0_ptr + tile) + tl.arange(0, BLOCK_M)            # [BM]
+        rmask = rows < tl.load(tile_row_end_ptr + tile)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)               # [BN] in [0, H)
+        cmask = cols < H
+        if grp == E:                                                             # shared expert, nn.Linear [H, I]
+            acc = _down_tile(act_ptr, stride_ar, stride_ai, rows, rmask, sd_ptr, stride_si, stride_sh, cols, cmask,
+                             I, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, DOT_F32)
+        else:                                                                    # routed expert, [I, H]
+            acc = _down_tile(act_ptr, stride_ar, stride_ai, rows, rmask, down_ptr + grp.to(tl.int64) * stride_de,
+                             stride_di, stride_dh, cols, cmask, I, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, DOT_F32)
+        tl.store(y_ptr + rows[:, None] * stride_yr + cols[None, :] * stride_yh, acc.to(y_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & cmask[None, :])

@@ -1,0 +1,79 @@
+# R rows (routed + shared), H hidden, I expert width, E experts, BM/BN/BK tile sizes, NT tiles
+"""Triton kernel: the first grouped GEMM of the fused MoE, with input scaling and SwiGLU in the epilogue.
+
+For every row r of tile ``program_id(0)`` (layout: ``l4compile.kernels.layout.moe_rows``) and output columns
+``program_id(1) * BN ..`` of the expert width::
+
+    z     = (x[row_tok[r]] * row_scale[r]).to(x.dtype)            # the score scales the expert INPUT
+    gate  = z @ Wg,  up = z @ Wu                                   # fp32 accumulation, rounded to x.dtype
+    act[r] = (up * silu(gate)).to(x.dtype)                         # rounding as the eager reference does
+
+with (Wg, Wu) = ``gate_up[e, :, :I]``, ``gate_up[e, :, I:]`` ([E, H, 2I], HF layout, used as z @ W) for a
+routed group e < E, and ``shared_gate^T``, ``shared_up^T`` ([I, H] nn.Linear weights) for the shared group E.
+
+``DOT_F32`` feeds the dots float32 copies of the (exactly representable) bf16 operands: Triton 3.7's CPU
+interpreter multiplies bf16 dot operands as raw integers, so tests under ``TRITON_INTERPRET=1`` set it; on a GPU it
+is False and the dots run on bf16 tensor cores with the same fp32 accumulation.
+
+Shapes: x [T, H]; gate_up [E, H, 2I]; shared_gate, shared_up [I, H]; row_tok [R] int32; row_scale [R] f32;
+tile_group/tile_row0/tile_row_end [NT] int32; act [R, I] (x.dtype). Grid: (NT, cdiv(I, BN)).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, wg_ptr, wu_ptr, stride_wk, stride_wn, cols, cmask,
+              H, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    """Accumulate (z @ Wg, z @ Wu) for one tile -> two [BM, BN] float32 blocks."""
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + ks                                                               # [BK]
+        kmask = k < H
+        xt = tl.load(x_ptr + tok[:, None] * stride_xt + k[None, :] * stride_xh,
+                     mask=rmask[:, None] & kmask[None, :], other=0.0)               # [BM, BK]
+        z = (xt.to(tl.float32) * scale[:, None]).to(xt.dtype)                        # input-side scaling
+        woff = k[:, None] * stride_wk + cols[None, :] * stride_wn                    # [BK, BN]
+        wmask = kmask[:, None] & cmask[None, :]
+        wg = tl.load(wg_ptr + woff, mask=wmask, other=0.0)                          # [BK, BN]
+        wu = tl.load(wu_ptr + woff, mask=wmask, other=0.0)
+        if DOT_F32:                                                              # interpreter: exact same products
+            z, wg, wu = z.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
+        acc_g = tl.dot(z, wg, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(z, wu, acc_u, input_precision=PRECISION)
+    return acc_g, acc_u
+
+
+@triton.jit
+def moe_gate_up_kernel(x_ptr, gate_up_ptr, sg_ptr, su_ptr, act_ptr,
+                       row_tok_ptr, row_scale_ptr, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr,
+                       H, I, E,
+                       stride_xt, stride_xh, stride_ge, stride_gh, stride_gn, stride_si, stride_sh,
+                       stride_ar, stride_ai,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    tile = tl.program_id(0)
+    grp = tl.load(tile_group_ptr + tile)
+    if grp <= E:                                                                 # grp == E + 1: unused tile
+        rows = tl.load(tile_row0_ptr + tile) + tl.arange(0, BLOCK_M)            # [BM]
+        rmask = rows < tl.load(tile_row_end_ptr + tile)
+        tok = tl.load(row_tok_ptr + rows, mask=rmask, other=0)
+        scale = tl.load(row_scale_ptr + rows, mask=rmask, other=0.0)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)               # [BN] in [0, I)
+        cmask = cols < I
+        if grp == E:                                                             # shared expert, nn.Linear [I, H]
+            acc_g, acc_u = _dot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, sg_ptr, su_ptr,
+                                     stride_sh, stride_si, cols, cmask, H, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, DOT_F32)
+        else:                                                                    # routed expert, [H, 2I]
+            wg = gate_up_ptr + grp.to(tl.int64) * stride_ge
+            acc_g, acc_u = _dot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, wg, wg + I * stride_gn,
+                                     stride_gh, stride_gn, cols, cmask, H, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, DOT_F32)
+        out_ty = act_ptr.dtype.element_ty
+        gate = acc_g.to(out_ty).to(tl.float32)
+        up = acc_u.to(out_ty).to(tl.float32)
+        silu = (gate * tl.sigmoid(gate)).to(out_ty).to(tl.float32)
+        tl.store(act_ptr + rows[:, None] * stride_ar + cols[None, :] * stride_ai, (up * silu).to(out_ty),
+                 mask=rmask[:, None] & cmask[None, :])

@@ -1,0 +1,91 @@
+# T tokens, E experts, K top-k, H hidden, I expert width, A = T*K, R = A + T, N out features, Kin in features
+"""``l4::moe_fused`` and ``l4::int4_mm``: the Triton kernels as ``torch.library.triton_op`` operators.
+
+``triton_op`` makes the bodies visible to torch.compile / torch.export: Inductor and AOTInductor see the host
+code (plain aten) and the kernels themselves (``wrap_triton``) and compile both into the engine, so a CUDA
+``.pt2`` needs neither Python callbacks nor Triton at load time. The bodies have no host syncs and no
+data-dependent shapes (see ``layout.moe_rows``), so they trace with a symbolic token count and also serve as
+their own fake implementations.
+
+Contracts (same as the reference ops, which the tests compare against):
+
+    moe_fused(x [T, H], router_w [E, H], gate_up [E, H, 2I], down [E, I, H], shared_gate [I, H],
+              shared_up [I, H], shared_down [H, I], top_k) -> [T, H]          == l4::moe
+    int4_mm(x [M, Kin], w_packed [N, Kin/2] uint8, w_scale [N, Kin/G]) -> [M, N]
+                                                                               == l4::linear_int4 on 2-D x
+
+Importing this module imports Triton (``l4compile.kernels.dispatch`` does it only when Triton is there).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from l4compile.ops.moe import _route
+
+from . import interpreting
+from .int4_mm import int4_mm_kernel
+from .layout import int4_blocks, moe_blocks, moe_rows
+from .moe_down import moe_down_kernel
+from .moe_gate_up import moe_gate_up_kernel
+
+
+def _dot_mode(dtype: torch.dtype) -> dict:
+    """PRECISION: float32 engines keep IEEE fp32 dots (no TF32), so they stay within the 1e-4 parity budget.
+    DOT_F32: under the CPU interpreter, bf16 dot operands go in as float32 (see moe_gate_up's docstring)."""
+    f32 = interpreting() and dtype == torch.bfloat16
+    return {"PRECISION": "ieee" if dtype == torch.float32 or f32 else "tf32", "DOT_F32": f32}
+
+
+def fused_moe(x: Tensor, router_w: Tensor, gate_up: Tensor, down: Tensor, shared_gate: Tensor, shared_up: Tensor,
+              shared_down: Tensor, top_k: int, blocks: tuple[int, int, int] | None = None) -> Tensor:
+    """The body of ``l4::moe_fused``; ``blocks`` (BM, BN, BK) overrides the static choice (tests)."""
+    n_exp, i_dim, hidden = down.shape
+    n_tok = x.shape[0]
+    bm, bn, bk = blocks or moe_blocks(hidden, i_dim)
+    idx, score = _route(x, router_w, top_k)                                      # [T, K] each
+    rows = moe_rows(idx, score, n_exp, bm)
+    n_rows = n_tok * (top_k + 1)
+    n_tiles = rows.tile_group.shape[0]
+    mode = _dot_mode(x.dtype)
+    act = torch.empty((n_rows, i_dim), device=x.device, dtype=x.dtype)           # [R, I]
+    wrap_triton(moe_gate_up_kernel)[(n_tiles, triton.cdiv(i_dim, bn))](
+        x, gate_up, shared_gate, shared_up, act, rows.row_tok, rows.row_scale, rows.tile_group, rows.tile_row0,
+        rows.tile_row_end, hidden, i_dim, n_exp, x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1),
+        gate_up.stride(2), shared_gate.stride(0), shared_gate.stride(1), act.stride(0), act.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **mode)
+    y = torch.empty((n_rows, hidden), device=x.device, dtype=x.dtype)            # [R, H]
+    wrap_triton(moe_down_kernel)[(n_tiles, triton.cdiv(hidden, bn))](
+        act, down, shared_down, y, rows.tile_group, rows.tile_row0, rows.tile_row_end, hidden, i_dim, n_exp,
+        act.stride(0), act.stride(1), down.stride(0), down.stride(1), down.stride(2), shared_down.stride(0),
+        shared_down.stride(1), y.stride(0), y.stride(1), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **mode)
+    n_routed = n_tok * top_k
+    return y[n_routed:].index_add(0, rows.routed_tok, y[:n_routed])              # shared rows + routed rows
+
+
+def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None) -> Tensor:
+    """The body of ``l4::int4_mm`` (x [M, Kin] -> [M, N]); ``blocks`` (an ``Int4Blocks``) overrides (tests)."""
+    n_out, k_in = w_packed.shape[0], 2 * w_packed.shape[1]
+    group = k_in // w_scale.shape[1]
+    b = blocks or int4_blocks(n_out, k_in, group)
+    y = torch.empty((x.shape[0], n_out), device=x.device, dtype=x.dtype)        # [M, N]
+    grid = (triton.cdiv(x.shape[0], b.block_m), triton.cdiv(n_out, b.block_n))
+    wrap_triton(int4_mm_kernel)[grid](
+        x, w_packed, w_scale, y, x.shape[0], n_out, k_in, group, x.stride(0), x.stride(1), w_packed.stride(0),
+        w_packed.stride(1), w_scale.stride(0), w_scale.stride(1), y.stride(0), y.stride(1),
+        BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SCALE_PER_BLOCK=b.scale_per_block,
+        **_dot_mode(x.dtype))
+    return y
+
+
+@triton_op("l4::moe_fused", mutates_args=())
+def moe_fused(x: Tensor, router_w: Tensor, gate_up: Tensor, down: Tensor, shared_gate: Tensor, shared_up: Tensor,
+              shared_down: Tensor, top_k: int) -> Tensor:
+    return fused_moe(x, router_w, gate_up, down, shared_gate, shared_up, shared_down, top_k)
+
+
+@triton_op("l4::int4_mm", mutates_args=())
+def int4_mm(x: Tensor, w_packed: Tensor, w_scale: Tensor) -> Tensor:
+    return int4_matmul(x, w_packed, w_scale)

@@ -1,0 +1,56 @@
+"""Kernel tests: on a machine without CUDA the Triton kernels run on CPU tensors under Triton's interpreter.
+
+TRITON_INTERPRET must be set before triton is first imported (``triton.jit`` reads it when decorating, and
+triton.language's own helpers are decorated at import): tests/conftest.py sets it for the whole session, only
+where there is no CUDA GPU; on a GPU host the same kernels compile for the device and the ``gpu``-marked tests
+compare them with the reference ops there. The line below only covers running this directory on its own.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def require_interpreter() -> None:
+    """Skip unless the kernels can run here on CPU tensors (Triton installed, interpreter on)."""
+    from l4compile.kernels import interpreting, why_unavailable
+
+    reason = why_unavailable()
+    if reason:
+        pytest.skip(reason)
+    if not interpreting():
+        pytest.skip("TRITON_INTERPRET is off (CUDA host): the gpu-marked tests cover the kernels here")
+    _load_ops()
+
+
+def require_cuda_kernels() -> None:
+    from l4compile.kernels import why_unavailable
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (this machine has none)")
+    reason = why_unavailable()
+    if reason:
+        pytest.skip(reason)
+    _load_ops()
+
+
+def _load_ops() -> None:
+    from l4compile.kernels.dispatch import load_triton_ops
+
+    assert load_triton_ops()        # registers l4::moe_fused and l4::int4_mm
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref| (0 for empty tensors)."""
+    if ref.numel() == 0:
+        return 0.0
+    return float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
+
+
+# bf16 is loose under the interpreter: Triton 3.7's interpreter truncates float32 -> bf16 (GPUs round to nearest).
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 4e-2}

@@ -1,0 +1,176 @@
+"""The pure-PyTorch side of the GPU kernels (no Triton needed): the MoE tile layout, block choices, the FP8
+``_scaled_mm`` path (torch 2.13 implements row-wise ``_scaled_mm`` on CPU too), the CUDA registration leaving
+CPU results unchanged, importing without Triton, and the CUDA decompositions tracing with a symbolic token count."""
+# T tokens, E experts, K top-k, BM tile rows
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from l4compile.kernels.fp8_scaled_mm import linear_fp8_scaled_mm, scaled_mm_supported
+from l4compile.kernels.layout import int4_blocks, moe_rows, num_tiles
+from l4compile.ops.moe import _moe_impl
+from l4compile.ops.quant import _linear_fp8_impl, _linear_int4_impl
+from l4compile.quant import quantize_fp8, quantize_int4
+
+from .conftest import rel_err, require_cuda_kernels
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("n_tok,n_exp,top_k,bm", [(0, 4, 1, 16), (1, 16, 1, 64), (37, 5, 2, 4), (50, 3, 1, 8)])
+def test_moe_rows_tiles_cover_every_row_once(n_tok, n_exp, top_k, bm):
+    g = torch.Generator().manual_seed(n_tok)
+    logits = torch.randn(n_tok, n_exp, generator=g)
+    if n_tok > 10:
+        logits[:, 1] = -1e9                                        # expert 1 gets no token
+    val, idx = logits.topk(top_k, dim=1)
+    score = torch.sigmoid(val)
+    rows = moe_rows(idx, score, n_exp, bm)
+    n_rows = n_tok * (top_k + 1)
+    assert rows.tile_group.shape == (num_tiles(n_rows, n_exp + 1, bm),)
+    seen = torch.zeros(n_rows, dtype=torch.int64)
+    row_group = torch.cat((idx.reshape(-1).sort(stable=True).values, torch.full((n_tok,), n_exp)))
+    for grp, r0, end in zip(rows.tile_group.tolist(), rows.tile_row0.tolist(), rows.tile_row_end.tolist()):
+        if grp == n_exp + 1:
+            continue                                               # unused tile
+        assert r0 < end and grp <= n_exp
+        block = torch.arange(r0, min(r0 + bm, end))
+        seen[block] += 1
+        assert (row_group[block] == grp).all()                     # a tile never straddles groups
+    assert (seen == 1).all()
+    a = n_tok * top_k
+    assert torch.equal(rows.row_tok[a:], torch.arange(n_tok, dtype=torch.int32))     # shared rows: every token
+    assert (rows.row_scale[a:] == 1).all()
+    # routed rows: row r reads its token's score for the expert of the row
+    for r in range(a):
+        t = int(rows.row_tok[r])
+        k = int((idx[t] == row_group[r]).nonzero()[0])
+        assert rows.row_scale[r] == score[t, k] and rows.routed_tok[r] == t
+
+
+def test_int4_blocks():
+    assert int4_blocks(5120, 5120, 128) == int4_blocks(5120, 5120, 128)
+    b = int4_blocks(5120, 5120, 128)
+    assert (b.block_k, b.scale_per_block) == (128, True)
+    assert (int4_blocks(33, 96, 32).block_k, int4_blocks(33, 96, 32).scale_per_block) == (32, True)
+    assert int4_blocks(16, 48, 12).scale_per_block is False and int4_blocks(16, 30, 6).block_k == 32
+    with pytest.raises(ValueError):
+        int4_blocks(16, 100, 128)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_scaled_mm_matches_reference_on_cpu(dtype):
+    g = torch.Generator().manual_seed(0)
+    w_q, w_scale = quantize_fp8(torch.randn(48, 64, generator=g))
+    x = torch.randn(2, 5, 64, generator=g).to(dtype)
+    assert scaled_mm_supported(x, w_q, w_scale)
+    out = linear_fp8_scaled_mm(x, w_q, w_scale)
+    assert out.shape == (2, 5, 48) and out.dtype == dtype
+    assert rel_err(out, _linear_fp8_impl(x, w_q, w_scale)) < {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    assert not scaled_mm_supported(x[..., :40], quantize_fp8(torch.randn(48, 40))[0], w_scale)   # K % 16
+
+
+def test_cuda_kernels_registered_and_cpu_unchanged():
+    for op in ("l4::moe", "l4::linear_int4", "l4::linear_fp8"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    args = (r(9, 32), r(4, 32), r(4, 32, 48), r(4, 24, 32), r(24, 32), r(24, 32), r(32, 24))
+    assert torch.equal(torch.ops.l4.moe(*args, 1), _moe_impl(*args, 1))
+    wp, ws = quantize_int4(r(16, 64), 128)
+    fq, fs = quantize_fp8(r(16, 64))
+    x = r(3, 64)
+    assert torch.equal(torch.ops.l4.linear_int4(x, wp, ws), _linear_int4_impl(x, wp, ws))
+    assert torch.equal(torch.ops.l4.linear_fp8(x, fq, fs), _linear_fp8_impl(x, fq, fs))
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore", **env})
+
+
+def test_import_without_triton():
+    """With triton unimportable, l4compile and its ops import, CPU ops run, and the kernels say why they cannot."""
+    p = _python("""
+        import sys
+        sys.modules["triton"] = None                      # import triton -> ImportError
+        import torch, l4compile, l4compile.ops
+        from l4compile.kernels import triton_available, why_unavailable
+        from l4compile.kernels.dispatch import cuda_decompositions, load_triton_ops
+        assert not triton_available() and not load_triton_ops() and "pip install" in why_unavailable()
+        assert set(cuda_decompositions()) == {torch.ops.l4.linear_fp8.default}
+        x = torch.randn(2, 8)
+        print(torch.ops.l4.moe(x, torch.randn(2, 8), torch.randn(2, 8, 6), torch.randn(2, 3, 8), torch.randn(3, 8),
+                               torch.randn(3, 8), torch.randn(8, 3), 1).shape)
+    """)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "torch.Size([2, 8])" in p.stdout
+
+
+def test_cuda_decompositions_export_with_symbolic_tokens():
+    """What the Inductor backend does for --device cuda, short of compiling: export with a dynamic token count, then
+    decompose l4::moe / linear_int4 / linear_fp8 into the kernel ops. The triton_op bodies must trace with fake
+    tensors (no host sync, no data-dependent shape, no guard on T). Runs without the interpreter (tracing only)."""
+    from l4compile.kernels import why_unavailable
+
+    if why_unavailable():
+        pytest.skip(why_unavailable())
+    p = _python("""
+        import torch, l4compile.ops
+        from l4compile.kernels.dispatch import cuda_decompositions
+        from l4compile.quant import quantize_fp8, quantize_int4
+        H, I, E = 32, 16, 3
+        bufs = (torch.randn(E, H), torch.randn(E, H, 2 * I), torch.randn(E, I, H), torch.randn(I, H),
+                torch.randn(I, H), torch.randn(H, I), *quantize_int4(torch.randn(48, H), 128),
+                *quantize_fp8(torch.randn(H, 48)))
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                for i, t in enumerate(bufs):
+                    self.register_buffer(f"b{i}", t)
+            def forward(self, x):
+                b = [getattr(self, f"b{i}") for i in range(len(bufs))]
+                h = torch.ops.l4.moe(x, *b[:6], 1)
+                return torch.ops.l4.linear_fp8(torch.ops.l4.linear_int4(h, b[6], b[7]), b[8], b[9])
+        T = torch.export.Dim("T", min=1, max=4096)
+        ep = torch.export.export(M(), (torch.randn(9, H),), dynamic_shapes={"x": {0: T}})
+        ep = ep.run_decompositions(cuda_decompositions())
+        print(sorted(str(n.target) for n in ep.graph.nodes if n.op == "call_function"
+                     and ("l4" in str(n.target) or "scaled_mm" in str(n.target))))
+        print([str(r) for r in ep.range_constraints.values()])
+    """, TRITON_INTERPRET="0")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "['aten._scaled_mm.default', 'l4.int4_mm.default', 'l4.moe_fused.default']" in p.stdout
+    assert "VR[1, 4096]" in p.stdout                                # T stayed symbolic over its whole range
+
+
+@pytest.mark.gpu
+def test_fp8_cuda_dispatch_uses_scaled_mm():
+    require_cuda_kernels()
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 _scaled_mm needs compute capability 8.9+")
+    w_q, w_scale = quantize_fp8(torch.randn(256, 512, device="cuda"))
+    x = torch.randn(7, 512, device="cuda", dtype=torch.bfloat16)
+    assert rel_err(torch.ops.l4.linear_fp8(x, w_q, w_scale), _linear_fp8_impl(x, w_q, w_scale)) < 1e-2
+
+
+@pytest.mark.gpu
+def test_inductor_cuda_engine_int4_matches_cpu_engine(tmp_path):
+    """AOTInductor on CUDA with the kernels compiled in: a tiny Int4 engine's logits against the same engine on CPU."""
+    require_cuda_kernels()
+    import l4compile
+
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
+    logits = {}
+    for dev in ("cpu", "cuda"):
+        eng = l4compile.compile("tiny", backend="inductor", out=tmp_path / dev, quant="int4", device=dev,
+                                max_seq_len=32, max_batch_size=1)
+        logits[dev] = eng.prefill(ids.to(dev)).float().cpu()
+    assert rel_err(logits["cuda"], logits["cpu"]) < 1e-3

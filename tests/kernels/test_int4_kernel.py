@@ -1,0 +1,59 @@
+"""l4::int4_mm (Triton Int4 weight-only GEMM/GEMV) against l4::linear_int4's reference, on the quantize pass's
+own packing (``l4compile.quant.quantize_int4``): group 128 and the smaller groups it shrinks to, odd sizes."""
+# M rows, N output features, K input features, G group
+from __future__ import annotations
+
+import pytest
+import torch
+
+from l4compile.ops.quant import _linear_int4_impl
+from l4compile.quant import quantize_int4
+
+from .conftest import TOL, rel_err, require_cuda_kernels, require_interpreter
+
+# (M, N, K, group_size asked); the group used is gcd(K, group_size): 128, 64, 32, 12, 6
+CASES = [(1, 33, 256, 128), (5, 48, 192, 128), (17, 20, 96, 128), (3, 16, 48, 12), (2, 24, 30, 6)]
+
+
+def _data(m, n, k, group, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w_packed, w_scale = quantize_int4(torch.randn(n, k, generator=g), group)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    return x.to(device), w_packed.to(device), w_scale.to(device)
+
+
+@pytest.mark.parametrize("m,n,k,group", CASES)
+def test_int4_mm_matches_reference(m, n, k, group):
+    require_interpreter()
+    x, w_packed, w_scale = _data(m, n, k, group)
+    out = torch.ops.l4.int4_mm(x, w_packed, w_scale)
+    assert out.shape == (m, n) and rel_err(out, _linear_int4_impl(x, w_packed, w_scale)) < TOL[torch.float32]
+
+
+def test_int4_mm_gathered_scales_and_block_tail():
+    """Force the per-element scale gather with a K block that overhangs K (K = 80, BK = 32)."""
+    require_interpreter()
+    from l4compile.kernels.layout import Int4Blocks
+    from l4compile.kernels.ops import int4_matmul
+
+    x, w_packed, w_scale = _data(4, 18, 80, 16)
+    out = int4_matmul(x, w_packed, w_scale, blocks=Int4Blocks(16, 16, 32, False))
+    assert rel_err(out, _linear_int4_impl(x, w_packed, w_scale)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_int4_mm_low_precision(dtype):
+    require_interpreter()
+    x, w_packed, w_scale = _data(3, 40, 256, 128, dtype=dtype)
+    out = torch.ops.l4.int4_mm(x, w_packed, w_scale)
+    assert out.dtype == dtype and rel_err(out, _linear_int4_impl(x, w_packed, w_scale)) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,group", CASES + [(1, 5120, 5120, 128), (32, 16384, 5120, 128)])
+def test_int4_mm_cuda(m, n, k, group, dtype):
+    require_cuda_kernels()
+    x, w_packed, w_scale = _data(m, n, k, group, dtype=dtype, device="cuda")
+    out = torch.ops.l4.linear_int4(x, w_packed, w_scale)                          # CUDA dispatch -> l4::int4_mm
+    assert rel_err(out, _linear_int4_impl(x, w_packed, w_scale)) < {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
