@@ -1,14 +1,15 @@
-"""Sharded (expert-parallel) engines on torch.distributed: the torchrun entry point and ``run --nproc``.
+"""Sharded (expert- and tensor-parallel) engines on torch.distributed: the torchrun entry point and ``run --nproc``.
 
     torchrun --nproc-per-node N -m l4compile.dist ENGINE --prompt-ids 1,2,3 [--max-new-tokens K] [--logits-out F]
     l4compile run ENGINE --nproc N --prompt-ids 1,2,3          # spawns the torchrun line above (--standalone)
 
 Every process joins the default process group (gloo for CPU engines, NCCL for CUDA engines, one GPU per
 process: ``cuda:LOCAL_RANK``), loads its rank's artifact (``rank{r}/model.pt2``) and runs exactly what
-``l4compile run`` runs (the same ``Engine``: prefill, then greedy generate through the KV cache). Everything
-but the experts is replicated, so every rank feeds the same tokens at every step and all ranks produce the
-same logits; only the ``l4::moe_ep`` ops talk to each other. Rank 0 alone prints the JSON line and writes
-``--logits-out``. Multi-node: torchrun's rendezvous, e.g. on each of 2 nodes with 4 GPUs
+``l4compile run`` runs (the same ``Engine``: prefill, then greedy generate through the KV cache, each rank
+holding the caches of its own kv heads). Tokens are replicated: every rank feeds the same tokens at every
+step and all ranks produce the same logits; only the collective ops in the graphs (``l4::moe_ep``, and
+``l4::all_reduce`` after tensor-parallel matmuls) talk to each other. Rank 0 alone prints the JSON line and
+writes ``--logits-out``. Multi-node: torchrun's rendezvous, e.g. on each of 2 nodes with 4 GPUs
 ``torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id JOB
 -m l4compile.dist ENGINE ...``.
 """

@@ -4,15 +4,20 @@ Contract
 --------
 * Runs only when asked (``default=False``): ``l4compile compile --plan plan.json`` (or
   ``l4compile.compile(..., plan=...)``) selects it and gives it its options (world size, the rank of every
-  expert of every MoE layer, the plan's hash). Requires ``moe_fused``; runs after ``kv_cache``.
+  expert of every MoE layer, the plan's hash; ``l4compile.plan.execution.pass_options_from_plan``).
+  Requires ``moe_fused``; runs after ``kv_cache``.
 * Everything except the routed experts is replicated on every rank (attention, dense MLPs, shared experts,
-  router, embeddings, lm_head).
+  router, embeddings, lm_head) unless ``shard_tensor_parallel`` (which runs after it, on these rank
+  graphs) splits attention, dense MLPs or the shared expert as the plan asks.
 * Output: the pass returns the graph unchanged (the logical, single-process model, so verify mode and
   ``--dump-ir`` still see the whole model) and attaches one GraphModule per rank in
-  ``gm.meta["l4_shards"]``: in rank r's graph each ``l4.moe`` becomes ``l4.moe_ep`` and each layer's
-  ``experts.gate_up_proj`` / ``experts.down_proj`` are replaced by copies holding only rank r's experts
-  (ascending global ids); the full expert weights are not referenced by any rank's module.
-  ``gm.meta["l4_sharding"]`` records world size, experts per rank per layer and the plan hash.
+  ``gm.meta["l4_shards"]``: in rank r's graph each ``l4.moe`` becomes ``l4.moe_ep`` (each quantized
+  ``l4.moe_q`` becomes ``l4.moe_ep_q``) and each layer's ``experts.gate_up_proj`` / ``experts.down_proj``
+  (quantized: their weights and scales) are replaced by copies holding only rank r's experts (ascending
+  global ids); the full expert weights are not referenced by any rank's module.
+  ``gm.meta["l4_sharding"]`` records world size, experts per rank per layer, the plan hash, the notes
+  (what the plan chose and execution does not implement) and ``execution``: per layer type what runs
+  (``experts: ep``, everything else ``replicated`` until a later pass says otherwise).
   A MoE layer the plan does not place, or a plan layer the graph lacks, raises ``L4Error``.
 * Stats: ``{"ranks": W, "layers": [...], "experts_per_rank": [...]}``.
 
@@ -34,10 +39,15 @@ import torch
 import torch.fx
 
 from l4compile.errors import L4Error
-from l4compile.ops import moe_ep as _moe_ep_op  # noqa: F401  (registers torch.ops.l4.moe_ep)
+from l4compile.ops import moe_ep as _moe_ep_op  # noqa: F401  (registers l4.moe_ep, l4.moe_ep_q)
+from l4compile.ops import quant as _quant_op  # noqa: F401  (registers l4.moe_q)
 
 from ._provenance import innermost_module, layer_index
 from ._registry import PassContext, PassResult, register_pass
+
+
+_EP_OF = {torch.ops.l4.moe.default: torch.ops.l4.moe_ep.default,          # float weights
+          torch.ops.l4.moe_q.default: torch.ops.l4.moe_ep_q.default}      # fp8 / int4 weights (--quant)
 
 
 @dataclass(frozen=True)
@@ -62,11 +72,21 @@ def _get(gm: torch.nn.Module, target: str):
 
 
 def _set(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    """Replace the tensor at ``target`` keeping its kind (parameter, or buffer such as quantized weights)."""
     *path, leaf = target.split(".")
     mod = gm
     for part in path:
         mod = getattr(mod, part)
-    setattr(mod, leaf, torch.nn.Parameter(value, requires_grad=False))
+    if isinstance(getattr(mod, leaf), torch.nn.Parameter):
+        setattr(mod, leaf, torch.nn.Parameter(value, requires_grad=False))
+    else:
+        mod.register_buffer(leaf, value)
+
+
+def _dense_kind(cfg) -> str:
+    """'replicated' when the model has dense (non-MoE) MLP layers, else 'n/a'."""
+    moe_layers = set(getattr(cfg, "moe_layers", None) or ())
+    return "replicated" if len(moe_layers) < int(cfg.num_hidden_layers) else "n/a"
 
 
 def rank_graph(gm: torch.fx.GraphModule, rank: int, world: int, owners: dict[int, list[int]]) -> torch.fx.GraphModule:
@@ -74,18 +94,17 @@ def rank_graph(gm: torch.fx.GraphModule, rank: int, world: int, owners: dict[int
     graph = copy.deepcopy(gm.graph)
     sliced: dict[str, torch.Tensor] = {}
     for n in list(graph.nodes):
-        if n.target != torch.ops.l4.moe.default:
+        if n.target not in _EP_OF:
             continue
         owner = owners[_layer_of(n)]
         local = torch.tensor([e for e, r in enumerate(owner) if r == rank], dtype=torch.int64)
-        x, router, gate_up, down, sg, su, sd, k = n.args
-        for w in (gate_up, down):
+        experts = n.args[2:4] if n.target == torch.ops.l4.moe.default else n.args[2:6]   # [E, ...] tensors
+        for w in experts:
             full = _get(gm, str(w.target))
             sliced[str(w.target)] = full.detach().index_select(0, local.to(full.device)).contiguous()
             w.meta.pop("val", None)
         with graph.inserting_before(n):
-            ep = graph.call_function(torch.ops.l4.moe_ep.default,
-                                     (x, router, gate_up, down, sg, su, sd, k, list(owner), rank, world))
+            ep = graph.call_function(_EP_OF[n.target], (*n.args, list(owner), rank, world))
         ep.meta = dict(n.meta)
         n.replace_all_uses_with(ep)
         graph.erase_node(n)
@@ -108,12 +127,10 @@ def shard_experts(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                       "(plan.json from `l4compile plan MODEL --gpus N --json`)")
     world = opts.world_size
     owners = {int(layer): [int(r) for r in ranks] for layer, ranks in opts.placement}
-    moes = [n for n in gm.graph.nodes if n.target == torch.ops.l4.moe.default]
+    moes = [n for n in gm.graph.nodes if n.target in _EP_OF]
     found = sorted(_layer_of(n) for n in moes)
     if not moes:
-        quantized = any("moe_q" in str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        raise L4Error("shard_experts: quantized MoE (l4.moe_q) cannot be sharded yet; use --quant none with --plan"
-                      if quantized else "shard_experts: the graph has no l4.moe op (did fuse_moe run?)")
+        raise L4Error("shard_experts: the graph has no l4.moe / l4.moe_q op (did fuse_moe run?)")
     if found != sorted(owners):
         raise L4Error(f"shard_experts: the plan places experts for MoE layers {sorted(owners)} but the graph has "
                       f"MoE layers {found}; make the plan for this model")
@@ -132,85 +149,9 @@ def shard_experts(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     gm.meta["l4_shards"] = shards
     gm.meta["l4_sharding"] = {"world_size": world, "plan_hash": opts.plan_hash, "plan_strategy": opts.plan_strategy,
                               "experts": per_rank, "notes": list(opts.notes),
-                              "replicated": ["attention", "dense_mlp", "shared_expert", "router", "vocab"],
+                              "execution": {"attention": "replicated", "dense_mlp": _dense_kind(ctx.model_config),
+                                            "shared_expert": "replicated", "experts": "ep", "router": "replicated",
+                                            "vocab": "replicated"},
                               "artifacts": [f"rank{r}" for r in range(world)]}
     return PassResult(gm, changed=True, stats={"ranks": world, "layers": found,
                                               "experts_per_rank": [sum(len(v) for v in p.values()) for p in per_rank]})
-
-
-# ------------------------------------------------------------------------------------------ plan -> options
-
-_REPLICATED_KEYS = ("attention", "dense_mlp", "shared_expert", "vocab")
-
-
-def load_plan(plan) -> dict:
-    """A plan: a dict, or the path of ``l4compile plan ... --json`` output (the last JSON line is used)."""
-    import json
-    from pathlib import Path
-
-    if isinstance(plan, dict):
-        return plan
-    p = Path(plan)
-    if not p.is_file():
-        raise L4Error(f"--plan {plan}: no such file; write one with `l4compile plan MODEL --gpus N --json > plan.json`")
-    lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
-    for text in (p.read_text(), lines[-1] if lines else ""):
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            return obj
-    raise L4Error(f"--plan {plan} is not the JSON of `l4compile plan MODEL --gpus N --json`")
-
-
-def plan_hash(plan: dict) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def options_from_plan(plan, backend: str = "inductor") -> dict:
-    """The plan's expert placement -> this pass's options (a dict for ``pass_options["shard_experts"]``).
-
-    Execution supports expert parallelism with everything else replicated: a plan that chose tensor
-    parallelism (or data-parallel attention) for attention, dense MLPs, shared experts or the vocabulary is
-    executed with those REPLICATED instead, and the override is recorded in the manifest
-    (``sharding.notes``). A plan whose experts are not expert-parallel (more ranks than experts) is rejected."""
-    plan = load_plan(plan)
-    if backend != "inductor":
-        raise L4Error(f"--plan (sharded engines) needs --backend inductor; {backend} engines run on one process")
-    try:
-        world = int(plan["gpus"])
-        layout = plan["layout"] or {}
-        ranks = plan["ranks"]
-    except (KeyError, TypeError, ValueError):
-        raise L4Error("--plan lacks 'gpus', 'layout' or 'ranks': give the JSON of `l4compile plan MODEL --gpus N "
-                      "--json`") from None
-    if layout.get("experts") != "ep":
-        raise L4Error(f"--plan: experts are '{layout.get('experts')}', not expert-parallel; sharded execution "
-                      "supports expert parallelism only (plan for at most as many GPUs as experts)")
-    if world < 1 or len(ranks) != world:
-        raise L4Error(f"--plan: {len(ranks)} ranks listed for {world} GPUs")
-    owners: dict[int, list[int]] = {}
-    n_exp = int((plan.get("model_config") or {}).get("experts", 0)) or None
-    for r, rk in enumerate(ranks):
-        if not isinstance(rk.get("experts"), dict):
-            raise L4Error(f"--plan: rank {r} has no per-layer expert list")
-        for layer, experts in rk["experts"].items():
-            for e in experts:
-                owners.setdefault(int(layer), {})[int(e)] = r
-    placement = []
-    for layer, by_expert in sorted(owners.items()):
-        n = n_exp or (max(by_expert) + 1)
-        if sorted(by_expert) != list(range(n)):
-            raise L4Error(f"--plan: layer {layer} places experts {sorted(by_expert)}, expected each of 0..{n - 1} "
-                          "exactly once")
-        placement.append((layer, tuple(by_expert[e] for e in range(n))))
-    notes = [f"plan chose {key} '{layout[key]}'; executed replicated (sharded execution replicates everything "
-             "but the experts)" for key in _REPLICATED_KEYS if layout.get(key) not in (None, "replicate", "n/a")]
-    if not plan.get("feasible", True):
-        notes.append("the plan is marked infeasible for its GPU memory; compiled anyway")
-    return {"world_size": world, "placement": tuple(placement), "plan_hash": plan_hash(plan),
-            "notes": tuple(notes), "plan_strategy": str(plan.get("strategy"))}

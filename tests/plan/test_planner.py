@@ -180,3 +180,35 @@ def test_calibrate_balances_measured_loads(tmp_path):
         placed = [r["experts"][str(layer)] for r in p.best.ranks]
         assert max(rank_loads(placed, lv)) <= max(rank_loads(even_placement(8, 4), lv))
     assert p.to_json()["expert_placement"].startswith("balanced")
+
+
+# ------------------------------------------------------------------ the planner proposes only what executes
+
+@pytest.mark.parametrize("hq,hkv", [(40, 8), (4, 2), (6, 3), (8, 8), (12, 4), (5, 1)])
+def test_tp_layouts_the_planner_accepts_are_the_ones_execution_runs(hq, hkv):
+    """``layouts.invalid_reason`` (planner) and ``shard_tensor_parallel.check_divisible`` (execution) agree on
+    every rank count, and the kv heads per rank the memory model assumes are the ones execution keeps."""
+    from types import SimpleNamespace
+
+    from l4compile.passes.shard_tensor_parallel import check_divisible, head_split
+    from l4compile.plan.layouts import invalid_reason, kv_heads_local
+
+    cfg = SimpleNamespace(num_attention_heads=hq, num_key_value_heads=hkv, intermediate_size=96,
+                          intermediate_size_mlp=160, num_local_experts=64)
+    for n in range(1, 41):
+        for part, s in (("attention", Strategy("tp", "replicate", "replicate")),
+                        ("dense_mlp", Strategy("dp", "tp", "replicate")),
+                        ("shared_expert", Strategy("dp", "replicate", "tp"))):
+            planner_ok = invalid_reason(s, cfg, n) is None
+            try:
+                check_divisible(cfg, n, (part,))
+                runs = True
+            except L4Error as e:
+                runs = False
+                assert "\n" not in str(e) and f"over {n} ranks" in str(e)
+            assert planner_ok == runs, (part, n)
+            if part == "attention" and runs:
+                for r in range(n):
+                    (q_lo, q_hi), (k_lo, k_hi) = head_split(hq, hkv, n, r)
+                    assert k_hi - k_lo == kv_heads_local(s, cfg, n) and q_hi - q_lo == hq // n
+                    assert all(k_lo <= h // (hq // hkv) < k_hi for h in range(q_lo, q_hi))   # GQA groups whole
