@@ -143,8 +143,6 @@ def unavailable(backend: str, quant: str, dtype: str, device: str) -> str | None
 
     if device == "cuda" and not torch.cuda.is_available():
         return "no CUDA GPU on this machine"
-    if quant != "none" and backend != "inductor":
-        return f"--quant {quant}: quantized ops are lowered for the inductor backend only so far"
     if backend in ("onnxruntime", "tensorrt"):
         missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
         if missing:

@@ -237,6 +237,25 @@ def layer_sqnr(lm: torch.nn.Module, scheme: QuantScheme, input_ids: Tensor) -> d
     return out
 
 
+def float_model_from_graph(gm: torch.nn.Module, model_config) -> torch.nn.Module:
+    """transformers' Llama4ForCausalLM sharing a traced graph's float weights (``lm.<param>`` attributes, no copy):
+    the reference the graph was traced from, as long as no pass has replaced its weights yet."""
+    from transformers import Llama4ForCausalLM
+    from transformers.models.llama4.modeling_llama4 import Llama4TextRotaryEmbedding
+
+    from l4compile.program import PARAM_PREFIX
+
+    state = {k[len(PARAM_PREFIX):]: v for k, v in gm.state_dict().items() if k.startswith(PARAM_PREFIX)}
+    with torch.device("meta"):
+        lm = Llama4ForCausalLM(model_config)
+    missing, _ = lm.load_state_dict(state, strict=False, assign=True)
+    if missing:
+        raise L4Error(f"cannot rebuild the eager reference: the graph lacks {len(missing)} weights, e.g. {missing[0]}")
+    device = next(iter(state.values())).device
+    lm.model.rotary_emb = Llama4TextRotaryEmbedding(config=model_config).to(device)
+    return lm.eval()
+
+
 def preset_weight_bytes(model: str) -> dict[str, int]:
     """Weight bytes of MODEL (preset or checkpoint, built on the meta device: no memory) stored bf16 (``none``),
     ``fp8`` or ``int4``, with the planner's storage model (``l4compile.plan.memory``: fp8 + fp32 per-channel

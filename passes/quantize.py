@@ -14,7 +14,12 @@ Contract
   float weights are deleted from the module so the engine only stores the quantized ones.
 * Finding nothing to quantize is an error (``L4Error``), never a silent no-op.
 * Stats: ``scheme``, ``linears``, ``moe_blocks``, ``weight_bytes`` {before, after} over every tensor the
-  graph reads, ``quantized_bytes`` {before, after} over the rewritten weights only.
+  graph reads, ``quantized_bytes`` {before, after} over the rewritten weights only; in verify mode also
+  ``layer_sqnr`` {parameter: dB}: each quantized weight's output SQNR against the float layer on the
+  calibration prompts (the Program's example inputs, run through the float model before the rewrite;
+  ``l4compile.quant.layer_sqnr``), and ``layer_sqnr_min``.
+* Lossy: the result declares ``min_logit_sqnr_db`` (fp8 25 dB, int4 18 dB: ``l4compile.parity.SQNR_MIN_DB``),
+  so ``--verify`` judges this pass by logit SQNR against its input instead of the exact-pass drift bound.
 
 Before / after (int4, one attention projection and one MoE block)::
 
@@ -35,12 +40,15 @@ import torch.fx
 from l4compile.errors import L4Error
 from l4compile.ops import quant as _quant_ops  # noqa: F401  (registers l4::linear_fp8 / linear_int4 / moe_q)
 from l4compile.program import PARAM_PREFIX
-from l4compile.quant import QuantScheme, get_scheme, quantize as quantize_weight, role_of, should_quantize
+from l4compile.parity import SQNR_MIN_DB
+from l4compile.quant import (QuantScheme, float_model_from_graph, get_scheme, layer_sqnr,
+                             quantize as quantize_weight, role_of, should_quantize)
 
 from ._registry import PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
 _LINEAR_OP = {"fp8_e4m3": "linear_fp8", "int4": "linear_int4"}
+_MIN_DB = {"fp8_e4m3": SQNR_MIN_DB["fp8"], "int4": SQNR_MIN_DB["int4"]}   # verify bound, by weight storage
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,7 @@ def quantize(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         over["group_size"] = opts.group_size
     scheme = scheme.with_options(**over)
     bytes_before = _graph_bytes(gm)
+    calib = _layer_sqnr(gm, ctx, scheme) if ctx.verify else None          # before the float weights go
     rw = _Rewriter(gm, scheme)
     graph = gm.graph
     linear_op = getattr(torch.ops.l4, _LINEAR_OP[scheme.weight]).default
@@ -166,4 +175,14 @@ def quantize(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     stats = {"scheme": scheme.to_dict(), "linears": n_linear, "moe_blocks": n_moe,
              "weight_bytes": {"before": bytes_before, "after": _graph_bytes(gm)},
              "quantized_bytes": {"before": rw.bytes_before, "after": rw.bytes_after}}
-    return PassResult(gm, changed=True, stats=stats)
+    if calib is not None:
+        stats["layer_sqnr"] = calib
+        stats["layer_sqnr_min"] = min(calib.values(), default=None)
+    return PassResult(gm, changed=True, stats=stats, min_logit_sqnr_db=_MIN_DB[scheme.weight])
+
+
+def _layer_sqnr(gm: torch.fx.GraphModule, ctx: PassContext, scheme: QuantScheme) -> dict[str, float]:
+    """Per quantized weight output SQNR (dB, 2 decimals) on the calibration prompts (the example input_ids)."""
+    lm = float_model_from_graph(gm, ctx.model_config)
+    ids = ctx.example_inputs[0]
+    return {k: round(v, 2) for k, v in layer_sqnr(lm, scheme, ids).items()}

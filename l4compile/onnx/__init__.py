@@ -1,8 +1,10 @@
 """ONNX translations of l4compile's custom ops, for ``torch.onnx.export(..., custom_translation_table=...)``.
 
-``l4::moe`` has its own translation (``moe.moe_onnx``); the attention ops (``l4::attention``,
-``l4::attention_cached``) are decomposed to plain aten first (``l4compile.ops.DECOMPOSITIONS``) and go through
-torch.onnx's standard aten translations. Importing this package needs ``onnxscript``.
+``l4::moe`` has its own translation (``moe.moe_onnx``); the quantized ops (``l4::linear_fp8``,
+``l4::linear_int4``, ``l4::moe_q``) are translated per target by ``quant`` and need the exported program's
+weight values (``translation_table``); the attention ops (``l4::attention``, ``l4::attention_cached``) are
+decomposed to plain aten first (``l4compile.ops.DECOMPOSITIONS``) and go through torch.onnx's standard aten
+translations. Importing this package needs ``onnxscript``.
 """
 from __future__ import annotations
 
@@ -13,5 +15,16 @@ import l4compile.ops  # noqa: F401  (registers l4::*)
 from .moe import ONNX_OPSET, moe_onnx
 
 TRANSLATIONS = {torch.ops.l4.moe.default: moe_onnx}
+QUANT_OPS = frozenset({torch.ops.l4.linear_fp8.default, torch.ops.l4.linear_int4.default, torch.ops.l4.moe_q.default})
+TRANSLATED_OPS = frozenset(TRANSLATIONS) | QUANT_OPS     # kept opaque through the export's decompositions
 
-__all__ = ["ONNX_OPSET", "TRANSLATIONS", "moe_onnx"]
+
+def translation_table(ep: torch.export.ExportedProgram, target: str = "onnxruntime") -> dict:
+    """Every l4 op's translation for ``target`` (``onnxruntime`` or ``tensorrt``; see ``quant``), with the
+    quantized ops reading their weights from ``ep``."""
+    from .quant import Weights, translations
+
+    return {**TRANSLATIONS, **translations(Weights(ep), target)}
+
+
+__all__ = ["ONNX_OPSET", "QUANT_OPS", "TRANSLATED_OPS", "TRANSLATIONS", "moe_onnx", "translation_table"]

@@ -33,6 +33,8 @@ Why this and not the alternatives:
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from onnxscript import ir
 from onnxscript import opset21 as op
 
@@ -51,16 +53,41 @@ def moe_onnx(x, router_w, gate_up, down, shared_gate, shared_up, shared_down, to
     """ONNX-script (traced) translation of ``l4::moe``: x [T, H] -> [T, H]."""
     n_exp = int(gate_up.shape[0])
     i_dim = int(down.shape[1])
+
+    def shared(v):                                                             # nn.Linear weights: v @ W^T
+        sg = op.MatMul(v, op.Transpose(shared_gate, perm=[1, 0]))              # [T, I]
+        su = op.MatMul(v, op.Transpose(shared_up, perm=[1, 0]))                # [T, I]
+        return op.MatMul(swiglu(sg, su), op.Transpose(shared_down, perm=[1, 0]))   # [T, H]
+
+    def expert(z, e: int):
+        h = op.MatMul(z, op.Gather(gate_up, _scalar(e), axis=0))              # [n, 2I] (gate_up[e]: [H, 2I])
+        gate, up = split_gate_up(h, i_dim)                                     # [n, I] each
+        return op.MatMul(swiglu(gate, up), op.Gather(down, _scalar(e), axis=0))    # [n, H] (down[e]: [I, H])
+
+    return routed_moe(x, router_w, top_k, n_exp, shared, expert)
+
+
+def swiglu(gate, up):
+    """up * silu(gate), elementwise."""
+    return op.Mul(up, op.Mul(gate, op.Sigmoid(gate)))
+
+
+def split_gate_up(h, i_dim: int):
+    """[n, 2I] -> (gate = first I columns, up = last I columns)."""
+    return (op.Slice(h, _i64(0), _i64(i_dim), _i64(1)), op.Slice(h, _i64(i_dim), _i64(2 * i_dim), _i64(1)))
+
+
+def routed_moe(x, router_w, top_k: int, n_exp: int, shared: Callable, expert: Callable):
+    """The MoE structure shared by ``l4::moe`` and ``l4::moe_q`` (``l4compile.onnx.quant``): router, TopK,
+    sigmoid scores, the shared expert ``shared(x) -> [T, H]`` and, per expert e, ``expert(z, e) -> [n, H]`` on
+    the n score-scaled tokens routed to it (z [n, H]), scattered back into the output."""
     # router: logits [T, E] = x @ router_w^T; TopK keeps the largest K (ties as torch: lowest index first)
     # TopK runs on float32 logits (ONNX TopK has no bf16 before opset 24); the cast is exact, so the order and
     # the selected values are those of the model-dtype logits torch ranks.
     logits = op.Cast(op.MatMul(x, op.Transpose(router_w, perm=[1, 0])), to=ir.DataType.FLOAT)   # [T, E]
     val, idx = op.TopK(logits, _i64(top_k), axis=1, largest=1, sorted=1)      # [T, K] each
     score = op.CastLike(op.Sigmoid(val), x)                                    # [T, K], sigmoid in float32
-    # shared expert (nn.Linear weights: x @ W^T)
-    sg = op.MatMul(x, op.Transpose(shared_gate, perm=[1, 0]))                  # [T, I]
-    su = op.MatMul(x, op.Transpose(shared_up, perm=[1, 0]))                    # [T, I]
-    out = op.MatMul(op.Mul(op.Mul(sg, op.Sigmoid(sg)), su), op.Transpose(shared_down, perm=[1, 0]))   # [T, H]
+    out = shared(x)                                                            # [T, H]
     zeros = op.Expand(op.CastLike(op.Constant(value_float=0.0), x), op.Shape(x))   # [T, H] scatter target
     for e in range(n_exp):
         hit = op.Cast(op.Equal(idx, _scalar(e)), to=ir.DataType.FLOAT)            # [T, K] 0/1
@@ -68,11 +95,6 @@ def moe_onnx(x, router_w, gate_up, down, shared_gate, shared_up, shared_down, to
         rows = op.Gather(nz, _scalar(0), axis=0)                                  # [n] tokens routed to e
         s = op.GatherND(score, op.Transpose(nz, perm=[1, 0]))                  # [n] their scores
         z = op.Mul(op.Gather(x, rows, axis=0), op.Unsqueeze(s, _i64(1)))       # [n, H]
-        w_gu = op.Gather(gate_up, _scalar(e), axis=0)                             # [H, 2I]
-        w_d = op.Gather(down, _scalar(e), axis=0)                                 # [I, H]
-        h = op.MatMul(z, w_gu)                                                 # [n, 2I]
-        gate = op.Slice(h, _i64(0), _i64(i_dim), _i64(1))                      # [n, I] first I columns
-        up = op.Slice(h, _i64(i_dim), _i64(2 * i_dim), _i64(1))                # [n, I] last I columns
-        y = op.MatMul(op.Mul(up, op.Mul(gate, op.Sigmoid(gate))), w_d)         # [n, H]
+        y = expert(z, e)                                                       # [n, H]
         out = op.Add(out, op.ScatterND(zeros, op.Unsqueeze(rows, _i64(1)), y))  # [T, H]
     return out

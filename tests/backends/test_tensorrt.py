@@ -82,9 +82,9 @@ def test_compile_without_tensorrt_checks_then_exits_2(tmp_path, capsys, monkeypa
     seen = {}
     real_numerics = trt_backend.check_numerics
 
-    def spy(path, program, dtype):
+    def spy(path, program, dtype, quant):
         seen["ops"] = trt_backend.check_ops(path)
-        seen["err"] = real_numerics(path, program, dtype)
+        seen["err"] = real_numerics(path, program, dtype, quant)
         return seen["err"]
 
     monkeypatch.setattr(trt_backend, "check_numerics", spy)
