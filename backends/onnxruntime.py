@@ -58,8 +58,10 @@ def _rename(model, program) -> dict[str, Any]:
 
     graph = model.graph
     layout = program.kv_layout
-    names = ["logits"]
-    if layout is not None:
+    names, dim_names = ["logits"], ("batch", "seq")
+    if program.kind == "vision":          # pixel_values [tiles, 3, S, S] -> image_features [tiles, P, H]
+        names, dim_names = ["image_features"], ("tiles",)
+    elif layout is not None:
         for i in range(len(layout["layers"])):
             names += [f"k_cache_{i}_next", f"v_cache_{i}_next"]
     if len(graph.outputs) != len(names):
@@ -68,7 +70,7 @@ def _rename(model, program) -> dict[str, Any]:
         out.name = name
     ids = graph.inputs[0]
     dims = {}
-    for d, name in zip(ids.shape, ("batch", "seq")):
+    for d, name in zip(ids.shape, dim_names):
         if isinstance(d, ir.SymbolicDim) and d.value is not None:
             dims[d.value] = name
 
@@ -87,22 +89,35 @@ def _rename(model, program) -> dict[str, Any]:
     return {"inputs": [v.name for v in graph.inputs], "outputs": names}
 
 
-def export_onnx(program, workdir: Path, dtype: str) -> tuple[list[str], dict[str, Any]]:
-    """Program -> ``workdir/model.onnx`` (+ external data when needed), checked. -> (artifacts, info)."""
+def export_onnx(program, workdir: Path, dtype: str, target: str = "onnxruntime") -> tuple[list[str], dict[str, Any]]:
+    """Program -> ``workdir/model.onnx`` (+ external data when needed), checked. -> (artifacts, info).
+
+    ``target`` picks the lowering of the quantized ops (``l4compile.onnx.quant``): ``onnxruntime`` may use
+    ONNX Runtime's contrib ops (``com.microsoft::MatMulNBits`` for int4), ``tensorrt`` uses standard ops only."""
     require_onnx()
     import onnx
 
     import l4compile.ops
-    from l4compile.onnx import ONNX_OPSET, TRANSLATIONS
+    from l4compile.onnx import ONNX_OPSET, TRANSLATED_OPS, translation_table
+    from l4compile.onnx.quant import lift_weight_constants
 
-    ep = program.export().run_decompositions(l4compile.ops.DECOMPOSITIONS)   # attention becomes plain aten
+    # decompose what has no ONNX translation of its own (attention -> plain aten); translated ops stay opaque
+    decomps = {k: v for k, v in l4compile.ops.DECOMPOSITIONS.items() if k not in TRANSLATED_OPS}
+    ep = program.export().run_decompositions(decomps)
+    table = translation_table(ep, target)
     with warnings.catch_warnings(), _quiet_onnx_logs():
         warnings.simplefilter("ignore")
         try:
-            onx = torch.onnx.export(ep, (), dynamo=True, custom_translation_table=TRANSLATIONS,
+            onx = torch.onnx.export(ep, (), dynamo=True, custom_translation_table=table,
                                     opset_version=ONNX_OPSET, optimize=True, verbose=False)
         except Exception as e:   # an aten op without an ONNX translation, typically
+            cause = e
+            while cause is not None and not isinstance(cause, L4Error):   # a translation's own user error
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                raise cause from None
             raise L4Error(f"ONNX export failed: {str(e).strip().splitlines()[0][:400]}") from e
+    lift_weight_constants(onx.model)
     io = _rename(onx.model, program)
     weight_bytes = sum(int(v.const_value.nbytes) for v in onx.model.graph.initializers.values()
                        if v.const_value is not None)
@@ -122,7 +137,8 @@ def export_onnx(program, workdir: Path, dtype: str) -> tuple[list[str], dict[str
         raise L4Error(f"onnx.checker rejected the exported model: {str(e).strip().splitlines()[0][:400]}") from e
     ops = collections.Counter(n.op_type if not n.domain else f"{n.domain}::{n.op_type}"
                               for n in onnx.load(str(path), load_external_data=False).graph.node)
-    info = {"format": "onnx", "opset": ONNX_OPSET, "dtype": dtype, "external_data": external, "weight_bytes": weight_bytes,
+    info = {"format": "onnx", "opset": ONNX_OPSET, "target": target, "dtype": dtype, "external_data": external,
+            "weight_bytes": weight_bytes,
             "io": io, "op_counts": dict(sorted(ops.items())), "onnx": onnx.__version__,
             "torch": torch.__version__}
     return artifacts, info
@@ -178,6 +194,10 @@ def session_options():
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3          # errors only
     so.intra_op_num_threads = torch.get_num_threads()   # the same CPU budget torch (and Inductor engines) use
+    # ORT fuses DequantizeLinear(int4, blocked) -> MatMul into MatMulNBits (the TensorRT-bound graph, run here
+    # for numerics) with accuracy level 4 by default: int8-quantized ACTIVATIONS (~0.5% logit error). Our int4
+    # is weight-only: keep activations in float (level 0), as our own MatMulNBits nodes do.
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     return so
 
 

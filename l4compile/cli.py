@@ -94,10 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--verify", action="store_true", help="check the output after every pass; name the first drift")
     c.add_argument("--plan", default=None, metavar="PLAN.json",
                    help="shard experts as `l4compile plan --json` placed them: one artifact set per rank")
+    c.add_argument("--text-only", action="store_true",
+                   help="multimodal checkpoints: compile the text model alone (no vision engine)")
 
     r = sub.add_parser("run", help="run an engine on token ids (greedy)")
     r.add_argument("engine", metavar="ENGINE")
     r.add_argument("--prompt-ids", required=True, help="comma-separated token ids, e.g. 1,2,3")
+    r.add_argument("--image", dest="images", action="append", default=[], metavar="FILE",
+                   help="multimodal engines: an image (PNG, JPEG, ...) for the next <|image|> placeholder in the "
+                        "prompt, or in front of it when it has none (repeatable)")
     r.add_argument("--max-new-tokens", type=_non_negative, default=16)
     r.add_argument("--logits-out", default=None, metavar="FILE.npy",
                    help="write the prompt's logits, float32 [prompt_len, vocab]")
@@ -131,11 +136,15 @@ def cmd_compile(a) -> int:
     eng = l4compile.compile(a.model, backend=a.backend, out=a.out, quant=a.quant, dtype=a.dtype, device=a.device,
                             max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size, seed=a.seed,
                             layers=a.layers, force=a.force, passes=tuple(a.passes), skip_passes=tuple(a.skip_passes),
-                            verify=a.verify, dump_ir=a.dump_ir, progress=progress, plan=a.plan)
+                            verify=a.verify, dump_ir=a.dump_ir, progress=progress, plan=a.plan,
+                            text_only=a.text_only)
     m = eng.manifest
     size = sum(v["bytes"] for v in m["artifacts"].values())
-    print(json.dumps({"engine": str(eng.path), "backend": m["backend"], "compile_seconds": m["compile_seconds"],
-                      "engine_bytes": size, "passes": {p["name"]: p["stats"] for p in m["passes"]}}))
+    out = {"engine": str(eng.path), "backend": m["backend"], "compile_seconds": m["compile_seconds"],
+           "engine_bytes": size, "passes": {p["name"]: p["stats"] for p in m["passes"]}}
+    if a.verify:   # per pass: drift (exact passes) or logit SQNR against its input (lossy passes: quantize)
+        out["verify"] = {p["name"]: {k: p[k] for k in ("drift", "logit_sqnr_db") if k in p} for p in m["passes"]}
+    print(json.dumps(out))
     return 0
 
 
@@ -153,18 +162,22 @@ def cmd_run(a) -> int:
     eng = load_engine(a.engine)
     load_s = time.perf_counter() - t0
     ids = torch.tensor([prompt], dtype=torch.int64)
+    images = list(a.images) or None
+    if images is not None:   # validates the images and expands the prompt before any timed work
+        ids = eng.prepare_prompt(ids, images)[0]
     eng.check_input_ids(ids)
-    eng.check_room(len(prompt), a.max_new_tokens)   # fail before any work is done
+    eng.check_room(ids.shape[1], a.max_new_tokens)   # fail before any work is done
     t1 = time.perf_counter()
-    logits = eng.prefill(ids)
+    logits = eng.prefill(torch.tensor([prompt]) if images else ids, images=images)
     prefill_s = time.perf_counter() - t1
     if a.logits_out:
         np.save(a.logits_out, logits[0].float().cpu().numpy())
     t2 = time.perf_counter()
-    out = eng.generate(ids, max_new_tokens=a.max_new_tokens)
+    out = eng.generate(torch.tensor([prompt]) if images else ids, max_new_tokens=a.max_new_tokens, images=images)
     gen_s = time.perf_counter() - t2
-    new = out[0, len(prompt):].tolist()
-    print(json.dumps({"generated_ids": new, "prompt_len": len(prompt), "load_ms": round(load_s * 1e3, 2),
+    new = out[0, ids.shape[1]:].tolist()
+    print(json.dumps({"generated_ids": new, "prompt_len": int(ids.shape[1]), "images": len(a.images),
+                      "load_ms": round(load_s * 1e3, 2),
                       "prefill_ms": round(prefill_s * 1e3, 3), "generate_ms": round(gen_s * 1e3, 3),
                       "ms_per_token": round(gen_s * 1e3 / max(1, len(new)), 3)}))
     return 0
@@ -232,11 +245,13 @@ def cmd_passes(a) -> int:
 
     load_entry_point_passes()
     order = {s.name: i for i, s in enumerate(select_passes())}
-    specs = sorted(registered_passes().values(), key=lambda s: (order.get(s.name, 1 << 30), s.name))
-    print(f"{'#':<3}{'pass':<24}{'source':<12}{'ordering':<46}description")
+    vision = {s.name: i for i, s in enumerate(select_passes(kind="vision"))}
+    specs = sorted(registered_passes().values(),
+                   key=lambda s: (order.get(s.name, 1 << 30), vision.get(s.name, 1 << 30), s.name))
+    print(f"{'#':<3}{'pass':<24}{'programs':<13}{'source':<12}{'ordering':<46}description")
     for s in specs:
-        pos = str(order[s.name] + 1) if s.name in order else "-"
-        print(f"{pos:<3}{s.name:<24}{s.source:<12}{s.ordering():<46}{s.description}")
+        pos = str(order[s.name] + 1) if s.name in order else (f"v{vision[s.name] + 1}" if s.name in vision else "-")
+        print(f"{pos:<3}{s.name:<24}{','.join(s.programs):<13}{s.source:<12}{s.ordering():<46}{s.description}")
     return 0
 
 

@@ -48,26 +48,56 @@ def resolve_max_seq(config: CompileConfig, model_config) -> int:
     return config.max_seq_len
 
 
+VISION_DIR = "vision"      # the vision engine's artifacts, inside the engine directory
+
+
+def check_vision_options(config: CompileConfig, plan) -> None:
+    """What a multimodal compile cannot do yet, said before any work (``--text-only`` compiles the text model)."""
+    if config.backend == "tensorrt":
+        raise L4Error("the tensorrt backend does not build the vision engine; use --backend inductor or onnxruntime, "
+                      "or --text-only to compile the text model alone")
+    if plan is not None:
+        raise L4Error("--plan (sharded engines) does not take image prompts yet; add --text-only to shard the "
+                      "text model")
+
+
+def compile_vision(vision, config: CompileConfig, progress: Progress, tol: float, dump_ir: Path | None):
+    """The vision tower + projector -> a pass-rewritten vision Program (its own pipeline: ``programs=("vision",)``)."""
+    from l4compile.vision.program import trace_vision
+
+    module = vision.module
+    with progress.stage("trace vision"):
+        prog = trace_vision(module.vision_model, module.multi_modal_projector, max_tiles=vision.spec.max_tiles + 1,
+                            device=config.device)
+    reference = None
+    if config.verify:
+        with torch.no_grad():
+            reference = module(*prog.example_inputs)
+    with progress.stage("passes (vision)"):
+        records = run_passes(prog, config, dump_ir=dump_ir, reference=reference, tolerance=tol,
+                             on_pass=lambda n, s: progress.note(f"  vision pass {n}: {s:.2f}s"))
+    return prog, records
+
+
 def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "engine", *, quant: str = "none",
             dtype: str = "float32", device: str = "cpu", max_seq_len: int | None = None, max_batch_size: int = 4,
             seed: int = 0, layers: int | None = None, force: bool = False, passes: tuple[str, ...] = (),
             skip_passes: tuple[str, ...] = (), verify: bool = False, dump_ir: str | os.PathLike | None = None,
             pass_options: dict[str, dict[str, Any]] | None = None, progress: Progress | None = None,
-            plan: str | os.PathLike | dict | None = None) -> Engine:
+            plan: str | os.PathLike | dict | None = None, text_only: bool = False) -> Engine:
     """Compile MODEL (checkpoint directory or preset) into an engine directory at ``out`` and load it.
-    With ``plan`` (``l4compile plan --json`` output), the shard_experts pass writes one artifact set per rank."""
-    if plan is not None:   # expert parallelism: run shard_experts with the plan's placement
-        from l4compile.passes.shard_experts import options_from_plan
-        pass_options = dict(pass_options or {}, shard_experts=options_from_plan(plan, backend))
-        passes = (*passes, "l4compile.passes.shard_experts:shard_experts")
+    With ``plan`` (``l4compile plan --json`` output), the sharding passes (shard_experts, and
+    shard_tensor_parallel where the plan says TP) write one artifact set per rank."""
+    if plan is not None:   # sharded execution: the passes and options the plan's layout asks for
+        from l4compile.plan.execution import pass_options_from_plan
+        plan_options = pass_options_from_plan(plan, backend)
+        pass_options = dict(pass_options or {}, **plan_options)
+        passes = (*passes, *(f"l4compile.passes.{name}:{name}" for name in plan_options))
     config = CompileConfig(backend=backend, quant=quant, dtype=dtype, device=device, max_seq_len=max_seq_len,
                            max_batch_size=max_batch_size, seed=seed, layers=layers, passes=tuple(passes),
-                           skip_passes=tuple(skip_passes), verify=verify,
+                           skip_passes=tuple(skip_passes), verify=verify, text_only=text_only,
                            pass_options=tuple((k, tuple(sorted(v.items())))
                                               for k, v in sorted((pass_options or {}).items())))
-    if config.quant != "none" and config.backend != "inductor":
-        raise L4Error(f"--quant {config.quant} is not lowered for the {config.backend} backend yet (quantized ops "
-                      "have an Inductor lowering only); use --backend inductor or --quant none")
     from l4compile.backends import get_backend
 
     be = get_backend(config.backend)
@@ -76,32 +106,55 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
     progress = progress or Progress(enabled=False)
     t_start = time.perf_counter()
     with progress.stage("load model"):
-        loaded = frontend.load(model, dtype=config.dtype, device=config.device, seed=config.seed, layers=config.layers)
-    lm = loaded.model
+        loaded = frontend.load(model, dtype=config.dtype, device=config.device, seed=config.seed, layers=config.layers,
+                               vision=not config.text_only)
+    lm, vision = loaded.model, loaded.vision
+    if vision is not None:
+        check_vision_options(config, plan)
     max_seq = resolve_max_seq(config, lm.config)
     with progress.stage("trace"):
-        program = trace(lm, max_batch=config.max_batch_size, max_seq=max_seq, device=config.device)
+        program = trace(lm, max_batch=config.max_batch_size, max_seq=max_seq, device=config.device,
+                        image_inputs=vision is not None)
     reference = None
     if config.verify:
-        from l4compile.program import CausalLMHarness
+        from l4compile.program import CausalLMHarness, MultimodalLMHarness
         with torch.no_grad():
-            reference = CausalLMHarness(lm)(*program.example_inputs)
+            harness = MultimodalLMHarness(lm) if vision is not None else CausalLMHarness(lm)
+            reference = harness(*program.example_inputs)
     tol = 1e-4 if config.dtype == "float32" else 3e-2
     with progress.stage("passes"):
         records = run_passes(program, config, dump_ir=Path(dump_ir) if dump_ir else None, reference=reference,
                              tolerance=tol, on_pass=lambda n, s: progress.note(f"  pass {n}: {s:.2f}s"))
     del lm
-    if program.kv_layout is not None:
+    vision_program, vision_records = None, []
+    if vision is not None:
+        vision_program, vision_records = compile_vision(vision, config, progress, tol,
+                                                        Path(dump_ir) / "vision" if dump_ir else None)
+    kv_layout = (program.gm.meta.get("l4_sharding") or {}).get("kv_cache") or program.kv_layout   # per rank
+    if kv_layout is not None:
         sig = program.metadata["signature"]
-        n = len(program.kv_layout["layers"])
+        n = len(kv_layout["layers"])
         sig["inputs"] += [{"name": "start_pos", "dtype": "int64", "shape": [1]},
-                          {"name": f"k_cache_i, v_cache_i for i < {n}", "dtype": program.kv_layout["dtype"],
-                           "shape": program.kv_layout["shape"]}]
-        sig["outputs"] += [{"name": f"k_cache_i', v_cache_i' for i < {n}", "dtype": program.kv_layout["dtype"],
-                            "shape": program.kv_layout["shape"]}]
+                          {"name": f"k_cache_i, v_cache_i for i < {n}", "dtype": kv_layout["dtype"],
+                           "shape": kv_layout["shape"]}]
+        sig["outputs"] += [{"name": f"k_cache_i', v_cache_i' for i < {n}", "dtype": kv_layout["dtype"],
+                            "shape": kv_layout["shape"]}]
     with engine_writer(out, force) as work:
         with progress.stage(f"backend {config.backend}"):
             result = be.build(program, work, config)
+        vision_manifest = None
+        if vision_program is not None:
+            with progress.stage(f"backend {config.backend} (vision)"):
+                (work / VISION_DIR).mkdir()
+                vres = be.build(vision_program, work / VISION_DIR, config)
+            vision_manifest = {
+                "artifacts": [f"{VISION_DIR}/{a}" for a in vres.artifacts], "image": vision.spec.to_dict(),
+                "tokens": vision.tokens.to_dict(), "config": vision.config.to_dict(),
+                "passes": [r.to_dict() for r in vision_records], "signature": vision_program.metadata["signature"],
+                "max_tiles": vision_program.max_batch, "feature_placement": "runtime scatter + in-graph select",
+                "backend_info": vres.info,
+            }
+            result.artifacts.extend(vision_manifest["artifacts"])
         manifest = {
             "backend": config.backend, "quant": config.quant, "dtype": config.dtype, "device": config.device,
             "max_seq_len": max_seq, "max_batch_size": config.max_batch_size,
@@ -110,8 +163,8 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
             "passes": [r.to_dict() for r in records], "signature": program.metadata["signature"],
             "weight_bytes": next((r.stats["weight_bytes"] for r in records
                                   if r.name == "quantize" and "weight_bytes" in r.stats), None),
-            "kv_cache": program.kv_layout, "sharding": program.gm.meta.get("l4_sharding"),
-            "backend_info": result.info, "versions": library_versions(),
+            "kv_cache": kv_layout, "sharding": program.gm.meta.get("l4_sharding"),
+            "backend_info": result.info, "vision": vision_manifest, "versions": library_versions(),
             "stage_seconds": progress.stages, "compile_seconds": round(time.perf_counter() - t_start, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

@@ -44,6 +44,7 @@ class CompileConfig:
     passes: tuple[str, ...] = ()            # user passes, MODULE:FUNC
     skip_passes: tuple[str, ...] = ()
     verify: bool = False                    # run the graph after every pass and name the first that drifts
+    text_only: bool = False                 # multimodal checkpoints: compile the text model only (no vision engine)
     pass_options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -54,6 +55,8 @@ class CompileConfig:
         _positive_int("max_seq_len", self.max_seq_len, allow_none=True)
         _positive_int("max_batch_size", self.max_batch_size)
         _positive_int("layers", self.layers, allow_none=True)
+        if not isinstance(self.text_only, bool):
+            raise L4Error(f"text_only must be true or false, got {self.text_only!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise L4Error(f"seed must be an integer, got {self.seed!r}")
         object.__setattr__(self, "passes", tuple(self.passes))

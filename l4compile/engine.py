@@ -132,10 +132,11 @@ def verify_artifacts(path: Path, manifest: dict[str, Any]) -> None:
 class Engine:
     """A loaded engine. ``prefill`` and ``generate`` validate their inputs against the engine's limits."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], runner: Any):
+    def __init__(self, path: Path, manifest: dict[str, Any], runner: Any, vision_runner: Any = None):
         self.path = path
         self.manifest = manifest
         self._runner = runner
+        self._vision = vision_runner         # pixel_values [T, 3, S, S] -> image features [T, P, H] (multimodal)
         self.vocab_size = int(manifest["model_config"]["vocab_size"])
         self.max_seq_len = int(manifest["max_seq_len"])
         self.max_batch_size = int(manifest["max_batch_size"])
@@ -173,6 +174,64 @@ class Engine:
                           f"engine's max sequence length {self.max_seq_len}")
 
     @property
+    def multimodal(self) -> bool:
+        """The engine has a vision engine and its text graph takes image_embeds / image_mask."""
+        return bool(self.manifest.get("vision"))
+
+    def _image_setup(self):
+        from l4compile.vision import ImageSpec, ImageTokens
+
+        v = self.manifest.get("vision")
+        if not v:
+            raise L4Error(f"engine {self.path} has no vision engine (compile a multimodal checkpoint or preset, "
+                          "without --text-only, to prompt with images)")
+        return ImageSpec.from_dict(v["image"]), ImageTokens.from_dict(v["tokens"])
+
+    @torch.no_grad()
+    def prepare_prompt(self, input_ids: Any, images: Sequence[Any]):
+        """Token ids with ``<|image|>`` placeholders + images -> (ids [1, S'] with each image's token block,
+        image_embeds [1, S', H], image_mask [1, S']). Runs the vision engine once per image."""
+        from l4compile.vision import expand_prompt, place_features, preprocess
+
+        spec, tokens = self._image_setup()
+        ids = self.check_input_ids(input_ids)
+        if ids.shape[0] != 1:
+            raise L4Error(f"image prompts take batch 1 (got {ids.shape[0]} sequences): image blocks make prompts "
+                          "of different lengths")
+        if len(images) == 0:
+            raise L4Error("images is empty; pass at least one image or none at all")
+        processed = [preprocess(img, spec) for img in images]
+        full = torch.tensor([expand_prompt(ids[0].tolist(), [p.aspect_ratio for p in processed],
+                                           spec.tokens_per_tile, tokens)], dtype=torch.int64)
+        full = self.check_input_ids(full)
+        dtype = getattr(torch, self.manifest["dtype"])
+        feats = []
+        for p in processed:
+            out = self._vision(p.pixel_values.to(device=self.device, dtype=dtype).contiguous())
+            feats.append(out.reshape(-1, out.shape[-1]))
+        embeds, mask = place_features(full, torch.cat(feats), tokens.patch)
+        return full, embeds, mask
+
+    def _no_image(self, ids: torch.Tensor):
+        hidden = int(self.manifest["model_config"]["hidden_size"])
+        dtype = getattr(torch, self.manifest["dtype"])
+        return (torch.zeros(*ids.shape, hidden, dtype=dtype, device=self.device),
+                torch.zeros(ids.shape, dtype=torch.bool, device=self.device))
+
+    def _text_inputs(self, ids: torch.Tensor, image: tuple | None) -> tuple:
+        """The graph's leading inputs: (ids,) or, for multimodal engines, (ids, image_embeds, image_mask)."""
+        if not self.multimodal:
+            return (ids,)
+        embeds, mask = image if image is not None else self._no_image(ids)
+        return ids, embeds.contiguous(), mask.contiguous()
+
+    def _prompt(self, input_ids: Any, images: Sequence[Any] | None):
+        if images is None:
+            return self.check_input_ids(input_ids), None
+        ids, embeds, mask = self.prepare_prompt(input_ids, images)
+        return ids, (embeds, mask)
+
+    @property
     def kv_cache(self) -> dict | None:
         """The cache layout (per-layer slots, dtype, bytes per token), or None for a cacheless engine."""
         return self.manifest.get("kv_cache")
@@ -187,24 +246,27 @@ class Engine:
         return [torch.zeros(batch, n_kv, layer["slots"], head_dim, dtype=dtype, device=self.device)
                 for layer in layout["layers"] for _ in (0, 1)]
 
-    def _step(self, ids: torch.Tensor, start: int, caches: list[torch.Tensor]):
+    def _step(self, ids: torch.Tensor, start: int, caches: list[torch.Tensor], image: tuple | None = None):
         start_pos = torch.tensor([start], dtype=torch.int64, device=self.device)
-        out = self._runner(ids, start_pos, *(c.contiguous() for c in caches))
+        out = self._runner(*self._text_inputs(ids, image), start_pos, *(c.contiguous() for c in caches))
         return out[0], list(out[1:])
 
     @torch.no_grad()
-    def prefill(self, input_ids: Any) -> torch.Tensor:
-        """LongTensor [B, S] -> logits [B, S, V] in the engine's dtype."""
-        ids = self.check_input_ids(input_ids)
+    def prefill(self, input_ids: Any, images: Sequence[Any] | None = None) -> torch.Tensor:
+        """LongTensor [B, S] -> logits [B, S, V] in the engine's dtype. With ``images`` (multimodal engines,
+        batch 1) each ``<|image|>`` placeholder is first expanded to its image's token block (``prepare_prompt``),
+        so the logits cover the expanded prompt."""
+        ids, image = self._prompt(input_ids, images)
         if self.kv_cache is None:
-            return self._runner(ids)
-        return self._step(ids, 0, self.new_caches(ids.shape[0]))[0]
+            return self._runner(*self._text_inputs(ids, image))
+        return self._step(ids, 0, self.new_caches(ids.shape[0]), image)[0]
 
     @torch.no_grad()
-    def prefill_with_cache(self, input_ids: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """LongTensor [B, S] -> (logits [B, S, V], caches after the prompt)."""
-        ids = self.check_input_ids(input_ids)
-        return self._step(ids, 0, self.new_caches(ids.shape[0]))
+    def prefill_with_cache(self, input_ids: Any, images: Sequence[Any] | None = None
+                           ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """LongTensor [B, S] -> (logits [B, S, V], caches after the prompt); ``images`` as in ``prefill``."""
+        ids, image = self._prompt(input_ids, images)
+        return self._step(ids, 0, self.new_caches(ids.shape[0]), image)
 
     @torch.no_grad()
     def decode(self, tokens: Any, start_pos: int, caches: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
@@ -216,23 +278,28 @@ class Engine:
         return self._step(ids, start_pos, caches)
 
     @torch.no_grad()
-    def generate(self, input_ids: Any, max_new_tokens: int = 32) -> torch.Tensor:
+    def generate(self, input_ids: Any, max_new_tokens: int = 32, images: Sequence[Any] | None = None) -> torch.Tensor:
         """Greedy decoding: LongTensor [B, S] -> LongTensor [B, S + max_new_tokens].
 
         With a KV cache (the default) the prompt is prefilled once and each new token is one decode step;
-        engines compiled with ``--skip-pass kv_cache`` recompute the whole prefix at every step instead."""
+        engines compiled with ``--skip-pass kv_cache`` recompute the whole prefix at every step instead.
+        With ``images`` the returned prompt part is the expanded one (see ``prefill``)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise L4Error(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-        ids = self.check_input_ids(input_ids)
+        ids, image = self._prompt(input_ids, images)
         self.check_room(ids.shape[1], max_new_tokens)
         if max_new_tokens == 0:
             return ids
         if self.kv_cache is None:
             for _ in range(max_new_tokens):
-                logits = self._runner(ids)
+                if image is not None:   # recompute: the image features stay at their positions
+                    pad = ids.shape[1] - image[1].shape[1]
+                    pad_ = torch.nn.functional.pad
+                    image = (pad_(image[0], (0, 0, 0, pad)), pad_(image[1], (0, pad)))
+                logits = self._runner(*self._text_inputs(ids, image))
                 ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
             return ids
-        logits, caches = self._step(ids, 0, self.new_caches(ids.shape[0]))
+        logits, caches = self._step(ids, 0, self.new_caches(ids.shape[0]), image)
         out = [ids, logits[:, -1].argmax(-1, keepdim=True)]
         for i in range(max_new_tokens - 1):
             logits, caches = self._step(out[-1], ids.shape[1] + i, caches)
@@ -246,7 +313,7 @@ def check_process_group(path: Path, manifest: dict[str, Any]) -> int:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        raise L4Error(f"engine {path} is sharded over {world} ranks (expert parallel) and needs one process per "
+        raise L4Error(f"engine {path} is sharded over {world} ranks and needs one process per "
                       f"rank: run `l4compile run {path} --nproc {world} --prompt-ids ...` or `torchrun "
                       f"--nproc-per-node {world} -m l4compile.dist {path} --prompt-ids ...`")
     if dist.get_world_size() != world:
@@ -279,6 +346,9 @@ def load_engine(path: str | os.PathLike, *, defer_shards: bool = False) -> Engin
     backend = get_backend(manifest["backend"])
     t0 = time.perf_counter()
     runner = backend.load(p, manifest)
-    eng = Engine(p, manifest, runner)
+    vision_runner = None
+    if manifest.get("vision"):   # the vision engine: same backend, artifacts under vision/
+        vision_runner = backend.load(p / "vision", dict(manifest, sharding=None))
+    eng = Engine(p, manifest, runner, vision_runner)
     eng.load_seconds = time.perf_counter() - t0
     return eng

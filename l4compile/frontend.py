@@ -25,9 +25,20 @@ _ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16"
 
 
 @dataclass
+class VisionParts:
+    """The image side of a multimodal checkpoint (``model_type: llama4`` with a vision_config)."""
+
+    module: torch.nn.Module         # VisionHarness: .vision_model (Llama4VisionModel), .multi_modal_projector
+    config: Any                     # Llama4VisionConfig
+    tokens: Any                     # l4compile.vision.ImageTokens
+    spec: Any                       # l4compile.vision.ImageSpec
+
+
+@dataclass
 class LoadedModel:
     model: torch.nn.Module          # Llama4ForCausalLM, eval mode
     source: dict[str, Any]          # {"kind": "preset"|"checkpoint", ...}
+    vision: VisionParts | None = None
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -90,6 +101,136 @@ def validate_text_config(c) -> None:
          f"'no_rope_layers' must have num_hidden_layers ({c.num_hidden_layers}) entries, got {len(c.no_rope_layers)}")
 
 
+def vision_configs(cfg: dict[str, Any]):
+    """A llama4 config dict -> (Llama4Config, Llama4VisionConfig), validated; None if it has no vision tower."""
+    from transformers import Llama4Config
+
+    if cfg.get("model_type") != "llama4" or not isinstance(cfg.get("vision_config"), dict):
+        return None
+    vc = dict(cfg["vision_config"])
+    vc.setdefault("rope_parameters", {"rope_theta": 10000.0})
+    try:
+        full = Llama4Config(text_config=dict(cfg["text_config"]), vision_config=vc,
+                            **{k: cfg[k] for k in ("boi_token_index", "eoi_token_index", "image_token_index")
+                               if k in cfg})
+    except (TypeError, ValueError, KeyError) as e:
+        raise L4Error(f"invalid Llama 4 vision config: {e}") from None
+    v = full.vision_config
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise L4Error(f"vision_config field {msg}")
+    for f in ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size",
+              "intermediate_size", "projector_input_dim", "projector_output_dim", "vision_output_dim"):
+        val = getattr(v, f, None)
+        need(isinstance(val, int) and not isinstance(val, bool) and val > 0,
+             f"'{f}' must be a positive integer, got {val!r}")
+    need(v.hidden_size % v.num_attention_heads == 0 and (v.hidden_size // v.num_attention_heads) % 4 == 0,
+         f"'num_attention_heads' ({v.num_attention_heads}) must split hidden_size ({v.hidden_size}) into heads of a "
+         "multiple of 4 (2D RoPE)")
+    need(v.image_size % v.patch_size == 0,
+         f"'image_size' ({v.image_size}) must be a multiple of patch_size ({v.patch_size})")
+    grid = v.image_size // v.patch_size
+    ratio = float(v.pixel_shuffle_ratio)
+    need(0 < ratio < 1 and (grid * ratio).is_integer() and (1 / ratio ** 2).is_integer(),
+         f"'pixel_shuffle_ratio' ({ratio}) must be 1/k and map the {grid}x{grid} patch grid to whole patches")
+    need(v.intermediate_size == int(v.hidden_size / ratio ** 2),
+         f"'intermediate_size' ({v.intermediate_size}) must equal hidden_size / pixel_shuffle_ratio^2 "
+         f"({int(v.hidden_size / ratio ** 2)}): the adapter MLP reads the pixel-shuffled patches")
+    need(v.projector_input_dim == v.projector_output_dim == v.vision_output_dim,
+         "'projector_input_dim', 'projector_output_dim' and 'vision_output_dim' must be equal "
+         f"(got {v.projector_input_dim}, {v.projector_output_dim}, {v.vision_output_dim})")
+    return full, v
+
+
+def image_tokens(ckpt: Path | None, full_cfg, vocab_size: int):
+    """The image-layout token ids: from tokenizer_config.json / tokenizer.json when the checkpoint has them,
+    else Llama 4's fixed offsets from the config's begin-of-image id (start, end, tile x/y, image, patch =
+    boi + 0, 1, 4, 5, 10, 12) when the config's ids follow them."""
+    from l4compile.vision.layout import ImageTokens
+
+    texts = {v: k for k, v in ImageTokens.token_texts().items()}
+    found: dict[str, int] = {}
+    for name in ("tokenizer_config.json", "tokenizer.json") if ckpt is not None else ():
+        f = ckpt / name
+        if not f.is_file():
+            continue
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise L4Error(f"cannot read {f}: {e}") from None
+        entries = []
+        if isinstance(doc.get("added_tokens_decoder"), dict):
+            entries = [(int(i), d.get("content")) for i, d in doc["added_tokens_decoder"].items()
+                       if isinstance(d, dict)]
+        elif isinstance(doc.get("added_tokens"), list):
+            entries = [(int(d["id"]), d.get("content")) for d in doc["added_tokens"]
+                       if isinstance(d, dict) and "id" in d]
+        for tid, content in entries:
+            if content in texts:
+                found.setdefault(texts[content], tid)
+    boi, eoi, patch = int(full_cfg.boi_token_id), int(full_cfg.eoi_token_id), int(full_cfg.image_token_id)
+    if len(found) < len(texts):
+        if eoi == boi + 1 and patch == boi + 12:
+            for k, off in (("image_start", 0), ("image_end", 1), ("tile_x_separator", 4), ("tile_y_separator", 5),
+                           ("image", 10), ("patch", 12)):
+                found.setdefault(k, boi + off)
+        else:
+            missing = ", ".join(ImageTokens.token_texts()[k] for k in texts.values() if k not in found)
+            raise L4Error(f"cannot find the ids of {missing}: add the checkpoint's tokenizer_config.json, or use "
+                          "Llama 4's layout (eoi = boi + 1, image_token_index = boi + 12)")
+    tokens = ImageTokens.from_dict(found)
+    if tokens.patch != patch:
+        raise L4Error(f"the tokenizer's <|patch|> id {tokens.patch} differs from config image_token_index {patch}")
+    tokens.check(vocab_size)
+    return tokens
+
+
+def image_spec(ckpt: Path | None, vcfg):
+    """Preprocessing parameters: tile size and patch grid from the vision config, ``max_patches`` from the
+    checkpoint's preprocessor_config.json when present (else the processor's default, 16)."""
+    from l4compile.vision.image import ImageSpec
+
+    max_tiles = 16
+    f = ckpt / "preprocessor_config.json" if ckpt is not None else None
+    if f is not None and f.is_file():
+        try:
+            pp = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise L4Error(f"cannot read {f}: {e}") from None
+        max_tiles = pp.get("max_patches", max_tiles)
+        if not isinstance(max_tiles, int) or isinstance(max_tiles, bool) or max_tiles < 1:
+            raise L4Error(f"{f}: 'max_patches' must be a positive integer, got {max_tiles!r}")
+        size = pp.get("size") or {}
+        if isinstance(size, dict) and size.get("height", vcfg.image_size) != vcfg.image_size:
+            raise L4Error(f"{f}: size {size} differs from the vision tower's image_size {vcfg.image_size}")
+        if pp.get("resize_to_max_canvas"):
+            raise L4Error(f"{f}: resize_to_max_canvas=true is not supported (Llama 4's processor default is false)")
+    return ImageSpec(tile_size=int(vcfg.image_size), patch_size=int(vcfg.patch_size),
+                     pixel_shuffle_ratio=float(vcfg.pixel_shuffle_ratio), max_tiles=max_tiles)
+
+
+def cast_real(module: torch.nn.Module, device: str, dtype: str) -> torch.nn.Module:
+    """``module.to(device, dtype)`` for real floating tensors only: ``Module.to(dtype)`` would cast the vision
+    tower's complex RoPE buffer to a real dtype and silently drop its imaginary part."""
+    module.to(device=device)
+    target = torch_dtype(dtype)
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.is_floating_point():
+            t.data = t.data.to(target)
+    return module.eval()
+
+
+def build_vision(full_cfg, *, seed: int) -> torch.nn.Module:
+    """A seeded, float32 VisionHarness (vision tower + projector) for ``full_cfg`` (a Llama4Config)."""
+    from transformers.models.llama4.modeling_llama4 import Llama4MultiModalProjector, Llama4VisionModel
+
+    from l4compile.vision.program import VisionHarness
+
+    torch.manual_seed(seed + 7)
+    return VisionHarness(Llama4VisionModel(full_cfg.vision_config), Llama4MultiModalProjector(full_cfg)).eval()
+
+
 def build_model(text_cfg, *, seed: int, dtype: str, device: str = "cpu", meta: bool = False,
                 expert_init_std: float | None = None) -> torch.nn.Module:
     """A randomly initialised, seeded Llama4ForCausalLM (float32 init, then cast, so dtypes agree)."""
@@ -110,8 +251,9 @@ def build_model(text_cfg, *, seed: int, dtype: str, device: str = "cpu", meta: b
 
 
 def load(model: str, *, dtype: str = "float32", device: str = "cpu", seed: int = 0, layers: int | None = None,
-         meta: bool = False) -> LoadedModel:
-    """Resolve MODEL to an eval-mode Llama4ForCausalLM."""
+         meta: bool = False, vision: bool = False) -> LoadedModel:
+    """Resolve MODEL to an eval-mode Llama4ForCausalLM; with ``vision``, also the vision tower and projector
+    of a multimodal checkpoint or preset (``LoadedModel.vision``; None for text-only models)."""
     preset_name = None
     if model in PRESETS and get_preset(model).checkpoint is not None:   # trained preset: a packaged checkpoint
         preset_name, model = model, str(get_preset(model).checkpoint_dir())
@@ -122,7 +264,12 @@ def load(model: str, *, dtype: str = "float32", device: str = "cpu", seed: int =
         text_cfg = text_config_from_dict(dict(preset.text_config_kwargs(layers), model_type="llama4_text"))
         lm = build_model(text_cfg, seed=seed, dtype=dtype, device=device, meta=meta,
                          expert_init_std=preset.expert_init_std)
-        return LoadedModel(lm, {"kind": "preset", "name": model, "seed": seed, "layers": layers})
+        parts = None
+        if vision and preset.vision is not None and not meta:
+            full, vcfg = vision_configs(preset.multimodal_config(layers))
+            module = cast_real(build_vision(full, seed=seed), device, dtype)
+            parts = VisionParts(module, vcfg, image_tokens(None, full, text_cfg.vocab_size), image_spec(None, vcfg))
+        return LoadedModel(lm, {"kind": "preset", "name": model, "seed": seed, "layers": layers}, parts)
     path = Path(model)
     if not path.exists():
         if os.sep in model or model.startswith("."):
@@ -135,14 +282,24 @@ def load(model: str, *, dtype: str = "float32", device: str = "cpu", seed: int =
     cfg = read_config(path)
     text_cfg = text_config_from_dict(cfg)
     lm = build_model(text_cfg, seed=seed, dtype="float32", meta=meta)
+    vis_cfgs = vision_configs(cfg) if vision and not meta else None
+    parts = None
+    if vis_cfgs is not None:
+        full, vcfg = vis_cfgs
+        parts = VisionParts(build_vision(full, seed=seed), vcfg, image_tokens(path, full, text_cfg.vocab_size),
+                            image_spec(path, vcfg))
     if not meta:
-        state = load_safetensors(path, lm, multimodal=cfg.get("model_type") == "llama4")
+        state, vstate = load_safetensors(path, lm, multimodal=cfg.get("model_type") == "llama4",
+                                         vision=parts.module if parts is not None else None)
         lm.load_state_dict(state, strict=True)
         lm = lm.to(device=device, dtype=torch_dtype(dtype)).eval()
+        if parts is not None:
+            parts.module.load_state_dict(vstate, strict=True)
+            cast_real(parts.module, device, dtype)
     source = {"kind": "checkpoint", "path": str(path.resolve()), "model_type": cfg["model_type"]}
     if preset_name is not None:
         source["preset"] = preset_name
-    return LoadedModel(lm, source)
+    return LoadedModel(lm, source, parts)
 
 
 def _read_header(f: Path) -> tuple[dict[str, Any], int]:
@@ -165,21 +322,24 @@ def _read_header(f: Path) -> tuple[dict[str, Any], int]:
     return header, size - 8 - n
 
 
-def _checkpoint_name(name: str, multimodal: bool) -> str | None:
-    """Checkpoint tensor name -> Llama4ForCausalLM parameter name (None: not part of the text model)."""
+def _checkpoint_name(name: str, multimodal: bool) -> tuple[str, str]:
+    """Checkpoint tensor name -> ("text", Llama4ForCausalLM parameter name) or ("vision", VisionHarness name)."""
     if not multimodal:
-        return name
+        return "text", name
     for prefix in ("language_model.", "model.language_model."):
         if name.startswith(prefix):
             rest = name[len(prefix):]
-            return rest if rest.startswith(("model.", "lm_head.")) else "model." + rest
+            return "text", rest if rest.startswith(("model.", "lm_head.")) else "model." + rest
     if name.startswith("lm_head."):
-        return name
-    return None  # vision tower / projector: not used by the text engine
+        return "text", name
+    rest = name[len("model."):] if name.startswith("model.") else name
+    return "vision", rest   # vision_model.* / multi_modal_projector.*
 
 
-def load_safetensors(ckpt: Path, lm: torch.nn.Module, *, multimodal: bool) -> dict[str, torch.Tensor]:
-    """Validate every tensor's presence, shape and byte range against ``lm``, then load them."""
+def load_safetensors(ckpt: Path, lm: torch.nn.Module, *, multimodal: bool, vision: torch.nn.Module | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Validate every tensor's presence, shape and byte range against ``lm`` (and ``vision``, the VisionHarness
+    of a multimodal checkpoint; its tensors are skipped without one), then load them -> (text, vision) states."""
     from safetensors import SafetensorError, safe_open
 
     files = sorted(ckpt.glob("*.safetensors"))
@@ -188,8 +348,10 @@ def load_safetensors(ckpt: Path, lm: torch.nn.Module, *, multimodal: bool) -> di
         hint = f" (found {', '.join(pickles)}: l4compile never unpickles weights; convert to safetensors)" \
             if pickles else ""
         raise L4Error(f"{ckpt} has no *.safetensors weights{hint}")
-    expected = {k: tuple(v.shape) for k, v in lm.state_dict().items()}
-    where: dict[str, tuple[Path, str]] = {}
+    expected = {("text", k): tuple(v.shape) for k, v in lm.state_dict().items()}
+    if vision is not None:
+        expected.update({("vision", k): tuple(v.shape) for k, v in vision.state_dict().items()})
+    where: dict[tuple[str, str], tuple[Path, str]] = {}
     for f in files:
         header, data_bytes = _read_header(f)
         for name, info in header.items():
@@ -210,8 +372,8 @@ def load_safetensors(ckpt: Path, lm: torch.nn.Module, *, multimodal: bool) -> di
             if dt in _ST_DTYPES and end - begin != numel * _ST_DTYPES[dt]:
                 raise L4Error(f"tensor '{name}' in {f.name} is corrupt: {end - begin} bytes for shape {shape} {dt}")
             target = _checkpoint_name(name, multimodal)
-            if target is None:
-                continue
+            if target[0] == "vision" and vision is None:
+                continue   # a text-only compile of a multimodal checkpoint
             if target not in expected:
                 raise L4Error(f"tensor '{name}' in {f.name} does not belong to a Llama 4 model with this config.json")
             if tuple(shape) != expected[target]:
@@ -219,21 +381,22 @@ def load_safetensors(ckpt: Path, lm: torch.nn.Module, *, multimodal: bool) -> di
                               f"{list(expected[target])}")
             where[target] = (f, name)
     tied = getattr(lm.config, "tie_word_embeddings", False)
-    missing = [k for k in expected if k not in where and not (tied and k == "lm_head.weight")]
+    missing = [k[1] for k in expected if k not in where and not (tied and k == ("text", "lm_head.weight"))]
     if missing:
         raise L4Error(f"checkpoint {ckpt} lacks tensor '{missing[0]}'"
                       + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    state: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[tuple[str, str]]] = {}
+    states: dict[str, dict[str, torch.Tensor]] = {"text": {}, "vision": {}}
+    by_file: dict[Path, list[tuple[tuple[str, str], str]]] = {}
     for target, (f, name) in where.items():
         by_file.setdefault(f, []).append((target, name))
     for f, items in by_file.items():
         try:
             with safe_open(str(f), framework="pt") as fh:
-                for target, name in items:
-                    state[target] = fh.get_tensor(name).to(torch.float32)
+                for (part, key), name in items:
+                    states[part][key] = fh.get_tensor(name).to(torch.float32)
         except SafetensorError as e:
             raise L4Error(f"cannot read {f}: {e}") from None
+    state = states["text"]
     if tied and "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    return state
+    return state, states["vision"]

@@ -28,12 +28,15 @@ class PassRecord:
     seconds: float
     changed: bool
     stats: dict[str, Any] = field(default_factory=dict)
-    drift: float | None = None          # verify mode: max|out - ref| / max|ref| after this pass
+    drift: float | None = None          # verify mode, exact pass: max|out - ref| / max|ref| after this pass
+    sqnr_db: float | None = None        # verify mode, lossy pass: logit SQNR of its output against its input
 
     def to_dict(self) -> dict[str, Any]:
         d = {"name": self.name, "seconds": round(self.seconds, 4), "changed": self.changed, "stats": self.stats}
         if self.drift is not None:
             d["drift"] = self.drift
+        if self.sqnr_db is not None:
+            d["logit_sqnr_db"] = round(self.sqnr_db, 2)
         return d
 
 
@@ -71,7 +74,8 @@ def load_user_pass(ref: str) -> reg.PassSpec:
     return spec
 
 
-def select_passes(user: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> list[reg.PassSpec]:
+def select_passes(user: tuple[str, ...] = (), skip: tuple[str, ...] = (), kind: str = "text") -> list[reg.PassSpec]:
+    """The ordered passes for a Program of ``kind`` (a pass runs on the kinds its ``programs`` names)."""
     import l4compile.passes  # noqa: F401  (builtins register on import)
 
     load_entry_point_passes()
@@ -83,7 +87,7 @@ def select_passes(user: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> lis
     for ref in user:
         spec = load_user_pass(ref)
         chosen[spec.name] = spec
-    return reg.order_passes([s for n, s in chosen.items() if n not in skip])
+    return reg.order_passes([s for n, s in chosen.items() if n not in skip and kind in s.programs])
 
 
 def lint(gm: torch.fx.GraphModule, pass_name: str) -> None:
@@ -111,9 +115,21 @@ def run_passes(program: Program, compile_config: Any, *, dump_ir: Path | None = 
                reference: torch.Tensor | None = None, tolerance: float = 1e-4,
                on_pass: Callable[[str, float], None] | None = None) -> list[PassRecord]:
     """Run the selected passes over ``program`` in order. With ``reference`` (the eager model's logits on
-    ``program.example_inputs``), verify after each pass and raise naming the first pass that drifted."""
-    specs = select_passes(compile_config.passes, compile_config.skip_passes)
+    ``program.example_inputs``), verify after each pass and raise naming the first pass that failed:
+
+    * an exact pass (``PassResult.min_logit_sqnr_db`` None) must keep ``max|out - ref| / max|ref| <= tolerance``
+      (``PassRecord.drift``), ``ref`` being ``reference`` or, after a lossy pass, that pass's output;
+    * a lossy pass (quantize with a scheme) must keep the logit SQNR of its output against its INPUT's output
+      at or above the bound it declares (``PassRecord.sqnr_db``; fp8 25 dB, int4 18 dB as in the parity matrix).
+    """
+    from l4compile.quant import sqnr_db
+
+    specs = select_passes(compile_config.passes, compile_config.skip_passes, program.kind)
     records: list[PassRecord] = []
+    verify = reference is not None
+    if verify:
+        with torch.no_grad():
+            before = program.run_example()       # what the first pass's input graph computes
     if dump_ir is not None:
         dump_graph(program.gm, dump_ir / "00-traced.txt")
     for i, spec in enumerate(specs, start=1):
@@ -128,7 +144,7 @@ def run_passes(program: Program, compile_config: Any, *, dump_ir: Path | None = 
         else:
             options = None
         ctx = reg.PassContext(model_config=program.model_config, compile_config=compile_config, options=options,
-                              example_inputs=program.example_inputs, metadata=program.metadata)
+                              example_inputs=program.example_inputs, metadata=program.metadata, verify=verify)
         t0 = time.perf_counter()
         result = spec.fn(program.gm, ctx)
         seconds = time.perf_counter() - t0
@@ -138,12 +154,23 @@ def run_passes(program: Program, compile_config: Any, *, dump_ir: Path | None = 
         program.gm.recompile()
         lint(program.gm, spec.name)
         rec = PassRecord(spec.name, seconds, result.changed, dict(result.stats))
-        if reference is not None:
+        if verify:
             with torch.no_grad():
-                rec.drift = _rel_err(program.run_example(), reference)
-            if not rec.drift <= tolerance:
-                raise L4Error(f"verify: pass '{spec.name}' changed the model's output (max relative logit error "
-                              f"{rec.drift:.3g} > {tolerance:g}); rerun with --skip-pass {spec.name}")
+                out = program.run_example()
+            bound = result.min_logit_sqnr_db
+            if bound is not None:
+                rec.sqnr_db = sqnr_db(before, out)
+                if not rec.sqnr_db >= bound:
+                    raise L4Error(f"verify: lossy pass '{spec.name}' brought the logit SQNR against its input down to "
+                                  f"{rec.sqnr_db:.1f} dB < {bound:g} dB; this model does not keep its accuracy under "
+                                  f"it (random-weight presets never do); compile without it or without --verify")
+                reference = out                  # later exact passes are held to the lossy pass's output
+            else:
+                rec.drift = _rel_err(out, reference)
+                if not rec.drift <= tolerance:
+                    raise L4Error(f"verify: pass '{spec.name}' changed the model's output (max relative logit error "
+                                  f"{rec.drift:.3g} > {tolerance:g}); rerun with --skip-pass {spec.name}")
+            before = out
         if dump_ir is not None:
             dump_graph(program.gm, dump_ir / f"{i:02d}-{spec.name}.txt")
         records.append(rec)

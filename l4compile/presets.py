@@ -27,6 +27,7 @@ class Preset:
     expert_init_std: float | None = None                    # re-draw expert weights so routing matters
     full_size: bool = False                                 # build on the meta device unless asked otherwise
     checkpoint: str | None = None                           # packaged checkpoint (l4compile/data/<name>): trained
+    vision: dict[str, Any] | None = None                    # multimodal: {"vision_config": {...}, token ids}
 
     def checkpoint_dir(self) -> Path | None:
         """The packaged checkpoint directory (config.json + model.safetensors), for presets with trained weights."""
@@ -49,6 +50,13 @@ class Preset:
         step = kw.get("interleave_moe_layer_step", 1)
         kw["moe_layers"] = [i for i in range(n) if (i + 1) % step == 0] if step > 1 else list(range(n))
         return kw
+
+
+    def multimodal_config(self, layers: int | None = None) -> dict[str, Any]:
+        """A ``llama4`` config dict (text + vision + image token ids) for multimodal presets."""
+        if self.vision is None:
+            raise L4Error(f"preset '{self.name}' has no vision tower")
+        return dict(self.vision, model_type="llama4", text_config=self.text_config_kwargs(layers))
 
 
 def _tiny(**over) -> dict[str, Any]:
@@ -84,6 +92,15 @@ def _bench(**over) -> dict[str, Any]:
     return base
 
 
+# Image-token ids follow Llama 4's layout (boi + 0, 1, 4, 5, 10, 12) inside the tiny 512-token vocabulary.
+_TINY_VISION = {
+    "vision_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                          vision_output_dim=64, projector_input_dim=64, projector_output_dim=64, image_size=336,
+                          patch_size=14, pixel_shuffle_ratio=0.5, rope_parameters={"rope_theta": 10000.0}),
+    "boi_token_index": 480, "eoi_token_index": 481, "image_token_index": 492,
+}
+
+
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("tiny", "CI-sized Scout-style model: 4 layers (layer 3 NoPE), chunk 16, qk-norm, llama3 RoPE, "
                    "4 experts top-1", _tiny(), expert_init_std=0.25),
@@ -103,6 +120,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            _bench(hidden_size=256, intermediate_size=512, intermediate_size_mlp=1024, num_attention_heads=4,
                   num_local_experts=128, interleave_moe_layer_step=2, use_qk_norm=False,
                   rope_parameters={"rope_type": "default", "rope_theta": 500000.0}), expert_init_std=0.05),
+    Preset("tiny-vision", "CI-sized multimodal model: the tiny text model plus a 2-layer vision tower on 336-pixel "
+                          "tiles (patch 14, 144 image tokens per tile)",
+           _tiny(), expert_init_std=0.25, vision=_TINY_VISION),
     Preset("tiny-trained", "tiny byte-level model TRAINED on English (stdlib pydoc topics): 4 layers (layer 3 NoPE), "
                            "hidden 128, 8 experts top-1, chunk 32; benchmarks/train_tiny.py",
            checkpoint="tiny-trained"),

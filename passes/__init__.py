@@ -6,7 +6,8 @@
     def my_pass(gm, ctx: PassContext) -> PassResult: ...
 """
 from ._registry import PassContext, PassResult, PassSpec, get_pass, order_passes, register_pass, registered_passes
-from . import eliminate_dead_code, fuse_moe, kv_cache, lower_irope, quantize  # noqa: F401  (builtins register on import)
-from . import shard_experts  # noqa: F401  (runs only for compile --plan: default=False)
+# builtins register on import
+from . import eliminate_dead_code, fuse_moe, kv_cache, lower_irope, lower_vision_rope, quantize  # noqa: F401
+from . import shard_experts, shard_tensor_parallel  # noqa: F401  (run only for compile --plan: default=False)
 
 __all__ = ["PassContext", "PassResult", "PassSpec", "get_pass", "order_passes", "register_pass", "registered_passes"]

@@ -24,6 +24,9 @@ class PassResult:
     gm: torch.fx.GraphModule
     changed: bool = True
     stats: Mapping[str, Any] = field(default_factory=dict)
+    # A LOSSY pass (quantize) sets the logit SQNR (dB) its output must keep against its input; verify mode then
+    # judges it by that instead of the exact-pass drift bound. None: the pass claims to preserve the output.
+    min_logit_sqnr_db: float | None = None
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class PassContext:
     options: Any = None               # this pass's frozen options dataclass (or None)
     example_inputs: tuple = ()
     metadata: Mapping[str, Any] = field(default_factory=dict)  # Program.metadata (read-only by convention)
+    verify: bool = False              # verify mode: a pass may add accuracy stats (quantize: layer_sqnr)
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class PassSpec:
     options: type | None = None       # frozen dataclass type of this pass's options
     default: bool = True              # runs unless skipped
     source: str = "builtin"           # builtin | entry-point | user
+    programs: tuple[str, ...] = ("text",)   # which Program kinds it runs on: "text", "vision"
 
     def ordering(self) -> str:
         parts = []
@@ -60,11 +65,17 @@ class PassSpec:
 
 
 _REGISTRY: dict[str, PassSpec] = {}
+PROGRAM_KINDS = ("text", "vision")
 
 
 def register_pass(name: str, *, requires=(), guarantees=(), before=(), after=(), options: type | None = None,
-                  default: bool = True, description: str | None = None, source: str = "builtin"):
-    """Decorator: register ``fn`` as pass ``name``. The docstring's first line is its description."""
+                  default: bool = True, description: str | None = None, source: str = "builtin",
+                  programs: tuple[str, ...] = ("text",)):
+    """Decorator: register ``fn`` as pass ``name``. The docstring's first line is its description.
+    ``programs``: the Program kinds it applies to (the text model, the vision tower, or both)."""
+    bad = [p for p in programs if p not in PROGRAM_KINDS]
+    if not programs or bad:
+        raise TypeError(f"pass {name}: programs must be a non-empty subset of {PROGRAM_KINDS}, got {programs!r}")
     if options is not None and not (dataclasses.is_dataclass(options) and options.__dataclass_params__.frozen):
         raise TypeError(f"pass {name}: options must be a frozen dataclass type")
 
@@ -72,7 +83,7 @@ def register_pass(name: str, *, requires=(), guarantees=(), before=(), after=(),
         desc = description or ((fn.__doc__ or "").strip().splitlines() or [""])[0]
         spec = PassSpec(name=name, fn=fn, description=desc, requires=tuple(requires),
                         guarantees=tuple(guarantees), before=tuple(before), after=tuple(after),
-                        options=options, default=default, source=source)
+                        options=options, default=default, source=source, programs=tuple(programs))
         old = _REGISTRY.get(name)
         if old is not None and old.fn.__qualname__ != fn.__qualname__:
             raise L4Error(f"pass name '{name}' is already registered by {old.fn.__module__}.{old.fn.__qualname__}")

@@ -6,7 +6,8 @@ import torch.fx
 from ._registry import PassContext, PassResult, register_pass
 
 
-@register_pass("eliminate_dead_code", after=("fuse_moe", "lower_irope"))
+@register_pass("eliminate_dead_code", after=("fuse_moe", "lower_irope", "lower_vision_rope"),
+               programs=("text", "vision"))
 def eliminate_dead_code(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Remove nodes whose results are unused (fx's impurity rules keep asserts and in-place ops)."""
     before = len(gm.graph.nodes)
