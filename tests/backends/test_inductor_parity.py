@@ -29,6 +29,7 @@ def test_run_matches_eager(variant, checkpoints, engines, tmp_path, capsys):
     check_run_matches_eager(engines[variant], checkpoints[variant], tmp_path, capsys)
 
 
+@pytest.mark.slow   # an extra AOTI compile; keeps the default suite inside its 15-minute budget
 def test_skip_fuse_moe_still_matches(checkpoints, tmp_path):
     """The reference (every expert for every token) path stays available for comparison."""
     from l4compile import frontend

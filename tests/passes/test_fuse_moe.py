@@ -144,6 +144,7 @@ _LOADER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow   # an extra AOTI compile; keeps the default suite inside its 15-minute budget
 def test_aoti_package_loads_in_fresh_process(traced, tmp_path):
     lm, prog = traced("top2")
     res = _run_pass(copy.deepcopy(prog.gm), lm.config)
