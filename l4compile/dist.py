@@ -111,4 +111,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # A worker's work is done (process group destroyed, output written): skip interpreter teardown. Destroying the
+    # native thread pools (gloo, AOTInductor runtime) in static-destructor order occasionally aborted a rank with
+    # "terminate called without an active exception" (SIGABRT) after a successful run; torchrun then fails the job.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
