@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -129,6 +129,14 @@ def verify_artifacts(path: Path, manifest: dict[str, Any]) -> None:
                           "modified or corrupted; recompile it")
 
 
+class PreparedPrompt(NamedTuple):
+    """An image prompt after layout and vision encoding (``Engine.prepare_prompt``)."""
+
+    ids: torch.Tensor               # [1, S'] with each image's token block
+    image_embeds: torch.Tensor      # [1, S', H], image features at the <|patch|> positions
+    image_mask: torch.Tensor        # [1, S'] bool
+
+
 class Engine:
     """A loaded engine. ``prefill`` and ``generate`` validate their inputs against the engine's limits."""
 
@@ -188,9 +196,10 @@ class Engine:
         return ImageSpec.from_dict(v["image"]), ImageTokens.from_dict(v["tokens"])
 
     @torch.no_grad()
-    def prepare_prompt(self, input_ids: Any, images: Sequence[Any]):
+    def prepare_prompt(self, input_ids: Any, images: Sequence[Any]) -> "PreparedPrompt":
         """Token ids with ``<|image|>`` placeholders + images -> (ids [1, S'] with each image's token block,
-        image_embeds [1, S', H], image_mask [1, S']). Runs the vision engine once per image."""
+        image_embeds [1, S', H], image_mask [1, S']). Runs the vision engine once per image; pass the result as
+        ``images=`` to prefill / generate to reuse it (their ``input_ids`` are then ignored)."""
         from l4compile.vision import expand_prompt, place_features, preprocess
 
         spec, tokens = self._image_setup()
@@ -210,7 +219,7 @@ class Engine:
             out = self._vision(p.pixel_values.to(device=self.device, dtype=dtype).contiguous())
             feats.append(out.reshape(-1, out.shape[-1]))
         embeds, mask = place_features(full, torch.cat(feats), tokens.patch)
-        return full, embeds, mask
+        return PreparedPrompt(full, embeds, mask)
 
     def _no_image(self, ids: torch.Tensor):
         hidden = int(self.manifest["model_config"]["hidden_size"])
@@ -225,11 +234,12 @@ class Engine:
         embeds, mask = image if image is not None else self._no_image(ids)
         return ids, embeds.contiguous(), mask.contiguous()
 
-    def _prompt(self, input_ids: Any, images: Sequence[Any] | None):
+    def _prompt(self, input_ids: Any, images: "Sequence[Any] | PreparedPrompt | None"):
         if images is None:
             return self.check_input_ids(input_ids), None
-        ids, embeds, mask = self.prepare_prompt(input_ids, images)
-        return ids, (embeds, mask)
+        if not isinstance(images, PreparedPrompt):
+            images = self.prepare_prompt(input_ids, images)
+        return images.ids, (images.image_embeds, images.image_mask)
 
     @property
     def kv_cache(self) -> dict | None:
