@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--verify", action="store_true", help="check the output after every pass; name the first drift")
     c.add_argument("--plan", default=None, metavar="PLAN.json",
                    help="shard experts as `l4compile plan --json` placed them: one artifact set per rank")
+    c.add_argument("--stream-weights", action="store_true",
+                   help="never hold the float model in memory: trace on the meta device and read each weight when a "
+                        "pass needs it (with --quant, only quantized weights are kept; full Scout Int4 fits one H100)")
     c.add_argument("--text-only", action="store_true",
                    help="multimodal checkpoints: compile the text model alone (no vision engine)")
 
@@ -137,7 +140,7 @@ def cmd_compile(a) -> int:
                             max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size, seed=a.seed,
                             layers=a.layers, force=a.force, passes=tuple(a.passes), skip_passes=tuple(a.skip_passes),
                             verify=a.verify, dump_ir=a.dump_ir, progress=progress, plan=a.plan,
-                            text_only=a.text_only)
+                            text_only=a.text_only, stream_weights=a.stream_weights)
     m = eng.manifest
     size = sum(v["bytes"] for v in m["artifacts"].values())
     out = {"engine": str(eng.path), "backend": m["backend"], "compile_seconds": m["compile_seconds"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from l4compile.config import CompileConfig
 from l4compile.engine import Engine, check_out_dir, engine_writer, load_engine, write_manifest
 from l4compile.errors import L4Error
 from l4compile.pipeline import run_passes
-from l4compile.program import trace
+from l4compile.program import Program, trace
 from l4compile.progress import Progress
 
 DEFAULT_MAX_SEQ = 512
@@ -79,42 +80,33 @@ def compile_vision(vision, config: CompileConfig, progress: Progress, tol: float
     return prog, records
 
 
-def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "engine", *, quant: str = "none",
-            dtype: str = "float32", device: str = "cpu", max_seq_len: int | None = None, max_batch_size: int = 4,
-            seed: int = 0, layers: int | None = None, force: bool = False, passes: tuple[str, ...] = (),
-            skip_passes: tuple[str, ...] = (), verify: bool = False, dump_ir: str | os.PathLike | None = None,
-            pass_options: dict[str, dict[str, Any]] | None = None, progress: Progress | None = None,
-            plan: str | os.PathLike | dict | None = None, text_only: bool = False) -> Engine:
-    """Compile MODEL (checkpoint directory or preset) into an engine directory at ``out`` and load it.
-    With ``plan`` (``l4compile plan --json`` output), the sharding passes (shard_experts, and
-    shard_tensor_parallel where the plan says TP) write one artifact set per rank."""
-    if plan is not None:   # sharded execution: the passes and options the plan's layout asks for
-        from l4compile.plan.execution import pass_options_from_plan
-        plan_options = pass_options_from_plan(plan, backend)
-        pass_options = dict(pass_options or {}, **plan_options)
-        passes = (*passes, *(f"l4compile.passes.{name}:{name}" for name in plan_options))
-    config = CompileConfig(backend=backend, quant=quant, dtype=dtype, device=device, max_seq_len=max_seq_len,
-                           max_batch_size=max_batch_size, seed=seed, layers=layers, passes=tuple(passes),
-                           skip_passes=tuple(skip_passes), verify=verify, text_only=text_only,
-                           pass_options=tuple((k, tuple(sorted(v.items())))
-                                              for k, v in sorted((pass_options or {}).items())))
-    from l4compile.backends import get_backend
+@dataclass
+class Lowered:
+    """The text model after the frontend and the passes, placed on the compile device: what a backend builds."""
 
-    be = get_backend(config.backend)
-    out = Path(out)
-    check_out_dir(out, force)
-    progress = progress or Progress(enabled=False)
-    t_start = time.perf_counter()
+    program: Program
+    loaded: frontend.LoadedModel     # .source, .vision (.model is dropped once traced)
+    records: list                    # PassRecord per pass
+    max_seq: int
+    tolerance: float                 # verify's exact-pass bound for this dtype
+    placed_bytes: int                # weights read from the source after the passes (--stream-weights)
+
+
+def lower(model: str, config: CompileConfig, *, progress: Progress, dump_ir=None, plan=None) -> Lowered:
+    """MODEL -> frontend -> trace -> passes -> ``Program.place``. Under ``config.stream_weights`` the model is traced
+    on meta and its weights are read from ``LoadedModel.weights`` by the passes that need values (quantize) and by
+    ``place``, one tensor at a time."""
     with progress.stage("load model"):
         loaded = frontend.load(model, dtype=config.dtype, device=config.device, seed=config.seed, layers=config.layers,
-                               vision=not config.text_only)
+                               vision=not config.text_only, stream=config.stream_weights)
     lm, vision = loaded.model, loaded.vision
     if vision is not None:
         check_vision_options(config, plan)
     max_seq = resolve_max_seq(config, lm.config)
     with progress.stage("trace"):
-        program = trace(lm, max_batch=config.max_batch_size, max_seq=max_seq, device=config.device,
-                        image_inputs=vision is not None)
+        program = trace(lm, max_batch=config.max_batch_size, max_seq=max_seq,
+                        device="meta" if loaded.weights is not None else config.device, image_inputs=vision is not None)
+    program.weights = loaded.weights
     reference = None
     if config.verify:
         from l4compile.program import CausalLMHarness, MultimodalLMHarness
@@ -126,9 +118,50 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
         records = run_passes(program, config, dump_ir=Path(dump_ir) if dump_ir else None, reference=reference,
                              tolerance=tol, on_pass=lambda n, s: progress.note(f"  pass {n}: {s:.2f}s"))
     del lm
+    loaded.model = None     # the float weights the passes replaced (quantize) are freed before the backend runs
+    with progress.stage("place weights"):
+        placed = program.place(config.device)   # streamed weights no pass read; tensors passes built elsewhere
+    return Lowered(program, loaded, records, max_seq, tol, placed)
+
+
+def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "engine", *, quant: str = "none",
+            dtype: str = "float32", device: str = "cpu", max_seq_len: int | None = None, max_batch_size: int = 4,
+            seed: int = 0, layers: int | None = None, force: bool = False, passes: tuple[str, ...] = (),
+            skip_passes: tuple[str, ...] = (), verify: bool = False, dump_ir: str | os.PathLike | None = None,
+            pass_options: dict[str, dict[str, Any]] | None = None, progress: Progress | None = None,
+            plan: str | os.PathLike | dict | None = None, text_only: bool = False,
+            stream_weights: bool = False) -> Engine:
+    """Compile MODEL (checkpoint directory or preset) into an engine directory at ``out`` and load it.
+    With ``plan`` (``l4compile plan --json`` output), the sharding passes (shard_experts, and
+    shard_tensor_parallel where the plan says TP) write one artifact set per rank. With ``stream_weights`` the
+    model is traced on the meta device and its weights are read one at a time (``l4compile.weights``)."""
+    if stream_weights and (verify or plan is not None):
+        raise L4Error("--stream-weights cannot be combined with " + ("--verify (it compares against the float model "
+                      "in memory)" if verify else "--plan (sharding slices weights in memory)")
+                      + "; drop one of them")
+    if plan is not None:   # sharded execution: the passes and options the plan's layout asks for
+        from l4compile.plan.execution import pass_options_from_plan
+        plan_options = pass_options_from_plan(plan, backend)
+        pass_options = dict(pass_options or {}, **plan_options)
+        passes = (*passes, *(f"l4compile.passes.{name}:{name}" for name in plan_options))
+    config = CompileConfig(backend=backend, quant=quant, dtype=dtype, device=device, max_seq_len=max_seq_len,
+                           max_batch_size=max_batch_size, seed=seed, layers=layers, passes=tuple(passes),
+                           skip_passes=tuple(skip_passes), verify=verify, text_only=text_only,
+                           stream_weights=stream_weights,
+                           pass_options=tuple((k, tuple(sorted(v.items())))
+                                              for k, v in sorted((pass_options or {}).items())))
+    from l4compile.backends import get_backend
+
+    be = get_backend(config.backend)
+    out = Path(out)
+    check_out_dir(out, force)
+    progress = progress or Progress(enabled=False)
+    t_start = time.perf_counter()
+    low = lower(model, config, progress=progress, dump_ir=dump_ir, plan=plan)
+    program, loaded, records, max_seq, vision = low.program, low.loaded, low.records, low.max_seq, low.loaded.vision
     vision_program, vision_records = None, []
     if vision is not None:
-        vision_program, vision_records = compile_vision(vision, config, progress, tol,
+        vision_program, vision_records = compile_vision(vision, config, progress, low.tolerance,
                                                         Path(dump_ir) / "vision" if dump_ir else None)
     kv_layout = (program.gm.meta.get("l4_sharding") or {}).get("kv_cache") or program.kv_layout   # per rank
     if kv_layout is not None:
@@ -164,6 +197,7 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
             "weight_bytes": next((r.stats["weight_bytes"] for r in records
                                   if r.name == "quantize" and "weight_bytes" in r.stats), None),
             "kv_cache": kv_layout, "sharding": program.gm.meta.get("l4_sharding"),
+            "streamed_weight_bytes": low.placed_bytes if config.stream_weights else None,
             "backend_info": result.info, "vision": vision_manifest, "versions": library_versions(),
             "stage_seconds": progress.stages, "compile_seconds": round(time.perf_counter() - t_start, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -45,6 +45,7 @@ class CompileConfig:
     skip_passes: tuple[str, ...] = ()
     verify: bool = False                    # run the graph after every pass and name the first that drifts
     text_only: bool = False                 # multimodal checkpoints: compile the text model only (no vision engine)
+    stream_weights: bool = False            # trace on meta, read each weight when needed (l4compile.weights)
     pass_options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -55,8 +56,9 @@ class CompileConfig:
         _positive_int("max_seq_len", self.max_seq_len, allow_none=True)
         _positive_int("max_batch_size", self.max_batch_size)
         _positive_int("layers", self.layers, allow_none=True)
-        if not isinstance(self.text_only, bool):
-            raise L4Error(f"text_only must be true or false, got {self.text_only!r}")
+        for name in ("text_only", "stream_weights", "verify"):
+            if not isinstance(getattr(self, name), bool):
+                raise L4Error(f"{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise L4Error(f"seed must be an integer, got {self.seed!r}")
         object.__setattr__(self, "passes", tuple(self.passes))

@@ -17,8 +17,10 @@ import torch
 
 from l4compile.errors import L4Error
 from l4compile.presets import PRESETS, get_preset
+from l4compile.weights import CheckpointWeights, Overlay, RandomWeights, StateDictWeights, materialize_module
 
 TEXT_MODEL_TYPES = ("llama4_text", "llama4")
+STREAM_VISION = "--stream-weights compiles text models only; add --text-only to compile this model's text part"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -39,6 +41,7 @@ class LoadedModel:
     model: torch.nn.Module          # Llama4ForCausalLM, eval mode
     source: dict[str, Any]          # {"kind": "preset"|"checkpoint", ...}
     vision: VisionParts | None = None
+    weights: Any = None             # stream=True: the WeightSource behind the META model's tensors
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -250,10 +253,55 @@ def build_model(text_cfg, *, seed: int, dtype: str, device: str = "cpu", meta: b
     return model.to(device=device, dtype=torch_dtype(dtype)).eval()
 
 
+def computed_buffers(text_cfg) -> StateDictWeights:
+    """The buffers transformers computes instead of loading (RoPE inv_freq), for models built on meta."""
+    from transformers.models.llama4.modeling_llama4 import Llama4TextRotaryEmbedding
+
+    with torch.device("cpu"):
+        rope = Llama4TextRotaryEmbedding(text_cfg)
+    return StateDictWeights({f"model.rotary_emb.{k}": v for k, v in rope.named_buffers()})
+
+
+def random_weights(lm: torch.nn.Module, seed: int, expert_init_std: float | None) -> RandomWeights:
+    """Seeded per-tensor random weights for ``lm``'s parameters (see ``l4compile.weights.RandomWeights``)."""
+    shapes = {n: tuple(p.shape) for n, p in lm.named_parameters(remove_duplicate=False)}
+    return RandomWeights(shapes, seed, float(lm.config.initializer_range), expert_init_std)
+
+
+def available_bytes(device: str) -> int | None:
+    """Free memory where tensors of ``device`` live (host: MemAvailable), None if unknown."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(model: str, need: int, device: str) -> None:
+    """Refuse, before allocating, an in-memory build that cannot fit."""
+    have = available_bytes(device)
+    if have is not None and need > have:
+        raise L4Error(f"building '{model}' in memory needs ~{need / 2**30:.1f} GiB on {device} and "
+                      f"{have / 2**30:.1f} GiB is free; add --stream-weights (weights are then read one at a time, and "
+                      "with --quant int4/fp8 only quantized weights are kept), or use --layers N for a preset")
+
+
+def _numel(lm: torch.nn.Module) -> int:
+    return sum(p.numel() for p in lm.parameters())
+
+
 def load(model: str, *, dtype: str = "float32", device: str = "cpu", seed: int = 0, layers: int | None = None,
-         meta: bool = False, vision: bool = False) -> LoadedModel:
+         meta: bool = False, vision: bool = False, stream: bool = False) -> LoadedModel:
     """Resolve MODEL to an eval-mode Llama4ForCausalLM; with ``vision``, also the vision tower and projector
-    of a multimodal checkpoint or preset (``LoadedModel.vision``; None for text-only models)."""
+    of a multimodal checkpoint or preset (``LoadedModel.vision``; None for text-only models).
+
+    ``stream``: the model stays on the META device and ``LoadedModel.weights`` is the WeightSource to read its
+    tensors from one at a time (``l4compile.weights``); text models only. Full-size presets (scout, maverick)
+    always draw their random weights per tensor from ``RandomWeights`` (in memory: directly on ``device``)."""
     preset_name = None
     if model in PRESETS and get_preset(model).checkpoint is not None:   # trained preset: a packaged checkpoint
         preset_name, model = model, str(get_preset(model).checkpoint_dir())
@@ -262,6 +310,17 @@ def load(model: str, *, dtype: str = "float32", device: str = "cpu", seed: int =
     if model in PRESETS:
         preset = get_preset(model)
         text_cfg = text_config_from_dict(dict(preset.text_config_kwargs(layers), model_type="llama4_text"))
+        source = {"kind": "preset", "name": model, "seed": seed, "layers": layers}
+        if stream and vision and preset.vision is not None:
+            raise L4Error(STREAM_VISION)
+        if (stream or preset.full_size) and not meta:
+            lm = build_model(text_cfg, seed=seed, dtype=dtype, meta=True)
+            weights = Overlay((computed_buffers(text_cfg), random_weights(lm, seed, preset.expert_init_std)))
+            if stream:
+                return LoadedModel(lm, dict(source, weights="random per tensor"), None, weights)
+            check_memory(model, _numel(lm) * torch_dtype(dtype).itemsize, device)
+            materialize_module(lm, weights, device)
+            return LoadedModel(lm.eval(), dict(source, weights="random per tensor"))
         lm = build_model(text_cfg, seed=seed, dtype=dtype, device=device, meta=meta,
                          expert_init_std=preset.expert_init_std)
         parts = None
@@ -281,6 +340,19 @@ def load(model: str, *, dtype: str = "float32", device: str = "cpu", seed: int =
         raise L4Error("--layers applies to presets only; a checkpoint's layer count comes from its config.json")
     cfg = read_config(path)
     text_cfg = text_config_from_dict(cfg)
+    multimodal = cfg.get("model_type") == "llama4"
+    source = {"kind": "checkpoint", "path": str(path.resolve()), "model_type": cfg["model_type"]}
+    if preset_name is not None:
+        source["preset"] = preset_name
+    if stream and not meta:
+        if vision and vision_configs(cfg) is not None:
+            raise L4Error(STREAM_VISION)
+        lm = build_model(text_cfg, seed=seed, dtype=dtype, meta=True)
+        where = index_safetensors(path, lm, multimodal=multimodal)
+        files = CheckpointWeights({key: loc for (part, key), loc in where.items() if part == "text"})
+        return LoadedModel(lm, source, None, Overlay((computed_buffers(text_cfg), files)))
+    if not meta:   # float32 model + float32 state dict, counted on meta before anything is allocated
+        check_memory(str(path), _numel(build_model(text_cfg, seed=seed, dtype="float32", meta=True)) * 8, "cpu")
     lm = build_model(text_cfg, seed=seed, dtype="float32", meta=meta)
     vis_cfgs = vision_configs(cfg) if vision and not meta else None
     parts = None
@@ -289,16 +361,13 @@ def load(model: str, *, dtype: str = "float32", device: str = "cpu", seed: int =
         parts = VisionParts(build_vision(full, seed=seed), vcfg, image_tokens(path, full, text_cfg.vocab_size),
                             image_spec(path, vcfg))
     if not meta:
-        state, vstate = load_safetensors(path, lm, multimodal=cfg.get("model_type") == "llama4",
+        state, vstate = load_safetensors(path, lm, multimodal=multimodal,
                                          vision=parts.module if parts is not None else None)
         lm.load_state_dict(state, strict=True)
         lm = lm.to(device=device, dtype=torch_dtype(dtype)).eval()
         if parts is not None:
             parts.module.load_state_dict(vstate, strict=True)
             cast_real(parts.module, device, dtype)
-    source = {"kind": "checkpoint", "path": str(path.resolve()), "model_type": cfg["model_type"]}
-    if preset_name is not None:
-        source["preset"] = preset_name
     return LoadedModel(lm, source, parts)
 
 
@@ -336,12 +405,11 @@ def _checkpoint_name(name: str, multimodal: bool) -> tuple[str, str]:
     return "vision", rest   # vision_model.* / multi_modal_projector.*
 
 
-def load_safetensors(ckpt: Path, lm: torch.nn.Module, *, multimodal: bool, vision: torch.nn.Module | None = None
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def index_safetensors(ckpt: Path, lm: torch.nn.Module, *, multimodal: bool, vision: torch.nn.Module | None = None
+                      ) -> dict[tuple[str, str], tuple[Path, str]]:
     """Validate every tensor's presence, shape and byte range against ``lm`` (and ``vision``, the VisionHarness
-    of a multimodal checkpoint; its tensors are skipped without one), then load them -> (text, vision) states."""
-    from safetensors import SafetensorError, safe_open
-
+    of a multimodal checkpoint; its tensors are skipped without one); reads headers only (``lm`` may be on meta).
+    -> {("text"|"vision", parameter name): (file, tensor name)}; a tied lm_head maps to the embedding."""
     files = sorted(ckpt.glob("*.safetensors"))
     if not files:
         pickles = [p.name for p in ckpt.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
@@ -385,6 +453,17 @@ def load_safetensors(ckpt: Path, lm: torch.nn.Module, *, multimodal: bool, visio
     if missing:
         raise L4Error(f"checkpoint {ckpt} lacks tensor '{missing[0]}'"
                       + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if tied and ("text", "lm_head.weight") not in where:
+        where[("text", "lm_head.weight")] = where[("text", "model.embed_tokens.weight")]
+    return where
+
+
+def load_safetensors(ckpt: Path, lm: torch.nn.Module, *, multimodal: bool, vision: torch.nn.Module | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``index_safetensors``, then load every tensor as float32 -> (text, vision) state dicts."""
+    from safetensors import SafetensorError, safe_open
+
+    where = index_safetensors(ckpt, lm, multimodal=multimodal, vision=vision)
     states: dict[str, dict[str, torch.Tensor]] = {"text": {}, "vision": {}}
     by_file: dict[Path, list[tuple[tuple[str, str], str]]] = {}
     for target, (f, name) in where.items():
@@ -396,7 +475,4 @@ def load_safetensors(ckpt: Path, lm: torch.nn.Module, *, multimodal: bool, visio
                     states[part][key] = fh.get_tensor(name).to(torch.float32)
         except SafetensorError as e:
             raise L4Error(f"cannot read {f}: {e}") from None
-    state = states["text"]
-    if tied and "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    return state, states["vision"]
+    return states["text"], states["vision"]

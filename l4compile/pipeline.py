@@ -144,7 +144,8 @@ def run_passes(program: Program, compile_config: Any, *, dump_ir: Path | None = 
         else:
             options = None
         ctx = reg.PassContext(model_config=program.model_config, compile_config=compile_config, options=options,
-                              example_inputs=program.example_inputs, metadata=program.metadata, verify=verify)
+                              example_inputs=program.example_inputs, metadata=program.metadata, verify=verify,
+                              weights=program.weights)
         t0 = time.perf_counter()
         result = spec.fn(program.gm, ctx)
         seconds = time.perf_counter() - t0

@@ -23,6 +23,8 @@ import torch
 import torch.fx
 from torch.export import Dim
 
+from l4compile.errors import L4Error
+
 PARAM_PREFIX = "lm."  # get_attr targets are PARAM_PREFIX + transformers parameter name
 
 
@@ -106,6 +108,26 @@ class Program:
     metadata: dict = field(default_factory=dict)     # source, param provenance, signature, ...
     kind: str = "text"                               # "text" | "vision" (selects passes; see pipeline)
     shapes: tuple | None = None                      # dynamic shapes of non-text programs
+    weights: Any = None                              # --stream-weights: WeightSource of the gm's META weights
+
+    def place(self, device: str) -> int:
+        """Make the graph runnable on ``device`` once the passes are done: meta weights are loaded from
+        ``weights`` (then None), tensors elsewhere (e.g. RoPE tables a pass built on the CPU) are moved, device
+        arguments traced on meta are re-pointed, and the example inputs follow. Returns the bytes loaded."""
+        from l4compile.weights import StateDictWeights, materialize_module, retarget_devices
+
+        loaded = materialize_module(self.gm, self.weights or StateDictWeights({}), device, prefix=PARAM_PREFIX)
+        retarget_devices(self.gm, device)
+        for shard in self.gm.meta.get("l4_shards") or ():          # compile --plan: one graph per rank
+            materialize_module(shard, StateDictWeights({}), device)
+            retarget_devices(shard, device)
+        if any(t.is_meta for t in self.example_inputs):
+            if self.kind != "text" or len(self.example_inputs) != 1:
+                raise L4Error("only text-only programs can be traced on meta and placed later")
+            self.example_inputs = example_inputs(self.model_config.vocab_size, self.max_seq, device)
+        self.example_inputs = tuple(t.to(device) for t in self.example_inputs)
+        self.weights = None
+        return loaded
 
     @property
     def kv_layout(self) -> dict | None:

@@ -39,6 +39,18 @@ class PassContext:
     example_inputs: tuple = ()
     metadata: Mapping[str, Any] = field(default_factory=dict)  # Program.metadata (read-only by convention)
     verify: bool = False              # verify mode: a pass may add accuracy stats (quantize: layer_sqnr)
+    weights: Any = None               # --stream-weights: the WeightSource of the graph's META weights
+
+    def weight(self, gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
+        """The VALUES of graph attribute ``target`` (``lm.<transformers name>``). Under --stream-weights the graph
+        holds meta tensors and this loads the weight from the source onto the compile device; the caller owns the
+        result (nothing is cached), so a pass that reads values must use this instead of the attribute."""
+        obj: Any = gm
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        if obj.is_meta and self.weights is not None and target.startswith("lm."):
+            return self.weights.load(target[len("lm."):], obj.dtype, getattr(self.compile_config, "device", "cpu"))
+        return obj
 
 
 @dataclass(frozen=True)

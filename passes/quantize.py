@@ -13,6 +13,8 @@ Contract
   scales) are buffers on the GraphModule read by ``get_attr`` nodes named ``l4q_<param>_{w,s}``; the old
   float weights are deleted from the module so the engine only stores the quantized ones.
 * Finding nothing to quantize is an error (``L4Error``), never a silent no-op.
+* Weight values are read through ``ctx.weight`` (under ``--stream-weights`` the graph holds meta tensors and each
+  float weight is loaded just before it is quantized and dropped after), and quantized one expert at a time.
 * Stats: ``scheme``, ``linears``, ``moe_blocks``, ``weight_bytes`` {before, after} over every tensor the
   graph reads, ``quantized_bytes`` {before, after} over the rewritten weights only; in verify mode also
   ``layer_sqnr`` {parameter: dB}: each quantized weight's output SQNR against the float layer on the
@@ -81,9 +83,18 @@ def _graph_bytes(gm: torch.fx.GraphModule) -> int:
     return total
 
 
+def _quantize_per_expert(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """[.., N, K] -> (q, s), one leading slice (expert) at a time so the float32 temporaries stay one expert big
+    (Scout's gate_up is 5.4 GB in float32); bit-identical to quantizing the whole tensor (scales are per row)."""
+    if w.dim() < 3:
+        return quantize_weight(w, scheme)
+    parts = [quantize_weight(w[e], scheme) for e in range(w.shape[0])]
+    return torch.stack([q for q, _ in parts]), torch.stack([s for _, s in parts])
+
+
 class _Rewriter:
-    def __init__(self, gm: torch.fx.GraphModule, scheme: QuantScheme):
-        self.gm, self.scheme = gm, scheme
+    def __init__(self, gm: torch.fx.GraphModule, scheme: QuantScheme, ctx: PassContext):
+        self.gm, self.scheme, self.ctx = gm, scheme, ctx
         self.cache: dict[str, tuple[str, str]] = {}
         self.old: set[str] = set()
         self.bytes_before = self.bytes_after = 0
@@ -102,10 +113,10 @@ class _Rewriter:
         """get_attr node of a float weight -> get_attr nodes of (quantized weight, scales), inserted before use."""
         target = str(node.target)
         if target not in self.cache:
-            w = _fetch(self.gm, target).detach()
+            w = self.ctx.weight(self.gm, target).detach()      # --stream-weights: loaded now, dropped after
             if hf_experts:                                   # HF [E, K, N] used as x @ W -> [E, N, K]
                 w = w.transpose(1, 2)
-            q, s = quantize_weight(w, self.scheme)
+            q, s = _quantize_per_expert(w, self.scheme)
             base = "l4q_" + re.sub(r"\W", "_", target[len(PARAM_PREFIX):])
             self.gm.register_buffer(base + "_w", q.contiguous())
             self.gm.register_buffer(base + "_s", s.contiguous())
@@ -131,7 +142,7 @@ def quantize(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     scheme = scheme.with_options(**over)
     bytes_before = _graph_bytes(gm)
     calib = _layer_sqnr(gm, ctx, scheme) if ctx.verify else None          # before the float weights go
-    rw = _Rewriter(gm, scheme)
+    rw = _Rewriter(gm, scheme, ctx)
     graph = gm.graph
     linear_op = getattr(torch.ops.l4, _LINEAR_OP[scheme.weight]).default
     n_linear = n_moe = 0

@@ -34,6 +34,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--layers", default=None, help="presets only: number of decoder layers")
     b.add_argument("--max-seq-len", default=None, help="engines' max sequence length "
                                                        "(default: longest prompt + --decode-steps)")
+    b.add_argument("--stream-weights", action="store_true",
+                   help="compile engines with --stream-weights (the float model is never in memory; engines only)")
     b.add_argument("--threads", default=None, help="torch CPU threads for the run (default: torch's choice)")
     return b
 
@@ -58,7 +60,8 @@ def config_from_args(a) -> "BenchConfig":  # noqa: F821
                        batch_sizes=parse_int_list("--batch-sizes", a.batch_sizes),
                        decode_steps=_int("--decode-steps", a.decode_steps), repeats=_int("--repeats", a.repeats),
                        seed=_int("--seed", a.seed, minimum=None), layers=_int("--layers", a.layers),
-                       max_seq_len=_int("--max-seq-len", a.max_seq_len), threads=_int("--threads", a.threads))
+                       max_seq_len=_int("--max-seq-len", a.max_seq_len), threads=_int("--threads", a.threads),
+                       stream_weights=a.stream_weights)
 
 
 def run_compare(paths: list[str]) -> int:

@@ -46,6 +46,7 @@ class BenchConfig:
     layers: int | None = None
     max_seq_len: int | None = None      # engines' limit; default max(prompt_lens) + decode_steps
     threads: int | None = None          # torch.set_num_threads for the run; None: torch's default
+    stream_weights: bool = False        # engines: compile --stream-weights (full-size models)
 
     def __post_init__(self) -> None:
         from l4compile.config import BACKENDS, DEVICES, DTYPES, QUANTS
@@ -56,6 +57,8 @@ class BenchConfig:
         for b in self.backends:
             if b not in known:
                 raise L4Error(f"unknown backend '{b}' in --backends; choose from: {', '.join(known)}")
+        if not isinstance(self.stream_weights, bool):
+            raise L4Error(f"stream_weights must be true or false, got {self.stream_weights!r}")
         if len(set(self.backends)) != len(self.backends):
             raise L4Error("--backends lists a backend twice")
         for name, value, allowed in (("--quant", self.quant, QUANTS), ("--dtype", self.dtype, DTYPES),
@@ -228,7 +231,7 @@ def _engine_runner(cfg: BenchConfig, name: str, workdir: Path, max_seq: int) -> 
     t0 = time.perf_counter()
     eng = l4compile.compile(cfg.model, backend=name, out=workdir / name, quant=cfg.quant, dtype=cfg.dtype,
                             device=cfg.device, max_seq_len=max_seq, max_batch_size=max(cfg.batch_sizes),
-                            seed=cfg.seed, layers=cfg.layers)
+                            seed=cfg.seed, layers=cfg.layers, stream_weights=cfg.stream_weights)
     seconds = time.perf_counter() - t0
     cached = getattr(eng, "kv_cache", None) is not None or hasattr(Engine, "decode_step")
     method = ("Engine.generate with the engine's KV cache: one prefill, then one cached decode step per token"
@@ -314,7 +317,9 @@ def _run_bench(cfg: BenchConfig, *, stream=None, progress: bool | None = None) -
         raise L4Error("--device cuda needs a CUDA GPU and a CUDA build of torch; this machine has none")
     bar = ProgressBar(0, stream=stream, enabled=progress)
     bar.note(f"loading {cfg.model} ...")
-    loaded = frontend.load(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed, layers=cfg.layers)
+    baselines = any(b in BASELINES for b in cfg.backends)      # engines alone need only the config (meta)
+    loaded = frontend.load(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed, layers=cfg.layers,
+                           meta=not baselines)
     lm = loaded.model
     limit = int(lm.config.max_position_embeddings)
     if cfg.needed_seq_len > limit:

@@ -108,6 +108,17 @@ def test_unknown_options(capsys, tmp_path, flag, value, needle):
     expect_error(capsys, ["compile", "tiny", "--out", str(tmp_path / "e"), flag, value], needle)
 
 
+@pytest.mark.parametrize("model,extra,needles", [
+    ("tiny", ["--verify"], ("--stream-weights", "--verify")),
+    ("tiny", ["--plan", "plan.json"], ("--stream-weights", "--plan")),
+    ("tiny-vision", [], ("--stream-weights", "--text-only")),
+])
+def test_stream_weights_refuses_what_it_cannot_do(capsys, tmp_path, model, extra, needles):
+    out = tmp_path / "e"
+    expect_error(capsys, ["compile", model, "--out", str(out), "--stream-weights", *extra], *needles)
+    assert not out.exists()
+
+
 def test_unknown_preset(capsys, tmp_path):
     expect_error(capsys, ["compile", "tinyy", "--out", str(tmp_path / "e")], "unknown preset 'tinyy'", "tiny-maverick")
 
