@@ -12,9 +12,11 @@ baselines are transformers eager / `torch.compile` of the transformers model, me
     prefill  l4compile bench scout --layers N --device cuda --dtype bfloat16 --backends torch-compile,inductor
                  --batch-sizes 1 --prompt-lens 2048,8192 --decode-steps 1
              -> TFLOP/s and the fraction of bf16 dense peak
-    full     l4compile bench scout --device cuda --dtype bfloat16 --quant int4 --backends inductor
-                 --batch-sizes 1 --prompt-lens 128 --decode-steps 64      (all 48 layers, random weights)
-             -> decode tokens/s at batch 1 and peak GPU memory
+    full     l4compile bench scout --device cuda --dtype bfloat16 --quant int4 --backends inductor --stream-weights
+                 --batch-sizes 1 --prompt-lens 128 --decode-steps 64      (all 48 layers, random weights; streamed:
+                 each bf16 weight is drawn on the GPU, quantized and dropped, so 218 GB of bf16 never exist)
+             -> decode tokens/s at batch 1 and peak GPU memory; its MoE layers run l4::moe_q on CUDA as the
+                fused Int4 Triton MoE l4::moe_q_fused, compiled into the engine
 
 (every run also gets --repeats R --force --out DIR/<part>). Reports (json/html/md per part) go under
 ``benchmarks/results/gpu-<device>/`` with ``SUMMARY.md`` collecting the figures the issue asks for.
@@ -50,7 +52,8 @@ def bench_commands(layers: int, repeats: int, out: Path, parts: tuple[str, ...])
         cmds["prefill"] = base + scaled + ["--backends", "torch-compile,inductor", "--batch-sizes", "1",
                                            "--prompt-lens", "2048,8192", "--decode-steps", "1"]
     if "full" in parts:
-        cmds["full-scout-int4"] = base + ["--quant", "int4", "--backends", "inductor", "--batch-sizes", "1",
+        cmds["full-scout-int4"] = base + ["--quant", "int4", "--backends", "inductor", "--stream-weights",
+                                          "--batch-sizes", "1",
                                           "--prompt-lens", "128", "--decode-steps", "64"]
     return {name: argv + ["--out", str(out / name)] for name, argv in cmds.items()}
 

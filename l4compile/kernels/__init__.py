@@ -3,14 +3,18 @@ AOTInductor compile them into engines) and the ``torch._scaled_mm`` FP8 path.
 
 Files (one kernel each; pure-PyTorch host code apart)::
 
-    layout.py          tile maps for expert-grouped GEMMs, block-size choices      (torch only)
-    fp8_scaled_mm.py   W8A8 linear through torch._scaled_mm (row-wise scales)      (torch only)
-    moe_gate_up.py     grouped [x*s] @ [gate|up] + SwiGLU epilogue                  (Triton kernel)
-    moe_down.py        grouped act @ down                                          (Triton kernel)
-    int4_mm.py         weight-only Int4 GEMM/GEMV, the quantize pass's packing      (Triton kernel)
-    ops.py             ``l4::moe_fused`` and ``l4::int4_mm`` (triton_op) + host glue (needs Triton)
-    dispatch.py        CUDA kernels of ``l4::moe``/``l4::linear_int4``/``l4::linear_fp8`` and the CUDA
-                       decompositions the Inductor backend applies                   (torch only)
+    layout.py            tile maps for expert-grouped GEMMs, block-size choices      (torch only)
+    fp8_scaled_mm.py     W8A8 linear through torch._scaled_mm (row-wise scales)      (torch only)
+    moe_gate_up.py       grouped [x*s] @ [gate|up] + SwiGLU epilogue                 (Triton kernel)
+    moe_down.py          grouped act @ down                                          (Triton kernel)
+    int4_mm.py           weight-only Int4 GEMM/GEMV, the quantize pass's packing;    (Triton kernel)
+                         ``int4_tile``: the packed-tile load + unpack all Int4 kernels share
+    moe_int4_gate_up.py  grouped [x*s] @ Int4 [gate|up]^T + SwiGLU epilogue          (Triton kernel)
+    moe_int4_down.py     grouped act @ Int4 down^T                                   (Triton kernel)
+    ops.py               ``l4::moe_fused``, ``l4::moe_q_fused``, ``l4::int4_mm``     (needs Triton)
+                         (triton_op) + host glue
+    dispatch.py          CUDA kernels of ``l4::moe``/``l4::moe_q``/``l4::linear_int4``/``l4::linear_fp8``
+                         and the CUDA decompositions the Inductor backend applies    (torch only)
 
 Importing ``l4compile`` (or this package) never imports Triton: ``triton_available()`` checks lazily, and
 only ``ops``/the kernel files import it. Correctness tests run the kernels on CPU tensors under Triton's

@@ -4,18 +4,21 @@
 Two routes, the same choices in both:
 
 * Eager (and AOTInductor's proxy executor, for ops that stay opaque): ``register_cuda_kernels`` gives
-  ``l4::moe``, ``l4::linear_int4`` and ``l4::linear_fp8`` a CUDA implementation (``register_kernel("cuda")``);
-  tensors on any other device keep the reference implementations.
+  ``l4::moe``, ``l4::moe_q``, ``l4::linear_int4`` and ``l4::linear_fp8`` a CUDA implementation
+  (``register_kernel("cuda")``); tensors on any other device keep the reference implementations.
 * Inductor / AOTInductor engines built with ``--device cuda``: ``cuda_decompositions`` maps the same ops to
   their kernel forms before compiling, so the ``triton_op`` bodies (host aten code + Triton kernels) and
   ``torch._scaled_mm`` are compiled INTO the ``.pt2``.
 
     l4::moe         -> l4::moe_fused (Triton: grouped gate_up+SwiGLU, grouped down, shared expert as group E)
+    l4::moe_q       -> l4::moe_q_fused on Int4 (uint8) weights (the same, unpacking Int4 tiles in-kernel);
+                       FP8 weights: the reference, its expert matmuls through linear_fp8 (opaque in engines)
     l4::linear_int4 -> l4::int4_mm   (Triton: packed-int4 GEMM/GEMV, x flattened to [M, K])
     l4::linear_fp8  -> torch._scaled_mm with row-wise scales (sm89+, K and N multiples of 16), else reference
 
 Without Triton (a CUDA host where it is missing), MoE and Int4 keep their reference implementations, which run
-on CUDA too (slower). Nothing here imports Triton at import time.
+on CUDA too (slower). The kernel choice depends on dtypes only (static at trace time). Nothing here imports
+Triton at import time.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ FUSED_MOE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @functools.cache
 def load_triton_ops() -> bool:
-    """Register ``l4::moe_fused`` / ``l4::int4_mm`` (imports Triton). False when Triton is missing."""
+    """Register ``l4::moe_fused`` / ``l4::moe_q_fused`` / ``l4::int4_mm`` (imports Triton). False without Triton."""
     if not triton_available():
         return False
     from . import ops  # noqa: F401
@@ -54,6 +57,33 @@ def moe_cuda(x: Tensor, router_w: Tensor, gate_up: Tensor, down: Tensor, shared_
     if fused_moe_supported(*args):
         return torch.ops.l4.moe_fused(*args, top_k)
     return moe_ops._moe_impl(*args, top_k)
+
+
+def fused_moe_int4_supported(x: Tensor, router_w: Tensor, *weights: Tensor) -> bool:
+    """``weights``: l4::moe_q's (q, scale) pairs; the fused kernel takes Int4 (uint8) q tensors only."""
+    return (x.dim() == 2 and x.dtype in FUSED_MOE_DTYPES and router_w.dtype == x.dtype
+            and all(q.dtype == torch.uint8 for q in weights[::2]) and load_triton_ops())
+
+
+def moe_q_cuda(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tensor, down_q: Tensor, down_s: Tensor,
+               shared_gate_q: Tensor, shared_gate_s: Tensor, shared_up_q: Tensor, shared_up_s: Tensor,
+               shared_down_q: Tensor, shared_down_s: Tensor, top_k: int) -> Tensor:
+    """``l4::moe_q`` on CUDA: the fused Triton Int4 MoE, or the reference (FP8 weights, no Triton)."""
+    args = (x, router_w, gate_up_q, gate_up_s, down_q, down_s, shared_gate_q, shared_gate_s, shared_up_q,
+            shared_up_s, shared_down_q, shared_down_s)
+    if fused_moe_int4_supported(*args):
+        return torch.ops.l4.moe_q_fused(*args, top_k)
+    return quant_ops._moe_q_impl(*args, top_k)
+
+
+def moe_q_decomposition(x: Tensor, router_w: Tensor, *weights_and_top_k):
+    """``l4::moe_q`` in CUDA engines (same arguments): ``l4::moe_q_fused`` where it applies; NotImplemented (the op
+    stays opaque and its CUDA kernel runs through the proxy executor) where the reference's host sync would not
+    trace."""
+    *weights, top_k = weights_and_top_k
+    if fused_moe_int4_supported(x, router_w, *weights):
+        return torch.ops.l4.moe_q_fused(x, router_w, *weights, top_k)
+    return NotImplemented
 
 
 def linear_int4_cuda(x: Tensor, w_packed: Tensor, w_scale: Tensor) -> Tensor:
@@ -76,16 +106,19 @@ def linear_fp8_cuda(x: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:
 def register_cuda_kernels() -> None:
     """Idempotent; called by ``import l4compile.ops``."""
     moe_ops.moe.register_kernel("cuda")(moe_cuda)
+    quant_ops.moe_q.register_kernel("cuda")(moe_q_cuda)
     quant_ops.linear_int4.register_kernel("cuda")(linear_int4_cuda)
     quant_ops.linear_fp8.register_kernel("cuda")(linear_fp8_cuda)
 
 
 def cuda_decompositions() -> dict:
     """Extra decompositions for Inductor engines built for CUDA (merged over ``l4compile.ops.DECOMPOSITIONS``).
-    ``l4::moe`` is included only with Triton: its eager fallback has host syncs and stays an opaque op."""
+    ``l4::moe`` / ``l4::moe_q`` are included only with Triton: their eager fallbacks have host syncs and stay opaque
+    ops (for ``l4::moe_q`` also with FP8 weights, which ``moe_q_decomposition`` tells from the dtypes)."""
     table = {torch.ops.l4.linear_fp8.default: linear_fp8_cuda}
     if load_triton_ops():
         table[torch.ops.l4.moe.default] = moe_cuda
+        table[torch.ops.l4.moe_q.default] = moe_q_decomposition
         table[torch.ops.l4.linear_int4.default] = linear_int4_cuda
     return table
 

@@ -7,6 +7,7 @@
 exactly ``l4::linear_int4``'s reference (dequantize in float32, round to x.dtype, matmul). Each program loads a
 [BN, BK/2] block of packed bytes once (half a byte per weight from HBM), splits it into the two nibbles with
 ``tl.join`` (interleaved back into k order), scales and feeds tensor cores with a [BM, BK] x [BK, BN] dot.
+``int4_tile`` (that load + unpack + scale) is shared with the fused Int4 MoE kernels (``moe_int4_*``).
 
 Scales: with ``SCALE_PER_BLOCK`` (BK divides G, K blocks aligned) one scale per row per K block is loaded;
 otherwise (small or odd groups, e.g. G = 6) scales are gathered per element.
@@ -21,6 +22,28 @@ import triton.language as tl
 
 
 @triton.jit
+def int4_tile(w_ptr, s_ptr, rn, nmask, k0, K, G, stride_wn, stride_wk, stride_sn, stride_sg,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_PER_BLOCK: tl.constexpr):
+    """Rows ``rn`` [BN] (valid where ``nmask``), inputs k0 .. k0+BK-1 of a packed weight -> [BN, BK] float32
+    dequantized (not yet rounded); 0 where a row is masked or k >= K."""
+    kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)                                   # [BK/2] byte index
+    packed = tl.load(w_ptr + rn[:, None] * stride_wn + kb[None, :] * stride_wk,
+                     mask=nmask[:, None] & (kb < K // 2)[None, :], other=0x88)  # [BN, BK/2] uint8
+    lo = (packed & 0xF).to(tl.float32) - 8.0
+    hi = (packed >> 4).to(tl.float32) - 8.0
+    q = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))                         # [BN, BK], k order
+    if SCALE_PER_BLOCK:
+        sc = tl.load(s_ptr + rn * stride_sn + (k0 // G) * stride_sg, mask=nmask, other=0.0)      # [BN]
+        w = q * sc.to(tl.float32)[:, None]
+    else:
+        k = k0 + tl.arange(0, BLOCK_K)                                           # [BK]
+        sc = tl.load(s_ptr + rn[:, None] * stride_sn + (k // G)[None, :] * stride_sg,
+                     mask=nmask[:, None] & (k < K)[None, :], other=0.0)            # [BN, BK]
+        w = q * sc.to(tl.float32)
+    return w
+
+
+@triton.jit
 def int4_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, G,
                    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_ym, stride_yn,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -29,27 +52,14 @@ def int4_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, G,
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)                     # [BN]
     mmask = rm < M
     nmask = rn < N
-    half = tl.arange(0, BLOCK_K // 2)                                            # [BK/2] byte offsets
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kb = k0 // 2 + half                                                      # [BK/2] byte index
-        packed = tl.load(w_ptr + rn[:, None] * stride_wn + kb[None, :] * stride_wk,
-                         mask=nmask[:, None] & (kb < K // 2)[None, :], other=0x88)  # [BN, BK/2] uint8
-        lo = (packed & 0xF).to(tl.float32) - 8.0
-        hi = (packed >> 4).to(tl.float32) - 8.0
-        q = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))                     # [BN, BK], k order
         k = k0 + ks                                                              # [BK]
-        kmask = k < K
-        if SCALE_PER_BLOCK:
-            sc = tl.load(s_ptr + rn * stride_sn + (k0 // G) * stride_sg, mask=nmask, other=0.0)  # [BN]
-            w = q * sc.to(tl.float32)[:, None]
-        else:
-            sc = tl.load(s_ptr + rn[:, None] * stride_sn + (k // G)[None, :] * stride_sg,
-                         mask=nmask[:, None] & kmask[None, :], other=0.0)          # [BN, BK]
-            w = q * sc.to(tl.float32)
         xt = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :] * stride_xk,
-                     mask=mmask[:, None] & kmask[None, :], other=0.0)              # [BM, BK]
+                     mask=mmask[:, None] & (k < K)[None, :], other=0.0)            # [BM, BK]
+        w = int4_tile(w_ptr, s_ptr, rn, nmask, k0, K, G, stride_wn, stride_wk, stride_sn, stride_sg,
+                      BLOCK_N, BLOCK_K, SCALE_PER_BLOCK)                         # [BN, BK] float32
         wt = tl.trans(w.to(xt.dtype))                                            # [BK, BN], rounded like the reference
         if DOT_F32:                                                              # interpreter (see moe_gate_up)
             xt, wt = xt.to(tl.float32), wt.to(tl.float32)

@@ -51,9 +51,9 @@ def moe_rows(idx: Tensor, score: Tensor, n_experts: int, block_m: int) -> MoeRow
     row_scale = torch.cat((score.reshape(-1).index_select(0, order).float(),
                            torch.ones(n_tok, device=dev, dtype=torch.float32)))  # [R]
     groups = n_experts + 1
-    counts = torch.zeros(groups, device=dev, dtype=torch.int64)
-    counts.scatter_add_(0, flat_e.long(), torch.ones_like(flat_e, dtype=torch.int64))
-    counts[n_experts] = n_tok                                                   # [G] rows per group
+    row_group = torch.cat((flat_e.long(), torch.full_like(tok_ids, n_experts)))  # [R]; functional (no in-place):
+    counts = torch.zeros(groups, device=dev, dtype=torch.int64).scatter_add(     # it runs inside triton_op bodies
+        0, row_group, torch.ones_like(row_group))                               # [G] rows per group
     group_end = torch.cumsum(counts, 0)                                         # [G]
     tiles = (counts + block_m - 1) // block_m                                   # [G]
     tile_end = torch.cumsum(tiles, 0)                                           # [G]
@@ -106,3 +106,16 @@ def int4_blocks(n_out: int, k_in: int, group: int) -> Int4Blocks:
         bk = 32
     bn = max(16, min(64, _pow2_floor(n_out)))
     return Int4Blocks(16, bn, bk, per_block)
+
+
+def moe_int4_blocks(hidden: int, inter: int, group_h: int, group_i: int) -> tuple[Int4Blocks, Int4Blocks]:
+    """(gate_up, down) blocks for the fused Int4 MoE (``moe_int4_gate_up`` reduces over H in groups of
+    ``group_h``, ``moe_int4_down`` over I in groups of ``group_i``): ``int4_blocks`` of each GEMM.
+
+    BM = 16 (the ``tl.dot`` minimum), not ``moe_blocks``' 64: at decode a tile holds ~1 row, so every MMA row
+    past the first is padding, and Int4 streams only half a byte per weight. A BM-row tile issues 2*BM FLOP per
+    weight = 4*BM FLOP per weight byte: 256 at BM = 64, close to the H100 bf16 ridge (~295 FLOP/B), so padding
+    MMAs plus the per-weight unpack would cost as much as the weight stream; 64 at BM = 16 keeps decode clearly
+    bound by weight bytes. Prefill re-reads an expert's weight block once per 16-row tile, mostly from L2 (the
+    tiles of one group are adjacent on grid axis 0)."""
+    return int4_blocks(inter, hidden, group_h), int4_blocks(hidden, inter, group_i)     # both BM = 16

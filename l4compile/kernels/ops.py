@@ -1,5 +1,7 @@
-# T tokens, E experts, K top-k, H hidden, I expert width, A = T*K, R = A + T, N out features, Kin in features
-"""``l4::moe_fused`` and ``l4::int4_mm``: the Triton kernels as ``torch.library.triton_op`` operators.
+# T tokens, E experts, K top-k, H hidden, I expert width, A = T*K, R = A + T, N out features, Kin in features,
+# Gh / Gi Int4 scale groups over H / I
+"""``l4::moe_fused``, ``l4::moe_q_fused`` and ``l4::int4_mm``: the Triton kernels as ``torch.library.triton_op``
+operators.
 
 ``triton_op`` makes the bodies visible to torch.compile / torch.export: Inductor and AOTInductor see the host
 code (plain aten) and the kernels themselves (``wrap_triton``) and compile both into the engine, so a CUDA
@@ -27,9 +29,11 @@ from l4compile.ops.moe import _route
 
 from . import interpreting
 from .int4_mm import int4_mm_kernel
-from .layout import int4_blocks, moe_blocks, moe_rows
+from .layout import Int4Blocks, int4_blocks, moe_blocks, moe_int4_blocks, moe_rows
 from .moe_down import moe_down_kernel
 from .moe_gate_up import moe_gate_up_kernel
+from .moe_int4_down import moe_int4_down_kernel
+from .moe_int4_gate_up import moe_int4_gate_up_kernel
 
 
 def _dot_mode(dtype: torch.dtype) -> dict:
@@ -65,6 +69,44 @@ def fused_moe(x: Tensor, router_w: Tensor, gate_up: Tensor, down: Tensor, shared
     return y[n_routed:].index_add(0, rows.routed_tok, y[:n_routed])              # shared rows + routed rows
 
 
+def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tensor, down_q: Tensor, down_s: Tensor,
+                   shared_gate_q: Tensor, shared_gate_s: Tensor, shared_up_q: Tensor, shared_up_s: Tensor,
+                   shared_down_q: Tensor, shared_down_s: Tensor, top_k: int,
+                   blocks: tuple[Int4Blocks, Int4Blocks] | None = None) -> Tensor:
+    """The body of ``l4::moe_q_fused``; ``blocks`` (gate_up, down; same BM) overrides the static choice (tests).
+    The shared gate/up weights share one set of strides and every scale group matches its routed counterpart
+    (one Gh, one Gi per kernel), as the quantize pass produces them."""
+    n_exp, hidden, i_dim = down_q.shape[0], down_q.shape[1], 2 * down_q.shape[2]
+    group_h, group_i = hidden // gate_up_s.shape[2], i_dim // down_s.shape[2]
+    if (shared_gate_q.stride() != shared_up_q.stride() or shared_gate_s.stride() != shared_up_s.stride()
+            or shared_gate_s.shape[1] != gate_up_s.shape[2] or shared_down_s.shape[1] != down_s.shape[2]):
+        raise ValueError("moe_q_fused: shared gate/up strides or shared scale groups differ from the routed ones")
+    bgu, bdn = blocks or moe_int4_blocks(hidden, i_dim, group_h, group_i)
+    if bgu.block_m != bdn.block_m:
+        raise ValueError("moe_q_fused: gate_up and down blocks must share BM (one tile map)")
+    n_tok = x.shape[0]
+    idx, score = _route(x, router_w, top_k)                                      # [T, K] each
+    rows = moe_rows(idx, score, n_exp, bgu.block_m)
+    n_rows = n_tok * (top_k + 1)
+    n_tiles = rows.tile_group.shape[0]
+    mode = _dot_mode(x.dtype)
+    act = torch.empty((n_rows, i_dim), device=x.device, dtype=x.dtype)           # [R, I]
+    wrap_triton(moe_int4_gate_up_kernel)[(n_tiles, triton.cdiv(i_dim, bgu.block_n))](
+        x, gate_up_q, gate_up_s, shared_gate_q, shared_gate_s, shared_up_q, shared_up_s, act, rows.row_tok,
+        rows.row_scale, rows.tile_group, rows.tile_row0, rows.tile_row_end, hidden, i_dim, n_exp, group_h,
+        x.stride(0), x.stride(1), *gate_up_q.stride(), *gate_up_s.stride(), *shared_gate_q.stride(),
+        *shared_gate_s.stride(), act.stride(0), act.stride(1),
+        BLOCK_M=bgu.block_m, BLOCK_N=bgu.block_n, BLOCK_K=bgu.block_k, SCALE_PER_BLOCK=bgu.scale_per_block, **mode)
+    y = torch.empty((n_rows, hidden), device=x.device, dtype=x.dtype)            # [R, H]
+    wrap_triton(moe_int4_down_kernel)[(n_tiles, triton.cdiv(hidden, bdn.block_n))](
+        act, down_q, down_s, shared_down_q, shared_down_s, y, rows.tile_group, rows.tile_row0, rows.tile_row_end,
+        hidden, i_dim, n_exp, group_i, act.stride(0), act.stride(1), *down_q.stride(), *down_s.stride(),
+        *shared_down_q.stride(), *shared_down_s.stride(), y.stride(0), y.stride(1),
+        BLOCK_M=bdn.block_m, BLOCK_N=bdn.block_n, BLOCK_K=bdn.block_k, SCALE_PER_BLOCK=bdn.scale_per_block, **mode)
+    n_routed = n_tok * top_k
+    return y[n_routed:].index_add(0, rows.routed_tok, y[:n_routed])              # shared rows + routed rows
+
+
 def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None) -> Tensor:
     """The body of ``l4::int4_mm`` (x [M, Kin] -> [M, N]); ``blocks`` (an ``Int4Blocks``) overrides (tests)."""
     n_out, k_in = w_packed.shape[0], 2 * w_packed.shape[1]
@@ -84,6 +126,14 @@ def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None) -> Te
 def moe_fused(x: Tensor, router_w: Tensor, gate_up: Tensor, down: Tensor, shared_gate: Tensor, shared_up: Tensor,
               shared_down: Tensor, top_k: int) -> Tensor:
     return fused_moe(x, router_w, gate_up, down, shared_gate, shared_up, shared_down, top_k)
+
+
+@triton_op("l4::moe_q_fused", mutates_args=())
+def moe_q_fused(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tensor, down_q: Tensor, down_s: Tensor,
+                shared_gate_q: Tensor, shared_gate_s: Tensor, shared_up_q: Tensor, shared_up_s: Tensor,
+                shared_down_q: Tensor, shared_down_s: Tensor, top_k: int) -> Tensor:
+    return fused_moe_int4(x, router_w, gate_up_q, gate_up_s, down_q, down_s, shared_gate_q, shared_gate_s,
+                          shared_up_q, shared_up_s, shared_down_q, shared_down_s, top_k)
 
 
 @triton_op("l4::int4_mm", mutates_args=())

@@ -23,10 +23,13 @@ Lowering
   dequantize + matmul aten bodies, which have no data-dependent shapes, so Inductor fuses the unpack /
   scale into one pointwise producer of the matmul operand, and the engine stores only packed weights.
   ``moe_q`` stays opaque (proxy executor), like ``l4::moe`` and for the same reasons (data-dependent
-  expert groups).
+  expert groups), except Int4 on CUDA (below).
 * CUDA (``l4compile.kernels.dispatch``, eager and ``--device cuda`` Inductor engines): ``linear_fp8`` runs
-  ``torch._scaled_mm`` (below), ``linear_int4`` the Triton kernel ``l4::int4_mm``; ``moe_q``'s expert matmuls go
-  through those ops (``qlinear`` on CUDA tensors). Background, as first sketched: FP8 maps to
+  ``torch._scaled_mm`` (below), ``linear_int4`` the Triton kernel ``l4::int4_mm``; ``moe_q`` on Int4 weights the
+  fused Triton MoE ``l4::moe_q_fused`` (grouped rows as ``l4::moe_fused``, packed weights unpacked in-kernel; no
+  host sync, so engines compile it in); otherwise (FP8 weights, no Triton) ``_moe_q_impl`` with its expert
+  matmuls through the ops above (``qlinear`` on CUDA tensors; the op stays opaque in engines).
+  Background, as first sketched: FP8 maps to
   ``torch._scaled_mm(fp8(x / s_x), w_q.t(), scale_a=s_x [T, 1], scale_b=w_scale[None, :], out_dtype=bf16)``
   (row-wise scaling, sm89+; K and N multiples of 16); Int4 to a weight-only int4 GEMM
   (``torch._weight_int4pack_mm`` after ``_convert_weight_to_int4pack``, which wants its own tiled layout, or a
@@ -127,7 +130,16 @@ def _expert(z: Tensor, gu_q: Tensor, gu_s: Tensor, dn_q: Tensor, dn_s: Tensor) -
 def moe_q(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tensor, down_q: Tensor, down_s: Tensor,
           shared_gate_q: Tensor, shared_gate_s: Tensor, shared_up_q: Tensor, shared_up_s: Tensor,
           shared_down_q: Tensor, shared_down_s: Tensor, top_k: int) -> Tensor:
-    """x [T, H] -> [T, H]; l4::moe on quantized weights (see the module docstring)."""
+    """x [T, H] -> [T, H]; l4::moe on quantized weights (see the module docstring). On CUDA,
+    ``l4compile.kernels.dispatch`` registers ``moe_q_cuda`` (Int4: ``l4::moe_q_fused``) as this op's kernel."""
+    return _moe_q_impl(x, router_w, gate_up_q, gate_up_s, down_q, down_s, shared_gate_q, shared_gate_s, shared_up_q,
+                       shared_up_s, shared_down_q, shared_down_s, top_k)
+
+
+def _moe_q_impl(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tensor, down_q: Tensor, down_s: Tensor,
+                shared_gate_q: Tensor, shared_gate_s: Tensor, shared_up_q: Tensor, shared_up_s: Tensor,
+                shared_down_q: Tensor, shared_down_s: Tensor, top_k: int) -> Tensor:
+    """The reference: expert-grouped, host sync for the group sizes, matmuls through ``qlinear`` (any device)."""
     idx, score = _route(x, router_w, top_k)                                            # [T, K] each
     out = qlinear(F.silu(qlinear(x, shared_gate_q, shared_gate_s)) * qlinear(x, shared_up_q, shared_up_s),
                   shared_down_q, shared_down_s)                                        # [T, H]

@@ -151,6 +151,51 @@ def test_cuda_decompositions_export_with_symbolic_tokens():
     assert "VR[1, 4096]" in p.stdout                                # T stayed symbolic over its whole range
 
 
+def test_cuda_decompositions_export_moe_q_with_symbolic_tokens():
+    """l4::moe_q in --device cuda engines: Int4 weights decompose to l4::moe_q_fused, FP8 weights keep the opaque op
+    (its reference has a host sync), decided from dtypes while T stays symbolic; and the moe_q_fused body as Inductor
+    traces it is aten host code + the two Triton kernels with a grid in T, no host sync. Tracing only."""
+    from l4compile.kernels import why_unavailable
+
+    if why_unavailable():
+        pytest.skip(why_unavailable())
+    p = _python("""
+        import torch, l4compile.ops
+        from l4compile.kernels.dispatch import cuda_decompositions
+        from l4compile.kernels.ops import fused_moe_int4
+        from l4compile.quant import quantize_fp8, quantize_int4
+        H, I, E = 32, 16, 3
+        experts = lambda quant: [t for w in (torch.randn(E, 2 * I, H), torch.randn(E, H, I), torch.randn(I, H),
+                                             torch.randn(I, H), torch.randn(H, I)) for t in quant(w)]
+        bufs = (torch.randn(E, H), *experts(quantize_int4), *experts(quantize_fp8))
+        class M(torch.nn.Module):
+            def __init__(self, body):
+                super().__init__()
+                self.body = body
+                for i, t in enumerate(bufs):
+                    self.register_buffer(f"b{i}", t)
+            def forward(self, x):
+                b = [getattr(self, f"b{i}") for i in range(len(bufs))]
+                if self.body:
+                    return fused_moe_int4(x, *b[:11], 1)
+                return torch.ops.l4.moe_q(torch.ops.l4.moe_q(x, *b[:11], 1), b[0], *b[11:], 2)
+        T = torch.export.Dim("T", min=1, max=4096)
+        for body in (False, True):
+            ep = torch.export.export(M(body), (torch.randn(9, H),), dynamic_shapes={"x": {0: T}})
+            ep = ep.run_decompositions(cuda_decompositions())
+            calls = [n for n in ep.graph.nodes if n.op == "call_function"]
+            print(sorted(str(n.target) for n in calls if "l4" in str(n.target) or "triton" in str(n.target)))
+            print([str(n.kwargs["grid"][0][0].meta["val"]) for n in calls if "triton" in str(n.target)])
+            print([str(r) for r in ep.range_constraints.values()], any("scalar_dense" in str(n.target) for n in calls))
+    """, TRITON_INTERPRET="0")
+    assert p.returncode == 0, p.stderr[-3000:]
+    routed, grids, ranges, body, body_grids, body_ranges = p.stdout.strip().splitlines()[-6:]
+    assert routed == "['l4.moe_q.default', 'l4.moe_q_fused.default']"            # int4 fused, fp8 opaque
+    assert body == "['triton_kernel_wrapper_functional', 'triton_kernel_wrapper_functional']"     # gate_up, down
+    assert grids == "[]" and body_grids.count("//16") == 2                     # NT = ceil(2T / BM 16) + E + 1
+    assert ranges == body_ranges == "['VR[1, 4096]'] False"                     # T symbolic, no host sync
+
+
 @pytest.mark.gpu
 def test_fp8_cuda_dispatch_uses_scaled_mm():
     require_cuda_kernels()

@@ -1,0 +1,66 @@
+# R rows (routed + shared), H hidden, I expert width, E experts, Gi scale group over I, BM/BN/BK tile sizes, NT tiles
+"""Triton kernel: the second grouped GEMM of the fused Int4 MoE (``l4::moe_q_fused``, down projection) on packed
+Int4 weights, one output row per input row, as ``moe_down``.
+
+For every row r of tile ``program_id(0)`` and hidden columns ``program_id(1) * BN ..``::
+
+    Wd[n, k] = (nibble(down_q[n, k // 2], k % 2) - 8) * down_s[n, k // Gi]     (float32, then .to(act.dtype))
+    y[r] = (act[r] @ Wd^T).to(y.dtype)                                         # fp32 accumulation
+
+with (down_q, down_s) = ``down_q[e]``, ``down_s[e]`` ([E, H, I/2], [E, H, I/Gi]) for a routed group e < E and
+``shared_down_q``, ``shared_down_s`` ([H, I/2], [H, I/Gi]) for the shared group E: both nn.Linear orientation, so
+one tile routine for both. Packed blocks load once and unpack in registers (``int4_mm.int4_tile``).
+Rows stay in the grouped order; the caller adds the routed rows onto the shared rows by token (``index_add``).
+
+Shapes: act [R, I]; down_q [E, H, I/2] uint8, down_s [E, H, I/Gi]; shared_down_q [H, I/2] uint8, shared_down_s
+[H, I/Gi]; tile_group/tile_row0/tile_row_end [NT] int32; y [R, H]. Grid: (NT, cdiv(H, BN)).
+"""
+import triton
+import triton.language as tl
+
+from .int4_mm import int4_tile
+
+
+@triton.jit
+def _qdown_tile(a_ptr, stride_ar, stride_ai, rows, rmask, wq_ptr, ws_ptr, stride_wn, stride_wk, stride_sn, stride_sg,
+                cols, cmask, I, G, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                SCALE_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    """act rows @ Wd^T for one tile -> [BM, BN] float32."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    for k0 in range(0, I, BLOCK_K):
+        k = k0 + ks                                                               # [BK] in [0, I)
+        a = tl.load(a_ptr + rows[:, None] * stride_ar + k[None, :] * stride_ai,
+                    mask=rmask[:, None] & (k < I)[None, :], other=0.0)              # [BM, BK]
+        w = tl.trans(int4_tile(wq_ptr, ws_ptr, cols, cmask, k0, I, G, stride_wn, stride_wk, stride_sn, stride_sg,
+                               BLOCK_N, BLOCK_K, SCALE_PER_BLOCK).to(a.dtype))    # [BK, BN], rounded like the reference
+        if DOT_F32:                                                              # interpreter (see moe_gate_up)
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def moe_int4_down_kernel(act_ptr, dq_ptr, ds_ptr, sdq_ptr, sds_ptr, y_ptr, tile_group_ptr, tile_row0_ptr,
+                         tile_row_end_ptr, H, I, E, G,
+                         stride_ar, stride_ai, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sg,
+                         stride_shqn, stride_shqk, stride_shsn, stride_shsg, stride_yr, stride_yh,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         SCALE_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    tile = tl.program_id(0)
+    grp = tl.load(tile_group_ptr + tile)
+    if grp <= E:                                                                 # grp == E + 1: unused tile
+        rows = tl.load(tile_row0_ptr + tile) + tl.arange(0, BLOCK_M)            # [BM]
+        rmask = rows < tl.load(tile_row_end_ptr + tile)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)               # [BN] in [0, H)
+        cmask = cols < H
+        if grp == E:                                                             # shared expert [H, I/2]
+            acc = _qdown_tile(act_ptr, stride_ar, stride_ai, rows, rmask, sdq_ptr, sds_ptr, stride_shqn, stride_shqk,
+                              stride_shsn, stride_shsg, cols, cmask, I, G, BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK,
+                              PRECISION, DOT_F32)
+        else:                                                                    # routed expert [H, I/2]
+            acc = _qdown_tile(act_ptr, stride_ar, stride_ai, rows, rmask, dq_ptr + grp.to(tl.int64) * stride_qe,
+                              ds_ptr + grp.to(tl.int64) * stride_se, stride_qn, stride_qk, stride_sn, stride_sg, cols,
+                              cmask, I, G, BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, PRECISION, DOT_F32)
+        tl.store(y_ptr + rows[:, None] * stride_yr + cols[None, :] * stride_yh, acc.to(y_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & cmask[None, :])

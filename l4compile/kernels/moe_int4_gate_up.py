@@ -1,0 +1,85 @@
+# R rows (routed + shared), H hidden, I expert width, E experts, Gh scale group over H, BM/BN/BK tile sizes, NT tiles
+"""Triton kernel: the first grouped GEMM of the fused Int4 MoE (``l4::moe_q_fused``), input scaling and SwiGLU
+epilogue as ``moe_gate_up``, on packed Int4 weights (``l4compile.quant.quantize_int4``, nn.Linear orientation).
+
+For every row r of tile ``program_id(0)`` (layout: ``l4compile.kernels.layout.moe_rows``) and output columns
+``program_id(1) * BN ..`` of the expert width::
+
+    z     = (x[row_tok[r]] * row_scale[r]).to(x.dtype)            # the score scales the expert INPUT
+    Wg[n, k] = (nibble(gate_q[n, k // 2], k % 2) - 8) * gate_s[n, k // Gh]     (float32, then .to(x.dtype))
+    gate  = z @ Wg^T,  up = z @ Wu^T                               # fp32 accumulation, rounded to x.dtype
+    act[r] = (up * silu(gate).to(x.dtype)).to(x.dtype)             # rounding as l4::moe_q's reference does
+
+with (gate_q, up_q) = rows [0, I) and [I, 2I) of ``gate_up_q[e]`` ([E, 2I, H/2]; scales likewise) for a routed
+group e < E, and ``shared_gate_q``, ``shared_up_q`` ([I, H/2], same strides) for the shared group E. Each program
+loads every packed [BN, BK/2] weight block once and unpacks it in registers (``int4_mm.int4_tile``);
+``SCALE_PER_BLOCK`` and ``DOT_F32`` as in ``int4_mm``.
+
+Shapes: x [T, H]; gate_up_q [E, 2I, H/2] uint8, gate_up_s [E, 2I, H/Gh]; shared_gate_q/shared_up_q [I, H/2] uint8,
+shared_gate_s/shared_up_s [I, H/Gh]; row_tok [R] int32; row_scale [R] f32; tile_group/tile_row0/tile_row_end [NT]
+int32; act [R, I] (x.dtype). Grid: (NT, cdiv(I, BN)).
+"""
+import triton
+import triton.language as tl
+
+from .int4_mm import int4_tile
+
+
+@triton.jit
+def _qdot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, wg_ptr, sg_ptr, wu_ptr, su_ptr,
+               stride_wn, stride_wk, stride_sn, stride_sg, cols, cmask, H, G,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_PER_BLOCK: tl.constexpr,
+               PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    """Accumulate (z @ Wg^T, z @ Wu^T) for one tile -> two [BM, BN] float32 blocks."""
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + ks                                                               # [BK]
+        xt = tl.load(x_ptr + tok[:, None] * stride_xt + k[None, :] * stride_xh,
+                     mask=rmask[:, None] & (k < H)[None, :], other=0.0)             # [BM, BK]
+        z = (xt.to(tl.float32) * scale[:, None]).to(xt.dtype)                        # input-side scaling
+        wg = tl.trans(int4_tile(wg_ptr, sg_ptr, cols, cmask, k0, H, G, stride_wn, stride_wk, stride_sn, stride_sg,
+                                BLOCK_N, BLOCK_K, SCALE_PER_BLOCK).to(xt.dtype))     # [BK, BN]
+        wu = tl.trans(int4_tile(wu_ptr, su_ptr, cols, cmask, k0, H, G, stride_wn, stride_wk, stride_sn, stride_sg,
+                                BLOCK_N, BLOCK_K, SCALE_PER_BLOCK).to(xt.dtype))
+        if DOT_F32:                                                              # interpreter: exact same products
+            z, wg, wu = z.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
+        acc_g = tl.dot(z, wg, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(z, wu, acc_u, input_precision=PRECISION)
+    return acc_g, acc_u
+
+
+@triton.jit
+def moe_int4_gate_up_kernel(x_ptr, gu_q_ptr, gu_s_ptr, sg_q_ptr, sg_s_ptr, su_q_ptr, su_s_ptr, act_ptr,
+                            row_tok_ptr, row_scale_ptr, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr,
+                            H, I, E, G,
+                            stride_xt, stride_xh, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sg,
+                            stride_shqn, stride_shqk, stride_shsn, stride_shsg, stride_ar, stride_ai,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            SCALE_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    tile = tl.program_id(0)
+    grp = tl.load(tile_group_ptr + tile)
+    if grp <= E:                                                                 # grp == E + 1: unused tile
+        rows = tl.load(tile_row0_ptr + tile) + tl.arange(0, BLOCK_M)            # [BM]
+        rmask = rows < tl.load(tile_row_end_ptr + tile)
+        tok = tl.load(row_tok_ptr + rows, mask=rmask, other=0)
+        scale = tl.load(row_scale_ptr + rows, mask=rmask, other=0.0)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)               # [BN] in [0, I)
+        cmask = cols < I
+        if grp == E:                                                             # shared expert [I, H/2]
+            acc_g, acc_u = _qdot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, sg_q_ptr, sg_s_ptr, su_q_ptr,
+                                      su_s_ptr, stride_shqn, stride_shqk, stride_shsn, stride_shsg, cols, cmask, H, G,
+                                      BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, PRECISION, DOT_F32)
+        else:                                                                    # routed expert [2I, H/2]
+            wq = gu_q_ptr + grp.to(tl.int64) * stride_qe
+            ws = gu_s_ptr + grp.to(tl.int64) * stride_se
+            acc_g, acc_u = _qdot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, wq, ws, wq + I * stride_qn,
+                                      ws + I * stride_sn, stride_qn, stride_qk, stride_sn, stride_sg, cols, cmask, H, G,
+                                      BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, PRECISION, DOT_F32)
+        out_ty = act_ptr.dtype.element_ty
+        gate = acc_g.to(out_ty).to(tl.float32)
+        up = acc_u.to(out_ty).to(tl.float32)
+        silu = (gate * tl.sigmoid(gate)).to(out_ty).to(tl.float32)
+        tl.store(act_ptr + rows[:, None] * stride_ar + cols[None, :] * stride_ai, (up * silu).to(out_ty),
+                 mask=rmask[:, None] & cmask[None, :])

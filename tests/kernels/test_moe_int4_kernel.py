@@ -1,0 +1,195 @@
+"""l4::moe_q_fused (fused Triton MoE on Int4 weights) against l4::moe_q's reference (``_moe_q_impl``): under the CPU
+interpreter here, on CUDA with the gpu marker. Weights are quantized by ``quantize_int4`` in the orientation the
+quantize pass produces ([E, 2I, H] / [E, H, I] experts, nn.Linear shared expert), with group 128, the smaller groups
+gcd(K, 128) shrinks it to, and asked groups 6 / 12, so both scale modes (one per K block, gathered per element) and
+K / N tails run."""
+# T tokens, E experts, H hidden, I expert width, K top-k, G asked group size (Gh = gcd(H, G), Gi = gcd(I, G))
+from __future__ import annotations
+
+import pytest
+import torch
+
+from l4compile.kernels.layout import Int4Blocks, moe_int4_blocks
+from l4compile.ops.moe import _moe_impl
+from l4compile.ops.quant import _moe_q_impl, dequant_int4
+from l4compile.quant import quantize_int4
+
+from .conftest import TOL, rel_err, require_cuda_kernels, require_interpreter
+from .test_moe_kernel import make_moe
+
+
+def make_moe_q(n_tok: int, hidden: int, inter: int, n_exp: int, group: int, dtype=torch.float32, assign=None,
+               seed=0, device="cpu"):
+    """l4::moe_q's arguments (without top_k): ``make_moe``'s float MoE with every expert / shared weight quantized
+    to Int4 (bf16 scales) in nn.Linear orientation; x and router_w in ``dtype``."""
+    x, router_w, gate_up, down, sg, su, sd = make_moe(n_tok, hidden, inter, n_exp, assign=assign, seed=seed)
+    weights = (gate_up.transpose(1, 2), down.transpose(1, 2), sg, su, sd)   # [E, 2I, H], [E, H, I], [I, H] x2, [H, I]
+    packed = [t for w in weights for t in quantize_int4(w, group)]
+    return tuple(t.to(device) for t in (x.to(dtype), router_w.to(dtype), *packed))
+
+
+def dequant_moe_args(args, dtype):
+    """The same MoE with dequantized weights rounded to ``dtype`` in l4::moe's HF layouts (for ``_moe_impl``)."""
+    x, router_w, gu_q, gu_s, dn_q, dn_s, sg_q, sg_s, su_q, su_s, sd_q, sd_s = args
+    w = lambda q, s: dequant_int4(q, s).to(dtype)  # noqa: E731
+    return (x, router_w, w(gu_q, gu_s).transpose(1, 2), w(dn_q, dn_s).transpose(1, 2), w(sg_q, sg_s),
+            w(su_q, su_s), w(sd_q, sd_s))
+
+
+# (T, H, I, E, K, forced routing or None, G); tokens per expert include 0 and more than one 16-row tile
+CASES = {
+    "E1-top1-G32": (5, 32, 24, 1, 1, None, 128),                                  # Gh 32 (per block), Gi 8
+    "E3-top1-empty-expert-G8": (19, 40, 24, 3, 1, [0] * 17 + [2, 2], 128),       # expert 1 empty, 0 gets 17 rows
+    "E8-top1-G6": (13, 42, 30, 8, 1, None, 6),                                    # odd group: gathered scales, K tails
+    "E5-top2-G12": (11, 48, 20, 5, 2, None, 12),                                  # Gh 12, Gi 4
+    "decode-T1-G64": (1, 64, 48, 4, 1, None, 128),                                # Gh 64, Gi 16
+    "decode-T1-top2": (1, 64, 48, 4, 2, None, 128),
+    "E3-top2-G128": (6, 256, 128, 3, 2, None, 128),                               # Gh = Gi = 128, BK 128
+}
+
+
+def _case(case, dtype=torch.float32, device="cpu"):
+    n_tok, hidden, inter, n_exp, top_k, assign, group = CASES[case]
+    return make_moe_q(n_tok, hidden, inter, n_exp, group, dtype=dtype, assign=assign, device=device), top_k
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_moe_q_fused_matches_reference_fp32(case):
+    require_interpreter()
+    args, top_k = _case(case)
+    ref = _moe_q_impl(*args, top_k)
+    out = torch.ops.l4.moe_q_fused(*args, top_k)                                 # default (static) blocks
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("case,blocks", [
+    ("decode-T1-G64", (Int4Blocks(16, 16, 16, True), Int4Blocks(16, 16, 16, True))),     # several K steps per group
+    ("E3-top2-G128", (Int4Blocks(16, 64, 32, True), Int4Blocks(16, 64, 64, True))),      # 4 / 2 K blocks per group
+    ("E3-top2-G128", (Int4Blocks(16, 64, 64, False), Int4Blocks(16, 64, 32, False))),    # gathered at G 128
+])
+def test_moe_q_fused_block_overrides(case, blocks):
+    require_interpreter()
+    from l4compile.kernels.ops import fused_moe_int4
+
+    args, top_k = _case(case)
+    assert rel_err(fused_moe_int4(*args, top_k, blocks=blocks), _moe_q_impl(*args, top_k)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["E3-top1-empty-expert-G8", "E5-top2-G12", "decode-T1-G64"])
+def test_moe_q_fused_low_precision(case, dtype):
+    require_interpreter()
+    args, top_k = _case(case, dtype)
+    out = torch.ops.l4.moe_q_fused(*args, top_k)
+    assert out.dtype == dtype and rel_err(out, _moe_q_impl(*args, top_k)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_moe_q_fused_rounds_like_reference(dtype, monkeypatch):
+    """Every rounding step (weight, z, gate, up, silu, act, y) sits where the reference has it: with the interpreter's
+    float32 -> bf16 cast made round-to-nearest-even as on GPUs (Triton 3.7's interpreter truncates, hence TOL's loose
+    bf16 bound; float16 casts already round), outputs are bit-identical to the reference (all of them here; >= 99%
+    allows for accumulation-order ties), where one misplaced rounding leaves only ~40-80% identical."""
+    require_interpreter()
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    cast = interpreter.InterpreterBuilder.cast_impl
+
+    def rne_cast(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = torch.from_numpy(np.array(src.data, dtype=np.float32)).to(torch.bfloat16).view(torch.int16)
+            return interpreter.TensorHandle(bits.numpy().view(np.uint16), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", rne_cast)
+    for case in ("E1-top1-G32", "E5-top2-G12", "decode-T1-G64"):
+        args, top_k = _case(case, dtype)
+        out, ref = torch.ops.l4.moe_q_fused(*args, top_k), _moe_q_impl(*args, top_k)
+        assert (out == ref).float().mean() >= 0.99 and rel_err(out, ref) < TOL[torch.float16], case
+
+
+def test_moe_q_fused_no_tokens():
+    require_interpreter()
+    args = make_moe_q(0, 32, 16, 4, 128)
+    assert torch.ops.l4.moe_q_fused(*args, 1).shape == (0, 32)
+
+
+def test_moe_int4_blocks():
+    gate_up, down = moe_int4_blocks(5120, 8192, 128, 128)                         # Scout, group 128
+    assert (gate_up.block_m, gate_up.block_k, gate_up.scale_per_block) == (16, 128, True)
+    assert (down.block_m, down.block_n, down.block_k) == (16, 64, 128)
+    gate_up, down = moe_int4_blocks(42, 30, 6, 6)
+    assert not gate_up.scale_per_block and (gate_up.block_n, down.block_n, down.block_k) == (16, 32, 32)
+
+
+def test_moe_q_cuda_registered_and_cpu_unchanged():
+    """The CUDA registration leaves CPU tensors on the reference, bit for bit (no Triton needed)."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("l4::moe_q", "CUDA")
+    for dtype in (torch.float32, torch.bfloat16):
+        for case in ("E5-top2-G12", "decode-T1-G64"):
+            args, top_k = _case(case, dtype)
+            assert torch.equal(torch.ops.l4.moe_q(*args, top_k), _moe_q_impl(*args, top_k))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_moe_q_fused_cuda(case, dtype):
+    """CUDA dispatch of l4::moe_q -> l4::moe_q_fused against the reference on the same device (same routing): the
+    op's own reference (its matmuls through l4::int4_mm) and cuBLAS on the dequantized weights (``_moe_impl``)."""
+    require_cuda_kernels()
+    args, top_k = _case(case, dtype, device="cuda")
+    out = torch.ops.l4.moe_q(*args, top_k)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert out.dtype == dtype and out.is_cuda
+    assert rel_err(out, _moe_q_impl(*args, top_k)) < tol
+    assert rel_err(out, _moe_impl(*dequant_moe_args(args, dtype), top_k)) < tol
+
+
+@pytest.mark.gpu
+def test_moe_q_fused_cuda_scout_width():
+    """One Scout-width Int4 MoE block (H 5120, I 8192, 16 experts, group 128) at decode and prefill token counts."""
+    require_cuda_kernels()
+    hidden, inter, n_exp = 5120, 8192, 16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s, std=0.02: torch.randn(*s, generator=g, device="cuda") * std  # noqa: E731
+    weights = [t for w in (r(n_exp, 2 * inter, hidden), r(n_exp, hidden, inter), r(inter, hidden), r(inter, hidden),
+                           r(hidden, inter)) for t in quantize_int4(w, 128)]
+    router_w = r(n_exp, hidden, std=0.3).bfloat16()
+    dense = dequant_moe_args((None, router_w, *weights), torch.bfloat16)[1:]
+    for n_tok in (1, 32, 2048):
+        x = r(n_tok, hidden, std=1.0).bfloat16()
+        assert rel_err(torch.ops.l4.moe_q(x, router_w, *weights, 1), _moe_impl(x, *dense, 1)) < 2e-2
+
+
+@pytest.mark.gpu
+def test_moe_q_fused_cuda_aoti_symbolic_tokens(tmp_path):
+    """What a --device cuda Int4 engine does: export with a dynamic token count, apply the CUDA decompositions
+    (l4::moe_q -> l4::moe_q_fused), compile with AOTInductor and run the package at several token counts."""
+    require_cuda_kernels()
+    from l4compile.kernels.dispatch import cuda_decompositions
+
+    args, top_k = _case("E3-top2-G128", torch.bfloat16, device="cuda")
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for i, t in enumerate(args[1:]):
+                self.register_buffer(f"b{i}", t)
+
+        def forward(self, x):
+            return torch.ops.l4.moe_q(x, *(getattr(self, f"b{i}") for i in range(len(args) - 1)), top_k)
+
+    ep = torch.export.export(M(), (args[0],), dynamic_shapes={"x": {0: torch.export.Dim("T", min=1, max=4096)}})
+    ep = ep.run_decompositions(cuda_decompositions())
+    targets = {str(n.target) for n in ep.graph.nodes}
+    assert "l4.moe_q_fused.default" in targets and "l4.moe_q.default" not in targets
+    with torch.no_grad():
+        pkg = torch._inductor.aoti_load_package(
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "moe_q.pt2")))
+    for n_tok in (1, 7, 300):
+        x = torch.randn(n_tok, args[0].shape[1], device="cuda", dtype=torch.bfloat16)
+        assert rel_err(pkg(x), _moe_q_impl(x, *args[1:], top_k)) < 2e-2
