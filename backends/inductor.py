@@ -6,7 +6,14 @@ Before compiling, l4 ops that have an aten decomposition (``l4compile.ops.DECOMP
 inlined so Inductor generates their code; the rest (``l4.moe``) run through AOTInductor's proxy executor.
 For ``--device cuda`` the GPU kernels are compiled in as well (``l4compile.kernels.dispatch``): the fused Triton
 MoE, the Triton Int4 GEMM and ``torch._scaled_mm`` for FP8.
-With the kv_cache pass the package is one step graph serving both prefill and decode."""
+With the kv_cache pass the package is one step graph serving both prefill and decode.
+
+Weights live OUTSIDE the package: it is compiled with ``aot_inductor.package_constants_in_so=False`` and the
+graph's constants go to ``weights.safetensors`` beside it (written tensor by tensor, ``l4compile.tensorfile``),
+which ``load`` reads onto the engine's device and hands to the package (``load_constants``, user-managed: no
+copy). So the weights are on disk once (AOTI would otherwise write them into the .so, then again into the .pt2
+zip, and extract them once more at load: three copies of ~58 GB for full Scout Int4), and they are loaded from
+safetensors only. Engines from before this layout (constants inside the .so) still load."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,6 +25,7 @@ from l4compile.backends import BuildResult
 from l4compile.errors import L4Error
 
 ARTIFACT = "model.pt2"
+WEIGHTS = "weights.safetensors"
 
 
 def build(program, workdir: Path, config) -> BuildResult:
@@ -31,15 +39,18 @@ def build(program, workdir: Path, config) -> BuildResult:
         arts = []
         for r, gm in enumerate(shards):
             (workdir / f"rank{r}").mkdir()
-            _package(dataclasses.replace(program, gm=gm), workdir / f"rank{r}" / ARTIFACT, config.device)
-            arts.append(f"rank{r}/{ARTIFACT}")
-        return BuildResult(arts, {"format": "aoti-package", "torch": torch.__version__, "ranks": len(shards)})
-    _package(program, workdir / ARTIFACT, config.device)
-    return BuildResult([ARTIFACT], {"format": "aoti-package", "torch": torch.__version__})
+            _package(dataclasses.replace(program, gm=gm), workdir / f"rank{r}", config.device)
+            arts += [f"rank{r}/{ARTIFACT}", f"rank{r}/{WEIGHTS}"]
+        return BuildResult(arts, {"format": "aoti-package", "torch": torch.__version__, "ranks": len(shards),
+                                  "weights": WEIGHTS})
+    _package(program, workdir, config.device)
+    return BuildResult([ARTIFACT, WEIGHTS], {"format": "aoti-package", "torch": torch.__version__, "weights": WEIGHTS})
 
 
-def _package(program, path: Path, device: str = "cpu") -> None:
+def _package(program, outdir: Path, device: str = "cpu") -> None:
+    """``outdir``/model.pt2 (code only) + ``outdir``/weights.safetensors (every constant the package reads)."""
     import l4compile.ops
+    from l4compile import tensorfile
 
     decomps = dict(l4compile.ops.DECOMPOSITIONS)                             # attention becomes plain aten
     if device == "cuda":   # l4::moe / linear_int4 -> Triton triton_ops, linear_fp8 -> _scaled_mm (compiled in)
@@ -47,7 +58,10 @@ def _package(program, path: Path, device: str = "cpu") -> None:
         decomps.update(cuda_decompositions())
     ep = program.export().run_decompositions(decomps)
     with torch.no_grad():
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(outdir / ARTIFACT),
+                                                 inductor_configs={"aot_inductor.package_constants_in_so": False})
+    constants = {k: v for k, v in {**ep.state_dict, **ep.constants}.items() if isinstance(v, torch.Tensor)}
+    tensorfile.write(outdir / WEIGHTS, constants)
 
 
 def load(engine_dir: Path, manifest: dict[str, Any]):
@@ -58,13 +72,31 @@ def load(engine_dir: Path, manifest: dict[str, Any]):
     if manifest["device"] == "cuda":   # l4::moe_fused / l4::int4_mm, should the package call them as ops
         from l4compile.kernels.dispatch import load_triton_ops
         load_triton_ops()
-    artifact = ARTIFACT
+    rank_dir = engine_dir
     if manifest.get("sharding"):   # this process's rank (load_engine checked the process group)
         import torch.distributed as dist
-        artifact = f"rank{dist.get_rank()}/{ARTIFACT}"
-    pkg = torch._inductor.aoti_load_package(str(engine_dir / artifact))
+        rank_dir = engine_dir / f"rank{dist.get_rank()}"
+    pkg = torch._inductor.aoti_load_package(str(rank_dir / ARTIFACT))
+    weights = None
+    if (manifest.get("backend_info") or {}).get("weights"):
+        weights = _load_weights(pkg, rank_dir / WEIGHTS, manifest["device"])
 
     def run(*inputs: torch.Tensor):
         return pkg(*inputs)
 
+    run.weights = weights          # user-managed constants: they must live as long as the package
     return run
+
+
+def _load_weights(pkg, path: Path, device: str) -> dict[str, torch.Tensor]:
+    """weights.safetensors -> the package's constants (no copy). Every constant the package names must be there."""
+    from l4compile import tensorfile
+
+    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device(device)
+    weights = tensorfile.read(path, dev)
+    missing = sorted(set(pkg.get_constant_fqns()) - set(weights))
+    if missing:
+        raise L4Error(f"{path} lacks the engine constant '{missing[0]}'" +
+                      (f" and {len(missing) - 1} more" if len(missing) > 1 else "") + "; recompile the engine")
+    pkg.load_constants({k: weights[k] for k in pkg.get_constant_fqns()}, check_full_update=True, user_managed=True)
+    return weights
