@@ -15,7 +15,9 @@ from tests.conftest import VARIANTS
 def test_cli_compile_reports_fusion_and_lowering(checkpoints, tmp_path, capsys):
     ckpt = checkpoints["maverick-top2-odd"]
     capsys.readouterr()
-    assert main(["compile", str(ckpt), "--backend", "inductor", "--out", str(tmp_path / "e"), "--max-seq-len", "64"]) == 0
+    # the summary comes from the pass pipeline, the same for every backend; ONNX Runtime builds quickest
+    assert main(["compile", str(ckpt), "--backend", "onnxruntime", "--out", str(tmp_path / "e"),
+                 "--max-seq-len", "64"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     cfg = Llama4ForCausalLM.config_class.from_pretrained(ckpt)
     assert summary["passes"]["fuse_moe"]["matches"] == len(cfg.moe_layers) == 2   # dense layers left alone
