@@ -205,4 +205,17 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
         (work / "README.md").write_text(render_engine_readme(manifest, out))
         write_manifest(work, manifest, [*result.artifacts, "README.md"])
     progress.note(f"engine written to {out}")
+    # The compile's graphs go before the engine loads its own copy of the weights: full Scout Int4 is ~58 GB on one
+    # GPU, twice that does not fit in 80 GB.
+    low.program = low.loaded = None
+    del program, vision_program, loaded, vision
+    release_memory()
     return load_engine(out, defer_shards=True)
+
+
+def release_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -135,3 +135,32 @@ def test_streamed_engine_end_to_end(checkpoints, tmp_path):
         want = ref.program.run_example()                                         # [B, S, V]
     got = eng.prefill(ids)
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_compile_drops_its_graph_before_the_engine_loads(monkeypatch, tmp_path):
+    """Two copies of full Scout Int4 (the compile's graph and the loaded engine) would not fit one GPU."""
+    from l4compile import backends, compiler
+    from l4compile.backends import BuildResult
+
+    refs = []
+    real_lower = compiler.lower
+
+    def spying_lower(*a, **kw):
+        low = real_lower(*a, **kw)
+        refs.append(weakref.ref(low.program.gm))
+        return low
+
+    class WritesOneFile:
+        @staticmethod
+        def build(program, workdir, config):
+            (workdir / "engine.bin").write_bytes(b"x")
+            return BuildResult(["engine.bin"], {})
+
+    def load_engine(path, defer_shards):
+        assert refs and refs[0]() is None, "the compile's graph is still alive when the engine loads"
+        return "loaded"
+
+    monkeypatch.setattr(compiler, "lower", spying_lower)
+    monkeypatch.setattr(backends, "get_backend", lambda name: WritesOneFile)
+    monkeypatch.setattr(compiler, "load_engine", load_engine)
+    assert l4compile.compile("tiny", out=tmp_path / "e", quant="int4", stream_weights=True) == "loaded"
