@@ -18,18 +18,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Benchmark MODEL on each backend (prefill latency, decode ms/token, tokens/s, peak memory) "
                     "and write report.json, report.html and report.md into --out. "
                     "`l4compile bench compare A/report.json B/report.json` prints the deltas between two runs.")
-    b.add_argument("model", metavar="MODEL", help="checkpoint directory or preset name; or `compare`")
+    b.add_argument("model", metavar="MODEL", help="checkpoint directory, preset name or an ENGINE directory "
+                                                  "(benchmarked as compiled, no baselines); or `compare`")
     b.add_argument("reports", nargs="*", metavar="REPORT", help="with `compare`: two report.json files (or dirs)")
-    b.add_argument("--backends", default="eager,torch-compile,inductor,onnxruntime,tensorrt", help=_BACKENDS_HELP)
-    b.add_argument("--quant", default="none", help="none | fp8 | int4 (engines; baselines stay unquantized)")
+    b.add_argument("--backends", default=None, help=_BACKENDS_HELP)
+    b.add_argument("--quant", default=None, help="none | fp8 | int4 (engines; baselines stay unquantized)")
     b.add_argument("--prompt-lens", default="128,512", help="comma-separated prompt lengths (default 128,512)")
     b.add_argument("--batch-sizes", default="1,4", help="comma-separated batch sizes (default 1,4)")
     b.add_argument("--decode-steps", default="32", help="new tokens per generate (default 32)")
     b.add_argument("--repeats", default="5", help="measured repeats per backend and shape (default 5)")
     b.add_argument("--out", default=None, metavar="DIR", help="report directory (default bench-<model>)")
     b.add_argument("--force", action="store_true", help="overwrite reports already in --out")
-    b.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    b.add_argument("--device", default="cpu", help="cpu | cuda")
+    b.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default float32)")
+    b.add_argument("--device", default=None, help="cpu | cuda (default cpu)")
     b.add_argument("--seed", default="0", help="seed for preset weights")
     b.add_argument("--layers", default=None, help="presets only: number of decoder layers")
     b.add_argument("--max-seq-len", default=None, help="engines' max sequence length "
@@ -52,11 +53,34 @@ def _int(option: str, text: str | None, *, minimum: int | None = 1) -> int | Non
     return v
 
 
-def config_from_args(a) -> "BenchConfig":  # noqa: F821
-    from l4compile.bench.runner import BenchConfig, parse_backends, parse_int_list
+def engine_options(a, manifest: dict) -> dict:
+    """An ENGINE directory is benchmarked as compiled: backend, quant, dtype and device come from its manifest;
+    options that only mean something when bench compiles are refused, and so are values that contradict it."""
+    for flag, value in (("--layers", a.layers), ("--max-seq-len", a.max_seq_len), ("--stream-weights", a.stream_weights)):
+        if value:
+            raise L4Error(f"{flag} applies when bench compiles MODEL; {a.model} is an engine (compiled already)")
+    got = {"backends": manifest["backend"], "quant": manifest["quant"], "dtype": manifest["dtype"],
+           "device": manifest["device"]}
+    for key, value in got.items():
+        asked = getattr(a, key)
+        if asked is not None and asked != value:
+            raise L4Error(f"--{key} {asked}: engine {a.model} was compiled with {value}; an engine is benchmarked "
+                          "as it was compiled (bench the checkpoint or preset to compare others)")
+    return got
 
-    return BenchConfig(model=a.model, backends=parse_backends(a.backends), quant=a.quant, dtype=a.dtype,
-                       device=a.device, prompt_lens=parse_int_list("--prompt-lens", a.prompt_lens),
+
+def config_from_args(a) -> "BenchConfig":  # noqa: F821
+    from l4compile.bench.runner import DEFAULT_BACKENDS, BenchConfig, engine_manifest, parse_backends, parse_int_list
+
+    manifest = engine_manifest(a.model)
+    if manifest is not None:
+        opts = engine_options(a, manifest)
+    else:
+        opts = {"backends": a.backends or ",".join(DEFAULT_BACKENDS), "quant": a.quant or "none",
+                "dtype": a.dtype or "float32", "device": a.device or "cpu"}
+    return BenchConfig(model=a.model, backends=parse_backends(opts["backends"]), quant=opts["quant"],
+                       dtype=opts["dtype"], device=opts["device"],
+                       prompt_lens=parse_int_list("--prompt-lens", a.prompt_lens),
                        batch_sizes=parse_int_list("--batch-sizes", a.batch_sizes),
                        decode_steps=_int("--decode-steps", a.decode_steps), repeats=_int("--repeats", a.repeats),
                        seed=_int("--seed", a.seed, minimum=None), layers=_int("--layers", a.layers),

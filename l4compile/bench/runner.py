@@ -221,23 +221,41 @@ def _hf_runners(lm: torch.nn.Module, names: tuple[str, ...]) -> list[Runner]:
     return out
 
 
+def engine_manifest(model: str) -> dict | None:
+    """MODEL names an engine directory (a manifest.json in it): its manifest; else None."""
+    from l4compile.engine import MANIFEST
+
+    path = Path(model) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise L4Error(f"cannot read {path}: {e}") from None
+
+
 def _engine_runner(cfg: BenchConfig, name: str, workdir: Path, max_seq: int) -> Runner:
     """Compile ``cfg.model`` for backend ``name``; L4Error (backend missing, option unsupported) means skip."""
     import l4compile
     from l4compile.backends import get_backend
-    from l4compile.engine import Engine
 
     get_backend(name)
     t0 = time.perf_counter()
     eng = l4compile.compile(cfg.model, backend=name, out=workdir / name, quant=cfg.quant, dtype=cfg.dtype,
                             device=cfg.device, max_seq_len=max_seq, max_batch_size=max(cfg.batch_sizes),
                             seed=cfg.seed, layers=cfg.layers, stream_weights=cfg.stream_weights)
-    seconds = time.perf_counter() - t0
+    return _runner_for(eng, name, time.perf_counter() - t0)
+
+
+def _runner_for(eng, name: str, seconds: float | None) -> Runner:
+    """A loaded engine as a Runner; ``seconds``: what building it took here (None: built before this run)."""
+    from l4compile.engine import Engine
+
     cached = getattr(eng, "kv_cache", None) is not None or hasattr(Engine, "decode_step")
     method = ("Engine.generate with the engine's KV cache: one prefill, then one cached decode step per token"
               if cached else "Engine.generate, recomputing the whole prefix every step (no KV cache in this engine)")
     return Runner(name, "engine", eng.prefill, lambda ids, n: eng.generate(ids, max_new_tokens=n), method,
-                  compile_seconds=round(seconds, 3),
+                  compile_seconds=None if seconds is None else round(seconds, 3),
                   info={"engine_config_hash": eng.manifest.get("config_hash"),
                         "engine_compile_seconds": eng.manifest.get("compile_seconds")})
 
@@ -309,6 +327,20 @@ def run_bench(cfg: BenchConfig, *, stream=None, progress: bool | None = None) ->
         torch.set_num_threads(old_threads)
 
 
+def _load_built_engine(cfg: BenchConfig):
+    """Load the engine directory ``cfg.model`` and check that the asked shapes fit its limits."""
+    from l4compile.engine import load_engine
+
+    eng = load_engine(cfg.model)
+    if cfg.needed_seq_len > eng.max_seq_len:
+        raise L4Error(f"longest prompt plus --decode-steps ({cfg.needed_seq_len}) exceeds engine {cfg.model}'s max "
+                      f"sequence length {eng.max_seq_len}; shorten --prompt-lens or --decode-steps")
+    if max(cfg.batch_sizes) > eng.max_batch_size:
+        raise L4Error(f"--batch-sizes {max(cfg.batch_sizes)} exceeds engine {cfg.model}'s max batch size "
+                      f"{eng.max_batch_size}")
+    return eng
+
+
 def _run_bench(cfg: BenchConfig, *, stream=None, progress: bool | None = None) -> dict[str, Any]:
     from l4compile import frontend
     from l4compile.bench.env import environment
@@ -317,24 +349,37 @@ def _run_bench(cfg: BenchConfig, *, stream=None, progress: bool | None = None) -
         raise L4Error("--device cuda needs a CUDA GPU and a CUDA build of torch; this machine has none")
     bar = ProgressBar(0, stream=stream, enabled=progress)
     bar.note(f"loading {cfg.model} ...")
-    baselines = any(b in BASELINES for b in cfg.backends)      # engines alone need only the config (meta)
-    loaded = frontend.load(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed, layers=cfg.layers,
-                           meta=not baselines)
-    lm = loaded.model
-    limit = int(lm.config.max_position_embeddings)
-    if cfg.needed_seq_len > limit:
-        raise L4Error(f"longest prompt plus --decode-steps ({max(cfg.prompt_lens)} + {cfg.decode_steps} = "
-                      f"{cfg.needed_seq_len}) exceeds the model's max_position_embeddings {limit}; "
-                      "shorten --prompt-lens or --decode-steps")
-    max_seq = cfg.max_seq_len or cfg.needed_seq_len
     statuses: dict[str, BackendStatus] = {}
     runners: list[Runner] = []
+    built = engine_manifest(cfg.model)       # MODEL is an engine directory: benchmark it as compiled
+    if built is not None:
+        if tuple(cfg.backends) != (built["backend"],):
+            raise L4Error(f"{cfg.model} is a {built['backend']} engine: it is benchmarked alone (--backends "
+                          f"{built['backend']}); baselines need the model, so bench the checkpoint or preset instead")
+        eng = _load_built_engine(cfg)
+        runners.append(_runner_for(eng, built["backend"], None))
+        model_config, source, max_seq = built["model_config"], dict(built["model_source"], engine=cfg.model), \
+            eng.max_seq_len
+        vocab = int(model_config["vocab_size"])
+    else:
+        baselines = any(b in BASELINES for b in cfg.backends)      # engines alone need only the config (meta)
+        loaded = frontend.load(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed, layers=cfg.layers,
+                               meta=not baselines)
+        lm = loaded.model
+        limit = int(lm.config.max_position_embeddings)
+        if cfg.needed_seq_len > limit:
+            raise L4Error(f"longest prompt plus --decode-steps ({max(cfg.prompt_lens)} + {cfg.decode_steps} = "
+                          f"{cfg.needed_seq_len}) exceeds the model's max_position_embeddings {limit}; "
+                          "shorten --prompt-lens or --decode-steps")
+        max_seq = cfg.max_seq_len or cfg.needed_seq_len
+        model_config, source, vocab = lm.config.to_dict(), loaded.source, int(lm.config.vocab_size)
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="l4bench-")))
         import torch._dynamo
         stack.enter_context(torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096))
-        hf = {r.name: r for r in _hf_runners(lm, tuple(b for b in cfg.backends if b in BASELINES))}
-        for name in cfg.backends:
+        hf = {r.name: r for r in _hf_runners(lm, tuple(b for b in cfg.backends if b in BASELINES))} \
+            if built is None else {}
+        for name in cfg.backends if built is None else ():
             if name in hf:
                 runners.append(hf[name])
                 continue
@@ -345,7 +390,7 @@ def _run_bench(cfg: BenchConfig, *, stream=None, progress: bool | None = None) -
                 statuses[name] = BackendStatus(name, "engine", "skipped", reason=str(e))
                 bar.note(f"  {name}: skipped ({e})")
         shapes = [(b, s) for b in cfg.batch_sizes for s in cfg.prompt_lens]
-        inputs = make_inputs(cfg, int(lm.config.vocab_size))
+        inputs = make_inputs(cfg, vocab)
         meter = MemoryMeter(cfg.device)
         bar.total = max(1, len(runners) * len(shapes) * (cfg.repeats + 1))
         bar.t0 = time.perf_counter()
@@ -387,6 +432,6 @@ def _run_bench(cfg: BenchConfig, *, stream=None, progress: bool | None = None) -
         ref = tokens.get(("eager", b, s))
         agree[(name, b, s)] = None if ref is None else toks == ref
     ordered = [statuses[n] for n in cfg.backends]
-    return {"config": cfg, "environment": environment(cfg.device), "model_source": loaded.source,
-            "model_config": lm.config.to_dict(), "backends": ordered, "samples": samples,
+    return {"config": cfg, "environment": environment(cfg.device), "model_source": source,
+            "model_config": model_config, "backends": ordered, "samples": samples,
             "matches_eager": agree, "memory_method": meter.method, "engine_max_seq_len": max_seq}

@@ -234,3 +234,27 @@ def test_small_real_run_and_compare(tmp_path, capsys):
     (tmp_path / "junk.json").write_text("{}")
     with pytest.raises(L4Error, match="not an l4compile bench report"):
         bench_cli.run(parse("bench", "compare", str(tmp_path / "junk.json"), str(other)))
+
+
+def test_bench_an_engine_directory_as_compiled(tiny_engine, tmp_path):
+    """An ENGINE directory is measured as it was compiled (no recompile, no baselines); options that contradict it
+    or only mean something to a compile are refused."""
+    out = tmp_path / "run"
+    argv = ["bench", str(tiny_engine), "--prompt-lens", "8", "--batch-sizes", "1,2", "--decode-steps", "2",
+            "--repeats", "1", "--threads", "1", "--out", str(out)]
+    assert bench_cli.run(parse(*argv)) == 0
+    report = json.loads((out / "report.json").read_text())
+    check_schema(report)
+    assert [(b["name"], b["status"], b["compile_seconds"]) for b in report["backends"]] == [("inductor", "ok", None)]
+    assert report["config"]["quant"] == "none" and report["config"]["dtype"] == "float32"
+    assert report["model"]["source"]["engine"] == str(tiny_engine)
+    assert sorted((s["batch"], s["prompt_len"]) for s in report["samples"]) == [(1, 8), (2, 8)]
+    for extra, needle in ((["--backends", "eager,inductor"], "benchmarked as it was compiled"),
+                          (["--quant", "int4"], "was compiled with none"), (["--layers", "2"], "compiled already"),
+                          (["--stream-weights"], "compiled already")):
+        with pytest.raises(L4Error, match=re.escape(needle)):
+            bench_cli.run(parse(*argv, "--force", *extra))
+    with pytest.raises(L4Error, match="max sequence length 128"):
+        bench_cli.run(parse(*argv, "--force", "--prompt-lens", "200"))
+    with pytest.raises(L4Error, match="max batch size 2"):
+        bench_cli.run(parse(*argv, "--force", "--batch-sizes", "3"))
