@@ -222,16 +222,10 @@ def _hf_runners(lm: torch.nn.Module, names: tuple[str, ...]) -> list[Runner]:
 
 
 def engine_manifest(model: str) -> dict | None:
-    """MODEL names an engine directory (a manifest.json in it): its manifest; else None."""
-    from l4compile.engine import MANIFEST
+    """MODEL names an engine directory (a manifest.json in it): its manifest, checked by ``read_manifest``; else None."""
+    from l4compile.engine import MANIFEST, read_manifest
 
-    path = Path(model) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise L4Error(f"cannot read {path}: {e}") from None
+    return read_manifest(Path(model)) if (Path(model) / MANIFEST).is_file() else None
 
 
 def _engine_runner(cfg: BenchConfig, name: str, workdir: Path, max_seq: int) -> Runner:
