@@ -8,11 +8,13 @@ Contract: the same numbers as ``l4compile.ops.quant._linear_fp8_impl`` up to the
 
 ``w_q`` [N, K] float8_e4m3fn is row-major, so ``w_q.t()`` is the column-major second operand ``_scaled_mm``
 wants, with no copy. ``scaled_mm_supported`` says when the fast path applies (K and N multiples of 16, float32
-per-channel scales, a GPU of compute capability 8.9+, or the CPU, where torch 2.13 also implements row-wise
-``_scaled_mm``); otherwise ``linear_fp8`` keeps the dequantize + matmul reference. Row-wise scaling produces
+per-channel scales, a GPU of compute capability 8.9+, or a CPU build of torch that implements row-wise
+``_scaled_mm``, as 2.13 does and 2.11 does not: probed once); otherwise ``linear_fp8`` keeps the dequantize + matmul reference. Row-wise scaling produces
 bf16 on CUDA, so float32/float16 activations get a bf16 GEMM result cast back to their dtype.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -33,7 +35,18 @@ def scaled_mm_supported(x: Tensor, w_q: Tensor, w_scale: Tensor) -> bool:
         return False
     if x.device.type == "cuda":
         return torch.cuda.get_device_capability(x.device) >= (8, 9)
-    return x.device.type == "cpu"
+    return x.device.type == "cpu" and cpu_rowwise_scaled_mm()
+
+
+@functools.cache
+def cpu_rowwise_scaled_mm() -> bool:
+    """Whether this torch's CPU ``_scaled_mm`` takes row-wise scales (2.11 asserts per-tensor scales only)."""
+    a = torch.ones(16, 16).to(FP8_DTYPE)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
+    except RuntimeError:
+        return False
+    return True
 
 
 def linear_fp8_scaled_mm(x: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:

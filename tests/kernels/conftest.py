@@ -7,6 +7,7 @@ compare them with the reference ops there. The line below only covers running th
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -25,7 +26,25 @@ def require_interpreter() -> None:
         pytest.skip(reason)
     if not interpreting():
         pytest.skip("TRITON_INTERPRET is off (CUDA host): the gpu-marked tests cover the kernels here")
+    if not _wrap_triton_takes_interpreted():
+        pytest.skip(f"torch {torch.__version__}'s wrap_triton refuses interpreted kernels (2.13 takes them)")
     _load_ops()
+
+
+@functools.cache
+def _wrap_triton_takes_interpreted() -> bool:
+    import triton
+    from torch.library import wrap_triton
+
+    @triton.jit
+    def _probe(x_ptr):
+        pass
+
+    try:
+        wrap_triton(_probe)
+    except RuntimeError:
+        return False
+    return True
 
 
 def require_cuda_kernels() -> None:
