@@ -76,7 +76,9 @@ def load(engine_dir: Path, manifest: dict[str, Any]):
     if manifest.get("sharding"):   # this process's rank (load_engine checked the process group)
         import torch.distributed as dist
         rank_dir = engine_dir / f"rank{dist.get_rank()}"
-    pkg = torch._inductor.aoti_load_package(str(rank_dir / ARTIFACT))
+    # CUDA: the single-threaded runner, which a CUDA graph can capture (Engine decode mode "graph"); the default
+    # runner's cross-thread event bookkeeping is refused while a stream captures (pytorch/pytorch#148601).
+    pkg = torch._inductor.aoti_load_package(str(rank_dir / ARTIFACT), run_single_threaded=manifest["device"] == "cuda")
     weights = None
     if (manifest.get("backend_info") or {}).get("weights"):
         weights = _load_weights(pkg, rank_dir / WEIGHTS, manifest["device"])

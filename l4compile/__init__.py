@@ -11,11 +11,11 @@ def compile(*args, **kwargs):
     return _compile(*args, **kwargs)
 
 
-def load_engine(path):
+def load_engine(path, **kwargs):
     """See ``l4compile.engine.load_engine``."""
     from l4compile.engine import load_engine as _load
 
-    return _load(path)
+    return _load(path, **kwargs)
 
 
 __all__ = ["L4Error", "compile", "load_engine", "__version__"]

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the prompt's logits, float32 [prompt_len, vocab]")
     r.add_argument("--nproc", type=_positive, default=None,
                    help="sharded engines: run N processes with torchrun (one per rank)")
+    r.add_argument("--decode-mode", choices=("loop", "static", "graph"), default=None,
+                   help="how decode steps run: graph = one CUDA graph replay per step (default for CUDA engines), "
+                        "loop = one engine call per step (default elsewhere), static = graph's steps without capture")
 
     p = sub.add_parser("parity", help="compare engines with transformers eager (backend x quant x dtype)")
     _add_model_opts(p)   # --dtype takes a comma-separated list here
@@ -162,7 +165,7 @@ def cmd_run(a) -> int:
         return launch(a)
     prompt = parse_prompt_ids(a.prompt_ids)
     t0 = time.perf_counter()
-    eng = load_engine(a.engine)
+    eng = load_engine(a.engine, decode_mode=a.decode_mode)
     load_s = time.perf_counter() - t0
     ids = torch.tensor([prompt], dtype=torch.int64)
     prepared, vision_s = None, 0.0
@@ -178,6 +181,10 @@ def cmd_run(a) -> int:
     prefill_s = time.perf_counter() - t1
     if a.logits_out:
         np.save(a.logits_out, logits[0].float().cpu().numpy())
+    t_d = time.perf_counter()
+    if a.max_new_tokens > 1:
+        eng.prepare_decode(ids.shape[0])     # static buffers / CUDA graph capture, outside the timed generate
+    setup_s = time.perf_counter() - t_d
     t2 = time.perf_counter()
     out = eng.generate(ids, max_new_tokens=a.max_new_tokens, images=prepared)
     gen_s = time.perf_counter() - t2
@@ -185,7 +192,9 @@ def cmd_run(a) -> int:
     print(json.dumps({"generated_ids": new, "prompt_len": int(ids.shape[1]), "images": len(a.images),
                       "vision_ms": round(vision_s * 1e3, 3), "load_ms": round(load_s * 1e3, 2),
                       "prefill_ms": round(prefill_s * 1e3, 3), "generate_ms": round(gen_s * 1e3, 3),
-                      "ms_per_token": round(gen_s * 1e3 / max(1, len(new)), 3)}))
+                      "ms_per_token": round(gen_s * 1e3 / max(1, len(new)), 3), "decode_mode": eng.decode_mode,
+                      "decode_setup_ms": round(setup_s * 1e3, 3)}
+                     | ({"cuda_graph_error": eng.cuda_graph_error} if eng.cuda_graph_error else {})))
     return 0
 
 

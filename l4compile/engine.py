@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -23,6 +24,10 @@ from l4compile.errors import L4Error
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# How generate runs its decode steps (``Engine.decode_mode``): "loop" calls the engine once per step with fresh
+# tensors; "static" runs the same step on static buffers (``l4compile.decode_graph``); "graph" replays those
+# static steps as a captured CUDA graph (CUDA engines; the default there).
+DECODE_MODES = ("loop", "static", "graph")
 _TMP_TAG = ".l4tmp-"
 _OLD_TAG = ".l4old-"
 
@@ -150,6 +155,10 @@ class Engine:
         self.max_batch_size = int(manifest["max_batch_size"])
         self.device = torch.device(manifest["device"])
         self.load_seconds = 0.0
+        self._decode_mode = "loop"
+        self._decoders: dict[int, Any] = {}         # batch -> StaticDecoder
+        self._graph_pool = None
+        self.cuda_graph_error: str | None = None    # why capture failed, if it did (generate then uses "loop")
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -180,6 +189,59 @@ class Engine:
         if prompt_len + max_new_tokens > self.max_seq_len:
             raise L4Error(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                           f"engine's max sequence length {self.max_seq_len}")
+
+    @property
+    def decode_mode(self) -> str:
+        return self._decode_mode
+
+    @decode_mode.setter
+    def decode_mode(self, mode: str) -> None:
+        if mode not in DECODE_MODES:
+            raise L4Error(f"unknown decode mode {mode!r}; choose one of: {', '.join(DECODE_MODES)}")
+        if mode != "loop" and self.kv_cache is None:
+            raise L4Error(f"decode mode '{mode}' needs an engine with a KV cache (this one was compiled with "
+                          "--skip-pass kv_cache)")
+        if mode != "loop" and self.manifest.get("sharding"):
+            raise L4Error(f"decode mode '{mode}' is for single-process engines; sharded engines decode with 'loop'")
+        if mode == "graph" and self.device.type != "cuda":
+            raise L4Error(f"decode mode 'graph' captures CUDA graphs and engine {self.path} runs on "
+                          f"{self.device.type}; use 'static' for the same steps without capture")
+        self._decode_mode = mode
+        self._decoders.clear()
+
+    def _decoder(self, batch: int):
+        """The StaticDecoder for ``batch`` (built, and captured in "graph" mode, on first use); None when capture
+        failed, which also switches this engine to "loop" and records why in ``cuda_graph_error``."""
+        from l4compile.decode_graph import StaticDecoder
+
+        dec = self._decoders.get(batch)
+        if dec is not None:
+            return dec
+        image = self._no_image(torch.empty(batch, 1)) if self.multimodal else None   # decode steps: no image
+
+        def step(tok: torch.Tensor, pos: torch.Tensor, *caches: torch.Tensor):
+            return self._runner(*self._text_inputs(tok, image), pos, *caches)
+
+        dec = StaticDecoder(step, batch, self.new_caches(batch))
+        if self._decode_mode == "graph":
+            try:
+                if self._graph_pool is None:
+                    self._graph_pool = torch.cuda.graph_pool_handle()
+                dec.capture(self._graph_pool)
+            except Exception as e:   # capture refused (an op that syncs with the host, the runtime's threads...)
+                self.cuda_graph_error = (f"{type(e).__name__}: {e}".splitlines() or [""])[0][:300]
+                warnings.warn(f"CUDA graph capture failed ({self.cuda_graph_error}); decoding without graphs")
+                self._decode_mode = "loop"
+                self._decoders.clear()
+                return None
+        self._decoders[batch] = dec
+        return dec
+
+    def prepare_decode(self, batch: int) -> None:
+        """Build (and in "graph" mode capture) the decoder ``generate`` uses for ``batch`` sequences now rather than
+        in the first generate; a no-op in "loop" mode."""
+        if self._decode_mode != "loop":
+            self._decoder(batch)
 
     @property
     def multimodal(self) -> bool:
@@ -311,6 +373,13 @@ class Engine:
             return ids
         logits, caches = self._step(ids, 0, self.new_caches(ids.shape[0]), image)
         out = [ids, logits[:, -1].argmax(-1, keepdim=True)]
+        dec = self._decoder(ids.shape[0]) if self._decode_mode != "loop" and max_new_tokens > 1 else None
+        if dec is not None:        # static buffers (replayed as a CUDA graph in "graph" mode)
+            dec.start(out[-1], ids.shape[1], caches)
+            del logits, caches
+            for _ in range(max_new_tokens - 1):
+                out.append(dec.advance().clone())
+            return torch.cat(out, dim=1)
         for i in range(max_new_tokens - 1):
             logits, caches = self._step(out[-1], ids.shape[1] + i, caches)
             out.append(logits[:, -1].argmax(-1, keepdim=True))
@@ -339,10 +408,12 @@ def _unloaded_shards(path: Path, manifest: dict[str, Any]):
     return run
 
 
-def load_engine(path: str | os.PathLike, *, defer_shards: bool = False) -> Engine:
+def load_engine(path: str | os.PathLike, *, defer_shards: bool = False, decode_mode: str | None = None) -> Engine:
     """Open an engine directory: read the manifest, verify every checksum, load the backend's runtime.
     A sharded engine loads this process's rank (torch.distributed must be initialised); with
-    ``defer_shards`` and no process group it opens without a runtime (running it raises the L4Error)."""
+    ``defer_shards`` and no process group it opens without a runtime (running it raises the L4Error).
+    ``decode_mode`` (``DECODE_MODES``): default "graph" for single-process CUDA engines with a KV cache, else
+    "loop"."""
     from l4compile.backends import get_backend
 
     p = Path(path)
@@ -361,4 +432,8 @@ def load_engine(path: str | os.PathLike, *, defer_shards: bool = False) -> Engin
         vision_runner = backend.load(p / "vision", dict(manifest, sharding=None))
     eng = Engine(p, manifest, runner, vision_runner)
     eng.load_seconds = time.perf_counter() - t0
+    if decode_mode is None:
+        graphs = eng.device.type == "cuda" and eng.kv_cache is not None and not manifest.get("sharding")
+        decode_mode = "graph" if graphs else "loop"
+    eng.decode_mode = decode_mode
     return eng

@@ -171,6 +171,7 @@ class Runner:
     decode_method: str
     compile_seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    describe: Callable[[], str] | None = None   # decode_method as it stands after warm-up (engines)
 
 
 @dataclass
@@ -243,15 +244,21 @@ def _engine_runner(cfg: BenchConfig, name: str, workdir: Path, max_seq: int) -> 
 
 def _runner_for(eng, name: str, seconds: float | None) -> Runner:
     """A loaded engine as a Runner; ``seconds``: what building it took here (None: built before this run)."""
-    from l4compile.engine import Engine
+    def describe() -> str:   # after warm-up: a failed CUDA graph capture has switched the engine to "loop"
+        if getattr(eng, "kv_cache", None) is None:
+            return "Engine.generate, recomputing the whole prefix every step (no KV cache in this engine)"
+        mode = getattr(eng, "decode_mode", "loop")
+        how = {"graph": "each replayed as one captured CUDA graph", "static": "on static buffers",
+               "loop": "one engine call each"}[mode]
+        failed = f" (CUDA graph capture failed: {eng.cuda_graph_error})" if getattr(eng, "cuda_graph_error", None) \
+            else ""
+        return (f"Engine.generate with the engine's KV cache: one prefill, then one cached decode step per token, "
+                f"{how}; decode mode {mode}{failed}")
 
-    cached = getattr(eng, "kv_cache", None) is not None or hasattr(Engine, "decode_step")
-    method = ("Engine.generate with the engine's KV cache: one prefill, then one cached decode step per token"
-              if cached else "Engine.generate, recomputing the whole prefix every step (no KV cache in this engine)")
-    return Runner(name, "engine", eng.prefill, lambda ids, n: eng.generate(ids, max_new_tokens=n), method,
+    return Runner(name, "engine", eng.prefill, lambda ids, n: eng.generate(ids, max_new_tokens=n), describe(),
                   compile_seconds=None if seconds is None else round(seconds, 3),
                   info={"engine_config_hash": eng.manifest.get("config_hash"),
-                        "engine_compile_seconds": eng.manifest.get("compile_seconds")})
+                        "engine_compile_seconds": eng.manifest.get("compile_seconds")}, describe=describe)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -401,6 +408,8 @@ def _run_bench(cfg: BenchConfig, *, stream=None, progress: bool | None = None) -
                 warm = time.perf_counter() - t0
                 if r.info.get("lazy_compile"):
                     r.compile_seconds = round(warm, 3)
+                if r.describe is not None:
+                    r.decode_method = r.describe()
                 statuses[r.name] = BackendStatus(r.name, r.kind, "ok", compile_seconds=r.compile_seconds,
                                                  warmup_seconds=round(warm, 3), decode_method=r.decode_method,
                                                  engine_config_hash=r.info.get("engine_config_hash"))

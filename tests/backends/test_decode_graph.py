@@ -1,0 +1,79 @@
+"""Decode modes: the static-buffer step (what a CUDA graph replays) gives the loop's tokens on the CPU; on a GPU the
+captured graph gives them too."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import l4compile
+from l4compile.errors import L4Error
+from tests.conftest import run_cli
+
+NEW = 40
+
+
+def test_static_decode_matches_loop(engines):
+    """Two batch sizes, each decoder used twice: ``start`` must reset every static buffer (token, position, all
+    caches), and 40 steps after a 13-token prompt wrap the chunk-8 ring buffers several times."""
+    eng = l4compile.load_engine(engines["maverick-top2-odd"])
+    assert eng.decode_mode == "loop"                       # the CPU default
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, eng.vocab_size, (2, 13), generator=g),
+               torch.randint(3, eng.vocab_size, (1, 30), generator=g)]
+    want = [eng.generate(p, max_new_tokens=NEW) for p in prompts]
+    eng.decode_mode = "static"
+    for p, w in zip(prompts * 2, want * 2):
+        assert torch.equal(eng.generate(p, max_new_tokens=NEW), w)
+    assert sorted(eng._decoders) == [1, 2]
+    assert eng.cuda_graph_error is None
+    # one new token needs no decode step, and zero none at all
+    assert torch.equal(eng.generate(prompts[1], max_new_tokens=1), want[1][:, :31])
+
+
+def test_decode_mode_is_checked(engines):
+    eng = l4compile.load_engine(engines["scout-like"])
+    with pytest.raises(L4Error, match="runs on cpu; use 'static'"):
+        eng.decode_mode = "graph"
+    with pytest.raises(L4Error, match="unknown decode mode 'fast'"):
+        eng.decode_mode = "fast"
+    with pytest.raises(L4Error, match="unknown decode mode 'fast'"):
+        l4compile.load_engine(engines["scout-like"], decode_mode="fast")
+    assert eng.decode_mode == "loop"
+    eng.manifest = dict(eng.manifest, kv_cache=None)      # as an engine compiled with --skip-pass kv_cache
+    with pytest.raises(L4Error, match="needs an engine with a KV cache"):
+        eng.decode_mode = "static"
+
+
+def test_cli_run_decode_modes(tiny_engine):
+    """`run --decode-mode static` reports its mode and the loop's tokens; 'graph' on a CPU engine is a user error."""
+    prompt = [5, 9, 2, 7, 11, 3]
+    r = run_cli("run", str(tiny_engine), "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "12",
+                "--decode-mode", "static")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["decode_mode"] == "static" and out["decode_setup_ms"] >= 0
+    want = l4compile.load_engine(tiny_engine).generate(torch.tensor([prompt]), max_new_tokens=12)
+    assert out["generated_ids"] == want[0, len(prompt):].tolist()
+    r = run_cli("run", str(tiny_engine), "--prompt-ids", "1,2", "--decode-mode", "graph")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "use 'static'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,quant", [("float32", "none"), ("bfloat16", "int4")])
+def test_cuda_graph_decode_matches_loop(dtype, quant, tmp_path):
+    """CUDA engines decode through a captured graph by default (the fused MoE / Int4 Triton kernels inside it) and
+    give the same tokens as one engine call per step."""
+    eng = l4compile.compile("tiny", out=tmp_path / "e", device="cuda", dtype=dtype, quant=quant, max_seq_len=96,
+                            max_batch_size=2)
+    assert eng.decode_mode == "graph"
+    prompt = torch.randint(3, eng.vocab_size, (2, 17), generator=torch.Generator().manual_seed(3))
+    got = eng.generate(prompt, max_new_tokens=NEW)
+    assert eng.cuda_graph_error is None and eng._decoders[2].graph is not None
+    again = eng.generate(prompt, max_new_tokens=NEW)        # a replayed decoder restarts cleanly
+    eng.decode_mode = "loop"
+    want = eng.generate(prompt, max_new_tokens=NEW)
+    assert torch.equal(got.cpu(), want.cpu()) and torch.equal(again.cpu(), want.cpu())
