@@ -19,7 +19,7 @@ from l4compile.ops.moe import _moe_impl
 from l4compile.ops.quant import _linear_fp8_impl, _linear_int4_impl
 from l4compile.quant import quantize_fp8, quantize_int4
 
-from .conftest import rel_err, require_cuda_kernels
+from .conftest import rel_err, require_cuda_kernels, require_interpreter
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -222,3 +222,22 @@ def test_inductor_cuda_engine_int4_matches_cpu_engine(tmp_path):
         logits[dev] = eng.prefill(ids.to(dev)).float().cpu()
     assert rel_err(logits["cuda"], logits["cpu"]) < 1e-3
 
+
+def test_bench_kernels_script_checks_every_kernel(tmp_path, capsys):
+    """benchmarks/bench_kernels.py (the GPU sweep) at CI size under the interpreter: every kernel and baseline row is
+    checked against torch on dequantized weights and timed."""
+    require_cuda_kernels() if torch.cuda.is_available() else require_interpreter()
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "bench_kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "k.json"
+    assert mod.main(["--tiny", "--tokens", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    kernels = [r["kernel"] for r in rows]
+    assert kernels == ["int4_mm q_proj", "torch.mm bf16 q_proj", "int4_mm kv_proj", "torch.mm bf16 kv_proj",
+                       "int4_mm o_proj", "torch.mm bf16 o_proj", "moe_q_fused", "moe_fused bf16"]
+    assert all(r["error"] is None and r["ms"] > 0 and r["rel_err"] < 5e-2 for r in rows)
+    assert "| moe_q_fused | 2 | BN32 BK32 |" in capsys.readouterr().out

@@ -1,0 +1,220 @@
+"""The Triton kernels of issue 10 at Scout dimensions on one GPU: correctness against torch on dequantized weights,
+then time per block configuration as a fraction of the HBM copy bandwidth measured in the same run.
+
+    python benchmarks/bench_kernels.py [--tokens 1,8,32] [--quick] [--out FILE.json]
+    python benchmarks/bench_kernels.py --tiny ...      # CI-sized dimensions (runs under TRITON_INTERPRET=1 on a CPU)
+
+Kernels (bf16 activations; Int4 weights packed as the quantize pass packs them, group 128, bf16 scales):
+
+    int4_mm       x [T, H] @ W^T for the attention projections: q/o [5120, 5120], k/v [1024, 5120]
+    moe_q_fused   the Scout MoE block: 16 experts of width 8192, top-1, plus the shared expert
+    moe_fused     the same MoE in bf16
+    torch.mm      cuBLAS on the bf16 weight, the baseline the Int4 GEMV must beat (it streams 4x the bytes)
+
+Bytes a call must move: every weight byte it reads (packed Int4 + scales, or bf16; for the MoE only the experts the
+routing touches, plus the shared expert and the router) and the activations in and out. Time: the median of
+``triton.testing.do_bench`` (CUDA events, L2 flushed before every call). The ceiling is a 1 GiB device-to-device
+copy timed the same way (bytes read + written), so "of copy" is the achieved fraction of the bandwidth this GPU
+reaches at all. Every configuration is checked (max |out - ref| / max |ref|) before it is timed; one that is
+wrong is reported and not timed. The block configuration the code chooses today (``kernels.layout``) is marked *.
+"""
+# T tokens, H hidden, I expert width, E experts, N output features
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SCOUT = {"H": 5120, "I": 8192, "E": 16, "heads": 40, "kv_heads": 8, "head_dim": 128}
+TINY = {"H": 64, "I": 96, "E": 4, "heads": 4, "kv_heads": 2, "head_dim": 16}
+GROUP = 128
+BF16_TOL = 3e-2            # bf16 operands: rounding differs between tensor-core and cuBLAS accumulation orders
+
+
+def timer(device: torch.device):
+    """fn -> median milliseconds: CUDA events with L2 flushes (do_bench) on a GPU, wall clock elsewhere."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+    def wall(fn, n=3):
+        fn()
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(samples)
+    return wall
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
+
+
+def nbytes(*ts: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def copy_bandwidth(device: torch.device, time_ms, size: int) -> float:
+    """Bytes/s of a device-to-device copy of ``size`` bytes (read + write counted)."""
+    src = torch.empty(size, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    return 2 * size / (time_ms(lambda: dst.copy_(src)) / 1e3)
+
+
+def int4_cases(dims: dict, tokens: list[int], device, g: torch.Generator):
+    """(name, T, x, w_packed, w_scale, w_bf16): the attention projections of one layer."""
+    from l4compile.ops.quant import dequant_int4
+    from l4compile.quant import quantize_int4
+
+    h, hd = dims["H"], dims["head_dim"]
+    shapes = {"q_proj": (dims["heads"] * hd, h), "kv_proj": (dims["kv_heads"] * hd, h), "o_proj": (h, dims["heads"] * hd)}
+    for name, (n, k) in shapes.items():
+        wp, ws = quantize_int4(torch.randn(n, k, generator=g, device=device) * 0.02, GROUP)
+        w_bf16 = dequant_int4(wp, ws).to(torch.bfloat16)
+        for t in tokens:
+            yield name, t, torch.randn(t, k, generator=g, device=device).to(torch.bfloat16), wp, ws, w_bf16
+
+
+def moe_weights(dims: dict, device, g: torch.Generator):
+    """Int4 MoE weights as l4::moe_q takes them (router bf16, then (q, scale) for gate_up, down, shared gate, up,
+    down), and the dequantized bf16 weights in l4::moe's layout (router, gate_up [E, H, 2I], down [E, I, H], shared)."""
+    from l4compile.ops.quant import dequant_int4
+    from l4compile.quant import quantize_int4
+
+    h, i, e = dims["H"], dims["I"], dims["E"]
+    router = (torch.randn(e, h, generator=g, device=device) * 0.5).to(torch.bfloat16)
+    packed = []
+    for shape in ((e, 2 * i, h), (e, h, i), (i, h), (i, h), (h, i)):     # nn.Linear orientation, as quantize makes
+        packed += quantize_int4(torch.randn(*shape, generator=g, device=device) * 0.02, GROUP)
+    deq = [dequant_int4(packed[j], packed[j + 1]).to(torch.bfloat16) for j in range(0, 10, 2)]
+    return (router, *packed), (router, deq[0].transpose(1, 2), deq[1].transpose(1, 2), deq[2], deq[3], deq[4])
+
+
+def moe_bytes(x, qweights, fweights, touched: int, quant: bool) -> int:
+    """Weights of the touched experts + the shared expert + the router, activations in and out."""
+    router = qweights[0]
+    e = router.shape[0]
+    if quant:
+        expert, shared = nbytes(*qweights[1:5]) // e, nbytes(*qweights[5:])
+    else:
+        expert, shared = nbytes(*fweights[1:3]) // e, nbytes(*fweights[3:])
+    return touched * expert + shared + nbytes(router) + 2 * nbytes(x)
+
+
+def configs(quick: bool, tiny: bool) -> list[tuple[int, int]]:
+    """(BN, BK) pairs to sweep (BM stays 16: one MMA tile of rows for decode)."""
+    if tiny:
+        return [(32, 32)]
+    if quick:
+        return [(64, 128), (128, 128)]
+    return list(itertools.product((32, 64, 128, 256), (64, 128)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", default="1,8,32", help="token counts (decode batch sizes), comma-separated")
+    ap.add_argument("--quick", action="store_true", help="two block configurations instead of the sweep")
+    ap.add_argument("--tiny", action="store_true", help="CI-sized dimensions (CPU interpreter smoke run)")
+    ap.add_argument("--out", default=None, metavar="FILE.json")
+    a = ap.parse_args(argv)
+    from l4compile.kernels import interpreting, why_unavailable
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if why_unavailable() or (device.type == "cpu" and not (interpreting() and a.tiny)):
+        print("error: bench_kernels.py needs a CUDA GPU with triton (or --tiny under TRITON_INTERPRET=1 on a CPU): "
+              + (why_unavailable() or "no CUDA device here"), file=sys.stderr)
+        return 2
+    try:
+        tokens = [int(t) for t in a.tokens.split(",")]
+        if not tokens or min(tokens) < 1:
+            raise ValueError
+    except ValueError:
+        print(f"error: --tokens '{a.tokens}' is not a comma-separated list of positive integers", file=sys.stderr)
+        return 2
+    from l4compile.kernels.dispatch import load_triton_ops
+    from l4compile.kernels.layout import Int4Blocks, int4_blocks, moe_int4_blocks
+    from l4compile.kernels.ops import fused_moe, fused_moe_int4, int4_matmul
+    from l4compile.ops.moe import _moe_impl, _route
+
+    load_triton_ops()
+    dims = TINY if a.tiny else SCOUT
+    time_ms = timer(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    peak = copy_bandwidth(device, time_ms, (1 << 30) if device.type == "cuda" else (1 << 20))
+    rows: list[dict] = []
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)"
+    print(f"{name}; torch {torch.__version__}; copy bandwidth {peak / 1e9:.0f} GB/s (read + write); bf16 activations, "
+          f"Int4 group {GROUP}; * = the block configuration kernels.layout picks")
+    print("| kernel | tokens | config | us | GB/s | of copy | rel err |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+
+    def show(r):
+        head = f"| {r['kernel']} | {r['tokens']} | {r['config']}{'*' if r['chosen'] else ''} | "
+        err = "-" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
+        if r["ms"] is None:
+            print(head + f"{r['error']} | - | - | {err} |", flush=True)
+        else:
+            print(head + f"{r['ms'] * 1e3:.1f} | {r['bytes_per_s'] / 1e9:.0f} | {100 * r['of_copy']:.1f}% | {err} |",
+                  flush=True)
+
+    def record(kernel, t, config, chosen, run, ref, moved):
+        row = {"kernel": kernel, "tokens": t, "config": config, "chosen": chosen, "rel_err": None, "bytes": moved,
+               "ms": None, "bytes_per_s": None, "of_copy": None, "error": None}
+        try:
+            row["rel_err"] = rel_err(run(), ref)
+            if row["rel_err"] < (5e-2 if interpreting() else BF16_TOL):   # the interpreter truncates to bf16
+                row["ms"] = time_ms(run)
+                row["bytes_per_s"] = moved / (row["ms"] / 1e3)
+                row["of_copy"] = row["bytes_per_s"] / peak
+            else:
+                row["error"] = "wrong result"
+        except Exception as e:     # a configuration the compiler refuses (registers, shared memory) is reported
+            row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        rows.append(row)
+        show(row)
+
+    for name, t, x, wp, ws, w_bf16 in int4_cases(dims, tokens, device, g):
+        ref = F.linear(x, w_bf16)
+        n, k = wp.shape[0], 2 * wp.shape[1]
+        default = int4_blocks(n, k, k // ws.shape[1])
+        for bn, bk in configs(a.quick, a.tiny):
+            b = Int4Blocks(16, bn, bk, True)
+            record(f"int4_mm {name}", t, f"BN{bn} BK{bk}", b == default,
+                   lambda b=b: int4_matmul(x, wp, ws, blocks=b), ref, nbytes(wp, ws, x, ref))
+        record(f"torch.mm bf16 {name}", t, "cuBLAS", False, lambda: x @ w_bf16.t(), ref, nbytes(w_bf16, x, ref))
+    qweights, fweights = moe_weights(dims, device, g)
+    gu_s, dn_s = qweights[2], qweights[4]
+    default = moe_int4_blocks(dims["H"], dims["I"], dims["H"] // gu_s.shape[-1], dims["I"] // dn_s.shape[-1])
+    for t in tokens:
+        x = torch.randn(t, dims["H"], generator=g, device=device).to(torch.bfloat16)
+        ref = _moe_impl(x, *fweights, 1)
+        touched = int(torch.unique(_route(x, qweights[0], 1)[0]).numel())
+        moved = moe_bytes(x, qweights, fweights, touched, quant=True)
+        for bn, bk in configs(a.quick, a.tiny):
+            blocks = (Int4Blocks(16, bn, bk, True), Int4Blocks(16, bn, bk, True))
+            record("moe_q_fused", t, f"BN{bn} BK{bk}", blocks == default,
+                   lambda blocks=blocks: fused_moe_int4(x, *qweights, 1, blocks=blocks), ref, moved)
+        record("moe_fused bf16", t, "default", True, lambda: fused_moe(x, *fweights, 1), ref,
+               moe_bytes(x, qweights, fweights, touched, quant=False))
+    if a.out:
+        Path(a.out).write_text(json.dumps({"device": name, "torch": torch.__version__, "copy_bytes_per_s": peak,
+                                           "dims": dims, "rows": rows}, indent=2))
+    return 0 if all(r["ms"] is not None for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
