@@ -9,6 +9,12 @@ baselines are transformers eager / `torch.compile` of the transformers model, me
     decode   l4compile bench scout --layers N --device cuda --dtype bfloat16 --backends eager,torch-compile,inductor
                  --batch-sizes 1,8,32 --prompt-lens 128 --decode-steps 32 --quant {none,int4}
              -> ms/token and the fraction of the HBM roofline (weights read per step / peak bandwidth)
+             and again with --layers N/2 --backends inductor, for the figure PER LAYER: (ms(N) - ms(N/2)) / (N - N/2)
+             against the weight bytes one more layer reads, which leaves the lm_head, embedding and the step's fixed
+             costs out (the issue's target is per layer)
+    modes    python benchmarks/bench_decode_modes.py --model scout --layers N --quant int4 --dtype bfloat16
+                 --device cuda --batch-sizes 1,8 --prompt 128 --new 64
+             -> decode with one engine call per step against CUDA graph replay, same engine, same run
     prefill  l4compile bench scout --layers N --device cuda --dtype bfloat16 --backends torch-compile,inductor
                  --batch-sizes 1 --prompt-lens 2048,8192 --decode-steps 1
              -> TFLOP/s and the fraction of bf16 dense peak
@@ -38,7 +44,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("decode", "prefill", "full")
+PARTS = ("decode", "modes", "prefill", "full")
 
 
 def bench_commands(layers: int, repeats: int, out: Path, parts: tuple[str, ...]) -> dict[str, list[str]]:
@@ -48,9 +54,16 @@ def bench_commands(layers: int, repeats: int, out: Path, parts: tuple[str, ...])
     cmds: dict[str, list[str]] = {}
     if "decode" in parts:
         for quant in ("none", "int4"):
-            cmds[f"decode-{quant}"] = base + scaled + [
-                "--quant", quant, "--backends", "eager,torch-compile,inductor", "--batch-sizes", "1,8,32",
-                "--prompt-lens", "128", "--decode-steps", "32"]
+            shape = ["--quant", quant, "--batch-sizes", "1,8,32", "--prompt-lens", "128", "--decode-steps", "32"]
+            cmds[f"decode-{quant}"] = base + scaled + shape + ["--backends", "eager,torch-compile,inductor"]
+            if layers >= 2:      # the per-layer figure: the same engine at half depth
+                cmds[f"decode-{quant}-half"] = base + ["--layers", str(layers // 2)] + shape + ["--backends",
+                                                                                                "inductor"]
+    if "modes" in parts:
+        cmds["modes-int4"] = [str(ROOT / "benchmarks" / "bench_decode_modes.py"), "--model", "scout", "--layers",
+                              str(layers), "--quant", "int4", "--dtype", "bfloat16", "--device", "cuda",
+                              "--batch-sizes", "1,8", "--prompt", "128", "--new", "64", "--repeats", str(repeats),
+                              "--out", str(out / "modes-int4.json")]
     if "prefill" in parts:
         cmds["prefill"] = base + scaled + ["--backends", "torch-compile,inductor", "--batch-sizes", "1",
                                            "--prompt-lens", "2048,8192", "--decode-steps", "1"]
@@ -61,7 +74,30 @@ def bench_commands(layers: int, repeats: int, out: Path, parts: tuple[str, ...])
                                       "--max-batch-size", "1", "--force", "--out", str(engine)]
         cmds["full-scout-int4"] = ["bench", str(engine), "--repeats", str(repeats), "--force", "--batch-sizes", "1",
                                    "--prompt-lens", "128", "--decode-steps", "64"]
-    return {name: argv if argv[0] == "compile" else argv + ["--out", str(out / name)] for name, argv in cmds.items()}
+    return {name: argv if argv[0] == "compile" or argv[0].endswith(".py") else argv + ["--out", str(out / name)]
+            for name, argv in cmds.items()}
+
+
+def per_layer_rows(quant: str, full: dict, half: dict) -> list[str]:
+    """Markdown rows: decode ms and HBM fraction of ONE layer, from the inductor engine at N and N/2 layers."""
+    def points(report):
+        roof = {(r["backend"], r["batch"]): r for r in report.get("roofline") or []}
+        return {r["batch"]: (r["decode_ms_per_token"]["median"], roof.get(("inductor", r["batch"]), {}))
+                for r in report["summary"] if r["backend"] == "inductor"}
+
+    n_full, n_half = (int(r["model"]["config"]["num_hidden_layers"]) for r in (full, half))
+    a, b = points(full), points(half)
+    rows = []
+    for batch in sorted(set(a) & set(b)):
+        (ms_a, roof_a), (ms_b, roof_b) = a[batch], b[batch]
+        ms = (ms_a - ms_b) / (n_full - n_half)
+        nbytes = ((roof_a.get("decode_weight_bytes_per_step") or 0) - (roof_b.get("decode_weight_bytes_per_step")
+                                                                       or 0)) / (n_full - n_half)
+        peak = roof_a.get("hbm_bytes_per_s_peak")
+        frac = nbytes / (ms / 1e3) / peak if peak and ms > 0 and nbytes > 0 else None
+        rows.append(f"| {quant} | {batch} | {ms * 1e3:.1f} | {nbytes / 2**20:.1f} | "
+                    f"{'-' if frac is None else f'{100 * frac:.1f}%'} |")
+    return rows
 
 
 def summarize(name: str, report: dict) -> list[str]:
@@ -81,6 +117,12 @@ def summarize(name: str, report: dict) -> list[str]:
                      f"{num(r.get('speedup_prefill_vs_torch_compile'), '.2f')} | "
                      f"{'-' if mem is None else f'{mem / 2**30:.1f}'} |")
     return lines
+
+
+def mode_table(rows: list[dict]) -> str:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_decode_modes import table
+    return table(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,14 +147,19 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     rows = []
     notes = []
+    reports = {}
     for name, cmd in bench_commands(a.layers, a.repeats, out, parts).items():
-        argv = [sys.executable, "-m", "l4compile", *cmd]
+        argv = [sys.executable, *cmd] if cmd[0].endswith(".py") else [sys.executable, "-m", "l4compile", *cmd]
         if cmd[0] == "bench" and any(f.startswith("compile-") for f in failed):
             failed.append(name)                                  # its engine was not built
             continue
-        print("$ l4compile " + " ".join(cmd), flush=True)
+        print("$ " + ("python " if cmd[0].endswith(".py") else "l4compile ") + " ".join(cmd), flush=True)
         if subprocess.run(argv, cwd=ROOT).returncode != 0:
             failed.append(name)
+            continue
+        if cmd[0].endswith(".py"):
+            modes = json.loads((out / f"{name}.json").read_text())
+            notes += [f"{name}: {modes['header']}", "", mode_table(modes["rows"]), ""]
             continue
         if cmd[0] == "compile":
             m = json.loads((Path(cmd[-1]) / "manifest.json").read_text())
@@ -120,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"{name}: compiled in {m['compile_seconds']:.0f} s (stages {m['stage_seconds']}), engine "
                          f"{size / 2**30:.1f} GiB on disk.")
             continue
-        rows += summarize(name, json.loads((out / name / "report.json").read_text()))
+        reports[name] = json.loads((out / name / "report.json").read_text())
+        rows += summarize(name, reports[name])
+    layer_rows = [row for q in ("none", "int4") if f"decode-{q}" in reports and f"decode-{q}-half" in reports
+                  for row in per_layer_rows(q, reports[f"decode-{q}"], reports[f"decode-{q}-half"])]
     header = ["# GPU benchmark (issue 10)", "", f"Device: {device}; torch {torch.__version__}; "
               f"layers for decode/prefill: {a.layers}; repeats: {a.repeats}. Commands: see benchmarks/bench_gpu.py.",
               "", "| run | backend | batch | prompt | decode ms/token | decode tok/s | decode HBM roofline | "
@@ -130,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         header[2] += f" FAILED runs: {', '.join(failed)}."
     if notes:
         header[3:3] = ["", *notes]
+    if layer_rows:
+        rows += ["", "Per layer (inductor engine, decode; marginal time of one layer between --layers N and N/2, "
+                 "weights one layer reads at that batch). Target: >= 80% of the HBM roofline at batch 1.", "",
+                 "| quant | batch | decode us/layer | weight MiB/layer | HBM roofline |", "|---|---|---|---|---|",
+                 *layer_rows]
     (out / "SUMMARY.md").write_text("\n".join(header + rows) + "\n")
     print(f"wrote {out / 'SUMMARY.md'}")
     return 1 if failed else 0

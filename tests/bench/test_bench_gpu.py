@@ -29,7 +29,8 @@ def test_exits_2_with_one_error_line_without_cuda():
 
 def test_commands_cover_the_issue(tmp_path):
     cmds = _module().bench_commands(4, 3, tmp_path, ("decode", "prefill", "full"))
-    assert set(cmds) == {"decode-none", "decode-int4", "prefill", "compile-scout-int4", "full-scout-int4"}
+    assert set(cmds) == {"decode-none", "decode-int4", "decode-none-half", "decode-int4-half", "prefill",
+                         "compile-scout-int4", "full-scout-int4"}
     joined = {k: " ".join(v) for k, v in cmds.items()}
     engine = str(tmp_path / "engine-scout-int4")      # compiled streamed, then benchmarked as an engine directory
     assert "--stream-weights" in joined["compile-scout-int4"] and joined["compile-scout-int4"].endswith(engine)
@@ -37,4 +38,26 @@ def test_commands_cover_the_issue(tmp_path):
     assert "--batch-sizes 1,8,32" in joined["decode-int4"] and "--quant int4" in joined["decode-int4"]
     assert "--prompt-lens 2048,8192" in joined["prefill"] and "torch-compile" in joined["prefill"]
     assert "--layers" not in joined["full-scout-int4"] and "--layers 4" in joined["decode-none"]
+    assert "--layers 2" in joined["decode-int4-half"] and "--backends inductor" in joined["decode-int4-half"]
     assert all("--device cuda" in j and f"--out {tmp_path}" in j for k, j in joined.items() if k != "full-scout-int4")
+
+
+def test_modes_part_runs_the_decode_modes_script(tmp_path):
+    cmds = _module().bench_commands(2, 3, tmp_path, ("modes",))
+    assert list(cmds) == ["modes-int4"]
+    argv = cmds["modes-int4"]
+    assert argv[0].endswith("bench_decode_modes.py") and Path(argv[0]).is_file()
+    assert argv[argv.index("--device") + 1] == "cuda" and argv[argv.index("--out") + 1].endswith("modes-int4.json")
+
+
+def test_per_layer_rows_subtract_the_half_depth_engine():
+    """4 layers at 10 ms and 2 layers at 6 ms -> 2 ms per layer; 4 GiB vs 2.5 GiB of weights -> 0.75 GiB per layer;
+    on a 1 TB/s peak: 0.75 * 2**30 B / 2 ms / 1e12 B/s = 40.3%."""
+    def report(layers, ms, nbytes):
+        return {"model": {"config": {"num_hidden_layers": layers}},
+                "summary": [{"backend": "inductor", "batch": 1, "prompt_len": 128, "decode_ms_per_token": {"median": ms}},
+                            {"backend": "eager", "batch": 1, "prompt_len": 128, "decode_ms_per_token": {"median": 99}}],
+                "roofline": [{"backend": "inductor", "batch": 1, "decode_weight_bytes_per_step": nbytes,
+                              "hbm_bytes_per_s_peak": 1e12}]}
+    rows = _module().per_layer_rows("int4", report(4, 10.0, 4 * 2**30), report(2, 6.0, 2.5 * 2**30))
+    assert rows == ["| int4 | 1 | 2000.0 | 768.0 | 40.3% |"]

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# One call on a lent GPU host for issue 10, sized to its budget (15 minutes of device time a session, 10 a command):
+# install l4compile into the host's own Python (offline), then the parts asked for, each under its own time box,
+# most valuable first. Everything it prints goes to $OUT/session.log; reports go to $OUT/results.tgz.
+#
+#   bash benchmarks/gpu_session.sh [PARTS]        PARTS: comma-separated, default kernels,tests (<= 8 minutes)
+#
+#   kernels  benchmarks/bench_kernels.py: Int4 GEMV/GEMM and fused MoE (Int4, bf16) at Scout dimensions, each block
+#            configuration checked, then timed against the HBM copy bandwidth; no model compile    (box 240 s)
+#   tests    the gpu-marked tests: Triton kernels against their reference ops (real compile, bf16 tensor cores),
+#            AOTInductor packages with the kernels compiled in, CUDA graph decode == loop decode      (box 240 s)
+#   modes    benchmarks/bench_decode_modes.py: loop vs CUDA graph decode, Scout dims, 2 layers, Int4  (box 200 s)
+#   decode   benchmarks/bench_gpu.py --parts decode --layers 2: decode at batch 1/8/32, HBM roofline per layer,
+#            against eager and torch.compile of the transformers model                                 (box 420 s)
+#   prefill  benchmarks/bench_gpu.py --parts prefill --layers 2: 2K and 8K prompts, TFLOP/s             (box 300 s)
+#   full     benchmarks/bench_gpu.py --parts full: all 48 layers of Scout, Int4, streamed: compile, then decode
+#            tokens/s at batch 1 and GPU memory (needs ~60 GB of disk; give it a call of its own)        (box 580 s)
+#
+# The host's packages are used as they are (torch 2.11 + cu130, triton 3.6, transformers 5.17 when last read);
+# nothing is fetched. A part that runs past its box is killed and the next one starts.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/l4compile-gpu}
+mkdir -p "$OUT"
+PARTS=${1:-kernels,tests}
+LOG="$OUT/session.log"
+RES=/tmp/l4compile-results          # outside $OUT: only the log and a tarball of the reports come back
+rm -rf "$RES"; mkdir -p "$RES"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
+
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
+boxed() {   # boxed SECONDS NAME CMD...: run, log, report its exit status and time
+    local secs=$1 name=$2; shift 2
+    local t0=$SECONDS
+    log "== $name (box ${secs}s): $*"
+    timeout --signal=TERM --kill-after=15 "$secs" "$@" >>"$LOG" 2>&1
+    local rc=$?
+    log "== $name: exit $rc after $((SECONDS - t0))s$([ $rc = 124 ] && echo ' (TIMED OUT)')"
+    return 0
+}
+
+log "parts: $PARTS"
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,clocks.mem --format=csv >>"$LOG" 2>&1
+$PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || { log "install failed"; exit 1; }
+$PY - >>"$LOG" 2>&1 <<'EOF'
+import torch, triton, transformers, l4compile.passes, l4compile.kernels
+print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "transformers",
+      transformers.__version__, "device", torch.cuda.get_device_name(), "free GiB",
+      round(torch.cuda.mem_get_info()[0] / 2**30, 1))
+EOF
+df -h . /tmp >>"$LOG" 2>&1
+
+for part in ${PARTS//,/ }; do
+    case $part in
+    kernels)
+        boxed 240 kernels $PY benchmarks/bench_kernels.py --tokens 1,8,32 --out "$RES/kernels.json" ;;
+    tests)
+        boxed 240 tests $PY -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -x --timeout 200 \
+            tests/kernels tests/backends/test_decode_graph.py ;;
+    modes)
+        boxed 200 modes $PY benchmarks/bench_decode_modes.py --model scout --layers 2 --quant int4 \
+            --dtype bfloat16 --device cuda --batch-sizes 1,8 --prompt 128 --new 64 --repeats 5 \
+            --out "$RES/modes-int4.json" ;;
+    decode | prefill)
+        boxed $([ $part = decode ] && echo 420 || echo 300) $part $PY benchmarks/bench_gpu.py --parts $part \
+            --layers 2 --repeats 3 --out "$RES/$part" ;;
+    full)
+        boxed 580 full $PY benchmarks/bench_gpu.py --parts full --repeats 3 --out "$RES/full" ;;
+    *)
+        log "unknown part '$part' (kernels, tests, modes, decode, prefill, full)" ;;
+    esac
+done
+
+# keep the reports, not the engines (full Scout's engine is ~58 GB)
+(cd "$RES" && find . -name 'engine-*' -prune -o -type f -print) >/tmp/l4compile-files.txt
+tar czf "$OUT/results.tgz" -C "$RES" -T /tmp/l4compile-files.txt 2>>"$LOG"
+log "summaries:"
+cat "$RES"/*/SUMMARY.md 2>/dev/null | tee -a "$LOG"
+grep -E "passed|failed|error" "$LOG" | tail -5
