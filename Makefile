@@ -21,8 +21,11 @@ demo: setup
 	$(BIN)/l4compile compile tiny --backend inductor --out engines/tiny --force
 	$(BIN)/l4compile run engines/tiny --prompt-ids 1,2,3,4,5,6,7,8 --max-new-tokens 16
 
+# Two pytest-xdist workers (CI machines have 2 cores; compiles are single-threaded Python); tests/conftest.py keeps
+# each file, and the files sharing a session fixture, on one worker. WORKERS=0 runs serially.
+WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(WORKERS)
 
 # The Triton kernels under the CPU interpreter only.
 test-kernels: setup

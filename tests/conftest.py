@@ -17,6 +17,67 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# ---- pytest-xdist (`make test` runs two workers: CI machines have 2 cores and compiles are single-threaded Python) --
+# Each test file runs on ONE worker, so its module fixtures are built once; the files sharing an expensive session
+# fixture of this conftest run on one worker too, so that fixture is built once; the heaviest units are handed out
+# first, so both workers finish at about the same time. Every worker keeps to one thread (so do the processes it
+# starts) and has its own Inductor/Triton caches: two workers compiling the same graph at once would write the same
+# cache entry (seen: an AOTI package with an empty JSON member).
+SHARED_FIXTURE_FILES = {
+    "engines": ("tests/backends/test_inductor_parity.py", "tests/backends/test_kv_cache.py",
+                "tests/backends/test_decode_graph.py"),
+    "sharded": ("tests/distributed/test_expert_parallel.py", "tests/distributed/test_tensor_parallel.py"),
+}
+# Units by cost on a 2-core machine (`pytest --durations`), most expensive first; the rest follow in file order.
+HEAVY_UNITS = ("engines", "tests/backends/test_multimodal.py", "sharded", "tests/backends/test_onnxruntime.py",
+               "tests/passes/test_quantize.py", "tests/backends/test_onnxruntime_quant.py",
+               "tests/cli/test_parity_matrix.py", "tests/cli/test_bad_inputs.py", "tests/backends/test_tensorrt.py",
+               "tests/core/test_stream_weights.py", "tests/bench/test_bench.py")
+
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER:
+    import tempfile
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    for var, name in (("TORCHINDUCTOR_CACHE_DIR", "torchinductor"), ("TRITON_CACHE_DIR", "triton")):
+        os.environ[var] = os.path.join(tempfile.gettempdir(), f"l4compile-tests-{os.getuid()}-{name}-{_WORKER}")
+
+
+def _unit(nodeid: str) -> str:
+    """The scheduling unit of a test: its shared-fixture group, else its file."""
+    path = nodeid.split("::", 1)[0]
+    return next((fixture for fixture, files in SHARED_FIXTURE_FILES.items() if path in files), path)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class UnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
+
+    config.option.loadscopereorder = False        # keep the collection order: heaviest units first (below)
+    return UnitScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Check that SHARED_FIXTURE_FILES names every file using those session fixtures; under xdist, order the units
+    heaviest first (every worker sorts its identical collection the same way)."""
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        for fixture, files in SHARED_FIXTURE_FILES.items():
+            defs = getattr(item, "_fixtureinfo", None) and item._fixtureinfo.name2fixturedefs.get(fixture)
+            if defs and defs[-1].baseid == "tests" and path not in files:
+                raise pytest.UsageError(f"{path} uses the shared session fixture '{fixture}': add it to "
+                                        "SHARED_FIXTURE_FILES in tests/conftest.py")
+    if _WORKER:
+        rank = {unit: i for i, unit in enumerate(HEAVY_UNITS)}
+        order = {id(item): i for i, item in enumerate(items)}
+        items.sort(key=lambda it: (rank.get(_unit(it.nodeid), len(rank)), order[id(it)]))
+
+
 BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, intermediate_size_mlp=160, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
             interleave_moe_layer_step=1, attention_chunk_size=8, max_position_embeddings=256, floor_scale=4,
