@@ -80,7 +80,8 @@ def int4_cases(dims: dict, tokens: list[int], device, g: torch.Generator):
     from l4compile.quant import quantize_int4
 
     h, hd = dims["H"], dims["head_dim"]
-    shapes = {"q_proj": (dims["heads"] * hd, h), "kv_proj": (dims["kv_heads"] * hd, h), "o_proj": (h, dims["heads"] * hd)}
+    shapes = {"q_proj": (dims["heads"] * hd, h), "kv_proj": (dims["kv_heads"] * hd, h),
+              "o_proj": (h, dims["heads"] * hd)}
     for name, (n, k) in shapes.items():
         wp, ws = quantize_int4(torch.randn(n, k, generator=g, device=device) * 0.02, GROUP)
         w_bf16 = dequant_int4(wp, ws).to(torch.bfloat16)

@@ -147,6 +147,17 @@ def tiny_engine(tmp_path_factory) -> Path:
     return out
 
 
+def load_benchmark(name: str):
+    """A script of benchmarks/ (``bench_gpu``...) imported as a module, for testing its functions and ``main``."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """The real command line in a fresh process (exit codes and stderr as a user sees them)."""
     return subprocess.run([sys.executable, "-m", "l4compile", *args], capture_output=True, text=True,

@@ -1,18 +1,13 @@
 """benchmarks/bench_decode_modes.py: loop vs the static-buffer step (CUDA graph replay on a GPU) of one engine."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_decode_modes.py"
+from tests.conftest import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("bench_decode_modes", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_decode_modes")
 
 
 def test_measures_both_modes_on_one_engine(tiny_engine, tmp_path, capsys):

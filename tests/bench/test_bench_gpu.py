@@ -1,7 +1,6 @@
 """benchmarks/bench_gpu.py: the issue-10 GPU benchmark fails clearly without CUDA and builds the documented commands."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -9,14 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import load_benchmark
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_gpu.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_gpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -55,8 +53,8 @@ def test_per_layer_rows_subtract_the_half_depth_engine():
     on a 1 TB/s peak: 0.75 * 2**30 B / 2 ms / 1e12 B/s = 40.3%."""
     def report(layers, ms, nbytes):
         return {"model": {"config": {"num_hidden_layers": layers}},
-                "summary": [{"backend": "inductor", "batch": 1, "prompt_len": 128, "decode_ms_per_token": {"median": ms}},
-                            {"backend": "eager", "batch": 1, "prompt_len": 128, "decode_ms_per_token": {"median": 99}}],
+                "summary": [{"backend": b, "batch": 1, "prompt_len": 128, "decode_ms_per_token": {"median": t}}
+                            for b, t in (("inductor", ms), ("eager", 99.0))],
                 "roofline": [{"backend": "inductor", "batch": 1, "decode_weight_bytes_per_step": nbytes,
                               "hbm_bytes_per_s_peak": 1e12}]}
     rows = _module().per_layer_rows("int4", report(4, 10.0, 4 * 2**30), report(2, 6.0, 2.5 * 2**30))

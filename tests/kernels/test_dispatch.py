@@ -227,12 +227,11 @@ def test_bench_kernels_script_checks_every_kernel(tmp_path, capsys):
     """benchmarks/bench_kernels.py (the GPU sweep) at CI size under the interpreter: every kernel and baseline row is
     checked against torch on dequantized weights and timed."""
     require_cuda_kernels() if torch.cuda.is_available() else require_interpreter()
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "bench_kernels.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from tests.conftest import load_benchmark
+
+    mod = load_benchmark("bench_kernels")
     out = tmp_path / "k.json"
     assert mod.main(["--tiny", "--tokens", "2", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
