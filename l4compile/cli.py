@@ -112,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--nproc", type=_positive, default=None,
                    help="sharded engines: run N processes with torchrun (one per rank)")
     r.add_argument("--decode-mode", choices=("loop", "static", "graph"), default=None,
-                   help="how decode steps run: graph = one CUDA graph replay per step (default for CUDA engines), "
-                        "loop = one engine call per step (default elsewhere), static = graph's steps without capture")
+                   help="how decode steps run: graph = one CUDA graph replay per step (default for CUDA Inductor "
+                        "engines), loop = one engine call per step (default elsewhere), static = graph's steps "
+                        "without capture")
 
     p = sub.add_parser("parity", help="compare engines with transformers eager (backend x quant x dtype)")
     _add_model_opts(p)   # --dtype takes a comma-separated list here

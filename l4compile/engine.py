@@ -26,7 +26,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 # How generate runs its decode steps (``Engine.decode_mode``): "loop" calls the engine once per step with fresh
 # tensors; "static" runs the same step on static buffers (``l4compile.decode_graph``); "graph" replays those
-# static steps as a captured CUDA graph (CUDA engines; the default there).
+# static steps as a captured CUDA graph (CUDA engines; the default for Inductor ones).
 DECODE_MODES = ("loop", "static", "graph")
 _TMP_TAG = ".l4tmp-"
 _OLD_TAG = ".l4old-"
@@ -412,8 +412,8 @@ def load_engine(path: str | os.PathLike, *, defer_shards: bool = False, decode_m
     """Open an engine directory: read the manifest, verify every checksum, load the backend's runtime.
     A sharded engine loads this process's rank (torch.distributed must be initialised); with
     ``defer_shards`` and no process group it opens without a runtime (running it raises the L4Error).
-    ``decode_mode`` (``DECODE_MODES``): default "graph" for single-process CUDA engines with a KV cache, else
-    "loop"."""
+    ``decode_mode`` (``DECODE_MODES``): default "graph" for single-process Inductor engines on CUDA with a KV cache
+    (AOTInductor's single-threaded runner is capturable), else "loop"."""
     from l4compile.backends import get_backend
 
     p = Path(path)
@@ -433,7 +433,8 @@ def load_engine(path: str | os.PathLike, *, defer_shards: bool = False, decode_m
     eng = Engine(p, manifest, runner, vision_runner)
     eng.load_seconds = time.perf_counter() - t0
     if decode_mode is None:
-        graphs = eng.device.type == "cuda" and eng.kv_cache is not None and not manifest.get("sharding")
+        graphs = (manifest["backend"] == "inductor" and eng.device.type == "cuda" and eng.kv_cache is not None
+                  and not manifest.get("sharding"))
         decode_mode = "graph" if graphs else "loop"
     eng.decode_mode = decode_mode
     return eng
