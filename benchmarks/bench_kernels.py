@@ -101,7 +101,9 @@ def moe_weights(dims: dict, device, g: torch.Generator):
     for shape in ((e, 2 * i, h), (e, h, i), (i, h), (i, h), (h, i)):     # nn.Linear orientation, as quantize makes
         packed += quantize_int4(torch.randn(*shape, generator=g, device=device) * 0.02, GROUP)
     deq = [dequant_int4(packed[j], packed[j + 1]).to(torch.bfloat16) for j in range(0, 10, 2)]
-    return (router, *packed), (router, deq[0].transpose(1, 2), deq[1].transpose(1, 2), deq[2], deq[3], deq[4])
+    # contiguous in transformers' layout, as bf16 engines hold them (fuse_moe keeps experts.gate_up_proj / down_proj)
+    return (router, *packed), (router, deq[0].transpose(1, 2).contiguous(), deq[1].transpose(1, 2).contiguous(),
+                               deq[2], deq[3], deq[4])
 
 
 def moe_bytes(x, qweights, fweights, touched: int, quant: bool) -> int:
