@@ -6,7 +6,9 @@ Counts come from the model config alone (no weights needed), so the same code ru
 - attention per layer: q, k, v, o projections (biases when ``attention_bias``);
 - MoE layers: router + shared expert + the routed experts a step touches;
 - dense layers (not in ``moe_layers``): the gate/up/down MLP of width ``intermediate_size_mlp``;
-- the lm_head. Embedding rows (a gather) and norm weights are left out: they are noise next to the rest.
+- the lm_head, at the engine dtype also for quantized engines (the quantize pass keeps it unquantized unless
+  asked: 2 GB of bf16 at Scout's vocabulary, a quarter of what an Int4 Scout step reads). Embedding rows (a
+  gather) and norm weights are left out: they are noise next to the rest.
 
 With T tokens in one forward pass, a top-k router over E experts touches on average
 ``E * (1 - (1 - k/E) ** T)`` distinct experts if routing were uniform (k when T == 1, all E for long prompts);
@@ -100,6 +102,14 @@ def bytes_per_weight(dtype: str, quant: str = "none") -> float:
     return q if q is not None else BYTES_PER_WEIGHT[dtype]
 
 
+def weight_bytes(config: Any, tokens: int, dtype: str, quant: str) -> float:
+    """HBM bytes of the weights a forward pass over ``tokens`` tokens reads: projections and experts at the quant's
+    bytes per weight, the lm_head (never quantized by default) at the dtype's."""
+    counts = param_counts(config, tokens=tokens)
+    head = counts.pop("lm_head")
+    return sum(counts.values()) * bytes_per_weight(dtype, quant) + head * BYTES_PER_WEIGHT[dtype]
+
+
 def attention_pairs(config: Any, seq: int) -> int:
     """Visible (query, key) pairs summed over layers: chunked-causal for RoPE layers, causal for NoPE ones."""
     n = int(_cfg(config, "num_hidden_layers"))
@@ -124,8 +134,8 @@ def roofline_figures(config: Any, *, dtype: str, quant: str, gpu_name: str | Non
     """Everything the roofline table and chart need for one (batch, prompt) point; None where unknown."""
     bpw = bytes_per_weight(dtype, quant)
     peak = gpu_peak(gpu_name)
-    decode_bytes = sum(param_counts(config, tokens=batch).values()) * bpw
-    prefill_bytes = sum(param_counts(config, tokens=batch * prompt_len).values()) * bpw
+    decode_bytes = weight_bytes(config, batch, dtype, quant)
+    prefill_bytes = weight_bytes(config, batch * prompt_len, dtype, quant)
     flops_p = prefill_flops(config, batch, prompt_len)
     flops_d = 2.0 * active_params(config) * batch
     out: dict[str, Any] = {

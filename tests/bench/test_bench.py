@@ -169,8 +169,11 @@ def test_roofline_fake_numbers():
     assert f["prefill_tflops"] == pytest.approx(roofline.prefill_flops(cfg, 1, 64) / 1e-3 / 1e12)
     # chunk 16, 3 RoPE layers + 1 NoPE layer over 64 tokens
     assert roofline.attention_pairs(cfg, 64) == 3 * 4 * (16 * 17 // 2) + 64 * 65 // 2
-    assert roofline.roofline_figures(cfg, dtype="float32", quant="int4", gpu_name=None, batch=1, prompt_len=4,
-                                     prefill_ms=1.0, decode_ms_per_step=1.0)["decode_hbm_fraction"] is None
+    q = roofline.roofline_figures(cfg, dtype="float32", quant="int4", gpu_name=None, batch=1, prompt_len=4,
+                                  prefill_ms=1.0, decode_ms_per_step=1.0)
+    assert q["decode_hbm_fraction"] is None
+    head = roofline.param_counts(cfg)["lm_head"]                  # the lm_head stays float32: 4 bytes, not 0.5
+    assert q["decode_weight_bytes_per_step"] == (active - head) * 0.5 + head * 4
 
 
 @pytest.mark.parametrize("argv, needle", [
