@@ -75,6 +75,6 @@ done
 # keep the reports, not the engines (full Scout's engine is ~58 GB)
 (cd "$RES" && find . -name 'engine-*' -prune -o -type f -print) >/tmp/l4compile-files.txt
 tar czf "$OUT/results.tgz" -C "$RES" -T /tmp/l4compile-files.txt 2>>"$LOG"
-log "summaries:"
-cat "$RES"/*/SUMMARY.md 2>/dev/null | tee -a "$LOG"
+log "tables (all of them are in session.log and results.tgz):"
+grep -E "^\|" "$LOG" | tail -80
 grep -E "passed|failed|error" "$LOG" | tail -5
