@@ -159,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     peak = copy_bandwidth(device, time_ms, (1 << 30) if device.type == "cuda" else (1 << 20))
     rows: list[dict] = []
 
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)"
-    print(f"{name}; torch {torch.__version__}; copy bandwidth {peak / 1e9:.0f} GB/s (read + write); bf16 activations, "
-          f"Int4 group {GROUP}; * = the block configuration kernels.layout picks")
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)"
+    print(f"{device_name}; torch {torch.__version__}; copy bandwidth {peak / 1e9:.0f} GB/s (read + write); "
+          f"bf16 activations, Int4 group {GROUP}; * = the block configuration kernels.layout picks")
     print("| kernel | tokens | config | us | GB/s | of copy | rel err |")
     print("|---|---|---|---|---|---|---|", flush=True)
 
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         record("moe_fused bf16", t, "default", True, lambda: fused_moe(x, *fweights, 1), ref,
                moe_bytes(x, qweights, fweights, touched, quant=False))
     if a.out:
-        Path(a.out).write_text(json.dumps({"device": name, "torch": torch.__version__, "copy_bytes_per_s": peak,
+        Path(a.out).write_text(json.dumps({"device": device_name, "torch": torch.__version__, "copy_bytes_per_s": peak,
                                            "dims": dims, "rows": rows}, indent=2))
     return 0 if all(r["ms"] is not None for r in rows) else 1
 

@@ -234,7 +234,9 @@ def test_bench_kernels_script_checks_every_kernel(tmp_path, capsys):
     mod = load_benchmark("bench_kernels")
     out = tmp_path / "k.json"
     assert mod.main(["--tiny", "--tokens", "2", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert report["device"] == ("cpu (interpreter)" if not torch.cuda.is_available() else torch.cuda.get_device_name())
     kernels = [r["kernel"] for r in rows]
     assert kernels == ["int4_mm q_proj", "torch.mm bf16 q_proj", "int4_mm kv_proj", "torch.mm bf16 kv_proj",
                        "int4_mm o_proj", "torch.mm bf16 o_proj", "moe_q_fused", "moe_fused bf16"]
