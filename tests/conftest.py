@@ -69,7 +69,7 @@ def pytest_collection_modifyitems(config, items):
         path = item.nodeid.split("::", 1)[0]
         for fixture, files in SHARED_FIXTURE_FILES.items():
             defs = getattr(item, "_fixtureinfo", None) and item._fixtureinfo.name2fixturedefs.get(fixture)
-            if defs and defs[-1].baseid == "tests" and path not in files:
+            if defs and defs[-1].baseid != path and path not in files:     # a module's own fixture may share a name
                 raise pytest.UsageError(f"{path} uses the shared session fixture '{fixture}': add it to "
                                         "SHARED_FIXTURE_FILES in tests/conftest.py")
     if _WORKER:
