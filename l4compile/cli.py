@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from l4compile.bench import cli as bench_cli
+from l4compile.config import DECODE_MODES
 from l4compile.errors import L4Error
 from l4compile.plan import cli as plan_cli
 
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the prompt's logits, float32 [prompt_len, vocab]")
     r.add_argument("--nproc", type=_positive, default=None,
                    help="sharded engines: run N processes with torchrun (one per rank)")
-    r.add_argument("--decode-mode", choices=("loop", "static", "graph"), default=None,
+    r.add_argument("--decode-mode", choices=DECODE_MODES, default=None,
                    help="how decode steps run: graph = one CUDA graph replay per step (default for CUDA Inductor "
                         "engines), loop = one engine call per step (default elsewhere), static = graph's steps "
                         "without capture")

@@ -10,6 +10,10 @@ from typing import Any
 from l4compile.errors import L4Error
 
 BACKENDS = ("inductor", "onnxruntime", "tensorrt")
+# How Engine.generate runs its decode steps (``Engine.decode_mode``): "loop" calls the engine once per step with fresh
+# tensors; "static" runs the same step on static buffers (``l4compile.decode_graph``); "graph" replays those static
+# steps as a captured CUDA graph (CUDA engines; the default for Inductor ones).
+DECODE_MODES = ("loop", "static", "graph")
 QUANTS = ("none", "fp8", "int4")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")

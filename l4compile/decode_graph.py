@@ -10,7 +10,7 @@ Contract. ``StaticDecoder(step, batch, caches)`` owns static buffers
 
     tok    [B, 1] int64          the last token of every sequence
     pos    [1] int64             its absolute position
-    caches [B, Hkv, L_i, D] x 2 per layer, the engine's layout (copies of ``caches``' shapes and dtypes)
+    caches [B, Hkv, L_i, D] x 2 per layer, the engine's layout: the ``caches`` it is given, which it owns from then on
 
 and one greedy step: ``logits, *new = step(tok, pos, *caches)``; ``caches <- new``; ``tok <- argmax(logits[:, -1])``;
 ``pos += 1``. ``start(tok, pos, caches)`` loads a sequence after its prefill, ``advance()`` runs one step and
@@ -39,7 +39,7 @@ class StaticDecoder:
         self.step = step
         self.tok = torch.zeros(batch, 1, dtype=torch.int64, device=device)          # [B, 1]
         self.pos = torch.zeros(1, dtype=torch.int64, device=device)                 # [1]
-        self.caches = [torch.zeros_like(c) for c in caches]
+        self.caches = list(caches)
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def _body(self) -> None:

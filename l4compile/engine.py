@@ -20,14 +20,11 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 
+from l4compile.config import DECODE_MODES
 from l4compile.errors import L4Error
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-# How generate runs its decode steps (``Engine.decode_mode``): "loop" calls the engine once per step with fresh
-# tensors; "static" runs the same step on static buffers (``l4compile.decode_graph``); "graph" replays those
-# static steps as a captured CUDA graph (CUDA engines; the default for Inductor ones).
-DECODE_MODES = ("loop", "static", "graph")
 _TMP_TAG = ".l4tmp-"
 _OLD_TAG = ".l4old-"
 
@@ -156,7 +153,7 @@ class Engine:
         self.device = torch.device(manifest["device"])
         self.load_seconds = 0.0
         self._decode_mode = "loop"
-        self._decoders: dict[int, Any] = {}         # batch -> StaticDecoder
+        self._decoders: dict[tuple[str, int], Any] = {}   # (decode mode, batch) -> StaticDecoder
         self._graph_pool = None
         self.cuda_graph_error: str | None = None    # why capture failed, if it did (generate then uses "loop")
 
@@ -207,14 +204,14 @@ class Engine:
             raise L4Error(f"decode mode 'graph' captures CUDA graphs and engine {self.path} runs on "
                           f"{self.device.type}; use 'static' for the same steps without capture")
         self._decode_mode = mode
-        self._decoders.clear()
 
     def _decoder(self, batch: int):
         """The StaticDecoder for ``batch`` (built, and captured in "graph" mode, on first use); None when capture
         failed, which also switches this engine to "loop" and records why in ``cuda_graph_error``."""
         from l4compile.decode_graph import StaticDecoder
 
-        dec = self._decoders.get(batch)
+        key = (self._decode_mode, batch)
+        dec = self._decoders.get(key)
         if dec is not None:
             return dec
         image = self._no_image(torch.empty(batch, 1)) if self.multimodal else None   # decode steps: no image
@@ -232,9 +229,8 @@ class Engine:
                 self.cuda_graph_error = (f"{type(e).__name__}: {e}".splitlines() or [""])[0][:300]
                 warnings.warn(f"CUDA graph capture failed ({self.cuda_graph_error}); decoding without graphs")
                 self._decode_mode = "loop"
-                self._decoders.clear()
                 return None
-        self._decoders[batch] = dec
+        self._decoders[key] = dec
         return dec
 
     def prepare_decode(self, batch: int) -> None:

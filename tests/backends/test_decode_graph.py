@@ -26,7 +26,11 @@ def test_static_decode_matches_loop(engines):
     eng.decode_mode = "static"
     for p, w in zip(prompts * 2, want * 2):
         assert torch.equal(eng.generate(p, max_new_tokens=NEW), w)
-    assert sorted(eng._decoders) == [1, 2]
+    assert sorted(eng._decoders) == [("static", 1), ("static", 2)]
+    dec = eng._decoders[("static", 2)]
+    eng.decode_mode = "loop"                               # switching modes keeps a built decoder (no rebuild,
+    eng.decode_mode = "static"                             # which in "graph" mode would be a new capture)
+    assert torch.equal(eng.generate(prompts[0], max_new_tokens=NEW), want[0]) and eng._decoders[("static", 2)] is dec
     assert eng.cuda_graph_error is None
     # one new token needs no decode step, and zero none at all
     assert torch.equal(eng.generate(prompts[1], max_new_tokens=1), want[1][:, :31])
