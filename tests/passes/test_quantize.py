@@ -133,7 +133,10 @@ def test_engine_matches_fake_quantized_model(trained, engines, scheme):
     prompt = torch.tensor([list(b"The value of an object is ")])                      # 26 bytes: crosses chunk 32
     with torch.no_grad():
         want = ref(prompt)
-        assert rel(eng.prefill(prompt), want) < 1e-3
+        # fp8 activations round to 3 mantissa bits, so the fp8 reference is not stable at float32 rounding level: 2e-7
+        # relative noise on its embeddings moves its logits by 4.2e-3 (int4: 6e-7), and a CPU whose matmuls round
+        # differently (AVX-512 against AVX2) flips the same roundings. The unquantized model is 2.1e-2 away.
+        assert rel(eng.prefill(prompt), want) < (1e-2 if scheme == "fp8" else 1e-3)
         ids = prompt
         for _ in range(32):
             ids = torch.cat([ids, ref(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
