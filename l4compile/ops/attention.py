@@ -60,14 +60,19 @@ def _project(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, cos: Tensor, sin: Ten
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, n_heads: int, n_kv_heads: int, scaling: float) -> Tensor:
-    """q [B, Hq, T, D], k/v [B, Hkv, N, D], mask [T, N] bool (True = visible) -> [B, T, Hq*D]."""
+    """q [B, Hq, T, D], k/v [B, Hkv, N, D], mask [T, N] bool (True = visible) -> [B, T, Hq*D].
+
+    GQA without copying K/V per query head: the rep = Hq/Hkv query heads that read kv head g (heads g*rep ..
+    g*rep+rep-1) are folded into the query length, q [B, Hkv, rep*T, D] (row r*T + t), against k/v as they are,
+    with the mask tiled to [rep*T, N]. At decode K/V is the cache, the largest thing attention touches; expanded to
+    Hq heads it would be written once and read once more per query head of its group (5x for Scout's 40/8)."""
     b, _, n, d = k.shape
+    t = q.shape[2]
     rep = n_heads // n_kv_heads
-    if rep > 1:
-        k = k[:, :, None].expand(b, n_kv_heads, rep, n, d).reshape(b, n_heads, n, d)
-        v = v[:, :, None].expand(b, n_kv_heads, rep, n, d).reshape(b, n_heads, n, d)
+    q = q.reshape(b, n_kv_heads, rep * t, d)                                     # [B, Hkv, rep*T, D]
+    mask = mask.repeat(rep, 1) if rep > 1 else mask                              # [rep*T, N]
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None], scale=scaling)
-    return out.transpose(1, 2).reshape(b, q.shape[2], n_heads * d)
+    return out.reshape(b, n_heads, t, d).transpose(1, 2).reshape(b, t, n_heads * d)
 
 
 def _visible(q_pos: Tensor, k_pos: Tensor, chunk: int) -> Tensor:
