@@ -184,7 +184,10 @@ def test_engine_matches_fake_quantized_model(trained, ort_quant_engines, scheme)
         for _ in range(32):
             ids = torch.cat([ids, ref(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
     print(f"\n{scheme}: prefill rel {err:.2e} vs the fake-quantized model")
-    assert err < 1e-3
+    # fp8 activations keep 3 mantissa bits, so the fp8 reference is not stable at float32 rounding level: 2e-7 relative
+    # noise on its embeddings moves its logits by 4.2e-3 (int4: 6e-7), and a CPU whose matmuls round differently
+    # (AVX-512 against AVX2) flips the same roundings. The unquantized model is 2.1e-2 away.
+    assert err < (1e-2 if scheme == "fp8" else 1e-3)
     got = eng.generate(prompt, max_new_tokens=32)
     assert got.tolist() == ids.tolist(), (bytes(got[0].tolist()), bytes(ids[0].tolist()))
     m = eng.manifest
