@@ -13,7 +13,15 @@ graph's constants go to ``weights.safetensors`` beside it (written tensor by ten
 which ``load`` reads onto the engine's device and hands to the package (``load_constants``, user-managed: no
 copy). So the weights are on disk once (AOTI would otherwise write them into the .so, then again into the .pt2
 zip, and extract them once more at load: three copies of ~58 GB for full Scout Int4), and they are loaded from
-safetensors only. Engines from before this layout (constants inside the .so) still load."""
+safetensors only. Engines from before this layout (constants inside the .so) still load.
+
+KV caches are updated in place (``backend_info["caches"] == "in_place"``): the packaged step writes each layer's
+new cache into the cache tensor it was given (``aten.copy_`` into the input, which Inductor folds into the
+attention's ``index_copy``: only the T new rows are written) and returns the logits; ``load``'s runner returns
+``(logits, *caches)`` with those same tensors, so callers see the step contract of every backend. A functional
+step reads and writes a whole new cache per layer and step, and the static decoder copies it back: 4x the cache's
+bytes, at Scout dimensions with 8K slots (33.5 MB of bf16 k + v a layer) about as much as the layer's Int4 weights.
+Engines from before this (functional caches) still load."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,19 +47,48 @@ def build(program, workdir: Path, config) -> BuildResult:
         arts = []
         for r, gm in enumerate(shards):
             (workdir / f"rank{r}").mkdir()
-            _package(dataclasses.replace(program, gm=gm), workdir / f"rank{r}", config.device)
+            in_place = _package(dataclasses.replace(program, gm=gm), workdir / f"rank{r}", config.device)
             arts += [f"rank{r}/{ARTIFACT}", f"rank{r}/{WEIGHTS}"]
         return BuildResult(arts, {"format": "aoti-package", "torch": torch.__version__, "ranks": len(shards),
-                                  "weights": WEIGHTS})
-    _package(program, workdir, config.device)
-    return BuildResult([ARTIFACT, WEIGHTS], {"format": "aoti-package", "torch": torch.__version__, "weights": WEIGHTS})
+                                  "weights": WEIGHTS, **({"caches": "in_place"} if in_place else {})})
+    in_place = _package(program, workdir, config.device)
+    return BuildResult([ARTIFACT, WEIGHTS], {"format": "aoti-package", "torch": torch.__version__, "weights": WEIGHTS,
+                                             **({"caches": "in_place"} if in_place else {})})
 
 
-def _package(program, outdir: Path, device: str = "cpu") -> None:
-    """``outdir``/model.pt2 (code only) + ``outdir``/weights.safetensors (every constant the package reads)."""
+def caches_in_place(gm: torch.fx.GraphModule) -> torch.fx.GraphModule | None:
+    """A kv-cached step graph ``(.., start_pos, *caches) -> (logits, *caches')`` rewritten to write every ``caches'``
+    into its input cache (``aten.copy_``) and return ``logits`` alone; None for a graph without caches. The new
+    GraphModule shares ``gm``'s parameters (no copy); ``gm`` is left as it is."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [n.name for n in phs]
+    if "start_pos" not in names:
+        return None
+    caches = phs[names.index("start_pos") + 1:]
+    graph = torch.fx.Graph()
+    env: dict = {}
+    logits, *new = graph.graph_copy(gm.graph, env)
+    if len(new) != len(caches) or not caches:
+        raise L4Error(f"inductor: a step graph with {len(caches)} cache inputs returns {len(new)} caches")
+    for ph, fresh in zip(caches, new):
+        graph.call_function(torch.ops.aten.copy_.default, (env[ph], fresh))
+    graph.output(logits)
+    out = torch.fx.GraphModule(gm, graph, class_name="L4StepInPlace")
+    out.meta.update(gm.meta)
+    return out
+
+
+def _package(program, outdir: Path, device: str = "cpu") -> bool:
+    """``outdir``/model.pt2 (code only) + ``outdir``/weights.safetensors (every constant the package reads).
+    Returns whether the package updates its KV caches in place."""
+    import dataclasses
+
     import l4compile.ops
     from l4compile import tensorfile
 
+    in_place = caches_in_place(program.gm) if program.kind == "text" else None
+    if in_place is not None:
+        program = dataclasses.replace(program, gm=in_place)
     decomps = dict(l4compile.ops.DECOMPOSITIONS)                             # attention becomes plain aten
     if device == "cuda":   # l4::moe / linear_int4 -> Triton triton_ops, linear_fp8 -> _scaled_mm (compiled in)
         from l4compile.kernels.dispatch import cuda_decompositions
@@ -62,6 +99,7 @@ def _package(program, outdir: Path, device: str = "cpu") -> None:
                                                  inductor_configs={"aot_inductor.package_constants_in_so": False})
     constants = {k: v for k, v in {**ep.state_dict, **ep.constants}.items() if isinstance(v, torch.Tensor)}
     tensorfile.write(outdir / WEIGHTS, constants)
+    return in_place is not None
 
 
 def load(engine_dir: Path, manifest: dict[str, Any]):
@@ -83,7 +121,13 @@ def load(engine_dir: Path, manifest: dict[str, Any]):
     if (manifest.get("backend_info") or {}).get("weights"):
         weights = _load_weights(pkg, rank_dir / WEIGHTS, manifest["device"])
 
+    n_caches = 2 * len(manifest["kv_cache"]["layers"]) if (manifest.get("backend_info") or {}).get("caches") \
+        == "in_place" else 0
+
     def run(*inputs: torch.Tensor):
+        if n_caches:            # the package wrote the step's caches into its cache inputs; it returns the logits
+            out = pkg(*inputs)
+            return (out if isinstance(out, torch.Tensor) else out[0], *inputs[len(inputs) - n_caches:])
         return pkg(*inputs)
 
     run.weights = weights          # user-managed constants: they must live as long as the package

@@ -12,13 +12,13 @@ Contract. ``StaticDecoder(step, batch, caches)`` owns static buffers
     pos    [1] int64             its absolute position
     caches [B, Hkv, L_i, D] x 2 per layer, the engine's layout: the ``caches`` it is given, which it owns from then on
 
-and one greedy step: ``logits, *new = step(tok, pos, *caches)``; ``caches <- new``; ``tok <- argmax(logits[:, -1])``;
+and one greedy step: ``logits, *new = step(tok, pos, *caches)``; ``caches <- new`` (nothing to copy where the step
+updated ``caches`` in place and returned them, as Inductor engines do); ``tok <- argmax(logits[:, -1])``;
 ``pos += 1``. ``start(tok, pos, caches)`` loads a sequence after its prefill, ``advance()`` runs one step and
 leaves the new token in ``tok``: a graph replay after ``capture()`` (CUDA only), the same step run eagerly
 otherwise (``Engine.decode_mode == "static"``, which is how the CPU tests check it). A captured graph reads and
-writes the static buffers at fixed addresses; the step's own outputs live in the graph's memory pool and are
-copied into the static caches inside the graph (at batch 1 a copy of the cache is small next to the weights a
-step reads). Not thread-safe: one sequence batch at a time per decoder.
+writes the static buffers at fixed addresses; a functional step's outputs live in the graph's memory pool and are
+copied into the static caches inside the graph. Not thread-safe: one sequence batch at a time per decoder.
 
 AOTInductor packages must be loaded with ``run_single_threaded=True`` for capture: the default runner's
 cross-thread bookkeeping is not permitted while a stream is capturing (pytorch/pytorch#148601).
@@ -45,7 +45,8 @@ class StaticDecoder:
     def _body(self) -> None:
         logits, *new = self.step(self.tok, self.pos, *self.caches)
         for static, fresh in zip(self.caches, new, strict=True):
-            static.copy_(fresh)
+            if fresh is not static:          # Inductor engines write the step into the caches they are given
+                static.copy_(fresh)
         self.tok.copy_(logits[:, -1].argmax(-1, keepdim=True))
         self.pos.add_(1)
 

@@ -338,7 +338,9 @@ class Engine:
 
     @torch.no_grad()
     def decode(self, tokens: Any, start_pos: int, caches: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
-        """One step: tokens [B, T] at absolute positions start_pos.. -> (logits [B, T, V], updated caches)."""
+        """One step: tokens [B, T] at absolute positions start_pos.. -> (logits [B, T, V], updated caches).
+        Use the caches it returns: Inductor engines update the (contiguous) caches they are given in place and
+        return those tensors, other backends return new ones."""
         ids = self.check_input_ids(tokens)
         if start_pos < 0 or start_pos + ids.shape[1] > self.max_seq_len:
             raise L4Error(f"positions {start_pos}..{start_pos + ids.shape[1] - 1} fall outside the engine's max "

@@ -108,12 +108,15 @@ def attention_cached_impl(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_ca
     keys = torch.cat([k_cache, kh], dim=2)                                       # [B, Hkv, L+T, D]
     values = torch.cat([v_cache, vh], dim=2)
     out = _attend(qh, keys, values, _visible(pos, torch.cat([slot_pos, pos]), chunk), n_heads, n_kv_heads, scaling)
-    last = start + (t - 1)
-    new_pos = last - torch.remainder(last - slot, slots)                         # [L] position after the write
-    take = (new_pos >= start)[None, None, :, None]                               # [1, 1, L, 1]
-    src = torch.clamp(new_pos - start, 0, t - 1)                                 # [L] index into the new tokens
-    k_new = torch.where(take, kh.index_select(2, src), k_cache)
-    v_new = torch.where(take, vh.index_select(2, src), v_cache)
+    # New token i goes to slot (start + i) mod L. When T > L several share a slot and the last must win, so every
+    # token writes the value of its slot's last token: duplicate indices carry equal rows and the order of the
+    # writes does not matter. An index_copy of T rows, which an engine updating the caches in place
+    # (backends/inductor) turns into a write of those rows alone.
+    i = torch.arange(t, device=q.device)                                         # [T]
+    dst = torch.remainder(pos, slots)                                            # [T] slot of each new token
+    last_of_slot = i + slots * torch.div(t - 1 - i, slots, rounding_mode="floor")   # [T]
+    k_new = k_cache.index_copy(2, dst, kh.index_select(2, last_of_slot))
+    v_new = v_cache.index_copy(2, dst, vh.index_select(2, last_of_slot))
     return out, k_new, v_new
 
 

@@ -56,6 +56,19 @@ def test_manifest_records_cache_bytes(engines):
     assert layout["bytes_per_token_without_rings"] == per_slot * 4
     assert layout["ring_bytes"] == per_slot * 3 * 8
 
+def test_inductor_engine_updates_caches_in_place(engines):
+    """The package writes a step's new rows into the caches it is given (backends/inductor) and the runner returns
+    those tensors: a decode at position p changes slot p mod L of every layer and nothing else."""
+    eng = l4compile.load_engine(engines["scout-like"])
+    assert eng.manifest["backend_info"]["caches"] == "in_place"
+    logits, caches = eng.prefill_with_cache(torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]]))
+    before = [c.clone() for c in caches]
+    logits, after = eng.decode(torch.tensor([[16]]), 11, caches)
+    assert all(a is c for a, c in zip(after, caches, strict=True))
+    for c, b, layer in zip(after, before, [x for x in eng.kv_cache["layers"] for _ in (0, 1)]):
+        changed = (c != b).any(-1).any(1)[0]                              # [slots]
+        assert changed.nonzero().flatten().tolist() == [11 % layer["slots"]], layer
+
 def test_decode_rejects_positions_past_max(engines):
     eng = l4compile.load_engine(engines["scout-like"])
     with pytest.raises(L4Error, match="max sequence length"):
