@@ -426,8 +426,9 @@ def load_engine(path: str | os.PathLike, *, defer_shards: bool = False, decode_m
     t0 = time.perf_counter()
     runner = backend.load(p, manifest)
     vision_runner = None
-    if manifest.get("vision"):   # the vision engine: same backend, artifacts under vision/
-        vision_runner = backend.load(p / "vision", dict(manifest, sharding=None))
+    if manifest.get("vision"):   # the vision engine: same backend, artifacts under vision/, its own backend_info
+        vision_runner = backend.load(p / "vision", dict(manifest, sharding=None,
+                                                        backend_info=manifest["vision"]["backend_info"]))
     eng = Engine(p, manifest, runner, vision_runner)
     eng.load_seconds = time.perf_counter() - t0
     if decode_mode is None:
