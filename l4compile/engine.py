@@ -304,15 +304,18 @@ class Engine:
         """The cache layout (per-layer slots, dtype, bytes per token), or None for a cacheless engine."""
         return self.manifest.get("kv_cache")
 
-    def new_caches(self, batch: int) -> list[torch.Tensor]:
-        """Zeroed caches for ``batch`` sequences: [k_0, v_0, k_1, v_1, ...], each [B, Hkv, slots, D]."""
+    def cache_specs(self, batch: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """(shape, dtype) of each cache ``new_caches(batch)`` makes: [k_0, v_0, k_1, v_1, ...], [B, Hkv, slots, D]."""
         layout = self.kv_cache
         if layout is None:
             raise L4Error(f"engine {self.path} has no KV cache (it was compiled with --skip-pass kv_cache)")
         _, n_kv, _, head_dim = layout["shape"]
         dtype = getattr(torch, layout["dtype"])
-        return [torch.zeros(batch, n_kv, layer["slots"], head_dim, dtype=dtype, device=self.device)
-                for layer in layout["layers"] for _ in (0, 1)]
+        return [((batch, n_kv, layer["slots"], head_dim), dtype) for layer in layout["layers"] for _ in (0, 1)]
+
+    def new_caches(self, batch: int) -> list[torch.Tensor]:
+        """Zeroed caches for ``batch`` sequences: [k_0, v_0, k_1, v_1, ...], each [B, Hkv, slots, D]."""
+        return [torch.zeros(shape, dtype=dtype, device=self.device) for shape, dtype in self.cache_specs(batch)]
 
     def _step(self, ids: torch.Tensor, start: int, caches: list[torch.Tensor], image: tuple | None = None):
         start_pos = torch.tensor([start], dtype=torch.int64, device=self.device)
@@ -345,7 +348,24 @@ class Engine:
         if start_pos < 0 or start_pos + ids.shape[1] > self.max_seq_len:
             raise L4Error(f"positions {start_pos}..{start_pos + ids.shape[1] - 1} fall outside the engine's max "
                           f"sequence length {self.max_seq_len}")
+        self.check_caches(caches, ids.shape[0])
         return self._step(ids, start_pos, caches)
+
+    def check_caches(self, caches: Sequence[torch.Tensor], batch: int) -> None:
+        """L4Error unless ``caches`` is the layout ``new_caches(batch)`` makes (count, shape, dtype, device): a
+        cache of the wrong shape would be read, and on Inductor engines written, out of its bounds."""
+        want = self.cache_specs(batch)
+        if not isinstance(caches, (list, tuple)) or len(caches) != len(want):
+            got = len(caches) if isinstance(caches, (list, tuple)) else type(caches).__name__
+            raise L4Error(f"caches must be a list of {len(want)} tensors (k and v per layer), got {got}")
+        for i, (c, (shape, dtype)) in enumerate(zip(caches, want)):
+            name = f"{'kv'[i % 2]}_cache_{i // 2}"
+            if not isinstance(c, torch.Tensor):
+                raise L4Error(f"{name} must be a tensor, got {type(c).__name__}")
+            if tuple(c.shape) != shape or c.dtype != dtype or c.device != self.device:
+                raise L4Error(f"{name} is {list(c.shape)} {str(c.dtype).removeprefix('torch.')} on {c.device}; this "
+                              f"engine takes {list(shape)} {str(dtype).removeprefix('torch.')} on {self.device} "
+                              f"(batch {batch}: use the caches prefill_with_cache returns)")
 
     @torch.no_grad()
     def generate(self, input_ids: Any, max_new_tokens: int = 32, images: Sequence[Any] | None = None) -> torch.Tensor:

@@ -74,6 +74,26 @@ def test_decode_rejects_positions_past_max(engines):
     with pytest.raises(L4Error, match="max sequence length"):
         eng.decode(torch.tensor([[1]]), eng.max_seq_len, eng.new_caches(1))
 
+def test_decode_rejects_caches_of_another_layout(engines):
+    """A cache the engine did not lay out is refused before the step (Inductor steps write into it in place), and
+    the caches given are left as they were."""
+    eng = l4compile.load_engine(engines["scout-like"])
+    _, caches = eng.prefill_with_cache(torch.tensor([[5, 6, 7]]))
+    kept = [c.clone() for c in caches]
+    bad = {
+        "a list of": caches[:-1],
+        "k_cache_0 is": [caches[0][:, :, :-1], *caches[1:]],                                  # one slot short
+        "v_cache_0 is": [caches[0], caches[1].double(), *caches[2:]],
+    }
+    for match, cs in bad.items():
+        with pytest.raises(L4Error, match=match):
+            eng.decode(torch.tensor([[8]]), 3, cs)
+    with pytest.raises(L4Error, match=r"k_cache_0 is \[1, .*\(batch 2"):                       # caches of batch 1
+        eng.decode(torch.tensor([[8], [8]]), 3, caches)
+    with pytest.raises(L4Error, match="must be a tensor"):
+        eng.decode(torch.tensor([[8]]), 3, [None] * len(caches))
+    assert all(torch.equal(c, k) for c, k in zip(caches, kept, strict=True))
+
 def test_scout_and_maverick_cache_sizes():
     """LLAMA4.md: Scout bf16 KV is 192 KiB per token with full caches, 48 KiB with ring buffers."""
 
