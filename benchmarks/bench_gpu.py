@@ -22,6 +22,7 @@ baselines are transformers eager / `torch.compile` of the transformers model, me
                  --max-seq-len 192 --max-batch-size 1 --out DIR/engine-scout-int4 --force
                                                                           (all 48 layers, random weights; streamed:
                  each bf16 weight is drawn on the GPU, quantized and dropped, so 218 GB of bf16 never exist)
+                 (--lm-head-int4: also --pass-option quantize.quantize_lm_head=true)
              then l4compile bench DIR/engine-scout-int4 --batch-sizes 1 --prompt-lens 128 --decode-steps 64
              -> decode tokens/s at batch 1 and peak GPU memory; its MoE layers run l4::moe_q on CUDA as the
                 fused Int4 Triton MoE l4::moe_q_fused, compiled into the engine. Two processes, so each fits a
@@ -47,8 +48,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("decode", "modes", "prefill", "full")
 
 
-def bench_commands(layers: int, repeats: int, out: Path, parts: tuple[str, ...]) -> dict[str, list[str]]:
-    """part name -> `l4compile bench` argv (without the interpreter prefix)."""
+def bench_commands(layers: int, repeats: int, out: Path, parts: tuple[str, ...],
+                   lm_head_int4: bool = False) -> dict[str, list[str]]:
+    """part name -> `l4compile bench` argv (without the interpreter prefix). ``lm_head_int4``: the full-Scout engine
+    also quantizes its lm_head (2.07 GB of bf16 a token, 0.52 GB in Int4)."""
     base = ["bench", "scout", "--device", "cuda", "--dtype", "bfloat16", "--repeats", str(repeats), "--force"]
     scaled = ["--layers", str(layers)]
     cmds: dict[str, list[str]] = {}
@@ -72,6 +75,8 @@ def bench_commands(layers: int, repeats: int, out: Path, parts: tuple[str, ...])
         cmds["compile-scout-int4"] = ["compile", "scout", "--backend", "inductor", "--device", "cuda", "--dtype",
                                       "bfloat16", "--quant", "int4", "--stream-weights", "--max-seq-len", "192",
                                       "--max-batch-size", "1", "--force", "--out", str(engine)]
+        if lm_head_int4:
+            cmds["compile-scout-int4"][-2:-2] = ["--pass-option", "quantize.quantize_lm_head=true"]
         cmds["full-scout-int4"] = ["bench", str(engine), "--repeats", str(repeats), "--force", "--batch-sizes", "1",
                                    "--prompt-lens", "128", "--decode-steps", "64"]
     return {name: argv if argv[0] == "compile" or argv[0].endswith(".py") else argv + ["--out", str(out / name)]
@@ -131,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None, help="report root (default benchmarks/results/gpu-<device name>)")
+    ap.add_argument("--lm-head-int4", action="store_true",
+                    help="full: quantize the lm_head too (--pass-option quantize.quantize_lm_head=true)")
     a = ap.parse_args(argv)
     parts = tuple(p.strip() for p in a.parts.split(",") if p.strip())
     bad = [p for p in parts if p not in PARTS]
@@ -148,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     notes = []
     reports = {}
-    for name, cmd in bench_commands(a.layers, a.repeats, out, parts).items():
+    for name, cmd in bench_commands(a.layers, a.repeats, out, parts, a.lm_head_int4).items():
         argv = [sys.executable, *cmd] if cmd[0].endswith(".py") else [sys.executable, "-m", "l4compile", *cmd]
         if cmd[0] == "bench" and any(f.startswith("compile-") for f in failed):
             failed.append(name)                                  # its engine was not built

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 from l4compile.bench import cli as bench_cli
 from l4compile.config import DECODE_MODES
 from l4compile.errors import L4Error
+from l4compile.pass_options import parse_cli as parse_pass_options
 from l4compile.plan import cli as plan_cli
 
 
@@ -91,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pass", dest="passes", action="append", default=[], metavar="MODULE:FUNC",
                    help="add a user pass (repeatable)")
     c.add_argument("--skip-pass", dest="skip_passes", action="append", default=[], metavar="NAME")
+    c.add_argument("--pass-option", dest="pass_options", action="append", default=[], metavar="PASS.KEY=VALUE",
+                   help="set an option of a pass, e.g. quantize.quantize_lm_head=true, quantize.group_size=64, "
+                        "kv_cache.ring_buffers=false (repeatable; `l4compile passes` lists each pass's options)")
     c.add_argument("--dump-ir", default=None, metavar="DIR", help="write the graph before and after each pass")
     c.add_argument("--verify", action="store_true", help="check the output after every pass; name the first drift")
     c.add_argument("--plan", default=None, metavar="PLAN.json",
@@ -141,11 +146,12 @@ def cmd_compile(a) -> int:
     from l4compile.progress import Progress
 
     progress = Progress()
+    pass_options = parse_pass_options(a.pass_options)
     eng = l4compile.compile(a.model, backend=a.backend, out=a.out, quant=a.quant, dtype=a.dtype, device=a.device,
                             max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size, seed=a.seed,
                             layers=a.layers, force=a.force, passes=tuple(a.passes), skip_passes=tuple(a.skip_passes),
                             verify=a.verify, dump_ir=a.dump_ir, progress=progress, plan=a.plan,
-                            text_only=a.text_only, stream_weights=a.stream_weights)
+                            text_only=a.text_only, stream_weights=a.stream_weights, pass_options=pass_options)
     m = eng.manifest
     size = sum(v["bytes"] for v in m["artifacts"].values())
     out = {"engine": str(eng.path), "backend": m["backend"], "compile_seconds": m["compile_seconds"],
@@ -269,7 +275,14 @@ def cmd_passes(a) -> int:
     for s in specs:
         pos = str(order[s.name] + 1) if s.name in order else (f"v{vision[s.name] + 1}" if s.name in vision else "-")
         print(f"{pos:<3}{s.name:<24}{','.join(s.programs):<13}{s.source:<12}{s.ordering():<46}{s.description}")
+        if s.options is not None:     # what --pass-option NAME.KEY=VALUE takes, with the defaults
+            fields = dataclasses.fields(s.options)
+            print(f"{'':<27}options: " + ", ".join(f"{f.name}={json.dumps(_default(f), default=str)}" for f in fields))
     return 0
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def cmd_presets(a) -> int:

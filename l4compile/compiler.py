@@ -14,7 +14,7 @@ from l4compile import frontend
 from l4compile.config import CompileConfig
 from l4compile.engine import Engine, check_out_dir, engine_writer, load_engine, write_manifest
 from l4compile.errors import L4Error
-from l4compile.pipeline import run_passes
+from l4compile.pipeline import check_pass_options, run_passes
 from l4compile.program import Program, trace
 from l4compile.progress import Progress
 
@@ -144,6 +144,7 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
         plan_options = pass_options_from_plan(plan, backend)
         pass_options = dict(pass_options or {}, **plan_options)
         passes = (*passes, *(f"l4compile.passes.{name}:{name}" for name in plan_options))
+    check_pass_options(pass_options or {}, passes, skip_passes)
     config = CompileConfig(backend=backend, quant=quant, dtype=dtype, device=device, max_seq_len=max_seq_len,
                            max_batch_size=max_batch_size, seed=seed, layers=layers, passes=tuple(passes),
                            skip_passes=tuple(skip_passes), verify=verify, text_only=text_only,

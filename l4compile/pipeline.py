@@ -90,6 +90,15 @@ def select_passes(user: tuple[str, ...] = (), skip: tuple[str, ...] = (), kind: 
     return reg.order_passes([s for n, s in chosen.items() if n not in skip and kind in s.programs])
 
 
+def check_pass_options(pass_options: dict, user: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> None:
+    """L4Error unless every option is for a pass this compile runs on some program kind, and fits its options
+    dataclass (``l4compile.pass_options``)."""
+    from l4compile import pass_options as po
+
+    specs = {s.name: s for kind in reg.PROGRAM_KINDS for s in select_passes(user, skip, kind)}
+    po.check(pass_options, list(specs.values()), reg.registered_passes())
+
+
 def lint(gm: torch.fx.GraphModule, pass_name: str) -> None:
     """Structural checks after every pass: fx's lint (well-formed, every get_attr resolves), one output."""
     try:

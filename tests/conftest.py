@@ -31,7 +31,8 @@ SHARED_FIXTURE_FILES = {
 # Units by cost on a 2-core machine (`pytest --durations`), most expensive first; the rest follow in file order.
 HEAVY_UNITS = ("engines", "tests/backends/test_multimodal.py", "sharded", "tests/backends/test_onnxruntime.py",
                "tests/passes/test_quantize.py", "tests/backends/test_onnxruntime_quant.py",
-               "tests/cli/test_parity_matrix.py", "tests/cli/test_bad_inputs.py", "tests/backends/test_tensorrt.py",
+               "tests/cli/test_parity_matrix.py", "tests/cli/test_bad_inputs.py", "tests/cli/test_pass_options.py",
+               "tests/backends/test_tensorrt.py",
                "tests/core/test_stream_weights.py", "tests/bench/test_bench.py")
 
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER")

@@ -94,7 +94,9 @@ def build_report(result: dict[str, Any]) -> dict[str, Any]:
         roof = [dict(roofline.roofline_figures(mc, dtype=cfg.dtype, quant="none" if r["backend"] in BASELINES
                                                else cfg.quant, gpu_name=gpu_name, batch=r["batch"],
                                                prompt_len=r["prompt_len"], prefill_ms=r["prefill_ms"]["median"],
-                                               decode_ms_per_step=r["decode_ms_per_token"]["median"]),
+                                               decode_ms_per_step=r["decode_ms_per_token"]["median"],
+                                               lm_head_quantized=r["backend"] not in BASELINES
+                                               and result.get("lm_head_quantized", False)),
                      backend=r["backend"], batch=r["batch"], prompt_len=r["prompt_len"]) for r in rows]
     decode_methods = {b["name"]: b["decode_method"] for b in backends if b.get("decode_method")}
     return {
@@ -103,7 +105,8 @@ def build_report(result: dict[str, Any]) -> dict[str, Any]:
         "config": cfg.to_dict(), "config_hash": cfg.stable_hash(),
         "model": {"source": result["model_source"], "config": model_cfg,
                   "active_params": roofline.active_params(mc),
-                  "engine_max_seq_len": result.get("engine_max_seq_len")},
+                  "engine_max_seq_len": result.get("engine_max_seq_len"),
+                  "lm_head_quantized": bool(result.get("lm_head_quantized", False))},
         "environment": env,
         "methods": {
             "timing": "wall clock (time.perf_counter) around each call"

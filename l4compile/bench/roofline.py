@@ -7,7 +7,8 @@ Counts come from the model config alone (no weights needed), so the same code ru
 - MoE layers: router + shared expert + the routed experts a step touches;
 - dense layers (not in ``moe_layers``): the gate/up/down MLP of width ``intermediate_size_mlp``;
 - the lm_head, at the engine dtype also for quantized engines (the quantize pass keeps it unquantized unless
-  asked: 2 GB of bf16 at Scout's vocabulary, a quarter of what an Int4 Scout step reads). Embedding rows (a
+  asked, ``--pass-option quantize.quantize_lm_head=true``: 2 GB of bf16 at Scout's vocabulary, a quarter of what
+  an Int4 Scout step reads), at the quant's bytes where the engine's manifest says it was quantized. Embedding rows (a
   gather) and norm weights are left out: they are noise next to the rest.
 
 With T tokens in one forward pass, a top-k router over E experts touches on average
@@ -102,12 +103,13 @@ def bytes_per_weight(dtype: str, quant: str = "none") -> float:
     return q if q is not None else BYTES_PER_WEIGHT[dtype]
 
 
-def weight_bytes(config: Any, tokens: int, dtype: str, quant: str) -> float:
+def weight_bytes(config: Any, tokens: int, dtype: str, quant: str, lm_head_quantized: bool = False) -> float:
     """HBM bytes of the weights a forward pass over ``tokens`` tokens reads: projections and experts at the quant's
-    bytes per weight, the lm_head (never quantized by default) at the dtype's."""
+    bytes per weight, the lm_head at the dtype's unless the engine quantized it (``quantize.quantize_lm_head``)."""
     counts = param_counts(config, tokens=tokens)
     head = counts.pop("lm_head")
-    return sum(counts.values()) * bytes_per_weight(dtype, quant) + head * BYTES_PER_WEIGHT[dtype]
+    head_bpw = bytes_per_weight(dtype, quant) if lm_head_quantized else BYTES_PER_WEIGHT[dtype]
+    return sum(counts.values()) * bytes_per_weight(dtype, quant) + head * head_bpw
 
 
 def attention_pairs(config: Any, seq: int) -> int:
@@ -130,12 +132,13 @@ def prefill_flops(config: Any, batch: int, seq: int) -> float:
 
 
 def roofline_figures(config: Any, *, dtype: str, quant: str, gpu_name: str | None, batch: int, prompt_len: int,
-                     prefill_ms: float | None, decode_ms_per_step: float | None) -> dict[str, Any]:
+                     prefill_ms: float | None, decode_ms_per_step: float | None,
+                     lm_head_quantized: bool = False) -> dict[str, Any]:
     """Everything the roofline table and chart need for one (batch, prompt) point; None where unknown."""
     bpw = bytes_per_weight(dtype, quant)
     peak = gpu_peak(gpu_name)
-    decode_bytes = weight_bytes(config, batch, dtype, quant)
-    prefill_bytes = weight_bytes(config, batch * prompt_len, dtype, quant)
+    decode_bytes = weight_bytes(config, batch, dtype, quant, lm_head_quantized)
+    prefill_bytes = weight_bytes(config, batch * prompt_len, dtype, quant, lm_head_quantized)
     flops_p = prefill_flops(config, batch, prompt_len)
     flops_d = 2.0 * active_params(config) * batch
     out: dict[str, Any] = {

@@ -229,6 +229,13 @@ def engine_manifest(model: str) -> dict | None:
     return read_manifest(Path(model)) if (Path(model) / MANIFEST).is_file() else None
 
 
+def lm_head_quantized(manifest: dict) -> bool:
+    """Whether an engine's quantize pass quantized its lm_head (``quantize.quantize_lm_head``)."""
+    stats = next((p["stats"] for p in manifest.get("passes", []) if p["name"] == "quantize"), {})
+    scheme = stats.get("scheme")
+    return isinstance(scheme, dict) and bool(scheme.get("quantize_lm_head"))
+
+
 def _engine_runner(cfg: BenchConfig, name: str, workdir: Path, max_seq: int) -> Runner:
     """Compile ``cfg.model`` for backend ``name``; L4Error (backend missing, option unsupported) means skip."""
     import l4compile
@@ -436,5 +443,6 @@ def _run_bench(cfg: BenchConfig, *, stream=None, progress: bool | None = None) -
         agree[(name, b, s)] = None if ref is None else toks == ref
     ordered = [statuses[n] for n in cfg.backends]
     return {"config": cfg, "environment": environment(cfg.device), "model_source": source,
+            "lm_head_quantized": built is not None and lm_head_quantized(built),
             "model_config": model_config, "backends": ordered, "samples": samples,
             "matches_eager": agree, "memory_method": meter.method, "engine_max_seq_len": max_seq}

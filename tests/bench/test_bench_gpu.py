@@ -38,6 +38,9 @@ def test_commands_cover_the_issue(tmp_path):
     assert "--layers" not in joined["full-scout-int4"] and "--layers 4" in joined["decode-none"]
     assert "--layers 2" in joined["decode-int4-half"] and "--backends inductor" in joined["decode-int4-half"]
     assert all("--device cuda" in j and f"--out {tmp_path}" in j for k, j in joined.items() if k != "full-scout-int4")
+    assert "--pass-option" not in joined["compile-scout-int4"]
+    lm = _module().bench_commands(4, 3, tmp_path, ("full",), lm_head_int4=True)["compile-scout-int4"]
+    assert " ".join(lm).endswith(f"--pass-option quantize.quantize_lm_head=true --out {engine}")
 
 
 def test_modes_part_runs_the_decode_modes_script(tmp_path):

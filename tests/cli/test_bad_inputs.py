@@ -119,6 +119,27 @@ def test_stream_weights_refuses_what_it_cannot_do(capsys, tmp_path, model, extra
     assert not out.exists()
 
 
+@pytest.mark.parametrize("options,needles", [
+    (["quantize"], ("expected PASS.KEY=VALUE",)),
+    (["nope.x=1"], ("'nope' is not a registered pass", "quantize")),
+    (["quantize.groupsize=64"], ("no option 'groupsize'", "group_size")),
+    (["quantize.quantize_lm_head=yes"], ("quantize.quantize_lm_head must be true or false", "'yes'")),
+    (["quantize.group_size=6.5"], ("quantize.group_size must be an integer or null",)),
+    (["eliminate_dead_code.x=1"], ("'eliminate_dead_code' takes no options",)),
+    (["shard_experts.world_size=2"], ("'shard_experts' is skipped or does not run",)),
+    (["quantize.group_size=64", "quantize.group_size=32"], ("quantize.group_size is given twice",)),
+])
+def test_bad_pass_options(capsys, tmp_path, options, needles):
+    out = tmp_path / "e"
+    expect_error(capsys, ["compile", "tiny", "--out", str(out), *[f"--pass-option={o}" for o in options]], *needles)
+    assert not out.exists()
+
+
+def test_pass_option_for_a_skipped_pass(capsys, tmp_path):
+    expect_error(capsys, ["compile", "tiny", "--out", str(tmp_path / "e"), "--skip-pass", "kv_cache",
+                          "--pass-option", "kv_cache.ring_buffers=false"], "'kv_cache' is skipped")
+
+
 def test_unknown_preset(capsys, tmp_path):
     expect_error(capsys, ["compile", "tinyy", "--out", str(tmp_path / "e")], "unknown preset 'tinyy'", "tiny-maverick")
 

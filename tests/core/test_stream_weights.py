@@ -69,10 +69,17 @@ def graph_tensors(gm) -> dict[str, torch.Tensor]:
     return dict(gm.state_dict())
 
 
-@pytest.mark.parametrize("quant", ["none", "int4"])        # fp8 takes the same path (quantize per expert)
-def test_streamed_graph_equals_in_memory(checkpoints, monkeypatch, quant):
-    mem, _ = lowered(checkpoints[CKPT], quant, stream=False)
-    st, src = lowered(checkpoints[CKPT], quant, stream=True, monkeypatch=monkeypatch)
+LM_HEAD_INT4 = (("quantize", (("quantize_lm_head", True),)),)
+
+
+@pytest.mark.parametrize("quant,options", [("none", ()), ("int4", ()), ("int4", LM_HEAD_INT4)],
+                         ids=["none", "int4", "int4-lm-head"])       # fp8 takes the same path (quantize per expert)
+def test_streamed_graph_equals_in_memory(checkpoints, monkeypatch, quant, options):
+    mem, _ = lowered(checkpoints[CKPT], quant, stream=False, pass_options=options)
+    st, src = lowered(checkpoints[CKPT], quant, stream=True, monkeypatch=monkeypatch, pass_options=options)
+    names = graph_tensors(st.program.gm)                     # the lm_head streamed as Int4 where asked, else as is
+    assert ("l4q_lm_head_weight_w" in names, "lm.lm_head.weight" in names) == ((True, False) if options else
+                                                                              (False, True)), sorted(names)
     a, b = graph_tensors(mem.program.gm), graph_tensors(st.program.gm)
     assert a.keys() == b.keys()
     for k in a:

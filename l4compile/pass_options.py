@@ -1,0 +1,81 @@
+"""Options for the passes of one compile (``--pass-option PASS.KEY=VALUE``, ``compile(pass_options=...)``), checked
+against each pass's frozen options dataclass before anything is traced:
+
+    {"quantize": {"quantize_lm_head": True, "group_size": 64}, "kv_cache": {"ring_buffers": False}}
+
+Every pass named must run in this compile (a registered, not skipped pass, or a ``--pass`` user pass) and take
+options; every key must be a field of its options class; a value must have the field's annotated type (bool, int,
+float, str, tuple, or one of them | None; other annotations are not checked). Bad input is one ``L4Error``."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any
+
+from l4compile.errors import L4Error
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "a list",
+               type(None): "null"}
+
+
+def parse_cli(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["quantize.group_size=64", ...]`` -> ``{"quantize": {"group_size": 64}}``. VALUE is read as JSON where it
+    parses (true, false, null, 64, 0.5, [1, 2]), else taken as a string (``quantize.scheme=int4``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        name, dot, field = key.partition(".")
+        if not (eq and dot and name and field):
+            raise L4Error(f"--pass-option '{item}': expected PASS.KEY=VALUE, e.g. --pass-option quantize.group_size=64")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        if isinstance(value, list):
+            value = tuple(value)
+        if field in out.setdefault(name, {}):
+            raise L4Error(f"--pass-option {name}.{field} is given twice")
+        out[name][field] = value
+    return out
+
+
+def check(pass_options: dict[str, dict[str, Any]], specs: list, known: dict) -> None:
+    """``specs``: the passes this compile runs (any program kind); ``known``: every registered pass."""
+    if not isinstance(pass_options, dict) or not all(isinstance(o, dict) for o in pass_options.values()):
+        raise L4Error(f"pass_options must map pass names to dicts of options, got {pass_options!r}")
+    running = {s.name: s for s in specs}
+    for name, opts in pass_options.items():
+        spec = running.get(name)
+        if spec is None:
+            why = "is skipped or does not run in this compile" if name in known else "is not a registered pass"
+            raise L4Error(f"pass option for '{name}': '{name}' {why}; passes that run: {', '.join(sorted(running))}")
+        if spec.options is None:
+            raise L4Error(f"pass '{name}' takes no options (got {', '.join(sorted(opts))})")
+        fields = {f.name: f for f in dataclasses.fields(spec.options)}
+        hints = typing.get_type_hints(spec.options)
+        for key, value in opts.items():
+            if key not in fields:
+                raise L4Error(f"pass '{name}' has no option '{key}'; its options: {', '.join(fields)}")
+            allowed = _allowed(hints.get(key))
+            if allowed is not None and not _is_instance(value, allowed):
+                want = " or ".join(_TYPE_WORDS[t] for t in allowed)
+                raise L4Error(f"pass option {name}.{key} must be {want}, got {value!r}")
+
+
+def _allowed(hint: Any) -> tuple[type, ...] | None:
+    """The plain types an annotation admits, or None where it is not one this module checks."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        parts = [_allowed(a) for a in typing.get_args(hint)]
+        return None if any(p is None for p in parts) else tuple(t for p in parts for t in p)
+    hint = typing.get_origin(hint) or hint
+    return (hint,) if hint in _TYPE_WORDS else None
+
+
+def _is_instance(value: Any, allowed: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int) and float in allowed:
+        return True
+    return isinstance(value, allowed)
