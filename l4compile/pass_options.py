@@ -16,7 +16,7 @@ from typing import Any
 
 from l4compile.errors import L4Error
 
-_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "a list",
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "a tuple ([..] on the command line)",
                type(None): "null"}
 
 
@@ -54,7 +54,10 @@ def check(pass_options: dict[str, dict[str, Any]], specs: list, known: dict) -> 
         if spec.options is None:
             raise L4Error(f"pass '{name}' takes no options (got {', '.join(sorted(opts))})")
         fields = {f.name: f for f in dataclasses.fields(spec.options)}
-        hints = typing.get_type_hints(spec.options)
+        try:
+            hints = typing.get_type_hints(spec.options)
+        except Exception:                  # a user pass's annotations that do not resolve: keys checked, not types
+            hints = {}
         for key, value in opts.items():
             if key not in fields:
                 raise L4Error(f"pass '{name}' has no option '{key}'; its options: {', '.join(fields)}")
