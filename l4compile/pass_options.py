@@ -16,8 +16,8 @@ from typing import Any
 
 from l4compile.errors import L4Error
 
-_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "a tuple ([..] on the command line)",
-               type(None): "null"}
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               tuple: "a tuple ([..] on the command line)", type(None): "null"}
 
 
 def parse_cli(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -51,20 +51,32 @@ def check(pass_options: dict[str, dict[str, Any]], specs: list, known: dict) -> 
         if spec is None:
             why = "is skipped or does not run in this compile" if name in known else "is not a registered pass"
             raise L4Error(f"pass option for '{name}': '{name}' {why}; passes that run: {', '.join(sorted(running))}")
-        if spec.options is None:
-            raise L4Error(f"pass '{name}' takes no options (got {', '.join(sorted(opts))})")
-        fields = {f.name: f for f in dataclasses.fields(spec.options)}
-        try:
-            hints = typing.get_type_hints(spec.options)
-        except Exception:                  # a user pass's annotations that do not resolve: keys checked, not types
-            hints = {}
-        for key, value in opts.items():
-            if key not in fields:
-                raise L4Error(f"pass '{name}' has no option '{key}'; its options: {', '.join(fields)}")
-            allowed = _allowed(hints.get(key))
-            if allowed is not None and not _is_instance(value, allowed):
-                want = " or ".join(_TYPE_WORDS[t] for t in allowed)
-                raise L4Error(f"pass option {name}.{key} must be {want}, got {value!r}")
+        build(spec, opts)
+
+
+def build(spec, opts: dict[str, Any]) -> Any:
+    """``spec``'s options dataclass made from ``opts`` (None for a pass without options, given none); L4Error where
+    ``opts`` does not fit it (a key it lacks, a value of another type)."""
+    if spec.options is None:
+        if opts:
+            raise L4Error(f"pass '{spec.name}' takes no options (got {', '.join(sorted(opts))})")
+        return None
+    fields = [f.name for f in dataclasses.fields(spec.options)]
+    try:
+        hints = typing.get_type_hints(spec.options)
+    except Exception:                      # a user pass's annotations that do not resolve: keys checked, not types
+        hints = {}
+    for key, value in opts.items():
+        if key not in fields:
+            raise L4Error(f"options for pass '{spec.name}': no option '{key}'; its options: {', '.join(fields)}")
+        allowed = _allowed(hints.get(key))
+        if allowed is not None and not _is_instance(value, allowed):
+            want = " or ".join(_TYPE_WORDS[t] for t in allowed)
+            raise L4Error(f"pass option {spec.name}.{key} must be {want}, got {value!r}")
+    try:
+        return spec.options(**opts)
+    except TypeError as e:                 # e.g. a field without a default that was not given
+        raise L4Error(f"options for pass '{spec.name}': {e}") from None
 
 
 def _allowed(hint: Any) -> tuple[type, ...] | None:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from l4compile import pass_options as po
 from l4compile.errors import L4Error
 from l4compile.passes import _registry as reg
 from l4compile.program import Program
@@ -93,8 +94,6 @@ def select_passes(user: tuple[str, ...] = (), skip: tuple[str, ...] = (), kind: 
 def check_pass_options(pass_options: dict, user: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> None:
     """L4Error unless every option is for a pass this compile runs on some program kind, and fits its options
     dataclass (``l4compile.pass_options``)."""
-    from l4compile import pass_options as po
-
     specs = {s.name: s for kind in reg.PROGRAM_KINDS for s in select_passes(user, skip, kind)}
     po.check(pass_options, list(specs.values()), reg.registered_passes())
 
@@ -142,16 +141,7 @@ def run_passes(program: Program, compile_config: Any, *, dump_ir: Path | None = 
     if dump_ir is not None:
         dump_graph(program.gm, dump_ir / "00-traced.txt")
     for i, spec in enumerate(specs, start=1):
-        opts = compile_config.options_for(spec.name)
-        if spec.options is not None:
-            try:
-                options = spec.options(**opts)
-            except TypeError as e:
-                raise L4Error(f"options for pass '{spec.name}': {e}") from None
-        elif opts:
-            raise L4Error(f"pass '{spec.name}' takes no options, got {', '.join(opts)}")
-        else:
-            options = None
+        options = po.build(spec, compile_config.options_for(spec.name))
         ctx = reg.PassContext(model_config=program.model_config, compile_config=compile_config, options=options,
                               example_inputs=program.example_inputs, metadata=program.metadata, verify=verify,
                               weights=program.weights)
