@@ -72,11 +72,10 @@ def bench_commands(layers: int, repeats: int, out: Path, parts: tuple[str, ...],
                                            "--prompt-lens", "2048,8192", "--decode-steps", "1"]
     if "full" in parts:
         engine = out / "engine-scout-int4"
+        lm_head = ["--pass-option", "quantize.quantize_lm_head=true"] if lm_head_int4 else []
         cmds["compile-scout-int4"] = ["compile", "scout", "--backend", "inductor", "--device", "cuda", "--dtype",
                                       "bfloat16", "--quant", "int4", "--stream-weights", "--max-seq-len", "192",
-                                      "--max-batch-size", "1", "--force", "--out", str(engine)]
-        if lm_head_int4:
-            cmds["compile-scout-int4"][-2:-2] = ["--pass-option", "quantize.quantize_lm_head=true"]
+                                      "--max-batch-size", "1", "--force", *lm_head, "--out", str(engine)]
         cmds["full-scout-int4"] = ["bench", str(engine), "--repeats", str(repeats), "--force", "--batch-sizes", "1",
                                    "--prompt-lens", "128", "--decode-steps", "64"]
     return {name: argv if argv[0] == "compile" or argv[0].endswith(".py") else argv + ["--out", str(out / name)]
