@@ -15,6 +15,7 @@ from l4compile.bench import cli as bench_cli
 from l4compile.config import DECODE_MODES
 from l4compile.errors import L4Error
 from l4compile.pass_options import parse_cli as parse_pass_options
+from l4compile.paths import check_out_file
 from l4compile.plan import cli as plan_cli
 
 
@@ -172,6 +173,8 @@ def cmd_run(a) -> int:
         from l4compile.dist import launch
         return launch(a)
     prompt = parse_prompt_ids(a.prompt_ids)
+    if a.logits_out:
+        check_out_file(a.logits_out, "--logits-out")
     t0 = time.perf_counter()
     eng = load_engine(a.engine, decode_mode=a.decode_mode)
     load_s = time.perf_counter() - t0
@@ -223,6 +226,8 @@ def cmd_parity(a) -> int:
     if a.backend is not None and a.backends is not None:
         raise L4Error("give --backend or --backends, not both")
     matrix = a.backends is not None
+    if a.json_out:
+        check_out_file(a.json_out, "--json")
     backends = _csv_choice(a.backends or a.backend or "inductor", BACKENDS, "--backends")
     quants = _csv_choice(a.quant, QUANTS, "--quant")
     dtypes = _csv_choice(a.dtype, DTYPES, "--dtype")

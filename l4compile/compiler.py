@@ -12,6 +12,7 @@ import torch
 
 from l4compile import frontend
 from l4compile.config import CompileConfig
+from l4compile.paths import check_dir_path
 from l4compile.engine import Engine, check_out_dir, engine_writer, load_engine, write_manifest
 from l4compile.errors import L4Error
 from l4compile.pipeline import check_pass_options, run_passes
@@ -156,6 +157,8 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
     be = get_backend(config.backend)
     out = Path(out)
     check_out_dir(out, force)
+    if dump_ir is not None:
+        check_dir_path(dump_ir, "--dump-ir")
     progress = progress or Progress(enabled=False)
     t_start = time.perf_counter()
     low = lower(model, config, progress=progress, dump_ir=dump_ir, plan=plan)

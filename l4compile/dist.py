@@ -1,6 +1,6 @@
 """Sharded (expert- and tensor-parallel) engines on torch.distributed: the torchrun entry point and ``run --nproc``.
 
-    torchrun --nproc-per-node N -m l4compile.dist ENGINE --prompt-ids 1,2,3 [--max-new-tokens K] [--logits-out F]
+    torchrun --nproc-per-node N -m l4compile.dist ENGINE --prompt-ids 1,2,3 [the other `run` options, not --nproc]
     l4compile run ENGINE --nproc N --prompt-ids 1,2,3          # spawns the torchrun line above (--standalone)
 
 Every process joins the default process group (gloo for CPU engines, NCCL for CUDA engines, one GPU per
@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from l4compile.errors import L4Error
+from l4compile.paths import check_out_file
 
 
 def _run_args(argv: list[str]):
@@ -52,6 +53,14 @@ def preflight(args) -> dict:
     nproc = getattr(args, "nproc", None) or int(os.environ.get("WORLD_SIZE", "0")) or None
     if world and nproc and nproc != world:
         raise L4Error(f"engine {args.engine} is sharded over {world} ranks; use {world} processes, not {nproc}")
+    if not world and nproc and nproc > 1:   # every process would compute the same thing
+        raise L4Error(f"engine {args.engine} is not sharded; run it without --nproc (or compile with --plan to "
+                      f"shard it over {nproc} processes)")
+    if args.images and not m.get("vision"):
+        raise L4Error(f"engine {args.engine} has no vision engine" + ("; sharded engines are text-only" if world
+                                                                     else ""))
+    if args.logits_out:
+        check_out_file(args.logits_out, "--logits-out")
     return m
 
 
@@ -63,6 +72,10 @@ def launch(args) -> int:
            "--max-new-tokens", str(args.max_new_tokens)]
     if args.logits_out:
         cmd += ["--logits-out", str(args.logits_out)]
+    if args.decode_mode:
+        cmd += ["--decode-mode", args.decode_mode]
+    for image in args.images:
+        cmd += ["--image", str(image)]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     rc = subprocess.run(cmd, env=env).returncode

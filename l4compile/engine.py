@@ -22,6 +22,7 @@ import torch
 
 from l4compile.config import DECODE_MODES
 from l4compile.errors import L4Error
+from l4compile.paths import check_dir_path
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -49,10 +50,9 @@ def _pid_alive(pid: int) -> bool:
 
 def check_out_dir(out: Path, force: bool) -> None:
     """Refuse an existing ``out`` unless ``force``; never touch it here."""
+    check_dir_path(out, "--out")
     if out.exists() and not force:
         raise L4Error(f"output directory {out} already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise L4Error(f"output path {out} exists and is not a directory; remove it or pick another --out")
 
 
 def _clean_stale(out: Path) -> None:

@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from l4compile.errors import L4Error
+from l4compile.paths import check_dir_path
 
 _BACKENDS_HELP = "comma-separated: eager,torch-compile,inductor,onnxruntime,tensorrt (default: all)"
 
@@ -109,8 +110,7 @@ def run(a) -> int:
 
     cfg = config_from_args(a)
     out = Path(a.out) if a.out else Path(f"bench-{Path(a.model).name or 'model'}")
-    if out.exists() and not out.is_dir():
-        raise L4Error(f"--out {out} exists and is not a directory; pick another --out")
+    check_dir_path(out, "--out")
     existing = [p.name for p in (out / "report.json", out / "report.html", out / "report.md") if p.exists()]
     if existing and not a.force:
         raise L4Error(f"{out} already holds {', '.join(existing)}; pass --force to overwrite or pick another --out")

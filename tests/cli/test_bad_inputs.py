@@ -221,3 +221,67 @@ def test_sigkill_mid_compile_leaves_no_engine(tmp_path):
     r = run_cli(*argv)
     assert r.returncode == 0, r.stderr
     assert (out / "manifest.json").is_file() and not list(tmp_path.glob(".eng.l4tmp-*"))
+
+
+@pytest.mark.parametrize("where,needle", [("missing/x.npy", "is not an existing directory"),
+                                          ("a_file/x.npy", "is not an existing directory"),
+                                          (".", "is a directory")])
+def test_bad_output_files_are_refused_before_the_run(capsys, tiny_engine, tmp_path, where, needle):
+    """--logits-out (run) and --json (parity) name a file to write: refused before any compute, not after it."""
+    (tmp_path / "a_file").write_text("keep me")
+    target = str(tmp_path / where)
+    expect_error(capsys, ["run", str(tiny_engine), "--prompt-ids", "1,2", "--logits-out", target],
+                 "--logits-out", needle)
+    expect_error(capsys, ["parity", "tiny", "--engine", str(tiny_engine), "--json", target], "--json", needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+    assert (tmp_path / "a_file").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("flag,where,needle", [("--dump-ir", "a_file", "exists and is not a directory"),
+                                               ("--dump-ir", "a_file/ir", "is a file, not a directory"),
+                                               ("--out", "a_file", "exists and is not a directory"),
+                                               ("--out", "a_file/e", "is a file, not a directory")])
+def test_directory_paths_under_a_file_are_refused(capsys, tmp_path, flag, where, needle):
+    (tmp_path / "a_file").write_text("keep me")
+    argv = ["compile", "tiny", "--backend", "onnxruntime", "--force"]
+    argv += ["--out", str(tmp_path / "e"), "--dump-ir", str(tmp_path / where)] if flag == "--dump-ir" else \
+        ["--out", str(tmp_path / where)]
+    expect_error(capsys, argv, flag, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+    assert (tmp_path / "a_file").read_text() == "keep me"
+
+
+def test_nproc_on_an_unsharded_engine(capsys, tiny_engine):
+    """N processes of an unsharded engine would each compute the whole model: refused before anything spawns."""
+    expect_error(capsys, ["run", str(tiny_engine), "--prompt-ids", "1,2", "--nproc", "2"], "is not sharded",
+                 "--plan")
+
+
+def test_nproc_forwards_every_run_option(monkeypatch, tiny_engine, tmp_path):
+    """`run --nproc` hands the workers every option `run` takes, rather than dropping some silently."""
+    from l4compile import dist
+
+    seen = []
+
+    def fake_run(cmd, env):
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(dist.subprocess, "run", fake_run)
+    logits = tmp_path / "l.npy"
+    assert main(["run", str(tiny_engine), "--nproc", "1", "--prompt-ids", "1,2", "--max-new-tokens", "3",
+                 "--logits-out", str(logits), "--decode-mode", "static", "--image", "a.png", "--image", "b.png"]) == 2
+    assert seen == []      # tiny_engine has no vision engine: refused before spawning
+    assert main(["run", str(tiny_engine), "--nproc", "1", "--prompt-ids", "1,2", "--max-new-tokens", "3",
+                 "--logits-out", str(logits), "--decode-mode", "static"]) == 0
+    (cmd,) = seen
+    worker = cmd[cmd.index("l4compile.dist") + 1:]
+    assert worker == [str(tiny_engine), "--prompt-ids", "1,2", "--max-new-tokens", "3", "--logits-out", str(logits),
+                      "--decode-mode", "static"]
+    # Images go through as well, for an engine whose manifest has a vision engine (only the manifest is read here).
+    eng = tmp_path / "eng"
+    eng.mkdir()
+    m = json.loads((tiny_engine / "manifest.json").read_text())
+    (eng / "manifest.json").write_text(json.dumps(m | {"vision": {"image_token_id": 7}}))
+    assert main(["run", str(eng), "--nproc", "1", "--prompt-ids", "1,2", "--image", "a.png", "--image", "b.png"]) == 0
+    assert seen[-1][-4:] == ["--image", "a.png", "--image", "b.png"]
