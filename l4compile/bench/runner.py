@@ -383,8 +383,8 @@ def _run_bench(cfg: BenchConfig, *, stream=None, progress: bool | None = None) -
         model_config, source, vocab = lm.config.to_dict(), loaded.source, int(lm.config.vocab_size)
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="l4bench-")))
-        import torch._dynamo
-        stack.enter_context(torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096))
+        from torch._dynamo import config as dynamo_config   # not `import torch._dynamo`: torch would turn local
+        stack.enter_context(dynamo_config.patch(recompile_limit=64, accumulated_recompile_limit=4096))
         hf = {r.name: r for r in _hf_runners(lm, tuple(b for b in cfg.backends if b in BASELINES))} \
             if built is None else {}
         for name in cfg.backends if built is None else ():

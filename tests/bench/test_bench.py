@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from l4compile import cli
 from l4compile.bench import cli as bench_cli
@@ -196,6 +197,14 @@ def test_user_errors(tmp_path, argv, needle):
     with pytest.raises(L4Error, match=re.escape(needle)) as e:
         bench_cli.run(parse("bench", *argv, "--out", str(tmp_path / "r")))
     assert "\n" not in str(e.value)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asserts the refusal on a machine without CUDA")
+def test_cuda_bench_on_a_machine_without_cuda(tmp_path):
+    """The device check runs first, with one clear line (it once raised UnboundLocalError on every machine)."""
+    with pytest.raises(L4Error, match=re.escape("--device cuda needs a CUDA GPU")):
+        bench_cli.run(parse("bench", "tiny", "--device", "cuda", "--backends", "eager", "--out", str(tmp_path / "r")))
     assert not (tmp_path / "r").exists()
 
 
