@@ -152,6 +152,8 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
                            stream_weights=stream_weights,
                            pass_options=tuple((k, tuple(sorted(v.items())))
                                               for k, v in sorted((pass_options or {}).items())))
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise L4Error("--device cuda needs a CUDA GPU and a CUDA build of torch; this machine has none")
     from l4compile.backends import get_backend
 
     be = get_backend(config.backend)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from l4compile.cli import main
 from tests.conftest import run_cli, save_checkpoint
@@ -138,6 +139,13 @@ def test_bad_pass_options(capsys, tmp_path, options, needles):
 def test_pass_option_for_a_skipped_pass(capsys, tmp_path):
     expect_error(capsys, ["compile", "tiny", "--out", str(tmp_path / "e"), "--skip-pass", "kv_cache",
                           "--pass-option", "kv_cache.ring_buffers=false"], "'kv_cache' is skipped")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asserts the refusal on a machine without CUDA")
+def test_cuda_compile_on_a_machine_without_cuda(capsys, tmp_path):
+    expect_error(capsys, ["compile", "tiny", "--device", "cuda", "--out", str(tmp_path / "e")],
+                 "--device cuda needs a CUDA GPU")
+    assert not (tmp_path / "e").exists()
 
 
 def test_unknown_preset(capsys, tmp_path):
