@@ -37,7 +37,6 @@ After::
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch

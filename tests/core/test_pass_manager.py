@@ -10,7 +10,7 @@ import torch
 from l4compile import frontend
 from l4compile.config import CompileConfig
 from l4compile.errors import L4Error
-from l4compile.passes import PassContext, PassResult, order_passes, register_pass
+from l4compile.passes import PassResult, order_passes, register_pass
 from l4compile.passes._registry import _REGISTRY, PassSpec
 from l4compile.pipeline import run_passes, select_passes
 from l4compile.program import CausalLMHarness, trace

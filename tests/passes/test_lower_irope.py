@@ -1,7 +1,6 @@
 """lower_irope: no complex op remains, attention ops counted by kind, numerics equal to transformers eager."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
