@@ -136,6 +136,9 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
     With ``plan`` (``l4compile plan --json`` output), the sharding passes (shard_experts, and
     shard_tensor_parallel where the plan says TP) write one artifact set per rank. With ``stream_weights`` the
     model is traced on the meta device and its weights are read one at a time (``l4compile.weights``)."""
+    for name, value in (("passes", passes), ("skip_passes", skip_passes)):
+        if isinstance(value, (str, bytes)):   # a bare string would be read one character at a time
+            raise L4Error(f"{name} takes a tuple of strings, got the string {value!r}; write ({value!r},)")
     if stream_weights and (verify or plan is not None):
         raise L4Error("--stream-weights cannot be combined with " + ("--verify (it compares against the float model "
                       "in memory)" if verify else "--plan (sharding slices weights in memory)")

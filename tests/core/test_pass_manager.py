@@ -111,6 +111,15 @@ def test_skip_pass_and_bad_user_pass_refs(user_module):
             select_passes(user=(ref,))
 
 
+@pytest.mark.parametrize("kw", [{"passes": "mypasses:strip"}, {"skip_passes": "quantize"}])
+def test_compile_refuses_a_bare_string_for_a_pass_tuple(kw, tmp_path):
+    import l4compile
+
+    with pytest.raises(L4Error, match=r"takes a tuple of strings, got the string .*; write \("):
+        l4compile.compile("tiny", out=tmp_path / "e", **kw)
+    assert not (tmp_path / "e").exists()
+
+
 def test_dump_ir_writes_graph_before_and_after_each_pass(program, tmp_path):
     prog, _ = program
     records = run_passes(prog, CompileConfig(), dump_ir=tmp_path / "ir")
