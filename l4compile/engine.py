@@ -23,6 +23,7 @@ import torch
 from l4compile.config import DECODE_MODES
 from l4compile.errors import L4Error
 from l4compile.paths import check_dir_path
+from l4compile.weights import normalize
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -355,6 +356,7 @@ class Engine:
         """L4Error unless ``caches`` is the layout ``new_caches(batch)`` makes (count, shape, dtype, device): a
         cache of the wrong shape would be read, and on Inductor engines written, out of its bounds."""
         want = self.cache_specs(batch)
+        device = normalize(self.device)      # "cuda" is cuda:<current>; a CUDA tensor always names its index
         if not isinstance(caches, (list, tuple)) or len(caches) != len(want):
             got = len(caches) if isinstance(caches, (list, tuple)) else type(caches).__name__
             raise L4Error(f"caches must be a list of {len(want)} tensors (k and v per layer), got {got}")
@@ -362,9 +364,9 @@ class Engine:
             name = f"{'kv'[i % 2]}_cache_{i // 2}"
             if not isinstance(c, torch.Tensor):
                 raise L4Error(f"{name} must be a tensor, got {type(c).__name__}")
-            if tuple(c.shape) != shape or c.dtype != dtype or c.device != self.device:
+            if tuple(c.shape) != shape or c.dtype != dtype or c.device != device:
                 raise L4Error(f"{name} is {list(c.shape)} {str(c.dtype).removeprefix('torch.')} on {c.device}; this "
-                              f"engine takes {list(shape)} {str(dtype).removeprefix('torch.')} on {self.device} "
+                              f"engine takes {list(shape)} {str(dtype).removeprefix('torch.')} on {device} "
                               f"(batch {batch}: use the caches prefill_with_cache returns)")
 
     @torch.no_grad()

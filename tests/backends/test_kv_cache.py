@@ -94,6 +94,23 @@ def test_decode_rejects_caches_of_another_layout(engines):
         eng.decode(torch.tensor([[8]]), 3, [None] * len(caches))
     assert all(torch.equal(c, k) for c, k in zip(caches, kept, strict=True))
 
+
+def test_cuda_engine_takes_the_caches_it_makes(engines, monkeypatch):
+    """A CUDA engine's manifest says "cuda" and its caches are on cuda:0; those are the same device. Checked with
+    fake CUDA tensors, so it runs without a GPU; a CPU cache is still refused."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    eng = l4compile.load_engine(engines["scout-like"])
+    cuda = l4compile.engine.Engine(eng.path, dict(eng.manifest, device="cuda"), runner=None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        caches = [torch.zeros(shape, dtype=dtype, device="cuda") for shape, dtype in cuda.cache_specs(1)]
+        assert caches[0].device == torch.device("cuda", 0)
+        cuda.check_caches(caches, 1)
+        with pytest.raises(L4Error, match=r"k_cache_0 is .* on cpu; this engine takes .* on cuda:0"):
+            cuda.check_caches([torch.zeros(caches[0].shape, dtype=caches[0].dtype, device="cpu"), *caches[1:]], 1)
+
+
 def test_scout_and_maverick_cache_sizes():
     """LLAMA4.md: Scout bf16 KV is 192 KiB per token with full caches, 48 KiB with ring buffers."""
 
