@@ -201,6 +201,20 @@ def session_options():
     return so
 
 
+def ort_element_type(dtype: torch.dtype):
+    """The element type IOBinding.bind_input takes for a torch dtype: a numpy type, or an ONNX TensorProto enum
+    where numpy has none (bfloat16)."""
+    import numpy as np
+    from onnx import TensorProto
+
+    types = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: TensorProto.BFLOAT16,
+             torch.int64: np.int64, torch.int32: np.int32, torch.bool: np.bool_}
+    if dtype not in types:
+        raise L4Error(f"the onnxruntime runner cannot bind {dtype} tensors; it binds "
+                      + ", ".join(str(d).removeprefix("torch.") for d in types))
+    return types[dtype]
+
+
 class OrtRunner:
     """Runs ``model.onnx`` with torch tensors in and out (the Engine runner contract)."""
 
@@ -210,6 +224,10 @@ class OrtRunner:
         providers = _cuda_providers() if device == "cuda" else ["CPUExecutionProvider"]
         self.device = torch.device(device)
         self.session = ort.InferenceSession(str(path), session_options(), providers=providers)
+        if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            # ORT falls back to the CPU silently when the CUDA provider's libraries do not load (CUDA/cuDNN versions)
+            raise L4Error("onnxruntime could not start its CUDA execution provider on this machine (its CUDA and "
+                          "cuDNN libraries must match onnxruntime-gpu's build); the session fell back to the CPU")
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -218,26 +236,27 @@ class OrtRunner:
         return [torch.from_numpy(o) for o in self.session.run(self.output_names, feeds)]
 
     def _run_cuda(self, inputs) -> list[torch.Tensor]:
-        # Inputs stay on the GPU (IO binding, no host copy); outputs are allocated by ORT on the device.
-        import numpy as np
-        np_types = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+        # Inputs stay on the GPU (IO binding, no host copy); outputs are allocated by ORT on the device and handed
+        # to torch through DLPack. ORT runs on its own CUDA stream: torch's queued work on the inputs (a static
+        # decoder's token / position / cache updates) must finish before ORT reads them.
         binding = self.session.io_binding()
         keep = []
+        index = self.device.index or 0
         for name, t in zip(self.input_names, inputs):
             t = t.detach().contiguous().to(self.device)
             keep.append(t)
-            if t.dtype not in np_types:   # onnxruntime's Python IO binding takes numpy element types only
-                raise L4Error(f"the onnxruntime runner cannot bind {t.dtype} tensors; use float32 or float16")
-            elem = np_types[t.dtype]
-            binding.bind_input(name, "cuda", self.device.index or 0, elem, tuple(t.shape), t.data_ptr())
+            binding.bind_input(name, "cuda", index, ort_element_type(t.dtype), tuple(t.shape), t.data_ptr())
         for name in self.output_names:
-            binding.bind_output(name, "cuda", self.device.index or 0)
+            binding.bind_output(name, "cuda", index)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
         self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
         outs = []
         for ov in binding.get_outputs():
             try:
-                outs.append(torch.from_dlpack(ov.to_dlpack()))
-            except Exception:      # older onnxruntime-gpu without DLPack export: copy through the host
+                outs.append(torch.from_dlpack(ov))
+            except Exception:      # an onnxruntime-gpu without DLPack export: copy through the host
                 outs.append(torch.from_numpy(ov.numpy()).to(self.device))
         return outs
 

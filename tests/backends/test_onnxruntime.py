@@ -98,3 +98,63 @@ def test_cacheless_engine_with_external_data(checkpoints, tmp_path, monkeypatch)
     (eng.path / "model.onnx.data").write_bytes(b"tampered")             # checksums cover the external data
     with pytest.raises(l4compile.L4Error, match="checksum"):
         l4compile.load_engine(eng.path)
+
+
+def test_cuda_io_binding_types_and_dlpack_outputs():
+    """The CUDA runner's IO binding, run against a stub session (no GPU here): every dtype an engine feeds is bound
+    (bool image masks, bfloat16 caches and pixel values included), and outputs reach torch through DLPack, not a
+    host copy."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from backends.onnxruntime import OrtRunner, ort_element_type
+    from l4compile.errors import L4Error
+
+    class NoHostCopy:                      # an ORT output that may only leave through DLPack
+        def __init__(self, a):
+            self.ov = ort.OrtValue.ortvalue_from_numpy(a)
+
+        def __dlpack__(self, *, stream=None):
+            return self.ov.__dlpack__(stream=stream)
+
+        def __dlpack_device__(self):
+            return self.ov.__dlpack_device__()
+
+        def numpy(self):
+            raise AssertionError("output copied through the host")
+
+    class Binding:
+        def __init__(self):
+            self.inputs, self.synced = [], False
+
+        def bind_input(self, name, device, index, elem, shape, ptr):
+            self.inputs.append((name, device, elem, shape))
+
+        def bind_output(self, name, device, index):
+            pass
+
+        def synchronize_outputs(self):
+            self.synced = True
+
+        def get_outputs(self):
+            return [NoHostCopy(np.arange(6, dtype=np.float32).reshape(2, 3))]
+
+    class Session:
+        binding = Binding()
+
+        def io_binding(self):
+            return self.binding
+
+        def run_with_iobinding(self, binding):
+            pass
+
+    runner = OrtRunner.__new__(OrtRunner)
+    runner.session, runner.device = Session(), torch.device("cpu")   # cpu: the stub needs no stream sync
+    runner.input_names, runner.output_names = ["ids", "image_mask", "k_cache_0"], ["logits"]
+    (out,) = runner._run_cuda([torch.ones(1, 4, dtype=torch.int64), torch.zeros(1, 4, dtype=torch.bool),
+                               torch.zeros(1, 2, 8, 16, dtype=torch.bfloat16)])
+    assert torch.equal(out, torch.arange(6.0).reshape(2, 3)) and Session.binding.synced
+    assert Session.binding.inputs == [("ids", "cuda", np.int64, (1, 4)), ("image_mask", "cuda", np.bool_, (1, 4)),
+                                      ("k_cache_0", "cuda", onnx.TensorProto.BFLOAT16, (1, 2, 8, 16))]
+    with pytest.raises(L4Error, match="cannot bind torch.complex64"):
+        ort_element_type(torch.complex64)
