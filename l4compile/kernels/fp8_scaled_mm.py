@@ -54,6 +54,8 @@ def linear_fp8_scaled_mm(x: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:
     n, k = w_q.shape
     x_q, s_x = quantize_per_token(x.reshape(-1, k))                                  # [M, K], [M, 1]
     out_dtype = torch.bfloat16 if x.device.type == "cuda" else x.dtype
-    y = torch._scaled_mm(x_q, w_q.t(), scale_a=s_x, scale_b=w_scale.reshape(1, n),
+    # cuBLASLt's FP8 GEMM takes a row-major first and a column-major second operand; w_q.t() is column-major only
+    # for a contiguous w_q (engine constants are; per-expert slices of a transposed stack, as in --verify, are not)
+    y = torch._scaled_mm(x_q, w_q.contiguous().t(), scale_a=s_x, scale_b=w_scale.reshape(1, n),
                          out_dtype=out_dtype)                                        # [M, N]
     return y.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -79,6 +79,30 @@ def test_fp8_scaled_mm_matches_reference_on_cpu(dtype):
     assert not scaled_mm_supported(x[..., :40], quantize_fp8(torch.randn(48, 40))[0], w_scale)   # K % 16
 
 
+def test_fp8_scaled_mm_hands_cublas_a_column_major_weight(monkeypatch):
+    """cuBLASLt's FP8 GEMM (CUDA _scaled_mm) takes a column-major second operand. A per-expert slice of a transposed
+    stack (what --verify quantizes) is row-major as w_q.t(); the kernel must lay it out first. The CPU op accepts
+    either, so the layout is asserted on the call itself."""
+    seen = []
+    real = torch._scaled_mm
+
+    def spy(a, b, **kw):
+        seen.append((a.stride(1), b.stride(0)))
+        return real(a, b, **kw)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    if not cpu_rowwise_scaled_mm():
+        pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm takes per-tensor scales only")
+    g = torch.Generator().manual_seed(0)
+    stack, scales = quantize_fp8(torch.randn(2, 64, 48, generator=g).transpose(1, 2))   # [E, N, K], K not innermost
+    w_q, w_scale = stack[1], scales[1]
+    assert w_q.stride(1) != 1
+    x = torch.randn(3, 64, generator=g)
+    out = linear_fp8_scaled_mm(x, w_q, w_scale)
+    assert seen == [(1, 1)]                       # a row-major, b column-major
+    assert rel_err(out, _linear_fp8_impl(x, w_q, w_scale)) < 1e-5
+
+
 def test_cuda_kernels_registered_and_cpu_unchanged():
     for op in ("l4::moe", "l4::linear_int4", "l4::linear_fp8"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
