@@ -238,7 +238,8 @@ def cmd_parity(a) -> int:
         m = eng.manifest
         seed = m["compile_config"].get("seed", a.seed)
         layers = m["compile_config"].get("layers", a.layers)
-        lm = frontend.load(a.model, dtype=m["dtype"], seed=seed, layers=layers).model
+        # on the engine's device: full-size presets draw their random weights there (CUDA's draws are not CPU's)
+        lm = frontend.load(a.model, dtype=m["dtype"], device=m["device"], seed=seed, layers=layers).model
         if m["model_config"]["vocab_size"] != lm.config.vocab_size:
             raise L4Error(f"engine {a.engine} was not compiled from {a.model} (vocabulary sizes differ)")
         rows = [parity.from_report(_parity_run(eng, lm, a.steps))]

@@ -175,17 +175,20 @@ def run_matrix(model: str, backends: list[str], quants: list[str], dtypes: list[
             on_row(row)
 
     for dtype in dtypes:
-        lm = None
+        refs: dict[str, Any] = {}      # device -> the eager reference, loaded on the device its engine runs on
         for backend in backends:
             for quant in quants:
                 why = unavailable(backend, quant, dtype, device)
                 if why is not None:
                     emit(MatrixRow(backend, quant, dtype, "skipped", why))
                     continue
-                if lm is None:
-                    lm = frontend.load(model, dtype=dtype, device=device, seed=seed, layers=layers).model
-                # TensorRT engines run on the GPU whatever --device says (the eager side stays on --device)
+                # TensorRT engines run on the GPU whatever --device says, and so does their eager reference:
+                # full-size presets draw their random weights on the device they load on, and CUDA's draws are
+                # not CPU's, so an engine and a reference from two devices would hold different weights
                 dev = "cuda" if backend == "tensorrt" and _tensorrt_ready() else device
+                if dev not in refs:
+                    refs[dev] = frontend.load(model, dtype=dtype, device=dev, seed=seed, layers=layers).model
+                lm = refs[dev]
                 with tempfile.TemporaryDirectory(prefix="l4parity-") as tmp:
                     try:
                         eng = l4compile.compile(model, backend=backend, out=Path(tmp) / "engine", quant=quant,

@@ -76,3 +76,39 @@ def test_quant_cells_are_judged_by_logit_sqnr():
     assert row.status == "fail" and "17.5 dB < 18 dB" in row.reason
     ref = torch.randn(100)
     assert abs(parity.sqnr_db(ref + 0.1 * ref, ref) - 20.0) < 1e-4
+
+
+def test_each_engine_is_compared_with_a_reference_on_its_own_device(monkeypatch):
+    """A TensorRT cell runs on the GPU whatever --device says; its eager reference is loaded there too (full-size
+    presets draw random weights on the loading device, and CUDA's draws differ from the CPU's). Wiring only: the
+    compiles, loads and comparisons are stubbed."""
+    import types
+
+    import l4compile
+    from l4compile import frontend
+
+    loads, compiled = [], []
+
+    def load(model, *, dtype, device, seed, layers):
+        loads.append(device)
+        return types.SimpleNamespace(model=types.SimpleNamespace(device=device,
+                                                                 config=types.SimpleNamespace(attention_chunk_size=8)))
+
+    def compile_(model, *, backend, device, **kw):
+        compiled.append((backend, device))
+        return types.SimpleNamespace(device=device, vocab_size=64, max_seq_len=32)
+
+    def compare(eng, lm, prompts, steps):
+        assert lm.device == eng.device
+        return parity.ParityReport("x", "float32", "none", 1e-4, [parity.PromptResult(5, 0.0, 2, 2)])
+
+    monkeypatch.setattr(parity, "_tensorrt_ready", lambda: True)
+    monkeypatch.setattr(parity, "unavailable", lambda *a: None)
+    monkeypatch.setattr(frontend, "load", load)
+    monkeypatch.setattr(l4compile, "compile", compile_)
+    monkeypatch.setattr(parity, "compare", compare)
+    rows = parity.run_matrix("scout", ["inductor", "tensorrt", "onnxruntime"], ["none", "int4"], ["float32"],
+                             device="cpu", layers=1, steps=2)
+    assert [r.status for r in rows] == ["pass"] * 6
+    assert compiled == [("inductor", "cpu")] * 2 + [("tensorrt", "cuda")] * 2 + [("onnxruntime", "cpu")] * 2
+    assert loads == ["cpu", "cuda"]                  # one reference per device, each loaded once
