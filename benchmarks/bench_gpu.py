@@ -16,7 +16,7 @@ baselines are transformers eager / `torch.compile` of the transformers model, me
                  --device cuda --batch-sizes 1,8 --prompt 128 --new 64
              -> decode with one engine call per step against CUDA graph replay, same engine, same run
     prefill  l4compile bench scout --layers N --device cuda --dtype bfloat16 --backends torch-compile,inductor
-                 --batch-sizes 1 --prompt-lens 2048,8192 --decode-steps 1
+                 --batch-sizes 1 --prompt-lens 2048,8192 --decode-steps 2
              -> TFLOP/s and the fraction of bf16 dense peak
     full     l4compile compile scout --backend inductor --device cuda --dtype bfloat16 --quant int4 --stream-weights
                  --max-seq-len 192 --max-batch-size 1 --out DIR/engine-scout-int4 --force
@@ -69,7 +69,7 @@ def bench_commands(layers: int, repeats: int, out: Path, parts: tuple[str, ...],
                               "--out", str(out / "modes-int4.json")]
     if "prefill" in parts:
         cmds["prefill"] = base + scaled + ["--backends", "torch-compile,inductor", "--batch-sizes", "1",
-                                           "--prompt-lens", "2048,8192", "--decode-steps", "1"]
+                                           "--prompt-lens", "2048,8192", "--decode-steps", "2"]
     if "full" in parts:
         engine = out / "engine-scout-int4"
         lm_head = ["--pass-option", "quantize.quantize_lm_head=true"] if lm_head_int4 else []

@@ -114,7 +114,8 @@ def build_report(result: dict[str, Any]) -> dict[str, Any]:
             "prefill": "one forward pass over the prompt, no cache; engines: Engine.prefill; baselines: the "
                        "transformers model with use_cache=False",
             "decode": "decode ms/token = (time of greedy generate with decode_steps new tokens - prefill time of "
-                      "the same repeat) / decode_steps; one decode step yields one token per sequence, so "
+                      "the same repeat) / (decode_steps - 1): the prefill yields the first new token and each of "
+                      "the decode_steps - 1 decode steps one more per sequence, so "
                       "decode tokens/s = batch * 1000 / (ms/token)",
             "decode_by_backend": decode_methods,
             "memory": result.get("memory_method", ""),

@@ -7,7 +7,8 @@ run here (not built yet, missing package, unsupported option) is reported as ski
 
 Per repeat, per (batch, prompt) shape, each backend runs one prefill and one greedy generate of
 ``decode_steps`` new tokens; the backend order rotates every repeat so drift (thermal, neighbours on a shared
-machine) hits all of them alike. decode ms per step = (generate time - prefill time of the same repeat) / steps.
+machine) hits all of them alike. decode ms per step = (generate time - prefill time of the same repeat) /
+(decode_steps - 1): a generate of N new tokens is one prefill (which yields the first) and N - 1 decode steps.
 """
 # B batch, S prompt length, N new tokens, V vocab
 from __future__ import annotations
@@ -71,6 +72,9 @@ class BenchConfig:
                         ("--threads", 1 if self.threads is None else self.threads)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise L4Error(f"{name} must be a positive integer, got {v!r}")
+        if self.decode_steps < 2:   # the first new token comes out of the prefill: N tokens take N - 1 steps
+            raise L4Error(f"--decode-steps must be at least 2, got {self.decode_steps}: the first new token comes "
+                          "from the prefill, so decode is timed over the other decode_steps - 1")
         if self.max_seq_len is not None and self.max_seq_len < self.needed_seq_len:
             raise L4Error(f"--max-seq-len {self.max_seq_len} is below the longest prompt plus --decode-steps "
                           f"({max(self.prompt_lens)} + {self.decode_steps} = {self.needed_seq_len}); "
@@ -307,12 +311,13 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
+def _timed(fn: Callable[[], Any], device: str) -> float:
+    """ms of fn(); its result is dropped here, so it is not alive (and not counted in peak memory) afterwards."""
     _sync(device)
     t0 = time.perf_counter()
-    out = fn()
+    fn()
     _sync(device)
-    return (time.perf_counter() - t0) * 1e3, out
+    return (time.perf_counter() - t0) * 1e3
 
 
 def make_inputs(cfg: BenchConfig, vocab: int) -> dict[tuple[int, int], torch.Tensor]:
@@ -427,12 +432,12 @@ def _run_bench(cfg: BenchConfig, *, stream=None, progress: bool | None = None) -
                     ids = inputs[(b, s)]
                     for r in order:
                         before = meter.reset()
-                        p_ms, _ = _timed(lambda: r.prefill(ids), cfg.device)
-                        g_ms, _ = _timed(lambda: r.generate(ids, cfg.decode_steps), cfg.device)
+                        p_ms = _timed(lambda: r.prefill(ids), cfg.device)
+                        g_ms = _timed(lambda: r.generate(ids, cfg.decode_steps), cfg.device)
                         peak = meter.peak()
                         samples.append({"backend": r.name, "batch": b, "prompt_len": s, "repeat": rep,
                                         "prefill_ms": round(p_ms, 4), "generate_ms": round(g_ms, 4),
-                                        "decode_ms_per_token": round((g_ms - p_ms) / cfg.decode_steps, 4),
+                                        "decode_ms_per_token": round((g_ms - p_ms) / (cfg.decode_steps - 1), 4),
                                         "memory_before_bytes": before, "peak_memory_bytes": peak})
                         bar.step(f"repeat {rep + 1}/{cfg.repeats} {r.name} b={b} s={s}")
         bar.close()

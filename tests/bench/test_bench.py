@@ -38,10 +38,10 @@ def fake_result(device: str = "cpu") -> dict:
             for p in cfg.prompt_lens:
                 for i, (name, ms) in enumerate(base.items()):
                     pre = ms * b * p / 16 * (1 + 0.1 * r)
-                    gen = pre + 8 * (ms / 2) * (1 + 0.05 * r)
+                    gen = pre + 7 * (ms / 2) * (1 + 0.05 * r)          # 8 new tokens: 7 decode steps
                     samples.append({"backend": name, "batch": b, "prompt_len": p, "repeat": r,
                                     "prefill_ms": round(pre, 4), "generate_ms": round(gen, 4),
-                                    "decode_ms_per_token": round((gen - pre) / 8, 4),
+                                    "decode_ms_per_token": round((gen - pre) / 7, 4),
                                     "memory_before_bytes": 100 << 20, "peak_memory_bytes": (120 + i) << 20})
     gpu = {"name": "NVIDIA H100 80GB HBM3", "memory_bytes": 80 << 30, "count": 1, "capability": "9.0",
            "cuda": "12.8"} if device == "cuda" else None
@@ -185,6 +185,7 @@ def test_roofline_fake_numbers():
     (["tiny", "--backends", "eager,fast"], "unknown backend 'fast'"),
     (["tiny", "--backends", "eager,eager"], "lists a backend twice"),
     (["tiny", "--repeats", "0"], "--repeats must be at least 1"),
+    (["tiny", "--decode-steps", "1"], "--decode-steps must be at least 2"),
     (["tiny", "--quant", "int3"], "unknown --quant 'int3'"),
     (["tiny", "--prompt-lens", "60", "--decode-steps", "8", "--max-seq-len", "32"], "below the longest prompt"),
     (["tiny", "--prompt-lens", "600", "--backends", "eager"], "exceeds the model's max_position_embeddings 512"),
@@ -226,6 +227,8 @@ def test_small_real_run_and_compare(tmp_path, capsys):
     assert [(b["name"], b["status"]) for b in report["backends"]] == [("eager", "ok"), ("tensorrt", "skipped")]
     assert "CUDA GPU" in report["backends"][1]["reason"]
     assert len(report["samples"]) == 2 and all(s["backend"] == "eager" for s in report["samples"])
+    for s in report["samples"]:   # 2 new tokens: the prefill's and ONE decode step
+        assert abs(s["decode_ms_per_token"] - (s["generate_ms"] - s["prefill_ms"])) < 2e-4, s
     assert report["environment"]["torch"] and report["environment"]["cpu"]["torch_threads"] >= 1
     assert "DynamicCache" in report["methods"]["decode_by_backend"]["eager"]
     page = (out / "report.html").read_text()
