@@ -154,44 +154,55 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     notes = []
     reports = {}
-    for name, cmd in bench_commands(a.layers, a.repeats, out, parts, a.lm_head_int4).items():
+
+    def run_one(name: str, cmd: list[str]) -> None:
+        nonlocal rows, notes
         argv = [sys.executable, *cmd] if cmd[0].endswith(".py") else [sys.executable, "-m", "l4compile", *cmd]
         if cmd[0] == "bench" and any(f.startswith("compile-") for f in failed):
             failed.append(name)                                  # its engine was not built
-            continue
+            return
         print("$ " + ("python " if cmd[0].endswith(".py") else "l4compile ") + " ".join(cmd), flush=True)
         if subprocess.run(argv, cwd=ROOT).returncode != 0:
             failed.append(name)
-            continue
+            return
         if cmd[0].endswith(".py"):
             modes = json.loads((out / f"{name}.json").read_text())
             notes += [f"{name}: {modes['header']}", "", mode_table(modes["rows"]), ""]
-            continue
+            return
         if cmd[0] == "compile":
             m = json.loads((Path(cmd[-1]) / "manifest.json").read_text())
             size = sum(v["bytes"] for v in m["artifacts"].values())
             notes.append(f"{name}: compiled in {m['compile_seconds']:.0f} s (stages {m['stage_seconds']}), engine "
                          f"{size / 2**30:.1f} GiB on disk.")
-            continue
+            return
         reports[name] = json.loads((out / name / "report.json").read_text())
         rows += summarize(name, reports[name])
-    layer_rows = [row for q in ("none", "int4") if f"decode-{q}" in reports and f"decode-{q}-half" in reports
-                  for row in per_layer_rows(q, reports[f"decode-{q}"], reports[f"decode-{q}-half"])]
-    header = ["# GPU benchmark (issue 10)", "", f"Device: {device}; torch {torch.__version__}; "
-              f"layers for decode/prefill: {a.layers}; repeats: {a.repeats}. Commands: see benchmarks/bench_gpu.py.",
-              "", "| run | backend | batch | prompt | decode ms/token | decode tok/s | decode HBM roofline | "
-              "prefill ms | prefill TFLOP/s | of bf16 peak | decode x vs torch.compile | prefill x vs torch.compile "
-              "| peak GiB |", "|" + "---|" * 13]
-    if failed:
-        header[2] += f" FAILED runs: {', '.join(failed)}."
-    if notes:
-        header[3:3] = ["", *notes]
-    if layer_rows:
-        rows += ["", "Per layer (inductor engine, decode; marginal time of one layer between --layers N and N/2, "
-                 "weights one layer reads at that batch). Target: >= 80% of the HBM roofline at batch 1.", "",
-                 "| quant | batch | decode us/layer | weight MiB/layer | HBM roofline |", "|---|---|---|---|---|",
-                 *layer_rows]
-    (out / "SUMMARY.md").write_text("\n".join(header + rows) + "\n")
+
+    def write_summary() -> None:
+        """SUMMARY.md of the runs done so far: rewritten after every run, so a session cut off keeps them."""
+        table = list(rows)
+        layer_rows = [row for q in ("none", "int4") if f"decode-{q}" in reports and f"decode-{q}-half" in reports
+                      for row in per_layer_rows(q, reports[f"decode-{q}"], reports[f"decode-{q}-half"])]
+        header = ["# GPU benchmark (issue 10)", "", f"Device: {device}; torch {torch.__version__}; "
+                  f"layers for decode/prefill: {a.layers}; repeats: {a.repeats}. Commands: see "
+                  "benchmarks/bench_gpu.py.", "",
+                  "| run | backend | batch | prompt | decode ms/token | decode tok/s | decode HBM roofline | "
+                  "prefill ms | prefill TFLOP/s | of bf16 peak | decode x vs torch.compile | prefill x vs "
+                  "torch.compile | peak GiB |", "|" + "---|" * 13]
+        if failed:
+            header[2] += f" FAILED runs: {', '.join(failed)}."
+        if notes:
+            header[3:3] = ["", *notes]
+        if layer_rows:
+            table += ["", "Per layer (inductor engine, decode; marginal time of one layer between --layers N and "
+                      "N/2, weights one layer reads at that batch). Target: >= 80% of the HBM roofline at batch 1.",
+                      "", "| quant | batch | decode us/layer | weight MiB/layer | HBM roofline |",
+                      "|---|---|---|---|---|", *layer_rows]
+        (out / "SUMMARY.md").write_text("\n".join(header + table) + "\n")
+
+    for name, cmd in bench_commands(a.layers, a.repeats, out, parts, a.lm_head_int4).items():
+        run_one(name, cmd)
+        write_summary()
     print(f"wrote {out / 'SUMMARY.md'}")
     return 1 if failed else 0
 

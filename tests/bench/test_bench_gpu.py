@@ -62,3 +62,33 @@ def test_per_layer_rows_subtract_the_half_depth_engine():
                               "hbm_bytes_per_s_peak": 1e12}]}
     rows = _module().per_layer_rows("int4", report(4, 10.0, 4 * 2**30), report(2, 6.0, 2.5 * 2**30))
     assert rows == ["| int4 | 1 | 2000.0 | 768.0 | 40.3% |"]
+
+
+def test_summary_is_rewritten_after_every_run(tmp_path, monkeypatch):
+    """A session cut off mid-way keeps SUMMARY.md for the runs done: the first decode run's rows are in it after the
+    second one fails. CUDA and the runs themselves are faked (the report is test_bench's fake one)."""
+    from l4compile.bench import report as rep
+    from tests.bench.test_bench import fake_result
+
+    mod = _module()
+    monkeypatch.setattr(mod.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mod.torch.cuda, "get_device_name", lambda: "Fake H200")
+    seen, mid = [], []
+
+    def run(argv, cwd):
+        name = Path(argv[argv.index("--out") + 1]).name
+        seen.append(name)
+        if name == "decode-int4":        # what a session killed here would leave
+            mid.append((tmp_path / "SUMMARY.md").read_text())
+        if name == "decode-none":
+            rep.write_report(rep.build_report(fake_result("cuda")), tmp_path / name)
+            return subprocess.CompletedProcess(argv, 0)
+        return subprocess.CompletedProcess(argv, 1 if name == "decode-none-half" else 137)
+
+    monkeypatch.setattr(mod.subprocess, "run", run)
+    assert mod.main(["--parts", "decode", "--layers", "4", "--repeats", "1", "--out", str(tmp_path)]) == 1
+    assert seen == ["decode-none", "decode-none-half", "decode-int4", "decode-int4-half"]
+    text = (tmp_path / "SUMMARY.md").read_text()
+    assert "FAILED runs: decode-none-half, decode-int4, decode-int4-half." in text
+    assert sum(line.startswith("| decode-none | inductor |") for line in text.splitlines()) == 4   # 2 batches x 2
+    assert "| decode-none | inductor |" in mid[0] and "FAILED runs: decode-none-half." in mid[0]
