@@ -172,11 +172,12 @@ def test_roofline_fake_numbers():
     q = roofline.roofline_figures(cfg, dtype="float32", quant="int4", gpu_name=None, batch=1, prompt_len=4,
                                   prefill_ms=1.0, decode_ms_per_step=1.0)
     assert q["decode_hbm_fraction"] is None
-    head = roofline.param_counts(cfg)["lm_head"]                  # the lm_head stays float32: 4 bytes, not 0.5
-    assert q["decode_weight_bytes_per_step"] == (active - head) * 0.5 + head * 4
+    head = roofline.param_counts(cfg)["lm_head"]                  # the lm_head stays float32: 4 bytes
+    int4 = 0.5 + 2 / 128                                          # two weights a byte, a bf16 scale per 128
+    assert q["decode_weight_bytes_per_step"] == (active - head) * int4 + head * 4
     q = roofline.roofline_figures(cfg, dtype="float32", quant="int4", gpu_name=None, batch=1, prompt_len=4,
                                   prefill_ms=1.0, decode_ms_per_step=1.0, lm_head_quantized=True)
-    assert q["decode_weight_bytes_per_step"] == active * 0.5              # quantize.quantize_lm_head=true engines
+    assert q["decode_weight_bytes_per_step"] == active * int4             # quantize.quantize_lm_head=true engines
 
 
 @pytest.mark.parametrize("argv, needle", [
