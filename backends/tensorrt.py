@@ -156,6 +156,11 @@ def build_plan(onnx_path: Path, program, config) -> bytes:  # pragma: no cover -
         cfg.set_flag(trt.BuilderFlag.BF16)
     else:
         cfg.clear_flag(trt.BuilderFlag.TF32)                 # float32 parity: no TF32 tensor-core rounding
+    # This network is weakly typed: TensorRT 10 builds FP8 / INT4 Q/DQ layers only with the matching precision flag
+    # (TensorRT 11 drops the flags, strong typing being the only mode there)
+    quant_flag = {"fp8": "FP8", "int4": "INT4"}.get(config.quant)
+    if quant_flag and hasattr(trt.BuilderFlag, quant_flag):
+        cfg.set_flag(getattr(trt.BuilderFlag, quant_flag))
     max_seq = program.max_seq
     for seq in ((1, min(128, max_seq), max_seq), (1, 1, 1)):  # profile 0: prefill, profile 1: decode
         prof = builder.create_optimization_profile()
