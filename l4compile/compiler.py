@@ -12,9 +12,9 @@ import torch
 
 from l4compile import frontend
 from l4compile.config import CompileConfig
-from l4compile.paths import check_dir_path
 from l4compile.engine import Engine, check_out_dir, engine_writer, load_engine, write_manifest
 from l4compile.errors import L4Error
+from l4compile.paths import check_dir_path
 from l4compile.pipeline import check_pass_options, run_passes
 from l4compile.program import Program, trace
 from l4compile.progress import Progress
