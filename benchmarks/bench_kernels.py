@@ -41,14 +41,15 @@ GROUP = 128
 BF16_TOL = 3e-2            # bf16 operands: rounding differs between tensor-core and cuBLAS accumulation orders
 
 
-def timer(device: torch.device):
-    """fn -> median milliseconds: CUDA events with L2 flushes (do_bench) on a GPU, wall clock elsewhere."""
+def timer(device: torch.device, repeats: int = 3):
+    """fn -> median milliseconds: CUDA events with L2 flushes (do_bench, 100 ms of runs) on a GPU, wall clock over
+    ``repeats`` runs elsewhere."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
         return lambda fn: float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
-    def wall(fn, n=3):
+    def wall(fn, n=repeats):
         fn()
         samples = []
         for _ in range(n):
