@@ -37,8 +37,6 @@ WEIGHTS = "weights.safetensors"
 
 
 def build(program, workdir: Path, config) -> BuildResult:
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise L4Error("--device cuda needs a CUDA GPU and a CUDA build of torch; this machine has none")
     import l4compile.ops
 
     shards = program.gm.meta.get("l4_shards")   # shard_experts (compile --plan): one package per rank

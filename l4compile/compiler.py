@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from l4compile import frontend
-from l4compile.config import CompileConfig
+from l4compile.config import CompileConfig, require_device
 from l4compile.engine import Engine, check_out_dir, engine_writer, load_engine, write_manifest
 from l4compile.errors import L4Error
 from l4compile.paths import check_dir_path
@@ -155,8 +155,7 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
                            stream_weights=stream_weights,
                            pass_options=tuple((k, tuple(sorted(v.items())))
                                               for k, v in sorted((pass_options or {}).items())))
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise L4Error("--device cuda needs a CUDA GPU and a CUDA build of torch; this machine has none")
+    require_device(config.device)
     from l4compile.backends import get_backend
 
     be = get_backend(config.backend)

@@ -19,6 +19,14 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
 
 
+def require_device(device: str) -> None:
+    """L4Error unless this machine can run ``device``: cuda needs a GPU and a CUDA build of torch."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise L4Error("--device cuda needs a CUDA GPU and a CUDA build of torch; this machine has none")
+
+
 def _choice(field_name: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise L4Error(f"unknown {field_name} '{value}'; choose one of: {', '.join(allowed)}")

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 
+from l4compile.config import require_device
 from l4compile.errors import L4Error
 
 BASELINES = ("eager", "torch-compile")
@@ -357,8 +358,7 @@ def _run_bench(cfg: BenchConfig, *, stream=None, progress: bool | None = None) -
     from l4compile import frontend
     from l4compile.bench.env import environment
 
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise L4Error("--device cuda needs a CUDA GPU and a CUDA build of torch; this machine has none")
+    require_device(cfg.device)
     bar = ProgressBar(0, stream=stream, enabled=progress)
     bar.note(f"loading {cfg.model} ...")
     statuses: dict[str, BackendStatus] = {}
