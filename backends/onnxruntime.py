@@ -248,8 +248,7 @@ class OrtRunner:
             binding.bind_input(name, "cuda", index, ort_element_type(t.dtype), tuple(t.shape), t.data_ptr())
         for name in self.output_names:
             binding.bind_output(name, "cuda", index)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+        torch.cuda.current_stream(self.device).synchronize()
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         outs = []

@@ -100,7 +100,7 @@ def test_cacheless_engine_with_external_data(checkpoints, tmp_path, monkeypatch)
         l4compile.load_engine(eng.path)
 
 
-def test_cuda_io_binding_types_and_dlpack_outputs():
+def test_cuda_io_binding_types_and_dlpack_outputs(monkeypatch):
     """The CUDA runner's IO binding, run against a stub session (no GPU here): every dtype an engine feeds is bound
     (bool image masks, bfloat16 caches and pixel values included), and outputs reach torch through DLPack, not a
     host copy."""
@@ -148,12 +148,20 @@ def test_cuda_io_binding_types_and_dlpack_outputs():
         def run_with_iobinding(self, binding):
             pass
 
+    synced = []
+
+    class Stream:
+        def synchronize(self):
+            synced.append(Session.binding.inputs[:])     # torch's stream done before ORT runs, inputs all bound
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream())
     runner = OrtRunner.__new__(OrtRunner)
-    runner.session, runner.device = Session(), torch.device("cpu")   # cpu: the stub needs no stream sync
+    runner.session, runner.device = Session(), torch.device("cpu")   # tensors stay on the CPU; the stream is stubbed
     runner.input_names, runner.output_names = ["ids", "image_mask", "k_cache_0"], ["logits"]
     (out,) = runner._run_cuda([torch.ones(1, 4, dtype=torch.int64), torch.zeros(1, 4, dtype=torch.bool),
                                torch.zeros(1, 2, 8, 16, dtype=torch.bfloat16)])
     assert torch.equal(out, torch.arange(6.0).reshape(2, 3)) and Session.binding.synced
+    assert [len(s) for s in synced] == [3]
     assert Session.binding.inputs == [("ids", "cuda", np.int64, (1, 4)), ("image_mask", "cuda", np.bool_, (1, 4)),
                                       ("k_cache_0", "cuda", onnx.TensorProto.BFLOAT16, (1, 2, 8, 16))]
     with pytest.raises(L4Error, match="cannot bind torch.complex64"):
