@@ -10,6 +10,9 @@ Kernels (bf16 activations; Int4 weights packed as the quantize pass packs them, 
     moe_q_fused   the Scout MoE block: 16 experts of width 8192, top-1, plus the shared expert
     moe_fused     the same MoE in bf16
     torch.mm      cuBLAS on the bf16 weight, the baseline the Int4 GEMV must beat (it streams 4x the bytes)
+    attention_fused  one decode step of a global layer's attention (40/8 heads x 128) in an 8192-slot bf16 cache,
+                  at positions 511 and 8191, batch = tokens: it must read only the visible keys
+    sdpa aten     the reference it replaces (cat of cache and new key, SDPA under a mask over every slot)
 
 Bytes a call must move: every weight byte it reads (packed Int4 + scales, or bf16; for the MoE only the experts the
 routing touches, plus the shared expert and the router) and the activations in and out. Time: the median of
@@ -118,6 +121,31 @@ def moe_bytes(x, qweights, fweights, touched: int, quant: bool) -> int:
     return touched * expert + shared + nbytes(router) + 2 * nbytes(x)
 
 
+def attention_cases(dims: dict, batches: list[int], device, g: torch.Generator):
+    """(batch, position, l4::attention_cached args): NoPE decode steps (no RoPE, no temperature), so the projection
+    is views only and ``attention_fused`` on those views is the whole step but the cache write."""
+    slots, positions = (32, (7, 31)) if dims is TINY else (8192, (511, 8191))
+    hq, hkv, d = dims["heads"], dims["kv_heads"], dims["head_dim"]
+    table = torch.zeros(1, d // 2, device=device)
+    for b in batches:
+        kc, vc = (torch.randn(b, hkv, slots, d, generator=g, device=device).to(torch.bfloat16) for _ in "kv")
+        q = torch.randn(b, 1, hq * d, generator=g, device=device).to(torch.bfloat16)
+        k, v = (torch.randn(b, 1, hkv * d, generator=g, device=device).to(torch.bfloat16) for _ in "kv")
+        for pos in positions:
+            start = torch.tensor([pos], device=device)
+            yield b, pos, (q, k, v, kc, vc, start, table, table, hq, hkv, d, False, False, 0, False, 8192.0, 0.1,
+                           d ** -0.5, 1e-5)
+
+
+def attention_configs(quick: bool, tiny: bool) -> list[tuple[int, int]]:
+    """(BM, BN) pairs for attention_fused (BM 16 fits a decode step's 5 rows per kv head, 64 is the static choice)."""
+    if tiny:
+        return [(16, 16)]
+    if quick:
+        return [(64, 64), (16, 64)]
+    return list(itertools.product((16, 64), (32, 64, 128)))
+
+
 def configs(quick: bool, tiny: bool) -> list[tuple[int, int]]:
     """(BN, BK) pairs to sweep (BM stays 16: one MMA tile of rows for decode). BN 16 is there for k/v_proj
     (N = 1024): at BN 64 a decode GEMV launches 16 programs on 132 SMs, at BN 16 it launches 64."""
@@ -150,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --tokens '{a.tokens}' is not a comma-separated list of positive integers", file=sys.stderr)
         return 2
     from l4compile.kernels.dispatch import load_triton_ops
-    from l4compile.kernels.layout import Int4Blocks, int4_blocks, moe_int4_blocks
-    from l4compile.kernels.ops import fused_moe, fused_moe_int4, int4_matmul
+    from l4compile.kernels.layout import AttentionBlocks, Int4Blocks, attention_blocks, int4_blocks, moe_int4_blocks
+    from l4compile.kernels.ops import fused_attention, fused_moe, fused_moe_int4, int4_matmul
+    from l4compile.ops.attention import attention_cached_impl
     from l4compile.ops.moe import _moe_impl, _route
 
     load_triton_ops()
@@ -215,6 +244,20 @@ def main(argv: list[str] | None = None) -> int:
                    lambda blocks=blocks: fused_moe_int4(x, *qweights, 1, blocks=blocks), ref, moved)
         record("moe_fused bf16", t, "default", True, lambda: fused_moe(x, *fweights, 1), ref,
                moe_bytes(x, qweights, fweights, touched, quant=False))
+    for b, pos, args in attention_cases(dims, tokens, device, g):
+        q, k, v, kc, vc, start, *_ = args
+        hq, hkv, d = args[8:11]
+        ref = attention_cached_impl(*args)[0]
+        heads = [x.view(b, 1, n, d).transpose(1, 2) for x, n in ((q, hq), (k, hkv), (v, hkv))]
+        visible = 2 * b * hkv * (pos + 1) * d * kc.element_size()         # k and v of positions 0..pos
+        moved = visible + 2 * nbytes(q)
+        default = attention_blocks(d)
+        for bm, bn in attention_configs(a.quick, a.tiny):
+            blocks = AttentionBlocks(bm, bn, default.block_d)
+            record(f"attention_fused pos {pos}", b, f"BM{bm} BN{bn}", blocks == default,
+                   lambda blocks=blocks: fused_attention(*heads, kc, vc, start, hq, hkv, 0, d ** -0.5, blocks=blocks),
+                   ref, moved)
+        record(f"sdpa aten pos {pos}", b, "cat + mask", False, lambda: attention_cached_impl(*args)[0], ref, moved)
     if a.out:
         Path(a.out).write_text(json.dumps({"device": device_name, "torch": torch.__version__, "copy_bytes_per_s": peak,
                                            "dims": dims, "rows": rows}, indent=2))

@@ -5,12 +5,14 @@
 #
 #   bash benchmarks/gpu_session.sh [PARTS]        PARTS: comma-separated, default kernels,tests (<= 9 minutes)
 #
-#   kernels  benchmarks/bench_kernels.py: Int4 GEMV/GEMM and fused MoE (Int4, bf16) at Scout dimensions, each block
-#            configuration checked, then timed against the HBM copy bandwidth; no model compile    (box 240 s)
+#   kernels  benchmarks/bench_kernels.py: Int4 GEMV/GEMM, fused MoE (Int4, bf16) and decode attention at Scout
+#            dimensions, each block configuration checked, then timed against the HBM copy bandwidth; no model
+#            compile                                                                               (box 240 s)
 #   tests    the gpu-marked tests: Triton kernels against their reference ops (real compile, bf16 tensor cores),
 #            AOTInductor packages with the kernels compiled in, CUDA graph decode == loop decode      (box 300 s)
-#   attention benchmarks/bench_attention.py: one decode step of attention at Scout's shape, caches of 1K-64K slots,
-#            GQA read as grouped queries against K/V expanded per query head, eager and Inductor      (box 150 s)
+#   attention benchmarks/bench_attention.py: one decode step of attention at Scout's shape, caches of 8K and 64K
+#            slots, full and at position 511: K/V expanded per query head, grouped queries (aten), and the Triton
+#            attention_fused that CUDA engines compile in, eager and Inductor                         (box 200 s)
 #   modes    benchmarks/bench_decode_modes.py: loop vs CUDA graph decode, Scout dims, 2 layers, Int4  (box 200 s)
 #   decode   benchmarks/bench_gpu.py --parts decode --layers 2: decode at batch 1/8/32, HBM roofline per layer,
 #            against eager and torch.compile of the transformers model                                 (box 420 s)
@@ -67,7 +69,8 @@ for part in ${PARTS//,/ }; do
         boxed 300 tests $PY -m pytest -v -m gpu -p no:cacheprovider -o addopts="" --timeout 240 \
             tests/kernels tests/backends/test_decode_graph.py ;;
     attention)
-        boxed 150 attention $PY benchmarks/bench_attention.py --contexts 1024,8192,65536 --out "$RES/attention.json" ;;
+        boxed 200 attention $PY benchmarks/bench_attention.py --contexts 8192,65536 --positions full,511 \
+            --out "$RES/attention.json" ;;
     modes)
         boxed 200 modes $PY benchmarks/bench_decode_modes.py --model scout --layers 2 --quant int4 \
             --dtype bfloat16 --device cuda --batch-sizes 1,8 --prompt 128 --new 64 --repeats 5 \

@@ -11,10 +11,13 @@ Files (one kernel each; pure-PyTorch host code apart)::
                          ``int4_tile``: the packed-tile load + unpack all Int4 kernels share
     moe_int4_gate_up.py  grouped [x*s] @ Int4 [gate|up]^T + SwiGLU epilogue          (Triton kernel)
     moe_int4_down.py     grouped act @ Int4 down^T                                   (Triton kernel)
-    ops.py               ``l4::moe_fused``, ``l4::moe_q_fused``, ``l4::int4_mm``     (needs Triton)
-                         (triton_op) + host glue
-    dispatch.py          CUDA kernels of ``l4::moe``/``l4::moe_q``/``l4::linear_int4``/``l4::linear_fp8``
-                         and the CUDA decompositions the Inductor backend applies    (torch only)
+    attention.py         attention over the KV cache + new keys by position, split   (Triton kernels)
+                         key ranges, and the merge of the splits
+    ops.py               ``l4::moe_fused``, ``l4::moe_q_fused``, ``l4::int4_mm``,    (needs Triton)
+                         ``l4::attention_fused`` (triton_op) + host glue
+    dispatch.py          CUDA kernels of ``l4::moe``/``l4::moe_q``/``l4::linear_int4``/``l4::linear_fp8``/
+                         ``l4::attention_cached`` and the CUDA decompositions the    (torch only)
+                         Inductor backend applies
 
 Importing ``l4compile`` (or this package) never imports Triton: ``triton_available()`` checks lazily, and
 only ``ops``/the kernel files import it. Correctness tests run the kernels on CPU tensors under Triton's

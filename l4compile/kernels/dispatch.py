@@ -15,9 +15,11 @@ Two routes, the same choices in both:
                        FP8 weights: the reference, its expert matmuls through linear_fp8 (opaque in engines)
     l4::linear_int4 -> l4::int4_mm   (Triton: packed-int4 GEMM/GEMV, x flattened to [M, K])
     l4::linear_fp8  -> torch._scaled_mm with row-wise scales (sm89+, K and N multiples of 16), else reference
+    l4::attention_cached -> its projection and cache update in aten around l4::attention_fused (Triton: attention
+                       over the visible cache slots and new keys, addressed by position; no cat, no [T, L+T] mask)
 
-Without Triton (a CUDA host where it is missing), MoE and Int4 keep their reference implementations, which run
-on CUDA too (slower). The kernel choice depends on dtypes only (static at trace time). Nothing here imports
+Without Triton (a CUDA host where it is missing), MoE, Int4 and attention keep their reference implementations,
+which run on CUDA too (slower). The kernel choice depends on dtypes only (static at trace time). Nothing here imports
 Triton at import time.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ import functools
 import torch
 from torch import Tensor
 
+from l4compile.ops import attention as attention_ops
 from l4compile.ops import moe as moe_ops
 from l4compile.ops import quant as quant_ops
 
@@ -86,6 +89,21 @@ def moe_q_decomposition(x: Tensor, router_w: Tensor, *weights_and_top_k):
     return NotImplemented
 
 
+def fused_attention_supported(q: Tensor, k_cache: Tensor, v_cache: Tensor, head_dim: int) -> bool:
+    return (q.dtype in FUSED_MOE_DTYPES and k_cache.dtype == v_cache.dtype == q.dtype and head_dim <= 256
+            and load_triton_ops())
+
+
+def attention_cached_cuda(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, *rest):
+    """``l4::attention_cached`` on CUDA (same arguments): the reference with ``l4::attention_fused`` as its
+    attention, or the reference alone (plain aten) without Triton or for an unsupported dtype / head_dim."""
+    head_dim = rest[5]                       # after start_pos, cos, sin, n_heads, n_kv_heads
+    if fused_attention_supported(q, k_cache, v_cache, head_dim):
+        return attention_ops.attention_cached_impl(q, k, v, k_cache, v_cache, *rest,
+                                                   fused_attend=torch.ops.l4.attention_fused)
+    return attention_ops.attention_cached_impl(q, k, v, k_cache, v_cache, *rest)
+
+
 def linear_int4_cuda(x: Tensor, w_packed: Tensor, w_scale: Tensor) -> Tensor:
     """``l4::linear_int4`` on CUDA: x [.., K] -> [.., N] through the Triton Int4 kernel."""
     if not load_triton_ops():
@@ -109,17 +127,20 @@ def register_cuda_kernels() -> None:
     quant_ops.moe_q.register_kernel("cuda")(moe_q_cuda)
     quant_ops.linear_int4.register_kernel("cuda")(linear_int4_cuda)
     quant_ops.linear_fp8.register_kernel("cuda")(linear_fp8_cuda)
+    attention_ops.attention_cached.register_kernel("cuda")(attention_cached_cuda)
 
 
 def cuda_decompositions() -> dict:
-    """Extra decompositions for Inductor engines built for CUDA (merged over ``l4compile.ops.DECOMPOSITIONS``).
-    ``l4::moe`` / ``l4::moe_q`` are included only with Triton: their eager fallbacks have host syncs and stay opaque
-    ops (for ``l4::moe_q`` also with FP8 weights, which ``moe_q_decomposition`` tells from the dtypes)."""
+    """Extra decompositions for Inductor engines built for CUDA (merged over ``l4compile.ops.DECOMPOSITIONS``;
+    ``l4::attention_cached``'s replaces the plain-aten one there). ``l4::moe`` / ``l4::moe_q`` are included only with
+    Triton: their eager fallbacks have host syncs and stay opaque ops (for ``l4::moe_q`` also with FP8 weights, which
+    ``moe_q_decomposition`` tells from the dtypes)."""
     table = {torch.ops.l4.linear_fp8.default: linear_fp8_cuda}
     if load_triton_ops():
         table[torch.ops.l4.moe.default] = moe_cuda
         table[torch.ops.l4.moe_q.default] = moe_q_decomposition
         table[torch.ops.l4.linear_int4.default] = linear_int4_cuda
+        table[torch.ops.l4.attention_cached.default] = attention_cached_cuda
     return table
 
 

@@ -119,3 +119,34 @@ def moe_int4_blocks(hidden: int, inter: int, group_h: int, group_i: int) -> tupl
     bound by weight bytes. Prefill re-reads an expert's weight block once per 16-row tile, mostly from L2 (the
     tiles of one group are adjacent on grid axis 0)."""
     return int4_blocks(inter, hidden, group_h), int4_blocks(hidden, inter, group_i)     # both BM = 16
+
+
+# ---- attention (kernels/attention.py): blocks from head_dim, splits from the (symbolic) row count --------------
+
+@dataclass(frozen=True)
+class AttentionBlocks:
+    block_m: int   # query rows (R heads x T tokens folded) per program
+    block_n: int   # keys per inner step
+    block_d: int   # head_dim, padded to a power of two >= 16
+
+
+def attention_blocks(head_dim: int) -> AttentionBlocks:
+    """BM = BN = 64 for every T (T is symbolic): prefill wants tall tiles, and at decode (R rows, 5 for Scout) the
+    padded rows cost MMA work only; a decode step is bound by the keys it streams, not by FLOPs."""
+    if head_dim > 256:
+        raise ValueError(f"attention kernel: head_dim {head_dim} > 256 is not supported")
+    return AttentionBlocks(64, 64, max(16, _pow2_ceil(head_dim)))
+
+
+# Programs a step should launch to keep an H100 (132 SMs) busy, and the most splits of one key range.
+ATTENTION_TARGET_PROGRAMS = 264
+ATTENTION_MAX_SPLITS = 32
+
+
+def attention_splits(row_blocks, batch: int, kv_heads: int, slots: int, block_n: int):
+    """Key-range splits S for ``attention_partial_kernel``: enough (batch, kv head, row block, split) programs to
+    fill the GPU, at most one per BN keys of the L cache slots and at most ``ATTENTION_MAX_SPLITS``. ``row_blocks``
+    may be a SymInt (T symbolic); the result is then a guard-free Min/Max expression. Prefill (many row blocks)
+    gets S = 1, a decode step at batch 1 gets up to 32."""
+    cap = max(1, min(ATTENTION_MAX_SPLITS, slots // block_n))
+    return torch.sym_max(1, torch.sym_min(cap, ATTENTION_TARGET_PROGRAMS // (row_blocks * batch * kv_heads)))

@@ -1,7 +1,7 @@
 # T tokens, E experts, K top-k, H hidden, I expert width, A = T*K, R = A + T, N out features, Kin in features,
-# Gh / Gi Int4 scale groups over H / I
-"""``l4::moe_fused``, ``l4::moe_q_fused`` and ``l4::int4_mm``: the Triton kernels as ``torch.library.triton_op``
-operators.
+# Gh / Gi Int4 scale groups over H / I; attention: B batch, Hq / Hkv heads, T new tokens, L cache slots, D head_dim
+"""``l4::moe_fused``, ``l4::moe_q_fused``, ``l4::int4_mm`` and ``l4::attention_fused``: the Triton kernels as
+``torch.library.triton_op`` operators.
 
 ``triton_op`` makes the bodies visible to torch.compile / torch.export: Inductor and AOTInductor see the host
 code (plain aten) and the kernels themselves (``wrap_triton``) and compile both into the engine, so a CUDA
@@ -15,6 +15,9 @@ Contracts (same as the reference ops, which the tests compare against):
               shared_up [I, H], shared_down [H, I], top_k) -> [T, H]          == l4::moe
     int4_mm(x [M, Kin], w_packed [N, Kin/2] uint8, w_scale [N, Kin/G]) -> [M, N]
                                                                                == l4::linear_int4 on 2-D x
+    attention_fused(q [B, Hq, T, D], k_new [B, Hkv, T, D], v_new, k_cache [B, Hkv, L, D], v_cache, start_pos [1],
+                    n_heads, n_kv_heads, chunk, scaling) -> [B, T, Hq*D]
+                                               == l4::attention_cached's attention over cat(cache, new keys)
 
 Importing this module imports Triton (``l4compile.kernels.dispatch`` does it only when Triton is there).
 """
@@ -28,8 +31,10 @@ from torch.library import triton_op, wrap_triton
 from l4compile.ops.moe import _route
 
 from . import interpreting
+from .attention import attention_combine_kernel, attention_partial_kernel
 from .int4_mm import int4_mm_kernel
-from .layout import Int4Blocks, int4_blocks, moe_blocks, moe_int4_blocks, moe_rows
+from .layout import (AttentionBlocks, Int4Blocks, attention_blocks, attention_splits, int4_blocks, moe_blocks,
+                     moe_int4_blocks, moe_rows)
 from .moe_down import moe_down_kernel
 from .moe_gate_up import moe_gate_up_kernel
 from .moe_int4_down import moe_int4_down_kernel
@@ -120,6 +125,40 @@ def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None) -> Te
         BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SCALE_PER_BLOCK=b.scale_per_block,
         **_dot_mode(x.dtype))
     return y
+
+
+def fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor,
+                    n_heads: int, n_kv_heads: int, chunk: int, scaling: float,
+                    blocks: AttentionBlocks | None = None, n_split: int | None = None) -> Tensor:
+    """The body of ``l4::attention_fused``; ``blocks`` and ``n_split`` override the static choices (tests)."""
+    batch, _, n_tok, head_dim = q.shape
+    slots = k_cache.shape[2]
+    rep = n_heads // n_kv_heads
+    n_rows = rep * n_tok
+    bl = blocks or attention_blocks(head_dim)
+    row_blocks = triton.cdiv(n_rows, bl.block_m)
+    splits = n_split or attention_splits(row_blocks, batch, n_kv_heads, slots, bl.block_n)
+    mode = _dot_mode(q.dtype)
+    o_part = torch.empty((splits, batch, n_kv_heads, n_rows, head_dim), device=q.device, dtype=torch.float32)
+    lse = torch.empty((splits, batch, n_kv_heads, n_rows), device=q.device, dtype=torch.float32)
+    out = torch.empty((batch, n_tok, n_heads * head_dim), device=q.device, dtype=q.dtype)   # [B, T, Hq*D]
+    out_strides = (out.stride(0), out.stride(1), head_dim, 1)                   # [B, T, Hq, D] view of out
+    start = start_pos.reshape(1).to(torch.int64)
+    wrap_triton(attention_partial_kernel)[(row_blocks, batch * n_kv_heads, splits)](
+        q, k_new, v_new, k_cache, v_cache, start, o_part, lse, out, n_tok, slots, head_dim, n_kv_heads, rep, chunk,
+        splits, scaling, *q.stride(), *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(),
+        *o_part.stride(), *lse.stride(), *out_strides, BLOCK_M=bl.block_m, BLOCK_N=bl.block_n,
+        BLOCK_D=bl.block_d, **mode)
+    wrap_triton(attention_combine_kernel)[(row_blocks, batch * n_kv_heads)](
+        o_part, lse, out, n_tok, head_dim, n_kv_heads, rep, splits, *o_part.stride(), *lse.stride(), *out_strides,
+        BLOCK_M=bl.block_m, BLOCK_D=bl.block_d)
+    return out
+
+
+@triton_op("l4::attention_fused", mutates_args=())
+def attention_fused(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor,
+                    n_heads: int, n_kv_heads: int, chunk: int, scaling: float) -> Tensor:
+    return fused_attention(q, k_new, v_new, k_cache, v_cache, start_pos, n_heads, n_kv_heads, chunk, scaling)
 
 
 @triton_op("l4::moe_fused", mutates_args=())

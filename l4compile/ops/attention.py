@@ -18,8 +18,10 @@ position is the most recent p <= start-1 with p = slot (mod L), valid if p >= 0.
 (start 0, empty cache, any T) and decode (T = 1).
 
 Lowering: the implementations below are plain aten with no data-dependent shapes; the Inductor backend
-decomposes both ops into them (``DECOMPOSITIONS``) so Inductor compiles attention itself. ONNX: the same
-arithmetic maps to Gather (tables), Mul/Sub/Add (rotation), ReduceMean/Sqrt (norm), MatMul/Softmax/Where.
+decomposes both ops into them (``DECOMPOSITIONS``) so Inductor compiles attention itself. CUDA engines keep the
+projection and cache update from here and attend with the Triton ``l4::attention_fused`` (l4compile.kernels), which
+reads only the visible keys where they lie instead of ``cat(cache, new keys)`` under a mask over every slot. ONNX:
+the same arithmetic maps to Gather (tables), Mul/Sub/Add (rotation), ReduceMean/Sqrt (norm), MatMul/Softmax/Where.
 """
 from __future__ import annotations
 
@@ -96,18 +98,25 @@ def attention_impl(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, n_
 def attention_cached_impl(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor,
                           cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int, head_dim: int, use_rope: bool,
                           qk_norm: bool, chunk: int, temp_tuning: bool, floor_scale: float, attn_scale: float,
-                          scaling: float, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+                          scaling: float, eps: float, fused_attend=None) -> tuple[Tensor, Tensor, Tensor]:
+    """``fused_attend``: None for the plain-aten attention over ``cat(cache, new keys)``; CUDA engines pass
+    ``l4::attention_fused`` (l4compile.kernels), which reads the visible keys in place: same arguments and result
+    as ``_attend`` here, ``(q, k_new, v_new, k_cache, v_cache, start_pos, n_heads, n_kv_heads, chunk, scaling)``."""
     t, slots = q.shape[1], k_cache.shape[2]
     start = start_pos.reshape(1).to(torch.int64)                                 # [1]
     pos = start + torch.arange(t, device=q.device)                               # [T] absolute positions
     qh, kh, vh = _project(q, k, v, pos, cos, sin, n_heads, n_kv_heads, head_dim, use_rope, qk_norm, temp_tuning,
                           floor_scale, attn_scale, eps)
-    slot = torch.arange(slots, device=q.device)                                  # [L]
-    before = start - 1
-    slot_pos = before - torch.remainder(before - slot, slots)                    # [L] position held by each slot
-    keys = torch.cat([k_cache, kh], dim=2)                                       # [B, Hkv, L+T, D]
-    values = torch.cat([v_cache, vh], dim=2)
-    out = _attend(qh, keys, values, _visible(pos, torch.cat([slot_pos, pos]), chunk), n_heads, n_kv_heads, scaling)
+    if fused_attend is not None:
+        out = fused_attend(qh, kh, vh, k_cache, v_cache, start, n_heads, n_kv_heads, chunk, scaling)
+    else:
+        slot = torch.arange(slots, device=q.device)                              # [L]
+        before = start - 1
+        slot_pos = before - torch.remainder(before - slot, slots)                # [L] position held by each slot
+        keys = torch.cat([k_cache, kh], dim=2)                                   # [B, Hkv, L+T, D]
+        values = torch.cat([v_cache, vh], dim=2)
+        out = _attend(qh, keys, values, _visible(pos, torch.cat([slot_pos, pos]), chunk), n_heads, n_kv_heads,
+                      scaling)
     # New token i goes to slot (start + i) mod L. When T > L several share a slot and the last must win, so every
     # token writes the value of its slot's last token: duplicate indices carry equal rows and the order of the
     # writes does not matter. An index_copy of T rows, which an engine updating the caches in place

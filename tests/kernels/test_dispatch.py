@@ -222,6 +222,56 @@ def test_cuda_decompositions_export_moe_q_with_symbolic_tokens():
     assert ranges == body_ranges == "['VR[1, 4096]'] False"                     # T symbolic, no host sync
 
 
+def test_cuda_decompositions_export_attention_with_symbolic_tokens():
+    """l4::attention_cached in --device cuda engines: its projection and cache update stay aten, its attention becomes
+    l4::attention_fused (no cat of cache and new keys), with batch and tokens symbolic; the attention_fused body as
+    Inductor traces it is the partial and combine kernels, the key splits a guard-free expression of the row count.
+    Tracing only."""
+    from l4compile.kernels import why_unavailable
+
+    if why_unavailable():
+        pytest.skip(why_unavailable())
+    p = _python("""
+        import torch, l4compile.ops
+        from l4compile.kernels.dispatch import cuda_decompositions
+        from l4compile.kernels.ops import fused_attention
+        B, HQ, HKV, D, L = 2, 8, 2, 16, 4096
+        class M(torch.nn.Module):
+            def __init__(self, body):
+                super().__init__()
+                self.body = body
+                self.register_buffer("cos", torch.randn(128, D // 2))
+                self.register_buffer("sin", torch.randn(128, D // 2))
+            def forward(self, q, k, v, kc, vc, start):
+                if self.body:
+                    heads = lambda x, h: x.view(x.shape[0], x.shape[1], h, D).transpose(1, 2)
+                    return fused_attention(heads(q, HQ), heads(k, HKV), heads(v, HKV), kc, vc, start, HQ, HKV, 16, 0.25)
+                return torch.ops.l4.attention_cached(q, k, v, kc, vc, start, self.cos, self.sin, HQ, HKV, D, True,
+                                                     True, 16, False, 8192.0, 0.1, 0.25, 1e-5)
+        T, Bd = torch.export.Dim("T", min=1, max=64), torch.export.Dim("B", min=1, max=4)
+        args = (torch.randn(B, 9, HQ * D), torch.randn(B, 9, HKV * D), torch.randn(B, 9, HKV * D),
+                torch.randn(B, HKV, L, D), torch.randn(B, HKV, L, D), torch.tensor([3]))
+        shapes = ({0: Bd, 1: T}, {0: Bd, 1: T}, {0: Bd, 1: T}, {0: Bd}, {0: Bd}, None)
+        for body in (False, True):
+            ep = torch.export.export(M(body), args, dynamic_shapes=shapes).run_decompositions(cuda_decompositions())
+            calls = [n for n in ep.graph.nodes if n.op == "call_function"]
+            print(sorted({str(n.target) for n in calls if "l4" in str(n.target) or "triton" in str(n.target)
+                          or "cat" in str(n.target) or "attention" in str(n.target)}))
+            print([[str(getattr(x, "meta", {}).get("val", x)) for x in n.kwargs["grid"][0]] for n in calls
+                   if "triton" in str(n.target)])
+            print(sorted(str(r) for r in ep.range_constraints.values()))
+    """, TRITON_INTERPRET="0")
+    assert p.returncode == 0, p.stderr[-3000:]
+    routed, _, ranges, body, splits, body_ranges = p.stdout.strip().splitlines()[-6:]
+    assert routed == "['l4.attention_fused.default']"                  # no aten.cat, no SDPA, no attention_cached
+    assert body == "['triton_kernel_wrapper_functional']"               # partial + combine
+    # S = max(1, min(32, 264 // (row blocks * B * Hkv))), row blocks = ceil(4T / 64) (the 4 query heads a kv head has)
+    partial, combine = eval(splits)                                     # the two grids, as strings
+    assert len(partial) == 3 and partial[2].startswith("Max(1, Min(32, (132//(") and "4*s" in partial[2]
+    assert combine[:2] == partial[:2] and combine[2:] in ([], ["1"])
+    assert ranges == body_ranges == "['VR[1, 4]', 'VR[1, 64]']"
+
+
 @pytest.mark.gpu
 def test_fp8_cuda_dispatch_uses_scaled_mm():
     require_cuda_kernels()
@@ -263,6 +313,11 @@ def test_bench_kernels_script_checks_every_kernel(tmp_path, capsys):
     assert report["device"] == ("cpu (interpreter)" if not torch.cuda.is_available() else torch.cuda.get_device_name())
     kernels = [r["kernel"] for r in rows]
     assert kernels == ["int4_mm q_proj", "torch.mm bf16 q_proj", "int4_mm kv_proj", "torch.mm bf16 kv_proj",
-                       "int4_mm o_proj", "torch.mm bf16 o_proj", "moe_q_fused", "moe_fused bf16"]
+                       "int4_mm o_proj", "torch.mm bf16 o_proj", "moe_q_fused", "moe_fused bf16",
+                       "attention_fused pos 7", "sdpa aten pos 7", "attention_fused pos 31", "sdpa aten pos 31"]
     assert all(r["error"] is None and r["ms"] > 0 and r["rel_err"] < 5e-2 for r in rows)
-    assert "| moe_q_fused | 2 | BN32 BK32 |" in capsys.readouterr().out
+    # what a decode step must read: k and v of the visible positions (2 sequences, 2 kv heads, head_dim 16, bf16)
+    # plus q in and the output out (2 x 4 heads x 16)
+    assert [r["bytes"] for r in rows if r["kernel"].endswith("pos 7")] == [2 * 2 * 2 * 8 * 16 * 2 + 2 * 2 * 64 * 2] * 2
+    out = capsys.readouterr().out
+    assert "| moe_q_fused | 2 | BN32 BK32 |" in out and "| attention_fused pos 31 | 2 | BM16 BN16 |" in out

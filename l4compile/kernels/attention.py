@@ -1,0 +1,143 @@
+# B batch, T new tokens, L cache slots, Hq / Hkv query / kv heads, R = Hq/Hkv, M = R*T rows, D head_dim,
+# S key splits, BM / BN / BD tile sizes
+"""Triton kernels: ``l4::attention_cached``'s attention over the cache and the new keys, without concatenating them.
+
+The reference (``l4compile.ops.attention``) attends every query to ``cat(cache, new keys)`` under a [R*T, L+T]
+boolean mask: at decode it copies the whole cache once per step and reads it twice, and a cache sized for 8K
+slots is read whole however short the sequence is. Here keys are addressed by POSITION: the keys a block of
+queries can see are the positions ``[k_lo, k_hi]``
+
+    k_lo = max(0, start - L, chunk_start(start + t_min))      k_hi = start + t_max
+
+(position p < start lives in cache slot p mod L, position p >= start is new key p - start), so a step reads only
+the keys that are visible (a decode step at position p: min(p, L) + 1 of them) and never the empty slots.
+Visibility inside the range is the reference's: key p visible to query q iff p <= q and, for chunked layers,
+p // chunk == q // chunk.
+
+GQA: the R query heads of kv head g are folded into the rows (row i: head g*R + i // T, token i % T), so K/V are
+loaded once per group. The key range is cut into S splits (flash-decoding) so that a decode step, which has one
+row block per (batch, kv head), still fills the GPU; each split writes its normalised partial output and
+log-sum-exp in float32 and ``attention_combine_kernel`` merges them into [B, T, Hq*D] (with one split, as prefill
+and large batches get, the partial kernel writes the output and the merge returns at once). Softmax and accumulation
+are float32, P is rounded to V's dtype for the second dot (as flash attention does).
+
+Shapes (strides are passed, so transposed views need no copy):
+    q [B, Hq, T, D]; k_new / v_new [B, Hkv, T, D]; k_cache / v_cache [B, Hkv, L, D]; start [1] int64
+    o_part [S, B, Hkv, M, D] float32, lse_part [S, B, Hkv, M] float32; out [B, T, Hq*D]
+Grids: partial (cdiv(M, BM), B*Hkv, S); combine (cdiv(M, BM), B*Hkv).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def attention_partial_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o_ptr, lse_ptr, out_ptr,
+                             T, L, D, HKV, REP, CHUNK, N_SPLIT, scaling,
+                             sqb, sqh, sqt, sqd, snb, snh, snt, snd, svnb, svnh, svnt, svnd,
+                             scb, sch, scl, scd, svcb, svch, svcl, svcd,
+                             sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                             PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    pid_m, pid_bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, g = pid_bh // HKV, pid_bh % HKV
+    M = REP * T
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                              # [BM]
+    rmask = rows < M
+    t = rows % T                                                                 # [BM] token of each row
+    head = g * REP + rows // T                                                   # [BM] query head
+    dd = tl.arange(0, BLOCK_D)                                                   # [BD]
+    dmask = dd < D
+    start = tl.load(start_ptr)                                                   # int64
+    qpos = start + t                                                             # [BM] absolute positions
+    q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + t[:, None] * sqt + dd[None, :] * sqd,
+                mask=rmask[:, None] & dmask[None, :], other=0.0)                 # [BM, BD]
+
+    # The positions any row of this block can see, then this split's share of them (a multiple of BN).
+    q_lo = start + tl.min(tl.where(rmask, t, T - 1), axis=0)
+    k_hi = start + tl.max(tl.where(rmask, t, 0), axis=0) + 1                      # exclusive
+    k_lo = tl.maximum(start - L, 0)
+    if CHUNK > 0:
+        k_lo = tl.maximum(k_lo, (q_lo // CHUNK) * CHUNK)
+    per = tl.cdiv(tl.cdiv(k_hi - k_lo, N_SPLIT), BLOCK_N) * BLOCK_N
+    s_lo = k_lo + pid_s * per
+    s_hi = tl.minimum(s_lo + per, k_hi)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    kk = tl.arange(0, BLOCK_N)
+    for p0 in range(s_lo, s_hi, BLOCK_N):
+        kp = p0 + kk                                                             # [BN] key positions
+        inr = kp < s_hi
+        cached = inr & (kp < start)
+        fresh = inr & (kp >= start)
+        slot = kp % L
+        j = kp - start
+        cm = cached[:, None] & dmask[None, :]
+        fm = fresh[:, None] & dmask[None, :]
+        k = tl.load(kc_ptr + b * scb + g * sch + slot[:, None] * scl + dd[None, :] * scd, mask=cm, other=0.0) \
+            + tl.load(kn_ptr + b * snb + g * snh + j[:, None] * snt + dd[None, :] * snd, mask=fm, other=0.0)
+        v = tl.load(vc_ptr + b * svcb + g * svch + slot[:, None] * svcl + dd[None, :] * svcd, mask=cm, other=0.0) \
+            + tl.load(vn_ptr + b * svnb + g * svnh + j[:, None] * svnt + dd[None, :] * svnd, mask=fm, other=0.0)
+        qd, kd = q, tl.trans(k)
+        if DOT_F32:                                                              # interpreter (see moe_gate_up)
+            qd, kd = qd.to(tl.float32), kd.to(tl.float32)
+        s = tl.dot(qd, kd, input_precision=PRECISION) * scaling                  # [BM, BN] float32
+        vis = (kp[None, :] <= qpos[:, None]) & inr[None, :] & rmask[:, None]
+        if CHUNK > 0:
+            vis = vis & ((kp // CHUNK)[None, :] == (qpos // CHUNK)[:, None])
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)                    # rows that see nothing yet
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        pv, vd = p.to(v.dtype), v
+        if DOT_F32:
+            pv, vd = pv.to(tl.float32), vd.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(pv, vd, input_precision=PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    omask = rmask[:, None] & dmask[None, :]
+    if N_SPLIT == 1:                  # one split (prefill, large batches): the output itself, no partials to merge
+        tl.store(out_ptr + b * syb + t[:, None] * syt + head[:, None] * syh + dd[None, :] * syd,
+                 o.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(o_ptr + pid_s * sos + b * sob + g * soh + rows[:, None] * som + dd[None, :] * sod, o, mask=omask)
+        tl.store(lse_ptr + pid_s * sls + b * slb + g * slh + rows * slm, lse, mask=rmask)
+
+
+@triton.jit
+def attention_combine_kernel(o_ptr, lse_ptr, out_ptr, T, D, HKV, REP, N_SPLIT,
+                             sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd,
+                             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    if N_SPLIT == 1:                  # the partial kernel wrote the output
+        return
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, g = pid_bh // HKV, pid_bh % HKV
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                              # [BM]
+    rmask = rows < REP * T
+    t = rows % T
+    head = g * REP + rows // T
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    mx = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    for s in range(0, N_SPLIT):
+        lse = tl.load(lse_ptr + s * sls + b * slb + g * slh + rows * slm, mask=rmask, other=float("-inf"))
+        mx = tl.maximum(mx, lse)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)                                  # masked rows only
+    den = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for s in range(0, N_SPLIT):
+        lse = tl.load(lse_ptr + s * sls + b * slb + g * slh + rows * slm, mask=rmask, other=float("-inf"))
+        w = tl.exp(lse - mx)                                                     # 0 for an empty split
+        o = tl.load(o_ptr + s * sos + b * sob + g * soh + rows[:, None] * som + dd[None, :] * sod,
+                    mask=(rmask & (w > 0.0))[:, None] & dmask[None, :], other=0.0)
+        den += w
+        acc += w[:, None] * o
+    out = acc / tl.where(den > 0.0, den, 1.0)[:, None]
+    tl.store(out_ptr + b * syb + t[:, None] * syt + head[:, None] * syh + dd[None, :] * syd,
+             out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])

@@ -1,0 +1,160 @@
+"""l4::attention_fused (Triton attention over the cache and the new keys, by position) against l4::attention_cached's
+reference (``cat(cache, new keys)`` under a mask): decode and multi-token steps, ring buffers that wrap (T > L
+too), full-causal NoPE layers, GQA group sizes, split key ranges; that it never reads a key no query can see; and a
+whole tiny model's prefill + decode steps with every attention fused."""
+# B batch, T new tokens, L cache slots, Hq / Hkv heads, D head_dim
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from l4compile.ops.attention import attention_cached_impl
+
+from .conftest import TOL, rel_err, require_cuda_kernels, require_interpreter
+
+# (B, T, L, Hq, Hkv, D, start, chunk, rope): chunked layers have L = chunk (a ring), NoPE layers chunk 0
+CASES = {
+    "decode": (1, 1, 16, 4, 2, 16, 5, 16, True),
+    "decode-wrapped-ring": (2, 1, 16, 4, 2, 16, 37, 16, True),
+    "decode-chunk-start": (1, 1, 16, 4, 2, 16, 32, 16, True),     # first token of a chunk: sees itself alone
+    "chunked-prefill": (2, 7, 16, 4, 2, 16, 13, 16, True),         # crosses a chunk boundary
+    "prompt-longer-than-ring": (2, 20, 16, 4, 2, 16, 0, 16, True),
+    "continue-past-ring": (1, 20, 16, 4, 2, 16, 13, 16, True),
+    "nope-global": (1, 9, 32, 4, 1, 16, 11, 0, False),             # temperature tuning, one kv head
+    "nope-decode-odd-dim": (2, 1, 40, 10, 2, 24, 39, 0, False),    # head_dim 24 padded to 32, group of 5
+    "cache-shorter-than-context": (1, 3, 16, 4, 2, 16, 37, 0, False),  # the op's contract: the last L positions
+}
+
+
+def _args(b, t, slots, hq, hkv, d, start, chunk, rope, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(dtype)                    # noqa: E731
+    positions = start + t + 1
+    table = lambda: torch.randn(positions, d // 2, generator=g)                 # noqa: E731  cos / sin [P, D/2]
+    return (rnd(b, t, hq * d), rnd(b, t, hkv * d), rnd(b, t, hkv * d), rnd(b, hkv, slots, d), rnd(b, hkv, slots, d),
+            torch.tensor([start]), table(), table(), hq, hkv, d, rope, rope, chunk, not rope, 4.0, 0.1,
+            1 / math.sqrt(d), 1e-5)
+
+
+def _fused(blocks=None, n_split=None):
+    from l4compile.kernels.layout import AttentionBlocks
+    from l4compile.kernels.ops import fused_attention
+
+    blocks = blocks or AttentionBlocks(16, 16, 16)
+    return lambda *a: fused_attention(*a, blocks=blocks, n_split=n_split)
+
+
+@pytest.mark.parametrize("n_split", [1, 3])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_attention_matches_reference(case, n_split):
+    require_interpreter()
+    from l4compile.kernels.layout import AttentionBlocks
+
+    args = _args(*CASES[case])
+    d = CASES[case][5]
+    ref = attention_cached_impl(*args)
+    blocks = AttentionBlocks(16, 16, max(16, 1 << (d - 1).bit_length()))      # head_dim padded to a power of 2
+    out = attention_cached_impl(*args, fused_attend=_fused(blocks, n_split))
+    assert out[0].shape == ref[0].shape and rel_err(out[0], ref[0]) < TOL[torch.float32]
+    assert torch.equal(out[1], ref[1]) and torch.equal(out[2], ref[2])          # the cache update is the reference's
+
+
+def test_fused_attention_bfloat16():
+    require_interpreter()
+    args = _args(*CASES["chunked-prefill"], dtype=torch.bfloat16)
+    out = attention_cached_impl(*args, fused_attend=_fused(n_split=2))[0]
+    assert out.dtype == torch.bfloat16 and rel_err(out, attention_cached_impl(*args)[0]) < TOL[torch.bfloat16]
+
+
+def test_fused_attention_reads_only_visible_keys():
+    """A decode step at position 21 of a 64-slot global cache sees slots 0..20, and one at position 37 of a 16-slot
+    chunked ring sees slots 0..4 (positions 32..36; slots 5..15 hold positions 21..31, the previous chunk), besides
+    its own new key. NaN in every other slot: the masked reference multiplies it into the output, the kernel must
+    never load it."""
+    require_interpreter()
+    for case, visible in (((1, 1, 64, 4, 2, 16, 21, 0, False), 21), ((1, 1, 16, 4, 2, 16, 37, 16, True), 5)):
+        args = list(_args(*case))
+        clean = attention_cached_impl(*args)[0]
+        for i in (3, 4):
+            args[i] = args[i].clone()
+            args[i][:, :, visible:] = float("nan")
+        assert attention_cached_impl(*args)[0].isnan().all()                    # what reading them would do
+        out = attention_cached_impl(*args, fused_attend=_fused(n_split=2))[0]
+        assert not out.isnan().any() and rel_err(out, clean) < TOL[torch.float32]
+
+
+def test_attention_splits():
+    """Decode at batch 1 fills the GPU with key splits; prefill and large batches get one; small caches are capped
+    at one split per BN keys."""
+    from l4compile.kernels.layout import attention_blocks, attention_splits
+
+    bn = attention_blocks(128).block_n
+    assert attention_splits(1, 1, 8, 8192, bn) == 32                 # Scout decode, batch 1: 8 (b, kv head) pairs
+    assert attention_splits(1, 8, 8, 8192, bn) == 4
+    assert attention_splits(1, 32, 8, 8192, bn) == 1
+    assert attention_splits(640, 1, 8, 8192, bn) == 1                # an 8K-token prefill
+    assert attention_splits(1, 1, 8, 128, bn) == 2                   # 128 slots: 2 blocks of 64
+    assert attention_splits(1, 1, 2, 16, bn) == 1
+    with pytest.raises(ValueError, match="head_dim 512"):
+        attention_blocks(512)
+
+
+def test_tiny_model_steps_with_fused_attention():
+    """The tiny preset's step graph, every l4::attention_cached run with the kernel (what a CUDA engine compiles in):
+    a 13-token prefill and 7 decode steps of a batch of 2, through the chunk-16 ring's wrap, against the graph as it
+    is."""
+    require_interpreter()
+    from l4compile.compiler import lower
+    from l4compile.config import CompileConfig
+    from l4compile.progress import Progress
+
+    prog = lower("tiny", CompileConfig(max_seq_len=40, max_batch_size=2), progress=Progress()).program
+    fused_attend = _fused(n_split=2)
+    calls = []
+
+    class Fused(torch.fx.Interpreter):
+        def call_function(self, target, args, kwargs):
+            if target is torch.ops.l4.attention_cached.default:
+                calls.append(target)
+                return attention_cached_impl(*args, **kwargs, fused_attend=fused_attend)
+            return super().call_function(target, args, kwargs)
+
+    _, n_kv, _, d = prog.kv_layout["shape"]
+    new_caches = lambda: [torch.zeros(2, n_kv, layer["slots"], d)                  # noqa: E731
+                          for layer in prog.kv_layout["layers"] for _ in (0, 1)]
+    ids = torch.randint(0, prog.model_config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    steps = [(ids[:, :13], 0)] + [(ids[:, i:i + 1], i) for i in range(13, 20)]
+    ref_c, fused_c, worst = new_caches(), new_caches(), 0.0
+    with torch.no_grad():
+        for x, start in steps:
+            pos = torch.tensor([start])
+            ref = prog.gm(x, pos, *ref_c)
+            out = Fused(prog.gm).run(x, pos, *fused_c)
+            ref_c, fused_c = list(ref[1:]), list(out[1:])
+            worst = max(worst, rel_err(out[0], ref[0]))
+    assert len(calls) == len(steps) * len(prog.kv_layout["layers"]) and worst < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_attention_cached_cuda_uses_the_kernel(case, dtype):
+    """On CUDA, l4::attention_cached dispatches to the kernel (default blocks and splits)."""
+    require_cuda_kernels()
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(*CASES[case], dtype=dtype)]
+    ref = attention_cached_impl(*args)
+    out = torch.ops.l4.attention_cached(*args)
+    assert rel_err(out[0], ref[0]) < {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert torch.equal(out[1], ref[1])
+
+
+@pytest.mark.gpu
+def test_attention_fused_cuda_scout_decode():
+    """Scout's attention (40/8 heads x 128, bf16) decoding at positions 511 and 8191 of an 8K cache."""
+    require_cuda_kernels()
+    for start in (511, 8191):
+        args = [a.cuda() if isinstance(a, torch.Tensor) else a
+                for a in _args(1, 1, 8192, 40, 8, 128, start, 0, False, dtype=torch.bfloat16)]
+        assert rel_err(torch.ops.l4.attention_cached(*args)[0], attention_cached_impl(*args)[0]) < 2e-2
