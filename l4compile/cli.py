@@ -128,10 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, help="one backend (default inductor); same as --backends B")
     p.add_argument("--backends", default=None, metavar="B1,B2,...",
                    help="the matrix: comma-separated backends, e.g. inductor,onnxruntime,tensorrt")
-    p.add_argument("--quant", default="none", metavar="Q1,Q2,...", help="comma-separated: none | fp8 | int4")
+    p.add_argument("--quant", default=None, metavar="Q1,Q2,...", help="comma-separated: none | fp8 | int4")
     p.add_argument("--engine", default=None, help="use this engine instead of compiling one")
     p.add_argument("--steps", type=_positive, default=32, help="greedy tokens to compare")
     p.add_argument("--json", dest="json_out", default=None, metavar="FILE")
+    # None = not given: the matrix's defaults (float32, cpu, seed 0, quant none); with --engine, the engine's own
+    p.set_defaults(dtype=None, device=None, seed=None)
 
     sub.add_parser("passes", help="list registered passes")
     s = sub.add_parser("presets", help="list model presets")
@@ -217,6 +219,20 @@ def _csv_choice(text: str, allowed: tuple[str, ...], option: str) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def _check_engine_options(a, manifest: dict) -> None:
+    """``parity --engine``: the engine fixes what it was compiled with; an option given that says otherwise is an
+    error, not silently dropped."""
+    cc = manifest["compile_config"]
+    given = {"--backend": (a.backend, manifest["backend"]), "--quant": (a.quant, manifest.get("quant", "none")),
+             "--dtype": (a.dtype, manifest["dtype"]), "--device": (a.device, manifest["device"]),
+             "--seed": (a.seed, cc.get("seed", 0)), "--layers": (a.layers, cc.get("layers")),
+             "--max-seq-len": (a.max_seq_len, manifest["max_seq_len"])}
+    for flag, (value, engine_value) in given.items():
+        if value is not None and str(value) != str(engine_value):
+            raise L4Error(f"{flag} {value} contradicts engine {a.engine}, compiled with {flag} {engine_value}; "
+                          "drop it (the engine's own settings are used)")
+
+
 def cmd_parity(a) -> int:
     """One engine (``--engine``) or the matrix backend x quant x dtype; exit 1 if any present backend fails."""
     from l4compile import frontend, parity
@@ -229,15 +245,16 @@ def cmd_parity(a) -> int:
     if a.json_out:
         check_out_file(a.json_out, "--json")
     backends = _csv_choice(a.backends or a.backend or "inductor", BACKENDS, "--backends")
-    quants = _csv_choice(a.quant, QUANTS, "--quant")
-    dtypes = _csv_choice(a.dtype, DTYPES, "--dtype")
+    quants = _csv_choice(a.quant or "none", QUANTS, "--quant")
+    dtypes = _csv_choice(a.dtype or "float32", DTYPES, "--dtype")
     if a.engine:
         if matrix or len(dtypes) > 1 or len(quants) > 1:
             raise L4Error("--engine compares one existing engine; drop --backends and list options")
         eng = load_engine(a.engine)
         m = eng.manifest
-        seed = m["compile_config"].get("seed", a.seed)
-        layers = m["compile_config"].get("layers", a.layers)
+        _check_engine_options(a, m)
+        seed = m["compile_config"].get("seed", 0)
+        layers = m["compile_config"].get("layers")
         # on the engine's device: full-size presets draw their random weights there (CUDA's draws are not CPU's)
         lm = frontend.load(a.model, dtype=m["dtype"], device=m["device"], seed=seed, layers=layers).model
         if m["model_config"]["vocab_size"] != lm.config.vocab_size:
@@ -247,7 +264,8 @@ def cmd_parity(a) -> int:
         def show(row) -> None:   # one line per cell as it completes (compiles take a while)
             print(f"  {row.backend}/{row.quant}/{row.dtype}: {row.status}", file=sys.stderr, flush=True)
 
-        rows = parity.run_matrix(a.model, backends, quants, dtypes, device=a.device, seed=a.seed, layers=a.layers,
+        rows = parity.run_matrix(a.model, backends, quants, dtypes, device=a.device or "cpu", seed=a.seed or 0,
+                                 layers=a.layers,
                                  max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size, steps=a.steps,
                                  on_row=show if sys.stderr.isatty() else None)
     print(parity.format_table(rows))

@@ -245,6 +245,24 @@ def test_bad_output_files_are_refused_before_the_run(capsys, tiny_engine, tmp_pa
     assert (tmp_path / "a_file").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("opts,needle", [(["--device", "cuda"], "--device cuda contradicts engine"),
+                                         (["--dtype", "bfloat16"], "compiled with --dtype float32"),
+                                         (["--quant", "int4"], "compiled with --quant none"),
+                                         (["--backend", "onnxruntime"], "compiled with --backend inductor"),
+                                         (["--seed", "3"], "compiled with --seed 0"),
+                                         (["--max-seq-len", "64"], "compiled with --max-seq-len 128")])
+def test_parity_engine_refuses_options_that_contradict_it(capsys, tiny_engine, opts, needle):
+    """parity --engine compares the engine as it was compiled: an option saying otherwise is an error, not ignored."""
+    expect_error(capsys, ["parity", "tiny", "--engine", str(tiny_engine), *opts], needle)
+
+
+def test_parity_engine_takes_options_that_agree_with_it(tiny_engine, tmp_path):
+    report = tmp_path / "p.json"
+    assert main(["parity", "tiny", "--engine", str(tiny_engine), "--device", "cpu", "--dtype", "float32",
+                 "--quant", "none", "--seed", "0", "--steps", "2", "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["status"] == "pass"
+
+
 @pytest.mark.parametrize("flag,where,needle", [("--dump-ir", "a_file", "exists and is not a directory"),
                                                ("--dump-ir", "a_file/ir", "is a file, not a directory"),
                                                ("--out", "a_file", "exists and is not a directory"),
