@@ -1,6 +1,6 @@
 """GPU benchmark of issue 10 (fused MoE / Int4 / FP8 kernels) at Scout dimensions, through `l4compile bench`.
 
-    python benchmarks/bench_gpu.py [--layers 4] [--parts decode,prefill,full] [--repeats 5] [--out DIR]
+    python benchmarks/bench_gpu.py [--layers 4] [--parts decode,modes,context,prefill,full] [--repeats 5] [--out DIR]
 
 Needs a CUDA GPU (H100 / H200) and a CUDA build of torch with triton; elsewhere it exits 2 with one `error:` line.
 Each part is one `l4compile bench` run in its own process (so one part's GPU memory never inflates the next);
@@ -15,6 +15,11 @@ baselines are transformers eager / `torch.compile` of the transformers model, me
     modes    python benchmarks/bench_decode_modes.py --model scout --layers N --quant int4 --dtype bfloat16
                  --device cuda --batch-sizes 1,8 --prompt 128 --new 64
              -> decode with one engine call per step against CUDA graph replay, same engine, same run
+    context  l4compile bench scout --layers N --device cuda --dtype bfloat16 --quant int4 --backends inductor
+                 --batch-sizes 1,8 --prompt-lens 128,4096 --decode-steps 32 --max-seq-len 8192
+             -> decode in caches sized for 8K positions, as a deployment compiles them: near the start (prompt 128,
+                which the decode part runs with a 160-slot cache) and half-way in; the attention kernel reads the
+                visible positions only, so the first should match the decode part's figure
     prefill  l4compile bench scout --layers N --device cuda --dtype bfloat16 --backends torch-compile,inductor
                  --batch-sizes 1 --prompt-lens 2048,8192 --decode-steps 2
              -> TFLOP/s and the fraction of bf16 dense peak
@@ -45,7 +50,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("decode", "modes", "prefill", "full")
+PARTS = ("decode", "modes", "context", "prefill", "full")
 
 
 def bench_commands(layers: int, repeats: int, out: Path, parts: tuple[str, ...],
@@ -67,6 +72,10 @@ def bench_commands(layers: int, repeats: int, out: Path, parts: tuple[str, ...],
                               str(layers), "--quant", "int4", "--dtype", "bfloat16", "--device", "cuda",
                               "--batch-sizes", "1,8", "--prompt", "128", "--new", "64", "--repeats", str(repeats),
                               "--out", str(out / "modes-int4.json")]
+    if "context" in parts:
+        cmds["context-int4"] = base + scaled + ["--quant", "int4", "--backends", "inductor", "--batch-sizes", "1,8",
+                                                "--prompt-lens", "128,4096", "--decode-steps", "32",
+                                                "--max-seq-len", "8192"]
     if "prefill" in parts:
         cmds["prefill"] = base + scaled + ["--backends", "torch-compile,inductor", "--batch-sizes", "1",
                                            "--prompt-lens", "2048,8192", "--decode-steps", "2"]

@@ -14,6 +14,8 @@
 #            slots, full and at position 511: K/V expanded per query head, grouped queries (aten), and the Triton
 #            attention_fused that CUDA engines compile in, eager and Inductor                         (box 200 s)
 #   modes    benchmarks/bench_decode_modes.py: loop vs CUDA graph decode, Scout dims, 2 layers, Int4  (box 200 s)
+#   context  benchmarks/bench_gpu.py --parts context --layers 2: Int4 decode at batch 1/8 in 8K-slot caches, at
+#            positions 128 and 4096 (the attention kernel reads only the visible positions)            (box 300 s)
 #   decode   benchmarks/bench_gpu.py --parts decode --layers 2: decode at batch 1/8/32, HBM roofline per layer,
 #            against eager and torch.compile of the transformers model                                 (box 420 s)
 #   prefill  benchmarks/bench_gpu.py --parts prefill --layers 2: 2K and 8K prompts, TFLOP/s             (box 300 s)
@@ -75,13 +77,13 @@ for part in ${PARTS//,/ }; do
         boxed 200 modes $PY benchmarks/bench_decode_modes.py --model scout --layers 2 --quant int4 \
             --dtype bfloat16 --device cuda --batch-sizes 1,8 --prompt 128 --new 64 --repeats 5 \
             --out "$RES/modes-int4.json" ;;
-    decode | prefill)
+    decode | prefill | context)
         boxed $([ $part = decode ] && echo 420 || echo 300) $part $PY benchmarks/bench_gpu.py --parts $part \
             --layers 2 --repeats 3 --out "$RES/$part" ;;
     full)
         boxed 580 full $PY benchmarks/bench_gpu.py --parts full --repeats 3 --out "$RES/full" ;;
     *)
-        log "unknown part '$part' (kernels, tests, attention, modes, decode, prefill, full)" ;;
+        log "unknown part '$part' (kernels, tests, attention, modes, context, decode, prefill, full)" ;;
     esac
 done
 

@@ -43,6 +43,14 @@ def test_commands_cover_the_issue(tmp_path):
     assert " ".join(lm).endswith(f"--pass-option quantize.quantize_lm_head=true --out {engine}")
 
 
+def test_context_part_decodes_in_8k_caches(tmp_path):
+    cmds = _module().bench_commands(2, 3, tmp_path, ("context",))
+    assert list(cmds) == ["context-int4"]
+    j = " ".join(cmds["context-int4"])
+    assert "--max-seq-len 8192" in j and "--prompt-lens 128,4096" in j and "--quant int4" in j
+    assert "--backends inductor" in j and "--layers 2" in j and j.endswith(f"--out {tmp_path / 'context-int4'}")
+
+
 def test_modes_part_runs_the_decode_modes_script(tmp_path):
     cmds = _module().bench_commands(2, 3, tmp_path, ("modes",))
     assert list(cmds) == ["modes-int4"]
