@@ -62,6 +62,15 @@ def moe_cuda(x: Tensor, router_w: Tensor, gate_up: Tensor, down: Tensor, shared_
     return moe_ops._moe_impl(*args, top_k)
 
 
+def moe_decomposition(x: Tensor, *weights_and_top_k):
+    """``l4::moe`` in CUDA engines (same arguments): ``l4::moe_fused`` where it applies; NotImplemented (the op stays
+    opaque, its CUDA kernel runs through the proxy executor) where the grouped fallback's host sync would not trace."""
+    *weights, top_k = weights_and_top_k
+    if fused_moe_supported(x, *weights):
+        return torch.ops.l4.moe_fused(x, *weights, top_k)
+    return NotImplemented
+
+
 def fused_moe_int4_supported(x: Tensor, router_w: Tensor, *weights: Tensor) -> bool:
     """``weights``: l4::moe_q's (q, scale) pairs; the fused kernel takes Int4 (uint8) q tensors only."""
     return (x.dim() == 2 and x.dtype in FUSED_MOE_DTYPES and router_w.dtype == x.dtype
@@ -133,11 +142,11 @@ def register_cuda_kernels() -> None:
 def cuda_decompositions() -> dict:
     """Extra decompositions for Inductor engines built for CUDA (merged over ``l4compile.ops.DECOMPOSITIONS``;
     ``l4::attention_cached``'s replaces the plain-aten one there). ``l4::moe`` / ``l4::moe_q`` are included only with
-    Triton: their eager fallbacks have host syncs and stay opaque ops (for ``l4::moe_q`` also with FP8 weights, which
-    ``moe_q_decomposition`` tells from the dtypes)."""
+    Triton: their eager fallbacks have host syncs and stay opaque ops, also where the kernel does not apply (FP8
+    weights, other dtypes), which ``moe_decomposition`` / ``moe_q_decomposition`` tell from the dtypes."""
     table = {torch.ops.l4.linear_fp8.default: linear_fp8_cuda}
     if load_triton_ops():
-        table[torch.ops.l4.moe.default] = moe_cuda
+        table[torch.ops.l4.moe.default] = moe_decomposition
         table[torch.ops.l4.moe_q.default] = moe_q_decomposition
         table[torch.ops.l4.linear_int4.default] = linear_int4_cuda
         table[torch.ops.l4.attention_cached.default] = attention_cached_cuda

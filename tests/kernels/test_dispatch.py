@@ -222,6 +222,35 @@ def test_cuda_decompositions_export_moe_q_with_symbolic_tokens():
     assert ranges == body_ranges == "['VR[1, 4096]'] False"                     # T symbolic, no host sync
 
 
+def test_cuda_decompositions_keep_moe_opaque_where_the_kernel_does_not_apply():
+    """A float64 l4::moe (no fused kernel for it) stays the op in a CUDA engine's graph instead of tracing the
+    grouped fallback, whose host sync does not trace with a symbolic token count. Tracing only."""
+    from l4compile.kernels import why_unavailable
+
+    if why_unavailable():
+        pytest.skip(why_unavailable())
+    p = _python("""
+        import torch, l4compile.ops
+        from l4compile.kernels.dispatch import cuda_decompositions
+        H, I, E = 32, 16, 3
+        bufs = [t.double() for t in (torch.randn(E, H), torch.randn(E, H, 2 * I), torch.randn(E, I, H),
+                                     torch.randn(I, H), torch.randn(I, H), torch.randn(H, I))]
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                for i, t in enumerate(bufs):
+                    self.register_buffer(f"b{i}", t)
+            def forward(self, x):
+                return torch.ops.l4.moe(x, *[getattr(self, f"b{i}") for i in range(6)], 1)
+        T = torch.export.Dim("T", min=1, max=4096)
+        ep = torch.export.export(M(), (torch.randn(9, H).double(),), dynamic_shapes={"x": {0: T}})
+        ep = ep.run_decompositions(cuda_decompositions())
+        print(sorted(str(n.target) for n in ep.graph.nodes if n.op == "call_function" and "l4" in str(n.target)))
+    """, TRITON_INTERPRET="0")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1] == "['l4.moe.default']"
+
+
 def test_cuda_decompositions_export_attention_with_symbolic_tokens():
     """l4::attention_cached in --device cuda engines: its projection and cache update stay aten, its attention becomes
     l4::attention_fused (no cat of cache and new keys), with batch and tokens symbolic; the attention_fused body as
