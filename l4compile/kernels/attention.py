@@ -38,8 +38,8 @@ def attention_partial_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o
                              sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                              PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
-    pid_m, pid_bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, g = pid_bh // HKV, pid_bh % HKV
+    pid_m, pid_bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    b, g = (pid_bh // HKV).to(tl.int64), (pid_bh % HKV).to(tl.int64)     # base offsets past 2**31 (64K caches)
     M = REP * T
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                              # [BM]
     rmask = rows < M
@@ -47,7 +47,7 @@ def attention_partial_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o
     head = g * REP + rows // T                                                   # [BM] query head
     dd = tl.arange(0, BLOCK_D)                                                   # [BD]
     dmask = dd < D
-    start = tl.load(start_ptr)                                                   # int64
+    start = tl.load(start_ptr).to(tl.int32)                                      # positions < 2**31: i32 offsets
     qpos = start + t                                                             # [BM] absolute positions
     q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + t[:, None] * sqt + dd[None, :] * sqd,
                 mask=rmask[:, None] & dmask[None, :], other=0.0)                 # [BM, BD]
@@ -69,16 +69,16 @@ def attention_partial_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o
     for p0 in range(s_lo, s_hi, BLOCK_N):
         kp = p0 + kk                                                             # [BN] key positions
         inr = kp < s_hi
-        cached = inr & (kp < start)
-        fresh = inr & (kp >= start)
+        cached = kp < start
         slot = kp % L
         j = kp - start
-        cm = cached[:, None] & dmask[None, :]
-        fm = fresh[:, None] & dmask[None, :]
-        k = tl.load(kc_ptr + b * scb + g * sch + slot[:, None] * scl + dd[None, :] * scd, mask=cm, other=0.0) \
-            + tl.load(kn_ptr + b * snb + g * snh + j[:, None] * snt + dd[None, :] * snd, mask=fm, other=0.0)
-        v = tl.load(vc_ptr + b * svcb + g * svch + slot[:, None] * svcl + dd[None, :] * svcd, mask=cm, other=0.0) \
-            + tl.load(vn_ptr + b * svnb + g * svnh + j[:, None] * svnt + dd[None, :] * svnd, mask=fm, other=0.0)
+        # one load per tile: each key's pointer into the cache (slot) or into the new keys (j)
+        kmask = inr[:, None] & dmask[None, :]
+        c2, d2 = cached[:, None], dd[None, :]
+        k = tl.load(tl.where(c2, kc_ptr + b * scb + g * sch + slot[:, None] * scl + d2 * scd,
+                             kn_ptr + b * snb + g * snh + j[:, None] * snt + d2 * snd), mask=kmask, other=0.0)
+        v = tl.load(tl.where(c2, vc_ptr + b * svcb + g * svch + slot[:, None] * svcl + d2 * svcd,
+                             vn_ptr + b * svnb + g * svnh + j[:, None] * svnt + d2 * svnd), mask=kmask, other=0.0)
         qd, kd = q, tl.trans(k)
         if DOT_F32:                                                              # interpreter (see moe_gate_up)
             qd, kd = qd.to(tl.float32), kd.to(tl.float32)
@@ -117,7 +117,7 @@ def attention_combine_kernel(o_ptr, lse_ptr, out_ptr, T, D, HKV, REP, N_SPLIT,
     if N_SPLIT == 1:                  # the partial kernel wrote the output
         return
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, g = pid_bh // HKV, pid_bh % HKV
+    b, g = (pid_bh // HKV).to(tl.int64), (pid_bh % HKV).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                              # [BM]
     rmask = rows < REP * T
     t = rows % T
