@@ -1,0 +1,190 @@
+"""Compile every Triton kernel l4compile launches for an H100 (sm_90a) on a machine without a GPU, and report what
+ptxas made of it: registers per thread, spilled bytes (stack), shared memory.
+
+    python benchmarks/kernels_sm90.py [--dims scout|tiny] [--json FILE]
+
+How: each kernel's host code (``l4compile.kernels.ops``) runs on META tensors at the given dimensions with
+``wrap_triton`` replaced by a recorder, so the launches it would make (kernel, arguments, constexprs) are captured
+without memory or a device; each distinct launch is compiled by Triton's own NVIDIA backend (``triton.compile``
+with ``GPUTarget("cuda", 90, 32)``, the ptxas shipped in the triton wheel) and the cubin's resource usage is read
+with cuobjdump. A kernel that spills (stack > 0) loses its memory bandwidth to local-memory traffic; one that does
+not compile, or needs more shared memory than a block may have (227 KiB), would fail the first GPU session.
+Arguments are specialised by Triton's own binder, as on a GPU. Exit 1 if a kernel fails to compile, exceeds the
+shared memory, or spills in a 16-bit engine (float32 engines, a parity mode whose IEEE dots run on FMA units, are
+reported, not failed, when they spill).
+
+Cases (at Scout dimensions: H 5120, I 8192, 16 experts, 40/8 heads x 128, Int4 group 128; bf16 and float32
+engines, whose dots run IEEE fp32 on twice the shared memory):
+    int4_mm          q_proj at 1 and 2048 tokens
+    moe_q_fused      gate_up + down kernels at 1 token (the tile map is static, the kernels do not depend on T)
+    moe_fused        the same in bf16
+    attention_fused  partial + combine, decode (1 token, an 8192-slot cache) and prefill (2048 tokens)
+"""
+# T tokens, H hidden, I expert width, E experts
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"       # before triton is imported: compile, never interpret
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DIMS = {"scout": {"H": 5120, "I": 8192, "E": 16, "heads": 40, "kv_heads": 8, "head_dim": 128, "slots": 8192},
+        "tiny": {"H": 64, "I": 96, "E": 4, "heads": 4, "kv_heads": 2, "head_dim": 16, "slots": 32}}
+SHARED_LIMIT = 227 * 1024       # the most shared memory one block may opt into on sm_90
+TORCH_TO_TRITON = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
+                   torch.int32: "i32", torch.uint8: "u8"}
+
+
+class Recorder:
+    """Stands in for ``torch.library.wrap_triton``: ``wrap(kernel)[grid](*args, **kw)`` records the launch."""
+
+    def __init__(self):
+        self.launches: list[tuple] = []
+
+    def __call__(self, kernel):
+        def launch(grid):
+            return lambda *args, **kw: self.launches.append((kernel, args, kw))
+        return type("Launch", (), {"__getitem__": lambda _, grid: launch(grid)})()
+
+
+def specialize(kernel, args: tuple, kw: dict, backend) -> tuple[dict, dict, dict, dict, dict]:
+    """(signature, constexprs, attributes, options, constexprs by name) of one launch, as ``JITFunction.run`` derives them on a GPU:
+    Triton's own binder, so integers divisible by 16 and aligned pointers get the same specialisation
+    (``tt.divisibility``; meta tensors count as aligned, as the caching allocator's blocks are)."""
+    from triton.runtime.jit import create_function_from_signature
+
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kw)
+    options, sig, constexprs, attrs = kernel._pack_args(backend, kw, bound, specialization, options)
+    consts = {kernel.arg_names[path[0]]: v for path, v in constexprs.items()}
+    options = {k: v for k, v in options.__dict__.items() if k in ("num_warps", "num_stages")}
+    return sig, constexprs, attrs, options, consts
+
+
+def resources(cubin: bytes, tool: Path) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "k.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True).stdout
+    m = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+    return {"registers": m.get("REG"), "stack_bytes": m.get("STACK"), "static_shared_bytes": m.get("SHARED")}
+
+
+def cases(dims: dict, dtype: torch.dtype):
+    """(name, thunk) pairs; each thunk runs host glue on meta tensors (the recorder collects the launches)."""
+    from l4compile.kernels import ops
+
+    meta = dict(device="meta")
+    bf16 = dict(dtype=dtype, **meta)            # the activations' (and float weights') dtype
+    h, i, e = dims["H"], dims["I"], dims["E"]
+    hq, hkv, d, slots = dims["heads"], dims["kv_heads"], dims["head_dim"], dims["slots"]
+    group = min(128, h)
+
+    scale = dict(dtype=torch.bfloat16, **meta)  # Int4 scales are bfloat16 whatever the engine dtype
+
+    def int4(n, k):
+        return torch.empty(n, k // 2, dtype=torch.uint8, **meta), torch.empty(n, k // group, **scale)
+
+    def moe_q_weights():
+        gu = (torch.empty(e, 2 * i, h // 2, dtype=torch.uint8, **meta), torch.empty(e, 2 * i, h // group, **scale))
+        dn = (torch.empty(e, h, i // 2, dtype=torch.uint8, **meta), torch.empty(e, h, i // group, **scale))
+        return (torch.empty(e, h, **bf16), *gu, *dn, *int4(i, h), *int4(i, h), *int4(h, i))
+
+    for t in (1, 2048):
+        yield f"int4_mm q_proj T={t}", lambda t=t: ops.int4_matmul(torch.empty(t, h, **bf16), *int4(hq * d, h))
+    yield "moe_q_fused", lambda: ops.fused_moe_int4(torch.empty(1, h, **bf16), *moe_q_weights(), 1)
+    yield "moe_fused", lambda: ops.fused_moe(
+        torch.empty(1, h, **bf16), torch.empty(e, h, **bf16), torch.empty(e, h, 2 * i, **bf16),
+        torch.empty(e, i, h, **bf16), torch.empty(i, h, **bf16), torch.empty(i, h, **bf16), torch.empty(h, i, **bf16), 1)
+    for t, label in ((1, "decode"), (2048, "prefill")):
+        def attend(t=t):
+            q = torch.empty(1, t, hq, d, **bf16).transpose(1, 2)
+            kv = [torch.empty(1, t, hkv, d, **bf16).transpose(1, 2) for _ in "kv"]
+            cache = [torch.empty(1, hkv, slots, d, **bf16) for _ in "kv"]
+            ops.fused_attention(q, *kv, *cache, torch.empty(1, dtype=torch.int64, **meta), hq, hkv, 0, d ** -0.5)
+        yield f"attention_fused {label} T={t}", attend
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dims", choices=sorted(DIMS), default="scout")
+    ap.add_argument("--dtypes", default="bfloat16,float32", help="engine dtypes (activations, float weights)")
+    ap.add_argument("--json", default=None, metavar="FILE")
+    a = ap.parse_args(argv)
+    from l4compile.kernels import why_unavailable
+
+    if why_unavailable():
+        print(f"error: {why_unavailable()}", file=sys.stderr)
+        return 2
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from l4compile.kernels import ops
+
+    from triton.compiler.compiler import make_backend
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    try:
+        dtypes = [getattr(torch, d) for d in a.dtypes.split(",")]
+        if not dtypes or any(d not in (torch.bfloat16, torch.float16, torch.float32) for d in dtypes):
+            raise AttributeError
+    except AttributeError:
+        print(f"error: --dtypes '{a.dtypes}' must list bfloat16 / float16 / float32", file=sys.stderr)
+        return 2
+    print(f"triton {triton.__version__}, target sm_90a; {a.dims} dimensions; shared memory limit "
+          f"{SHARED_LIMIT // 1024} KiB a block")
+    print("| case | dtype | kernel | constexprs | registers | spilled (stack) bytes | shared bytes |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    rows, bad = [], 0
+    for (name, thunk), dtype in [(c, d) for d in dtypes for c in cases(DIMS[a.dims], d)]:
+        dname = str(dtype).replace("torch.", "")
+        rec = Recorder()
+        real, ops.wrap_triton = ops.wrap_triton, rec
+        try:
+            thunk()
+        finally:
+            ops.wrap_triton = real
+        for kernel, args, kw in rec.launches:
+            row = {"case": name, "dtype": dname, "kernel": kernel.__name__, "error": None}
+            try:
+                sig, constexprs, attrs, options, consts = specialize(kernel, args, kw, backend)
+                row["constexprs"] = consts
+                compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs),
+                                          target=target, options=options)
+                row.update(resources(compiled.asm["cubin"], tool), shared_bytes=compiled.metadata.shared,
+                           num_warps=compiled.metadata.num_warps)
+            except Exception as ex:           # reported, and the exit status says so
+                row["error"] = f"{type(ex).__name__}: {ex}".splitlines()[0][:200]
+            if not row["error"] and row["shared_bytes"] > SHARED_LIMIT:
+                row["error"] = f"needs {row['shared_bytes']} bytes of shared memory, over the {SHARED_LIMIT} an H100 has"
+            if row["error"] or (row.get("stack_bytes") and dtype != torch.float32):
+                bad += 1
+            rows.append(row)
+            shown = " ".join(f"{k}={v}" for k, v in row.get("constexprs", {}).items() if k.isupper())
+            if row["error"]:
+                print(f"| {name} | {dname} | {row['kernel']} | {shown} | {row['error']} | - | - |", flush=True)
+            else:
+                print(f"| {name} | {dname} | {row['kernel']} | {shown} | {row['registers']} | {row['stack_bytes']} | "
+                      f"{row['shared_bytes']} |", flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"triton": triton.__version__, "target": "sm_90a", "dims": a.dims,
+                                            "rows": rows}, indent=2, default=str))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

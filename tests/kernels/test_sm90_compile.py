@@ -1,0 +1,53 @@
+"""Every Triton kernel l4compile launches compiles for an H100 (sm_90a) here, without a GPU
+(benchmarks/kernels_sm90.py: Triton's NVIDIA backend and the ptxas in its wheel), fits the shared memory a block may
+have, and does not spill registers in bf16 engines."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "kernels_sm90.py"
+LAUNCHED = ["int4_mm_kernel", "int4_mm_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel",
+            "moe_gate_up_kernel", "moe_down_kernel", "attention_partial_kernel", "attention_combine_kernel",
+            "attention_partial_kernel", "attention_combine_kernel"]
+
+
+def _nvidia_backend() -> None:
+    from l4compile.kernels import why_unavailable
+
+    if why_unavailable():
+        pytest.skip(why_unavailable())
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").is_file():
+        pytest.skip("this triton has no NVIDIA backend binaries (ptxas, cuobjdump)")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_every_kernel_compiles_for_sm90(tmp_path, dtype):
+    _nvidia_backend()
+    out = tmp_path / "sm90.json"
+    p = subprocess.run([sys.executable, str(SCRIPT), "--dims", "scout", "--dtypes", dtype, "--json", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env={**os.environ, "TRITON_INTERPRET": "0", "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kernel"] for r in rows] == LAUNCHED                          # every launch of the host code
+    assert all(r["error"] is None and 0 < r["registers"] <= 255 and r["shared_bytes"] <= 227 * 1024 for r in rows)
+    if dtype == "bfloat16":
+        assert all(r["stack_bytes"] == 0 for r in rows)                      # no spills where it serves
+    decode = next(r for r in rows if r["case"].startswith("attention_fused decode"))
+    assert decode["constexprs"]["T"] == 1 and decode["constexprs"]["BLOCK_D"] == 128   # specialised like a GPU launch
+
+
+def test_bad_dtypes_are_one_error_line():
+    _nvidia_backend()
+    p = subprocess.run([sys.executable, str(SCRIPT), "--dtypes", "int8"], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert p.returncode == 2 and p.stderr.strip().startswith("error: --dtypes 'int8'")
