@@ -10,7 +10,8 @@ queries can see are the positions ``[k_lo, k_hi]``
     k_lo = max(0, start - L, chunk_start(start + t_min))      k_hi = start + t_max
 
 (position p < start lives in cache slot p mod L, position p >= start is new key p - start), so a step reads only
-the keys that are visible (a decode step at position p: min(p, L) + 1 of them) and never the empty slots.
+the keys that are visible (a decode step at position p: p + 1 of them in a global layer, p mod chunk + 1 in a
+chunked one) and never the empty slots.
 Visibility inside the range is the reference's: key p visible to query q iff p <= q and, for chunked layers,
 p // chunk == q // chunk.
 
@@ -18,8 +19,8 @@ GQA: the R query heads of kv head g are folded into the rows (row i: head g*R + 
 loaded once per group. The key range is cut into S splits (flash-decoding) so that a decode step, which has one
 row block per (batch, kv head), still fills the GPU; each split writes its normalised partial output and
 log-sum-exp in float32 and ``attention_combine_kernel`` merges them into [B, T, Hq*D] (with one split, as prefill
-and large batches get, the partial kernel writes the output and the merge returns at once). Softmax and accumulation
-are float32, P is rounded to V's dtype for the second dot (as flash attention does).
+and large batches get, the partial kernel writes the output and the merge returns at once). Softmax and
+accumulation are float32, P is rounded to V's dtype for the second dot (as flash attention does).
 
 Shapes (strides are passed, so transposed views need no copy):
     q [B, Hq, T, D]; k_new / v_new [B, Hkv, T, D]; k_cache / v_cache [B, Hkv, L, D]; start [1] int64
@@ -38,7 +39,7 @@ def attention_partial_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o
                              sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                              PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
-    pid_m, pid_bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    pid_m, pid_bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, g = (pid_bh // HKV).to(tl.int64), (pid_bh % HKV).to(tl.int64)     # base offsets past 2**31 (64K caches)
     M = REP * T
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                              # [BM]
@@ -106,8 +107,9 @@ def attention_partial_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o
                  o.to(out_ptr.dtype.element_ty), mask=omask)
     else:
         lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
-        tl.store(o_ptr + pid_s * sos + b * sob + g * soh + rows[:, None] * som + dd[None, :] * sod, o, mask=omask)
-        tl.store(lse_ptr + pid_s * sls + b * slb + g * slh + rows * slm, lse, mask=rmask)
+        split = pid_s.to(tl.int64)
+        tl.store(o_ptr + split * sos + b * sob + g * soh + rows[:, None] * som + dd[None, :] * sod, o, mask=omask)
+        tl.store(lse_ptr + split * sls + b * slb + g * slh + rows * slm, lse, mask=rmask)
 
 
 @triton.jit
