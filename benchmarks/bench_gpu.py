@@ -8,10 +8,10 @@ baselines are transformers eager / `torch.compile` of the transformers model, me
 
     decode   l4compile bench scout --layers N --device cuda --dtype bfloat16 --backends eager,torch-compile,inductor
                  --batch-sizes 1,8,32 --prompt-lens 128 --decode-steps 32 --quant {none,int4}
-             -> ms/token and the fraction of the HBM roofline (weights read per step / peak bandwidth)
+             -> ms/token and the fraction of the HBM roofline (weights + KV read per step / peak bandwidth)
              and again with --layers N/2 --backends inductor, for the figure PER LAYER: (ms(N) - ms(N/2)) / (N - N/2)
-             against the weight bytes one more layer reads, which leaves the lm_head, embedding and the step's fixed
-             costs out (the issue's target is per layer)
+             against the bytes one more layer reads (weights + KV), which leaves the lm_head, embedding and the
+             step's fixed costs out (the issue's target is per layer)
     modes    python benchmarks/bench_decode_modes.py --model scout --layers N --quant int4 --dtype bfloat16
                  --device cuda --batch-sizes 1,8 --prompt 128 --new 64
              -> decode with one engine call per step against CUDA graph replay, same engine, same run
@@ -104,8 +104,8 @@ def per_layer_rows(quant: str, full: dict, half: dict) -> list[str]:
     for batch in sorted(set(a) & set(b)):
         (ms_a, roof_a), (ms_b, roof_b) = a[batch], b[batch]
         ms = (ms_a - ms_b) / (n_full - n_half)
-        nbytes = ((roof_a.get("decode_weight_bytes_per_step") or 0) - (roof_b.get("decode_weight_bytes_per_step")
-                                                                       or 0)) / (n_full - n_half)
+        nbytes = ((roof_a.get("decode_bytes_per_step") or 0) - (roof_b.get("decode_bytes_per_step") or 0)) \
+            / (n_full - n_half)                                          # one layer's weights and KV
         peak = roof_a.get("hbm_bytes_per_s_peak")
         frac = nbytes / (ms / 1e3) / peak if peak and ms > 0 and nbytes > 0 else None
         rows.append(f"| {quant} | {batch} | {ms * 1e3:.1f} | {nbytes / 2**20:.1f} | "
@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             header[3:3] = ["", *notes]
         if layer_rows:
             table += ["", "Per layer (inductor engine, decode; marginal time of one layer between --layers N and "
-                      "N/2, weights one layer reads at that batch). Target: >= 80% of the HBM roofline at batch 1.",
-                      "", "| quant | batch | decode us/layer | weight MiB/layer | HBM roofline |",
+                      "N/2, weights and KV one layer reads at that batch). Target: >= 80% of the HBM roofline at "
+                      "batch 1.", "", "| quant | batch | decode us/layer | MiB read/layer | HBM roofline |",
                       "|---|---|---|---|---|", *layer_rows]
         (out / "SUMMARY.md").write_text("\n".join(header + table) + "\n")
 

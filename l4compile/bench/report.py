@@ -78,6 +78,12 @@ def summarize(samples: list[dict[str, Any]], decode_steps: int,
 # ---------------------------------------------------------------------------------------------------------------
 # report.json
 
+def decode_position(prompt_len: int, decode_steps: int) -> int:
+    """Mean absolute position of the decode steps a bench times: prefill yields the first token, then steps feed
+    positions prompt_len .. prompt_len + decode_steps - 2."""
+    return prompt_len + (decode_steps - 2) // 2
+
+
 def build_report(result: dict[str, Any]) -> dict[str, Any]:
     """Turn ``runner.run_bench``'s result into the documented report dict."""
     from l4compile.bench import roofline
@@ -96,7 +102,8 @@ def build_report(result: dict[str, Any]) -> dict[str, Any]:
                                                prompt_len=r["prompt_len"], prefill_ms=r["prefill_ms"]["median"],
                                                decode_ms_per_step=r["decode_ms_per_token"]["median"],
                                                lm_head_quantized=r["backend"] not in BASELINES
-                                               and result.get("lm_head_quantized", False)),
+                                               and result.get("lm_head_quantized", False),
+                                               decode_position=decode_position(r["prompt_len"], cfg.decode_steps)),
                      backend=r["backend"], batch=r["batch"], prompt_len=r["prompt_len"]) for r in rows]
     decode_methods = {b["name"]: b["decode_method"] for b in backends if b.get("decode_method")}
     return {
@@ -392,7 +399,7 @@ def charts(report: dict[str, Any]) -> dict[str, str]:
         for i, n in enumerate(names):
             pts_p = [(f["prefill_intensity"], f["prefill_tflops"]) for f in roof
                      if f["backend"] == n and f["prefill_tflops"]]
-            pts_d = [(f["decode_intensity"], f["decode_flops_per_step"] / f["decode_weight_bytes_per_step"]
+            pts_d = [(f["decode_intensity"], f["decode_flops_per_step"] / f["decode_bytes_per_step"]
                       * f["decode_bytes_per_s"] / 1e12) for f in roof if f["backend"] == n and f["decode_bytes_per_s"]]
             if pts_p:
                 ax.scatter(*zip(*pts_p), marker="o", color=_color(n, i), label=f"{n} prefill")
@@ -400,7 +407,7 @@ def charts(report: dict[str, Any]) -> dict[str, str]:
                 ax.scatter(*zip(*pts_d), marker="^", color=_color(n, i), label=f"{n} decode")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("arithmetic intensity (FLOP per weight byte)")
+        ax.set_xlabel("arithmetic intensity (FLOP per byte read: weights, and KV at decode)")
         ax.set_ylabel("TFLOP/s")
         ax.set_title("Roofline", loc="left")
         ax.grid(alpha=0.3, which="major")

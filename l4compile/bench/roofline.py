@@ -1,4 +1,4 @@
-"""Roofline figures for GPU runs: weights touched per decode step, achieved HBM bandwidth, prefill TFLOP/s.
+"""Roofline figures for GPU runs: bytes a decode step must read, achieved HBM bandwidth, prefill TFLOP/s.
 
 Counts come from the model config alone (no weights needed), so the same code runs on the meta-sized
 ``scout``/``maverick`` configs and on CI-sized presets:
@@ -6,6 +6,9 @@ Counts come from the model config alone (no weights needed), so the same code ru
 - attention per layer: q, k, v, o projections (biases when ``attention_bias``);
 - MoE layers: router + shared expert + the routed experts a step touches;
 - dense layers (not in ``moe_layers``): the gate/up/down MLP of width ``intermediate_size_mlp``;
+- the KV cache a decode step must read (``kv_bytes``): k and v of the cached positions its query sees, at the
+  mean position of the run's decode steps (all earlier positions in a global layer, those of its own chunk in a
+  chunked one; on Scout Int4 0.3% of the weights at position 128 and batch 1, 24% at position 4096 and batch 8);
 - the lm_head, at the engine dtype also for quantized engines (the quantize pass keeps it unquantized unless
   asked, ``--pass-option quantize.quantize_lm_head=true``: 2 GB of bf16 at Scout's vocabulary, a quarter of what
   an Int4 Scout step reads), at the quant's bytes where the engine's manifest says it was quantized. Embedding rows (a
@@ -114,6 +117,19 @@ def weight_bytes(config: Any, tokens: int, dtype: str, quant: str, lm_head_quant
     return sum(counts.values()) * bytes_per_weight(dtype, quant) + head * head_bpw
 
 
+def kv_bytes(config: Any, batch: int, position: int, dtype: str) -> float:
+    """HBM bytes of cached k and v one decode step at absolute ``position`` reads (its own new key aside): every
+    earlier position in a global (NoPE) layer, the earlier positions of its chunk (``position mod chunk``) in a
+    chunked (RoPE) layer. The minimum any implementation reads; l4compile's CUDA attention reads exactly that."""
+    n = int(_cfg(config, "num_hidden_layers"))
+    chunk = int(_cfg(config, "attention_chunk_size") or 0)
+    nope = _cfg(config, "no_rope_layers") or [1] * n     # 1 = RoPE (chunked), 0 = NoPE (global)
+    per_position = 2 * int(_cfg(config, "num_key_value_heads")) * int(_cfg(config, "head_dim")) \
+        * BYTES_PER_WEIGHT[dtype]
+    seen = sum(position % chunk if nope[i] and chunk else position for i in range(n))
+    return float(batch * per_position * seen)
+
+
 def attention_pairs(config: Any, seq: int) -> int:
     """Visible (query, key) pairs summed over layers: chunked-causal for RoPE layers, causal for NoPE ones."""
     n = int(_cfg(config, "num_hidden_layers"))
@@ -135,11 +151,16 @@ def prefill_flops(config: Any, batch: int, seq: int) -> float:
 
 def roofline_figures(config: Any, *, dtype: str, quant: str, gpu_name: str | None, batch: int, prompt_len: int,
                      prefill_ms: float | None, decode_ms_per_step: float | None,
-                     lm_head_quantized: bool = False) -> dict[str, Any]:
-    """Everything the roofline table and chart need for one (batch, prompt) point; None where unknown."""
+                     lm_head_quantized: bool = False, decode_position: int | None = None) -> dict[str, Any]:
+    """Everything the roofline table and chart need for one (batch, prompt) point; None where unknown.
+    ``decode_position``: the mean absolute position of the decode steps timed (default ``prompt_len``); the KV a
+    step reads is counted there. The HBM fraction is over weights + KV."""
     bpw = bytes_per_weight(dtype, quant)
     peak = gpu_peak(gpu_name)
-    decode_bytes = weight_bytes(config, batch, dtype, quant, lm_head_quantized)
+    position = prompt_len if decode_position is None else decode_position
+    decode_weights = weight_bytes(config, batch, dtype, quant, lm_head_quantized)
+    decode_kv = kv_bytes(config, batch, position, dtype)
+    decode_bytes = decode_weights + decode_kv
     prefill_bytes = weight_bytes(config, batch * prompt_len, dtype, quant, lm_head_quantized)
     flops_p = prefill_flops(config, batch, prompt_len)
     flops_d = 2.0 * active_params(config) * batch
@@ -148,7 +169,8 @@ def roofline_figures(config: Any, *, dtype: str, quant: str, gpu_name: str | Non
         "hbm_bytes_per_s_peak": peak.hbm_bytes_per_s if peak else None,
         "bf16_flops_peak": peak.bf16_flops if peak else None,
         "active_params": active_params(config), "bytes_per_weight": bpw,
-        "decode_weight_bytes_per_step": decode_bytes, "prefill_weight_bytes": prefill_bytes,
+        "decode_weight_bytes_per_step": decode_weights, "decode_kv_bytes_per_step": decode_kv,
+        "decode_bytes_per_step": decode_bytes, "decode_position": position, "prefill_weight_bytes": prefill_bytes,
         "prefill_flops": flops_p, "decode_flops_per_step": flops_d,
         "decode_bytes_per_s": None, "decode_hbm_fraction": None, "prefill_tflops": None,
         "prefill_peak_fraction": None, "decode_intensity": flops_d / decode_bytes,

@@ -132,7 +132,10 @@ def test_render_fake_report(tmp_path, device):
         f = next(x for x in report["roofline"] if x["backend"] == "inductor" and x["batch"] == 1)
         step_s = ind["decode_ms_per_token"]["median"] / 1e3                      # 2.1 ms
         assert f["gpu_peak"] == "H100 SXM"
-        assert f["decode_hbm_fraction"] == pytest.approx(f["decode_weight_bytes_per_step"] / step_s / 3.35e12)
+        assert f["decode_hbm_fraction"] == pytest.approx(f["decode_bytes_per_step"] / step_s / 3.35e12)
+        assert f["decode_bytes_per_step"] == f["decode_weight_bytes_per_step"] + f["decode_kv_bytes_per_step"]
+        assert f["decode_position"] == 16 + (report["config"]["decode_steps"] - 2) // 2
+        assert f["decode_kv_bytes_per_step"] > 0
         assert "Roofline" in md
     else:
         assert report["roofline"] is None and "Roofline" not in page and "Roofline" not in md
@@ -164,8 +167,14 @@ def test_roofline_fake_numbers():
     f = roofline.roofline_figures(cfg, dtype="bfloat16", quant="none", gpu_name="NVIDIA H100 80GB HBM3", batch=1,
                                   prompt_len=64, prefill_ms=1.0, decode_ms_per_step=0.01)
     active = roofline.active_params(cfg)
-    assert f["decode_weight_bytes_per_step"] == active * 2
-    assert f["decode_hbm_fraction"] == pytest.approx(active * 2 / 1e-5 / 3.35e12)
+    # KV at position 64: 3 chunked layers (chunk 16) see 64 mod 16 = 0 cached positions, the NoPE layer all 64;
+    # k and v, 2 kv heads x head_dim 16, bf16
+    kv = 64 * 2 * 2 * 16 * 2
+    assert f["decode_weight_bytes_per_step"] == active * 2 and f["decode_kv_bytes_per_step"] == kv
+    assert f["decode_hbm_fraction"] == pytest.approx((active * 2 + kv) / 1e-5 / 3.35e12)
+    at = roofline.roofline_figures(cfg, dtype="bfloat16", quant="none", gpu_name=None, batch=3, prompt_len=64,
+                                   prefill_ms=None, decode_ms_per_step=None, decode_position=70)
+    assert at["decode_kv_bytes_per_step"] == 3 * (3 * 6 + 70) * 2 * 2 * 16 * 2      # 70 mod 16 = 6 in a chunk
     assert f["prefill_tflops"] == pytest.approx(roofline.prefill_flops(cfg, 1, 64) / 1e-3 / 1e12)
     # chunk 16, 3 RoPE layers + 1 NoPE layer over 64 tokens
     assert roofline.attention_pairs(cfg, 64) == 3 * 4 * (16 * 17 // 2) + 64 * 65 // 2

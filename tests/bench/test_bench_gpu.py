@@ -60,13 +60,13 @@ def test_modes_part_runs_the_decode_modes_script(tmp_path):
 
 
 def test_per_layer_rows_subtract_the_half_depth_engine():
-    """4 layers at 10 ms and 2 layers at 6 ms -> 2 ms per layer; 4 GiB vs 2.5 GiB of weights -> 0.75 GiB per layer;
+    """4 layers at 10 ms and 2 layers at 6 ms -> 2 ms per layer; 4 GiB vs 2.5 GiB read -> 0.75 GiB per layer;
     on a 1 TB/s peak: 0.75 * 2**30 B / 2 ms / 1e12 B/s = 40.3%."""
     def report(layers, ms, nbytes):
         return {"model": {"config": {"num_hidden_layers": layers}},
                 "summary": [{"backend": b, "batch": 1, "prompt_len": 128, "decode_ms_per_token": {"median": t}}
                             for b, t in (("inductor", ms), ("eager", 99.0))],
-                "roofline": [{"backend": "inductor", "batch": 1, "decode_weight_bytes_per_step": nbytes,
+                "roofline": [{"backend": "inductor", "batch": 1, "decode_bytes_per_step": nbytes,
                               "hbm_bytes_per_s_peak": 1e12}]}
     rows = _module().per_layer_rows("int4", report(4, 10.0, 4 * 2**30), report(2, 6.0, 2.5 * 2**30))
     assert rows == ["| int4 | 1 | 2000.0 | 768.0 | 40.3% |"]
