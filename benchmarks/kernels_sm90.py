@@ -1,7 +1,7 @@
 """Compile every Triton kernel l4compile launches for an H100 (sm_90a) on a machine without a GPU, and report what
 ptxas made of it: registers per thread, spilled bytes (stack), shared memory.
 
-    python benchmarks/kernels_sm90.py [--dims scout|tiny] [--json FILE]
+    python benchmarks/kernels_sm90.py [--dims scout|tiny] [--dtypes bfloat16,float32] [--sweep] [--json FILE]
 
 How: each kernel's host code (``l4compile.kernels.ops``) runs on META tensors at the given dimensions with
 ``wrap_triton`` replaced by a recorder, so the launches it would make (kernel, arguments, constexprs) are captured
@@ -42,8 +42,6 @@ sys.path.insert(0, str(ROOT))
 DIMS = {"scout": {"H": 5120, "I": 8192, "E": 16, "heads": 40, "kv_heads": 8, "head_dim": 128, "slots": 8192},
         "tiny": {"H": 64, "I": 96, "E": 4, "heads": 4, "kv_heads": 2, "head_dim": 16, "slots": 32}}
 SHARED_LIMIT = 227 * 1024       # the most shared memory one block may opt into on sm_90
-TORCH_TO_TRITON = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
-                   torch.int32: "i32", torch.uint8: "u8"}
 
 
 class Recorder:
@@ -59,9 +57,9 @@ class Recorder:
 
 
 def specialize(kernel, args: tuple, kw: dict, backend) -> tuple[dict, dict, dict, dict, dict]:
-    """(signature, constexprs, attributes, options, constexprs by name) of one launch, as ``JITFunction.run`` derives them on a GPU:
-    Triton's own binder, so integers divisible by 16 and aligned pointers get the same specialisation
-    (``tt.divisibility``; meta tensors count as aligned, as the caching allocator's blocks are)."""
+    """(signature, constexprs, attributes, options, constexprs by name) of one launch, as ``JITFunction.run``
+    derives them on a GPU: Triton's own binder, so integers divisible by 16 and aligned pointers get the same
+    specialisation (``tt.divisibility``; meta tensors count as aligned, as the caching allocator's blocks are)."""
     from triton.runtime.jit import create_function_from_signature
 
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
@@ -106,7 +104,8 @@ def cases(dims: dict, dtype: torch.dtype):
     yield "moe_q_fused", lambda: ops.fused_moe_int4(torch.empty(1, h, **bf16), *moe_q_weights(), 1)
     yield "moe_fused", lambda: ops.fused_moe(
         torch.empty(1, h, **bf16), torch.empty(e, h, **bf16), torch.empty(e, h, 2 * i, **bf16),
-        torch.empty(e, i, h, **bf16), torch.empty(i, h, **bf16), torch.empty(i, h, **bf16), torch.empty(h, i, **bf16), 1)
+        torch.empty(e, i, h, **bf16), torch.empty(i, h, **bf16), torch.empty(i, h, **bf16), torch.empty(h, i, **bf16),
+        1)
     for t, label in ((1, "decode"), (2048, "prefill")):
         def attend(t=t):
             q = torch.empty(1, t, hq, d, **bf16).transpose(1, 2)
@@ -116,10 +115,45 @@ def cases(dims: dict, dtype: torch.dtype):
         yield f"attention_fused {label} T={t}", attend
 
 
+def sweep_cases(dims: dict, dtype: torch.dtype):
+    """The block configurations ``bench_kernels.py`` sweeps on a GPU, at decode (1 token): which of them compile, fit
+    and do not spill, before any GPU time is spent on them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_kernels import attention_configs, configs
+
+    from l4compile.kernels import ops
+    from l4compile.kernels.layout import AttentionBlocks, Int4Blocks
+
+    meta = dict(device="meta")
+    act, scale = dict(dtype=dtype, **meta), dict(dtype=torch.bfloat16, **meta)
+    h, i, e, hq, hkv, d = (dims[k] for k in ("H", "I", "E", "heads", "kv_heads", "head_dim"))
+    packed = lambda *shape: torch.empty(*shape[:-1], shape[-1] // 2, dtype=torch.uint8, **meta)   # noqa: E731
+    groups = lambda *shape: torch.empty(*shape[:-1], shape[-1] // 128, **scale)                    # noqa: E731
+    for bn, bk in configs(quick=False, tiny=False):
+        b = Int4Blocks(16, bn, bk, True)
+        yield f"sweep int4_mm BN{bn} BK{bk}", lambda b=b: ops.int4_matmul(
+            torch.empty(1, h, **act), packed(hq * d, h), groups(hq * d, h), blocks=b)
+        yield f"sweep moe_q_fused BN{bn} BK{bk}", lambda b=b: ops.fused_moe_int4(
+            torch.empty(1, h, **act), torch.empty(e, h, **act), packed(e, 2 * i, h), groups(e, 2 * i, h),
+            packed(e, h, i), groups(e, h, i), packed(i, h), groups(i, h), packed(i, h), groups(i, h), packed(h, i),
+            groups(h, i), 1, blocks=(b, b))
+    for bm, bn in attention_configs(quick=False, tiny=False):
+        def attend(bm=bm, bn=bn):
+            q = torch.empty(1, 1, hq, d, **act).transpose(1, 2)
+            kv = [torch.empty(1, 1, hkv, d, **act).transpose(1, 2) for _ in "kv"]
+            cache = [torch.empty(1, hkv, dims["slots"], d, **act) for _ in "kv"]
+            ops.fused_attention(q, *kv, *cache, torch.empty(1, dtype=torch.int64, **meta), hq, hkv, 0, d ** -0.5,
+                                blocks=AttentionBlocks(bm, bn, 128))
+        yield f"sweep attention_fused BM{bm} BN{bn}", attend
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dims", choices=sorted(DIMS), default="scout")
     ap.add_argument("--dtypes", default="bfloat16,float32", help="engine dtypes (activations, float weights)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also the block configurations bench_kernels.py sweeps (reported; they do not set the exit "
+                         "status, which stays about the configurations the code chooses)")
     ap.add_argument("--json", default=None, metavar="FILE")
     a = ap.parse_args(argv)
     from l4compile.kernels import why_unavailable
@@ -150,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     print("| case | dtype | kernel | constexprs | registers | spilled (stack) bytes | shared bytes |")
     print("|---|---|---|---|---|---|---|", flush=True)
     rows, bad = [], 0
-    for (name, thunk), dtype in [(c, d) for d in dtypes for c in cases(DIMS[a.dims], d)]:
+    todo = [(c, d) for d in dtypes for c in cases(DIMS[a.dims], d)]
+    if a.sweep:
+        todo += [(c, d) for d in dtypes if d != torch.float32 for c in sweep_cases(DIMS["scout"], d)]
+    for (name, thunk), dtype in todo:
         dname = str(dtype).replace("torch.", "")
         rec = Recorder()
         real, ops.wrap_triton = ops.wrap_triton, rec
@@ -170,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as ex:           # reported, and the exit status says so
                 row["error"] = f"{type(ex).__name__}: {ex}".splitlines()[0][:200]
             if not row["error"] and row["shared_bytes"] > SHARED_LIMIT:
-                row["error"] = f"needs {row['shared_bytes']} bytes of shared memory, over the {SHARED_LIMIT} an H100 has"
-            if row["error"] or (row.get("stack_bytes") and dtype != torch.float32):
+                row["error"] = (f"needs {row['shared_bytes']} bytes of shared memory, over the {SHARED_LIMIT} an H100 "
+                                "block may have")
+            if (row["error"] or (row.get("stack_bytes") and dtype != torch.float32)) and not name.startswith("sweep"):
                 bad += 1
             rows.append(row)
             shown = " ".join(f"{k}={v}" for k, v in row.get("constexprs", {}).items() if k.isupper())
