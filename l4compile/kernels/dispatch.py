@@ -35,8 +35,9 @@ from l4compile.ops import quant as quant_ops
 
 from . import triton_available
 from .fp8_scaled_mm import linear_fp8_scaled_mm, scaled_mm_supported
+from .layout import ATTENTION_MAX_HEAD_DIM
 
-FUSED_MOE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)      # what the Triton kernels take
 
 
 @functools.cache
@@ -49,7 +50,7 @@ def load_triton_ops() -> bool:
 
 
 def fused_moe_supported(x: Tensor, *weights: Tensor) -> bool:
-    return (x.dim() == 2 and x.dtype in FUSED_MOE_DTYPES and all(w.dtype == x.dtype for w in weights)
+    return (x.dim() == 2 and x.dtype in KERNEL_DTYPES and all(w.dtype == x.dtype for w in weights)
             and load_triton_ops())
 
 
@@ -73,7 +74,7 @@ def moe_decomposition(x: Tensor, *weights_and_top_k):
 
 def fused_moe_int4_supported(x: Tensor, router_w: Tensor, *weights: Tensor) -> bool:
     """``weights``: l4::moe_q's (q, scale) pairs; the fused kernel takes Int4 (uint8) q tensors only."""
-    return (x.dim() == 2 and x.dtype in FUSED_MOE_DTYPES and router_w.dtype == x.dtype
+    return (x.dim() == 2 and x.dtype in KERNEL_DTYPES and router_w.dtype == x.dtype
             and all(q.dtype == torch.uint8 for q in weights[::2]) and load_triton_ops())
 
 
@@ -98,16 +99,16 @@ def moe_q_decomposition(x: Tensor, router_w: Tensor, *weights_and_top_k):
     return NotImplemented
 
 
-def fused_attention_supported(q: Tensor, k_cache: Tensor, v_cache: Tensor, head_dim: int) -> bool:
-    return (q.dtype in FUSED_MOE_DTYPES and k_cache.dtype == v_cache.dtype == q.dtype and head_dim <= 256
-            and load_triton_ops())
+def fused_attention_supported(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
+    """caches [B, Hkv, L, D]: the kernel takes D up to ``ATTENTION_MAX_HEAD_DIM``, q and caches of one dtype."""
+    return (q.dtype in KERNEL_DTYPES and k_cache.dtype == v_cache.dtype == q.dtype
+            and k_cache.shape[-1] <= ATTENTION_MAX_HEAD_DIM and load_triton_ops())
 
 
 def attention_cached_cuda(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, *rest):
     """``l4::attention_cached`` on CUDA (same arguments): the reference with ``l4::attention_fused`` as its
     attention, or the reference alone (plain aten) without Triton or for an unsupported dtype / head_dim."""
-    head_dim = rest[5]                       # after start_pos, cos, sin, n_heads, n_kv_heads
-    if fused_attention_supported(q, k_cache, v_cache, head_dim):
+    if fused_attention_supported(q, k_cache, v_cache):
         return attention_ops.attention_cached_impl(q, k, v, k_cache, v_cache, *rest,
                                                    fused_attend=torch.ops.l4.attention_fused)
     return attention_ops.attention_cached_impl(q, k, v, k_cache, v_cache, *rest)

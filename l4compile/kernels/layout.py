@@ -130,11 +130,14 @@ class AttentionBlocks:
     block_d: int   # head_dim, padded to a power of two >= 16
 
 
+ATTENTION_MAX_HEAD_DIM = 256
+
+
 def attention_blocks(head_dim: int) -> AttentionBlocks:
     """BM = BN = 64 for every T (T is symbolic): prefill wants tall tiles, and at decode (R rows, 5 for Scout) the
     padded rows cost MMA work only; a decode step is bound by the keys it streams, not by FLOPs."""
-    if head_dim > 256:
-        raise ValueError(f"attention kernel: head_dim {head_dim} > 256 is not supported")
+    if head_dim > ATTENTION_MAX_HEAD_DIM:
+        raise ValueError(f"attention kernel: head_dim {head_dim} > {ATTENTION_MAX_HEAD_DIM} is not supported")
     return AttentionBlocks(64, 64, max(16, _pow2_ceil(head_dim)))
 
 
