@@ -79,40 +79,53 @@ def resources(cubin: bytes, tool: Path) -> dict:
     return {"registers": m.get("REG"), "stack_bytes": m.get("STACK"), "static_shared_bytes": m.get("SHARED")}
 
 
+class MetaInputs:
+    """Meta tensors shaped as the kernels' host code takes them at ``dims``, activations (and float weights) in
+    ``dtype``; Int4 weights packed two to a byte with bfloat16 scales per group of 128, as the quantize pass makes
+    them."""
+
+    def __init__(self, dims: dict, dtype: torch.dtype):
+        self.dims, self.dtype = dims, dtype
+        self.group = min(128, dims["H"])
+
+    def act(self, *shape: int) -> torch.Tensor:
+        return torch.empty(*shape, dtype=self.dtype, device="meta")
+
+    def int4(self, *shape: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed [.., K/2] uint8, scales [.., K/G] bf16) of a weight [.., K] (nn.Linear orientation)."""
+        *lead, k = shape
+        return (torch.empty(*lead, k // 2, dtype=torch.uint8, device="meta"),
+                torch.empty(*lead, k // self.group, dtype=torch.bfloat16, device="meta"))
+
+    def moe_q(self) -> tuple:
+        """l4::moe_q's weights after x: router, then (q, scale) of gate_up, down, shared gate, up, down."""
+        h, i, e = self.dims["H"], self.dims["I"], self.dims["E"]
+        return (self.act(e, h), *self.int4(e, 2 * i, h), *self.int4(e, h, i), *self.int4(i, h), *self.int4(i, h),
+                *self.int4(h, i))
+
+    def attention(self, t: int) -> tuple:
+        """l4::attention_fused's tensors for T new tokens: q, k_new, v_new (transposed views), caches, start."""
+        b, hq, hkv, d = 1, self.dims["heads"], self.dims["kv_heads"], self.dims["head_dim"]
+        q = self.act(b, t, hq, d).transpose(1, 2)
+        kv = [self.act(b, t, hkv, d).transpose(1, 2) for _ in "kv"]
+        cache = [self.act(b, hkv, self.dims["slots"], d) for _ in "kv"]
+        return (q, *kv, *cache, torch.empty(1, dtype=torch.int64, device="meta"))
+
+
 def cases(dims: dict, dtype: torch.dtype):
     """(name, thunk) pairs; each thunk runs host glue on meta tensors (the recorder collects the launches)."""
     from l4compile.kernels import ops
 
-    meta = dict(device="meta")
-    bf16 = dict(dtype=dtype, **meta)            # the activations' (and float weights') dtype
-    h, i, e = dims["H"], dims["I"], dims["E"]
-    hq, hkv, d, slots = dims["heads"], dims["kv_heads"], dims["head_dim"], dims["slots"]
-    group = min(128, h)
-
-    scale = dict(dtype=torch.bfloat16, **meta)  # Int4 scales are bfloat16 whatever the engine dtype
-
-    def int4(n, k):
-        return torch.empty(n, k // 2, dtype=torch.uint8, **meta), torch.empty(n, k // group, **scale)
-
-    def moe_q_weights():
-        gu = (torch.empty(e, 2 * i, h // 2, dtype=torch.uint8, **meta), torch.empty(e, 2 * i, h // group, **scale))
-        dn = (torch.empty(e, h, i // 2, dtype=torch.uint8, **meta), torch.empty(e, h, i // group, **scale))
-        return (torch.empty(e, h, **bf16), *gu, *dn, *int4(i, h), *int4(i, h), *int4(h, i))
-
+    m = MetaInputs(dims, dtype)
+    h, i, e, hq, hkv, d = (dims[k] for k in ("H", "I", "E", "heads", "kv_heads", "head_dim"))
     for t in (1, 2048):
-        yield f"int4_mm q_proj T={t}", lambda t=t: ops.int4_matmul(torch.empty(t, h, **bf16), *int4(hq * d, h))
-    yield "moe_q_fused", lambda: ops.fused_moe_int4(torch.empty(1, h, **bf16), *moe_q_weights(), 1)
-    yield "moe_fused", lambda: ops.fused_moe(
-        torch.empty(1, h, **bf16), torch.empty(e, h, **bf16), torch.empty(e, h, 2 * i, **bf16),
-        torch.empty(e, i, h, **bf16), torch.empty(i, h, **bf16), torch.empty(i, h, **bf16), torch.empty(h, i, **bf16),
-        1)
+        yield f"int4_mm q_proj T={t}", lambda t=t: ops.int4_matmul(m.act(t, h), *m.int4(hq * d, h))
+    yield "moe_q_fused", lambda: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1)
+    yield "moe_fused", lambda: ops.fused_moe(m.act(1, h), m.act(e, h), m.act(e, h, 2 * i), m.act(e, i, h),
+                                             m.act(i, h), m.act(i, h), m.act(h, i), 1)
     for t, label in ((1, "decode"), (2048, "prefill")):
-        def attend(t=t):
-            q = torch.empty(1, t, hq, d, **bf16).transpose(1, 2)
-            kv = [torch.empty(1, t, hkv, d, **bf16).transpose(1, 2) for _ in "kv"]
-            cache = [torch.empty(1, hkv, slots, d, **bf16) for _ in "kv"]
-            ops.fused_attention(q, *kv, *cache, torch.empty(1, dtype=torch.int64, **meta), hq, hkv, 0, d ** -0.5)
-        yield f"attention_fused {label} T={t}", attend
+        yield f"attention_fused {label} T={t}", lambda t=t: ops.fused_attention(*m.attention(t), hq, hkv, 0,
+                                                                                d ** -0.5)
 
 
 def sweep_cases(dims: dict, dtype: torch.dtype):
@@ -122,29 +135,20 @@ def sweep_cases(dims: dict, dtype: torch.dtype):
     from bench_kernels import attention_configs, configs
 
     from l4compile.kernels import ops
-    from l4compile.kernels.layout import AttentionBlocks, Int4Blocks
+    from l4compile.kernels.layout import AttentionBlocks, Int4Blocks, attention_blocks
 
-    meta = dict(device="meta")
-    act, scale = dict(dtype=dtype, **meta), dict(dtype=torch.bfloat16, **meta)
-    h, i, e, hq, hkv, d = (dims[k] for k in ("H", "I", "E", "heads", "kv_heads", "head_dim"))
-    packed = lambda *shape: torch.empty(*shape[:-1], shape[-1] // 2, dtype=torch.uint8, **meta)   # noqa: E731
-    groups = lambda *shape: torch.empty(*shape[:-1], shape[-1] // 128, **scale)                    # noqa: E731
+    m = MetaInputs(dims, dtype)
+    h, hq, hkv, d = (dims[k] for k in ("H", "heads", "kv_heads", "head_dim"))
     for bn, bk in configs(quick=False, tiny=False):
         b = Int4Blocks(16, bn, bk, True)
-        yield f"sweep int4_mm BN{bn} BK{bk}", lambda b=b: ops.int4_matmul(
-            torch.empty(1, h, **act), packed(hq * d, h), groups(hq * d, h), blocks=b)
-        yield f"sweep moe_q_fused BN{bn} BK{bk}", lambda b=b: ops.fused_moe_int4(
-            torch.empty(1, h, **act), torch.empty(e, h, **act), packed(e, 2 * i, h), groups(e, 2 * i, h),
-            packed(e, h, i), groups(e, h, i), packed(i, h), groups(i, h), packed(i, h), groups(i, h), packed(h, i),
-            groups(h, i), 1, blocks=(b, b))
+        yield f"sweep int4_mm BN{bn} BK{bk}", lambda b=b: ops.int4_matmul(m.act(1, h), *m.int4(hq * d, h), blocks=b)
+        yield f"sweep moe_q_fused BN{bn} BK{bk}", lambda b=b: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1,
+                                                                                blocks=(b, b))
+    block_d = attention_blocks(d).block_d
     for bm, bn in attention_configs(quick=False, tiny=False):
-        def attend(bm=bm, bn=bn):
-            q = torch.empty(1, 1, hq, d, **act).transpose(1, 2)
-            kv = [torch.empty(1, 1, hkv, d, **act).transpose(1, 2) for _ in "kv"]
-            cache = [torch.empty(1, hkv, dims["slots"], d, **act) for _ in "kv"]
-            ops.fused_attention(q, *kv, *cache, torch.empty(1, dtype=torch.int64, **meta), hq, hkv, 0, d ** -0.5,
-                                blocks=AttentionBlocks(bm, bn, 128))
-        yield f"sweep attention_fused BM{bm} BN{bn}", attend
+        blocks = AttentionBlocks(bm, bn, block_d)
+        yield f"sweep attention_fused BM{bm} BN{bn}", lambda blocks=blocks: ops.fused_attention(
+            *m.attention(1), hq, hkv, 0, d ** -0.5, blocks=blocks)
 
 
 def main(argv: list[str] | None = None) -> int:
