@@ -1,6 +1,7 @@
 """GPU benchmark of issue 10 (fused MoE / Int4 / FP8 kernels) at Scout dimensions, through `l4compile bench`.
 
-    python benchmarks/bench_gpu.py [--layers 4] [--parts decode,modes,context,prefill,full] [--repeats 5] [--out DIR]
+    python benchmarks/bench_gpu.py [--layers 4] [--parts decode,modes,context,prefill,full] [--repeats 5]
+                                   [--out DIR]
 
 Needs a CUDA GPU (H100 / H200) and a CUDA build of torch with triton; elsewhere it exits 2 with one `error:` line.
 Each part is one `l4compile bench` run in its own process (so one part's GPU memory never inflates the next);
