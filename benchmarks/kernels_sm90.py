@@ -59,12 +59,16 @@ class Recorder:
 def specialize(kernel, args: tuple, kw: dict, backend) -> tuple[dict, dict, dict, dict, dict]:
     """(signature, constexprs, attributes, options, constexprs by name) of one launch, as ``JITFunction.run``
     derives them on a GPU: Triton's own binder, so integers divisible by 16 and aligned pointers get the same
-    specialisation (``tt.divisibility``; meta tensors count as aligned, as the caching allocator's blocks are)."""
+    specialisation (``tt.divisibility``; meta tensors count as aligned, as the caching allocator's blocks are).
+    Python float arguments are typed fp64, as Inductor types them in engines (``torch._inductor.codegen.triton_utils``,
+    ``_use_fp64_for_unbacked_floats``); Triton's own launcher would say fp32 and hide a kernel that mixes the two."""
     from triton.runtime.jit import create_function_from_signature
 
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kw)
     options, sig, constexprs, attrs = kernel._pack_args(backend, kw, bound, specialization, options)
+    values = {**dict(zip(kernel.arg_names, args)), **kw}
+    sig = {k: "fp64" if isinstance(values.get(k), float) else t for k, t in sig.items()}   # as Inductor types them
     consts = {kernel.arg_names[path[0]]: v for path, v in constexprs.items()}
     options = {k: v for k, v in options.__dict__.items() if k in ("num_warps", "num_stages")}
     return sig, constexprs, attrs, options, consts

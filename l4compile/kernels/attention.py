@@ -50,6 +50,7 @@ def attention_partial_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o
     dmask = dd < D
     start = tl.load(start_ptr).to(tl.int32)                                      # positions < 2**31: i32 offsets
     qpos = start + t                                                             # [BM] absolute positions
+    scale = tl.cast(scaling, tl.float32)     # Inductor types a Python float argument fp64: keep the scores fp32
     q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + t[:, None] * sqt + dd[None, :] * sqd,
                 mask=rmask[:, None] & dmask[None, :], other=0.0)                 # [BM, BD]
 
@@ -83,7 +84,7 @@ def attention_partial_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o
         qd, kd = q, tl.trans(k)
         if DOT_F32:                                                              # interpreter (see moe_gate_up)
             qd, kd = qd.to(tl.float32), kd.to(tl.float32)
-        s = tl.dot(qd, kd, input_precision=PRECISION) * scaling                  # [BM, BN] float32
+        s = tl.dot(qd, kd, input_precision=PRECISION) * scale                    # [BM, BN] float32
         vis = (kp[None, :] <= qpos[:, None]) & inr[None, :] & rmask[:, None]
         if CHUNK > 0:
             vis = vis & ((kp // CHUNK)[None, :] == (qpos // CHUNK)[:, None])
