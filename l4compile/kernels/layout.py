@@ -28,7 +28,9 @@ class MoeRows:
 
     row_tok: Tensor        # [R] int32: token each row reads
     row_scale: Tensor      # [R] float32: input scale (routed: sigmoid score in x.dtype, widened; shared: 1)
-    routed_tok: Tensor     # [A] int64: token of each routed row (the index_add target)
+    routed_tok: Tensor     # [A] int64: token of each routed row
+    routed_row: Tensor     # [A] int64: routed row of assignment a = t*K + k (token t's k-th expert): the combine
+                           # gathers y[routed_row] (no scatter: index_add has no AOTI c-shim, it would go opaque)
     tile_group: Tensor     # [NT] int32: group of the tile, G for an unused tile
     tile_row0: Tensor      # [NT] int32: first row of the tile
     tile_row_end: Tensor   # [NT] int32: end (exclusive) of the tile's group rows
@@ -46,6 +48,7 @@ def moe_rows(idx: Tensor, score: Tensor, n_experts: int, block_m: int) -> MoeRow
     flat_e = idx.reshape(-1)                                                     # [A]
     order = torch.argsort(flat_e, stable=True)                                  # [A]
     routed_tok = order // top_k                                                  # [A]
+    routed_row = torch.zeros_like(order).scatter(0, order, torch.arange(order.shape[0], device=dev))  # [A] order^-1
     tok_ids = torch.arange(n_tok, device=dev)                                    # [T]
     row_tok = torch.cat((routed_tok, tok_ids)).to(torch.int32)                  # [R]
     row_scale = torch.cat((score.reshape(-1).index_select(0, order).float(),
@@ -64,7 +67,7 @@ def moe_rows(idx: Tensor, score: Tensor, n_experts: int, block_m: int) -> MoeRow
     first_tile = tile_end.index_select(0, g) - tiles.index_select(0, g)         # [NT]
     group_start = group_end.index_select(0, g) - counts.index_select(0, g)
     tile_row0 = group_start + (t - first_tile) * block_m                        # [NT]
-    return MoeRows(row_tok, row_scale, routed_tok, tile_group.to(torch.int32), tile_row0.to(torch.int32),
+    return MoeRows(row_tok, row_scale, routed_tok, routed_row, tile_group.to(torch.int32), tile_row0.to(torch.int32),
                    group_end.index_select(0, g).to(torch.int32))
 
 

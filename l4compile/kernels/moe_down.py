@@ -6,8 +6,8 @@ For every row r of tile ``program_id(0)`` and hidden columns ``program_id(1) * B
     y[r] = (act[r] @ Wd).to(y.dtype)          # fp32 accumulation
 
 with Wd = ``down[e]`` ([E, I, H], HF layout) for a routed group e < E and ``shared_down^T`` ([H, I] nn.Linear)
-for the shared group E. Rows stay in the grouped order; the caller adds the routed rows onto the shared rows
-by token (``index_add``; for top-1 every token has exactly one routed row, so no two rows collide).
+for the shared group E. Rows stay in the grouped order; the caller adds each token's routed rows onto its shared
+row (``ops.combine_rows``, a gather).
 
 Shapes: act [R, I]; down [E, I, H]; shared_down [H, I]; tile_group/tile_row0/tile_row_end [NT] int32;
 y [R, H]. Grid: (NT, cdiv(H, BN)).

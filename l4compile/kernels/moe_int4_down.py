@@ -10,7 +10,7 @@ For every row r of tile ``program_id(0)`` and hidden columns ``program_id(1) * B
 with (down_q, down_s) = ``down_q[e]``, ``down_s[e]`` ([E, H, I/2], [E, H, I/Gi]) for a routed group e < E and
 ``shared_down_q``, ``shared_down_s`` ([H, I/2], [H, I/Gi]) for the shared group E: both nn.Linear orientation, so
 one tile routine for both. Packed blocks load once and unpack in registers (``int4_mm.int4_tile``).
-Rows stay in the grouped order; the caller adds the routed rows onto the shared rows by token (``index_add``).
+Rows stay in the grouped order; the caller adds each token's routed rows onto its shared row (``ops.combine_rows``).
 
 Shapes: act [R, I]; down_q [E, H, I/2] uint8, down_s [E, H, I/Gi]; shared_down_q [H, I/2] uint8, shared_down_s
 [H, I/Gi]; tile_group/tile_row0/tile_row_end [NT] int32; y [R, H]. Grid: (NT, cdiv(H, BN)).

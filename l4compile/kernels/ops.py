@@ -33,8 +33,8 @@ from l4compile.ops.moe import _route
 from . import interpreting
 from .attention import attention_combine_kernel, attention_partial_kernel
 from .int4_mm import int4_mm_kernel
-from .layout import (AttentionBlocks, Int4Blocks, attention_blocks, attention_splits, int4_blocks, moe_blocks,
-                     moe_int4_blocks, moe_rows)
+from .layout import (AttentionBlocks, Int4Blocks, MoeRows, attention_blocks, attention_splits, int4_blocks,
+                     moe_blocks, moe_int4_blocks, moe_rows)
 from .moe_down import moe_down_kernel
 from .moe_gate_up import moe_gate_up_kernel
 from .moe_int4_down import moe_int4_down_kernel
@@ -46,6 +46,19 @@ def _dot_mode(dtype: torch.dtype) -> dict:
     DOT_F32: under the CPU interpreter, bf16 dot operands go in as float32 (see moe_gate_up's docstring)."""
     f32 = interpreting() and dtype == torch.bfloat16
     return {"PRECISION": "ieee" if dtype == torch.float32 or f32 else "tf32", "DOT_F32": f32}
+
+
+def combine_rows(y: Tensor, rows: MoeRows, n_tok: int, top_k: int) -> Tensor:
+    """y [R, H] in grouped-row order -> [T, H]: each token's shared row plus its K routed rows, gathered by
+    ``rows.routed_row`` (a gather Inductor fuses into one pointwise kernel; a scatter-add would stay an opaque op),
+    summed in float32 in row (= expert) order and rounded once, as the reference's ``index_add_`` does on the CPU."""
+    by_row = rows.routed_row.view(n_tok, top_k)                                  # [T, K]
+    if top_k > 1:
+        by_row = by_row.sort(dim=1).values
+    out = y[n_tok * top_k:].float()                                              # [T, H] shared rows
+    for k in range(top_k):
+        out = out + y.index_select(0, by_row[:, k]).float()
+    return out.to(y.dtype)
 
 
 def fused_moe(x: Tensor, router_w: Tensor, gate_up: Tensor, down: Tensor, shared_gate: Tensor, shared_up: Tensor,
@@ -70,8 +83,7 @@ def fused_moe(x: Tensor, router_w: Tensor, gate_up: Tensor, down: Tensor, shared
         act, down, shared_down, y, rows.tile_group, rows.tile_row0, rows.tile_row_end, hidden, i_dim, n_exp,
         act.stride(0), act.stride(1), down.stride(0), down.stride(1), down.stride(2), shared_down.stride(0),
         shared_down.stride(1), y.stride(0), y.stride(1), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **mode)
-    n_routed = n_tok * top_k
-    return y[n_routed:].index_add(0, rows.routed_tok, y[:n_routed])              # shared rows + routed rows
+    return combine_rows(y, rows, n_tok, top_k)
 
 
 def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tensor, down_q: Tensor, down_s: Tensor,
@@ -108,8 +120,7 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
         hidden, i_dim, n_exp, group_i, act.stride(0), act.stride(1), *down_q.stride(), *down_s.stride(),
         *shared_down_q.stride(), *shared_down_s.stride(), y.stride(0), y.stride(1),
         BLOCK_M=bdn.block_m, BLOCK_N=bdn.block_n, BLOCK_K=bdn.block_k, SCALE_PER_BLOCK=bdn.scale_per_block, **mode)
-    n_routed = n_tok * top_k
-    return y[n_routed:].index_add(0, rows.routed_tok, y[:n_routed])              # shared rows + routed rows
+    return combine_rows(y, rows, n_tok, top_k)
 
 
 def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None) -> Tensor:

@@ -53,6 +53,7 @@ def test_moe_rows_tiles_cover_every_row_once(n_tok, n_exp, top_k, bm):
         t = int(rows.row_tok[r])
         k = int((idx[t] == row_group[r]).nonzero()[0])
         assert rows.row_scale[r] == score[t, k] and rows.routed_tok[r] == t
+        assert rows.routed_row[t * top_k + k] == r                # the combine's gather finds the row again
 
 
 def test_int4_blocks():
