@@ -76,13 +76,17 @@ def caches_in_place(gm: torch.fx.GraphModule) -> torch.fx.GraphModule | None:
     return out
 
 
-def _package(program, outdir: Path, device: str = "cpu") -> bool:
-    """``outdir``/model.pt2 (code only) + ``outdir``/weights.safetensors (every constant the package reads).
-    Returns whether the package updates its KV caches in place."""
+# What every package is compiled with (aoti_compile_and_package's inductor_configs).
+AOTI_CONFIGS = {"aot_inductor.package_constants_in_so": False}
+
+
+def export_for_aoti(program, device: str = "cpu") -> tuple[torch.export.ExportedProgram, bool]:
+    """The Program as AOTInductor compiles it: caches written in place (text step graphs), l4 ops decomposed (plain
+    aten, and for CUDA the Triton kernel ops and ``_scaled_mm``). Returns (the exported program, whether its caches
+    are updated in place)."""
     import dataclasses
 
     import l4compile.ops
-    from l4compile import tensorfile
 
     in_place = caches_in_place(program.gm) if program.kind == "text" else None
     if in_place is not None:
@@ -91,13 +95,20 @@ def _package(program, outdir: Path, device: str = "cpu") -> bool:
     if device == "cuda":   # l4::moe / linear_int4 -> Triton triton_ops, linear_fp8 -> _scaled_mm (compiled in)
         from l4compile.kernels.dispatch import cuda_decompositions
         decomps.update(cuda_decompositions())
-    ep = program.export().run_decompositions(decomps)
+    return program.export().run_decompositions(decomps), in_place is not None
+
+
+def _package(program, outdir: Path, device: str = "cpu") -> bool:
+    """``outdir``/model.pt2 (code only) + ``outdir``/weights.safetensors (every constant the package reads).
+    Returns whether the package updates its KV caches in place."""
+    from l4compile import tensorfile
+
+    ep, in_place = export_for_aoti(program, device)
     with torch.no_grad():
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(outdir / ARTIFACT),
-                                                 inductor_configs={"aot_inductor.package_constants_in_so": False})
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(outdir / ARTIFACT), inductor_configs=AOTI_CONFIGS)
     constants = {k: v for k, v in {**ep.state_dict, **ep.constants}.items() if isinstance(v, torch.Tensor)}
     tensorfile.write(outdir / WEIGHTS, constants)
-    return in_place is not None
+    return in_place
 
 
 def load(engine_dir: Path, manifest: dict[str, Any]):

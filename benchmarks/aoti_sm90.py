@@ -1,0 +1,250 @@
+"""Generate, on a machine without a GPU, the AOTInductor engine that ``l4compile compile --backend inductor --device
+cuda`` builds for an H100: its C++ wrapper, with every Triton kernel compiled for sm_90a; then check the wrapper.
+
+    python benchmarks/aoti_sm90.py [--preset tiny] [--quant int4] [--dtype bfloat16] [--max-seq-len 256]
+                                   [--layers N] [--out DIR] [--json FILE]
+
+How: the preset is lowered on the CPU (frontend, passes) and exported by ``backends/inductor.py``'s own
+``export_for_aoti`` for ``cuda`` (caches written in place, l4 ops decomposed into the Triton kernel ops). The
+ExportedProgram is then re-pointed at a CUDA device of fake tensors (no memory) and given to
+``aoti_compile_and_package`` with the package's configs, under ``_fake_h100``'s stand-in for a CUDA runtime. The
+graph, the lowering of l4's triton_ops, fusion, the memory plan, mutation handling, grid expressions and kernel code
+are Inductor's own. Not faithful: the pattern matcher and the joint-graph constant folding are off, and Inductor's
+own kernels get the first of their candidate configurations (nothing can be timed). Generation stops at the C++
+compile (no CUDA toolkit here); ``--out`` keeps the wrapper.
+
+Checks (exit 1 when one fails; a GPU session would fail on them, or lose its bandwidth):
+  kernels    every l4 kernel op of the exported graph is launched from the wrapper: attention_fused as its partial
+             and combine kernels, moe_fused / moe_q_fused as their gate_up and down kernels, int4_mm as its kernel
+  opaque     no op runs through the proxy executor (an opaque op would be an eager kernel outside the engine)
+  caches     each KV cache input is first read by its layer's attention kernel (one), written after that read, and
+             never cloned or copied whole
+"""
+# L layers, S key splits
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+# l4 kernel op -> the kernels its triton_op body launches
+KERNELS = {"l4.attention_fused.default": ("attention_partial_kernel", "attention_combine_kernel"),
+           "l4.moe_fused.default": ("moe_gate_up_kernel", "moe_down_kernel"),
+           "l4.moe_q_fused.default": ("moe_int4_gate_up_kernel", "moe_int4_down_kernel"),
+           "l4.int4_mm.default": ("int4_mm_kernel",)}
+
+
+def export_cuda(preset: str, quant: str, dtype: str, max_seq: int, layers: int | None):
+    """(ExportedProgram for CUDA on CPU tensors, names of its cache inputs in order)."""
+    from backends.inductor import export_for_aoti
+    from l4compile.compiler import lower
+    from l4compile.config import CompileConfig
+    from l4compile.errors import L4Error
+    from l4compile.progress import Progress
+
+    config = CompileConfig(backend="inductor", quant=quant, dtype=dtype, device="cpu", max_seq_len=max_seq,
+                           layers=layers, text_only=True)
+    program = lower(preset, config, progress=Progress(enabled=False)).program
+    ep, in_place = export_for_aoti(program, "cuda")
+    if not in_place:
+        raise L4Error(f"{preset}: the program has no KV caches (the kv_cache pass did not run)")
+    names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    return ep, names[names.index("start_pos") + 1:]
+
+
+def to_fake_cuda(ep):
+    """Re-point ``ep`` (in place) at cuda:0: its weights, example inputs and node values become fake CUDA tensors of
+    the same shapes (symbolic ones included) in ``ep``'s own fake mode; device arguments name cuda:0."""
+    import torch
+    from torch._guards import detect_fake_mode
+    from torch.utils import _pytree as pytree
+
+    mode = detect_fake_mode([n.meta["val"] for n in ep.graph.nodes if n.op == "placeholder"])
+    cuda = torch.device("cuda", 0)
+
+    def fake(t):
+        with mode:
+            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=cuda)
+
+    for k, v in list(ep.state_dict.items()):
+        ep._state_dict[k] = torch.nn.Parameter(fake(v), False) if isinstance(v, torch.nn.Parameter) else fake(v)
+    for k, v in list(ep.constants.items()):
+        if isinstance(v, torch.Tensor):
+            ep._constants[k] = fake(v)
+    args, kwargs = ep.example_inputs
+    ep._example_inputs = (pytree.tree_map_only(torch.Tensor, fake, args), kwargs)
+    retarget = lambda v: cuda if isinstance(v, torch.device) else v    # noqa: E731
+    for gm in ep.graph_module.modules():
+        if isinstance(gm, torch.fx.GraphModule):
+            for node in gm.graph.nodes:
+                node.args, node.kwargs = pytree.tree_map(retarget, node.args), pytree.tree_map(retarget, node.kwargs)
+                if "val" in node.meta:
+                    node.meta["val"] = pytree.tree_map_only(torch.Tensor, fake, node.meta["val"])
+            gm.recompile()
+
+
+def generate(ep, cache: Path) -> Path:
+    """AOTInductor codegen of ``ep`` -> the wrapper .cpp (kernels compiled to cubins beside it) under ``cache``, the
+    process's TORCHINDUCTOR_CACHE_DIR."""
+    import torch
+    from backends.inductor import AOTI_CONFIGS
+
+    try:
+        with torch.no_grad():
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(cache / "model.pt2"),
+                                                     inductor_configs=AOTI_CONFIGS)
+    except Exception as e:               # expected: the C++ compile, which needs the CUDA toolkit
+        if "CppCompileError" not in f"{type(e).__name__}: {e}":
+            raise
+    wrappers = sorted(cache.rglob("*.wrapper.cpp"))
+    if len(wrappers) != 1:
+        raise SystemExit(f"error: expected one generated wrapper under {cache}, found {len(wrappers)}")
+    return wrappers[0]
+
+
+N_SPLIT_ARG = 15          # attention_partial_kernel's N_SPLIT: after 9 pointers and T, L, D, HKV, REP, CHUNK
+
+
+def _args(text: str) -> list[str]:
+    """A C++ call's argument list, split at the commas outside parentheses."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return [*out, cur.strip()]
+
+
+def run_impl(cpp: str) -> list[str]:
+    """The lines of ``AOTInductorModel::run_impl`` (one step of the engine)."""
+    start = cpp.index("void AOTInductorModel::run_impl(")
+    return cpp[start:cpp.index("} // AOTInductorModel::run_impl", start)].splitlines()
+
+
+def analyze(lines: list[str], graph_ops: dict[str, int], caches: list[str]) -> dict:
+    """Launch counts and the three checks of the module docstring, from ``run_impl``'s lines. ``graph_ops``: l4 kernel
+    op -> count in the exported graph; ``caches``: the cache inputs' names in the graph's order."""
+    inputs = {int(i): n for n, i in (re.findall(r"auto (\w+) = std::move\(inputs\[(\d+)\]\);", "\n".join(lines)))}
+    first_cache = len(inputs) - len(caches)
+    cache_vars = [inputs[first_cache + i] for i in range(len(caches))]
+    launches = []                                                    # (line index, kernel, argument text)
+    for i, line in enumerate(lines):
+        m = re.match(r"\s*call_(\w+?)_\d+\((.*)\);\s*$", line)
+        if m:
+            launches.append((i, m.group(1), m.group(2)))
+    counts: dict[str, int] = {}
+    for _, k, _ in launches:
+        counts[k] = counts.get(k, 0) + 1
+    problems = {"kernels": [], "opaque": [], "caches": []}
+    for op, n in graph_ops.items():
+        for kernel in KERNELS[op]:
+            if counts.get(kernel, 0) != n:
+                problems["kernels"].append(f"{op} x{n} in the graph, {kernel} launched {counts.get(kernel, 0)}x")
+    problems["opaque"] = [ln.strip()[:160] for ln in lines if "proxy_executor_call_function" in ln]
+    skip = ("std::move(inputs", "_aligned", "assert_size_stride", ".reset()", "data_ptr()")
+    for name, var in zip(caches, cache_vars):
+        uses = [(i, ln) for i, ln in enumerate(lines) if re.search(rf"\b{var}\b", ln) and not any(s in ln for s in skip)]
+        reads = [i for i, k, a in launches if k == "attention_partial_kernel" and re.search(rf"\b{var}\b", a)]
+        copies = [ln.strip()[:160] for _, ln in uses if re.search(r"aoti_torch\w*(clone|copy_)\w*\(", ln)]
+        if len(reads) != 1:
+            problems["caches"].append(f"{name} ({var}) is read by {len(reads)} attention kernels, not 1")
+        elif uses[0][0] != reads[0] or len(uses) < 2:
+            problems["caches"].append(f"{name} ({var}): first used at '{uses[0][1].strip()[:120]}', not by its "
+                                      "attention kernel, or never written")
+        problems["caches"] += [f"{name} ({var}) copied: {c}" for c in copies]
+    splits = sorted({_args(a)[N_SPLIT_ARG] for _, k, a in launches if k == "attention_partial_kernel"})
+    return {"launches": dict(sorted(counts.items())), "kernels_launched": len(launches),
+            "attention_split_grids": splits, "problems": problems}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--quant", choices=("none", "int4"), default="int4",
+                    help="fp8 is not covered: its MoE stays an opaque op by design")
+    ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    ap.add_argument("--max-seq-len", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--out", default=None, metavar="DIR", help="keep the generated wrapper .cpp there")
+    ap.add_argument("--json", default=None, metavar="FILE")
+    a = ap.parse_args(argv)
+    os.environ["TRITON_INTERPRET"] = "0"                 # before triton is imported: compile, never interpret
+    cache = Path(tempfile.mkdtemp(prefix="aoti_sm90_"))   # before torch is imported: this run's wrapper, alone
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    try:
+        return run(a, cache)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def run(a: argparse.Namespace, cache: Path) -> int:
+    from l4compile.errors import L4Error
+    from l4compile.kernels import why_unavailable
+
+    if why_unavailable():
+        print(f"error: {why_unavailable()}", file=sys.stderr)
+        return 2
+    import torch
+
+    if torch.cuda.is_available():
+        print("error: this machine has a CUDA GPU; compile a real engine (l4compile compile --device cuda)",
+              file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    try:
+        ep, caches = export_cuda(a.preset, a.quant, a.dtype, a.max_seq_len, a.layers)
+    except L4Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    graph_ops: dict[str, int] = {}
+    for n in ep.graph.nodes:
+        if n.op == "call_function" and str(n.target) in KERNELS:
+            graph_ops[str(n.target)] = graph_ops.get(str(n.target), 0) + 1
+    t_export = time.perf_counter() - t0
+    import _fake_h100
+    import triton
+
+    _fake_h100.install(Path(triton.__file__).parent / "backends" / "nvidia" / "include")
+    to_fake_cuda(ep)
+    wrapper = generate(ep, cache)
+    cpp = wrapper.read_text()
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        shutil.copy(wrapper, Path(a.out) / "model.wrapper.cpp")
+    report = {"preset": a.preset, "quant": a.quant, "dtype": a.dtype, "max_seq_len": a.max_seq_len,
+              "torch": torch.__version__, "triton": triton.__version__, "target": "sm_90a",
+              "graph_ops": graph_ops, "caches": len(caches), "wrapper_lines": cpp.count("\n"),
+              "export_seconds": round(t_export, 1), "seconds": round(time.perf_counter() - t0, 1),
+              **analyze(run_impl(cpp), graph_ops, caches)}
+    bad = {k: v for k, v in report["problems"].items() if v}
+    print(f"{a.preset} {a.quant} {a.dtype}, {len(caches)} caches: AOTInductor CUDA wrapper generated in "
+          f"{report['seconds']} s (torch {torch.__version__}, triton {triton.__version__}, sm_90a)")
+    print("| kernel | launches a step |\n|---|---|")
+    for k, n in report["launches"].items():
+        if not k.startswith("triton_"):
+            print(f"| {k} | {n} |")
+    n_inductor = sum(n for k, n in report["launches"].items() if k.startswith("triton_"))
+    print(f"| Inductor's own (triton_*) | {n_inductor} |")
+    print(f"attention key splits (grid z): {', '.join(report['attention_split_grids'])}")
+    for check in ("kernels", "opaque", "caches"):
+        print(f"check {check}: " + ("ok" if check not in bad else f"FAILED ({len(bad[check])}): {bad[check][0]}"))
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

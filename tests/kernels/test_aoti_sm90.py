@@ -1,0 +1,117 @@
+"""The AOTInductor engine ``--device cuda`` builds, generated here for an H100 without a GPU
+(benchmarks/aoti_sm90.py): every l4 kernel compiles and is launched from the C++ wrapper, nothing runs through the
+proxy executor, and each KV cache is read by its attention kernel before it is written in place, never copied."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "aoti_sm90.py"
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("aoti_sm90", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)           # importing runs nothing (no torch, no environment changes)
+    return mod
+
+
+def test_tiny_int4_cuda_engine_generates_and_passes_its_checks(tmp_path):
+    from l4compile.kernels import why_unavailable
+
+    if why_unavailable():
+        pytest.skip(why_unavailable())
+    import torch
+    import triton
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU host compiles real CUDA engines (tests/kernels/test_dispatch.py)")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").is_file():
+        pytest.skip("this triton has no NVIDIA backend binaries (ptxas)")
+    out = tmp_path / "aoti.json"
+    p = subprocess.run([sys.executable, str(SCRIPT), "--preset", "tiny", "--quant", "int4", "--max-seq-len", "256",
+                        "--json", str(out), "--out", str(tmp_path)], capture_output=True, text=True, timeout=900,
+                       cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["problems"] == {"kernels": [], "opaque": [], "caches": []}
+    assert r["caches"] == 8                                                 # 4 layers x (k, v)
+    launches = r["launches"]
+    assert launches["attention_partial_kernel"] == launches["attention_combine_kernel"] == 4
+    assert launches["moe_int4_gate_up_kernel"] == launches["moe_int4_down_kernel"] == 4
+    assert launches["int4_mm_kernel"] == 16                                 # q, k, v, o of 4 layers
+    # chunked layers (16 slots < one 64-key block): 1 split; the global layer (256 slots): up to 4, from the rows
+    one, expr = sorted(r["attention_split_grids"], key=len)
+    assert one == "1L" and expr.startswith("std::max(static_cast<int64_t>(1L), static_cast<int64_t>(std::min(") \
+        and "132L" in expr
+    assert "call_attention_partial_kernel" in (tmp_path / "model.wrapper.cpp").read_text()
+
+
+RUN_IMPL = """void AOTInductorModel::run_impl(
+    auto arg0_1 = std::move(inputs[0]);
+    auto arg1_1 = std::move(inputs[1]);
+    auto arg2_1 = std::move(inputs[2]);
+    auto arg3_1 = std::move(inputs[3]);
+    if ((reinterpret_cast<std::uintptr_t>(arg2_1.data_ptr()) & (16 -1)) != 0) {
+        aoti_torch_clone_preserve_strides(arg2_1, &arg2_1_aligned);
+    }
+    call_int4_mm_kernel_0(buf0, w, s, buf1, 16, 1L, 1L, 1L, this->device_idx_, stream, kernels, this->cubin_dir_);
+    {BEFORE}
+    call_attention_partial_kernel_1(q, k, v, arg2_1, arg3_1, arg1_1, o, lse, out, s0, 16, 16, 2, 2, 16, std::max(1L, std::min(4L, 132L)), 0.25, 1L, 1L, 1L, this->device_idx_, stream, kernels, this->cubin_dir_);
+    call_attention_combine_kernel_2(o, lse, out, s0, 1L, 1L, 1L, this->device_idx_, stream, kernels, this->cubin_dir_);
+    call_triton_poi_fused_index_copy_3(arg1_1, buf7, arg2_1, s0, this->device_idx_, stream, kernels, this->cubin_dir_);
+    call_triton_poi_fused_index_copy_4(arg1_1, buf8, arg3_1, s0, this->device_idx_, stream, kernels, this->cubin_dir_);
+    {AFTER}
+"""
+OPS = {"l4.attention_fused.default": 1, "l4.int4_mm.default": 1}
+
+
+def _analyze(before: str = "", after: str = "", ops=None) -> dict:
+    lines = RUN_IMPL.replace("{BEFORE}", before).replace("{AFTER}", after).splitlines()
+    return _tool().analyze(lines, ops or OPS, ["k_cache_0", "v_cache_0"])
+
+
+def test_analyze_accepts_a_sound_step():
+    r = _analyze()
+    assert r["problems"] == {"kernels": [], "opaque": [], "caches": []}     # the alignment clone is not a copy
+    assert r["launches"] == {"attention_combine_kernel": 1, "attention_partial_kernel": 1, "int4_mm_kernel": 1,
+                             "triton_poi_fused_index_copy": 2}
+    assert r["attention_split_grids"] == ["std::max(1L, std::min(4L, 132L))"]   # N_SPLIT, commas inside kept
+
+
+@pytest.mark.parametrize("before,after,check,says", [
+    ("", "aoti_torch_clone(arg2_1, &buf9);", "caches", "k_cache_0 (arg2_1) copied"),
+    ("", "AOTI_TORCH_ERROR_CODE_CHECK(aoti_torch_copy_(buf9, arg3_1, 0));", "caches", "v_cache_0 (arg3_1) copied"),
+    ("call_triton_poi_fused_index_copy_5(arg1_1, buf7, arg3_1, this->device_idx_, stream, kernels, this->cubin_dir_);",
+     "", "caches", "v_cache_0 (arg3_1): first used at"),                      # written before its attention read
+    ("", "AOTI_TORCH_ERROR_CODE_CHECK(aoti_torch_proxy_executor_call_function(proxy_executor, 0, 2, x));", "opaque",
+     "aoti_torch_proxy_executor_call_function"),
+])
+def test_analyze_reports_what_would_cost_a_gpu_session(before, after, check, says):
+    problems = _analyze(before, after)["problems"]
+    assert len(problems[check]) == 1 and says in problems[check][0], problems
+    assert not any(v for k, v in problems.items() if k != check)
+
+
+def test_analyze_reports_a_kernel_op_without_its_launches():
+    problems = _analyze(ops={**OPS, "l4.moe_q_fused.default": 1})["problems"]
+    assert problems["kernels"] == ["l4.moe_q_fused.default x1 in the graph, moe_int4_gate_up_kernel launched 0x",
+                                   "l4.moe_q_fused.default x1 in the graph, moe_int4_down_kernel launched 0x"]
+
+
+def test_bad_preset_is_one_error_line():
+    from l4compile.kernels import why_unavailable
+
+    if why_unavailable():
+        pytest.skip(why_unavailable())
+    p = subprocess.run([sys.executable, str(SCRIPT), "--preset", "nope"], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert p.returncode == 2 and p.stderr.strip().startswith("error: unknown preset 'nope'")
+    assert len(p.stderr.strip().splitlines()) == 1
