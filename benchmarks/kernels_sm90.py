@@ -16,7 +16,8 @@ reported, not failed, when they spill).
 Cases (at Scout dimensions: H 5120, I 8192, 16 experts, 40/8 heads x 128, Int4 group 128; bf16 and float32
 engines, whose dots run IEEE fp32 on twice the shared memory):
     int4_mm          q_proj at 1 and 2048 tokens
-    moe_q_fused      gate_up + down kernels at 1 token (the tile map is static, the kernels do not depend on T)
+    moe_q_fused      routing + gate_up + down kernels at 1 token (the tile map is static, the GEMMs do not depend
+                     on T)
     moe_fused        the same in bf16
     attention_fused  partial + combine, decode (1 token, an 8192-slot cache) and prefill (2048 tokens)
 """

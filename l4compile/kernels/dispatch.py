@@ -10,7 +10,8 @@ Two routes, the same choices in both:
   their kernel forms before compiling, so the ``triton_op`` bodies (host aten code + Triton kernels) and
   ``torch._scaled_mm`` are compiled INTO the ``.pt2``.
 
-    l4::moe         -> l4::moe_fused (Triton: grouped gate_up+SwiGLU, grouped down, shared expert as group E)
+    l4::moe         -> l4::moe_fused (Triton: top-1 routing map in one kernel, grouped gate_up+SwiGLU, grouped down,
+                       shared expert as group E)
     l4::moe_q       -> l4::moe_q_fused on Int4 (uint8) weights (the same, unpacking Int4 tiles in-kernel);
                        FP8 weights: the reference, its expert matmuls through linear_fp8 (opaque in engines)
     l4::linear_int4 -> l4::int4_mm   (Triton: packed-int4 GEMM/GEMV, x flattened to [M, K])

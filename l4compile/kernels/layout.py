@@ -13,6 +13,8 @@ Rows are cut into tiles of BM rows that never straddle a group; tile i handles r
 depends on the routing, so the map has a STATIC length ``NT = ceil(R / BM) + G`` (each group wastes less than one
 tile) and unused tiles carry group G (the kernels skip them). Nothing here syncs with the host or has a
 data-dependent shape, so the whole map traces under torch.export with a symbolic T and compiles into AOTI.
+``moe_rows`` is the aten form (any top-k; ~14 small launches in a CUDA engine); for top-1 routing the fused MoE ops
+build the same map with one kernel (``kernels/moe_route.py``), which the tests hold equal to ``moe_rows``.
 """
 from __future__ import annotations
 
@@ -24,11 +26,11 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class MoeRows:
-    """The grouped problem (all int32/float32 on x's device)."""
+    """The grouped problem (on x's device). ``moe_rows`` builds it from aten ops (any top-k); for top-1 the
+    ``moe_route`` kernel builds the same in one launch (``kernels.ops.moe_route``)."""
 
     row_tok: Tensor        # [R] int32: token each row reads
     row_scale: Tensor      # [R] float32: input scale (routed: sigmoid score in x.dtype, widened; shared: 1)
-    routed_tok: Tensor     # [A] int64: token of each routed row
     routed_row: Tensor     # [A] int64: routed row of assignment a = t*K + k (token t's k-th expert): the combine
                            # gathers y[routed_row] (no scatter: index_add has no AOTI c-shim, it would go opaque)
     tile_group: Tensor     # [NT] int32: group of the tile, G for an unused tile
@@ -67,7 +69,7 @@ def moe_rows(idx: Tensor, score: Tensor, n_experts: int, block_m: int) -> MoeRow
     first_tile = tile_end.index_select(0, g) - tiles.index_select(0, g)         # [NT]
     group_start = group_end.index_select(0, g) - counts.index_select(0, g)
     tile_row0 = group_start + (t - first_tile) * block_m                        # [NT]
-    return MoeRows(row_tok, row_scale, routed_tok, routed_row, tile_group.to(torch.int32), tile_row0.to(torch.int32),
+    return MoeRows(row_tok, row_scale, routed_row, tile_group.to(torch.int32), tile_row0.to(torch.int32),
                    group_end.index_select(0, g).to(torch.int32))
 
 

@@ -7,7 +7,8 @@
 code (plain aten) and the kernels themselves (``wrap_triton``) and compile both into the engine, so a CUDA
 ``.pt2`` needs neither Python callbacks nor Triton at load time. The bodies have no host syncs and no
 data-dependent shapes (see ``layout.moe_rows``), so they trace with a symbolic token count and also serve as
-their own fake implementations.
+their own fake implementations. A top-1 MoE step is four launches: the router matmul, ``moe_route_kernel`` (the
+whole grouped-row map), the two grouped GEMMs; the combine of routed and shared rows is a gather Inductor fuses.
 
 Contracts (same as the reference ops, which the tests compare against):
 
@@ -24,6 +25,7 @@ Importing this module imports Triton (``l4compile.kernels.dispatch`` does it onl
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
@@ -34,11 +36,12 @@ from . import interpreting
 from .attention import attention_combine_kernel, attention_partial_kernel
 from .int4_mm import int4_mm_kernel
 from .layout import (AttentionBlocks, Int4Blocks, MoeRows, attention_blocks, attention_splits, int4_blocks,
-                     moe_blocks, moe_int4_blocks, moe_rows)
+                     moe_blocks, moe_int4_blocks, moe_rows, num_tiles)
 from .moe_down import moe_down_kernel
 from .moe_gate_up import moe_gate_up_kernel
 from .moe_int4_down import moe_int4_down_kernel
 from .moe_int4_gate_up import moe_int4_gate_up_kernel
+from .moe_route import moe_route_kernel
 
 
 def _dot_mode(dtype: torch.dtype) -> dict:
@@ -46,6 +49,33 @@ def _dot_mode(dtype: torch.dtype) -> dict:
     DOT_F32: under the CPU interpreter, bf16 dot operands go in as float32 (see moe_gate_up's docstring)."""
     f32 = interpreting() and dtype == torch.bfloat16
     return {"PRECISION": "ieee" if dtype == torch.float32 or f32 else "tf32", "DOT_F32": f32}
+
+
+def moe_route(logits: Tensor, block_m: int) -> MoeRows:
+    """Top-1 routing of router logits [T, E] -> the grouped-row map for tiles of ``block_m`` rows, in one launch
+    (``moe_route_kernel``); equal to ``moe_rows(*top-1 of logits, E, block_m)``."""
+    n_tok, n_exp = logits.shape
+    dev = logits.device
+    block_g = max(2, triton.next_power_of_2(n_exp + 1))
+    block_t = max(16, min(256, 8192 // block_g))
+    n_tiles = num_tiles(2 * n_tok, n_exp + 1, block_m)
+    rows = MoeRows(torch.empty(2 * n_tok, device=dev, dtype=torch.int32),
+                   torch.empty(2 * n_tok, device=dev, dtype=torch.float32),
+                   torch.empty(n_tok, device=dev, dtype=torch.int64),
+                   *(torch.empty(n_tiles, device=dev, dtype=torch.int32) for _ in range(3)))
+    wrap_triton(moe_route_kernel)[(1,)](
+        logits, rows.row_tok, rows.row_scale, rows.routed_row, rows.tile_group, rows.tile_row0, rows.tile_row_end,
+        n_tok, n_exp, n_tiles, logits.stride(0), logits.stride(1),
+        BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_NT=block_t)
+    return rows
+
+
+def _rows(x: Tensor, router_w: Tensor, top_k: int, block_m: int) -> MoeRows:
+    """The grouped-row map of x's routing: the one-launch kernel for top-1, ``moe_rows`` (aten) otherwise."""
+    if top_k == 1:
+        return moe_route(F.linear(x, router_w), block_m)                         # logits [T, E]
+    idx, score = _route(x, router_w, top_k)                                      # [T, K] each
+    return moe_rows(idx, score, router_w.shape[0], block_m)
 
 
 def combine_rows(y: Tensor, rows: MoeRows, n_tok: int, top_k: int) -> Tensor:
@@ -67,8 +97,7 @@ def fused_moe(x: Tensor, router_w: Tensor, gate_up: Tensor, down: Tensor, shared
     n_exp, i_dim, hidden = down.shape
     n_tok = x.shape[0]
     bm, bn, bk = blocks or moe_blocks(hidden, i_dim)
-    idx, score = _route(x, router_w, top_k)                                      # [T, K] each
-    rows = moe_rows(idx, score, n_exp, bm)
+    rows = _rows(x, router_w, top_k, bm)
     n_rows = n_tok * (top_k + 1)
     n_tiles = rows.tile_group.shape[0]
     mode = _dot_mode(x.dtype)
@@ -102,8 +131,7 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
     if bgu.block_m != bdn.block_m:
         raise ValueError("moe_q_fused: gate_up and down blocks must share BM (one tile map)")
     n_tok = x.shape[0]
-    idx, score = _route(x, router_w, top_k)                                      # [T, K] each
-    rows = moe_rows(idx, score, n_exp, bgu.block_m)
+    rows = _rows(x, router_w, top_k, bgu.block_m)
     n_rows = n_tok * (top_k + 1)
     n_tiles = rows.tile_group.shape[0]
     mode = _dot_mode(x.dtype)

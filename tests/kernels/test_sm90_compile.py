@@ -13,9 +13,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "kernels_sm90.py"
-LAUNCHED = ["int4_mm_kernel", "int4_mm_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel",
-            "moe_gate_up_kernel", "moe_down_kernel", "attention_partial_kernel", "attention_combine_kernel",
-            "attention_partial_kernel", "attention_combine_kernel"]
+LAUNCHED = ["int4_mm_kernel", "int4_mm_kernel", "moe_route_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel",
+            "moe_route_kernel", "moe_gate_up_kernel", "moe_down_kernel", "attention_partial_kernel",
+            "attention_combine_kernel", "attention_partial_kernel", "attention_combine_kernel"]
 
 
 def _nvidia_backend() -> None:

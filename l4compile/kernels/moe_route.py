@@ -1,0 +1,87 @@
+# T tokens, E experts, G = E + 1 groups (the shared expert is group E), R = 2T rows, NT tiles, BM rows per tile,
+# BT tokens / BNT tiles per step, BG >= G
+"""Triton kernel: top-1 routing and the whole grouped-row map of the fused MoE in ONE launch.
+
+``layout.moe_rows`` builds the map from aten ops: an argsort, a scatter-add histogram, cumsums, a searchsorted and
+gathers, which a CUDA engine runs as ~14 small launches per MoE layer (~700 a Scout decode step). This kernel makes
+the same map for top-1 routing (Llama 4's) from the router logits, in one program:
+
+    pass 1   e[t] = argmax_e logits[t, e] (the first of equal maxima); counts[g] per group (group E: all T tokens)
+             -> group_start / group_end (exclusive / inclusive cumsum), tiles per group, tile_end (cumsum)
+    pass 2   token t's routed row: group_start[e] + its rank among the tokens of expert e (stable, by t);
+             row_tok / row_scale / routed_row; rows T.. are the shared rows (token t, scale 1)
+    tiles    tile i: group = #{g : tile_end[g] <= i} (searchsorted, right; G = unused), first row and group end
+
+Scores are ``sigmoid(max logit)`` in float32, rounded to the logits' dtype and widened (as ``_route`` then
+``moe_rows`` make them). Token blocks are [BT, BG] one-hot matrices (BT * BG <= 8192), so 8K-token prefill takes
+a few dozen steps; the map itself is a few KB. Outputs and their layout are ``layout.MoeRows``'.
+
+Shapes: logits [T, E]; row_tok [R] int32, row_scale [R] float32, routed_row [T] int64; tile_group, tile_row0,
+tile_row_end [NT] int32. Grid: (1,).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _argmax_block(logits_ptr, stride_t, stride_e, t0, T, E, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
+    """-> (tokens [BT], token mask, expert [BT] int32, max logit [BT] float32) of tokens t0 .. t0 + BT."""
+    tt = t0 + tl.arange(0, BLOCK_T)
+    tmask = tt < T
+    gg = tl.arange(0, BLOCK_G)
+    lg = tl.load(logits_ptr + tt[:, None] * stride_t + gg[None, :] * stride_e,
+                 mask=tmask[:, None] & (gg < E)[None, :], other=float("-inf")).to(tl.float32)
+    val = tl.max(lg, axis=1)
+    e = tl.min(tl.where(lg == val[:, None], gg[None, :], BLOCK_G), axis=1)     # first maximum
+    e = tl.minimum(e, E - 1)                     # a NaN row (no maximum) still lands in one group: the map holds
+    return tt, tmask, e, val
+
+
+@triton.jit
+def _pick(vals, g, BLOCK_G: tl.constexpr):
+    """vals [BG] at indices g [N] -> [N] (a one-hot gather: registers cannot be indexed)."""
+    gg = tl.arange(0, BLOCK_G)
+    return tl.sum(tl.where(g[:, None] == gg[None, :], vals[None, :], 0), axis=1)
+
+
+@triton.jit
+def moe_route_kernel(logits_ptr, row_tok_ptr, row_scale_ptr, routed_row_ptr, tile_group_ptr, tile_row0_ptr,
+                     tile_row_end_ptr, T, E, NT, stride_t, stride_e,
+                     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_NT: tl.constexpr):
+    gg = tl.arange(0, BLOCK_G)
+    G = E + 1
+    counts = tl.zeros((BLOCK_G,), dtype=tl.int32)
+    for t0 in range(0, T, BLOCK_T):
+        tt, tmask, e, val = _argmax_block(logits_ptr, stride_t, stride_e, t0, T, E, BLOCK_T, BLOCK_G)
+        counts += tl.sum(((e[:, None] == gg[None, :]) & tmask[:, None]).to(tl.int32), axis=0)
+    counts = tl.where(gg == E, T, counts)                                        # the shared group: every token
+    group_end = tl.cumsum(counts, axis=0)
+    group_start = group_end - counts
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(tiles, axis=0)
+    first_tile = tile_end - tiles
+
+    running = tl.zeros((BLOCK_G,), dtype=tl.int32)                               # rows placed so far per group
+    for t0 in range(0, T, BLOCK_T):
+        tt, tmask, e, val = _argmax_block(logits_ptr, stride_t, stride_e, t0, T, E, BLOCK_T, BLOCK_G)
+        hit = ((e[:, None] == gg[None, :]) & tmask[:, None]).to(tl.int32)       # [BT, BG]
+        rank = tl.cumsum(hit, axis=0) - 1                                        # stable rank inside the block
+        pos = tl.sum(hit * (group_start + running)[None, :] + hit * rank, axis=1)   # [BT] routed row
+        running += tl.sum(hit, axis=0)
+        score = (1.0 / (1.0 + tl.exp(-val))).to(logits_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(row_tok_ptr + pos, tt.to(tl.int32), mask=tmask)
+        tl.store(row_scale_ptr + pos, score, mask=tmask)
+        tl.store(routed_row_ptr + tt, pos.to(tl.int64), mask=tmask)
+        tl.store(row_tok_ptr + T + tt, tt.to(tl.int32), mask=tmask)             # shared rows
+        tl.store(row_scale_ptr + T + tt, tl.full((BLOCK_T,), 1.0, tl.float32), mask=tmask)
+
+    gmask = gg < G
+    for i0 in range(0, NT, BLOCK_NT):
+        ii = i0 + tl.arange(0, BLOCK_NT)
+        imask = ii < NT
+        group = tl.sum(((tile_end[None, :] <= ii[:, None]) & gmask[None, :]).to(tl.int32), axis=1)   # [0, G]
+        gc = tl.minimum(group, G - 1)
+        row0 = _pick(group_start, gc, BLOCK_G) + (ii - _pick(first_tile, gc, BLOCK_G)) * BLOCK_M
+        tl.store(tile_group_ptr + ii, group, mask=imask)
+        tl.store(tile_row0_ptr + ii, row0, mask=imask)
+        tl.store(tile_row_end_ptr + ii, _pick(group_end, gc, BLOCK_G), mask=imask)

@@ -1,0 +1,75 @@
+"""moe_route_kernel (one launch) builds exactly the grouped-row map ``layout.moe_rows`` builds from aten ops, for
+top-1 routing: on the CPU under Triton's interpreter, and on a GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from l4compile.kernels.layout import moe_rows, num_tiles
+
+from .conftest import require_cuda_kernels, require_interpreter
+
+
+def _logits(n_tok: int, n_exp: int, dtype: torch.dtype, device="cpu") -> torch.Tensor:
+    """[T, E] logits without ties at any row's maximum (each row a permutation of k/8 - 1: exact in bf16), so
+    torch.topk, whose choice among equal maxima is unspecified, is a sound reference."""
+    g = torch.Generator().manual_seed(n_tok * 131 + n_exp)
+    perm = torch.argsort(torch.rand(n_tok, n_exp, generator=g), dim=1)
+    return (perm.float() / 8 - 1).to(dtype).to(device)
+
+
+def _reference(logits: torch.Tensor, block_m: int):
+    val, idx = logits.topk(1, dim=1)
+    return moe_rows(idx, torch.sigmoid(val.float()).to(logits.dtype), logits.shape[1], block_m)
+
+
+def _check(got, ref, dtype):
+    for field in ("row_tok", "routed_row", "tile_group", "tile_row0", "tile_row_end"):
+        a, b = getattr(got, field), getattr(ref, field)
+        assert a.dtype == b.dtype and torch.equal(a, b), field
+    # scores: sigmoid in float32, rounded to the logits' dtype; the interpreter's bf16 cast truncates (RNE on GPUs)
+    ulp = {torch.float32: 2 ** -23, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
+    assert torch.allclose(got.row_scale, ref.row_scale, rtol=ulp, atol=0)
+
+
+# T = 0 (empty step), 1 (decode), one and several token blocks; E = 1 (every token one group), Scout, Maverick
+@pytest.mark.parametrize("n_tok,n_exp,block_m", [(0, 4, 16), (1, 16, 16), (5, 1, 64), (37, 16, 16), (300, 128, 16),
+                                                 (1100, 16, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_route_matches_moe_rows(n_tok, n_exp, block_m, dtype):
+    require_interpreter()
+    from l4compile.kernels.ops import moe_route
+
+    logits = _logits(n_tok, n_exp, dtype)
+    rows = moe_route(logits, block_m)
+    assert rows.tile_group.shape == (num_tiles(2 * n_tok, n_exp + 1, block_m),)
+    _check(rows, _reference(logits, block_m), dtype)
+
+
+def test_moe_route_takes_the_first_of_equal_maxima():
+    require_interpreter()
+    from l4compile.kernels.ops import moe_route
+
+    logits = torch.tensor([[0.5, 2.0, 2.0, -1.0], [3.0, 3.0, 3.0, 3.0], [0.0, 1.0, 0.0, 1.0]])
+    rows = moe_route(logits, 16)
+    # token 0 -> expert 1, token 1 -> expert 0, token 2 -> expert 1: rows [tok 1 | tok 0, tok 2 | shared 0, 1, 2]
+    assert rows.row_tok.tolist() == [1, 0, 2, 0, 1, 2]
+    assert rows.routed_row.tolist() == [1, 0, 2]
+
+
+def test_moe_route_reads_strided_logits():
+    require_interpreter()
+    from l4compile.kernels.ops import moe_route
+
+    logits = _logits(40, 8, torch.float32)
+    _check(moe_route(logits.t().contiguous().t(), 16), _reference(logits, 16), torch.float32)   # column-major
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_tok", [1, 8, 32, 2048, 8192])
+def test_moe_route_on_gpu(n_tok):
+    require_cuda_kernels()
+    from l4compile.kernels.ops import moe_route
+
+    logits = _logits(n_tok, 16, torch.bfloat16, "cuda")
+    _check(moe_route(logits, 16), _reference(logits, 16), torch.bfloat16)
