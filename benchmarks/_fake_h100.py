@@ -25,42 +25,16 @@ H100 = types.SimpleNamespace(
     regs_per_multiprocessor=65536, shared_memory_per_block=48 * 1024, shared_memory_per_block_optin=227 * 1024,
     shared_memory_per_multiprocessor=228 * 1024, L2_cache_size=50 * 2**20, gcnArchName="", uuid="0",
     clock_rate=1980000, memory_clock_rate=2619000, memory_bus_width=5120, is_integrated=False)
+_installed = False          # install_triton has run
 
 
-def install(include_dir: Path) -> None:
-    """``include_dir``: headers to name as the CUDA toolkit's (the triton wheel's); the C++ compile is not run."""
-    import torch
-    import torch._inductor.config as inductor_config
-    import torch._inductor.fx_passes.joint_graph as joint_graph
-    import torch._inductor.fx_passes.post_grad as post_grad
-    import torch._inductor.graph as inductor_graph
-    import torch._inductor.utils as inductor_utils
-    import torch.utils.cpp_extension as cpp_extension
+def install_triton() -> None:
+    """Triton's active driver: compile for ``GPUTarget("cuda", 90, 32)``, launch nothing. Install it before torch.export
+    traces the triton_ops, as a GPU host has it: the export's mutation analysis of each kernel (which arguments it
+    writes) generates TTIR for the active target and, failing that, assumes every input is mutated."""
     import triton
-    from torch._dynamo import device_interface
-    from torch._inductor.runtime import benchmarking
-    from torch._inductor.select_algorithm import AlgorithmSelectorCache
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.driver import CudaDriver
-
-    none = staticmethod(lambda *a, **k: None)
-    zero = staticmethod(lambda *a, **k: 0)
-    cuda_if = device_interface.CudaInterface
-    for name, fn in (("get_device_properties", staticmethod(lambda device=None: H100)),
-                     ("is_available", staticmethod(lambda: True)), ("current_device", zero),
-                     ("device_count", staticmethod(lambda: 1)), ("get_compute_capability", staticmethod(lambda d=None: 90)),
-                     ("get_raw_stream", zero), ("synchronize", none), ("set_device", none),
-                     ("exchange_device", zero), ("maybe_exchange_device", zero)):
-        setattr(cuda_if, name, fn)
-    for name, fn in (("get_device_properties", lambda device=None: H100), ("is_available", lambda: True),
-                     ("current_device", lambda: 0), ("device_count", lambda: 1),
-                     ("get_device_capability", lambda device=None: (9, 0)), ("set_device", lambda d: None),
-                     ("_exchange_device", lambda idx: 0), ("_maybe_exchange_device", lambda idx: 0),
-                     ("get_rng_state", lambda device="cuda": torch.zeros(16, dtype=torch.uint8)),
-                     ("set_rng_state", lambda state, device="cuda": None),
-                     ("_DeviceGuard", lambda idx: contextlib.nullcontext())):
-        setattr(torch.cuda, name, fn)
-    torch._C._cuda_getCurrentRawStream = lambda idx=None: 0
 
     class Utils:          # what Triton's CudaUtils (a compiled module needing libcuda) offers, minus any effect
         def load_binary(self, name, kernel, shared, device):
@@ -86,8 +60,47 @@ def install(include_dir: Path) -> None:
         def get_current_target(self):
             return GPUTarget("cuda", 90, 32)
 
+    global _installed
     triton.runtime.driver.set_active(Driver())
     triton.runtime.driver._default = triton.runtime.driver.active
+    _installed = True
+
+
+def install(include_dir: Path) -> None:
+    """Everything else (``install_triton`` too, if not yet); ``include_dir``: headers to name as the CUDA toolkit's
+    (the triton wheel's); the C++ compile is not run."""
+    import torch
+    import torch._inductor.config as inductor_config
+    import torch._inductor.fx_passes.joint_graph as joint_graph
+    import torch._inductor.fx_passes.post_grad as post_grad
+    import torch._inductor.graph as inductor_graph
+    import torch._inductor.utils as inductor_utils
+    import torch.utils.cpp_extension as cpp_extension
+    from torch._dynamo import device_interface
+    from torch._inductor.runtime import benchmarking
+    from torch._inductor.select_algorithm import AlgorithmSelectorCache
+
+    none = staticmethod(lambda *a, **k: None)
+    zero = staticmethod(lambda *a, **k: 0)
+    cuda_if = device_interface.CudaInterface
+    for name, fn in (("get_device_properties", staticmethod(lambda device=None: H100)),
+                     ("is_available", staticmethod(lambda: True)), ("current_device", zero),
+                     ("device_count", staticmethod(lambda: 1)), ("get_compute_capability", staticmethod(lambda d=None: 90)),
+                     ("get_raw_stream", zero), ("synchronize", none), ("set_device", none),
+                     ("exchange_device", zero), ("maybe_exchange_device", zero)):
+        setattr(cuda_if, name, fn)
+    for name, fn in (("get_device_properties", lambda device=None: H100), ("is_available", lambda: True),
+                     ("current_device", lambda: 0), ("device_count", lambda: 1),
+                     ("get_device_capability", lambda device=None: (9, 0)), ("set_device", lambda d: None),
+                     ("_exchange_device", lambda idx: 0), ("_maybe_exchange_device", lambda idx: 0),
+                     ("get_rng_state", lambda device="cuda": torch.zeros(16, dtype=torch.uint8)),
+                     ("set_rng_state", lambda state, device="cuda": None),
+                     ("_DeviceGuard", lambda idx: contextlib.nullcontext())):
+        setattr(torch.cuda, name, fn)
+    torch._C._cuda_getCurrentRawStream = lambda idx=None: 0
+
+    if not _installed:
+        install_triton()
 
     inductor_config.use_static_cuda_launcher = False      # a torch._C extension of CUDA builds
     inductor_config.compile_threads = 1                   # worker processes would not carry these patches

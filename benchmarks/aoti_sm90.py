@@ -15,7 +15,8 @@ compile (no CUDA toolkit here); ``--out`` keeps the wrapper.
 
 Checks (exit 1 when one fails; a GPU session would fail on them, or lose its bandwidth):
   kernels    every l4 kernel op of the exported graph is launched from the wrapper: attention_fused as its partial
-             and combine kernels, moe_fused / moe_q_fused as their gate_up and down kernels, int4_mm as its kernel
+             and combine kernels, moe_fused / moe_q_fused as their routing, gate_up and down kernels, int4_mm as its
+             kernel
   opaque     no op runs through the proxy executor (an opaque op would be an eager kernel outside the engine)
   caches     each KV cache input is first read by its layer's attention kernel (one), written after that read, and
              never cloned or copied whole
@@ -37,10 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-# l4 kernel op -> the kernels its triton_op body launches
+# l4 kernel op -> the kernels its triton_op body launches (the MoE ops: top-1 routing, as every preset has)
 KERNELS = {"l4.attention_fused.default": ("attention_partial_kernel", "attention_combine_kernel"),
-           "l4.moe_fused.default": ("moe_gate_up_kernel", "moe_down_kernel"),
-           "l4.moe_q_fused.default": ("moe_int4_gate_up_kernel", "moe_int4_down_kernel"),
+           "l4.moe_fused.default": ("moe_route_kernel", "moe_gate_up_kernel", "moe_down_kernel"),
+           "l4.moe_q_fused.default": ("moe_route_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel"),
            "l4.int4_mm.default": ("int4_mm_kernel",)}
 
 
@@ -203,6 +204,10 @@ def run(a: argparse.Namespace, cache: Path) -> int:
         print("error: this machine has a CUDA GPU; compile a real engine (l4compile compile --device cuda)",
               file=sys.stderr)
         return 2
+    import _fake_h100
+    import triton
+
+    _fake_h100.install_triton()              # before the export: its mutation analysis of the kernels needs a target
     t0 = time.perf_counter()
     try:
         ep, caches = export_cuda(a.preset, a.quant, a.dtype, a.max_seq_len, a.layers)
@@ -214,9 +219,6 @@ def run(a: argparse.Namespace, cache: Path) -> int:
         if n.op == "call_function" and str(n.target) in KERNELS:
             graph_ops[str(n.target)] = graph_ops.get(str(n.target), 0) + 1
     t_export = time.perf_counter() - t0
-    import _fake_h100
-    import triton
-
     _fake_h100.install(Path(triton.__file__).parent / "backends" / "nvidia" / "include")
     to_fake_cuda(ep)
     wrapper = generate(ep, cache)

@@ -45,7 +45,8 @@ def test_tiny_int4_cuda_engine_generates_and_passes_its_checks(tmp_path):
     assert r["caches"] == 8                                                 # 4 layers x (k, v)
     launches = r["launches"]
     assert launches["attention_partial_kernel"] == launches["attention_combine_kernel"] == 4
-    assert launches["moe_int4_gate_up_kernel"] == launches["moe_int4_down_kernel"] == 4
+    assert launches["moe_route_kernel"] == launches["moe_int4_gate_up_kernel"] == launches["moe_int4_down_kernel"] == 4
+    assert sum(n for k, n in launches.items() if k.startswith("triton_")) <= 6 * 4 + 2   # Inductor's own, per layer
     assert launches["int4_mm_kernel"] == 16                                 # q, k, v, o of 4 layers
     # chunked layers (16 slots < one 64-key block): 1 split; the global layer (256 slots): up to 4, from the rows
     one, expr = sorted(r["attention_split_grids"], key=len)
@@ -102,8 +103,8 @@ def test_analyze_reports_what_would_cost_a_gpu_session(before, after, check, say
 
 def test_analyze_reports_a_kernel_op_without_its_launches():
     problems = _analyze(ops={**OPS, "l4.moe_q_fused.default": 1})["problems"]
-    assert problems["kernels"] == ["l4.moe_q_fused.default x1 in the graph, moe_int4_gate_up_kernel launched 0x",
-                                   "l4.moe_q_fused.default x1 in the graph, moe_int4_down_kernel launched 0x"]
+    assert problems["kernels"] == [f"l4.moe_q_fused.default x1 in the graph, {k} launched 0x"
+                                   for k in ("moe_route_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel")]
 
 
 def test_bad_preset_is_one_error_line():
