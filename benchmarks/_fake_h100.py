@@ -85,7 +85,8 @@ def install(include_dir: Path) -> None:
     cuda_if = device_interface.CudaInterface
     for name, fn in (("get_device_properties", staticmethod(lambda device=None: H100)),
                      ("is_available", staticmethod(lambda: True)), ("current_device", zero),
-                     ("device_count", staticmethod(lambda: 1)), ("get_compute_capability", staticmethod(lambda d=None: 90)),
+                     ("device_count", staticmethod(lambda: 1)),
+                     ("get_compute_capability", staticmethod(lambda d=None: 90)),
                      ("get_raw_stream", zero), ("synchronize", none), ("set_device", none),
                      ("exchange_device", zero), ("maybe_exchange_device", zero)):
         setattr(cuda_if, name, fn)

@@ -157,7 +157,8 @@ def analyze(lines: list[str], graph_ops: dict[str, int], caches: list[str]) -> d
     problems["opaque"] = [ln.strip()[:160] for ln in lines if "proxy_executor_call_function" in ln]
     skip = ("std::move(inputs", "_aligned", "assert_size_stride", ".reset()", "data_ptr()")
     for name, var in zip(caches, cache_vars):
-        uses = [(i, ln) for i, ln in enumerate(lines) if re.search(rf"\b{var}\b", ln) and not any(s in ln for s in skip)]
+        uses = [(i, ln) for i, ln in enumerate(lines)
+                if re.search(rf"\b{var}\b", ln) and not any(s in ln for s in skip)]
         reads = [i for i, k, a in launches if k == "attention_partial_kernel" and re.search(rf"\b{var}\b", a)]
         copies = [ln.strip()[:160] for _, ln in uses if re.search(r"aoti_torch\w*(clone|copy_)\w*\(", ln)]
         if len(reads) != 1:

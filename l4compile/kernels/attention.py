@@ -24,7 +24,7 @@ accumulation are float32, P is rounded to V's dtype for the second dot (as flash
 
 Shapes (strides are passed, so transposed views need no copy):
     q [B, Hq, T, D]; k_new / v_new [B, Hkv, T, D]; k_cache / v_cache [B, Hkv, L, D]; start [1] int64
-    o_part [S, B, Hkv, M, D] float32, lse_part [S, B, Hkv, M] float32; out [B, T, Hq*D]
+    o_part [S, B, Hkv, M, D] float32, lse_part [S, B, Hkv, M] float32 (S = 0 rows when S = 1: unused); out [B, T, Hq*D]
 Grids: partial (cdiv(M, BM), B*Hkv, S); combine (cdiv(M, BM), B*Hkv).
 """
 import triton

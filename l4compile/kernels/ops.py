@@ -178,8 +178,11 @@ def fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_
     row_blocks = triton.cdiv(n_rows, bl.block_m)
     splits = n_split or attention_splits(row_blocks, batch, n_kv_heads, slots, bl.block_n)
     mode = _dot_mode(q.dtype)
-    o_part = torch.empty((splits, batch, n_kv_heads, n_rows, head_dim), device=q.device, dtype=torch.float32)
-    lse = torch.empty((splits, batch, n_kv_heads, n_rows), device=q.device, dtype=torch.float32)
+    # partials only where there is more than one split (one split writes ``out`` itself): at an 8K-token prefill,
+    # S = 1 and [S, B, Hkv, M, D] float32 would be 168 MB per layer for nothing; as a size, guard-free in T
+    n_part = splits * torch.sym_min(1, splits - 1)
+    o_part = torch.empty((n_part, batch, n_kv_heads, n_rows, head_dim), device=q.device, dtype=torch.float32)
+    lse = torch.empty((n_part, batch, n_kv_heads, n_rows), device=q.device, dtype=torch.float32)
     out = torch.empty((batch, n_tok, n_heads * head_dim), device=q.device, dtype=q.dtype)   # [B, T, Hq*D]
     out_strides = (out.stride(0), out.stride(1), head_dim, 1)                   # [B, T, Hq, D] view of out
     start = start_pos.reshape(1).to(torch.int64)
