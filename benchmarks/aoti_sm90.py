@@ -168,7 +168,11 @@ def analyze(lines: list[str], graph_ops: dict[str, int], caches: list[str]) -> d
                                       "attention kernel, or never written")
         problems["caches"] += [f"{name} ({var}) copied: {c}" for c in copies]
     splits = sorted({_args(a)[N_SPLIT_ARG] for _, k, a in launches if k == "attention_partial_kernel"})
+    externs: dict[str, int] = {}                                     # aten ops through the CUDA c-shims (cuBLAS..)
+    for op in re.findall(r"aoti_torch_cuda_(\w+?)\(", "\n".join(lines)):
+        externs[op] = externs.get(op, 0) + 1
     return {"launches": dict(sorted(counts.items())), "kernels_launched": len(launches),
+            "extern_calls": dict(sorted(externs.items())),
             "attention_split_grids": splits, "problems": problems}
 
 
@@ -241,6 +245,8 @@ def run(a: argparse.Namespace, cache: Path) -> int:
             print(f"| {k} | {n} |")
     n_inductor = sum(n for k, n in report["launches"].items() if k.startswith("triton_"))
     print(f"| Inductor's own (triton_*) | {n_inductor} |")
+    for op, n in report["extern_calls"].items():
+        print(f"| aten {op} (c-shim) | {n} |")
     print(f"attention key splits (grid z): {', '.join(report['attention_split_grids'])}")
     for check in ("kernels", "opaque", "caches"):
         print(f"check {check}: " + ("ok" if check not in bad else f"FAILED ({len(bad[check])}): {bad[check][0]}"))
