@@ -239,13 +239,19 @@ def layer_sqnr(lm: torch.nn.Module, scheme: QuantScheme, input_ids: Tensor) -> d
 
 def float_model_from_graph(gm: torch.nn.Module, model_config) -> torch.nn.Module:
     """transformers' Llama4ForCausalLM sharing a traced graph's float weights (``lm.<param>`` attributes, no copy):
-    the reference the graph was traced from, as long as no pass has replaced its weights yet."""
+    the reference the graph was traced from, as long as no pass has replaced its weights yet (fuse_qkv's fused
+    projections are split back into their parameters)."""
     from transformers import Llama4ForCausalLM
     from transformers.models.llama4.modeling_llama4 import Llama4TextRotaryEmbedding
 
     from l4compile.program import PARAM_PREFIX
 
     state = {k[len(PARAM_PREFIX):]: v for k, v in gm.state_dict().items() if k.startswith(PARAM_PREFIX)}
+    for name, parts in (getattr(gm, "meta", {}).get("l4_fused_qkv") or {}).items():   # passes/fuse_qkv.py
+        fused, start = gm.get_buffer(name), 0
+        for param, rows in parts:
+            state[param] = fused[start:start + rows]                  # [rows, K] view of the fused weight
+            start += rows
     with torch.device("meta"):
         lm = Llama4ForCausalLM(model_config)
     missing, _ = lm.load_state_dict(state, strict=False, assign=True)

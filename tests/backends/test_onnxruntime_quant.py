@@ -194,7 +194,7 @@ def test_engine_matches_fake_quantized_model(trained, ort_quant_engines, scheme)
     assert m["quant"] == scheme and m["backend_info"]["target"] == "onnxruntime"
     ops = m["backend_info"]["op_counts"]
     if scheme == "int4":
-        assert ops["com.microsoft::MatMulNBits"] == 16 + 4 * (3 + 2 * 8)                 # attn + shared + experts
+        assert ops["com.microsoft::MatMulNBits"] == 8 + 4 * (3 + 2 * 8)   # attn (qkv fused, o) + shared + experts
     else:
         assert ops["QuantizeLinear"] == 4 * (2 + 2 + 2 * 8)     # per distinct input: q/k/v share theirs
     float_bytes = sum(p.numel() * 4 for p in trained.parameters())

@@ -51,7 +51,8 @@ def test_quantize_options_reach_the_engine(tmp_path, lm_head):
     assert stats["linears"] == 4 * layers + lm_head                             # q, k, v, o per layer (+ lm_head)
     ops = Counter(m["backend_info"]["op_counts"])                             # + per MoE block: shared gate, up,
     per_moe = 3 + 2 * m["model_config"]["num_local_experts"]                  # down and each expert's gate_up, down
-    assert ops["com.microsoft::MatMulNBits"] == 4 * layers + stats["moe_blocks"] * per_moe + lm_head
+    # fuse_qkv: q/k/v are one MatMulNBits, so 2 a layer (qkv, o)
+    assert ops["com.microsoft::MatMulNBits"] == 2 * layers + stats["moe_blocks"] * per_moe + lm_head
     model = onnx.load(str(tmp_path / "q" / "model.onnx"), load_external_data=False)
     assert {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
             if a.name == "block_size"} == {64}

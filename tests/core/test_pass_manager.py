@@ -88,10 +88,10 @@ def test_user_pass_runs_last_with_stats(program, user_module):
     cfg = CompileConfig(passes=(f"{user_module}:count_linears",))
     records = run_passes(prog, cfg, reference=ref)
     assert records[-1].name == "count_linears"
-    # fuse_moe took the router and shared-expert linears: 4 layers x (q, k, v, o) + lm_head remain
+    # fuse_moe took the router and shared-expert linears, fuse_qkv made q/k/v one: 4 layers x (qkv, o) + lm_head
     assert [r.name for r in records] == ["fuse_moe", "lower_irope", "eliminate_dead_code", "kv_cache",
-                                         "quantize", "count_linears"]
-    assert records[-1].stats["linears"] == 4 * 4 + 1
+                                         "quantize", "fuse_qkv", "count_linears"]
+    assert records[-1].stats["linears"] == 4 * 2 + 1
     assert all(r.drift is not None and r.drift < 1e-6 for r in records)
 
 

@@ -48,7 +48,7 @@ def test_tiny_int4_cuda_engine_generates_and_passes_its_checks(tmp_path):
     assert launches["moe_route_kernel"] == launches["moe_int4_gate_up_kernel"] == launches["moe_int4_down_kernel"] == 4
     assert sum(n for k, n in launches.items() if k.startswith("triton_")) <= 6 * 4 + 2   # Inductor's own, per layer
     assert r["extern_calls"] == {"mm_out": 5}                               # the routers and the lm_head (cuBLAS)
-    assert launches["int4_mm_kernel"] == 16                                 # q, k, v, o of 4 layers
+    assert launches["int4_mm_kernel"] == 8                                  # qkv (fuse_qkv) and o of 4 layers
     # chunked layers (16 slots < one 64-key block): 1 split; the global layer (256 slots): up to 4, from the rows
     one, expr = sorted(r["attention_split_grids"], key=len)
     assert one == "1L" and expr.startswith("std::max(static_cast<int64_t>(1L), static_cast<int64_t>(std::min(") \

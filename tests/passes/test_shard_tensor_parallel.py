@@ -51,7 +51,8 @@ def _w(gm, node) -> torch.Tensor:
 
 def test_rank_graphs_structure_and_block_numerics(traced):
     prog, records = _sharded(traced, 2, {"attention": "tp", "dense_mlp": "tp", "shared_expert": "tp"})
-    assert [r.name for r in records][-2:] == ["shard_experts", "shard_tensor_parallel"]
+    assert [r.name for r in records][-3:] == ["shard_experts", "shard_tensor_parallel", "fuse_qkv"]
+    assert not records[-1].changed and "sharded" in records[-1].stats["skipped"]   # per-rank graphs: left alone
     logical, shards = prog.gm, prog.gm.meta["l4_shards"]
     assert _count(logical, L4.all_reduce.default) == 0 and _count(logical, L4.moe.default) == 2   # unchanged
     torch.manual_seed(0)
@@ -82,7 +83,7 @@ def test_rank_graphs_structure_and_block_numerics(traced):
     got = sum(swiglu(*(_w(gm, w) for w in next(n for n in gm.graph.nodes if n.target == L4.moe_ep.default).args[4:7]),
                      x[0]) for gm in shards)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
-    assert records[-1].stats["all_reduces_per_rank"] == 6 and records[-1].stats["dense_layers"] == 2
+    assert records[-2].stats["all_reduces_per_rank"] == 6 and records[-2].stats["dense_layers"] == 2
     assert logical.meta["l4_sharding"]["execution"]["dense_mlp"] == "tp"
 
 
