@@ -1,14 +1,14 @@
 """A stand-in for an H100's CUDA runtime, for ``aoti_sm90.py`` only: enough for Inductor / AOTInductor to generate
 and Triton to compile a CUDA engine on a machine without a GPU (a CPU build of torch). Nothing runs on it.
 
-``install()`` (once, in a process that does nothing else afterwards) makes:
+``install()`` (once, in a process that does nothing else afterwards; ``install_triton()`` alone before an export) makes:
   * ``torch.cuda`` and Inductor's CUDA device interface answer device queries as one H100 SXM (sm_90, 132 SMs);
     device guards, streams and RNG state become no-ops;
   * Triton's active driver compile for ``GPUTarget("cuda", 90, 32)`` (the ptxas in the triton wheel) and launch
     nothing; loading a cubin returns null handles;
   * Inductor's compile-time autotuning run its candidates on CPU buffers through those no-op launches with a fixed
     timing (so the first candidate of each Inductor kernel wins; l4's kernels have one configuration each);
-  * Python indexing of (fake) CUDA tensors go through aten ops (the C++ path takes a device guard a CPU build lacks);
+  * Python indexing of (fake) CUDA tensors goes through aten ops (the C++ path takes a device guard a CPU build lacks);
   * the pattern matcher and the joint-graph constant folding stay off: their tables and folds build real CUDA
     tensors.
 Tested against torch 2.13 / triton 3.7 (they patch private interfaces and may need updating with either).

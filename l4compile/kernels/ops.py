@@ -53,7 +53,7 @@ def _dot_mode(dtype: torch.dtype) -> dict:
 
 def moe_route(logits: Tensor, block_m: int) -> MoeRows:
     """Top-1 routing of router logits [T, E] -> the grouped-row map for tiles of ``block_m`` rows, in one launch
-    (``moe_route_kernel``); equal to ``moe_rows(*top-1 of logits, E, block_m)``."""
+    (``moe_route_kernel``); equal to ``moe_rows(*top-1 of logits, E, block_m)`` (equal maxima: the first expert)."""
     n_tok, n_exp = logits.shape
     dev = logits.device
     block_g = max(2, triton.next_power_of_2(n_exp + 1))
