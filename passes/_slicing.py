@@ -1,4 +1,5 @@
-"""Weight slicing for the sharding passes: which stored weights a matmul reads, and rank-local copies of them.
+"""Stored weights of matmuls: which get_attr tensors a matmul reads (``weights_of``), reading and deleting them, and
+for the sharding passes rank-local slices of them.
 
 # N output features, K input features, G int4 group size
 A matmul on a stored weight is ``aten.linear(x, W [N, K])`` (no bias) or, after ``quantize``,
@@ -39,6 +40,12 @@ def get_tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def delete_tensor(gm: torch.nn.Module, target: str) -> None:
+    """Remove the tensor at a get_attr target (dotted path) from the module that holds it."""
+    owner_path, _, leaf = target.rpartition(".")
+    delattr(gm.get_submodule(owner_path) if owner_path else gm, leaf)
 
 
 class Slicer:

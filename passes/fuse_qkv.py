@@ -42,9 +42,9 @@ from l4compile.ops import attention as _attention_ops  # noqa: F401  (registers 
 from l4compile.ops import quant as _quant_ops  # noqa: F401  (registers l4::linear_fp8 / linear_int4)
 
 from ._registry import PassContext, PassResult, register_pass
+from ._slicing import LINEARS, delete_tensor, get_tensor, weights_of
 
 aten, l4 = torch.ops.aten, torch.ops.l4
-_PROJECTIONS = {aten.linear.default: 1, l4.linear_int4.default: 2, l4.linear_fp8.default: 2}   # op -> weight args
 _ATTENTION = (l4.attention_cached.default, l4.attention.default)
 FUSED_META = "l4_fused_qkv"   # gm.meta: fused buffer -> [(transformers parameter, rows)], for float weights
 
@@ -52,44 +52,29 @@ FUSED_META = "l4_fused_qkv"   # gm.meta: fused buffer -> [(transformers paramete
 def _why_not(gm: torch.fx.GraphModule, attn: torch.fx.Node) -> str | None:
     """None when ``attn``'s q, k, v can be fused; else the reason."""
     projs = attn.args[:3]
-    if not all(isinstance(p, torch.fx.Node) and p.op == "call_function" and p.target in _PROJECTIONS
-               for p in projs):
+    if not all(isinstance(p, torch.fx.Node) and p.op == "call_function" and p.target in LINEARS for p in projs):
         return "not projections"
     if len({p.target for p in projs}) != 1:
         return "mixed projection ops"
-    n_w = _PROJECTIONS[projs[0].target]
-    if any(len(p.args) != 1 + n_w or p.kwargs for p in projs):
-        return "bias or extra arguments"
+    weights = [weights_of(p) for p in projs]                                   # None: a bias or a computed weight
+    if any(w is None or p.kwargs for p, w in zip(projs, weights)):
+        return "bias, extra arguments or weights not attributes"
     if len({p.args[0] for p in projs}) != 1:
         return "different inputs"
     if any(len(p.users) != 1 for p in projs):
         return "projection used elsewhere"
-    if not all(isinstance(w, torch.fx.Node) and w.op == "get_attr" for p in projs for w in p.args[1:]):
-        return "weights not attributes"
-    for i in range(n_w):
-        ts = [_attr(gm, str(p.args[1 + i].target)) for p in projs]
+    for same in zip(*weights):                                                 # (q's, k's, v's) i-th weight
+        ts = [get_tensor(gm, str(w.target)) for w in same]
         if len({t.dtype for t in ts}) != 1 or len({tuple(t.shape[1:]) for t in ts}) != 1:
             return "weight dtypes or shapes differ"
     return None
-
-
-def _attr(gm: torch.nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _drop(gm: torch.nn.Module, target: str) -> None:
-    owner_path, _, leaf = target.rpartition(".")
-    delattr(gm.get_submodule(owner_path) if owner_path else gm, leaf)
 
 
 def _fuse(gm: torch.fx.GraphModule, attn: torch.fx.Node, ctx: PassContext) -> None:
     projs = attn.args[:3]
     x, op = projs[0].args[0], projs[0].target
     old = [[str(w.target) for w in p.args[1:]] for p in projs]                 # per projection: its weight targets
-    sizes = [_attr(gm, names[0]).shape[0] for names in old]                  # Nq, Nk, Nv
+    sizes = [get_tensor(gm, names[0]).shape[0] for names in old]             # Nq, Nk, Nv
     graph = gm.graph
     with graph.inserting_before(projs[0]):
         weights = []
@@ -114,7 +99,7 @@ def _fuse(gm: torch.fx.GraphModule, attn: torch.fx.Node, ctx: PassContext) -> No
             if not w.users:
                 graph.erase_node(w)
                 if not any(n.op == "get_attr" and n.target == w.target for n in graph.nodes):
-                    _drop(gm, str(w.target))
+                    delete_tensor(gm, str(w.target))
 
 
 @register_pass("fuse_qkv", after=("quantize", "kv_cache", "shard_experts", "shard_tensor_parallel"))
@@ -125,7 +110,7 @@ def fuse_qkv(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     attns = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _ATTENTION]
     if not attns:
         raise L4Error("fuse_qkv: the graph has no attention op (did lower_irope run?)")
-    before = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in _PROJECTIONS)
+    before = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEARS)
     unfused: dict[str, int] = {}
     for attn in attns:
         why = _why_not(gm, attn)
@@ -137,7 +122,7 @@ def fuse_qkv(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     if matches:
         gm.graph.lint()
         gm.recompile()
-    after = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in _PROJECTIONS)
+    after = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEARS)
     return PassResult(gm, changed=matches > 0, stats={"matches": matches,
                                                       "projections": {"before": before, "after": after},
                                                       "unfused": unfused})

@@ -47,6 +47,7 @@ from l4compile.quant import (QuantScheme, float_model_from_graph, get_scheme, la
                              quantize as quantize_weight, role_of, should_quantize)
 
 from ._registry import PassContext, PassResult, register_pass
+from ._slicing import delete_tensor, get_tensor
 
 aten = torch.ops.aten
 _LINEAR_OP = {"fp8_e4m3": "linear_fp8", "int4": "linear_int4"}
@@ -60,24 +61,11 @@ class QuantizeOptions:
     quantize_lm_head: bool = False
 
 
-def _fetch(gm: torch.nn.Module, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _drop(gm: torch.nn.Module, target: str) -> None:
-    owner_path, _, leaf = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    delattr(owner, leaf)
-
-
 def _graph_bytes(gm: torch.fx.GraphModule) -> int:
     seen = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     total = 0
     for t in seen:
-        v = _fetch(gm, t)
+        v = get_tensor(gm, t)
         if isinstance(v, torch.Tensor):
             total += v.numel() * v.element_size()
     return total
@@ -180,7 +168,7 @@ def quantize(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             graph.erase_node(node)
     still_read = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
     for target in rw.old - still_read:
-        _drop(gm, target)
+        delete_tensor(gm, target)
     graph.lint()
     gm.recompile()
     stats = {"scheme": scheme.to_dict(), "linears": n_linear, "moe_blocks": n_moe,

@@ -44,6 +44,7 @@ from l4compile.ops import quant as _quant_op  # noqa: F401  (registers l4.moe_q)
 
 from ._provenance import innermost_module, layer_index
 from ._registry import PassContext, PassResult, register_pass
+from ._slicing import get_tensor
 
 
 _EP_OF = {torch.ops.l4.moe.default: torch.ops.l4.moe_ep.default,          # float weights
@@ -62,13 +63,6 @@ class ShardExpertsOptions:
 def _layer_of(node: torch.fx.Node) -> int:
     path = innermost_module(node, "Llama4TextMoe")
     return layer_index(path) if path is not None else -1
-
-
-def _get(gm: torch.nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _set(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
@@ -100,7 +94,7 @@ def rank_graph(gm: torch.fx.GraphModule, rank: int, world: int, owners: dict[int
         local = torch.tensor([e for e, r in enumerate(owner) if r == rank], dtype=torch.int64)
         experts = n.args[2:4] if n.target == torch.ops.l4.moe.default else n.args[2:6]   # [E, ...] tensors
         for w in experts:
-            full = _get(gm, str(w.target))
+            full = get_tensor(gm, str(w.target))
             sliced[str(w.target)] = full.detach().index_select(0, local.to(full.device)).contiguous()
             w.meta.pop("val", None)
         with graph.inserting_before(n):
@@ -135,7 +129,7 @@ def shard_experts(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         raise L4Error(f"shard_experts: the plan places experts for MoE layers {sorted(owners)} but the graph has "
                       f"MoE layers {found}; make the plan for this model")
     for n in moes:
-        n_exp = _get(gm, str(n.args[1].target)).shape[0]               # router [E, H]
+        n_exp = get_tensor(gm, str(n.args[1].target)).shape[0]               # router [E, H]
         owner = owners[_layer_of(n)]
         if len(owner) != n_exp or any(not 0 <= r < world for r in owner):
             raise L4Error(f"shard_experts: layer {_layer_of(n)}: the plan places {len(owner)} experts on ranks "
