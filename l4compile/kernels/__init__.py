@@ -7,14 +7,19 @@ Files (one kernel each; pure-PyTorch host code apart)::
     fp8_scaled_mm.py     W8A8 linear through torch._scaled_mm (row-wise scales)      (torch only)
     moe_gate_up.py       grouped [x*s] @ [gate|up] + SwiGLU epilogue                 (Triton kernel)
     moe_down.py          grouped act @ down                                          (Triton kernel)
+    moe_route.py         top-1 routing -> the whole grouped-row / tile map           (Triton kernel)
     int4_mm.py           weight-only Int4 GEMM/GEMV, the quantize pass's packing;    (Triton kernel)
                          ``int4_tile``: the packed-tile load + unpack all Int4 kernels share
     moe_int4_gate_up.py  grouped [x*s] @ Int4 [gate|up]^T + SwiGLU epilogue          (Triton kernel)
     moe_int4_down.py     grouped act @ Int4 down^T                                   (Triton kernel)
+    fp8_rows.py          per-row FP8 activation quantization in-kernel, FP8 weight   (Triton helpers)
+                         tiles and dots, shared by the two FP8 MoE kernels
+    moe_fp8_gate_up.py   grouped fp8([x*s]) @ FP8 [gate|up]^T + SwiGLU epilogue      (Triton kernel)
+    moe_fp8_down.py      grouped fp8(act) @ FP8 down^T                               (Triton kernel)
     attention.py         attention over the KV cache + new keys by position, split   (Triton kernels)
                          key ranges, and the merge of the splits
-    ops.py               ``l4::moe_fused``, ``l4::moe_q_fused``, ``l4::int4_mm``,    (needs Triton)
-                         ``l4::attention_fused`` (triton_op) + host glue
+    ops.py               ``l4::moe_fused``, ``l4::moe_q_fused``, ``l4::moe_fp8_fused``, (needs Triton)
+                         ``l4::int4_mm``, ``l4::attention_fused`` (triton_op) + host glue
     dispatch.py          CUDA kernels of ``l4::moe``/``l4::moe_q``/``l4::linear_int4``/``l4::linear_fp8``/
                          ``l4::attention_cached`` and the CUDA decompositions the    (torch only)
                          Inductor backend applies

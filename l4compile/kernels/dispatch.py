@@ -13,7 +13,8 @@ Two routes, the same choices in both:
     l4::moe         -> l4::moe_fused (Triton: top-1 routing map in one kernel, grouped gate_up+SwiGLU, grouped down,
                        shared expert as group E)
     l4::moe_q       -> l4::moe_q_fused on Int4 (uint8) weights (the same, unpacking Int4 tiles in-kernel);
-                       FP8 weights: the reference, its expert matmuls through linear_fp8 (opaque in engines)
+                       l4::moe_fp8_fused on float8 weights (the same, each row's activations quantized to
+                       float8 in-kernel as linear_fp8 does; float8 dot operands on sm_89+)
     l4::linear_int4 -> l4::int4_mm   (Triton: packed-int4 GEMM/GEMV, x flattened to [M, K])
     l4::linear_fp8  -> torch._scaled_mm with row-wise scales (sm89+, K and N multiples of 16), else reference
     l4::attention_cached -> its projection and cache update in aten around l4::attention_fused (Triton: attention
@@ -33,6 +34,7 @@ from torch import Tensor
 from l4compile.ops import attention as attention_ops
 from l4compile.ops import moe as moe_ops
 from l4compile.ops import quant as quant_ops
+from l4compile.quant import FP8_DTYPE
 
 from . import triton_available
 from .fp8_scaled_mm import linear_fp8_scaled_mm, scaled_mm_supported
@@ -79,25 +81,40 @@ def fused_moe_int4_supported(x: Tensor, router_w: Tensor, *weights: Tensor) -> b
             and all(q.dtype == torch.uint8 for q in weights[::2]) and load_triton_ops())
 
 
+def fused_moe_fp8_supported(x: Tensor, router_w: Tensor, *weights: Tensor) -> bool:
+    """``weights``: l4::moe_q's (q, scale) pairs; the fused FP8 kernel takes float8_e4m3fn q tensors with one scale
+    per output channel (``quantize_fp8``: scale [.., N] for q [.., N, K])."""
+    pairs = list(zip(weights[::2], weights[1::2]))
+    return (x.dim() == 2 and x.dtype in KERNEL_DTYPES and router_w.dtype == x.dtype
+            and all(q.dtype == FP8_DTYPE and s.shape == q.shape[:-1] for q, s in pairs) and load_triton_ops())
+
+
+def _fused_moe_q(x: Tensor, router_w: Tensor, weights: tuple, top_k: int):
+    """The fused Triton MoE for these quantized weights (Int4 or FP8), or None where neither applies."""
+    if fused_moe_int4_supported(x, router_w, *weights):
+        return torch.ops.l4.moe_q_fused(x, router_w, *weights, top_k)
+    if fused_moe_fp8_supported(x, router_w, *weights):
+        return torch.ops.l4.moe_fp8_fused(x, router_w, *weights, top_k)
+    return None
+
+
 def moe_q_cuda(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tensor, down_q: Tensor, down_s: Tensor,
                shared_gate_q: Tensor, shared_gate_s: Tensor, shared_up_q: Tensor, shared_up_s: Tensor,
                shared_down_q: Tensor, shared_down_s: Tensor, top_k: int) -> Tensor:
-    """``l4::moe_q`` on CUDA: the fused Triton Int4 MoE, or the reference (FP8 weights, no Triton)."""
-    args = (x, router_w, gate_up_q, gate_up_s, down_q, down_s, shared_gate_q, shared_gate_s, shared_up_q,
-            shared_up_s, shared_down_q, shared_down_s)
-    if fused_moe_int4_supported(*args):
-        return torch.ops.l4.moe_q_fused(*args, top_k)
-    return quant_ops._moe_q_impl(*args, top_k)
+    """``l4::moe_q`` on CUDA: the fused Triton Int4 or FP8 MoE, or the reference (no Triton, other dtypes)."""
+    weights = (gate_up_q, gate_up_s, down_q, down_s, shared_gate_q, shared_gate_s, shared_up_q, shared_up_s,
+               shared_down_q, shared_down_s)
+    out = _fused_moe_q(x, router_w, weights, top_k)
+    return out if out is not None else quant_ops._moe_q_impl(x, router_w, *weights, top_k)
 
 
 def moe_q_decomposition(x: Tensor, router_w: Tensor, *weights_and_top_k):
-    """``l4::moe_q`` in CUDA engines (same arguments): ``l4::moe_q_fused`` where it applies; NotImplemented (the op
-    stays opaque and its CUDA kernel runs through the proxy executor) where the reference's host sync would not
-    trace."""
+    """``l4::moe_q`` in CUDA engines (same arguments): ``l4::moe_q_fused`` / ``l4::moe_fp8_fused`` where one applies;
+    NotImplemented (the op stays opaque and its CUDA kernel runs through the proxy executor) where the reference's
+    host sync would not trace."""
     *weights, top_k = weights_and_top_k
-    if fused_moe_int4_supported(x, router_w, *weights):
-        return torch.ops.l4.moe_q_fused(x, router_w, *weights, top_k)
-    return NotImplemented
+    out = _fused_moe_q(x, router_w, tuple(weights), top_k)
+    return out if out is not None else NotImplemented
 
 
 def fused_attention_supported(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
@@ -144,8 +161,8 @@ def register_cuda_kernels() -> None:
 def cuda_decompositions() -> dict:
     """Extra decompositions for Inductor engines built for CUDA (merged over ``l4compile.ops.DECOMPOSITIONS``;
     ``l4::attention_cached``'s replaces the plain-aten one there). ``l4::moe`` / ``l4::moe_q`` are included only with
-    Triton: their eager fallbacks have host syncs and stay opaque ops, also where the kernel does not apply (FP8
-    weights, other dtypes), which ``moe_decomposition`` / ``moe_q_decomposition`` tell from the dtypes."""
+    Triton: their eager fallbacks have host syncs and stay opaque ops, also where no kernel applies (other
+    dtypes), which ``moe_decomposition`` / ``moe_q_decomposition`` tell from the dtypes."""
     table = {torch.ops.l4.linear_fp8.default: linear_fp8_cuda}
     if load_triton_ops():
         table[torch.ops.l4.moe.default] = moe_decomposition

@@ -126,6 +126,16 @@ def moe_int4_blocks(hidden: int, inter: int, group_h: int, group_i: int) -> tupl
     return int4_blocks(inter, hidden, group_h), int4_blocks(hidden, inter, group_i)     # both BM = 16
 
 
+
+def moe_fp8_blocks(hidden: int, inter: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(gate_up, down) (BM, BN, BK) for the fused FP8 MoE, which reduces over H, then over I. BM = 16 for the reason
+    ``moe_int4_blocks`` gives (a decode tile holds ~1 row; at 1 byte a weight, 16 rows are 32 FLOP per weight byte,
+    well inside the memory-bound regime); BK up to 128 (FP8 MMAs take K in steps of 32, so BK >= 32); BN up to 64
+    (Scout decode: 128 gate_up and 80 down programs per tile)."""
+    def one(n_out: int, k_in: int) -> tuple[int, int, int]:
+        return 16, max(16, min(64, _pow2_floor(n_out))), max(32, min(128, _pow2_floor(k_in)))
+    return one(inter, hidden), one(hidden, inter)
+
 # ---- attention (kernels/attention.py): blocks from head_dim, splits from the (symbolic) row count --------------
 
 @dataclass(frozen=True)

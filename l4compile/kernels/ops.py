@@ -1,7 +1,7 @@
 # T tokens, E experts, K top-k, H hidden, I expert width, A = T*K, R = A + T, N out features, Kin in features,
 # Gh / Gi Int4 scale groups over H / I; attention: B batch, Hq / Hkv heads, T new tokens, L cache slots, D head_dim
-"""``l4::moe_fused``, ``l4::moe_q_fused``, ``l4::int4_mm`` and ``l4::attention_fused``: the Triton kernels as
-``torch.library.triton_op`` operators.
+"""``l4::moe_fused``, ``l4::moe_q_fused``, ``l4::moe_fp8_fused``, ``l4::int4_mm`` and ``l4::attention_fused``: the
+Triton kernels as ``torch.library.triton_op`` operators.
 
 ``triton_op`` makes the bodies visible to torch.compile / torch.export: Inductor and AOTInductor see the host
 code (plain aten) and the kernels themselves (``wrap_triton``) and compile both into the engine, so a CUDA
@@ -14,6 +14,8 @@ Contracts (same as the reference ops, which the tests compare against):
 
     moe_fused(x [T, H], router_w [E, H], gate_up [E, H, 2I], down [E, I, H], shared_gate [I, H],
               shared_up [I, H], shared_down [H, I], top_k) -> [T, H]          == l4::moe
+    moe_q_fused(x, router_w, (q, scale) x 5 of packed Int4 weights, top_k) -> [T, H]     == l4::moe_q on Int4
+    moe_fp8_fused(x, router_w, (q, scale) x 5 of float8 weights, top_k) -> [T, H]       == l4::moe_q on FP8
     int4_mm(x [M, Kin], w_packed [N, Kin/2] uint8, w_scale [N, Kin/G]) -> [M, N]
                                                                                == l4::linear_int4 on 2-D x
     attention_fused(q [B, Hq, T, D], k_new [B, Hkv, T, D], v_new, k_cache [B, Hkv, L, D], v_cache, start_pos [1],
@@ -36,8 +38,10 @@ from . import interpreting
 from .attention import attention_combine_kernel, attention_partial_kernel
 from .int4_mm import int4_mm_kernel
 from .layout import (AttentionBlocks, Int4Blocks, MoeRows, attention_blocks, attention_splits, int4_blocks,
-                     moe_blocks, moe_int4_blocks, moe_rows, num_tiles)
+                     moe_blocks, moe_fp8_blocks, moe_int4_blocks, moe_rows, num_tiles)
 from .moe_down import moe_down_kernel
+from .moe_fp8_down import moe_fp8_down_kernel
+from .moe_fp8_gate_up import moe_fp8_gate_up_kernel
 from .moe_gate_up import moe_gate_up_kernel
 from .moe_int4_down import moe_int4_down_kernel
 from .moe_int4_gate_up import moe_int4_gate_up_kernel
@@ -49,6 +53,16 @@ def _dot_mode(dtype: torch.dtype) -> dict:
     DOT_F32: under the CPU interpreter, bf16 dot operands go in as float32 (see moe_gate_up's docstring)."""
     f32 = interpreting() and dtype == torch.bfloat16
     return {"PRECISION": "ieee" if dtype == torch.float32 or f32 else "tf32", "DOT_F32": f32}
+
+
+def _fp8_mode(x: Tensor) -> dict:
+    """The FP8 kernels' operand modes (``fp8_rows``): float8 dot operands for 16-bit activations on sm_89+ (float32
+    engines keep bf16 operands, which hold float8 values exactly: the same products, no FP8 MMA accumulator); float32
+    operands and float32 rounding to the float8 grid under the CPU interpreter."""
+    interp = interpreting()
+    fp8_dot = (not interp and x.dtype != torch.float32 and x.device.type == "cuda"
+               and torch.cuda.get_device_capability(x.device) >= (8, 9))
+    return {"FP8_DOT": fp8_dot, "DOT_F32": interp, "EMULATE_FP8": interp}
 
 
 def moe_route(logits: Tensor, block_m: int) -> MoeRows:
@@ -151,6 +165,40 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
     return combine_rows(y, rows, n_tok, top_k)
 
 
+def fused_moe_fp8(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tensor, down_q: Tensor, down_s: Tensor,
+                  shared_gate_q: Tensor, shared_gate_s: Tensor, shared_up_q: Tensor, shared_up_s: Tensor,
+                  shared_down_q: Tensor, shared_down_s: Tensor, top_k: int,
+                  blocks: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None) -> Tensor:
+    """The body of ``l4::moe_fp8_fused``; ``blocks`` ((BM, BN, BK) of gate_up and down; same BM) overrides the static
+    choice (tests). Float8 weights in nn.Linear orientation with one scale per output channel (``quantize_fp8``); the
+    shared gate/up weights share one set of strides."""
+    n_exp, hidden, i_dim = down_q.shape
+    if shared_gate_q.stride() != shared_up_q.stride() or shared_gate_s.stride() != shared_up_s.stride():
+        raise ValueError("moe_fp8_fused: the shared gate and up weights (or scales) have different strides")
+    bgu, bdn = blocks or moe_fp8_blocks(hidden, i_dim)
+    if bgu[0] != bdn[0]:
+        raise ValueError("moe_fp8_fused: gate_up and down blocks must share BM (one tile map)")
+    n_tok = x.shape[0]
+    rows = _rows(x, router_w, top_k, bgu[0])
+    n_rows = n_tok * (top_k + 1)
+    n_tiles = rows.tile_group.shape[0]
+    mode = _fp8_mode(x)
+    act = torch.empty((n_rows, i_dim), device=x.device, dtype=x.dtype)           # [R, I]
+    wrap_triton(moe_fp8_gate_up_kernel)[(n_tiles, triton.cdiv(i_dim, bgu[1]))](
+        x, gate_up_q, gate_up_s, shared_gate_q, shared_gate_s, shared_up_q, shared_up_s, act, rows.row_tok,
+        rows.row_scale, rows.tile_group, rows.tile_row0, rows.tile_row_end, hidden, i_dim, n_exp,
+        x.stride(0), x.stride(1), *gate_up_q.stride(), *gate_up_s.stride(), *shared_gate_q.stride(),
+        shared_gate_s.stride(0), act.stride(0), act.stride(1),
+        BLOCK_M=bgu[0], BLOCK_N=bgu[1], BLOCK_K=bgu[2], **mode)
+    y = torch.empty((n_rows, hidden), device=x.device, dtype=x.dtype)            # [R, H]
+    wrap_triton(moe_fp8_down_kernel)[(n_tiles, triton.cdiv(hidden, bdn[1]))](
+        act, down_q, down_s, shared_down_q, shared_down_s, y, rows.tile_group, rows.tile_row0, rows.tile_row_end,
+        hidden, i_dim, n_exp, act.stride(0), act.stride(1), *down_q.stride(), *down_s.stride(),
+        *shared_down_q.stride(), shared_down_s.stride(0), y.stride(0), y.stride(1),
+        BLOCK_M=bdn[0], BLOCK_N=bdn[1], BLOCK_K=bdn[2], **mode)
+    return combine_rows(y, rows, n_tok, top_k)
+
+
 def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None) -> Tensor:
     """The body of ``l4::int4_mm`` (x [M, Kin] -> [M, N]); ``blocks`` (an ``Int4Blocks``) overrides (tests)."""
     n_out, k_in = w_packed.shape[0], 2 * w_packed.shape[1]
@@ -215,6 +263,14 @@ def moe_q_fused(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tenso
                 shared_down_q: Tensor, shared_down_s: Tensor, top_k: int) -> Tensor:
     return fused_moe_int4(x, router_w, gate_up_q, gate_up_s, down_q, down_s, shared_gate_q, shared_gate_s,
                           shared_up_q, shared_up_s, shared_down_q, shared_down_s, top_k)
+
+
+@triton_op("l4::moe_fp8_fused", mutates_args=())
+def moe_fp8_fused(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tensor, down_q: Tensor, down_s: Tensor,
+                  shared_gate_q: Tensor, shared_gate_s: Tensor, shared_up_q: Tensor, shared_up_s: Tensor,
+                  shared_down_q: Tensor, shared_down_s: Tensor, top_k: int) -> Tensor:
+    return fused_moe_fp8(x, router_w, gate_up_q, gate_up_s, down_q, down_s, shared_gate_q, shared_gate_s,
+                         shared_up_q, shared_up_s, shared_down_q, shared_down_s, top_k)
 
 
 @triton_op("l4::int4_mm", mutates_args=())

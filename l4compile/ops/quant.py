@@ -23,12 +23,13 @@ Lowering
   dequantize + matmul aten bodies, which have no data-dependent shapes, so Inductor fuses the unpack /
   scale into one pointwise producer of the matmul operand, and the engine stores only packed weights.
   ``moe_q`` stays opaque (proxy executor), like ``l4::moe`` and for the same reasons (data-dependent
-  expert groups), except Int4 on CUDA (below).
+  expert groups), except on CUDA (below).
 * CUDA (``l4compile.kernels.dispatch``, eager and ``--device cuda`` Inductor engines): ``linear_fp8`` runs
-  ``torch._scaled_mm`` (below), ``linear_int4`` the Triton kernel ``l4::int4_mm``; ``moe_q`` on Int4 weights the
-  fused Triton MoE ``l4::moe_q_fused`` (grouped rows as ``l4::moe_fused``, packed weights unpacked in-kernel; no
-  host sync, so engines compile it in); otherwise (FP8 weights, no Triton) ``_moe_q_impl`` with its expert
-  matmuls through the ops above (``qlinear`` on CUDA tensors; the op stays opaque in engines).
+  ``torch._scaled_mm`` (below), ``linear_int4`` the Triton kernel ``l4::int4_mm``; ``moe_q`` the fused Triton MoE
+  (grouped rows as ``l4::moe_fused``; no host sync, so engines compile it in): ``l4::moe_q_fused`` on Int4 weights
+  (packed tiles unpacked in-kernel), ``l4::moe_fp8_fused`` on FP8 weights (each row's activations quantized to
+  float8 in-kernel exactly as ``linear_fp8`` does); without Triton ``_moe_q_impl`` with its expert matmuls
+  through the ops above (``qlinear`` on CUDA tensors; the op stays opaque in engines).
   Background, as first sketched: FP8 maps to
   ``torch._scaled_mm(fp8(x / s_x), w_q.t(), scale_a=s_x [T, 1], scale_b=w_scale[None, :], out_dtype=bf16)``
   (row-wise scaling, sm89+; K and N multiples of 16); Int4 to a weight-only int4 GEMM

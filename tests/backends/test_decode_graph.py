@@ -67,10 +67,10 @@ def test_cli_run_decode_modes(tiny_engine):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype,quant", [("float32", "none"), ("bfloat16", "int4")])
+@pytest.mark.parametrize("dtype,quant", [("float32", "none"), ("bfloat16", "int4"), ("bfloat16", "fp8")])
 def test_cuda_graph_decode_matches_loop(dtype, quant, tmp_path):
-    """CUDA engines decode through a captured graph by default (the fused MoE / Int4 Triton kernels inside it) and
-    give the same tokens as one engine call per step."""
+    """CUDA engines decode through a captured graph by default (the fused MoE / Int4 / FP8 Triton kernels inside it:
+    FP8 engines have no opaque MoE op left to refuse capture) and give the same tokens as one engine call per step."""
     eng = l4compile.compile("tiny", out=tmp_path / "e", device="cuda", dtype=dtype, quant=quant, max_seq_len=96,
                             max_batch_size=2)
     assert eng.decode_mode == "graph"

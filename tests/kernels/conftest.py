@@ -73,3 +73,23 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 # bf16 is loose under the interpreter: Triton 3.7's interpreter truncates float32 -> bf16 (GPUs round to nearest).
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 4e-2}
+
+
+@pytest.fixture
+def rne_bf16(monkeypatch):
+    """Make the interpreter's float32 -> bf16 cast round to nearest even, as GPUs do (Triton 3.7's interpreter
+    truncates; float16 casts already round), so a kernel's rounding steps can be compared with the reference's."""
+    require_interpreter()
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    cast = interpreter.InterpreterBuilder.cast_impl
+
+    def rne_cast(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = torch.from_numpy(np.array(src.data, dtype=np.float32)).to(torch.bfloat16).view(torch.int16)
+            return interpreter.TensorHandle(bits.numpy().view(np.uint16), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", rne_cast)

@@ -179,10 +179,9 @@ def test_cuda_decompositions_export_with_symbolic_tokens():
 
 
 def test_cuda_decompositions_export_moe_q_with_symbolic_tokens():
-    """l4::moe_q in --device cuda engines: Int4 weights decompose to l4::moe_q_fused, FP8 weights keep the opaque op
-    (its reference has a host sync), decided from dtypes while T stays symbolic; and the moe_q_fused body as Inductor
-    traces it is aten host code + the routing kernel (one program) and the two GEMM kernels with a grid in T, no host
-    sync. Tracing only."""
+    """l4::moe_q in --device cuda engines: Int4 weights decompose to l4::moe_q_fused, FP8 weights to l4::moe_fp8_fused,
+    decided from dtypes while T stays symbolic; and each body as Inductor traces it is aten host code + the routing
+    kernel (one program) and the two GEMM kernels with a grid in T, no host sync. Tracing only."""
     from l4compile.kernels import why_unavailable
 
     if why_unavailable():
@@ -190,7 +189,7 @@ def test_cuda_decompositions_export_moe_q_with_symbolic_tokens():
     p = _python("""
         import torch, l4compile.ops
         from l4compile.kernels.dispatch import cuda_decompositions
-        from l4compile.kernels.ops import fused_moe_int4
+        from l4compile.kernels.ops import fused_moe_fp8, fused_moe_int4
         from l4compile.quant import quantize_fp8, quantize_int4
         H, I, E = 32, 16, 3
         experts = lambda quant: [t for w in (torch.randn(E, 2 * I, H), torch.randn(E, H, I), torch.randn(I, H),
@@ -204,11 +203,13 @@ def test_cuda_decompositions_export_moe_q_with_symbolic_tokens():
                     self.register_buffer(f"b{i}", t)
             def forward(self, x):
                 b = [getattr(self, f"b{i}") for i in range(len(bufs))]
-                if self.body:
+                if self.body == "int4":
                     return fused_moe_int4(x, *b[:11], 1)
+                if self.body == "fp8":
+                    return fused_moe_fp8(x, b[0], *b[11:], 1)
                 return torch.ops.l4.moe_q(torch.ops.l4.moe_q(x, *b[:11], 1), b[0], *b[11:], 2)
         T = torch.export.Dim("T", min=1, max=4096)
-        for body in (False, True):
+        for body in (None, "int4", "fp8"):
             ep = torch.export.export(M(body), (torch.randn(9, H),), dynamic_shapes={"x": {0: T}})
             ep = ep.run_decompositions(cuda_decompositions())
             calls = [n for n in ep.graph.nodes if n.op == "call_function"]
@@ -218,12 +219,14 @@ def test_cuda_decompositions_export_moe_q_with_symbolic_tokens():
             print([str(r) for r in ep.range_constraints.values()], any("scalar_dense" in str(n.target) for n in calls))
     """, TRITON_INTERPRET="0")
     assert p.returncode == 0, p.stderr[-3000:]
-    routed, grids, ranges, body, body_grids, body_ranges = p.stdout.strip().splitlines()[-6:]
-    assert routed == "['l4.moe_q.default', 'l4.moe_q_fused.default']"            # int4 fused, fp8 opaque
-    assert body == "['triton_kernel_wrapper_functional'" + ", 'triton_kernel_wrapper_functional'" * 2 + "]"
-    route, gate_up, down = eval(body_grids)                                     # route (one program), gate_up, down
-    assert grids == "[]" and route == "1" and "//16" in gate_up and "//16" in down   # NT = ceil(2T / BM 16) + E + 1
-    assert ranges == body_ranges == "['VR[1, 4096]'] False"                     # T symbolic, no host sync
+    routed, grids, ranges, *bodies = p.stdout.strip().splitlines()[-9:]
+    assert routed == "['l4.moe_fp8_fused.default', 'l4.moe_q_fused.default']"   # no opaque op left
+    assert grids == "[]" and ranges == "['VR[1, 4096]'] False"
+    for body, body_grids, body_ranges in (bodies[:3], bodies[3:]):               # Int4, FP8
+        assert body == "['triton_kernel_wrapper_functional'" + ", 'triton_kernel_wrapper_functional'" * 2 + "]"
+        route, gate_up, down = eval(body_grids)                                 # route (one program), gate_up, down
+        assert route == "1" and "//16" in gate_up and "//16" in down            # NT = ceil(2T / BM 16) + E + 1
+        assert body_ranges == "['VR[1, 4096]'] False"                           # T symbolic, no host sync
 
 
 def test_cuda_decompositions_keep_moe_opaque_where_the_kernel_does_not_apply():

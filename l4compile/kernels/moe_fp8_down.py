@@ -1,0 +1,67 @@
+# R rows (routed + shared), H hidden, I expert width, E experts, BM/BN/BK tile sizes, NT tiles
+"""Triton kernel: the second grouped GEMM of the fused FP8 MoE (``l4::moe_fp8_fused``, down projection) on float8
+weights with per-channel scales, each act row quantized per row as ``l4::linear_fp8`` does (``fp8_rows``); one
+output row per input row, as ``moe_down``.
+
+For every row r of tile ``program_id(0)`` and hidden columns ``program_id(1) * BN ..``::
+
+    s, q  = per-row scale and float8 values of act[r]             (fp8_rows: s = max|act[r]| / 448)
+    y[r]  = ((q @ down_q^T) * s * down_s).to(y.dtype)             (fp32 accumulation)
+
+with (down_q, down_s) = ``down_q[e]``, ``down_s[e]`` ([E, H, I], [E, H]) for a routed group e < E and
+``shared_down_q``, ``shared_down_s`` ([H, I], [H]) for the shared group E, both nn.Linear orientation. Rows stay in
+the grouped order; the caller adds each token's routed rows onto its shared row (``ops.combine_rows``).
+
+Shapes: act [R, I]; down_q [E, H, I] float8_e4m3fn, down_s [E, H]; shared_down_q [H, I] float8, shared_down_s [H];
+tile_group/tile_row0/tile_row_end [NT] int32; y [R, H]. Grid: (NT, cdiv(H, BN)).
+"""
+import triton
+import triton.language as tl
+
+from .fp8_rows import fp8_dot, quantize, rows_scale, scaled_rows, weight_tile
+
+
+@triton.jit
+def _fp8_down_tile(a_rows, stride_ai, ones, rmask, wq_ptr, stride_wn, stride_wk, cols, cmask, I,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8_DOT: tl.constexpr,
+                   DOT_F32: tl.constexpr, EMULATE_FP8: tl.constexpr):
+    """q(act rows) @ Wd^T for one tile -> [BM, BN] float32, and the rows' scales s [BM]."""
+    s = rows_scale(a_rows, ones, rmask, I, stride_ai, BLOCK_M, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    for k0 in range(0, I, BLOCK_K):
+        k = k0 + ks                                                               # [BK] in [0, I)
+        q = quantize(scaled_rows(a_rows, ones, rmask, k, I, stride_ai), s, FP8_DOT, DOT_F32, EMULATE_FP8)
+        acc = fp8_dot(q, weight_tile(wq_ptr, cols, cmask, k, I, stride_wn, stride_wk, FP8_DOT, DOT_F32), acc,
+                      BLOCK_K, FP8_DOT)
+    return acc, s
+
+
+@triton.jit
+def moe_fp8_down_kernel(act_ptr, dq_ptr, ds_ptr, sdq_ptr, sds_ptr, y_ptr, tile_group_ptr, tile_row0_ptr,
+                        tile_row_end_ptr, H, I, E,
+                        stride_ar, stride_ai, stride_qe, stride_qn, stride_qk, stride_se, stride_sn,
+                        stride_shqn, stride_shqk, stride_shs, stride_yr, stride_yh,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        FP8_DOT: tl.constexpr, DOT_F32: tl.constexpr, EMULATE_FP8: tl.constexpr):
+    tile = tl.program_id(0)
+    grp = tl.load(tile_group_ptr + tile)
+    if grp <= E:                                                                 # grp == E + 1: unused tile
+        rows = tl.load(tile_row0_ptr + tile) + tl.arange(0, BLOCK_M)            # [BM]
+        rmask = rows < tl.load(tile_row_end_ptr + tile)
+        a_rows = act_ptr + rows.to(tl.int64) * stride_ar                        # [BM] row pointers
+        ones = tl.full((BLOCK_M,), 1.0, tl.float32)                             # act is already scaled
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)               # [BN] in [0, H)
+        cmask = cols < H
+        if grp == E:                                                             # shared expert [H, I]
+            acc, s = _fp8_down_tile(a_rows, stride_ai, ones, rmask, sdq_ptr, stride_shqn, stride_shqk, cols, cmask,
+                                    I, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, DOT_F32, EMULATE_FP8)
+            ws = tl.load(sds_ptr + cols * stride_shs, mask=cmask, other=0.0).to(tl.float32)
+        else:                                                                    # routed expert [H, I]
+            acc, s = _fp8_down_tile(a_rows, stride_ai, ones, rmask, dq_ptr + grp.to(tl.int64) * stride_qe, stride_qn,
+                                    stride_qk, cols, cmask, I, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, DOT_F32,
+                                    EMULATE_FP8)
+            ws = tl.load(ds_ptr + grp.to(tl.int64) * stride_se + cols * stride_sn, mask=cmask, other=0.0)
+            ws = ws.to(tl.float32)
+        tl.store(y_ptr + rows[:, None] * stride_yr + cols[None, :] * stride_yh,
+                 (acc * s[:, None] * ws[None, :]).to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
