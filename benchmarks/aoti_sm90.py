@@ -1,7 +1,7 @@
 """Generate, on a machine without a GPU, the AOTInductor engine that ``l4compile compile --backend inductor --device
 cuda`` builds for an H100: its C++ wrapper, with every Triton kernel compiled for sm_90a; then check the wrapper.
 
-    python benchmarks/aoti_sm90.py [--preset tiny] [--quant int4] [--dtype bfloat16] [--max-seq-len 256]
+    python benchmarks/aoti_sm90.py [--preset tiny] [--quant int4|fp8|none] [--dtype bfloat16] [--max-seq-len 256]
                                    [--layers N] [--out DIR] [--json FILE]
 
 How: the preset is lowered on the CPU (frontend, passes) and exported by ``backends/inductor.py``'s own
@@ -15,8 +15,8 @@ compile (no CUDA toolkit here); ``--out`` keeps the wrapper.
 
 Checks (exit 1 when one fails; a GPU session would fail on them, or lose its bandwidth):
   kernels    every l4 kernel op of the exported graph is launched from the wrapper: attention_fused as its partial
-             and combine kernels, moe_fused / moe_q_fused as their routing, gate_up and down kernels, int4_mm as its
-             kernel
+             and combine kernels, moe_fused / moe_q_fused / moe_fp8_fused as their routing, gate_up and down kernels,
+             int4_mm as its kernel
   opaque     no op runs through the proxy executor (an opaque op would be an eager kernel outside the engine)
   caches     each KV cache input is first read by its layer's attention kernel (one), written after that read, and
              never cloned or copied whole
@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 KERNELS = {"l4.attention_fused.default": ("attention_partial_kernel", "attention_combine_kernel"),
            "l4.moe_fused.default": ("moe_route_kernel", "moe_gate_up_kernel", "moe_down_kernel"),
            "l4.moe_q_fused.default": ("moe_route_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel"),
+           "l4.moe_fp8_fused.default": ("moe_route_kernel", "moe_fp8_gate_up_kernel", "moe_fp8_down_kernel"),
            "l4.int4_mm.default": ("int4_mm_kernel",)}
 
 
@@ -179,8 +180,7 @@ def analyze(lines: list[str], graph_ops: dict[str, int], caches: list[str]) -> d
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--quant", choices=("none", "int4"), default="int4",
-                    help="fp8 is not covered: its MoE stays an opaque op by design")
+    ap.add_argument("--quant", choices=("none", "int4", "fp8"), default="int4")
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     ap.add_argument("--max-seq-len", type=int, default=256)
     ap.add_argument("--layers", type=int, default=None)

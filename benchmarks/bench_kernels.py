@@ -8,6 +8,7 @@ Kernels (bf16 activations; Int4 weights packed as the quantize pass packs them, 
 
     int4_mm       x [T, H] @ W^T for the attention projections: q/o [5120, 5120], k/v [1024, 5120]
     moe_q_fused   the Scout MoE block: 16 experts of width 8192, top-1, plus the shared expert
+    moe_fp8_fused the same MoE on FP8 weights (per-channel scales; activations quantized per row in-kernel)
     moe_fused     the same MoE in bf16
     torch.mm      cuBLAS on the bf16 weight, the baseline the Int4 GEMV must beat (it streams 4x the bytes)
     attention_fused  one decode step of a global layer's attention (40/8 heads x 128) in an 8192-slot bf16 cache,
@@ -110,6 +111,26 @@ def moe_weights(dims: dict, device, g: torch.Generator):
                                deq[2], deq[3], deq[4])
 
 
+def moe_fp8_weights(dims: dict, device, g: torch.Generator) -> tuple:
+    """FP8 MoE weights as l4::moe_q takes them: router bf16, then (float8 q, float32 per-channel scale) for gate_up,
+    down, shared gate, up, down in nn.Linear orientation, as the quantize pass makes them."""
+    from l4compile.quant import quantize_fp8
+
+    h, i, e = dims["H"], dims["I"], dims["E"]
+    router = (torch.randn(e, h, generator=g, device=device) * 0.5).to(torch.bfloat16)
+    return (router, *(t for shape in ((e, 2 * i, h), (e, h, i), (i, h), (i, h), (h, i))
+                      for t in quantize_fp8(torch.randn(*shape, generator=g, device=device) * 0.02)))
+
+
+def fp8_configs(quick: bool, tiny: bool) -> list[tuple[int, int, int]]:
+    """(BM, BN, BK) for moe_fp8_fused: BM 16 (decode; Triton's MMAs take float8 as f16 there) and 64 (FP8 wgmma)."""
+    if tiny:
+        return [(16, 16, 32)]
+    if quick:
+        return [(16, 64, 128), (64, 64, 128)]
+    return list(itertools.product((16, 64), (32, 64, 128), (128,)))
+
+
 def moe_bytes(x, qweights, fweights, touched: int, quant: bool) -> int:
     """Weights of the touched experts + the shared expert + the router, activations in and out."""
     router = qweights[0]
@@ -178,10 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --tokens '{a.tokens}' is not a comma-separated list of positive integers", file=sys.stderr)
         return 2
     from l4compile.kernels.dispatch import load_triton_ops
-    from l4compile.kernels.layout import AttentionBlocks, Int4Blocks, attention_blocks, int4_blocks, moe_int4_blocks
-    from l4compile.kernels.ops import fused_attention, fused_moe, fused_moe_int4, int4_matmul
+    from l4compile.kernels.layout import (AttentionBlocks, Int4Blocks, attention_blocks, int4_blocks, moe_fp8_blocks,
+                                          moe_int4_blocks)
+    from l4compile.kernels.ops import fused_attention, fused_moe, fused_moe_fp8, fused_moe_int4, int4_matmul
     from l4compile.ops.attention import attention_cached_impl
     from l4compile.ops.moe import _moe_impl, _route
+    from l4compile.ops.quant import _moe_q_impl
 
     load_triton_ops()
     dims = TINY if a.tiny else SCOUT
@@ -244,6 +267,18 @@ def main(argv: list[str] | None = None) -> int:
                    lambda blocks=blocks: fused_moe_int4(x, *qweights, 1, blocks=blocks), ref, moved)
         record("moe_fused bf16", t, "default", True, lambda: fused_moe(x, *fweights, 1), ref,
                moe_bytes(x, qweights, fweights, touched, quant=False))
+    f8weights = moe_fp8_weights(dims, device, g)
+    default_fp8 = moe_fp8_blocks(dims["H"], dims["I"])
+    for t in tokens:
+        x = torch.randn(t, dims["H"], generator=g, device=device).to(torch.bfloat16)
+        ref = _moe_q_impl(x, *f8weights, 1)               # its matmuls: l4::linear_fp8 (torch._scaled_mm on a GPU)
+        touched = int(torch.unique(_route(x, f8weights[0], 1)[0]).numel())
+        moved = moe_bytes(x, f8weights, None, touched, quant=True)
+        for bm, bn, bk in fp8_configs(a.quick, a.tiny):
+            blocks = ((bm, bn, bk), (bm, bn, bk))
+            record("moe_fp8_fused", t, f"BM{bm} BN{bn} BK{bk}", blocks == default_fp8,
+                   lambda blocks=blocks: fused_moe_fp8(x, *f8weights, 1, blocks=blocks), ref, moved)
+        record("moe_q reference fp8", t, "per expert", False, lambda: _moe_q_impl(x, *f8weights, 1), ref, moved)
     for b, pos, args in attention_cases(dims, tokens, device, g):
         q, k, v, kc, vc, start, *_ = args
         hq, hkv, d = args[8:11]

@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/gpu_session.sh [PARTS]        PARTS: comma-separated, default kernels,tests (<= 9 minutes)
 #
-#   kernels  benchmarks/bench_kernels.py: Int4 GEMV/GEMM, fused MoE (Int4, bf16) and decode attention at Scout
+#   kernels  benchmarks/bench_kernels.py: Int4 GEMV/GEMM, fused MoE (Int4, FP8, bf16), decode attention at Scout
 #            dimensions, each block configuration checked, then timed against the HBM copy bandwidth; no model
 #            compile                                                                               (box 240 s)
 #   tests    the gpu-marked tests: Triton kernels against their reference ops (real compile, bf16 tensor cores),

@@ -1,5 +1,6 @@
 """Compile every Triton kernel l4compile launches for an H100 (sm_90a) on a machine without a GPU, and report what
-ptxas made of it: registers per thread, spilled bytes (stack), shared memory.
+ptxas made of it: registers per thread, spilled bytes (stack), shared memory, and the tensor-core instructions its
+dots became (none: FMA units).
 
     python benchmarks/kernels_sm90.py [--dims scout|tiny] [--dtypes bfloat16,float32] [--sweep] [--json FILE]
 
@@ -18,6 +19,7 @@ engines, whose dots run IEEE fp32 on twice the shared memory):
     int4_mm          q_proj at 1 and 2048 tokens
     moe_q_fused      routing + gate_up + down kernels at 1 token (the tile map is static, the GEMMs do not depend
                      on T)
+    moe_fp8_fused    the same on float8 weights (FP8 tensor-core dots in bf16 engines)
     moe_fused        the same in bf16
     attention_fused  partial + combine, decode (1 token, an 8192-slot cache) and prefill (2048 tokens)
 """
@@ -75,6 +77,13 @@ def specialize(kernel, args: tuple, kw: dict, backend) -> tuple[dict, dict, dict
     return sig, constexprs, attrs, options, consts
 
 
+def mma_kinds(ptx: str) -> list[str]:
+    """The tensor-core instructions of a kernel's PTX, as shape.types ("wgmma m64n64k32 e4m3", "mma m16n8k16 bf16");
+    empty for a kernel without dots or whose dots run on FMA units (IEEE float32)."""
+    found = re.findall(r"\b(wgmma\.mma_async|mma)\.sync\.aligned\.(m\d+n\d+k\d+)\.\S*?(e4m3|e5m2|bf16|f16|tf32)", ptx)
+    return sorted({f"{'wgmma' if op.startswith('wgmma') else 'mma'} {shape} {ty}" for op, shape, ty in found})
+
+
 def resources(cubin: bytes, tool: Path) -> dict:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "k.cubin"
@@ -102,6 +111,17 @@ class MetaInputs:
         return (torch.empty(*lead, k // 2, dtype=torch.uint8, device="meta"),
                 torch.empty(*lead, k // self.group, dtype=torch.bfloat16, device="meta"))
 
+    def fp8(self, *shape: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float8_e4m3fn [.., N, K], float32 scales [.., N]) of a weight [.., N, K] (nn.Linear orientation)."""
+        return (torch.empty(*shape, dtype=torch.float8_e4m3fn, device="meta"),
+                torch.empty(*shape[:-1], dtype=torch.float32, device="meta"))
+
+    def moe_fp8(self) -> tuple:
+        """l4::moe_q's weights after x on FP8: router, then (q, scale) of gate_up, down, shared gate, up, down."""
+        h, i, e = self.dims["H"], self.dims["I"], self.dims["E"]
+        return (self.act(e, h), *self.fp8(e, 2 * i, h), *self.fp8(e, h, i), *self.fp8(i, h), *self.fp8(i, h),
+                *self.fp8(h, i))
+
     def moe_q(self) -> tuple:
         """l4::moe_q's weights after x: router, then (q, scale) of gate_up, down, shared gate, up, down."""
         h, i, e = self.dims["H"], self.dims["I"], self.dims["E"]
@@ -126,11 +146,24 @@ def cases(dims: dict, dtype: torch.dtype):
     for t in (1, 2048):
         yield f"int4_mm q_proj T={t}", lambda t=t: ops.int4_matmul(m.act(t, h), *m.int4(hq * d, h))
     yield "moe_q_fused", lambda: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1)
+    yield "moe_fp8_fused", lambda: sm90_fp8(lambda: ops.fused_moe_fp8(m.act(1, h), *m.moe_fp8(), 1))
     yield "moe_fused", lambda: ops.fused_moe(m.act(1, h), m.act(e, h), m.act(e, h, 2 * i), m.act(e, i, h),
                                              m.act(i, h), m.act(i, h), m.act(h, i), 1)
     for t, label in ((1, "decode"), (2048, "prefill")):
         yield f"attention_fused {label} T={t}", lambda t=t: ops.fused_attention(*m.attention(t), hq, hkv, 0,
                                                                                 d ** -0.5)
+
+
+def sm90_fp8(thunk):
+    """Run ``thunk`` with the FP8 kernels' operand modes an H100 gets (``ops._fp8_mode`` asks the device, and meta
+    tensors have none): float8 dots for 16-bit activations, bf16-exact operands in float32 engines."""
+    from unittest import mock
+
+    from l4compile.kernels import ops
+
+    mode = lambda x: {"FP8_DOT": x.dtype != torch.float32, "DOT_F32": False, "EMULATE_FP8": False}  # noqa: E731
+    with mock.patch.object(ops, "_fp8_mode", mode):
+        return thunk()
 
 
 def sweep_cases(dims: dict, dtype: torch.dtype):
@@ -190,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"triton {triton.__version__}, target sm_90a; {a.dims} dimensions; shared memory limit "
           f"{SHARED_LIMIT // 1024} KiB a block")
-    print("| case | dtype | kernel | constexprs | registers | spilled (stack) bytes | shared bytes |")
-    print("|---|---|---|---|---|---|---|", flush=True)
+    print("| case | dtype | kernel | constexprs | registers | spilled (stack) bytes | shared bytes | tensor cores |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     rows, bad = [], 0
     todo = [(c, d) for d in dtypes for c in cases(DIMS[a.dims], d)]
     if a.sweep:
@@ -212,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                 compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs),
                                           target=target, options=options)
                 row.update(resources(compiled.asm["cubin"], tool), shared_bytes=compiled.metadata.shared,
-                           num_warps=compiled.metadata.num_warps)
+                           num_warps=compiled.metadata.num_warps, mma=mma_kinds(compiled.asm["ptx"]))
             except Exception as ex:           # reported, and the exit status says so
                 row["error"] = f"{type(ex).__name__}: {ex}".splitlines()[0][:200]
             if not row["error"] and row["shared_bytes"] > SHARED_LIMIT:
@@ -223,10 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             shown = " ".join(f"{k}={v}" for k, v in row.get("constexprs", {}).items() if k.isupper())
             if row["error"]:
-                print(f"| {name} | {dname} | {row['kernel']} | {shown} | {row['error']} | - | - |", flush=True)
+                print(f"| {name} | {dname} | {row['kernel']} | {shown} | {row['error']} | - | - | - |", flush=True)
             else:
                 print(f"| {name} | {dname} | {row['kernel']} | {shown} | {row['registers']} | {row['stack_bytes']} | "
-                      f"{row['shared_bytes']} |", flush=True)
+                      f"{row['shared_bytes']} | {', '.join(row['mma']) or '-'} |", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps({"triton": triton.__version__, "target": "sm_90a", "dims": a.dims,
                                             "rows": rows}, indent=2, default=str))

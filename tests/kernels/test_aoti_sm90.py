@@ -23,7 +23,8 @@ def _tool():
     return mod
 
 
-def test_tiny_int4_cuda_engine_generates_and_passes_its_checks(tmp_path):
+def _generate(tmp_path, quant: str) -> dict:
+    """The tool's report for ``tiny`` at ``quant`` (bf16, 256 cache slots), the wrapper kept in tmp_path."""
     from l4compile.kernels import why_unavailable
 
     if why_unavailable():
@@ -36,11 +37,15 @@ def test_tiny_int4_cuda_engine_generates_and_passes_its_checks(tmp_path):
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").is_file():
         pytest.skip("this triton has no NVIDIA backend binaries (ptxas)")
     out = tmp_path / "aoti.json"
-    p = subprocess.run([sys.executable, str(SCRIPT), "--preset", "tiny", "--quant", "int4", "--max-seq-len", "256",
+    p = subprocess.run([sys.executable, str(SCRIPT), "--preset", "tiny", "--quant", quant, "--max-seq-len", "256",
                         "--json", str(out), "--out", str(tmp_path)], capture_output=True, text=True, timeout=900,
                        cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    r = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_tiny_int4_cuda_engine_generates_and_passes_its_checks(tmp_path):
+    r = _generate(tmp_path, "int4")
     assert r["problems"] == {"kernels": [], "opaque": [], "caches": []}
     assert r["caches"] == 8                                                 # 4 layers x (k, v)
     launches = r["launches"]
@@ -54,6 +59,17 @@ def test_tiny_int4_cuda_engine_generates_and_passes_its_checks(tmp_path):
     assert one == "1L" and expr.startswith("std::max(static_cast<int64_t>(1L), static_cast<int64_t>(std::min(") \
         and "132L" in expr
     assert "call_attention_partial_kernel" in (tmp_path / "model.wrapper.cpp").read_text()
+
+
+@pytest.mark.slow
+def test_tiny_fp8_cuda_engine_has_no_opaque_op(tmp_path):
+    """FP8: the MoE is l4::moe_fp8_fused (its routing and two FP8 GEMM kernels), the projections torch._scaled_mm;
+    nothing through the proxy executor, so CUDA graphs can capture the step (~80 s, hence slow)."""
+    r = _generate(tmp_path, "fp8")
+    assert r["problems"] == {"kernels": [], "opaque": [], "caches": []}
+    launches = r["launches"]
+    assert launches["moe_route_kernel"] == launches["moe_fp8_gate_up_kernel"] == launches["moe_fp8_down_kernel"] == 4
+    assert r["extern_calls"] == {"_scaled_mm_out": 8, "mm_out": 5}          # qkv + o of 4 layers; routers, lm_head
 
 
 RUN_IMPL = """void AOTInductorModel::run_impl(

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "kernels_sm90.py"
 LAUNCHED = ["int4_mm_kernel", "int4_mm_kernel", "moe_route_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel",
-            "moe_route_kernel", "moe_gate_up_kernel", "moe_down_kernel", "attention_partial_kernel",
+            "moe_route_kernel", "moe_fp8_gate_up_kernel", "moe_fp8_down_kernel", "moe_route_kernel", "moe_gate_up_kernel", "moe_down_kernel", "attention_partial_kernel",
             "attention_combine_kernel", "attention_partial_kernel", "attention_combine_kernel"]
 
 
@@ -42,6 +42,10 @@ def test_every_kernel_compiles_for_sm90(tmp_path, dtype):
     assert all(r["error"] is None and 0 < r["registers"] <= 255 and r["shared_bytes"] <= 227 * 1024 for r in rows)
     if dtype == "bfloat16":
         assert all(r["stack_bytes"] == 0 for r in rows)                      # no spills where it serves
+        dots = [r for r in rows if r["kernel"] not in ("moe_route_kernel", "attention_combine_kernel")]
+        assert all(r["mma"] for r in dots), [r["kernel"] for r in dots if not r["mma"]]   # every dot on tensor cores
+        # FP8 weights at decode (BM 16: Triton's MMAs take float8 as exact f16 there; wgmma e4m3 from BM 64)
+        assert {r["kernel"]: r["mma"] for r in rows}["moe_fp8_down_kernel"] == ["mma m16n8k16 f16"]
     decode = next(r for r in rows if r["case"].startswith("attention_fused decode"))
     assert decode["constexprs"]["T"] == 1 and decode["constexprs"]["BLOCK_D"] == 128   # specialised like a GPU launch
 
