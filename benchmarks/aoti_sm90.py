@@ -2,7 +2,7 @@
 cuda`` builds for an H100: its C++ wrapper, with every Triton kernel compiled for sm_90a; then check the wrapper.
 
     python benchmarks/aoti_sm90.py [--preset tiny] [--quant int4|fp8|none] [--dtype bfloat16] [--max-seq-len 256]
-                                   [--layers N] [--out DIR] [--json FILE]
+                                   [--layers N] [--inductor-config KEY=VALUE ...] [--out DIR] [--json FILE]
 
 How: the preset is lowered on the CPU (frontend, passes) and exported by ``backends/inductor.py``'s own
 ``export_for_aoti`` for ``cuda`` (caches written in place, l4 ops decomposed into the Triton kernel ops). The
@@ -95,16 +95,16 @@ def to_fake_cuda(ep):
             gm.recompile()
 
 
-def generate(ep, cache: Path) -> Path:
+def generate(ep, cache: Path, extra_configs: dict | None = None) -> Path:
     """AOTInductor codegen of ``ep`` -> the wrapper .cpp (kernels compiled to cubins beside it) under ``cache``, the
-    process's TORCHINDUCTOR_CACHE_DIR."""
+    process's TORCHINDUCTOR_CACHE_DIR; ``extra_configs`` (Inductor config overrides) go over the package's own."""
     import torch
     from backends.inductor import AOTI_CONFIGS
 
     try:
         with torch.no_grad():
             torch._inductor.aoti_compile_and_package(ep, package_path=str(cache / "model.pt2"),
-                                                     inductor_configs=AOTI_CONFIGS)
+                                                     inductor_configs={**AOTI_CONFIGS, **(extra_configs or {})})
     except Exception as e:               # expected: the C++ compile, which needs the CUDA toolkit
         if "CppCompileError" not in f"{type(e).__name__}: {e}":
             raise
@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     ap.add_argument("--max-seq-len", type=int, default=256)
     ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--inductor-config", action="append", default=[], metavar="KEY=VALUE",
+                    help="an Inductor config over the engine's own (Python literal; repeatable), to see what a setting "
+                         "would change before a GPU measures it, e.g. combo_kernels=True")
     ap.add_argument("--out", default=None, metavar="DIR", help="keep the generated wrapper .cpp there")
     ap.add_argument("--json", default=None, metavar="FILE")
     a = ap.parse_args(argv)
@@ -196,6 +199,26 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(cache, ignore_errors=True)
 
 
+def inductor_configs(items: list[str]) -> dict:
+    """["combo_kernels=True", ...] -> {"combo_kernels": True, ...}; SystemExit(2) with one line for a bad item."""
+    import ast
+
+    import torch._inductor.config as config
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            sep = ""
+        if not sep or not hasattr(config, key.split(".")[0]):
+            print(f"error: --inductor-config '{item}' is not KEY=VALUE with a known Inductor config and a Python "
+                  "literal", file=sys.stderr)
+            raise SystemExit(2)
+    return out
+
+
 def run(a: argparse.Namespace, cache: Path) -> int:
     from l4compile.errors import L4Error
     from l4compile.kernels import why_unavailable
@@ -204,6 +227,8 @@ def run(a: argparse.Namespace, cache: Path) -> int:
         print(f"error: {why_unavailable()}", file=sys.stderr)
         return 2
     import torch
+
+    extra = inductor_configs(a.inductor_config)
 
     if torch.cuda.is_available():
         print("error: this machine has a CUDA GPU; compile a real engine (l4compile compile --device cuda)",
@@ -226,12 +251,13 @@ def run(a: argparse.Namespace, cache: Path) -> int:
     t_export = time.perf_counter() - t0
     _fake_h100.install(Path(triton.__file__).parent / "backends" / "nvidia" / "include")
     to_fake_cuda(ep)
-    wrapper = generate(ep, cache)
+    wrapper = generate(ep, cache, extra)
     cpp = wrapper.read_text()
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         shutil.copy(wrapper, Path(a.out) / "model.wrapper.cpp")
     report = {"preset": a.preset, "quant": a.quant, "dtype": a.dtype, "max_seq_len": a.max_seq_len,
+              "inductor_configs": extra,
               "torch": torch.__version__, "triton": triton.__version__, "target": "sm_90a",
               "graph_ops": graph_ops, "caches": len(caches), "wrapper_lines": cpp.count("\n"),
               "export_seconds": round(t_export, 1), "seconds": round(time.perf_counter() - t0, 1),

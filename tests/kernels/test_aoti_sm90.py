@@ -133,3 +133,14 @@ def test_bad_preset_is_one_error_line():
                        timeout=300, cwd=ROOT)
     assert p.returncode == 2 and p.stderr.strip().startswith("error: unknown preset 'nope'")
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_inductor_config_overrides_are_parsed_or_refused_in_one_line(capsys):
+    tool = _tool()
+    assert tool.inductor_configs(["combo_kernels=True", "triton.cudagraphs=False"]) == {
+        "combo_kernels": True, "triton.cudagraphs": False}
+    for bad in ("combo_kernels", "combo_kernels=yes please", "no_such_config=1"):
+        with pytest.raises(SystemExit) as e:
+            tool.inductor_configs([bad])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: --inductor-config '{bad}'") and err.count("\n") == 1
