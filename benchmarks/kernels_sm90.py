@@ -19,7 +19,8 @@ engines, whose dots run IEEE fp32 on twice the shared memory):
     int4_mm          q_proj at 1 and 2048 tokens
     moe_q_fused      routing + gate_up + down kernels at 1 token (the tile map is static, the GEMMs do not depend
                      on T)
-    moe_fp8_fused    the same on float8 weights (FP8 tensor-core dots in bf16 engines)
+    moe_fp8_fused    the same on float8 weights (float8 dot operands in bf16 engines; at BM 16 Triton 3.7 makes
+                     them f16 MMAs, from BM 64 wgmma e4m3)
     moe_fused        the same in bf16
     attention_fused  partial + combine, decode (1 token, an 8192-slot cache) and prefill (2048 tokens)
 """
@@ -156,7 +157,7 @@ def cases(dims: dict, dtype: torch.dtype):
 
 def sm90_fp8(thunk):
     """Run ``thunk`` with the FP8 kernels' operand modes an H100 gets (``ops._fp8_mode`` asks the device, and meta
-    tensors have none): float8 dots for 16-bit activations, bf16-exact operands in float32 engines."""
+    tensors have none): float8 dot operands for 16-bit activations, bf16 (exact) operands in float32 engines."""
     from unittest import mock
 
     from l4compile.kernels import ops
