@@ -6,6 +6,7 @@ Files (one kernel each; pure-PyTorch host code apart)::
     layout.py            tile maps for expert-grouped GEMMs, block-size choices      (torch only)
     fp8_scaled_mm.py     W8A8 linear through torch._scaled_mm (row-wise scales)      (torch only)
     moe_gate_up.py       grouped [x*s] @ [gate|up] + SwiGLU epilogue                 (Triton kernel)
+                         ``swiglu_store``: the epilogue all gate_up kernels share
     moe_down.py          grouped act @ down                                          (Triton kernel)
     moe_route.py         top-1 routing -> the whole grouped-row / tile map           (Triton kernel)
     int4_mm.py           weight-only Int4 GEMM/GEMV, the quantize pass's packing;    (Triton kernel)

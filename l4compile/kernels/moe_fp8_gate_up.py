@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .fp8_rows import fp8_dot, quantize, rows_scale, scaled_rows, weight_tile
+from .moe_gate_up import swiglu_store
 
 
 @triton.jit
@@ -75,9 +76,5 @@ def moe_fp8_gate_up_kernel(x_ptr, gu_q_ptr, gu_s_ptr, sg_q_ptr, sg_s_ptr, su_q_p
             ws = gu_s_ptr + grp.to(tl.int64) * stride_se
             sg = tl.load(ws + cols * stride_sn, mask=cmask, other=0.0).to(tl.float32)
             su = tl.load(ws + (I + cols) * stride_sn, mask=cmask, other=0.0).to(tl.float32)
-        out_ty = act_ptr.dtype.element_ty
-        gate = (acc_g * s[:, None] * sg[None, :]).to(out_ty).to(tl.float32)
-        up = (acc_u * s[:, None] * su[None, :]).to(out_ty).to(tl.float32)
-        silu = (gate * tl.sigmoid(gate)).to(out_ty).to(tl.float32)
-        tl.store(act_ptr + rows[:, None] * stride_ar + cols[None, :] * stride_ai, (up * silu).to(out_ty),
-                 mask=rmask[:, None] & cmask[None, :])
+        swiglu_store(acc_g * s[:, None] * sg[None, :], acc_u * s[:, None] * su[None, :], act_ptr, rows, cols, rmask,
+                     cmask, stride_ar, stride_ai)

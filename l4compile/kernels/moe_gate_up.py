@@ -48,6 +48,18 @@ def _dot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, wg_ptr, wu_ptr, st
 
 
 @triton.jit
+def swiglu_store(gate, up, act_ptr, rows, cols, rmask, cmask, stride_ar, stride_ai):
+    """The SwiGLU epilogue of every grouped gate_up kernel: gate, up [BM, BN] float32 GEMM results ->
+    act[rows, cols] = (up * silu(gate)), each step rounded to act's dtype where the eager reference rounds it."""
+    out_ty = act_ptr.dtype.element_ty
+    gate = gate.to(out_ty).to(tl.float32)
+    up = up.to(out_ty).to(tl.float32)
+    silu = (gate * tl.sigmoid(gate)).to(out_ty).to(tl.float32)
+    tl.store(act_ptr + rows[:, None] * stride_ar + cols[None, :] * stride_ai, (up * silu).to(out_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
 def moe_gate_up_kernel(x_ptr, gate_up_ptr, sg_ptr, su_ptr, act_ptr,
                        row_tok_ptr, row_scale_ptr, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr,
                        H, I, E,
@@ -71,9 +83,4 @@ def moe_gate_up_kernel(x_ptr, gate_up_ptr, sg_ptr, su_ptr, act_ptr,
             wg = gate_up_ptr + grp.to(tl.int64) * stride_ge
             acc_g, acc_u = _dot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, wg, wg + I * stride_gn,
                                      stride_gh, stride_gn, cols, cmask, H, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, DOT_F32)
-        out_ty = act_ptr.dtype.element_ty
-        gate = acc_g.to(out_ty).to(tl.float32)
-        up = acc_u.to(out_ty).to(tl.float32)
-        silu = (gate * tl.sigmoid(gate)).to(out_ty).to(tl.float32)
-        tl.store(act_ptr + rows[:, None] * stride_ar + cols[None, :] * stride_ai, (up * silu).to(out_ty),
-                 mask=rmask[:, None] & cmask[None, :])
+        swiglu_store(acc_g, acc_u, act_ptr, rows, cols, rmask, cmask, stride_ar, stride_ai)

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .int4_mm import int4_tile
+from .moe_gate_up import swiglu_store
 
 
 @triton.jit
@@ -77,9 +78,4 @@ def moe_int4_gate_up_kernel(x_ptr, gu_q_ptr, gu_s_ptr, sg_q_ptr, sg_s_ptr, su_q_
             acc_g, acc_u = _qdot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, wq, ws, wq + I * stride_qn,
                                       ws + I * stride_sn, stride_qn, stride_qk, stride_sn, stride_sg, cols, cmask, H, G,
                                       BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, PRECISION, DOT_F32)
-        out_ty = act_ptr.dtype.element_ty
-        gate = acc_g.to(out_ty).to(tl.float32)
-        up = acc_u.to(out_ty).to(tl.float32)
-        silu = (gate * tl.sigmoid(gate)).to(out_ty).to(tl.float32)
-        tl.store(act_ptr + rows[:, None] * stride_ar + cols[None, :] * stride_ai, (up * silu).to(out_ty),
-                 mask=rmask[:, None] & cmask[None, :])
+        swiglu_store(acc_g, acc_u, act_ptr, rows, cols, rmask, cmask, stride_ar, stride_ai)
