@@ -24,6 +24,7 @@ bytes, at Scout dimensions with 8K slots (33.5 MB of bf16 k + v a layer) about a
 Engines from before this (functional caches) still load."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,12 @@ def build(program, workdir: Path, config) -> BuildResult:
         arts = []
         for r, gm in enumerate(shards):
             (workdir / f"rank{r}").mkdir()
-            in_place = _package(dataclasses.replace(program, gm=gm), workdir / f"rank{r}", config.device)
+            in_place = _package(dataclasses.replace(program, gm=gm), workdir / f"rank{r}", config.device,
+                                dict(config.inductor_configs))
             arts += [f"rank{r}/{ARTIFACT}", f"rank{r}/{WEIGHTS}"]
         return BuildResult(arts, {"format": "aoti-package", "torch": torch.__version__, "ranks": len(shards),
                                   "weights": WEIGHTS, **({"caches": "in_place"} if in_place else {})})
-    in_place = _package(program, workdir, config.device)
+    in_place = _package(program, workdir, config.device, dict(config.inductor_configs))
     return BuildResult([ARTIFACT, WEIGHTS], {"format": "aoti-package", "torch": torch.__version__, "weights": WEIGHTS,
                                              **({"caches": "in_place"} if in_place else {})})
 
@@ -76,7 +78,9 @@ def caches_in_place(gm: torch.fx.GraphModule) -> torch.fx.GraphModule | None:
     return out
 
 
-# What every package is compiled with (aoti_compile_and_package's inductor_configs).
+# What every package is compiled with (aoti_compile_and_package's inductor_configs); a compile's own settings
+# (CompileConfig.inductor_configs, `--inductor-config`) go beside them, never over these keys
+# (l4compile.inductor_configs refuses them).
 AOTI_CONFIGS = {"aot_inductor.package_constants_in_so": False}
 
 
@@ -98,17 +102,32 @@ def export_for_aoti(program, device: str = "cpu") -> tuple[torch.export.Exported
     return program.export().run_decompositions(decomps), in_place is not None
 
 
-def _package(program, outdir: Path, device: str = "cpu") -> bool:
-    """``outdir``/model.pt2 (code only) + ``outdir``/weights.safetensors (every constant the package reads).
-    Returns whether the package updates its KV caches in place."""
+def _package(program, outdir: Path, device: str = "cpu", extra_configs: dict[str, Any] | None = None) -> bool:
+    """``outdir``/model.pt2 (code only) + ``outdir``/weights.safetensors (every constant the package reads), compiled
+    with AOTI_CONFIGS and ``extra_configs`` (the compile's Inductor settings). Returns whether the package updates
+    its KV caches in place."""
     from l4compile import tensorfile
 
     ep, in_place = export_for_aoti(program, device)
     with torch.no_grad():
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(outdir / ARTIFACT), inductor_configs=AOTI_CONFIGS)
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(outdir / ARTIFACT),
+                                                 inductor_configs={**(extra_configs or {}), **AOTI_CONFIGS})
     constants = {k: v for k, v in {**ep.state_dict, **ep.constants}.items() if isinstance(v, torch.Tensor)}
     tensorfile.write(outdir / WEIGHTS, constants)
     return in_place
+
+
+class ScalarPackageIsaFilter(logging.Filter):
+    """Drops torch's load-time warning that a package of scalar C++ kernels (``cpp.simdlen=0``: AOTI_CPU_ISA
+    "INVALID_VEC_ISA") was built for another ISA than this CPU's: scalar code runs on any CPU. Every other warning of
+    the loader (a vectorized package on a CPU without its ISA) stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (len(args) == 3 and args[0] == "AOTI_CPU_ISA" and args[2] == "INVALID_VEC_ISA")
+
+
+_PACKAGE_LOGGER = "torch.export.pt2_archive._package"
 
 
 def load(engine_dir: Path, manifest: dict[str, Any]):
@@ -125,7 +144,13 @@ def load(engine_dir: Path, manifest: dict[str, Any]):
         rank_dir = engine_dir / f"rank{dist.get_rank()}"
     # CUDA: the single-threaded runner, which a CUDA graph can capture (Engine decode mode "graph"); the default
     # runner's cross-thread event bookkeeping is refused while a stream captures (pytorch/pytorch#148601).
-    pkg = torch._inductor.aoti_load_package(str(rank_dir / ARTIFACT), run_single_threaded=manifest["device"] == "cuda")
+    isa_filter, logger = ScalarPackageIsaFilter(), logging.getLogger(_PACKAGE_LOGGER)
+    logger.addFilter(isa_filter)
+    try:
+        pkg = torch._inductor.aoti_load_package(str(rank_dir / ARTIFACT),
+                                                run_single_threaded=manifest["device"] == "cuda")
+    finally:
+        logger.removeFilter(isa_filter)
     weights = None
     if (manifest.get("backend_info") or {}).get("weights"):
         weights = _load_weights(pkg, rank_dir / WEIGHTS, manifest["device"])

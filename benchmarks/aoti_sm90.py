@@ -185,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-seq-len", type=int, default=256)
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--inductor-config", action="append", default=[], metavar="KEY=VALUE",
-                    help="an Inductor config over the engine's own (Python literal; repeatable), to see what a setting "
-                         "would change before a GPU measures it, e.g. combo_kernels=True")
+                    help="an Inductor config over the engine's own (as `l4compile compile --inductor-config`; "
+                         "repeatable), to see what a setting would change before a GPU measures it, e.g. "
+                         "combo_kernels=true")
     ap.add_argument("--out", default=None, metavar="DIR", help="keep the generated wrapper .cpp there")
     ap.add_argument("--json", default=None, metavar="FILE")
     a = ap.parse_args(argv)
@@ -200,23 +201,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def inductor_configs(items: list[str]) -> dict:
-    """["combo_kernels=True", ...] -> {"combo_kernels": True, ...}; SystemExit(2) with one line for a bad item."""
-    import ast
+    """["combo_kernels=true", ...] -> {"combo_kernels": True, ...}, checked as `l4compile compile --inductor-config`
+    checks them; SystemExit(2) with one line for a bad item."""
+    from l4compile import inductor_configs as settings
+    from l4compile.errors import L4Error
 
-    import torch._inductor.config as config
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            sep = ""
-        if not sep or not hasattr(config, key.split(".")[0]):
-            print(f"error: --inductor-config '{item}' is not KEY=VALUE with a known Inductor config and a Python "
-                  "literal", file=sys.stderr)
-            raise SystemExit(2)
-    return out
+    try:
+        return dict(settings.check(settings.parse_cli(items), "inductor"))
+    except L4Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def run(a: argparse.Namespace, cache: Path) -> int:

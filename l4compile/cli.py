@@ -14,6 +14,7 @@ from pathlib import Path
 from l4compile.bench import cli as bench_cli
 from l4compile.config import DECODE_MODES
 from l4compile.errors import L4Error
+from l4compile.inductor_configs import parse_cli as parse_inductor_configs
 from l4compile.pass_options import parse_cli as parse_pass_options
 from l4compile.paths import check_out_file
 from l4compile.plan import cli as plan_cli
@@ -97,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pass-option", dest="pass_options", action="append", default=[], metavar="PASS.KEY=VALUE",
                    help="set an option of a pass, e.g. quantize.quantize_lm_head=true, quantize.group_size=64, "
                         "kv_cache.ring_buffers=false (repeatable; `l4compile passes` lists each pass's options)")
+    c.add_argument("--inductor-config", dest="inductor_configs", action="append", default=[], metavar="KEY=VALUE",
+                   help="--backend inductor: an Inductor setting for this engine, e.g. max_autotune=true, "
+                        "combo_kernels=true, cpp.simdlen=0 (repeatable; VALUE is JSON, a Python literal or a string)")
     c.add_argument("--dump-ir", default=None, metavar="DIR", help="write the graph before and after each pass")
     c.add_argument("--verify", action="store_true", help="check the output after every pass; name the first drift")
     c.add_argument("--plan", default=None, metavar="PLAN.json",
@@ -154,7 +158,8 @@ def cmd_compile(a) -> int:
                             max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size, seed=a.seed,
                             layers=a.layers, force=a.force, passes=tuple(a.passes), skip_passes=tuple(a.skip_passes),
                             verify=a.verify, dump_ir=a.dump_ir, progress=progress, plan=a.plan,
-                            text_only=a.text_only, stream_weights=a.stream_weights, pass_options=pass_options)
+                            text_only=a.text_only, stream_weights=a.stream_weights, pass_options=pass_options,
+                            inductor_configs=parse_inductor_configs(a.inductor_configs))
     m = eng.manifest
     size = sum(v["bytes"] for v in m["artifacts"].values())
     out = {"engine": str(eng.path), "backend": m["backend"], "compile_seconds": m["compile_seconds"],

@@ -14,6 +14,7 @@ from l4compile import frontend
 from l4compile.config import CompileConfig, require_device
 from l4compile.engine import Engine, check_out_dir, engine_writer, load_engine, write_manifest
 from l4compile.errors import L4Error
+from l4compile.inductor_configs import check as check_inductor_configs
 from l4compile.paths import check_dir_path
 from l4compile.pipeline import check_pass_options, run_passes
 from l4compile.program import Program, trace
@@ -131,11 +132,13 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
             skip_passes: tuple[str, ...] = (), verify: bool = False, dump_ir: str | os.PathLike | None = None,
             pass_options: dict[str, dict[str, Any]] | None = None, progress: Progress | None = None,
             plan: str | os.PathLike | dict | None = None, text_only: bool = False,
-            stream_weights: bool = False) -> Engine:
+            stream_weights: bool = False, inductor_configs: dict[str, Any] | None = None) -> Engine:
     """Compile MODEL (checkpoint directory or preset) into an engine directory at ``out`` and load it.
     With ``plan`` (``l4compile plan --json`` output), the sharding passes (shard_experts, and
     shard_tensor_parallel where the plan says TP) write one artifact set per rank. With ``stream_weights`` the
-    model is traced on the meta device and its weights are read one at a time (``l4compile.weights``)."""
+    model is traced on the meta device and its weights are read one at a time (``l4compile.weights``).
+    ``inductor_configs`` (inductor backend): Inductor settings over l4compile's, e.g. ``{"max_autotune": True}``
+    (``l4compile.inductor_configs``)."""
     for name, value in (("passes", passes), ("skip_passes", skip_passes)):
         if isinstance(value, (str, bytes)):   # a bare string would be read one character at a time
             raise L4Error(f"{name} takes a tuple of strings, got the string {value!r}; write ({value!r},)")
@@ -153,6 +156,7 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
                            max_batch_size=max_batch_size, seed=seed, layers=layers, passes=tuple(passes),
                            skip_passes=tuple(skip_passes), verify=verify, text_only=text_only,
                            stream_weights=stream_weights,
+                           inductor_configs=check_inductor_configs(inductor_configs, backend),
                            pass_options=tuple((k, tuple(sorted(v.items())))
                                               for k, v in sorted((pass_options or {}).items())))
     require_device(config.device)

@@ -59,6 +59,7 @@ class CompileConfig:
     text_only: bool = False                 # multimodal checkpoints: compile the text model only (no vision engine)
     stream_weights: bool = False            # trace on meta, read each weight when needed (l4compile.weights)
     pass_options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = field(default_factory=tuple)
+    inductor_configs: tuple[tuple[str, Any], ...] = ()   # Inductor settings (l4compile.inductor_configs)
 
     def __post_init__(self) -> None:
         _choice("backend", self.backend, BACKENDS)
@@ -75,6 +76,7 @@ class CompileConfig:
             raise L4Error(f"seed must be an integer, got {self.seed!r}")
         object.__setattr__(self, "passes", tuple(self.passes))
         object.__setattr__(self, "skip_passes", tuple(self.skip_passes))
+        object.__setattr__(self, "inductor_configs", tuple(tuple(kv) for kv in self.inductor_configs))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CompileConfig":

@@ -137,10 +137,14 @@ def test_bad_preset_is_one_error_line():
 
 def test_inductor_config_overrides_are_parsed_or_refused_in_one_line(capsys):
     tool = _tool()
-    assert tool.inductor_configs(["combo_kernels=True", "triton.cudagraphs=False"]) == {
+    assert tool.inductor_configs(["combo_kernels=True", "triton.cudagraphs=false"]) == {
         "combo_kernels": True, "triton.cudagraphs": False}
-    for bad in ("combo_kernels", "combo_kernels=yes please", "no_such_config=1"):
+    for bad, needle in (("combo_kernels", "'combo_kernels': expected KEY=VALUE"),
+                        ("combo_kernels=yes please", "combo_kernels must be true or false"),
+                        ("no_such_config=1", "no_such_config: not an Inductor setting"),
+                        ("aot_inductor.package_constants_in_so=True", "l4compile sets it")):
         with pytest.raises(SystemExit) as e:
             tool.inductor_configs([bad])
         err = capsys.readouterr().err
-        assert e.value.code == 2 and err.startswith(f"error: --inductor-config '{bad}'") and err.count("\n") == 1
+        assert e.value.code == 2 and err.startswith("error: --inductor-config ") and needle in err, err
+        assert err.count("\n") == 1

@@ -1,0 +1,86 @@
+"""Inductor settings for one compile (``--inductor-config KEY=VALUE``, ``compile(inductor_configs=...)``), handed to
+AOTInductor over l4compile's own (``backends.inductor.AOTI_CONFIGS``) and recorded in the manifest's compile_config:
+
+    {"max_autotune": True, "combo_kernels": True}                       # CUDA engines: slower compile, faster steps
+    {"cpp.simdlen": 0, "aot_inductor.compile_wrapper_opt_level": "O0"}  # CPU engines: ~40% quicker AOTI compile
+
+A key must name a ``torch._inductor.config`` setting of this torch; a value must have the type of the setting's
+default (bool, int, float or str; settings that default to None or to containers are not type-checked). The keys that
+decide the package's layout (``aot_inductor.package*``, ``aot_inductor.output_path``) belong to l4compile and are
+refused. Bad input is one ``L4Error``."""
+from __future__ import annotations
+
+import ast
+import json
+from typing import Any
+
+from l4compile.errors import L4Error
+
+_OWNED_PREFIXES = ("aot_inductor.package", "aot_inductor.output_path")
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def parse_value(raw: str) -> Any:
+    """A command-line VALUE: JSON where it parses (true, 0, 0.5), else a Python literal (True, 'O0'), else the string
+    itself (O0)."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return raw
+
+
+def parse_cli(items: list[str]) -> dict[str, Any]:
+    """``["cpp.simdlen=0", "max_autotune=true"]`` -> ``{"cpp.simdlen": 0, "max_autotune": True}`` (not yet checked
+    against Inductor: ``check``)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not (eq and key):
+            raise L4Error(f"--inductor-config '{item}': expected KEY=VALUE, e.g. --inductor-config max_autotune=true")
+        if key in out:
+            raise L4Error(f"--inductor-config {key} is given twice")
+        out[key] = parse_value(raw)
+    return out
+
+
+def check(configs: dict[str, Any] | None, backend: str) -> tuple[tuple[str, Any], ...]:
+    """``configs`` checked against this torch's Inductor settings; returns them sorted, as CompileConfig keeps them."""
+    if not configs:
+        return ()
+    if not isinstance(configs, dict) or not all(isinstance(k, str) for k in configs):
+        raise L4Error(f"inductor_configs must map Inductor setting names to values, got {configs!r}")
+    if backend != "inductor":
+        raise L4Error(f"--inductor-config applies to --backend inductor only; this compile uses {backend}")
+    import torch._inductor.config as inductor_config
+
+    defaults = inductor_config.get_config_copy()
+    for key, value in configs.items():
+        if key.startswith(_OWNED_PREFIXES):
+            raise L4Error(f"--inductor-config {key}: l4compile sets it (the engine's package layout depends on it)")
+        if key not in defaults:
+            near = sorted(k for k in defaults if k.split(".")[-1] == key.split(".")[-1])
+            hint = f"; did you mean {near[0]}?" if near else "; see torch/_inductor/config.py for the settings"
+            raise L4Error(f"--inductor-config {key}: not an Inductor setting of torch {_torch_version()}{hint}")
+        kind = type(defaults[key])
+        if kind in _TYPE_WORDS and not _fits(value, kind):
+            raise L4Error(f"--inductor-config {key} must be {_TYPE_WORDS[kind]} (its default is {defaults[key]!r}), "
+                          f"got {value!r}")
+    return tuple(sorted(configs.items()))
+
+
+def _fits(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__

@@ -1,0 +1,81 @@
+"""`compile --inductor-config KEY=VALUE` / `compile(inductor_configs=...)`: parsed, checked against this torch's
+Inductor settings before anything is traced, and handed to AOTInductor (the package itself is checked in
+tests/backends/test_inductor_parity.py)."""
+from __future__ import annotations
+
+import pytest
+
+import l4compile
+from l4compile import inductor_configs as settings
+from l4compile.cli import main
+from l4compile.errors import L4Error
+
+
+def test_values_read_as_json_then_python_literal_then_string():
+    assert settings.parse_cli(["max_autotune=true", "combo_kernels=True", "cpp.simdlen=0",
+                               "aot_inductor.compile_wrapper_opt_level=O0", "cpp.cxx=['a', 'b']"]) == {
+        "max_autotune": True, "combo_kernels": True, "cpp.simdlen": 0,
+        "aot_inductor.compile_wrapper_opt_level": "O0", "cpp.cxx": ["a", "b"]}
+
+
+@pytest.mark.parametrize("items, needle", [
+    (["max_autotune"], "expected KEY=VALUE"),
+    (["=1"], "expected KEY=VALUE"),
+    (["cpp.simdlen=0", "cpp.simdlen=8"], "cpp.simdlen is given twice"),
+])
+def test_bad_cli_items(items, needle):
+    with pytest.raises(L4Error, match=needle):
+        settings.parse_cli(items)
+
+
+def test_check_returns_sorted_pairs_and_nothing_for_none():
+    assert settings.check(None, "onnxruntime") == () and settings.check({}, "inductor") == ()
+    assert settings.check({"max_autotune": True, "cpp.simdlen": 0}, "inductor") == (
+        ("cpp.simdlen", 0), ("max_autotune", True))
+    assert settings.check({"cpp.min_chunk_size": 256}, "inductor") == (("cpp.min_chunk_size", 256),)
+
+
+@pytest.mark.parametrize("configs, backend, needles", [
+    ({"max_autotune": True}, "onnxruntime", ("applies to --backend inductor only", "onnxruntime")),
+    ({"simdlen": 0}, "inductor", ("simdlen: not an Inductor setting", "did you mean cpp.simdlen?")),
+    ({"no_such_setting": 1}, "inductor", ("no_such_setting: not an Inductor setting",)),
+    ({"max_autotune": "yes"}, "inductor", ("max_autotune must be true or false", "'yes'")),
+    ({"cpp.min_chunk_size": True}, "inductor", ("cpp.min_chunk_size must be an integer",)),
+    ({"aot_inductor.package_constants_in_so": True}, "inductor", ("l4compile sets it",)),
+    ({"aot_inductor.output_path": "/tmp/x"}, "inductor", ("l4compile sets it",)),
+    ({1: True}, "inductor", ("must map Inductor setting names",)),
+])
+def test_check_refuses_in_one_line(configs, backend, needles):
+    with pytest.raises(L4Error) as e:
+        settings.check(configs, backend)
+    msg = str(e.value)
+    assert all(n in msg for n in needles) and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--inductor-config", "max_autotune"], "expected KEY=VALUE"),
+    (["--inductor-config", "bogus.key=1"], "bogus.key: not an Inductor setting"),
+    (["--inductor-config", "cpp.simdlen=0", "--backend", "onnxruntime"], "applies to --backend inductor only"),
+])
+def test_cli_refuses_before_tracing_and_writes_nothing(argv, needle, tmp_path, capsys):
+    out = tmp_path / "e"
+    assert main(["compile", "tiny", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err and err.count("\n") == 1, err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_cli_hands_the_settings_to_compile(monkeypatch, tmp_path, capsys):
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_compile(model, **kw):
+        seen.update(kw)
+        raise Stop
+    monkeypatch.setattr(l4compile, "compile", fake_compile)
+    with pytest.raises(Stop):
+        main(["compile", "tiny", "--out", str(tmp_path / "e"), "--inductor-config", "cpp.simdlen=0",
+              "--inductor-config", "aot_inductor.compile_wrapper_opt_level=O0"])
+    assert seen["inductor_configs"] == {"cpp.simdlen": 0, "aot_inductor.compile_wrapper_opt_level": "O0"}
