@@ -10,7 +10,7 @@ from transformers import Llama4ForCausalLM
 import l4compile
 from l4compile.cli import main
 from tests.backends.parity_checks import TOL, check_run_matches_eager, rel_err
-from tests.conftest import VARIANTS
+from tests.conftest import QUICK_INDUCTOR, VARIANTS
 
 def test_cli_compile_reports_fusion_and_lowering(checkpoints, tmp_path, capsys):
     ckpt = checkpoints["maverick-top2-odd"]
@@ -56,6 +56,53 @@ def test_engine_serves_every_length_and_batch(tiny_engine):
         ids = torch.randint(0, eng.vocab_size, (b, s), generator=g)
         with torch.no_grad():
             assert rel_err(eng.prefill(ids), lm(ids).logits) < TOL, (b, s)
+
+
+def _package_cpu_isa(engine_dir) -> str:
+    """The vector ISA AOTInductor generated the package's C++ kernels for (its wrapper_metadata.json)."""
+    import zipfile
+
+    with zipfile.ZipFile(engine_dir / "model.pt2") as z:
+        name = next(n for n in z.namelist() if n.endswith("wrapper_metadata.json"))
+        return json.loads(z.read(name))["AOTI_CPU_ISA"]
+
+
+def test_inductor_configs_reach_the_package(tiny_engine, engines):
+    """tiny_engine is compiled with QUICK_INDUCTOR (cpp.simdlen=0: scalar kernels), recorded in its manifest; the
+    parity engines keep Inductor's defaults, vectorized for this CPU."""
+    m = json.loads((tiny_engine / "manifest.json").read_text())
+    assert dict(map(tuple, m["compile_config"]["inductor_configs"])) == QUICK_INDUCTOR
+    assert _package_cpu_isa(tiny_engine) == "INVALID_VEC_ISA"
+    for path in engines.values():
+        assert json.loads((path / "manifest.json").read_text())["compile_config"]["inductor_configs"] == []
+        assert _package_cpu_isa(path) != "INVALID_VEC_ISA"
+
+
+def test_scalar_package_loads_without_an_isa_warning(tiny_engine):
+    """torch warns at load that a scalar package's ISA is not this CPU's; scalar code runs anywhere, so the engine
+    drops that one warning (and only that one)."""
+    import logging
+
+    from backends.inductor import _PACKAGE_LOGGER, ScalarPackageIsaFilter
+
+    def record(*args):
+        return logging.LogRecord(_PACKAGE_LOGGER, logging.WARNING, __file__, 1, "mismatch for %s: %s vs %s", args, None)
+    f = ScalarPackageIsaFilter()
+    assert not f.filter(record("AOTI_CPU_ISA", "AVX512", "INVALID_VEC_ISA"))
+    assert f.filter(record("AOTI_CPU_ISA", "AVX2", "AVX512")) and f.filter(record("AOTI_DEVICE_KEY", "cpu", "cuda"))
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, r):
+            seen.append(r.getMessage())
+    logger, handler = logging.getLogger(_PACKAGE_LOGGER), Keep(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        l4compile.load_engine(tiny_engine)
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in seen if "AOTI_CPU_ISA" in m], seen
 
 
 def test_parity_command(tiny_engine, tmp_path, capsys):

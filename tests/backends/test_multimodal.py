@@ -15,6 +15,7 @@ from PIL import Image
 
 from l4compile.errors import L4Error
 from tests.backends.parity_checks import rel_err
+from tests.conftest import QUICK_INDUCTOR
 
 TOL = 1e-4
 PROMPT = [1, 5, 490, 7, 9]      # 490 = <|image|> in the tiny-vision vocabulary
@@ -49,7 +50,8 @@ def mm_engines(checkpoint, tmp_path_factory):
     import l4compile
 
     root = tmp_path_factory.mktemp("mm-engines")
-    return {b: l4compile.compile(str(checkpoint), backend=b, out=root / b, max_seq_len=480, max_batch_size=2)
+    return {b: l4compile.compile(str(checkpoint), backend=b, out=root / b, max_seq_len=480, max_batch_size=2,
+                                 inductor_configs=QUICK_INDUCTOR if b == "inductor" else None)
             for b in ("inductor", "onnxruntime")}
 
 

@@ -17,7 +17,7 @@ import l4compile
 from l4compile.plan import PlanRequest, make_plan
 from l4compile.plan.layouts import Strategy
 from l4compile.plan.memory import GiB
-from tests.conftest import run_cli, save_checkpoint
+from tests.conftest import QUICK_INDUCTOR, run_cli, save_checkpoint
 
 PROMPT = [3, 17, 250, 9, 41, 77, 123, 5, 300, 64, 12, 201, 88, 19, 150, 222, 7, 99, 31]   # crosses chunks of 8
 NEW = 10
@@ -32,7 +32,8 @@ class ShardedSetup:
     def __init__(self, root):
         self.root = root
         self.ckpt = save_checkpoint(root / "ckpt", **CKPT)
-        single = l4compile.compile(str(self.ckpt), out=root / "single", max_seq_len=MAX_SEQ, max_batch_size=1)
+        single = l4compile.compile(str(self.ckpt), out=root / "single", max_seq_len=MAX_SEQ, max_batch_size=1,
+                                   inductor_configs=QUICK_INDUCTOR)
         ids = torch.tensor([PROMPT])
         self.logits = single.prefill(ids)[0].float().numpy()                          # [S, V]
         self.generated = single.generate(ids, max_new_tokens=NEW)[0, len(PROMPT):].tolist()
@@ -53,7 +54,7 @@ class ShardedSetup:
             path.write_text(json.dumps(plan))
             self.plans[name] = plan
             self.engines[name] = l4compile.compile(str(self.ckpt), out=self.root / name, max_seq_len=MAX_SEQ,
-                                                   max_batch_size=1, plan=path).path
+                                                   max_batch_size=1, plan=path, inductor_configs=QUICK_INDUCTOR).path
         return self.engines[name]
 
     def run(self, name: str, nproc: int) -> tuple[float, list[int]]:

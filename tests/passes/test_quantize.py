@@ -19,6 +19,7 @@ from l4compile.quant import (QuantScheme, get_scheme, layer_sqnr, quantize_fp8, 
                              should_quantize, sqnr_db)
 from tests.quant_checks import (FP8, fake_quant_copy, perplexity, ref_fake_fp8, ref_fake_int4, ref_int4_codes,
                                 ref_pack, rel, windows)
+from tests.conftest import QUICK_INDUCTOR
 
 
 # ---- packing / dequantization ------------------------------------------------------------------------------
@@ -123,7 +124,7 @@ def engines(trained, tmp_path_factory):
     for q in ("fp8", "int4"):
         d = tmp_path_factory.mktemp(q) / "engine"
         out[q] = (l4compile.compile("tiny-trained", backend="inductor", out=d, quant=q, max_seq_len=192,
-                                    max_batch_size=4), d)
+                                    max_batch_size=4, inductor_configs=QUICK_INDUCTOR), d)
     return out
 
 
