@@ -2,7 +2,7 @@
 AOTInductor over l4compile's own (``backends.inductor.AOTI_CONFIGS``) and recorded in the manifest's compile_config:
 
     {"max_autotune": True, "combo_kernels": True}                       # CUDA engines: slower compile, faster steps
-    {"cpp.simdlen": 0, "aot_inductor.compile_wrapper_opt_level": "O0"}  # CPU engines: ~40% quicker AOTI compile
+    {"cpp.simdlen": 0, "aot_inductor.compile_wrapper_opt_level": "O0"}  # CPU engines: ~35% quicker AOTI compile
 
 A key must name a ``torch._inductor.config`` setting of this torch; a value must have the type of the setting's
 default (bool, int, float or str; settings that default to None or to containers are not type-checked). The keys that

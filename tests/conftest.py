@@ -99,7 +99,7 @@ VARIANTS = {
 
 
 # Inductor settings for the fixtures whose subject is not Inductor's CPU code generation (quantize numerics, sharding,
-# multimodal, CLI behaviour): scalar C++ kernels and the C++ wrapper at -O0 take ~40% off each AOTInductor compile.
+# multimodal, CLI behaviour): scalar C++ kernels and the C++ wrapper at -O0 take ~35% off each AOTInductor compile.
 # Each of those fixtures still checks its engine's numbers. The backend parity fixture (`engines`) and
 # test_parity_matrix compile with the defaults, so the vectorized kernels users get stay under test.
 QUICK_INDUCTOR = {"cpp.simdlen": 0, "aot_inductor.compile_wrapper_opt_level": "O0"}
