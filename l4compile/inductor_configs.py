@@ -15,9 +15,10 @@ import json
 from typing import Any
 
 from l4compile.errors import L4Error
+from l4compile.pass_options import TYPE_WORDS, is_instance
 
 _OWNED_PREFIXES = ("aot_inductor.package", "aot_inductor.output_path")
-_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_CHECKED_KINDS = (bool, int, float, str)   # the default types whose values are type-checked
 
 
 def parse_value(raw: str) -> Any:
@@ -55,6 +56,7 @@ def check(configs: dict[str, Any] | None, backend: str) -> tuple[tuple[str, Any]
         raise L4Error(f"inductor_configs must map Inductor setting names to values, got {configs!r}")
     if backend != "inductor":
         raise L4Error(f"--inductor-config applies to --backend inductor only; this compile uses {backend}")
+    import torch
     import torch._inductor.config as inductor_config
 
     defaults = inductor_config.get_config_copy()
@@ -64,23 +66,10 @@ def check(configs: dict[str, Any] | None, backend: str) -> tuple[tuple[str, Any]
         if key not in defaults:
             near = sorted(k for k in defaults if k.split(".")[-1] == key.split(".")[-1])
             hint = f"; did you mean {near[0]}?" if near else "; see torch/_inductor/config.py for the settings"
-            raise L4Error(f"--inductor-config {key}: not an Inductor setting of torch {_torch_version()}{hint}")
+            raise L4Error(f"--inductor-config {key}: not an Inductor setting of torch {torch.__version__}{hint}")
         kind = type(defaults[key])
-        if kind in _TYPE_WORDS and not _fits(value, kind):
-            raise L4Error(f"--inductor-config {key} must be {_TYPE_WORDS[kind]} (its default is {defaults[key]!r}), "
+        if kind in _CHECKED_KINDS and not is_instance(value, (kind,)):
+            raise L4Error(f"--inductor-config {key} must be {TYPE_WORDS[kind]} (its default is {defaults[key]!r}), "
                           f"got {value!r}")
     return tuple(sorted(configs.items()))
 
-
-def _fits(value: Any, kind: type) -> bool:
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__

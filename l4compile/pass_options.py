@@ -16,7 +16,7 @@ from typing import Any
 
 from l4compile.errors import L4Error
 
-_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
                tuple: "a tuple ([..] on the command line)", type(None): "null"}
 
 
@@ -70,8 +70,8 @@ def build(spec, opts: dict[str, Any]) -> Any:
         if key not in fields:
             raise L4Error(f"options for pass '{spec.name}': no option '{key}'; its options: {', '.join(fields)}")
         allowed = _allowed(hints.get(key))
-        if allowed is not None and not _is_instance(value, allowed):
-            want = " or ".join(_TYPE_WORDS[t] for t in allowed)
+        if allowed is not None and not is_instance(value, allowed):
+            want = " or ".join(TYPE_WORDS[t] for t in allowed)
             raise L4Error(f"pass option {spec.name}.{key} must be {want}, got {value!r}")
     try:
         return spec.options(**opts)
@@ -85,10 +85,10 @@ def _allowed(hint: Any) -> tuple[type, ...] | None:
         parts = [_allowed(a) for a in typing.get_args(hint)]
         return None if any(p is None for p in parts) else tuple(t for p in parts for t in p)
     hint = typing.get_origin(hint) or hint
-    return (hint,) if hint in _TYPE_WORDS else None
+    return (hint,) if hint in TYPE_WORDS else None
 
 
-def _is_instance(value: Any, allowed: tuple[type, ...]) -> bool:
+def is_instance(value: Any, allowed: tuple[type, ...]) -> bool:
     if isinstance(value, bool):
         return bool in allowed
     if isinstance(value, int) and float in allowed:
