@@ -4,7 +4,8 @@ run with an ``onnxruntime.InferenceSession`` (CPU EP; CUDA EP with onnxruntime-g
 Export path: ``Program.export()`` (dynamic batch and sequence) -> ``run_decompositions(l4compile.ops.DECOMPOSITIONS)``
 (``l4::attention`` / ``l4::attention_cached`` become plain aten) -> ``torch.onnx.export(ep, dynamo=True,
 custom_translation_table=l4compile.onnx.TRANSLATIONS)`` (``l4::moe`` becomes the per-expert standard-op subgraph
-of ``l4compile.onnx.moe``). We reuse torch.onnx's aten translations (hundreds of ops, maintained upstream) and
+of ``l4compile.onnx.moe``) -> ``l4compile.onnx.optimize`` (onnxscript's optimizer minus its quadratic
+multi-output patterns). We reuse torch.onnx's aten translations (hundreds of ops, maintained upstream) and
 only own the translation of our custom op; writing an FX -> ONNX emitter ourselves would duplicate that.
 
 Graph (after the default passes, with the kv_cache pass)::
@@ -89,17 +90,13 @@ def _rename(model, program) -> dict[str, Any]:
     return {"inputs": [v.name for v in graph.inputs], "outputs": names}
 
 
-def export_onnx(program, workdir: Path, dtype: str, target: str = "onnxruntime") -> tuple[list[str], dict[str, Any]]:
-    """Program -> ``workdir/model.onnx`` (+ external data when needed), checked. -> (artifacts, info).
-
-    ``target`` picks the lowering of the quantized ops (``l4compile.onnx.quant``): ``onnxruntime`` may use
-    ONNX Runtime's contrib ops (``com.microsoft::MatMulNBits`` for int4), ``tensorrt`` uses standard ops only."""
+def onnx_program(program, target: str = "onnxruntime", optimize: bool = True):
+    """Program -> torch.onnx's ONNXProgram (``.model``: the ONNX IR model), our ops translated for ``target``;
+    optimized by ``l4compile.onnx.optimize`` unless ``optimize`` is False."""
     require_onnx()
-    import onnx
-
     import l4compile.ops
     from l4compile.onnx import ONNX_OPSET, TRANSLATED_OPS, translation_table
-    from l4compile.onnx.quant import lift_weight_constants
+    from l4compile.onnx.optimize import optimize as optimize_model
 
     # decompose what has no ONNX translation of its own (attention -> plain aten); translated ops stay opaque
     decomps = {k: v for k, v in l4compile.ops.DECOMPOSITIONS.items() if k not in TRANSLATED_OPS}
@@ -108,8 +105,12 @@ def export_onnx(program, workdir: Path, dtype: str, target: str = "onnxruntime")
     with warnings.catch_warnings(), _quiet_onnx_logs():
         warnings.simplefilter("ignore")
         try:
+            # torch.onnx's own optimize=True runs onnxscript's optimizer, quadratic in the node count (see
+            # l4compile.onnx.optimize); ours is the same minus the rules that make it so
             onx = torch.onnx.export(ep, (), dynamo=True, custom_translation_table=table,
-                                    opset_version=ONNX_OPSET, optimize=True, verbose=False)
+                                    opset_version=ONNX_OPSET, optimize=False, verbose=False)
+            if optimize:
+                optimize_model(onx.model)
         except Exception as e:   # an aten op without an ONNX translation, typically
             cause = e
             while cause is not None and not isinstance(cause, L4Error):   # a translation's own user error
@@ -117,6 +118,20 @@ def export_onnx(program, workdir: Path, dtype: str, target: str = "onnxruntime")
             if cause is not None:
                 raise cause from None
             raise L4Error(f"ONNX export failed: {str(e).strip().splitlines()[0][:400]}") from e
+    return onx
+
+
+def export_onnx(program, workdir: Path, dtype: str, target: str = "onnxruntime") -> tuple[list[str], dict[str, Any]]:
+    """Program -> ``workdir/model.onnx`` (+ external data when needed), checked. -> (artifacts, info).
+
+    ``target`` picks the lowering of the quantized ops (``l4compile.onnx.quant``): ``onnxruntime`` may use
+    ONNX Runtime's contrib ops (``com.microsoft::MatMulNBits`` for int4), ``tensorrt`` uses standard ops only."""
+    import onnx
+
+    from l4compile.onnx import ONNX_OPSET
+    from l4compile.onnx.quant import lift_weight_constants
+
+    onx = onnx_program(program, target)
     lift_weight_constants(onx.model)
     io = _rename(onx.model, program)
     weight_bytes = sum(int(v.const_value.nbytes) for v in onx.model.graph.initializers.values()
