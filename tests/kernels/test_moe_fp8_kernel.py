@@ -74,6 +74,9 @@ def test_moe_fp8_fused_low_precision(case, dtype, rne_bf16):
     assert (out == ref).float().mean() >= 0.97          # rounding steps where the reference has them (see Int4's)
 
 
+# the 1000x row drives some gates below -88, where the interpreter (numpy) warns that exp(-gate) overflows to inf in
+# tl.sigmoid, which then gives 0 and silu(gate) = 0, its limit; the assertions below check those outputs
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 def test_moe_fp8_fused_quantizes_activations_per_row():
     """The kernel's float8 rounding of each row is the reference's: one token scaled up 1000x leaves the others'
     outputs as they were (per-row scales), and rows far from the float8 grid's ties agree to float32 rounding."""
