@@ -3,7 +3,8 @@
 It is onnxscript's optimizer, the one ``torch.onnx.export(..., optimize=True)`` runs (as of onnxscript 0.7: inline
 functions; up to two rounds of constant folding with shape inference, pattern rewrites and dead-code removal; then
 constants lifted to initializers, duplicate initializers merged, common subexpressions eliminated), with one
-difference: the rewrite rules whose pattern has more than one output node are left out.
+difference: the rewrite rules whose pattern has more than one output node are left out. (torch's optimize=True
+also runs onnxscript's opset-23 fusions, RMSNormalization / RotaryEmbedding / GQA, which do nothing at our opset 21.)
 
 onnxscript matches such a pattern by indexing every node of the graph by op type once per candidate node:
 O(nodes^2) per round. Our MoE lowering is unrolled per expert (``moe``), so the node count grows as layers x
@@ -44,8 +45,8 @@ def optimize(model: ir.Model) -> ir.Model:
     """Optimize ``model`` (``torch.onnx.export(..., optimize=False).model``) in place, as described above."""
     rules = rewrite_rules()
     if rules is None:
-        log.warning("this onnxscript has no _DEFAULT_REWRITE_RULES; running its optimizer as is (its multi-output "
-                    "patterns make it quadratic in the node count)")
+        log.warning("this onnxscript does not expose its default rewrite rules as 0.7 does; running its optimizer "
+                    "as is (its multi-output patterns, if any, make it quadratic in the node count)")
         optimizer.optimize_ir(model)
         return model
     common.InlinePass()(model)
