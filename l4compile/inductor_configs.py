@@ -4,21 +4,23 @@ AOTInductor over l4compile's own (``backends.inductor.AOTI_CONFIGS``) and record
     {"max_autotune": True, "combo_kernels": True}                       # CUDA engines: slower compile, faster steps
     {"cpp.simdlen": 0, "aot_inductor.compile_wrapper_opt_level": "O0"}  # CPU engines: ~35% quicker AOTI compile
 
-A key must name a ``torch._inductor.config`` setting of this torch; a value must have the type of the setting's
-default (bool, int, float or str; settings that default to None or to containers are not type-checked). The keys that
-decide the package's layout (``aot_inductor.package*``, ``aot_inductor.output_path``) belong to l4compile and are
-refused. Bad input is one ``L4Error``."""
+A key must name a ``torch._inductor.config`` setting of this torch; a value must be what the setting's annotation
+in that module admits where it is plain (``cpp.simdlen: int | None``; a ``Literal[...]`` setting takes one of its
+values), else of its default's type (bool, int, float or str; other settings, e.g. callables and containers, are not
+type-checked). The keys that decide the package's layout (``aot_inductor.package*``, ``aot_inductor.output_path``)
+belong to l4compile and are refused. Bad input is one ``L4Error``."""
 from __future__ import annotations
 
 import ast
 import json
+import typing
 from typing import Any
 
 from l4compile.errors import L4Error
-from l4compile.pass_options import TYPE_WORDS, is_instance
+from l4compile.pass_options import TYPE_WORDS, allowed_types, is_instance
 
 _OWNED_PREFIXES = ("aot_inductor.package", "aot_inductor.output_path")
-_CHECKED_KINDS = (bool, int, float, str)   # the default types whose values are type-checked
+_CHECKED_KINDS = (bool, int, float, str)   # the plain types whose values are type-checked
 
 
 def parse_value(raw: str) -> Any:
@@ -67,9 +69,25 @@ def check(configs: dict[str, Any] | None, backend: str) -> tuple[tuple[str, Any]
             near = sorted(k for k in defaults if k.split(".")[-1] == key.split(".")[-1])
             hint = f"; did you mean {near[0]}?" if near else "; see torch/_inductor/config.py for the settings"
             raise L4Error(f"--inductor-config {key}: not an Inductor setting of torch {torch.__version__}{hint}")
-        kind = type(defaults[key])
-        if kind in _CHECKED_KINDS and not is_instance(value, (kind,)):
-            raise L4Error(f"--inductor-config {key} must be {TYPE_WORDS[kind]} (its default is {defaults[key]!r}), "
-                          f"got {value!r}")
+        entry = getattr(inductor_config, "_config", {}).get(key)      # torch's record of the setting's annotation
+        want = _refusal(value, getattr(entry, "value_type", None), defaults[key])
+        if want is not None:
+            raise L4Error(f"--inductor-config {key} must be {want} (its default is {defaults[key]!r}), got {value!r}")
     return tuple(sorted(configs.items()))
+
+
+def _refusal(value: Any, hint: Any, default: Any) -> str | None:
+    """What a setting annotated ``hint`` (None: not recorded) with ``default`` must be, in words, where ``value`` is
+    not that; None where it fits or the setting's type is not one checked here."""
+    if typing.get_origin(hint) is typing.Literal:
+        choices = typing.get_args(hint)
+        if any(type(value) is type(c) and value == c for c in choices):
+            return None
+        return "one of " + ", ".join(repr(c) for c in choices)
+    allowed = allowed_types(hint) if hint is not None else None
+    if allowed is None or allowed == (type(None),) or not all(t in (*_CHECKED_KINDS, type(None)) for t in allowed):
+        allowed = (type(default),) if type(default) in _CHECKED_KINDS else None     # the default's type, as before
+    if allowed is None or is_instance(value, allowed):
+        return None
+    return " or ".join(TYPE_WORDS[t] for t in allowed)
 

@@ -69,7 +69,7 @@ def build(spec, opts: dict[str, Any]) -> Any:
     for key, value in opts.items():
         if key not in fields:
             raise L4Error(f"options for pass '{spec.name}': no option '{key}'; its options: {', '.join(fields)}")
-        allowed = _allowed(hints.get(key))
+        allowed = allowed_types(hints.get(key))
         if allowed is not None and not is_instance(value, allowed):
             want = " or ".join(TYPE_WORDS[t] for t in allowed)
             raise L4Error(f"pass option {spec.name}.{key} must be {want}, got {value!r}")
@@ -79,10 +79,10 @@ def build(spec, opts: dict[str, Any]) -> Any:
         raise L4Error(f"options for pass '{spec.name}': {e}") from None
 
 
-def _allowed(hint: Any) -> tuple[type, ...] | None:
+def allowed_types(hint: Any) -> tuple[type, ...] | None:
     """The plain types an annotation admits, or None where it is not one this module checks."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        parts = [_allowed(a) for a in typing.get_args(hint)]
+        parts = [allowed_types(a) for a in typing.get_args(hint)]
         return None if any(p is None for p in parts) else tuple(t for p in parts for t in p)
     hint = typing.get_origin(hint) or hint
     return (hint,) if hint in TYPE_WORDS else None

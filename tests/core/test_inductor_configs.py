@@ -33,6 +33,21 @@ def test_check_returns_sorted_pairs_and_nothing_for_none():
     assert settings.check({"max_autotune": True, "cpp.simdlen": 0}, "inductor") == (
         ("cpp.simdlen", 0), ("max_autotune", True))
     assert settings.check({"cpp.min_chunk_size": 256}, "inductor") == (("cpp.min_chunk_size", 256),)
+    # settings typed by their annotation: `int | None`, and a Literal takes its own values
+    assert settings.check({"cpp.simdlen": None}, "inductor") == (("cpp.simdlen", None),)
+    assert settings.check({"max_autotune_gemm_search_space": "EXHAUSTIVE"}, "inductor") == (
+        ("max_autotune_gemm_search_space", "EXHAUSTIVE"),)
+
+
+def test_every_setting_takes_its_own_default():
+    """No false refusal: each Inductor setting of this torch (but l4compile's own) passes the check at its default."""
+    import torch._inductor.config as inductor_config
+
+    defaults = inductor_config.get_config_copy()
+    keys = [k for k in defaults if not k.startswith(("aot_inductor.package", "aot_inductor.output_path"))]
+    assert len(keys) > 400
+    for key in keys:
+        assert settings.check({key: defaults[key]}, "inductor") == ((key, defaults[key]),), key
 
 
 @pytest.mark.parametrize("configs, backend, needles", [
@@ -41,6 +56,9 @@ def test_check_returns_sorted_pairs_and_nothing_for_none():
     ({"no_such_setting": 1}, "inductor", ("no_such_setting: not an Inductor setting",)),
     ({"max_autotune": "yes"}, "inductor", ("max_autotune must be true or false", "'yes'")),
     ({"cpp.min_chunk_size": True}, "inductor", ("cpp.min_chunk_size must be an integer",)),
+    ({"cpp.simdlen": "abc"}, "inductor", ("cpp.simdlen must be an integer or null", "default is None", "'abc'")),
+    ({"max_autotune_gemm_search_space": "exhaustive"}, "inductor",
+     ("max_autotune_gemm_search_space must be one of 'DEFAULT', 'EXHAUSTIVE'", "got 'exhaustive'")),
     ({"aot_inductor.package_constants_in_so": True}, "inductor", ("l4compile sets it",)),
     ({"aot_inductor.output_path": "/tmp/x"}, "inductor", ("l4compile sets it",)),
     ({1: True}, "inductor", ("must map Inductor setting names",)),
