@@ -17,7 +17,7 @@ import typing
 from typing import Any
 
 from l4compile.errors import L4Error
-from l4compile.pass_options import TYPE_WORDS, allowed_types, is_instance
+from l4compile.pass_options import allowed_types, is_instance, type_words
 
 _OWNED_PREFIXES = ("aot_inductor.package", "aot_inductor.output_path")
 _CHECKED_KINDS = (bool, int, float, str)   # the plain types whose values are type-checked
@@ -89,5 +89,4 @@ def _refusal(value: Any, hint: Any, default: Any) -> str | None:
         allowed = (type(default),) if type(default) in _CHECKED_KINDS else None     # the default's type, as before
     if allowed is None or is_instance(value, allowed):
         return None
-    return " or ".join(TYPE_WORDS[t] for t in allowed)
-
+    return type_words(allowed)

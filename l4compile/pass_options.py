@@ -17,7 +17,12 @@ from typing import Any
 from l4compile.errors import L4Error
 
 TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-               tuple: "a tuple ([..] on the command line)", type(None): "null"}
+              tuple: "a tuple ([..] on the command line)", type(None): "null"}
+
+
+def type_words(allowed: tuple[type, ...]) -> str:
+    """``(int, NoneType)`` -> "an integer or null", for an error message."""
+    return " or ".join(TYPE_WORDS[t] for t in allowed)
 
 
 def parse_cli(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -71,8 +76,7 @@ def build(spec, opts: dict[str, Any]) -> Any:
             raise L4Error(f"options for pass '{spec.name}': no option '{key}'; its options: {', '.join(fields)}")
         allowed = allowed_types(hints.get(key))
         if allowed is not None and not is_instance(value, allowed):
-            want = " or ".join(TYPE_WORDS[t] for t in allowed)
-            raise L4Error(f"pass option {spec.name}.{key} must be {want}, got {value!r}")
+            raise L4Error(f"pass option {spec.name}.{key} must be {type_words(allowed)}, got {value!r}")
     try:
         return spec.options(**opts)
     except TypeError as e:                 # e.g. a field without a default that was not given

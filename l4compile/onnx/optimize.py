@@ -27,18 +27,13 @@ ROUNDS = 2          # fold + rewrite rounds, as onnxscript's optimize_ir (it sto
 log = logging.getLogger(__name__)
 
 
-def _single_output(rule) -> bool:
-    pattern = getattr(rule, "_target_pattern", None)
-    return pattern is not None and pattern.has_single_output_node
-
-
 def rewrite_rules() -> tuple | None:
     """onnxscript's default rewrite rules whose pattern has a single output node; None where this onnxscript does
     not expose its default rules the way 0.7 does (``optimize`` then runs onnxscript's optimizer unchanged)."""
     rules = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
     if not rules or not all(hasattr(r, "_target_pattern") for r in rules):
         return None
-    return tuple(r for r in rules if _single_output(r))
+    return tuple(r for r in rules if r._target_pattern.has_single_output_node)
 
 
 def optimize(model: ir.Model) -> ir.Model:
