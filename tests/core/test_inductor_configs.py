@@ -44,7 +44,7 @@ def test_every_setting_takes_its_own_default():
     import torch._inductor.config as inductor_config
 
     defaults = inductor_config.get_config_copy()
-    keys = [k for k in defaults if not k.startswith(("aot_inductor.package", "aot_inductor.output_path"))]
+    keys = [k for k in defaults if not k.startswith(settings._OWNED_PREFIXES)]
     assert len(keys) > 400
     for key in keys:
         assert settings.check({key: defaults[key]}, "inductor") == ((key, defaults[key]),), key
