@@ -13,6 +13,7 @@ from pathlib import Path
 
 from l4compile.bench import cli as bench_cli
 from l4compile.config import DECODE_MODES
+from l4compile.engine_options import check_build_options
 from l4compile.errors import L4Error
 from l4compile.inductor_configs import parse_cli as parse_inductor_configs
 from l4compile.pass_options import parse_cli as parse_pass_options
@@ -82,6 +83,16 @@ def _add_model_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=_positive, default=4)
 
 
+def add_build_opts(p: argparse.ArgumentParser, inductor_help: str, pass_help: str = "set an option of a pass") -> None:
+    """``--pass-option`` and ``--inductor-config``, as compile, parity and bench take them."""
+    p.add_argument("--pass-option", dest="pass_options", action="append", default=[], metavar="PASS.KEY=VALUE",
+                   help=f"{pass_help}, e.g. quantize.quantize_lm_head=true, quantize.group_size=64, "
+                        "kv_cache.ring_buffers=false (repeatable; `l4compile passes` lists each pass's options)")
+    p.add_argument("--inductor-config", dest="inductor_configs", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"{inductor_help}, e.g. max_autotune=true, combo_kernels=true, cpp.simdlen=0 "
+                        "(repeatable; VALUE is JSON, a Python literal or a string)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="l4compile", description="Compile Llama 4 models into Inductor engines.")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -95,12 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pass", dest="passes", action="append", default=[], metavar="MODULE:FUNC",
                    help="add a user pass (repeatable)")
     c.add_argument("--skip-pass", dest="skip_passes", action="append", default=[], metavar="NAME")
-    c.add_argument("--pass-option", dest="pass_options", action="append", default=[], metavar="PASS.KEY=VALUE",
-                   help="set an option of a pass, e.g. quantize.quantize_lm_head=true, quantize.group_size=64, "
-                        "kv_cache.ring_buffers=false (repeatable; `l4compile passes` lists each pass's options)")
-    c.add_argument("--inductor-config", dest="inductor_configs", action="append", default=[], metavar="KEY=VALUE",
-                   help="--backend inductor: an Inductor setting for this engine, e.g. max_autotune=true, "
-                        "combo_kernels=true, cpp.simdlen=0 (repeatable; VALUE is JSON, a Python literal or a string)")
+    add_build_opts(c, "--backend inductor: an Inductor setting for this engine")
     c.add_argument("--dump-ir", default=None, metavar="DIR", help="write the graph before and after each pass")
     c.add_argument("--verify", action="store_true", help="check the output after every pass; name the first drift")
     c.add_argument("--plan", default=None, metavar="PLAN.json",
@@ -136,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default=None, help="use this engine instead of compiling one")
     p.add_argument("--steps", type=_positive, default=32, help="greedy tokens to compare")
     p.add_argument("--json", dest="json_out", default=None, metavar="FILE")
+    add_build_opts(p, "an Inductor setting for the inductor engines (with --engine: what it was compiled with)",
+                   "compile every engine with this pass option (with --engine: what it was compiled with)")
     # None = not given: the matrix's defaults (float32, cpu, seed 0, quant none); with --engine, the engine's own
     p.set_defaults(dtype=None, device=None, seed=None)
 
@@ -236,6 +244,8 @@ def _check_engine_options(a, manifest: dict) -> None:
         if value is not None and str(value) != str(engine_value):
             raise L4Error(f"{flag} {value} contradicts engine {a.engine}, compiled with {flag} {engine_value}; "
                           "drop it (the engine's own settings are used)")
+    check_build_options(manifest, a.engine, parse_pass_options(a.pass_options),
+                        parse_inductor_configs(a.inductor_configs))
 
 
 def cmd_parity(a) -> int:
@@ -272,6 +282,8 @@ def cmd_parity(a) -> int:
         rows = parity.run_matrix(a.model, backends, quants, dtypes, device=a.device or "cpu", seed=a.seed or 0,
                                  layers=a.layers,
                                  max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size, steps=a.steps,
+                                 pass_options=parse_pass_options(a.pass_options),
+                                 inductor_configs=parse_inductor_configs(a.inductor_configs),
                                  on_row=show if sys.stderr.isatty() else None)
     print(parity.format_table(rows))
     failed = any(r.status == "fail" for r in rows)

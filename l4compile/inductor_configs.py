@@ -7,8 +7,12 @@ AOTInductor over l4compile's own (``backends.inductor.AOTI_CONFIGS``) and record
 A key must name a ``torch._inductor.config`` setting of this torch; a value must be what the setting's annotation
 in that module admits where it is plain (``cpp.simdlen: int | None``; a ``Literal[...]`` setting takes one of its
 values), else of its default's type (bool, int, float or str; other settings, e.g. callables and containers, are not
-type-checked). The keys that decide the package's layout (``aot_inductor.package*``, ``aot_inductor.output_path``)
-belong to l4compile and are refused. Bad input is one ``L4Error``."""
+type-checked); an integer given for a float setting is kept as a float, as ``torch.compile(options=...)`` wants it.
+The keys that decide the package's layout (``aot_inductor.package*``, ``aot_inductor.output_path``) belong to
+l4compile and are refused. Bad input is one ``L4Error``.
+
+``parity`` and ``bench`` take the same settings: for the Inductor engines they compile, and (bench) for the
+``torch-compile`` baseline, so both sides of a comparison are built alike."""
 from __future__ import annotations
 
 import ast
@@ -62,6 +66,7 @@ def check(configs: dict[str, Any] | None, backend: str) -> tuple[tuple[str, Any]
     import torch._inductor.config as inductor_config
 
     defaults = inductor_config.get_config_copy()
+    checked = {}
     for key, value in configs.items():
         if key.startswith(_OWNED_PREFIXES):
             raise L4Error(f"--inductor-config {key}: l4compile sets it (the engine's package layout depends on it)")
@@ -73,7 +78,30 @@ def check(configs: dict[str, Any] | None, backend: str) -> tuple[tuple[str, Any]
         want = _refusal(value, getattr(entry, "value_type", None), defaults[key])
         if want is not None:
             raise L4Error(f"--inductor-config {key} must be {want} (its default is {defaults[key]!r}), got {value!r}")
-    return tuple(sorted(configs.items()))
+        kinds = allowed_types(getattr(entry, "value_type", None)) or (type(defaults[key]),)
+        checked[key] = float(value) if type(value) is int and float in kinds and int not in kinds else value
+    return tuple(sorted(checked.items()))
+
+
+def engine_contradiction(given: tuple[tuple[str, Any], ...], recorded) -> tuple[str, Any, Any] | None:
+    """The first of ``given`` (``check``'s output) that an engine was not compiled with: ``(key, given value, the
+    engine's value)``; None where they all agree. ``recorded``: the manifest's compile_config ``inductor_configs``
+    (pairs); a setting it lacks had this torch's default."""
+    if not given:
+        return None
+    import torch._inductor.config as inductor_config
+
+    engine = {k: v for k, v in recorded or ()}
+    defaults = inductor_config.get_config_copy()
+    for key, value in given:
+        was = engine.get(key, defaults.get(key))
+        if _canonical(value) != _canonical(was):
+            return key, value, was
+    return None
+
+
+def _canonical(value: Any) -> str:   # JSON form: True != 1, 1.0 != 1, a tuple == the list a manifest holds
+    return json.dumps(value, sort_keys=True, default=repr)
 
 
 def _refusal(value: Any, hint: Any, default: Any) -> str | None:

@@ -154,8 +154,11 @@ def unavailable(backend: str, quant: str, dtype: str, device: str) -> str | None
 
 def run_matrix(model: str, backends: list[str], quants: list[str], dtypes: list[str], *, device: str = "cpu",
                seed: int = 0, layers: int | None = None, max_seq_len: int | None = None, max_batch_size: int = 4,
-               steps: int = 32, on_row=None) -> list[MatrixRow]:
+               steps: int = 32, pass_options: dict[str, dict[str, Any]] | None = None,
+               inductor_configs: dict[str, Any] | None = None, on_row=None) -> list[MatrixRow]:
     """Compile MODEL for every (backend, quant, dtype) into a temporary directory and compare with eager.
+    Every engine is compiled with ``pass_options``, the inductor ones with ``inductor_configs`` too (as
+    ``l4compile.compile`` takes them; checked before the first compile).
 
     A cell is ``skipped`` when its hardware, package or pass is missing (a TensorRT cell on a machine without
     TensorRT still exports and checks its graph; ``reason`` says what passed); ``fail`` when the engine does
@@ -166,7 +169,13 @@ def run_matrix(model: str, backends: list[str], quants: list[str], dtypes: list[
     import l4compile
     from l4compile import frontend
     from l4compile.errors import L4Error
+    from l4compile.inductor_configs import check as check_inductor_configs
+    from l4compile.pipeline import check_pass_options
 
+    check_pass_options(pass_options or {})
+    configs = dict(check_inductor_configs(inductor_configs, "inductor"))
+    if configs and "inductor" not in backends:
+        raise L4Error(f"--inductor-config applies to the inductor backend; this matrix runs {', '.join(backends)}")
     rows: list[MatrixRow] = []
 
     def emit(row: MatrixRow) -> None:
@@ -193,7 +202,9 @@ def run_matrix(model: str, backends: list[str], quants: list[str], dtypes: list[
                     try:
                         eng = l4compile.compile(model, backend=backend, out=Path(tmp) / "engine", quant=quant,
                                                 dtype=dtype, device=dev, max_seq_len=max_seq_len,
-                                                max_batch_size=max_batch_size, seed=seed, layers=layers)
+                                                max_batch_size=max_batch_size, seed=seed, layers=layers,
+                                                pass_options=pass_options,
+                                                inductor_configs=configs if backend == "inductor" else None)
                     except L4Error as e:
                         emit(_compile_error_row(backend, quant, dtype, e))
                         continue

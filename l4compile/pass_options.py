@@ -98,3 +98,35 @@ def is_instance(value: Any, allowed: tuple[type, ...]) -> bool:
     if isinstance(value, int) and float in allowed:
         return True
     return isinstance(value, allowed)
+
+
+def engine_contradiction(given: dict[str, dict[str, Any]], manifest: dict, known: dict) -> tuple[str, str] | None:
+    """The first of ``given`` (checked options) that an engine was not compiled with: ``("PASS.KEY=VALUE", how the
+    engine differs)``; None where they all agree. An option the engine's compile_config does not record had its
+    pass's default (``known``: the registered passes); an option for a pass the engine did not run contradicts."""
+    ran = {p["name"] for p in manifest.get("passes", ())}
+    recorded = {name: dict(opts) for name, opts in manifest["compile_config"].get("pass_options", ())}
+    for name, opts in given.items():
+        spec = known.get(name)
+        defaults = {f.name: f for f in dataclasses.fields(spec.options)} if spec and spec.options else {}
+        for key, value in opts.items():
+            option = f"{name}.{key}={json.dumps(value, default=repr)}"
+            if name not in ran:
+                return option, f"which did not run pass '{name}'"
+            if key in recorded.get(name, {}):
+                was = recorded[name][key]
+            elif key in defaults:
+                was = field_default(defaults[key])
+            else:
+                return option, f"which records no value for {name}.{key}"
+            if _plain(value) != _plain(was):   # values of checked types: 1 == 1.0 is the same setting
+                return option, f"compiled with {name}.{key}={json.dumps(was, default=repr)}"
+    return None
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _plain(value: Any) -> Any:   # a manifest's JSON form: tuples are lists
+    return json.loads(json.dumps(value, default=repr))

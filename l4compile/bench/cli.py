@@ -7,7 +7,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from l4compile.engine_options import check_build_options
 from l4compile.errors import L4Error
+from l4compile.inductor_configs import parse_cli as parse_inductor_configs
+from l4compile.pass_options import parse_cli as parse_pass_options
 from l4compile.paths import check_dir_path
 
 _BACKENDS_HELP = "comma-separated: eager,torch-compile,inductor,onnxruntime,tensorrt (default: all)"
@@ -39,6 +42,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--stream-weights", action="store_true",
                    help="compile engines with --stream-weights (the float model is never in memory; engines only)")
     b.add_argument("--threads", default=None, help="torch CPU threads for the run (default: torch's choice)")
+    from l4compile.cli import add_build_opts
+    add_build_opts(b, "an Inductor setting for the inductor engine and the torch-compile baseline alike",
+                   "compile every engine with this pass option")
     return b
 
 
@@ -67,6 +73,8 @@ def engine_options(a, manifest: dict) -> dict:
         if asked is not None and asked != value:
             raise L4Error(f"--{key} {asked}: engine {a.model} was compiled with {value}; an engine is benchmarked "
                           "as it was compiled (bench the checkpoint or preset to compare others)")
+    check_build_options(manifest, a.model, parse_pass_options(a.pass_options),
+                        parse_inductor_configs(a.inductor_configs))
     return got
 
 
@@ -74,11 +82,13 @@ def config_from_args(a) -> "BenchConfig":  # noqa: F821
     from l4compile.bench.runner import DEFAULT_BACKENDS, BenchConfig, engine_manifest, parse_backends, parse_int_list
 
     manifest = engine_manifest(a.model)
-    if manifest is not None:
-        opts = engine_options(a, manifest)
+    if manifest is not None:   # its build options are its own (checked to agree): the report has its config hash
+        opts = dict(engine_options(a, manifest), pass_options=(), inductor_configs=())
     else:
         opts = {"backends": a.backends or ",".join(DEFAULT_BACKENDS), "quant": a.quant or "none",
-                "dtype": a.dtype or "float32", "device": a.device or "cpu"}
+                "dtype": a.dtype or "float32", "device": a.device or "cpu",
+                "pass_options": tuple(parse_pass_options(a.pass_options).items()),
+                "inductor_configs": tuple(parse_inductor_configs(a.inductor_configs).items())}
     return BenchConfig(model=a.model, backends=parse_backends(opts["backends"]), quant=opts["quant"],
                        dtype=opts["dtype"], device=opts["device"],
                        prompt_lens=parse_int_list("--prompt-lens", a.prompt_lens),
@@ -86,7 +96,8 @@ def config_from_args(a) -> "BenchConfig":  # noqa: F821
                        decode_steps=_int("--decode-steps", a.decode_steps), repeats=_int("--repeats", a.repeats),
                        seed=_int("--seed", a.seed, minimum=None), layers=_int("--layers", a.layers),
                        max_seq_len=_int("--max-seq-len", a.max_seq_len), threads=_int("--threads", a.threads),
-                       stream_weights=a.stream_weights)
+                       stream_weights=a.stream_weights,
+                       pass_options=opts["pass_options"], inductor_configs=opts["inductor_configs"])
 
 
 def run_compare(paths: list[str]) -> int:

@@ -436,9 +436,13 @@ def _context(report: dict[str, Any]) -> dict[str, Any]:
     rows = sorted(report["summary"], key=lambda r: (r["batch"], r["prompt_len"], order.get(r["backend"], 99)))
     src = report["model"]["source"]
     model_name = src.get("name") or Path(src.get("path", "?")).name
+    cfg = report["config"]      # build options, as KEY=VALUE words (absent from reports made without them)
+    inductor = [f"{k}={json.dumps(v)}" for k, v in cfg.get("inductor_configs", ())]
+    passes = [f"{p}.{k}={json.dumps(v)}" for p, opts in cfg.get("pass_options", ()) for k, v in opts]
     return {"r": report, "rows": rows, "ok": names, "model_name": model_name, "headline": headline(report),
             "skipped": [b for b in report["backends"] if b["status"] != "ok"],
-            "has_tc": "torch-compile" in names, "has_eager": "eager" in names}
+            "has_tc": "torch-compile" in names, "has_eager": "eager" in names,
+            "inductor_settings": inductor, "pass_settings": passes}
 
 
 def headline(report: dict[str, Any]) -> list[str]:

@@ -48,9 +48,16 @@ class BenchConfig:
     max_seq_len: int | None = None      # engines' limit; default max(prompt_lens) + decode_steps
     threads: int | None = None          # torch.set_num_threads for the run; None: torch's default
     stream_weights: bool = False        # engines: compile --stream-weights (full-size models)
+    # compile --pass-option for every engine: ((pass, ((key, value), ...)), ...), sorted (given as such or a dict)
+    pass_options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    # compile --inductor-config for the inductor engine, and torch.compile(options=...) for the torch-compile
+    # baseline, so both are built alike: ((key, value), ...), sorted (given as such or a dict)
+    inductor_configs: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         from l4compile.config import BACKENDS, DEVICES, DTYPES, QUANTS
+        from l4compile.inductor_configs import check as check_inductor_configs
+        from l4compile.pipeline import check_pass_options
 
         known = BASELINES + BACKENDS
         if not self.backends:
@@ -76,6 +83,22 @@ class BenchConfig:
         if self.decode_steps < 2:   # the first new token comes out of the prefill: N tokens take N - 1 steps
             raise L4Error(f"--decode-steps must be at least 2, got {self.decode_steps}: the first new token comes "
                           "from the prefill, so decode is timed over the other decode_steps - 1")
+        try:
+            options, configs = self.pass_options_dict(), dict(self.inductor_configs)
+        except (TypeError, ValueError):
+            raise L4Error("pass_options must be (pass, ((key, value), ...)) pairs and inductor_configs (key, value) "
+                          f"pairs, got {self.pass_options!r} and {self.inductor_configs!r}") from None
+        if options:
+            check_pass_options(options)
+            if not any(b not in BASELINES for b in self.backends):
+                raise L4Error("--pass-option applies to the engines bench compiles; --backends lists baselines only")
+        configs = check_inductor_configs(configs, "inductor")
+        if configs and not {"inductor", "torch-compile"} & set(self.backends):
+            raise L4Error("--inductor-config applies to the inductor engine and the torch-compile baseline; "
+                          f"--backends lists neither ({', '.join(self.backends)})")
+        object.__setattr__(self, "inductor_configs", configs)
+        object.__setattr__(self, "pass_options",
+                           tuple((k, tuple(sorted(v.items()))) for k, v in sorted(options.items())))
         if self.max_seq_len is not None and self.max_seq_len < self.needed_seq_len:
             raise L4Error(f"--max-seq-len {self.max_seq_len} is below the longest prompt plus --decode-steps "
                           f"({max(self.prompt_lens)} + {self.decode_steps} = {self.needed_seq_len}); "
@@ -85,9 +108,15 @@ class BenchConfig:
     def needed_seq_len(self) -> int:
         return max(self.prompt_lens) + self.decode_steps
 
+    def pass_options_dict(self) -> dict[str, dict[str, Any]]:
+        given = self.pass_options   # pairs, as kept; a dict where a caller built the config with one
+        return {name: dict(opts) for name, opts in (given.items() if isinstance(given, dict) else given)}
+
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        """JSON form (the report's ``config``); build options only where given, so a run without them hashes as
+        before they existed."""
+        d = {k: v for k, v in asdict(self).items() if v or k not in ("pass_options", "inductor_configs")}
+        return json.loads(json.dumps(d))     # tuples -> lists, at every depth
 
     def stable_hash(self) -> str:
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
@@ -193,7 +222,7 @@ class BackendStatus:
         return asdict(self)
 
 
-def _hf_runners(lm: torch.nn.Module, names: tuple[str, ...]) -> list[Runner]:
+def _hf_runners(lm: torch.nn.Module, names: tuple[str, ...], inductor_configs: dict[str, Any]) -> list[Runner]:
     pad = lm.config.pad_token_id if lm.config.pad_token_id is not None else 0
 
     def prefill_with(fwd):
@@ -219,9 +248,11 @@ def _hf_runners(lm: torch.nn.Module, names: tuple[str, ...]) -> list[Runner]:
         if name == "eager":
             out.append(Runner(name, "baseline", prefill_with(lm.forward), generate_with(lm.forward, False), method))
         elif name == "torch-compile":
-            compiled = torch.compile(lm.forward)
+            compiled = torch.compile(lm.forward, options=inductor_configs or None)
+            settings = ", ".join(f"{k}={json.dumps(v)}" for k, v in inductor_configs.items())
             out.append(Runner(name, "baseline", prefill_with(compiled), generate_with(compiled, True),
-                              method + "; forward compiled with torch.compile (default mode)",
+                              method + "; forward compiled with torch.compile (default mode"
+                              + (f"; Inductor settings {settings})" if settings else ")"),
                               info={"lazy_compile": True}))
     return out
 
@@ -249,7 +280,9 @@ def _engine_runner(cfg: BenchConfig, name: str, workdir: Path, max_seq: int) -> 
     t0 = time.perf_counter()
     eng = l4compile.compile(cfg.model, backend=name, out=workdir / name, quant=cfg.quant, dtype=cfg.dtype,
                             device=cfg.device, max_seq_len=max_seq, max_batch_size=max(cfg.batch_sizes),
-                            seed=cfg.seed, layers=cfg.layers, stream_weights=cfg.stream_weights)
+                            seed=cfg.seed, layers=cfg.layers, stream_weights=cfg.stream_weights,
+                            pass_options=cfg.pass_options_dict(),
+                            inductor_configs=dict(cfg.inductor_configs) if name == "inductor" else None)
     return _runner_for(eng, name, time.perf_counter() - t0)
 
 
@@ -389,7 +422,8 @@ def _run_bench(cfg: BenchConfig, *, stream=None, progress: bool | None = None) -
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="l4bench-")))
         from torch._dynamo import config as dynamo_config   # not `import torch._dynamo`: torch would turn local
         stack.enter_context(dynamo_config.patch(recompile_limit=64, accumulated_recompile_limit=4096))
-        hf = {r.name: r for r in _hf_runners(lm, tuple(b for b in cfg.backends if b in BASELINES))} \
+        hf = {r.name: r for r in _hf_runners(lm, tuple(b for b in cfg.backends if b in BASELINES),
+                                             dict(cfg.inductor_configs))} \
             if built is None else {}
         for name in cfg.backends if built is None else ():
             if name in hf:

@@ -202,6 +202,10 @@ def test_roofline_fake_numbers():
     (["compare", "nope/report.json", "other/report.json"], "'nope/report.json' does not exist"),
     (["compare", "only-one"], "takes two reports"),
     (["tiny", "stray"], "unexpected argument"),
+    (["tiny", "--backends", "eager", "--inductor-config", "cpp.simdlen=0"], "--backends lists neither (eager)"),
+    (["tiny", "--inductor-config", "cpp.simdlen=x"], "cpp.simdlen must be an integer or null"),
+    (["tiny", "--backends", "eager,torch-compile", "--pass-option", "kv_cache.ring_buffers=false"], "baselines only"),
+    (["tiny", "--pass-option", "kv_cache.nope=1"], "no option 'nope'"),
 ])
 def test_user_errors(tmp_path, argv, needle):
     with pytest.raises(L4Error, match=re.escape(needle)) as e:
@@ -269,19 +273,69 @@ def test_bench_an_engine_directory_as_compiled(tiny_engine, tmp_path):
     out = tmp_path / "run"
     argv = ["bench", str(tiny_engine), "--prompt-lens", "8", "--batch-sizes", "1,2", "--decode-steps", "2",
             "--repeats", "1", "--threads", "1", "--out", str(out)]
-    assert bench_cli.run(parse(*argv)) == 0
+    agree = ["--inductor-config", "cpp.simdlen=0", "--pass-option", "kv_cache.ring_buffers=true"]   # as compiled
+    assert bench_cli.run(parse(*argv, *agree)) == 0
     report = json.loads((out / "report.json").read_text())
     check_schema(report)
+    assert not {"inductor_configs", "pass_options"} & set(report["config"])     # the engine's own: its config hash
     assert [(b["name"], b["status"], b["compile_seconds"]) for b in report["backends"]] == [("inductor", "ok", None)]
     assert report["config"]["quant"] == "none" and report["config"]["dtype"] == "float32"
     assert report["model"]["source"]["engine"] == str(tiny_engine)
     assert sorted((s["batch"], s["prompt_len"]) for s in report["samples"]) == [(1, 8), (2, 8)]
     for extra, needle in ((["--backends", "eager,inductor"], "benchmarked as it was compiled"),
                           (["--quant", "int4"], "was compiled with none"), (["--layers", "2"], "compiled already"),
-                          (["--stream-weights"], "compiled already")):
+                          (["--stream-weights"], "compiled already"),
+                          (["--inductor-config", "cpp.simdlen=8"], "compiled with cpp.simdlen=0"),
+                          (["--pass-option", "kv_cache.ring_buffers=false"],
+                           "compiled with kv_cache.ring_buffers=true")):
         with pytest.raises(L4Error, match=re.escape(needle)):
             bench_cli.run(parse(*argv, "--force", *extra))
     with pytest.raises(L4Error, match="max sequence length 128"):
         bench_cli.run(parse(*argv, "--force", "--prompt-lens", "200"))
     with pytest.raises(L4Error, match="max batch size 2"):
         bench_cli.run(parse(*argv, "--force", "--batch-sizes", "3"))
+
+
+def test_build_options_reach_the_engines_and_the_torch_compile_baseline(monkeypatch, tmp_path):
+    """--inductor-config builds the inductor engine and the torch-compile baseline alike; --pass-option every engine;
+    both are in the report (wiring: the engine compile and torch.compile are stubbed)."""
+    import l4compile
+
+    compiled, traced = [], []
+
+    def fake_compile(model, **kw):
+        compiled.append(kw)
+        raise L4Error("stubbed compile")
+
+    def fake_torch_compile(fn, options=None):
+        traced.append(options)
+        return fn
+    monkeypatch.setattr(l4compile, "compile", fake_compile)
+    monkeypatch.setattr(torch, "compile", fake_torch_compile)
+    out = tmp_path / "run"
+    assert bench_cli.run(parse("bench", "tiny", "--backends", "eager,torch-compile,inductor,onnxruntime",
+                               "--prompt-lens", "4", "--batch-sizes", "1", "--decode-steps", "2", "--repeats", "1",
+                               "--inductor-config", "cpp.simdlen=0", "--inductor-config", "cpu_gpu_bw=2",
+                               "--pass-option", "kv_cache.ring_buffers=false", "--out", str(out))) == 0
+    settings = {"cpp.simdlen": 0, "cpu_gpu_bw": 2.0}          # an int for a float setting: a float, as torch wants
+    assert traced == [settings]
+    assert [(kw["backend"], kw["inductor_configs"]) for kw in compiled] == [("inductor", settings),
+                                                                           ("onnxruntime", None)]
+    assert all(kw["pass_options"] == {"kv_cache": {"ring_buffers": False}} for kw in compiled)
+    report = json.loads((out / "report.json").read_text())
+    check_schema(report)
+    assert report["config"]["inductor_configs"] == [["cpp.simdlen", 0], ["cpu_gpu_bw", 2.0]]
+    assert report["config"]["pass_options"] == [["kv_cache", [["ring_buffers", False]]]]
+    tc = next(b for b in report["backends"] if b["name"] == "torch-compile")
+    assert "Inductor settings cpp.simdlen=0, cpu_gpu_bw=2.0" in tc["decode_method"]
+    md = (out / "report.md").read_text()
+    assert "`cpp.simdlen=0`, `cpu_gpu_bw=2.0`" in md and "`kv_cache.ring_buffers=false`" in md
+    assert "<code>kv_cache.ring_buffers=false</code>" in (out / "report.html").read_text()
+    api = BenchConfig("tiny", backends=("inductor",), pass_options={"kv_cache": {"ring_buffers": False}},
+                      inductor_configs={"cpp.simdlen": 0})           # the Python API may hand dicts
+    assert api.to_dict()["pass_options"] == report["config"]["pass_options"]
+    assert api.to_dict()["inductor_configs"] == [["cpp.simdlen", 0]]
+    with pytest.raises(L4Error, match="inductor_configs .key, value. pairs"):
+        BenchConfig("tiny", inductor_configs="abc")
+    plain = BenchConfig("tiny", backends=("eager",))       # without build options: the report's config as before
+    assert not {"inductor_configs", "pass_options"} & set(plain.to_dict())

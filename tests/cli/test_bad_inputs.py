@@ -250,7 +250,17 @@ def test_bad_output_files_are_refused_before_the_run(capsys, tiny_engine, tmp_pa
                                          (["--quant", "int4"], "compiled with --quant none"),
                                          (["--backend", "onnxruntime"], "compiled with --backend inductor"),
                                          (["--seed", "3"], "compiled with --seed 0"),
-                                         (["--max-seq-len", "64"], "compiled with --max-seq-len 128")])
+                                         (["--max-seq-len", "64"], "compiled with --max-seq-len 128"),
+                                         (["--inductor-config", "cpp.simdlen=8"],
+                                          "--inductor-config cpp.simdlen=8 contradicts engine"),
+                                         (["--inductor-config", "max_autotune=true"],     # not recorded: the default
+                                          "compiled with max_autotune=false"),
+                                         (["--inductor-config", "cpp.simdlen=x"], "must be an integer or null"),
+                                         (["--pass-option", "kv_cache.ring_buffers=false"],
+                                          "--pass-option kv_cache.ring_buffers=false contradicts engine"),
+                                         (["--pass-option", "quantize.group_size=64"],
+                                          "compiled with quantize.group_size=null"),
+                                         (["--pass-option", "kv_cache.nope=1"], "no option 'nope'")])
 def test_parity_engine_refuses_options_that_contradict_it(capsys, tiny_engine, opts, needle):
     """parity --engine compares the engine as it was compiled: an option saying otherwise is an error, not ignored."""
     expect_error(capsys, ["parity", "tiny", "--engine", str(tiny_engine), *opts], needle)
@@ -259,7 +269,9 @@ def test_parity_engine_refuses_options_that_contradict_it(capsys, tiny_engine, o
 def test_parity_engine_takes_options_that_agree_with_it(tiny_engine, tmp_path):
     report = tmp_path / "p.json"
     assert main(["parity", "tiny", "--engine", str(tiny_engine), "--device", "cpu", "--dtype", "float32",
-                 "--quant", "none", "--seed", "0", "--steps", "2", "--json", str(report)]) == 0
+                 "--quant", "none", "--seed", "0", "--steps", "2", "--json", str(report),
+                 "--inductor-config", "cpp.simdlen=0", "--inductor-config", "max_autotune=false",
+                 "--pass-option", "kv_cache.ring_buffers=true"]) == 0
     assert json.loads(report.read_text())["status"] == "pass"
 
 

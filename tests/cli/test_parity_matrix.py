@@ -10,6 +10,7 @@ import torch
 
 from l4compile import parity
 from l4compile.cli import main
+from tests.conftest import QUICK_INDUCTOR
 
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
 
@@ -20,7 +21,8 @@ def test_matrix_every_available_backend(tmp_path, capsys):
     report = tmp_path / "matrix.json"
     capsys.readouterr()
     rc = main(["parity", "tiny", "--backends", "inductor,onnxruntime,tensorrt", "--quant", "none",
-               "--max-seq-len", "40", "--max-batch-size", "1", "--steps", "8", "--json", str(report)])
+               "--max-seq-len", "40", "--max-batch-size", "1", "--steps", "8", "--json", str(report),
+               *(f"--inductor-config={k}={v}" for k, v in QUICK_INDUCTOR.items())])   # the inductor cell only
     out = capsys.readouterr().out
     assert rc == 0, out
     d = json.loads(report.read_text())
@@ -60,10 +62,18 @@ def test_any_failing_backend_exits_1(monkeypatch, tmp_path, capsys):
     (["--backends", "inductor,bogus"], "unknown value 'bogus'"),
     (["--backend", "inductor", "--backends", "inductor"], "not both"),
     (["--quant", "int3"], "unknown value 'int3'"),
+    (["--backends", "onnxruntime", "--inductor-config", "cpp.simdlen=0"], "applies to the inductor backend"),
+    (["--inductor-config", "cpp.simdlen=abc"], "cpp.simdlen must be an integer or null"),
+    (["--pass-option", "kv_cache.bogus=1"], "no option 'bogus'; its options: ring_buffers"),
+    (["--pass-option", "shard_experts.world_size=2"], "'shard_experts' is skipped or does not run"),
 ])
-def test_bad_matrix_options_exit_2(argv, needle, capsys):
+def test_bad_matrix_options_exit_2(argv, needle, monkeypatch, capsys):
+    import l4compile
+
+    monkeypatch.setattr(l4compile, "compile", lambda *a, **k: pytest.fail("compiled before refusing"))
     assert main(["parity", "tiny", *argv]) == 2
-    assert needle in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1, err
 
 
 def test_quant_cells_are_judged_by_logit_sqnr():
@@ -112,3 +122,29 @@ def test_each_engine_is_compared_with_a_reference_on_its_own_device(monkeypatch)
     assert [r.status for r in rows] == ["pass"] * 6
     assert compiled == [("inductor", "cpu")] * 2 + [("tensorrt", "cuda")] * 2 + [("onnxruntime", "cpu")] * 2
     assert loads == ["cpu", "cuda"]                  # one reference per device, each loaded once
+
+
+def test_build_options_reach_every_cell(monkeypatch):
+    """--pass-option goes to every engine, --inductor-config to the inductor ones only (wiring; compiles stubbed)."""
+    import types
+
+    import l4compile
+    from l4compile import frontend
+
+    seen = []
+    lm = types.SimpleNamespace(config=types.SimpleNamespace(attention_chunk_size=8))
+    monkeypatch.setattr(parity, "unavailable", lambda *a: None)
+    monkeypatch.setattr(frontend, "load", lambda *a, **k: types.SimpleNamespace(model=lm))
+    monkeypatch.setattr(l4compile, "compile", lambda model, **kw: seen.append(kw) or
+                        types.SimpleNamespace(vocab_size=64, max_seq_len=32))
+    monkeypatch.setattr(parity, "compare", lambda *a: parity.ParityReport("x", "float32", "none", 1e-4,
+                                                                           [parity.PromptResult(5, 0.0, 2, 2)]))
+    assert main(["parity", "tiny", "--backends", "inductor,onnxruntime", "--quant", "none,int4", "--steps", "2",
+                 "--pass-option", "kv_cache.ring_buffers=false", "--pass-option", "quantize.group_size=64",
+                 "--inductor-config", "max_autotune=true", "--inductor-config", "cpu_gpu_bw=2"]) == 0
+    assert [(kw["backend"], kw["quant"]) for kw in seen] == [("inductor", "none"), ("inductor", "int4"),
+                                                             ("onnxruntime", "none"), ("onnxruntime", "int4")]
+    for kw in seen:
+        assert kw["pass_options"] == {"kv_cache": {"ring_buffers": False}, "quantize": {"group_size": 64}}
+        want = {"cpu_gpu_bw": 2.0, "max_autotune": True} if kw["backend"] == "inductor" else None
+        assert kw["inductor_configs"] == want, kw

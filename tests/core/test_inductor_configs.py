@@ -39,6 +39,31 @@ def test_check_returns_sorted_pairs_and_nothing_for_none():
         ("max_autotune_gemm_search_space", "EXHAUSTIVE"),)
 
 
+def test_an_integer_for_a_float_setting_is_handed_over_as_a_float():
+    """torch.compile(options=...) (bench's torch-compile baseline) refuses an int for a float setting."""
+    import torch
+    import torch._inductor.config as inductor_config
+
+    key = next(k for k, v in inductor_config.get_config_copy().items() if type(v) is float)
+    with pytest.raises(RuntimeError, match="should be float"):
+        torch.compile(lambda x: x, options={key: 3})
+    ((k, v),) = settings.check({key: 3}, "inductor")
+    assert k == key and type(v) is float and v == 3.0
+    torch.compile(lambda x: x, options={k: v})
+    assert settings.check({"cpp.simdlen": 8}, "inductor") == (("cpp.simdlen", 8),)     # an int setting stays int
+
+
+def test_engine_contradiction_compares_with_the_manifest_or_the_default():
+    """parity --engine / bench ENGINE: a setting the engine's manifest lacks had this torch's default."""
+    recorded = [["cpp.simdlen", 0], ["cpp.cxx", [None, "g++"]]]
+    agree = (("cpp.cxx", (None, "g++")), ("cpp.simdlen", 0), ("max_autotune", False))
+    assert settings.engine_contradiction(agree, recorded) is None
+    assert settings.engine_contradiction((), recorded) is None
+    assert settings.engine_contradiction((("cpp.simdlen", 8),), recorded) == ("cpp.simdlen", 8, 0)
+    assert settings.engine_contradiction((("max_autotune", True),), []) == ("max_autotune", True, False)
+    assert settings.engine_contradiction((("cpp.simdlen", None),), None) is None      # its default is None
+
+
 def test_every_setting_takes_its_own_default():
     """No false refusal: each Inductor setting of this torch (but l4compile's own) passes the check at its default."""
     import torch._inductor.config as inductor_config
