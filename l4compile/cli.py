@@ -16,7 +16,7 @@ from l4compile.config import DECODE_MODES
 from l4compile.engine_options import check_build_options
 from l4compile.errors import L4Error
 from l4compile.inductor_configs import parse_cli as parse_inductor_configs
-from l4compile.pass_options import parse_cli as parse_pass_options
+from l4compile.pass_options import field_default, parse_cli as parse_pass_options
 from l4compile.paths import check_out_file
 from l4compile.plan import cli as plan_cli
 
@@ -315,15 +315,12 @@ def cmd_passes(a) -> int:
     print(f"{'#':<3}{'pass':<24}{'programs':<13}{'source':<12}{'ordering':<46}description")
     for s in specs:
         pos = str(order[s.name] + 1) if s.name in order else (f"v{vision[s.name] + 1}" if s.name in vision else "-")
-        print(f"{pos:<3}{s.name:<24}{','.join(s.programs):<13}{s.source:<12}{s.ordering():<46}{s.description}")
+        print(f"{pos:<3}{s.name:<24}{','.join(s.programs):<13}{s.source:<12}{s.ordering():<44}  {s.description}")
         if s.options is not None:     # what --pass-option NAME.KEY=VALUE takes, with the defaults
             fields = dataclasses.fields(s.options)
-            print(f"{'':<27}options: " + ", ".join(f"{f.name}={json.dumps(_default(f), default=str)}" for f in fields))
+            defaults = (f"{f.name}={json.dumps(field_default(f), default=str)}" for f in fields)
+            print(f"{'':<27}options: " + ", ".join(defaults))
     return 0
-
-
-def _default(f: dataclasses.Field):
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def cmd_presets(a) -> int:

@@ -1,6 +1,7 @@
 """Pass registry and manager: ordering from declarations, user and entry-point passes, lint, verify, dump-ir."""
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 
@@ -165,7 +166,11 @@ def test_entry_point_passes_are_loaded(tmp_path, monkeypatch):
 def test_passes_command_lists_every_pass(capsys):
     from l4compile.cli import main
 
+    from l4compile.passes import registered_passes
+
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
     for name in ("eliminate_dead_code",):
         assert name in out
+    for spec in registered_passes().values():   # its ordering, then at least two spaces, then its description
+        assert re.search(rf" {re.escape(spec.ordering())} {{2,}}{re.escape(spec.description)}", out), spec.name
