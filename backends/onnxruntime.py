@@ -1,12 +1,12 @@
 """ONNX Runtime backend: the Program is exported to one ONNX model (opset ``l4compile.onnx.ONNX_OPSET``) and
 run with an ``onnxruntime.InferenceSession`` (CPU EP; CUDA EP with onnxruntime-gpu and ``--device cuda``).
 
-Export path: ``Program.export()`` (dynamic batch and sequence) -> ``run_decompositions(l4compile.ops.DECOMPOSITIONS)``
-(``l4::attention`` / ``l4::attention_cached`` become plain aten) -> ``torch.onnx.export(ep, dynamo=True,
-custom_translation_table=l4compile.onnx.TRANSLATIONS)`` (``l4::moe`` becomes the per-expert standard-op subgraph
-of ``l4compile.onnx.moe``) -> ``l4compile.onnx.optimize`` (onnxscript's optimizer minus its quadratic
+Export path: ``Program.export()`` (dynamic batch and sequence) -> ``torch.onnx.export(ep, dynamo=True,
+custom_translation_table=l4compile.onnx.translation_table(...))`` (``l4::moe`` becomes the per-expert standard-op
+subgraph of ``l4compile.onnx.moe``, ``l4::attention*`` the ops of ``l4compile.onnx.attention``, the quantized ops
+those of ``l4compile.onnx.quant``) -> ``l4compile.onnx.optimize`` (onnxscript's optimizer minus its quadratic
 multi-output patterns). We reuse torch.onnx's aten translations (hundreds of ops, maintained upstream) and
-only own the translation of our custom op; writing an FX -> ONNX emitter ourselves would duplicate that.
+only own the translations of our custom ops; writing an FX -> ONNX emitter ourselves would duplicate that.
 
 Graph (after the default passes, with the kv_cache pass)::
 
@@ -98,9 +98,12 @@ def onnx_program(program, target: str = "onnxruntime", optimize: bool = True):
     from l4compile.onnx import ONNX_OPSET, TRANSLATED_OPS, translation_table
     from l4compile.onnx.optimize import optimize as optimize_model
 
-    # decompose what has no ONNX translation of its own (attention -> plain aten); translated ops stay opaque
+    # decompose what has no ONNX translation of its own; translated ops stay opaque. Every l4 op with a
+    # decomposition has a translation today, so the export goes to torch.onnx as traced: no retrace of ours
     decomps = {k: v for k, v in l4compile.ops.DECOMPOSITIONS.items() if k not in TRANSLATED_OPS}
-    ep = program.export().run_decompositions(decomps)
+    ep = program.export()
+    if decomps:
+        ep = ep.run_decompositions(decomps)
     table = translation_table(ep, target)
     with warnings.catch_warnings(), _quiet_onnx_logs():
         warnings.simplefilter("ignore")

@@ -21,7 +21,9 @@ Lowering: the implementations below are plain aten with no data-dependent shapes
 decomposes both ops into them (``DECOMPOSITIONS``) so Inductor compiles attention itself. CUDA engines keep the
 projection and cache update from here and attend with the Triton ``l4::attention_fused`` (l4compile.kernels), which
 reads only the visible keys where they lie instead of ``cat(cache, new keys)`` under a mask over every slot. ONNX:
-the same arithmetic maps to Gather (tables), Mul/Sub/Add (rotation), ReduceMean/Sqrt (norm), MatMul/Softmax/Where.
+``l4compile.onnx.attention`` writes the same arithmetic in ONNX ops (Gather tables, Mul/Sub/Add rotation,
+ReduceMean/Sqrt norm, MatMul/Softmax/Where, ScatterElements cache writes); a change here must be made there too
+(tests/backends/test_onnx_attention.py compares the two).
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def test_run_matches_eager(variant, checkpoints, ort_engines, tmp_path, capsys):
 def test_engine_format_and_graph(ort_engines, checkpoints):
     """The engine holds a checked opset >= 21 model with symbolic batch/seq, KV-cache I/O and no custom ops;
     MoE is lowered per expert (NonZero + ScatterND per expert and MoE layer), never densely; the caches take the new
-    rows by ScatterND (no dense rewrite of the cache)."""
+    rows by ScatterElements on their slot axis, in their own layout (no dense rewrite, no transpose of a cache)."""
     path = ort_engines["maverick-top2-odd"]
     eng = l4compile.load_engine(path)
     m = eng.manifest
@@ -56,7 +56,11 @@ def test_engine_format_and_graph(ort_engines, checkpoints):
     ops = Counter(n.op_type for n in model.graph.node)
     assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)      # standard ops only
     assert ops["TopK"] == n_moe and ops["NonZero"] == n_moe * n_exp
-    assert ops["ScatterND"] == n_moe * n_exp + 2 * n_layers             # + each layer's k and v cache rows written
+    assert ops["ScatterND"] == n_moe * n_exp
+    assert ops["ScatterElements"] == 2 * n_layers                      # each layer's k and v cache rows written
+    caches = set(ins[2:])
+    assert not [n.op_type for n in model.graph.node if n.op_type == "Transpose" and caches & set(n.input)]
+    assert not [o for o in model.graph.node if o.op_type in ("l4", "attention", "attention_cached")]
     assert m["backend_info"]["opset"] >= 21 and m["backend_info"]["external_data"] is False
 
 
