@@ -75,10 +75,11 @@ def check(configs: dict[str, Any] | None, backend: str) -> tuple[tuple[str, Any]
             hint = f"; did you mean {near[0]}?" if near else "; see torch/_inductor/config.py for the settings"
             raise L4Error(f"--inductor-config {key}: not an Inductor setting of torch {torch.__version__}{hint}")
         entry = getattr(inductor_config, "_config", {}).get(key)      # torch's record of the setting's annotation
-        want = _refusal(value, getattr(entry, "value_type", None), defaults[key])
+        hint = getattr(entry, "value_type", None)
+        want = _refusal(value, hint, defaults[key])
         if want is not None:
             raise L4Error(f"--inductor-config {key} must be {want} (its default is {defaults[key]!r}), got {value!r}")
-        kinds = allowed_types(getattr(entry, "value_type", None)) or (type(defaults[key]),)
+        kinds = allowed_types(hint) or (type(defaults[key]),)
         checked[key] = float(value) if type(value) is int and float in kinds and int not in kinds else value
     return tuple(sorted(checked.items()))
 

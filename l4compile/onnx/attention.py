@@ -25,16 +25,10 @@ from __future__ import annotations
 from onnxscript import ir
 from onnxscript import opset21 as op
 
+from .moe import _i64, _scalar
+
 FLOAT = ir.DataType.FLOAT
 INT64 = ir.DataType.INT64
-
-
-def _i64(*values: int):
-    return op.Constant(value=ir.tensor(list(values), dtype=INT64))
-
-
-def _scalar(value: int):
-    return op.Constant(value=ir.tensor(value, dtype=INT64))
 
 
 def _f32(value: float):
