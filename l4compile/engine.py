@@ -9,6 +9,7 @@ verifies every checksum before any artifact is opened.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import torch
 from l4compile.config import DECODE_MODES
 from l4compile.errors import L4Error
 from l4compile.paths import check_dir_path
+from l4compile.sampling import NoiseSource, Sampling, StopTracker, check_token_ids, pick
 from l4compile.weights import normalize
 
 FORMAT_VERSION = 1
@@ -154,7 +156,7 @@ class Engine:
         self.device = torch.device(manifest["device"])
         self.load_seconds = 0.0
         self._decode_mode = "loop"
-        self._decoders: dict[tuple[str, int], Any] = {}   # (decode mode, batch) -> StaticDecoder
+        self._decoders: dict[tuple[str, int, Sampling], Any] = {}   # (decode mode, batch, sampling) -> StaticDecoder
         self._graph_pool = None
         self.cuda_graph_error: str | None = None    # why capture failed, if it did (generate then uses "loop")
 
@@ -206,12 +208,14 @@ class Engine:
                           f"{self.device.type}; use 'static' for the same steps without capture")
         self._decode_mode = mode
 
-    def _decoder(self, batch: int):
-        """The StaticDecoder for ``batch`` (built, and captured in "graph" mode, on first use); None when capture
-        failed, which also switches this engine to "loop" and records why in ``cuda_graph_error``."""
+    def _decoder(self, batch: int, sampling: Sampling):
+        """The StaticDecoder for ``batch`` and ``sampling``'s way of picking tokens (built, and captured in "graph"
+        mode, on first use; the seed is not part of it); None when capture failed, which also switches this engine
+        to "loop" and records why in ``cuda_graph_error``."""
         from l4compile.decode_graph import StaticDecoder
 
-        key = (self._decode_mode, batch)
+        sampling = dataclasses.replace(sampling, seed=None)
+        key = (self._decode_mode, batch, sampling)
         dec = self._decoders.get(key)
         if dec is not None:
             return dec
@@ -220,7 +224,7 @@ class Engine:
         def step(tok: torch.Tensor, pos: torch.Tensor, *caches: torch.Tensor):
             return self._runner(*self._text_inputs(tok, image), pos, *caches)
 
-        dec = StaticDecoder(step, batch, self.new_caches(batch))
+        dec = StaticDecoder(step, batch, self.new_caches(batch), sampling, self.vocab_size)
         if self._decode_mode == "graph":
             try:
                 if self._graph_pool is None:
@@ -234,11 +238,20 @@ class Engine:
         self._decoders[key] = dec
         return dec
 
-    def prepare_decode(self, batch: int) -> None:
-        """Build (and in "graph" mode capture) the decoder ``generate`` uses for ``batch`` sequences now rather than
-        in the first generate; a no-op in "loop" mode."""
+    def prepare_decode(self, batch: int, sampling: "Sampling | dict | None" = None) -> None:
+        """Build (and in "graph" mode capture) the decoder ``generate`` uses for ``batch`` sequences (and the same
+        ``sampling``, seed aside) now rather than in the first generate; a no-op in "loop" mode."""
         if self._decode_mode != "loop":
-            self._decoder(batch)
+            self._decoder(batch, Sampling.of(sampling))
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The ids a sequence ends at, from the checkpoint's generation config (empty for presets)."""
+        return tuple(self._generation.get("eos_token_ids") or ())
+
+    @property
+    def _generation(self) -> dict[str, Any]:
+        return self.manifest.get("generation") or {}      # engines compiled before it was recorded have none
 
     @property
     def multimodal(self) -> bool:
@@ -370,39 +383,71 @@ class Engine:
                               f"(batch {batch}: use the caches prefill_with_cache returns)")
 
     @torch.no_grad()
-    def generate(self, input_ids: Any, max_new_tokens: int = 32, images: Sequence[Any] | None = None) -> torch.Tensor:
-        """Greedy decoding: LongTensor [B, S] -> LongTensor [B, S + max_new_tokens].
+    def generate(self, input_ids: Any, max_new_tokens: int = 32, images: Sequence[Any] | None = None, *,
+                 sampling: "Sampling | dict | None" = None, stop_ids: Sequence[int] | None = None) -> torch.Tensor:
+        """LongTensor [B, S] -> LongTensor [B, S + n]: greedy (``sampling`` None), or sampled (``Sampling`` or a dict
+        of its fields: temperature, top_k, top_p, seed).
 
-        With a KV cache (the default) the prompt is prefilled once and each new token is one decode step;
-        engines compiled with ``--skip-pass kv_cache`` recompute the whole prefix at every step instead.
-        With ``images`` the returned prompt part is the expanded one (see ``prefill``)."""
+        n = ``max_new_tokens``, unless ``stop_ids`` is given (e.g. ``eng.eos_ids``): a sequence then ends at its first
+        token among them, later positions hold the engine's pad id (else that stop token), and generation ends early
+        when every sequence has ended. With a KV cache (the default) the prompt is prefilled once and each new token
+        is one decode step; engines compiled with ``--skip-pass kv_cache`` recompute the whole prefix at every step
+        instead. With ``images`` the returned prompt part is the expanded one (see ``prefill``)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise L4Error(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        sampling = Sampling.of(sampling)
+        stops = None if stop_ids is None else check_token_ids(stop_ids, self.vocab_size, "stop_ids")
         ids, image = self._prompt(input_ids, images)
         self.check_room(ids.shape[1], max_new_tokens)
         if max_new_tokens == 0:
             return ids
+        batch, start = ids.shape
+        noise = None if sampling.greedy else NoiseSource(sampling, self.device)
+        buf = None if noise is None else torch.empty(batch, sampling.noise_width(self.vocab_size),
+                                                     dtype=torch.float32, device=self.device)     # [B, W]
+        tracker = None
+        if stops:
+            pad_id = self._generation.get("pad_token_id")
+            tracker = StopTracker(torch.tensor(stops, device=self.device),
+                                  stops[0] if pad_id is None else pad_id, batch)
+
+        def next_token(logits: torch.Tensor) -> torch.Tensor:       # logits [B, V] -> [B, 1]
+            return pick(logits, sampling, None if noise is None else noise.fill(buf))
+
+        def emit(tok: torch.Tensor) -> bool:                         # -> generation is over
+            out.append(tok if tracker is None else tracker.update(tok))
+            return len(out) > max_new_tokens or (tracker is not None and tracker.all_done())
+
+        out = [ids]
         if self.kv_cache is None:
-            for _ in range(max_new_tokens):
+            while True:
+                seq = torch.cat(out, dim=1)
                 if image is not None:   # recompute: the image features stay at their positions
-                    pad = ids.shape[1] - image[1].shape[1]
+                    pad = seq.shape[1] - image[1].shape[1]
                     pad_ = torch.nn.functional.pad
                     image = (pad_(image[0], (0, 0, 0, pad)), pad_(image[1], (0, pad)))
-                logits = self._runner(*self._text_inputs(ids, image))
-                ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-            return ids
-        logits, caches = self._step(ids, 0, self.new_caches(ids.shape[0]), image)
-        out = [ids, logits[:, -1].argmax(-1, keepdim=True)]
-        dec = self._decoder(ids.shape[0]) if self._decode_mode != "loop" and max_new_tokens > 1 else None
-        if dec is not None:        # static buffers (replayed as a CUDA graph in "graph" mode)
-            dec.start(out[-1], ids.shape[1], caches)
-            del logits, caches
-            for _ in range(max_new_tokens - 1):
-                out.append(dec.advance().clone())
+                logits = self._runner(*self._text_inputs(seq, image))
+                if emit(next_token(logits[:, -1])):
+                    return torch.cat(out, dim=1)
+        logits, caches = self._step(ids, 0, self.new_caches(batch), image)
+        first = next_token(logits[:, -1])
+        if emit(first):
             return torch.cat(out, dim=1)
+        dec = self._decoder(batch, sampling) if self._decode_mode != "loop" else None
+        if dec is not None:        # static buffers (replayed as a CUDA graph in "graph" mode)
+            dec.start(first, start, caches)
+            del logits, caches
+            while True:
+                if noise is not None:
+                    noise.fill(dec.noise)        # outside the graph: the step itself holds no RNG state
+                if emit(dec.advance().clone()):
+                    return torch.cat(out, dim=1)
+        tok = first
         for i in range(max_new_tokens - 1):
-            logits, caches = self._step(out[-1], ids.shape[1] + i, caches)
-            out.append(logits[:, -1].argmax(-1, keepdim=True))
+            logits, caches = self._step(tok, start + i, caches)
+            tok = next_token(logits[:, -1])
+            if emit(tok):
+                break
         return torch.cat(out, dim=1)
 
 
