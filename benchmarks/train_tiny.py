@@ -17,6 +17,10 @@ minutes of CPU suffice. A small switch-style load-balancing loss keeps every exp
 
     python benchmarks/train_tiny.py                       # writes l4compile/data/tiny-trained/
     python benchmarks/train_tiny.py --steps 50 --out /tmp/t   # smoke run
+    python benchmarks/train_tiny.py --tokenizer-only          # (re)writes only its tokenizer.json
+
+The checkpoint ships a ``tokenizer.json`` (Hugging Face ``tokenizers``) that maps each UTF-8 byte to its own id, so
+``l4compile run ENGINE --prompt TEXT`` works on its engines.
 """
 from __future__ import annotations
 
@@ -62,6 +66,31 @@ def text_config():
         use_qk_norm=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         initializer_range=0.02, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
         tie_word_embeddings=False)
+
+
+SPECIAL_TOKENS = {BOS: "<|begin_of_text|>", EOS: "<|end_of_text|>", PAD: "<|pad|>"}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte-level alphabet (GPT-2's): printable bytes stand for themselves, the others for chars from 256 up."""
+    chars = {b: chr(b) for b in (*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100))}
+    return chars | {b: chr(256 + n) for n, b in enumerate(b for b in range(256) if b not in chars)}
+
+
+def write_tokenizer(out: Path) -> Path:
+    """``out/tokenizer.json``: byte b -> id b (no merges), BOS / EOS / PAD as special tokens 256-258; no BOS is added
+    (the model was trained on the raw byte stream)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = _bytes_to_unicode()
+    tok = Tokenizer(models.BPE({chars[b]: b for b in range(256)}, [], ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(SPECIAL_TOKENS[i], special=True) for i in sorted(SPECIAL_TOKENS)])
+    assert all(tok.token_to_id(t) == i for i, t in SPECIAL_TOKENS.items())
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    return out / "tokenizer.json"
 
 
 class _AuxLoss:
@@ -128,7 +157,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="1: with other work on the box, 2 threads spin")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help="checkpoint dtype")
+    ap.add_argument("--tokenizer-only", action="store_true", help="write only tokenizer.json into --out")
     args = ap.parse_args(argv)
+    if args.tokenizer_only:
+        print(write_tokenizer(args.out))
+        return 0
 
     from transformers import Llama4ForCausalLM
     from transformers.models.llama4 import modeling_llama4
@@ -182,6 +215,7 @@ def main(argv=None) -> int:
     model.to(getattr(torch, args.dtype)).save_pretrained(args.out)
     for stray in ("generation_config.json",):
         (args.out / stray).unlink(missing_ok=True)
+    write_tokenizer(args.out)
     cmd = "python benchmarks/train_tiny.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     record = {"held_out_ppl_per_byte": round(ppl, 4), "steps": step, "batch": args.batch, "context": CONTEXT,
               "tokens_seen": step * args.batch * CONTEXT, "train_seconds": round(train_s, 1),

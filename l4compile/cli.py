@@ -117,13 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--text-only", action="store_true",
                    help="multimodal checkpoints: compile the text model alone (no vision engine)")
 
-    r = sub.add_parser("run", help="run an engine on token ids (greedy)")
+    r = sub.add_parser("run", help="generate from an engine (greedy, or sampled with --temperature)")
     r.add_argument("engine", metavar="ENGINE")
-    r.add_argument("--prompt-ids", required=True, help="comma-separated token ids, e.g. 1,2,3")
+    r.add_argument("--prompt-ids", default=None, help="comma-separated token ids, e.g. 1,2,3")
+    r.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="text, encoded with the engine's tokenizer (engines of checkpoints that ship tokenizer.json); "
+                        "the JSON line then carries the generated text too")
     r.add_argument("--image", dest="images", action="append", default=[], metavar="FILE",
                    help="multimodal engines: an image (PNG, JPEG, ...) for the next <|image|> placeholder in the "
                         "prompt, or in front of it when it has none (repeatable)")
     r.add_argument("--max-new-tokens", type=_non_negative, default=16)
+    r.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy; above 0 samples")
+    r.add_argument("--top-k", type=_positive, default=None, help="sample among the K most likely tokens")
+    r.add_argument("--top-p", type=float, default=None, help="sample within the nucleus of probability mass P")
+    r.add_argument("--seed", type=_non_negative, default=None, help="seed of the sampling (default: a fresh one)")
+    r.add_argument("--stop-ids", default=None, metavar="IDS",
+                   help="comma-separated ids a sequence ends at; `eos` stands for the engine's end-of-sequence ids, "
+                        "`none` for no stop (default: eos with --prompt, none with --prompt-ids)")
     r.add_argument("--logits-out", default=None, metavar="FILE.npy",
                    help="write the prompt's logits, float32 [prompt_len, vocab]")
     r.add_argument("--nproc", type=_positive, default=None,
@@ -178,16 +188,70 @@ def cmd_compile(a) -> int:
     return 0
 
 
+def prompt_tokens(a, engine: str, manifest: dict) -> list[int]:
+    """``run``'s prompt: --prompt-ids, or --prompt encoded with the engine's tokenizer."""
+    if (a.prompt_ids is None) == (a.prompt is None):
+        raise L4Error("give the prompt as --prompt-ids 1,2,3 or as --prompt TEXT" if a.prompt is None else
+                      "give --prompt or --prompt-ids, not both")
+    if a.prompt_ids is not None:
+        return parse_prompt_ids(a.prompt_ids)
+    if not manifest.get("tokenizer"):
+        raise L4Error(f"engine {engine} has no tokenizer (its checkpoint had no tokenizer.json; presets have none): "
+                      "give token ids with --prompt-ids")
+    from l4compile.engine import verify_artifacts
+    from l4compile.tokenizer import EngineTokenizer
+
+    rel = manifest["tokenizer"]
+    verify_artifacts(Path(engine), {"artifacts": {rel: manifest["artifacts"].get(rel, {})}})
+    return EngineTokenizer(Path(engine) / rel).encode(a.prompt)
+
+
+def run_sampling(a):
+    """``run``'s --temperature / --top-k / --top-p / --seed as a checked ``Sampling``."""
+    from l4compile.sampling import Sampling
+    return Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+
+
+def stop_tokens(a, engine: str, manifest: dict) -> list[int]:
+    """``run``'s --stop-ids: [] (no stop) or the ids a sequence ends at, checked against the vocabulary."""
+    from l4compile.sampling import check_token_ids
+
+    eos = list((manifest.get("generation") or {}).get("eos_token_ids") or [])
+    if a.stop_ids is None:
+        return eos if a.prompt is not None else []
+    items = [x.strip() for x in a.stop_ids.split(",") if x.strip()]
+    if items == ["none"]:
+        return []
+    if not items or "none" in items:
+        raise L4Error(f"--stop-ids {a.stop_ids!r}: give token ids and/or eos, or none alone")
+    ids: list = []
+    for x in items:
+        if x == "eos":
+            if not eos:
+                raise L4Error(f"engine {engine} has no end-of-sequence ids (its checkpoint names none; presets have "
+                              "none): give the ids with --stop-ids")
+            ids += eos
+        else:
+            try:
+                ids.append(int(x))
+            except ValueError:
+                raise L4Error(f"--stop-ids: '{x}' is not a token id, eos or none") from None
+    return check_token_ids(dict.fromkeys(ids), int(manifest["model_config"]["vocab_size"]), "--stop-ids")
+
+
 def cmd_run(a) -> int:
     import numpy as np
     import torch
 
-    from l4compile.engine import load_engine
+    from l4compile.engine import load_engine, read_manifest
 
     if getattr(a, "nproc", None):   # sharded engine: one process per rank under torchrun
         from l4compile.dist import launch
         return launch(a)
-    prompt = parse_prompt_ids(a.prompt_ids)
+    manifest = read_manifest(Path(a.engine))
+    prompt = prompt_tokens(a, a.engine, manifest)
+    sampling = run_sampling(a)
+    stops = stop_tokens(a, a.engine, manifest)
     if a.logits_out:
         check_out_file(a.logits_out, "--logits-out")
     t0 = time.perf_counter()
@@ -209,18 +273,24 @@ def cmd_run(a) -> int:
         np.save(a.logits_out, logits[0].float().cpu().numpy())
     t_d = time.perf_counter()
     if a.max_new_tokens > 1:
-        eng.prepare_decode(ids.shape[0])     # static buffers / CUDA graph capture, outside the timed generate
+        eng.prepare_decode(ids.shape[0], sampling)   # static buffers / CUDA graph capture, outside the timed generate
     setup_s = time.perf_counter() - t_d
     t2 = time.perf_counter()
-    out = eng.generate(ids, max_new_tokens=a.max_new_tokens, images=prepared)
+    out = eng.generate(ids, max_new_tokens=a.max_new_tokens, images=prepared, sampling=sampling,
+                       stop_ids=stops or None)
     gen_s = time.perf_counter() - t2
     new = out[0, ids.shape[1]:].tolist()
-    print(json.dumps({"generated_ids": new, "prompt_len": int(ids.shape[1]), "images": len(a.images),
-                      "vision_ms": round(vision_s * 1e3, 3), "load_ms": round(load_s * 1e3, 2),
-                      "prefill_ms": round(prefill_s * 1e3, 3), "generate_ms": round(gen_s * 1e3, 3),
-                      "ms_per_token": round(gen_s * 1e3 / max(1, len(new)), 3), "decode_mode": eng.decode_mode,
-                      "decode_setup_ms": round(setup_s * 1e3, 3)}
-                     | ({"cuda_graph_error": eng.cuda_graph_error} if eng.cuda_graph_error else {})))
+    result = {"generated_ids": new, "finish_reason": "stop" if set(new) & set(stops) else "length"}
+    if manifest.get("tokenizer"):
+        result["text"] = eng.tokenizer.decode(new)
+    if not sampling.greedy:
+        result["sampling"] = sampling.to_dict()
+    print(json.dumps(result | {
+        "prompt_len": int(ids.shape[1]), "images": len(a.images), "vision_ms": round(vision_s * 1e3, 3),
+        "load_ms": round(load_s * 1e3, 2), "prefill_ms": round(prefill_s * 1e3, 3),
+        "generate_ms": round(gen_s * 1e3, 3), "ms_per_token": round(gen_s * 1e3 / max(1, len(new)), 3),
+        "decode_mode": eng.decode_mode, "decode_setup_ms": round(setup_s * 1e3, 3)}
+        | ({"cuda_graph_error": eng.cuda_graph_error} if eng.cuda_graph_error else {})))
     return 0
 
 

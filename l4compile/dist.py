@@ -5,9 +5,10 @@
 
 Every process joins the default process group (gloo for CPU engines, NCCL for CUDA engines, one GPU per
 process: ``cuda:LOCAL_RANK``), loads its rank's artifact (``rank{r}/model.pt2``) and runs exactly what
-``l4compile run`` runs (the same ``Engine``: prefill, then greedy generate through the KV cache, each rank
+``l4compile run`` runs (the same ``Engine``: prefill, then generate through the KV cache, each rank
 holding the caches of its own kv heads). Tokens are replicated: every rank feeds the same tokens at every
-step and all ranks produce the same logits; only the collective ops in the graphs (``l4::moe_ep``, and
+step and all ranks produce the same logits (sampling draws with one seed on every rank: ``--seed``, else one
+rank 0 draws and broadcasts); only the collective ops in the graphs (``l4::moe_ep``, and
 ``l4::all_reduce`` after tensor-parallel matmuls) talk to each other. Rank 0 alone prints the JSON line and
 writes ``--logits-out``. Multi-node: torchrun's rendezvous, e.g. on each of 2 nodes with 4 GPUs
 ``torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id JOB
@@ -37,11 +38,13 @@ def _run_args(argv: list[str]):
 
 def preflight(args) -> dict:
     """User errors (bad engine, bad ids, wrong process count) before any process is spawned: -> manifest."""
-    from l4compile.cli import parse_prompt_ids
+    from l4compile.cli import prompt_tokens, run_sampling, stop_tokens
     from l4compile.engine import read_manifest
 
     m = read_manifest(Path(args.engine))
-    prompt = parse_prompt_ids(args.prompt_ids)
+    prompt = prompt_tokens(args, args.engine, m)
+    run_sampling(args)
+    stop_tokens(args, args.engine, m)
     vocab, max_seq = int(m["model_config"]["vocab_size"]), int(m["max_seq_len"])
     bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
@@ -68,12 +71,13 @@ def launch(args) -> int:
     """``l4compile run ENGINE --nproc N``: torchrun (standalone rendezvous) over ``-m l4compile.dist``."""
     preflight(args)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-           "-m", "l4compile.dist", str(args.engine), "--prompt-ids", args.prompt_ids,
-           "--max-new-tokens", str(args.max_new_tokens)]
-    if args.logits_out:
-        cmd += ["--logits-out", str(args.logits_out)]
-    if args.decode_mode:
-        cmd += ["--decode-mode", args.decode_mode]
+           "-m", "l4compile.dist", str(args.engine), "--max-new-tokens", str(args.max_new_tokens),
+           "--temperature", repr(args.temperature)]
+    for flag, value in (("--prompt-ids", args.prompt_ids), ("--prompt", args.prompt), ("--top-k", args.top_k),
+                        ("--top-p", args.top_p), ("--seed", args.seed), ("--stop-ids", args.stop_ids),
+                        ("--logits-out", args.logits_out), ("--decode-mode", args.decode_mode)):
+        if value is not None:
+            cmd.append(f"{flag}={value}")      # one word: a prompt may start with '-'
     for image in args.images:
         cmd += ["--image", str(image)]
     env = dict(os.environ)
@@ -95,6 +99,17 @@ def init_process_group(manifest: dict) -> None:
         dist.init_process_group("gloo")
 
 
+def shared_seed(manifest: dict) -> int:
+    """A fresh sampling seed drawn on rank 0 and broadcast: the ranks replicate the tokens, so they sample alike."""
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if manifest["device"] == "cuda" else "cpu"
+    seed = torch.tensor([int.from_bytes(os.urandom(7), "little")], dtype=torch.int64, device=device)
+    dist.broadcast(seed, src=0)
+    return int(seed.item())
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
@@ -110,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         init_process_group(manifest)
         try:
             rank = dist.get_rank()
+            if args.temperature > 0 and args.seed is None:   # every rank must draw the same tokens
+                args.seed = shared_seed(manifest)
             if rank != 0:          # every rank computes; rank 0 alone reports
                 args.logits_out = None
             with contextlib.redirect_stdout(io.StringIO()) if rank != 0 else contextlib.nullcontext():

@@ -159,6 +159,7 @@ class Engine:
         self._decoders: dict[tuple[str, int, Sampling], Any] = {}   # (decode mode, batch, sampling) -> StaticDecoder
         self._graph_pool = None
         self.cuda_graph_error: str | None = None    # why capture failed, if it did (generate then uses "loop")
+        self._tokenizer = None
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -243,6 +244,20 @@ class Engine:
         ``sampling``, seed aside) now rather than in the first generate; a no-op in "loop" mode."""
         if self._decode_mode != "loop":
             self._decoder(batch, Sampling.of(sampling))
+
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer (``l4compile.tokenizer.EngineTokenizer``: encode / decode); L4Error for an
+        engine without one (presets, or a checkpoint that had no tokenizer.json)."""
+        if self._tokenizer is None:
+            from l4compile.tokenizer import EngineTokenizer
+
+            rel = self.manifest.get("tokenizer")
+            if not rel:
+                raise L4Error(f"engine {self.path} has no tokenizer (its checkpoint had no tokenizer.json; presets "
+                              "have none): give token ids")
+            self._tokenizer = EngineTokenizer(self.path / rel)
+        return self._tokenizer
 
     @property
     def eos_ids(self) -> tuple[int, ...]:

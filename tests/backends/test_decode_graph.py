@@ -2,6 +2,7 @@
 sampled with a seed; on a GPU the captured graph gives them too. Stop ids end each sequence of a batch on its own."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -69,6 +70,7 @@ def test_stop_ids_end_each_sequence(engines, mode):
     """A sequence ends at its first stop id and is padded after it (with the stop id: the checkpoint names no pad);
     generation ends when every sequence has ended, or at max_new_tokens."""
     eng = l4compile.load_engine(engines["maverick-top2-odd"], decode_mode=mode)
+    assert eng.eos_ids == (2,) and eng.manifest["generation"]["source"] == "generation_config.json"
     prompt = torch.randint(3, eng.vocab_size, (2, 13), generator=torch.Generator().manual_seed(6))
     full = eng.generate(prompt, max_new_tokens=NEW)[:, 13:]                  # [2, NEW]
     row0 = full[0].tolist()
@@ -124,14 +126,19 @@ def test_cli_run_decode_modes(tiny_engine):
 @pytest.mark.parametrize("dtype,quant", [("float32", "none"), ("bfloat16", "int4"), ("bfloat16", "fp8")])
 def test_cuda_graph_decode_matches_loop(dtype, quant, tmp_path):
     """CUDA engines decode through a captured graph by default (the fused MoE / Int4 / FP8 Triton kernels inside it:
-    FP8 engines have no opaque MoE op left to refuse capture) and give the same tokens as one engine call per step."""
+    FP8 engines have no opaque MoE op left to refuse capture) and give the same tokens as one engine call per step,
+    greedy and sampled with a seed."""
     eng = l4compile.compile("tiny", out=tmp_path / "e", device="cuda", dtype=dtype, quant=quant, max_seq_len=96,
                             max_batch_size=2)
     assert eng.decode_mode == "graph"
     prompt = torch.randint(3, eng.vocab_size, (2, 17), generator=torch.Generator().manual_seed(3))
+    sampled = Sampling(temperature=1.0, top_k=64, top_p=0.9, seed=3)
     got = eng.generate(prompt, max_new_tokens=NEW)
+    got_s = eng.generate(prompt, max_new_tokens=NEW, sampling=sampled)   # sort / topk / noise race inside the graph
     assert eng.cuda_graph_error is None and eng._decoders[("graph", 2, GREEDY)].graph is not None
+    assert eng._decoders[("graph", 2, dataclasses.replace(sampled, seed=None))].graph is not None
     again = eng.generate(prompt, max_new_tokens=NEW)        # a replayed decoder restarts cleanly
     eng.decode_mode = "loop"
     want = eng.generate(prompt, max_new_tokens=NEW)
     assert torch.equal(got.cpu(), want.cpu()) and torch.equal(again.cpu(), want.cpu())
+    assert torch.equal(got_s.cpu(), eng.generate(prompt, max_new_tokens=NEW, sampling=sampled).cpu())

@@ -176,6 +176,26 @@ def test_bad_prompt_ids(capsys, tiny_engine, ids, needle):
     expect_error(capsys, ["run", str(tiny_engine), "--prompt-ids", ids], needle)
 
 
+@pytest.mark.parametrize("args,needles", [
+    (["--prompt", "hello"], ("has no tokenizer", "--prompt-ids")),
+    (["--prompt", "hello", "--prompt-ids", "1,2"], ("give --prompt or --prompt-ids, not both",)),
+    ([], ("give the prompt as --prompt-ids 1,2,3 or as --prompt TEXT",)),
+    (["--prompt-ids", "1,2", "--top-k", "5"], ("top_k only apply when sampling", "temperature above 0")),
+    (["--prompt-ids", "1,2", "--temperature", "-1"], ("temperature must be a finite number >= 0",)),
+    (["--prompt-ids", "1,2", "--temperature", "inf"], ("temperature must be a finite number",)),
+    (["--prompt-ids", "1,2", "--temperature", "1", "--top-p", "1.5"], ("top_p must be a number in (0, 1]",)),
+    (["--prompt-ids", "1,2", "--temperature", "hot"], ("invalid float value: 'hot'",)),
+    (["--prompt-ids", "1,2", "--stop-ids", "eos"], ("has no end-of-sequence ids", "--stop-ids")),
+    (["--prompt-ids", "1,2", "--stop-ids", "1,none"], ("none alone",)),
+    (["--prompt-ids", "1,2", "--stop-ids", ","], ("none alone",)),
+    (["--prompt-ids", "1,2", "--stop-ids", "x"], ("'x' is not a token id, eos or none",)),
+    (["--prompt-ids", "1,2", "--stop-ids", "5,99999"], ("--stop-ids: token id 99999 is outside the vocabulary",)),
+])
+def test_bad_generation_options(capsys, tiny_engine, args, needles):
+    """Prompt, sampling and stop options are checked before the engine loads."""
+    expect_error(capsys, ["run", str(tiny_engine), *args], *needles)
+
+
 def test_prompt_longer_than_engine_max(capsys, tiny_engine):
     ids = ",".join(["5"] * 129)
     expect_error(capsys, ["run", str(tiny_engine), "--prompt-ids", ids], "129 tokens", "max sequence length 128")
@@ -296,8 +316,10 @@ def test_nproc_on_an_unsharded_engine(capsys, tiny_engine):
 
 
 def test_nproc_forwards_every_run_option(monkeypatch, tiny_engine, tmp_path):
-    """`run --nproc` hands the workers every option `run` takes, rather than dropping some silently."""
+    """`run --nproc` hands the workers every option `run` takes, rather than dropping some silently: the workers'
+    command line parses to the same options, --nproc aside."""
     from l4compile import dist
+    from l4compile.cli import build_parser
 
     seen = []
 
@@ -310,12 +332,16 @@ def test_nproc_forwards_every_run_option(monkeypatch, tiny_engine, tmp_path):
     assert main(["run", str(tiny_engine), "--nproc", "1", "--prompt-ids", "1,2", "--max-new-tokens", "3",
                  "--logits-out", str(logits), "--decode-mode", "static", "--image", "a.png", "--image", "b.png"]) == 2
     assert seen == []      # tiny_engine has no vision engine: refused before spawning
-    assert main(["run", str(tiny_engine), "--nproc", "1", "--prompt-ids", "1,2", "--max-new-tokens", "3",
-                 "--logits-out", str(logits), "--decode-mode", "static"]) == 0
+    argv = ["run", str(tiny_engine), "--prompt-ids", "1,2", "--max-new-tokens", "3", "--logits-out", str(logits),
+            "--decode-mode", "static", "--temperature", "0.5", "--top-k", "7", "--top-p", "0.25", "--seed", "9",
+            "--stop-ids", "3,4"]
+    assert main([*argv, "--nproc", "1"]) == 0
     (cmd,) = seen
     worker = cmd[cmd.index("l4compile.dist") + 1:]
-    assert worker == [str(tiny_engine), "--prompt-ids", "1,2", "--max-new-tokens", "3", "--logits-out", str(logits),
-                      "--decode-mode", "static"]
+    assert vars(build_parser().parse_args(["run", *worker])) == vars(build_parser().parse_args(argv))
+    assert main(["run", str(tiny_engine), "--nproc", "1", "--prompt-ids", "1,2"]) == 0       # the defaults too
+    assert vars(build_parser().parse_args(["run", *seen[-1][cmd.index("l4compile.dist") + 1:]])) == \
+        vars(build_parser().parse_args(["run", str(tiny_engine), "--prompt-ids", "1,2"]))
     # Images go through as well, for an engine whose manifest has a vision engine (only the manifest is read here).
     eng = tmp_path / "eng"
     eng.mkdir()

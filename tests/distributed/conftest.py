@@ -17,11 +17,13 @@ import l4compile
 from l4compile.plan import PlanRequest, make_plan
 from l4compile.plan.layouts import Strategy
 from l4compile.plan.memory import GiB
+from l4compile.sampling import Sampling
 from tests.conftest import QUICK_INDUCTOR, run_cli, save_checkpoint
 
 PROMPT = [3, 17, 250, 9, 41, 77, 123, 5, 300, 64, 12, 201, 88, 19, 150, 222, 7, 99, 31]   # crosses chunks of 8
 NEW = 10
 MAX_SEQ = 64
+SAMPLED = Sampling(temperature=1.0, top_p=0.95, seed=5)      # `run --temperature 1 --top-p 0.95 --seed 5`
 CKPT = dict(num_hidden_layers=2, interleave_moe_layer_step=2, no_rope_layers=[1, 0], num_local_experts=8,
             num_experts_per_tok=2, router_std=0.5)
 
@@ -37,6 +39,7 @@ class ShardedSetup:
         ids = torch.tensor([PROMPT])
         self.logits = single.prefill(ids)[0].float().numpy()                          # [S, V]
         self.generated = single.generate(ids, max_new_tokens=NEW)[0, len(PROMPT):].tolist()
+        self.sampled = single.generate(ids, max_new_tokens=NEW, sampling=SAMPLED)[0, len(PROMPT):].tolist()
         self.engines: dict[str, object] = {}
         self.plans: dict[str, dict] = {}
 
@@ -57,11 +60,11 @@ class ShardedSetup:
                                                    max_batch_size=1, plan=path, inductor_configs=QUICK_INDUCTOR).path
         return self.engines[name]
 
-    def run(self, name: str, nproc: int) -> tuple[float, list[int]]:
-        """``l4compile run ENGINE --nproc N`` -> (max relative logit error vs single process, greedy tokens)."""
+    def run(self, name: str, nproc: int, *extra: str) -> tuple[float, list[int]]:
+        """``l4compile run ENGINE --nproc N [extra]`` -> (max relative logit error vs single process, tokens)."""
         out = self.root / f"{name}.logits.npy"
         r = run_cli("run", str(self.engines[name]), "--nproc", str(nproc), "--prompt-ids", ",".join(map(str, PROMPT)),
-                    "--max-new-tokens", str(NEW), "--logits-out", str(out))
+                    "--max-new-tokens", str(NEW), "--logits-out", str(out), *extra)
         assert r.returncode == 0, r.stderr[-3000:]
         logits = np.load(out)
         assert logits.shape == self.logits.shape

@@ -52,6 +52,13 @@ def test_sharded_engine_matches_single_process(sharded, nproc):
         assert sh["experts"][1]["1"] == [0, 4]                   # the shuffled placement was honoured
 
 
+def test_sharded_engine_samples_as_one_process(sharded):
+    """Sampling on a sharded engine: every rank draws with the same seed, and the tokens are the single process's."""
+    sharded.engine("ep2", _ep_plan(sharded, 2))
+    rel, sampled = sharded.run("ep2", 2, "--temperature", "1", "--top-p", "0.95", "--seed", "5")
+    assert rel < 1e-5 and sampled == sharded.sampled and sampled != sharded.generated
+
+
 def test_sharded_engine_needs_a_process_group(sharded):
     path = sharded.engine("ep2", _ep_plan(sharded, 2))
     with pytest.raises(L4Error, match="--nproc 2"):
