@@ -21,11 +21,12 @@ def test_wheel_installs_passes_backends_and_templates(tmp_path):
                    check=True)
     env = dict(os.environ, PYTHONPATH=str(site))  # ahead of the editable install's finder
     code = ("import l4compile, l4compile.passes, l4compile.backends.inductor, l4compile.ops, importlib.resources as r;"
-            "print(l4compile.passes.__file__); print(r.files('l4compile.templates').joinpath('engine_readme.md.j2').is_file())")
+            "print(l4compile.passes.__file__); print(r.files('l4compile.templates').joinpath('engine_readme.md.j2').is_file());"
+            "print(r.files('l4compile').joinpath('data/tiny-trained/tokenizer.json').is_file())")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path,
                          env=env).stdout.split()
     assert out[0] == str(site / "l4compile" / "passes" / "__init__.py")
-    assert out[1] == "True"
+    assert out[1] == out[2] == "True"          # templates, and the trained preset's tokenizer
     r = subprocess.run([sys.executable, "-m", "l4compile", "passes"], capture_output=True, text=True, cwd=tmp_path,
                        env=env)
     assert r.returncode == 0 and "eliminate_dead_code" in r.stdout
