@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--prompt", default=None, metavar="TEXT",
                    help="text, encoded with the engine's tokenizer (engines of checkpoints that ship tokenizer.json); "
                         "the JSON line then carries the generated text too")
+    r.add_argument("--chat", action="store_true",
+                   help="--prompt is a user message: render it with the checkpoint's chat template (as transformers' "
+                        "apply_chat_template, with the assistant's header appended)")
+    r.add_argument("--system", default=None, metavar="TEXT", help="--chat: a system message before the prompt")
     r.add_argument("--image", dest="images", action="append", default=[], metavar="FILE",
                    help="multimodal engines: an image (PNG, JPEG, ...) for the next <|image|> placeholder in the "
                         "prompt, or in front of it when it has none (repeatable)")
@@ -189,21 +193,34 @@ def cmd_compile(a) -> int:
 
 
 def prompt_tokens(a, engine: str, manifest: dict) -> list[int]:
-    """``run``'s prompt: --prompt-ids, or --prompt encoded with the engine's tokenizer."""
+    """``run``'s prompt: --prompt-ids, or --prompt encoded with the engine's tokenizer (with --chat: the conversation
+    [--system, --prompt] through its chat template)."""
     if (a.prompt_ids is None) == (a.prompt is None):
         raise L4Error("give the prompt as --prompt-ids 1,2,3 or as --prompt TEXT" if a.prompt is None else
                       "give --prompt or --prompt-ids, not both")
+    if a.system is not None and not a.chat:
+        raise L4Error("--system is a chat message: add --chat")
+    if a.chat and a.prompt is None:
+        raise L4Error("--chat renders a text message: give it as --prompt TEXT")
+    if a.chat and a.images:
+        raise L4Error("--chat does not take --image yet; put <|image|> in a plain --prompt or in --prompt-ids")
     if a.prompt_ids is not None:
         return parse_prompt_ids(a.prompt_ids)
     if not manifest.get("tokenizer"):
         raise L4Error(f"engine {engine} has no tokenizer (its checkpoint had no tokenizer.json; presets have none): "
                       "give token ids with --prompt-ids")
+    if a.chat and not manifest.get("chat_template"):
+        raise L4Error(f"engine {engine} has no chat template (its checkpoint had none): drop --chat")
     from l4compile.engine import verify_artifacts
     from l4compile.tokenizer import EngineTokenizer
 
-    rel = manifest["tokenizer"]
-    verify_artifacts(Path(engine), {"artifacts": {rel: manifest["artifacts"].get(rel, {})}})
-    return EngineTokenizer(Path(engine) / rel).encode(a.prompt)
+    text = [manifest["tokenizer"]] + ([manifest["chat_template"]["path"]] if manifest.get("chat_template") else [])
+    verify_artifacts(Path(engine), {"artifacts": {rel: manifest["artifacts"].get(rel, {}) for rel in text}})
+    tok = EngineTokenizer.of_engine(Path(engine), manifest)
+    if not a.chat:
+        return tok.encode(a.prompt)
+    system = [{"role": "system", "content": a.system}] if a.system is not None else []
+    return tok.chat([*system, {"role": "user", "content": a.prompt}])
 
 
 def run_sampling(a):

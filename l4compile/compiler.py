@@ -19,7 +19,7 @@ from l4compile.paths import check_dir_path
 from l4compile.pipeline import check_pass_options, run_passes
 from l4compile.program import Program, trace
 from l4compile.progress import Progress
-from l4compile.tokenizer import copy_tokenizer, find_tokenizer, generation_settings
+from l4compile.tokenizer import text_assets
 
 DEFAULT_MAX_SEQ = 512
 
@@ -170,12 +170,11 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
         check_dir_path(dump_ir, "--dump-ir")
     progress = progress or Progress(enabled=False)
     t_start = time.perf_counter()
+    # the checkpoint's tokenizer, chat template and end-of-sequence ids, checked before the model loads
+    ckpt = frontend.checkpoint_dir(model)
+    text = text_assets(ckpt, frontend.text_config_from_dict(frontend.read_config(ckpt)).vocab_size if ckpt else 0)
     low = lower(model, config, progress=progress, dump_ir=dump_ir, plan=plan)
     program, loaded, records, max_seq, vision = low.program, low.loaded, low.records, low.max_seq, low.loaded.vision
-    # the checkpoint's tokenizer and end-of-sequence ids, checked before the backend's long build
-    ckpt = Path(loaded.source["path"]) if loaded.source["kind"] == "checkpoint" else None
-    tokenizer = find_tokenizer(ckpt, program.model_config.vocab_size)
-    generation = generation_settings(ckpt, program.model_config.vocab_size)
     vision_program, vision_records = None, []
     if vision is not None:
         vision_program, vision_records = compile_vision(vision, config, progress, low.tolerance,
@@ -205,7 +204,7 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
                 "backend_info": vres.info,
             }
             result.artifacts.extend(vision_manifest["artifacts"])
-        tokenizer_files = copy_tokenizer(tokenizer, work)
+        text_files, text_manifest = text.write(work)
         manifest = {
             "backend": config.backend, "quant": config.quant, "dtype": config.dtype, "device": config.device,
             "max_seq_len": max_seq, "max_batch_size": config.max_batch_size,
@@ -216,14 +215,12 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
                                   if r.name == "quantize" and "weight_bytes" in r.stats), None),
             "kv_cache": kv_layout, "sharding": program.gm.meta.get("l4_sharding"),
             "streamed_weight_bytes": low.placed_bytes if config.stream_weights else None,
-            "backend_info": result.info, "vision": vision_manifest,
-            "tokenizer": tokenizer_files[0] if tokenizer_files else None,
-            "generation": generation, "versions": library_versions(),
+            "backend_info": result.info, "vision": vision_manifest, **text_manifest, "versions": library_versions(),
             "stage_seconds": progress.stages, "compile_seconds": round(time.perf_counter() - t_start, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (work / "README.md").write_text(render_engine_readme(manifest, out))
-        write_manifest(work, manifest, [*result.artifacts, *tokenizer_files, "README.md"])
+        write_manifest(work, manifest, [*result.artifacts, *text_files, "README.md"])
     progress.note(f"engine written to {out}")
     # The compile's graphs go before the engine loads its own copy of the weights: full Scout Int4 is ~58 GB on one
     # GPU, twice that does not fit in 80 GB.

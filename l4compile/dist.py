@@ -73,11 +73,13 @@ def launch(args) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            "-m", "l4compile.dist", str(args.engine), "--max-new-tokens", str(args.max_new_tokens),
            "--temperature", repr(args.temperature)]
-    for flag, value in (("--prompt-ids", args.prompt_ids), ("--prompt", args.prompt), ("--top-k", args.top_k),
-                        ("--top-p", args.top_p), ("--seed", args.seed), ("--stop-ids", args.stop_ids),
-                        ("--logits-out", args.logits_out), ("--decode-mode", args.decode_mode)):
+    for flag, value in (("--prompt-ids", args.prompt_ids), ("--prompt", args.prompt), ("--system", args.system),
+                        ("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed),
+                        ("--stop-ids", args.stop_ids), ("--logits-out", args.logits_out),
+                        ("--decode-mode", args.decode_mode)):
         if value is not None:
             cmd.append(f"{flag}={value}")      # one word: a prompt may start with '-'
+    cmd += ["--chat"] if args.chat else []
     for image in args.images:
         cmd += ["--image", str(image)]
     env = dict(os.environ)

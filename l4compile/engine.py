@@ -247,16 +247,11 @@ class Engine:
 
     @property
     def tokenizer(self):
-        """The checkpoint's tokenizer (``l4compile.tokenizer.EngineTokenizer``: encode / decode); L4Error for an
-        engine without one (presets, or a checkpoint that had no tokenizer.json)."""
+        """The checkpoint's tokenizer (``l4compile.tokenizer.EngineTokenizer``: encode / decode / chat); L4Error for
+        an engine without one (presets, or a checkpoint that had no tokenizer.json)."""
         if self._tokenizer is None:
             from l4compile.tokenizer import EngineTokenizer
-
-            rel = self.manifest.get("tokenizer")
-            if not rel:
-                raise L4Error(f"engine {self.path} has no tokenizer (its checkpoint had no tokenizer.json; presets "
-                              "have none): give token ids")
-            self._tokenizer = EngineTokenizer(self.path / rel)
+            self._tokenizer = EngineTokenizer.of_engine(self.path, self.manifest)
         return self._tokenizer
 
     @property

@@ -69,6 +69,15 @@ def read_config(ckpt: Path) -> dict[str, Any]:
     return cfg
 
 
+def checkpoint_dir(model: str) -> Path | None:
+    """MODEL's checkpoint directory (a trained preset's packaged one), or None: a random-weight preset, or a path
+    that is not a checkpoint (``load`` refuses it with the reason)."""
+    if model in PRESETS:
+        return get_preset(model).checkpoint_dir()
+    path = Path(model)
+    return path if (path / "config.json").is_file() else None
+
+
 def text_config_from_dict(cfg: dict[str, Any]):
     from transformers import Llama4TextConfig
 

@@ -118,12 +118,143 @@ def test_bad_tokenizer_or_generation_config_is_refused_before_the_backend(tmp_pa
     assert not (tmp_path / "e").exists()
 
 
-def test_checkpoint_tokenizer_of_the_right_size_is_carried(tmp_path):
-    """A checkpoint's own (word-level) tokenizer: carried, and `--prompt` text uses it."""
+# ---- a checkpoint with its own tokenizer and chat template (Llama 4's layout of headers, written for this test) ----
+
+CHAT_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{{- '<|header_start|>' + message['role'] + '<|header_end|>\\n\\n' + message['content'] | trim + '<|eot|>' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|header_start|>assistant<|header_end|>\\n\\n' }}{%- endif %}")
+CHAT_SPECIALS = ["<|header_start|>", "<|header_end|>", "<|eot|>"]            # ids 259, 260, 261
+CONVERSATION = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is a for loop?"}]
+
+
+def write_chat_files(ckpt, template: str = CHAT_TEMPLATE) -> None:
+    """tiny-trained's byte-level tokenizer.json plus three chat tokens; a tokenizer_config.json with the template;
+    a generation config ending at <|eot|>."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(str(get_preset("tiny-trained").checkpoint_dir() / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, special=True) for t in CHAT_SPECIALS])
+    tok.save(str(ckpt / "tokenizer.json"))
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+        "eos_token": {"__type": "AddedToken", "content": "<|eot|>", "special": True}, "chat_template": template}))
+    (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [261, 257], "pad_token_id": 258}))
+
+
+@pytest.fixture(scope="module")
+def chat_engine(tmp_path_factory):
+    ckpt = save_checkpoint(tmp_path_factory.mktemp("chat") / "ckpt")
+    write_chat_files(ckpt)
+    return ckpt, l4compile.compile(str(ckpt), backend="onnxruntime", out=ckpt.parent / "e", max_seq_len=128,
+                                   max_batch_size=1)
+
+
+def hf_chat_ids(ckpt, messages) -> list[int]:
+    """transformers' own apply_chat_template on the checkpoint directory: the reference."""
+    from transformers import AutoTokenizer
+
+    out = AutoTokenizer.from_pretrained(str(ckpt)).apply_chat_template(messages, add_generation_prompt=True,
+                                                                      tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def test_chat_prompt_is_apply_chat_template(chat_engine):
+    ckpt, eng = chat_engine
+    m = eng.manifest
+    assert m["chat_template"] == {"path": "tokenizer/chat_template.jinja", "source": "tokenizer_config.json",
+                                  "special_tokens": {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot|>"}}
+    assert {"tokenizer/tokenizer.json", "tokenizer/chat_template.jinja"} <= set(m["artifacts"])
+    assert eng.eos_ids == (261, 257) and m["generation"]["source"] == "generation_config.json"
+    readme = (eng.path / "README.md").read_text()
+    assert "chat template `tokenizer/chat_template.jinja` (`tokenizer_config.json`)" in readme and "--chat" in readme
+    for messages in (CONVERSATION, CONVERSATION[1:]):
+        ids = eng.tokenizer.chat(messages)
+        assert ids == hf_chat_ids(ckpt, messages)
+        assert ids[0] == 256 and ids.count(256) == 1            # BOS once: the template's, none added by encoding
+        assert eng.tokenizer.decode(ids, skip_special_tokens=False).endswith("<|header_start|>assistant"
+                                                                              "<|header_end|>\n\n")
+
+
+def test_run_chat(chat_engine, capsys):
+    """`run --chat --system`: the prompt is the rendered conversation; the run stops at the checkpoint's eos ids."""
+    ckpt, eng = chat_engine
+    out = run_json(capsys, str(eng.path), "--prompt", CONVERSATION[1]["content"], "--chat", "--system",
+                   CONVERSATION[0]["content"], "--max-new-tokens", "40")
+    assert out["prompt_len"] == len(hf_chat_ids(ckpt, CONVERSATION))
+    new = out["generated_ids"]
+    stopped = [i for i, t in enumerate(new) if t in (261, 257)]
+    assert out["finish_reason"] == ("stop" if stopped else "length")
+    assert len(new) == (stopped[0] + 1 if stopped else 40)
+    assert out["text"] == eng.tokenizer.decode(new)
+    plain = run_json(capsys, str(eng.path), "--prompt", CONVERSATION[1]["content"], "--max-new-tokens", "4")
+    assert plain["prompt_len"] == len(CONVERSATION[1]["content"].encode())     # no template, no BOS: bytes
+
+
+def test_nproc_forwards_chat_options(chat_engine, monkeypatch):
+    """`run --nproc` hands --chat and --system (a message that starts with '-' too) to the workers unchanged."""
+    import subprocess
+
+    from l4compile import dist
+    from l4compile.cli import build_parser
+
+    _, eng = chat_engine
+    seen = []
+    monkeypatch.setattr(dist, "preflight", lambda args: eng.manifest)      # the chat engine is not sharded
+    monkeypatch.setattr(dist.subprocess, "run", lambda cmd, env: seen.append(cmd) or subprocess.CompletedProcess(cmd,
+                                                                                                                0))
+    argv = ["run", str(eng.path), "--prompt=-x", "--chat", "--system=-be brief", "--max-new-tokens", "2"]
+    assert main([*argv, "--nproc", "1"]) == 0
+    worker = seen[0][seen[0].index("l4compile.dist") + 1:]
+    assert vars(build_parser().parse_args(["run", *worker])) == vars(build_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--prompt-ids", "1,2", "--chat"], "--chat renders a text message: give it as --prompt TEXT"),
+    (["--prompt", "hi", "--system", "be brief"], "--system is a chat message: add --chat"),
+    (["--prompt", "hi", "--chat", "--image", "x.png"], "--chat does not take --image yet"),
+])
+def test_bad_chat_options(chat_engine, capsys, args, needle):
+    _, eng = chat_engine
+    capsys.readouterr()
+    assert main(["run", str(eng.path), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_chat_needs_a_chat_template(text_engine, capsys):
+    capsys.readouterr()
+    assert main(["run", str(text_engine.path), "--prompt", "hi", "--chat"]) == 2
+    assert "has no chat template (its checkpoint had none): drop --chat" in capsys.readouterr().err
+
+
+def test_chat_template_sources(tmp_path):
+    """Where transformers looks: chat_template.jinja, else chat_template.json, else tokenizer_config.json (a list
+    of named templates: the default one)."""
+    from l4compile.tokenizer import find_chat_template
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "tool_use", "template": "T"}, {"name": "default", "template": "D{{ messages[0].content }}"}]}))
+    chat = find_chat_template(tmp_path)
+    assert chat.source == "tokenizer_config.json" and chat.render([{"role": "user", "content": "x"}]) == "Dx"
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "J{{ bos_token }}"}))
+    assert find_chat_template(tmp_path).source == "chat_template.json"
+    (tmp_path / "chat_template.jinja").write_text("{{ messages | length }}")
+    chat = find_chat_template(tmp_path)
+    assert chat.source == "chat_template.jinja" and chat.render([{"role": "user", "content": "x"}]) == "1"
+    assert find_chat_template(None) is None
+
+
+@pytest.mark.parametrize("template,needle", [
+    ("{% for m in messages %}{{ m.content }}", "failed on this conversation"),            # syntax: no endfor
+    ("{{ raise_exception('system message required') }}", "system message required"),
+    ("", "the chat template is not a non-empty string"),
+])
+def test_bad_chat_template_is_refused_before_the_backend(tmp_path, capsys, template, needle):
     ckpt = save_checkpoint(tmp_path / "ckpt")
-    (ckpt / "tokenizer.json").write_text(_tokenizer_json(320))
-    eng = l4compile.compile(str(ckpt), backend="onnxruntime", out=tmp_path / "e", max_seq_len=32, max_batch_size=1)
-    assert eng.tokenizer.encode("w5 w7 w300") == [5, 7, 300]
-    assert eng.eos_ids == (2,)
-    out = eng.generate([[5, 7, 300]], max_new_tokens=6)
-    assert eng.tokenizer.decode(out[0, 3:].tolist()) == " ".join(f"w{t}" for t in out[0, 3:].tolist())
+    write_chat_files(ckpt, template)
+    capsys.readouterr()
+    assert main(["compile", str(ckpt), "--backend", "onnxruntime", "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "e").exists()
