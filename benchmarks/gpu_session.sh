@@ -3,16 +3,24 @@
 # install l4compile into the host's own Python (offline), then the parts asked for, each under its own time box,
 # most valuable first. Everything it prints goes to $OUT/session.log; reports go to $OUT/results.tgz.
 #
-#   bash benchmarks/gpu_session.sh [PARTS]        PARTS: comma-separated, default kernels,tests (<= 9 minutes)
+#   bash benchmarks/gpu_session.sh [PARTS]     PARTS: comma-separated; PART=SECONDS overrides a part's box;
+#                                              default probe=150,kernels=200,tests=150 (<= 9 minutes)
 #
+#   probe    benchmarks/aoti_cuda_probe.py: do CUDA AOTInductor packages load on this host at all (a toy nn.Linear
+#            up to a toy with l4compile's external weights and a Triton op; built, then loaded fresh and after a
+#            compile). On 2026-12-04's H200 image every CUDA package load segfaulted: run this first  (box 200 s)
 #   kernels  benchmarks/bench_kernels.py: Int4 GEMV/GEMM, fused MoE (Int4, FP8, bf16), decode attention at Scout
-#            dimensions, each block configuration checked, then timed against the HBM copy bandwidth; no model
-#            compile                                                                               (box 240 s)
-#   tests    the gpu-marked tests: Triton kernels against their reference ops (real compile, bf16 tensor cores),
-#            AOTInductor packages with the kernels compiled in, CUDA graph decode == loop decode      (box 300 s)
+#            dimensions, each block configuration checked, then timed (CUDA graph replay) against the HBM copy
+#            bandwidth; no model compile                                                           (box 240 s)
+#   tests    the gpu-marked kernel tests: Triton kernels against their reference ops (real compile, bf16 tensor
+#            cores); failures are reported with their values (--tb=short -rfE)                      (box 150 s)
+#   engines  the gpu-marked tests that build and load CUDA AOTInductor packages: the kernels compiled into a
+#            package, CUDA graph decode == loop decode (each segfaulted at load on 2026-12-04)       (box 200 s)
 #   attention benchmarks/bench_attention.py: one decode step of attention at Scout's shape, caches of 8K and 64K
 #            slots, full and at position 511: K/V expanded per query head, grouped queries (aten), and the Triton
 #            attention_fused that CUDA engines compile in, eager and Inductor                         (box 200 s)
+#   decode1  l4compile bench scout --layers 2 --quant int4 --backends eager,inductor --batch-sizes 1,8: the one
+#            decode figure that fits beside kernels and tests in one 10-minute call                   (box 220 s)
 #   modes    benchmarks/bench_decode_modes.py: loop vs CUDA graph decode, Scout dims, 2 layers, Int4  (box 200 s)
 #   context  benchmarks/bench_gpu.py --parts context --layers 2: Int4 decode at batch 1/8 in 8K-slot caches, at
 #            positions 128 and 4096 (the attention kernel reads only the visible positions)            (box 300 s)
@@ -28,7 +36,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/l4compile-gpu}
 mkdir -p "$OUT"
-PARTS=${1:-kernels,tests}
+PARTS=${1:-probe=150,kernels=200,tests=150}
 LOG="$OUT/session.log"
 RES=/tmp/l4compile-results          # outside $OUT: only the log and a tarball of the reports come back
 rm -rf "$RES"; mkdir -p "$RES"
@@ -63,27 +71,38 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton._
 EOF
 df -h . /tmp >>"$LOG" 2>&1
 
-for part in ${PARTS//,/ }; do
+for spec in ${PARTS//,/ }; do
+    part=${spec%%=*}
+    box() { [ "$spec" != "$part" ] && echo "${spec#*=}" || echo "$1"; }     # box DEFAULT: PART=SECONDS wins
     case $part in
+    probe)
+        boxed $(box 200) probe $PY benchmarks/aoti_cuda_probe.py ;;
     kernels)
-        boxed 240 kernels $PY benchmarks/bench_kernels.py --tokens 1,8,32 --out "$RES/kernels.json" ;;
+        boxed $(box 240) kernels $PY benchmarks/bench_kernels.py --tokens 1,8,32 --out "$RES/kernels.json" ;;
     tests)
-        boxed 300 tests $PY -m pytest -v -m gpu -p no:cacheprovider -o addopts="" --timeout 240 \
-            tests/kernels tests/backends/test_decode_graph.py ;;
+        boxed $(box 150) tests $PY -m pytest -v -m gpu -p no:cacheprovider -o addopts="" --timeout 120 -n 4 \
+            --tb=short -rfE -k "not aoti and not engine" tests/kernels ;;
+    engines)
+        boxed $(box 200) engines $PY -m pytest -v -m gpu -p no:cacheprovider -o addopts="" --timeout 180 -n 3 \
+            --tb=short -rfE -k "aoti or engine or decode_graph" tests/kernels tests/backends/test_decode_graph.py ;;
     attention)
-        boxed 200 attention $PY benchmarks/bench_attention.py --contexts 8192,65536 --positions full,511 \
+        boxed $(box 200) attention $PY benchmarks/bench_attention.py --contexts 8192,65536 --positions full,511 \
             --out "$RES/attention.json" ;;
     modes)
-        boxed 200 modes $PY benchmarks/bench_decode_modes.py --model scout --layers 2 --quant int4 \
+        boxed $(box 200) modes $PY benchmarks/bench_decode_modes.py --model scout --layers 2 --quant int4 \
             --dtype bfloat16 --device cuda --batch-sizes 1,8 --prompt 128 --new 64 --repeats 5 \
             --out "$RES/modes-int4.json" ;;
+    decode1)
+        boxed $(box 220) decode1 $PY -m l4compile bench scout --layers 2 --device cuda --dtype bfloat16 \
+            --quant int4 --backends eager,inductor --batch-sizes 1,8 --prompt-lens 128 --decode-steps 32 \
+            --repeats 3 --force --out "$RES/decode1" ;;
     decode | prefill | context)
-        boxed $([ $part = decode ] && echo 420 || echo 300) $part $PY benchmarks/bench_gpu.py --parts $part \
+        boxed $(box $([ $part = decode ] && echo 420 || echo 300)) $part $PY benchmarks/bench_gpu.py --parts $part \
             --layers 2 --repeats 3 --out "$RES/$part" ;;
     full)
-        boxed 580 full $PY benchmarks/bench_gpu.py --parts full --repeats 3 --out "$RES/full" ;;
+        boxed $(box 580) full $PY benchmarks/bench_gpu.py --parts full --repeats 3 --out "$RES/full" ;;
     *)
-        log "unknown part '$part' (kernels, tests, attention, modes, context, decode, prefill, full)" ;;
+        log "unknown part '$part' (probe, kernels, tests, engines, attention, decode1, modes, context, decode, prefill, full)" ;;
     esac
 done
 

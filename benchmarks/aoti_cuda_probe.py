@@ -1,0 +1,134 @@
+"""Which CUDA AOTInductor packages load on this host: small packages that each add one feature l4compile's CUDA
+engines use. Each case is built in one process, then loaded and run in a fresh process, then loaded in a process
+that compiled something first (as `l4compile compile` verifies its engine): a segfault ends only that step.
+
+    python benchmarks/aoti_cuda_probe.py [CASE ...]          # default: every case; needs a CUDA GPU
+
+On the lent H200 (torch 2.11.0+cu130, driver 580.159.04, 2026-12-04) even `plain`, loaded in the process that built
+it, died with SIGSEGV inside aoti_load_package (AOTIModelPackageLoader); the fresh-process load was not tried then.
+
+    plain         nn.Linear, constants inside the .so
+    external      the same, aot_inductor.package_constants_in_so=False + load_constants (l4compile's weights layout)
+    single        external, loaded with run_single_threaded=True (what CUDA engines load with)
+    opaque        external + an opaque custom op (torch.library.custom_op, run through the proxy executor)
+    triton        external + a user Triton kernel (l4::int4_mm, a triton_op compiled into the package)
+
+Each step prints one line: CASE STEP ok (max |out - ref|) / CASE STEP FAILED (exit code, last line reached).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = ("plain", "external", "single", "opaque", "triton")
+
+
+@torch.library.custom_op("probe::twice", mutates_args=())
+def twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@twice.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class Toy(torch.nn.Module):
+    def __init__(self, case: str):
+        super().__init__()
+        self.case = case
+        self.lin = torch.nn.Linear(256, 256)
+        if case == "triton":
+            from l4compile.quant import quantize_int4
+            wp, ws = quantize_int4(torch.randn(256, 256) * 0.02, 128)
+            self.register_buffer("wp", wp)
+            self.register_buffer("ws", ws)
+
+    def forward(self, x):
+        y = self.lin(x)
+        if self.case == "opaque":
+            y = torch.ops.probe.twice(y)
+        if self.case == "triton":
+            y = y + torch.ops.l4.int4_mm(x, self.wp, self.ws)
+        return y
+
+
+def build(case: str, out: Path) -> None:
+    """out/model.pt2, out/inputs.pt (x, reference output, constants)."""
+    if case == "triton":
+        sys.path.insert(0, str(ROOT))
+        import l4compile.ops  # noqa: F401
+        from l4compile.kernels.dispatch import load_triton_ops
+        load_triton_ops()
+    model = Toy(case).cuda().eval()
+    x = torch.randn(4, 256, device="cuda")
+    with torch.no_grad():
+        ep = torch.export.export(model, (x,))
+        configs = {} if case == "plain" else {"aot_inductor.package_constants_in_so": False}
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(out / "model.pt2"), inductor_configs=configs)
+        torch.save({"x": x, "ref": model(x), "constants": {**ep.state_dict, **ep.constants}}, out / "inputs.pt")
+    print(f"{case}: compiled", flush=True)
+
+
+def load_and_run(case: str, out: Path, step: str) -> None:
+    if case == "triton":
+        sys.path.insert(0, str(ROOT))
+        import l4compile.ops  # noqa: F401
+        from l4compile.kernels.dispatch import load_triton_ops
+        load_triton_ops()
+    if step == "after-compile":                 # the state `l4compile compile` loads its engine in
+        torch.compile(lambda t: t * 3)(torch.ones(4, device="cuda"))
+    saved = torch.load(out / "inputs.pt")
+    pkg = torch._inductor.aoti_load_package(str(out / "model.pt2"),
+                                            run_single_threaded=case in ("single", "opaque", "triton"))
+    print(f"{case}: loaded", flush=True)
+    if case != "plain":
+        consts = saved["constants"]
+        pkg.load_constants({k: consts[k] for k in pkg.get_constant_fqns()}, check_full_update=True,
+                           user_managed=True)
+        print(f"{case}: constants loaded", flush=True)
+    with torch.no_grad():
+        res = pkg(saved["x"])
+    res = res if isinstance(res, torch.Tensor) else res[0]
+    torch.cuda.synchronize()
+    print(f"RESULT {case} {step} ok (max |out - ref| {float((res - saved['ref']).abs().max()):.1e})", flush=True)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--build"]:
+        build(argv[1], Path(argv[2]))
+        return 0
+    if argv[:1] == ["--load"]:
+        load_and_run(argv[1], Path(argv[2]), argv[3])
+        return 0
+    if not torch.cuda.is_available():
+        print("error: aoti_cuda_probe.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    results = []
+    for case in argv or CASES:
+        out = Path(tempfile.mkdtemp(prefix=f"probe-{case}-"))
+        for step, args in (("build", ["--build", case, str(out)]), ("fresh", ["--load", case, str(out), "fresh"]),
+                           ("after-compile", ["--load", case, str(out), "after-compile"])):
+            p = subprocess.run([sys.executable, "-X", "faulthandler", __file__, *args], capture_output=True,
+                               text=True, timeout=240)
+            lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
+            reached = [ln for ln in lines if ln.startswith(case + ":")][-1:]
+            ok = p.returncode == 0
+            results.append(f"{case} {step} " + ("ok " + (lines[-1].split(" ok ", 1)[-1] if step != "build" else "")
+                                                if ok else f"FAILED (exit {p.returncode}; reached {reached})"))
+            print(results[-1], flush=True)
+            if not ok:
+                print(p.stdout[-2000:], p.stderr[-2000:], sep="\n", flush=True)
+                if step == "build":
+                    break
+    print("\n".join(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
