@@ -228,13 +228,23 @@ def attention_configs(quick: bool, tiny: bool) -> list[tuple[int, int]]:
 
 
 def configs(quick: bool, tiny: bool) -> list[tuple[int, int]]:
-    """(BN, BK) pairs to sweep (BM stays 16: one MMA tile of rows for decode). BN 16 is there for k/v_proj
-    (N = 1024): at BN 64 a decode GEMV launches 16 programs on 132 SMs, at BN 16 it launches 64."""
+    """(BN, BK) pairs to sweep for the fused Int4 MoE (BM stays 16: one MMA tile of rows for decode). BN 16 is there
+    for k/v_proj (N = 1024): at BN 64 a decode GEMV launches 16 programs on 132 SMs, at BN 16 it launches 64."""
     if tiny:
         return [(32, 32)]
     if quick:
         return [(64, 128), (128, 128)]
     return list(itertools.product((16, 32, 64, 128, 256), (64, 128)))
+
+
+def int4_configs(quick: bool, tiny: bool) -> list[tuple[int, int, int]]:
+    """(BN, BK, split-K) for int4_mm: the MoE's (BN, BK) pairs unsplit, and split 2/4/8 ways, which multiplies the
+    programs of a decode GEMV (latency-bound on an H200 at S = 1: ~30 us for any N)."""
+    if tiny:
+        return [(32, 32, 1)]
+    if quick:
+        return [(64, 128, 1), (128, 128, 1), (64, 128, 4), (64, 128, 8), (128, 128, 8)]
+    return [(bn, bk, sk) for bn, bk in configs(False, False) for sk in (1, 2, 4, 8)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,9 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         ref = F.linear(x, w_bf16)
         n, k = wp.shape[0], 2 * wp.shape[1]
         default = int4_blocks(n, k, k // ws.shape[1])
-        for bn, bk in configs(a.quick, a.tiny):
-            b = Int4Blocks(16, bn, bk, True)
-            record(f"int4_mm {name}", t, f"BN{bn} BK{bk}", b == default,
+        for bn, bk, sk in int4_configs(a.quick, a.tiny):
+            b = Int4Blocks(16, bn, bk, True, sk)
+            record(f"int4_mm {name}", t, f"BN{bn} BK{bk}" + (f" SK{sk}" if sk > 1 else ""), b == default,
                    lambda b=b: int4_matmul(x, wp, ws, blocks=b), ref, nbytes(wp, ws, x, ref))
         record(f"torch.mm bf16 {name}", t, "cuBLAS", False, lambda: x @ w_bf16.t(), ref, nbytes(w_bf16, x, ref))
     qweights, fweights = moe_weights(dims, device, g)

@@ -14,8 +14,14 @@ otherwise (small or odd groups, e.g. G = 6) scales are gathered per element.
 
 ``DOT_F32``: see ``moe_gate_up`` (set only under the CPU interpreter, for bf16).
 
-Shapes: x [M, K]; w_packed [N, K/2] uint8; w_scale [N, K/G]; y [M, N] (x.dtype).
-Grid: (cdiv(M, BM), cdiv(N, BN)).
+Split-K: program (i, j, s) reduces inputs [s * K_SPLIT, (s + 1) * K_SPLIT) (K_SPLIT a multiple of BK, so K blocks
+stay aligned to the scale groups) and stores its float32 partial sum into y[s]; the caller adds the S partials and
+rounds once (``int4_matmul``). A decode GEMV has few output tiles (N / BN programs), each looping over all of K:
+on an H200 that loop, not the weight bytes, set the time (``benchmarks/results/gpu-NVIDIA-H200``); splitting K
+multiplies the programs, and the loads in flight, by S. With S = 1, K_SPLIT = K and y is the output itself.
+
+Shapes: x [M, K]; w_packed [N, K/2] uint8; w_scale [N, K/G]; y [M, N] (x.dtype), or [S, M, N] float32 partials.
+Grid: (cdiv(M, BM), cdiv(N, BN), S).
 """
 import triton
 import triton.language as tl
@@ -44,17 +50,19 @@ def int4_tile(w_ptr, s_ptr, rn, nmask, k0, K, G, stride_wn, stride_wk, stride_sn
 
 
 @triton.jit
-def int4_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, G,
-                   stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_ym, stride_yn,
+def int4_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, G, K_SPLIT,
+                   stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_ys, stride_ym, stride_yn,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    SCALE_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)                     # [BM]
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)                     # [BN]
+    split = tl.program_id(2)
     mmask = rm < M
     nmask = rn < N
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = split * K_SPLIT
+    for k0 in range(k_lo, tl.minimum(k_lo + K_SPLIT, K), BLOCK_K):
         k = k0 + ks                                                              # [BK]
         xt = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :] * stride_xk,
                      mask=mmask[:, None] & (k < K)[None, :], other=0.0)            # [BM, BK]
@@ -64,5 +72,5 @@ def int4_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, G,
         if DOT_F32:                                                              # interpreter (see moe_gate_up)
             xt, wt = xt.to(tl.float32), wt.to(tl.float32)
         acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-             mask=mmask[:, None] & nmask[None, :])
+    tl.store(y_ptr + split * stride_ys + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])

@@ -200,18 +200,24 @@ def fused_moe_fp8(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Ten
 
 
 def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None) -> Tensor:
-    """The body of ``l4::int4_mm`` (x [M, Kin] -> [M, N]); ``blocks`` (an ``Int4Blocks``) overrides (tests)."""
+    """The body of ``l4::int4_mm`` (x [M, Kin] -> [M, N]); ``blocks`` (an ``Int4Blocks``) overrides (tests). With
+    ``split_k`` S > 1 the kernel writes S float32 partial sums [S, M, N], added here and rounded once."""
     n_out, k_in = w_packed.shape[0], 2 * w_packed.shape[1]
     group = k_in // w_scale.shape[1]
     b = blocks or int4_blocks(n_out, k_in, group)
-    y = torch.empty((x.shape[0], n_out), device=x.device, dtype=x.dtype)        # [M, N]
-    grid = (triton.cdiv(x.shape[0], b.block_m), triton.cdiv(n_out, b.block_n))
+    k_split = triton.cdiv(triton.cdiv(k_in, b.block_k), b.split_k) * b.block_k  # a multiple of BK
+    splits = triton.cdiv(k_in, k_split)                                          # <= split_k, none of them empty
+    if splits > 1:
+        y = torch.empty((splits, x.shape[0], n_out), device=x.device, dtype=torch.float32)   # [S, M, N]
+    else:
+        y = torch.empty((1, x.shape[0], n_out), device=x.device, dtype=x.dtype)             # [1, M, N]
+    grid = (triton.cdiv(x.shape[0], b.block_m), triton.cdiv(n_out, b.block_n), splits)
     wrap_triton(int4_mm_kernel)[grid](
-        x, w_packed, w_scale, y, x.shape[0], n_out, k_in, group, x.stride(0), x.stride(1), w_packed.stride(0),
-        w_packed.stride(1), w_scale.stride(0), w_scale.stride(1), y.stride(0), y.stride(1),
-        BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SCALE_PER_BLOCK=b.scale_per_block,
+        x, w_packed, w_scale, y, x.shape[0], n_out, k_in, group, k_split, x.stride(0), x.stride(1),
+        w_packed.stride(0), w_packed.stride(1), w_scale.stride(0), w_scale.stride(1), y.stride(0), y.stride(1),
+        y.stride(2), BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SCALE_PER_BLOCK=b.scale_per_block,
         **_dot_mode(x.dtype))
-    return y
+    return y.sum(0).to(x.dtype) if splits > 1 else y[0]
 
 
 def fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor,

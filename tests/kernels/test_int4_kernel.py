@@ -41,6 +41,28 @@ def test_int4_mm_gathered_scales_and_block_tail():
     assert rel_err(out, _linear_int4_impl(x, w_packed, w_scale)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("m,n,k,group,blocks", [
+    (1, 33, 256, 128, (16, 16, 64, True, 2)),          # 4 K blocks in 2 slices of 2
+    (5, 48, 384, 128, (16, 32, 32, True, 4)),          # 12 K blocks in 4 slices of 3: slices cross scale groups
+    (2, 24, 96, 128, (16, 16, 32, True, 8)),           # asks for 8 slices of 3 K blocks: 3 slices of 1
+    (3, 20, 80, 16, (16, 16, 32, False, 2)),           # gathered scales, K blocks overhanging K = 80
+])
+def test_int4_mm_split_k(m, n, k, group, blocks):
+    """Split-K: S programs per output tile each reduce one slice of K into a float32 partial; the partials add up to
+    the unsplit result (float32: within summation-order rounding), whatever S does to the slice sizes."""
+    require_interpreter()
+    from l4compile.kernels.layout import Int4Blocks
+    from l4compile.kernels.ops import int4_matmul
+
+    x, w_packed, w_scale = _data(m, n, k, group)
+    ref = _linear_int4_impl(x, w_packed, w_scale)
+    out = int4_matmul(x, w_packed, w_scale, blocks=Int4Blocks(*blocks))
+    assert out.shape == (m, n) and out.dtype == x.dtype and rel_err(out, ref) < TOL[torch.float32]
+    xb = x.to(torch.bfloat16)
+    out = int4_matmul(xb, w_packed, w_scale, blocks=Int4Blocks(*blocks))
+    assert out.dtype == torch.bfloat16 and rel_err(out, _linear_int4_impl(xb, w_packed, w_scale)) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_int4_mm_low_precision(dtype):
     require_interpreter()
@@ -56,4 +78,11 @@ def test_int4_mm_cuda(m, n, k, group, dtype):
     require_cuda_kernels()
     x, w_packed, w_scale = _data(m, n, k, group, dtype=dtype, device="cuda")
     out = torch.ops.l4.linear_int4(x, w_packed, w_scale)                          # CUDA dispatch -> l4::int4_mm
-    assert rel_err(out, _linear_int4_impl(x, w_packed, w_scale)) < {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    assert rel_err(out, _linear_int4_impl(x, w_packed, w_scale)) < tol
+    if k >= 1024:                                                                  # split-K on real tensor cores
+        from l4compile.kernels.layout import Int4Blocks
+        from l4compile.kernels.ops import int4_matmul
+        for split in (2, 8):
+            out = int4_matmul(x, w_packed, w_scale, blocks=Int4Blocks(16, 64, 128, True, split))
+            assert rel_err(out, _linear_int4_impl(x, w_packed, w_scale)) < tol
