@@ -2,7 +2,9 @@
 engines use. Each case is built in one process, then loaded and run in a fresh process, then loaded in a process
 that compiled something first (as `l4compile compile` verifies its engine): a segfault ends only that step.
 
-    python benchmarks/aoti_cuda_probe.py [CASE ...]          # default: every case; needs a CUDA GPU
+    python benchmarks/aoti_cuda_probe.py [--gdb] [CASE ...]  # default: every case; needs a CUDA GPU
+
+--gdb: a load step that dies of a signal is run once more under cuda-gdb, which prints the native backtrace.
 
 On the lent H200 (torch 2.11.0+cu130, driver 580.159.04, 2026-12-04) even `plain`, loaded in the process that built
 it, died with SIGSEGV inside aoti_load_package (AOTIModelPackageLoader); the fresh-process load was not tried then.
@@ -17,6 +19,7 @@ Each step prints one line: CASE STEP ok (max |out - ref|) / CASE STEP FAILED (ex
 """
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -109,6 +112,8 @@ def main(argv: list[str]) -> int:
     if not torch.cuda.is_available():
         print("error: aoti_cuda_probe.py needs a CUDA GPU", file=sys.stderr)
         return 2
+    gdb = "--gdb" in argv and shutil.which("cuda-gdb")
+    argv = [a for a in argv if a != "--gdb"]
     results = []
     for case in argv or CASES:
         out = Path(tempfile.mkdtemp(prefix=f"probe-{case}-"))
@@ -126,6 +131,13 @@ def main(argv: list[str]) -> int:
                 print(p.stdout[-2000:], p.stderr[-2000:], sep="\n", flush=True)
                 if step == "build":
                     break
+                if gdb and p.returncode < 0:
+                    g = subprocess.run(["cuda-gdb", "-q", "-batch", "-ex", "set pagination off", "-ex", "run",
+                                        "-ex", "bt 30", "--args", sys.executable, __file__, *args],
+                                       capture_output=True, text=True, timeout=240)
+                    print("\n".join(ln for ln in g.stdout.splitlines() if ln.startswith(("#", "Thread", "Program")))
+                          or g.stdout[-3000:], flush=True)
+                    gdb = False                          # one backtrace is enough
     print("\n".join(results))
     return 0
 

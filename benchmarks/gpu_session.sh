@@ -7,8 +7,9 @@
 #                                              default probe=150,kernels=200,tests=150 (<= 9 minutes)
 #
 #   probe    benchmarks/aoti_cuda_probe.py: do CUDA AOTInductor packages load on this host at all (a toy nn.Linear
-#            up to a toy with l4compile's external weights and a Triton op; built, then loaded fresh and after a
-#            compile). On 2026-12-04's H200 image every CUDA package load segfaulted: run this first  (box 200 s)
+#            and one with l4compile's external weights and a Triton op; built, then loaded fresh and after a
+#            compile; a load that dies is re-run under cuda-gdb for its backtrace). On 2026-12-04's H200 image
+#            every CUDA package load segfaulted: run this first                                      (box 200 s)
 #   kernels  benchmarks/bench_kernels.py: Int4 GEMV/GEMM, fused MoE (Int4, FP8, bf16), decode attention at Scout
 #            dimensions, each block configuration checked, then timed (CUDA graph replay) against the HBM copy
 #            bandwidth; no model compile                                                           (box 240 s)
@@ -76,7 +77,7 @@ for spec in ${PARTS//,/ }; do
     box() { [ "$spec" != "$part" ] && echo "${spec#*=}" || echo "$1"; }     # box DEFAULT: PART=SECONDS wins
     case $part in
     probe)
-        boxed $(box 200) probe $PY benchmarks/aoti_cuda_probe.py ;;
+        boxed $(box 200) probe $PY benchmarks/aoti_cuda_probe.py --gdb plain triton ;;
     kernels)
         boxed $(box 240) kernels $PY benchmarks/bench_kernels.py --tokens 1,8,32 --out "$RES/kernels.json" ;;
     tests)
