@@ -94,6 +94,22 @@ def resources(cubin: bytes, tool: Path) -> dict:
     return {"registers": m.get("REG"), "stack_bytes": m.get("STACK"), "static_shared_bytes": m.get("SHARED")}
 
 
+OPS = ("I2F", "F2F", "F2FP", "PRMT", "LOP3", "SHF", "FMUL", "FADD", "FFMA", "HMMA", "LDG", "LDS", "STS")
+
+
+def sass_ops(cubin: bytes, tool: Path) -> dict[str, int]:
+    """Opcode counts of the kernel's SASS (static: each instruction once, so an unrolled inner loop dominates): the
+    conversions and ALU work a dequantizing loop spends per weight beside its loads and tensor-core MMAs. ``total``
+    counts every instruction."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "k.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([str(tool), "-sass", str(path)], capture_output=True, text=True).stdout
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", out)
+    counts = {k: sum(1 for o in ops if o == k) for k in OPS}
+    return {**counts, "total": len(ops)}
+
+
 class MetaInputs:
     """Meta tensors shaped as the kernels' host code takes them at ``dims``, activations (and float weights) in
     ``dtype``; Int4 weights packed two to a byte with bfloat16 scales per group of 128, as the quantize pass makes
@@ -197,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", action="store_true",
                     help="also the block configurations bench_kernels.py sweeps (reported; they do not set the exit "
                          "status, which stays about the configurations the code chooses)")
+    ap.add_argument("--ops", action="store_true",
+                    help="also count SASS opcodes per kernel (conversions, ALU, MMAs, loads; see OPS)")
+    ap.add_argument("--cases", default=None, help="only the cases whose name contains one of these (comma-separated)")
     ap.add_argument("--json", default=None, metavar="FILE")
     a = ap.parse_args(argv)
     from l4compile.kernels import why_unavailable
@@ -230,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     todo = [(c, d) for d in dtypes for c in cases(DIMS[a.dims], d)]
     if a.sweep:
         todo += [(c, d) for d in dtypes if d != torch.float32 for c in sweep_cases(DIMS["scout"], d)]
+    if a.cases:
+        todo = [(c, d) for c, d in todo if any(w in c[0] for w in a.cases.split(","))]
     for (name, thunk), dtype in todo:
         dname = str(dtype).replace("torch.", "")
         rec = Recorder()
@@ -247,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                                           target=target, options=options)
                 row.update(resources(compiled.asm["cubin"], tool), shared_bytes=compiled.metadata.shared,
                            num_warps=compiled.metadata.num_warps, mma=mma_kinds(compiled.asm["ptx"]))
+                if a.ops:
+                    row["sass_ops"] = sass_ops(compiled.asm["cubin"], tool)
             except Exception as ex:           # reported, and the exit status says so
                 row["error"] = f"{type(ex).__name__}: {ex}".splitlines()[0][:200]
             if not row["error"] and row["shared_bytes"] > SHARED_LIMIT:
@@ -261,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"| {name} | {dname} | {row['kernel']} | {shown} | {row['registers']} | {row['stack_bytes']} | "
                       f"{row['shared_bytes']} | {', '.join(row['mma']) or '-'} |", flush=True)
+                if a.ops:
+                    print("|  |  |  | SASS: " + " ".join(f"{k} {v}" for k, v in row["sass_ops"].items() if v)
+                          + " | | | | |", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps({"triton": triton.__version__, "target": "sm_90a", "dims": a.dims,
                                             "rows": rows}, indent=2, default=str))

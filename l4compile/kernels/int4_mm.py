@@ -7,6 +7,10 @@
 exactly ``l4::linear_int4``'s reference (dequantize in float32, round to x.dtype, matmul). Each program loads a
 [BN, BK/2] block of packed bytes once (half a byte per weight from HBM), splits it into the two nibbles with
 ``tl.join`` (interleaved back into k order), scales and feeds tensor cores with a [BM, BK] x [BK, BN] dot.
+A nibble q becomes the float q - 8 without an int-to-float conversion (a quarter-rate unit on Hopper): OR-ed into
+the mantissa of 2**23 it is the float 2**23 + q exactly, and subtracting 2**23 + 8 is exact too. At Scout's q_proj
+(sm_90 SASS, ``benchmarks/kernels_sm90.py --ops``) that took a K block of ``int4_mm_kernel`` from 65 I2F in 904
+instructions to 1 in 848: still ~13 instructions a weight, which is what bounds these kernels on an H200.
 ``int4_tile`` (that load + unpack + scale) is shared with the fused Int4 MoE kernels (``moe_int4_*``).
 
 Scales: with ``SCALE_PER_BLOCK`` (BK divides G, K blocks aligned) one scale per row per K block is loaded;
@@ -35,8 +39,9 @@ def int4_tile(w_ptr, s_ptr, rn, nmask, k0, K, G, stride_wn, stride_wk, stride_sn
     kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)                                   # [BK/2] byte index
     packed = tl.load(w_ptr + rn[:, None] * stride_wn + kb[None, :] * stride_wk,
                      mask=nmask[:, None] & (kb < K // 2)[None, :], other=0x88)  # [BN, BK/2] uint8
-    lo = (packed & 0xF).to(tl.float32) - 8.0
-    hi = (packed >> 4).to(tl.float32) - 8.0
+    p32 = packed.to(tl.int32)
+    lo = ((p32 & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0       # 2**23 + q - (2**23 + 8)
+    hi = ((p32 >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
     q = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))                         # [BN, BK], k order
     if SCALE_PER_BLOCK:
         sc = tl.load(s_ptr + rn * stride_sn + (k0 // G) * stride_sg, mask=nmask, other=0.0)      # [BN]

@@ -55,3 +55,18 @@ def test_bad_dtypes_are_one_error_line():
     p = subprocess.run([sys.executable, str(SCRIPT), "--dtypes", "int8"], capture_output=True, text=True,
                        timeout=120, cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "0"})
     assert p.returncode == 2 and p.stderr.strip().startswith("error: --dtypes 'int8'")
+
+
+def test_int4_dequant_has_no_int_to_float_conversions(tmp_path):
+    """The Int4 kernels unpack nibbles with the 2**23 mantissa trick (``int4_mm.int4_tile``), not with I2F, a
+    quarter-rate conversion of which a K block had one per weight: counted in the sm_90 SASS (``--ops``)."""
+    _nvidia_backend()
+    out = tmp_path / "ops.json"
+    p = subprocess.run([sys.executable, str(SCRIPT), "--dtypes", "bfloat16", "--ops", "--cases", "int4_mm,moe_q",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env={**os.environ, "TRITON_INTERPRET": "0", "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ops = {r["kernel"]: r["sass_ops"] for r in json.loads(out.read_text())["rows"]}
+    assert {"int4_mm_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel"} <= set(ops)
+    for kernel in ("int4_mm_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel"):
+        assert ops[kernel]["I2F"] <= 2 and ops[kernel]["HMMA"] > 0, (kernel, ops[kernel])   # index math aside
