@@ -52,16 +52,23 @@ def is_checkpoint_arg(model: str) -> bool:
     return model not in PRESETS
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file that must hold an object (config, tokenizer and preprocessor files) -> dict; one-line
+    L4Error when it cannot be read, is not JSON, or holds something else."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise L4Error(f"cannot read {path}: {e}") from None
+    if not isinstance(doc, dict):
+        raise L4Error(f"{path} is not a JSON object")
+    return doc
+
+
 def read_config(ckpt: Path) -> dict[str, Any]:
     cfg_path = ckpt / "config.json"
     if not cfg_path.is_file():
         raise L4Error(f"{ckpt} has no config.json; give a Hugging Face Llama 4 checkpoint directory or a preset")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise L4Error(f"cannot read {cfg_path}: {e}") from None
-    if not isinstance(cfg, dict):
-        raise L4Error(f"{cfg_path} is not a JSON object")
+    cfg = read_json_object(cfg_path)
     mt = cfg.get("model_type")
     if mt not in TEXT_MODEL_TYPES:
         raise L4Error(f"{ckpt} holds a model of type '{mt}'; l4compile compiles Llama 4 checkpoints "
@@ -167,10 +174,7 @@ def image_tokens(ckpt: Path | None, full_cfg, vocab_size: int):
         f = ckpt / name
         if not f.is_file():
             continue
-        try:
-            doc = json.loads(f.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise L4Error(f"cannot read {f}: {e}") from None
+        doc = read_json_object(f)
         entries = []
         if isinstance(doc.get("added_tokens_decoder"), dict):
             entries = [(int(i), d.get("content")) for i, d in doc["added_tokens_decoder"].items()
@@ -206,10 +210,7 @@ def image_spec(ckpt: Path | None, vcfg):
     max_tiles = 16
     f = ckpt / "preprocessor_config.json" if ckpt is not None else None
     if f is not None and f.is_file():
-        try:
-            pp = json.loads(f.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise L4Error(f"cannot read {f}: {e}") from None
+        pp = read_json_object(f)
         max_tiles = pp.get("max_patches", max_tiles)
         if not isinstance(max_tiles, int) or isinstance(max_tiles, bool) or max_tiles < 1:
             raise L4Error(f"{f}: 'max_patches' must be a positive integer, got {max_tiles!r}")

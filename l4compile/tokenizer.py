@@ -12,13 +12,13 @@ becomes exactly the ids ``apply_chat_template`` gives.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from l4compile.errors import L4Error
+from l4compile.frontend import read_json_object
 
 TOKENIZER_FILE = "tokenizer.json"
 ENGINE_TOKENIZER = "tokenizer/tokenizer.json"      # inside the engine directory
@@ -50,16 +50,6 @@ def _ids(value: Any, vocab_size: int, where: str) -> list[int]:
     return list(dict.fromkeys(items))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise L4Error(f"cannot read {path}: {e}") from None
-    if not isinstance(doc, dict):
-        raise L4Error(f"{path} is not a JSON object")
-    return doc
-
-
 def generation_settings(ckpt: Path | None, vocab_size: int) -> dict[str, Any]:
     """-> {"eos_token_ids": [...], "pad_token_id": int | None, "source": file name | None} for the manifest."""
     none = {"eos_token_ids": [], "pad_token_id": None, "source": None}
@@ -69,7 +59,7 @@ def generation_settings(ckpt: Path | None, vocab_size: int) -> dict[str, Any]:
         f = ckpt / name
         if not f.is_file():
             continue
-        doc = _read_json(f)
+        doc = read_json_object(f)
         if name == "config.json" and isinstance(doc.get("text_config"), dict):
             doc = doc["text_config"]
         if "eos_token_id" not in doc:
@@ -128,7 +118,7 @@ def find_chat_template(ckpt: Path | None) -> ChatTemplate | None:
     conversation; None when it has none."""
     if ckpt is None:
         return None
-    config = _read_json(ckpt / "tokenizer_config.json") if (ckpt / "tokenizer_config.json").is_file() else {}
+    config = read_json_object(ckpt / "tokenizer_config.json") if (ckpt / "tokenizer_config.json").is_file() else {}
     text, source = None, None
     if (ckpt / "chat_template.jinja").is_file():
         try:
@@ -136,7 +126,7 @@ def find_chat_template(ckpt: Path | None) -> ChatTemplate | None:
         except (OSError, UnicodeDecodeError) as e:
             raise L4Error(f"cannot read {ckpt / 'chat_template.jinja'}: {e}") from None
     elif (ckpt / "chat_template.json").is_file():
-        text, source = _read_json(ckpt / "chat_template.json").get("chat_template"), "chat_template.json"
+        text, source = read_json_object(ckpt / "chat_template.json").get("chat_template"), "chat_template.json"
     elif "chat_template" in config:
         text, source = config["chat_template"], "tokenizer_config.json"
         if isinstance(text, list):   # named templates: the default one
