@@ -208,16 +208,18 @@ def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None) -> Te
     k_split = triton.cdiv(triton.cdiv(k_in, b.block_k), b.split_k) * b.block_k  # a multiple of BK
     splits = triton.cdiv(k_in, k_split)                                          # <= split_k, none of them empty
     if splits > 1:
-        y = torch.empty((splits, x.shape[0], n_out), device=x.device, dtype=torch.float32)   # [S, M, N]
+        y = torch.empty((splits, x.shape[0], n_out), device=x.device, dtype=torch.float32)   # [S, M, N] partials
+        strides = y.stride()
     else:
-        y = torch.empty((1, x.shape[0], n_out), device=x.device, dtype=x.dtype)             # [1, M, N]
+        y = torch.empty((x.shape[0], n_out), device=x.device, dtype=x.dtype)                # [M, N] the output
+        strides = (0, *y.stride())                                 # split 0 only: its offset is 0 whatever the stride
     grid = (triton.cdiv(x.shape[0], b.block_m), triton.cdiv(n_out, b.block_n), splits)
     wrap_triton(int4_mm_kernel)[grid](
         x, w_packed, w_scale, y, x.shape[0], n_out, k_in, group, k_split, x.stride(0), x.stride(1),
-        w_packed.stride(0), w_packed.stride(1), w_scale.stride(0), w_scale.stride(1), y.stride(0), y.stride(1),
-        y.stride(2), BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SCALE_PER_BLOCK=b.scale_per_block,
+        w_packed.stride(0), w_packed.stride(1), w_scale.stride(0), w_scale.stride(1), *strides,
+        BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SCALE_PER_BLOCK=b.scale_per_block,
         **_dot_mode(x.dtype))
-    return y.sum(0).to(x.dtype) if splits > 1 else y[0]
+    return y.sum(0).to(x.dtype) if splits > 1 else y
 
 
 def fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor,
