@@ -98,16 +98,22 @@ OPS = ("I2F", "F2F", "F2FP", "PRMT", "LOP3", "SHF", "FMUL", "FADD", "FFMA", "HMM
 
 
 def sass_ops(cubin: bytes, tool: Path) -> dict[str, int]:
-    """Opcode counts of the kernel's SASS (static: each instruction once, so an unrolled inner loop dominates): the
-    conversions and ALU work a dequantizing loop spends per weight beside its loads and tensor-core MMAs. ``total``
-    counts every instruction."""
+    """Opcode counts of the body of the kernel's longest loop in SASS (a backward branch and the instructions it
+    jumps back over: the K loop of a GEMM, one iteration of it; software pipelining puts copies of the loads and
+    MMAs before and after it, which are not counted), the conversions and ALU work a dequantizing loop spends per
+    weight beside its loads and tensor-core MMAs. ``total``: the loop's instructions; ``kernel``: the whole
+    kernel's. A kernel without a loop counts as a whole."""
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "k.cubin"
         path.write_bytes(cubin)
         out = subprocess.run([str(tool), "-sass", str(path)], capture_output=True, text=True).stdout
-    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", out)
-    counts = {k: sum(1 for o in ops if o == k) for k in OPS}
-    return {**counts, "total": len(ops)}
+    code = [(int(a, 16), op, rest) for a, op, rest in
+            re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([^;]*);", out)]
+    loops = [(int(m.group(1), 16), a) for a, op, rest in code if op == "BRA"
+             and (m := re.search(r"(0x[0-9a-f]+)", rest)) and int(m.group(1), 16) < a]
+    lo, hi = max(loops, key=lambda r: r[1] - r[0]) if loops else (0, float("inf"))
+    ops = [op for a, op, _ in code if lo <= a <= hi]
+    return {**{k: ops.count(k) for k in OPS}, "total": len(ops), "kernel": len(code)}
 
 
 class MetaInputs:
@@ -214,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also the block configurations bench_kernels.py sweeps (reported; they do not set the exit "
                          "status, which stays about the configurations the code chooses)")
     ap.add_argument("--ops", action="store_true",
-                    help="also count SASS opcodes per kernel (conversions, ALU, MMAs, loads; see OPS)")
+                    help="also count the SASS opcodes of each kernel's K loop (conversions, ALU, MMAs, loads; "
+                         "see OPS and sass_ops)")
     ap.add_argument("--cases", default=None, help="only the cases whose name contains one of these (comma-separated)")
     ap.add_argument("--json", default=None, metavar="FILE")
     a = ap.parse_args(argv)
@@ -285,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {name} | {dname} | {row['kernel']} | {shown} | {row['registers']} | {row['stack_bytes']} | "
                       f"{row['shared_bytes']} | {', '.join(row['mma']) or '-'} |", flush=True)
                 if a.ops:
-                    print("|  |  |  | SASS: " + " ".join(f"{k} {v}" for k, v in row["sass_ops"].items() if v)
+                    print("|  |  |  | SASS loop: " + " ".join(f"{k} {v}" for k, v in row["sass_ops"].items() if v)
                           + " | | | | |", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps({"triton": triton.__version__, "target": "sm_90a", "dims": a.dims,

@@ -9,8 +9,8 @@ exactly ``l4::linear_int4``'s reference (dequantize in float32, round to x.dtype
 ``tl.join`` (interleaved back into k order), scales and feeds tensor cores with a [BM, BK] x [BK, BN] dot.
 A nibble q becomes the float q - 8 without an int-to-float conversion (a quarter-rate unit on Hopper): OR-ed into
 the mantissa of 2**23 it is the float 2**23 + q exactly, and subtracting 2**23 + 8 is exact too. At Scout's q_proj
-(sm_90 SASS, ``benchmarks/kernels_sm90.py --ops``) that took a K block of ``int4_mm_kernel`` from 65 I2F in 904
-instructions to 1 in 848: still ~13 instructions a weight, which is what bounds these kernels on an H200.
+(sm_90 SASS, ``benchmarks/kernels_sm90.py --ops``) that took the K loop of ``int4_mm_kernel`` from 590 instructions
+with 64 I2F to 539 without (64 weights a thread an iteration: ~8.4 instructions a weight).
 ``int4_tile`` (that load + unpack + scale) is shared with the fused Int4 MoE kernels (``moe_int4_*``).
 
 Scales: with ``SCALE_PER_BLOCK`` (BK divides G, K blocks aligned) one scale per row per K block is loaded;

@@ -59,7 +59,8 @@ def test_bad_dtypes_are_one_error_line():
 
 def test_int4_dequant_has_no_int_to_float_conversions(tmp_path):
     """The Int4 kernels unpack nibbles with the 2**23 mantissa trick (``int4_mm.int4_tile``), not with I2F, a
-    quarter-rate conversion of which a K block had one per weight: counted in the sm_90 SASS (``--ops``)."""
+    quarter-rate conversion of which their K loop had one per weight: counted in the sm_90 SASS of the loop
+    (``--ops``: 64 I2F in int4_mm's loop of 590 instructions before, none in 539 after)."""
     _nvidia_backend()
     out = tmp_path / "ops.json"
     p = subprocess.run([sys.executable, str(SCRIPT), "--dtypes", "bfloat16", "--ops", "--cases", "int4_mm,moe_q",
@@ -69,4 +70,4 @@ def test_int4_dequant_has_no_int_to_float_conversions(tmp_path):
     ops = {r["kernel"]: r["sass_ops"] for r in json.loads(out.read_text())["rows"]}
     assert {"int4_mm_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel"} <= set(ops)
     for kernel in ("int4_mm_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel"):
-        assert ops[kernel]["I2F"] <= 2 and ops[kernel]["HMMA"] > 0, (kernel, ops[kernel])   # index math aside
+        assert ops[kernel]["I2F"] == 0 and ops[kernel]["HMMA"] > 0, (kernel, ops[kernel])
