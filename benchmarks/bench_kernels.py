@@ -247,6 +247,14 @@ def int4_configs(quick: bool, tiny: bool) -> list[tuple[int, int, int]]:
     return [(bn, bk, sk) for bn, bk in configs(False, False) for sk in (1, 2, 4, 8)]
 
 
+def moe_int4_configs(quick: bool, tiny: bool) -> list[tuple[int, int, int]]:
+    """(BN, BK, down split-K) for moe_q_fused (gate_up never splits: its SwiGLU needs the whole sum): the (BN, BK)
+    pairs unsplit, and the static BN 64 / BK 128 with its down GEMM (I = 8192: 64 K blocks) split 2/4/8 ways."""
+    if tiny:
+        return [(32, 32, 1)]
+    return [(bn, bk, 1) for bn, bk in configs(quick, tiny)] + [(64, 128, sk) for sk in (2, 4, 8)]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", default="1,8,32", help="token counts (decode batch sizes), comma-separated")
@@ -333,9 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         ref = _moe_impl(x, *fweights, 1)
         touched = int(torch.unique(_route(x, qweights[0], 1)[0]).numel())
         moved = moe_bytes(x, qweights, fweights, touched, quant=True)
-        for bn, bk in configs(a.quick, a.tiny):
-            blocks = (Int4Blocks(16, bn, bk, True), Int4Blocks(16, bn, bk, True))
-            record("moe_q_fused", t, f"BN{bn} BK{bk}", blocks == default,
+        for bn, bk, sk in moe_int4_configs(a.quick, a.tiny):
+            blocks = (Int4Blocks(16, bn, bk, True), Int4Blocks(16, bn, bk, True, sk))
+            record("moe_q_fused", t, f"BN{bn} BK{bk}" + (f" down SK{sk}" if sk > 1 else ""), blocks == default,
                    lambda blocks=blocks: fused_moe_int4(x, *qweights, 1, blocks=blocks), ref, moved)
         record("moe_fused bf16", t, "default", True, lambda: fused_moe(x, *fweights, 1), ref,
                moe_bytes(x, qweights, fweights, touched, quant=False))

@@ -96,7 +96,7 @@ class Int4Blocks:
     block_n: int
     block_k: int
     scale_per_block: bool   # True: a K block lies inside one scale group (one scale per row per block)
-    split_k: int = 1        # int4_mm only: programs sharing one output tile, each reducing a slice of K
+    split_k: int = 1        # int4_mm and the MoE's down GEMM: programs per output tile, each reducing a K slice
 
 
 def int4_blocks(n_out: int, k_in: int, group: int) -> Int4Blocks:

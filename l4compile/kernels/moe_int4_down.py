@@ -12,8 +12,12 @@ with (down_q, down_s) = ``down_q[e]``, ``down_s[e]`` ([E, H, I/2], [E, H, I/Gi])
 one tile routine for both. Packed blocks load once and unpack in registers (``int4_mm.int4_tile``).
 Rows stay in the grouped order; the caller adds each token's routed rows onto its shared row (``ops.combine_rows``).
 
+Split-K as ``int4_mm``: program (t, j, s) reduces inputs [s * K_SPLIT, (s + 1) * K_SPLIT) of I (K_SPLIT a multiple
+of BK) into y[s], float32 partials the caller adds and rounds once; with S = 1, y is the [R, H] output itself.
+
 Shapes: act [R, I]; down_q [E, H, I/2] uint8, down_s [E, H, I/Gi]; shared_down_q [H, I/2] uint8, shared_down_s
-[H, I/Gi]; tile_group/tile_row0/tile_row_end [NT] int32; y [R, H]. Grid: (NT, cdiv(H, BN)).
+[H, I/Gi]; tile_group/tile_row0/tile_row_end [NT] int32; y [R, H], or [S, R, H] float32 partials.
+Grid: (NT, cdiv(H, BN), S).
 """
 import triton
 import triton.language as tl
@@ -23,12 +27,12 @@ from .int4_mm import int4_tile
 
 @triton.jit
 def _qdown_tile(a_ptr, stride_ar, stride_ai, rows, rmask, wq_ptr, ws_ptr, stride_wn, stride_wk, stride_sn, stride_sg,
-                cols, cmask, I, G, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                cols, cmask, I, G, k_lo, k_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 SCALE_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
-    """act rows @ Wd^T for one tile -> [BM, BN] float32."""
+    """act rows @ Wd^T over inputs [k_lo, k_hi) of I for one tile -> [BM, BN] float32."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
-    for k0 in range(0, I, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + ks                                                               # [BK] in [0, I)
         a = tl.load(a_ptr + rows[:, None] * stride_ar + k[None, :] * stride_ai,
                     mask=rmask[:, None] & (k < I)[None, :], other=0.0)              # [BM, BK]
@@ -42,9 +46,9 @@ def _qdown_tile(a_ptr, stride_ar, stride_ai, rows, rmask, wq_ptr, ws_ptr, stride
 
 @triton.jit
 def moe_int4_down_kernel(act_ptr, dq_ptr, ds_ptr, sdq_ptr, sds_ptr, y_ptr, tile_group_ptr, tile_row0_ptr,
-                         tile_row_end_ptr, H, I, E, G,
+                         tile_row_end_ptr, H, I, E, G, K_SPLIT,
                          stride_ar, stride_ai, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sg,
-                         stride_shqn, stride_shqk, stride_shsn, stride_shsg, stride_yr, stride_yh,
+                         stride_shqn, stride_shqk, stride_shsn, stride_shsg, stride_ys, stride_yr, stride_yh,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          SCALE_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
     tile = tl.program_id(0)
@@ -54,13 +58,16 @@ def moe_int4_down_kernel(act_ptr, dq_ptr, ds_ptr, sdq_ptr, sds_ptr, y_ptr, tile_
         rmask = rows < tl.load(tile_row_end_ptr + tile)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)               # [BN] in [0, H)
         cmask = cols < H
+        split = tl.program_id(2)
+        k_lo = split * K_SPLIT
+        k_hi = tl.minimum(k_lo + K_SPLIT, I)
         if grp == E:                                                             # shared expert [H, I/2]
             acc = _qdown_tile(act_ptr, stride_ar, stride_ai, rows, rmask, sdq_ptr, sds_ptr, stride_shqn, stride_shqk,
-                              stride_shsn, stride_shsg, cols, cmask, I, G, BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK,
-                              PRECISION, DOT_F32)
+                              stride_shsn, stride_shsg, cols, cmask, I, G, k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K,
+                              SCALE_PER_BLOCK, PRECISION, DOT_F32)
         else:                                                                    # routed expert [H, I/2]
             acc = _qdown_tile(act_ptr, stride_ar, stride_ai, rows, rmask, dq_ptr + grp.to(tl.int64) * stride_qe,
                               ds_ptr + grp.to(tl.int64) * stride_se, stride_qn, stride_qk, stride_sn, stride_sg, cols,
-                              cmask, I, G, BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, PRECISION, DOT_F32)
-        tl.store(y_ptr + rows[:, None] * stride_yr + cols[None, :] * stride_yh, acc.to(y_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & cmask[None, :])
+                              cmask, I, G, k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, PRECISION, DOT_F32)
+        tl.store(y_ptr + split * stride_ys + rows[:, None] * stride_yr + cols[None, :] * stride_yh,
+                 acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])

@@ -144,6 +144,8 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
     bgu, bdn = blocks or moe_int4_blocks(hidden, i_dim, group_h, group_i)
     if bgu.block_m != bdn.block_m:
         raise ValueError("moe_q_fused: gate_up and down blocks must share BM (one tile map)")
+    if bgu.split_k != 1:
+        raise ValueError("moe_q_fused: gate_up cannot split K (its SwiGLU needs the whole sum); split the down GEMM")
     n_tok = x.shape[0]
     rows = _rows(x, router_w, top_k, bgu.block_m)
     n_rows = n_tok * (top_k + 1)
@@ -156,13 +158,13 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
         x.stride(0), x.stride(1), *gate_up_q.stride(), *gate_up_s.stride(), *shared_gate_q.stride(),
         *shared_gate_s.stride(), act.stride(0), act.stride(1),
         BLOCK_M=bgu.block_m, BLOCK_N=bgu.block_n, BLOCK_K=bgu.block_k, SCALE_PER_BLOCK=bgu.scale_per_block, **mode)
-    y = torch.empty((n_rows, hidden), device=x.device, dtype=x.dtype)            # [R, H]
-    wrap_triton(moe_int4_down_kernel)[(n_tiles, triton.cdiv(hidden, bdn.block_n))](
+    y, strides, k_split, splits = _split_k_output((n_rows, hidden), i_dim, bdn, x)  # [R, H], or [S, R, H] partials
+    wrap_triton(moe_int4_down_kernel)[(n_tiles, triton.cdiv(hidden, bdn.block_n), splits)](
         act, down_q, down_s, shared_down_q, shared_down_s, y, rows.tile_group, rows.tile_row0, rows.tile_row_end,
-        hidden, i_dim, n_exp, group_i, act.stride(0), act.stride(1), *down_q.stride(), *down_s.stride(),
-        *shared_down_q.stride(), *shared_down_s.stride(), y.stride(0), y.stride(1),
+        hidden, i_dim, n_exp, group_i, k_split, act.stride(0), act.stride(1), *down_q.stride(), *down_s.stride(),
+        *shared_down_q.stride(), *shared_down_s.stride(), *strides,
         BLOCK_M=bdn.block_m, BLOCK_N=bdn.block_n, BLOCK_K=bdn.block_k, SCALE_PER_BLOCK=bdn.scale_per_block, **mode)
-    return combine_rows(y, rows, n_tok, top_k)
+    return combine_rows(y.sum(0).to(x.dtype) if splits > 1 else y, rows, n_tok, top_k)
 
 
 def fused_moe_fp8(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tensor, down_q: Tensor, down_s: Tensor,
@@ -199,20 +201,26 @@ def fused_moe_fp8(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Ten
     return combine_rows(y, rows, n_tok, top_k)
 
 
+def _split_k_output(shape: tuple[int, int], k_in: int, b: Int4Blocks, x: Tensor):
+    """The output of an Int4 GEMM over ``k_in`` inputs split ``b.split_k`` ways -> (y, its 3 strides as the kernels
+    take them, K_SPLIT, S): y is the output itself ``shape`` in x's dtype when S = 1 (split stride 0), else float32
+    partials [S, *shape]. K_SPLIT is a multiple of BK (whole K blocks per split, none empty; S <= split_k)."""
+    k_split = triton.cdiv(triton.cdiv(k_in, b.block_k), b.split_k) * b.block_k
+    splits = triton.cdiv(k_in, k_split)
+    if splits > 1:
+        y = torch.empty((splits, *shape), device=x.device, dtype=torch.float32)
+        return y, y.stride(), k_split, splits
+    y = torch.empty(shape, device=x.device, dtype=x.dtype)
+    return y, (0, *y.stride()), k_split, 1
+
+
 def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None) -> Tensor:
     """The body of ``l4::int4_mm`` (x [M, Kin] -> [M, N]); ``blocks`` (an ``Int4Blocks``) overrides (tests). With
     ``split_k`` S > 1 the kernel writes S float32 partial sums [S, M, N], added here and rounded once."""
     n_out, k_in = w_packed.shape[0], 2 * w_packed.shape[1]
     group = k_in // w_scale.shape[1]
     b = blocks or int4_blocks(n_out, k_in, group)
-    k_split = triton.cdiv(triton.cdiv(k_in, b.block_k), b.split_k) * b.block_k  # a multiple of BK
-    splits = triton.cdiv(k_in, k_split)                                          # <= split_k, none of them empty
-    if splits > 1:
-        y = torch.empty((splits, x.shape[0], n_out), device=x.device, dtype=torch.float32)   # [S, M, N] partials
-        strides = y.stride()
-    else:
-        y = torch.empty((x.shape[0], n_out), device=x.device, dtype=x.dtype)                # [M, N] the output
-        strides = (0, *y.stride())                                 # split 0 only: its offset is 0 whatever the stride
+    y, strides, k_split, splits = _split_k_output((x.shape[0], n_out), k_in, b, x)
     grid = (triton.cdiv(x.shape[0], b.block_m), triton.cdiv(n_out, b.block_n), splits)
     wrap_triton(int4_mm_kernel)[grid](
         x, w_packed, w_scale, y, x.shape[0], n_out, k_in, group, k_split, x.stride(0), x.stride(1),

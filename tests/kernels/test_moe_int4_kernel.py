@@ -67,6 +67,9 @@ def test_moe_q_fused_matches_reference_fp32(case):
     ("decode-T1-G64", (Int4Blocks(16, 16, 16, True), Int4Blocks(16, 16, 16, True))),     # several K steps per group
     ("E3-top2-G128", (Int4Blocks(16, 64, 32, True), Int4Blocks(16, 64, 64, True))),      # 4 / 2 K blocks per group
     ("E3-top2-G128", (Int4Blocks(16, 64, 64, False), Int4Blocks(16, 64, 32, False))),    # gathered at G 128
+    ("E3-top2-G128", (Int4Blocks(16, 64, 64, True), Int4Blocks(16, 64, 32, True, 3))),   # down: 4 K blocks in 2+2
+    ("decode-T1-G64", (Int4Blocks(16, 16, 16, True), Int4Blocks(16, 16, 16, True, 3))),  # down: 3 K blocks, 1 each
+    ("E8-top1-G6", (Int4Blocks(16, 16, 32, False), Int4Blocks(16, 16, 16, False, 2))),   # down: 16 + a tail of 14
 ])
 def test_moe_q_fused_block_overrides(case, blocks):
     require_interpreter()
@@ -85,6 +88,15 @@ def test_moe_q_fused_low_precision(case, dtype):
     assert out.dtype == dtype and rel_err(out, _moe_q_impl(*args, top_k)) < TOL[dtype]
 
 
+def test_moe_q_fused_refuses_a_split_gate_up():
+    require_interpreter()
+    from l4compile.kernels.ops import fused_moe_int4
+
+    args, top_k = _case("decode-T1-G64")
+    with pytest.raises(ValueError, match="gate_up cannot split K"):
+        fused_moe_int4(*args, top_k, blocks=(Int4Blocks(16, 16, 16, True, 2), Int4Blocks(16, 16, 16, True)))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_moe_q_fused_rounds_like_reference(dtype, rne_bf16):
     """Every rounding step (weight, z, gate, up, silu, act, y) sits where the reference has it: with the interpreter's
@@ -92,10 +104,17 @@ def test_moe_q_fused_rounds_like_reference(dtype, rne_bf16):
     bf16 bound; float16 casts already round), outputs are bit-identical to the reference (all of them here; >= 99%
     allows for accumulation-order ties), where one misplaced rounding leaves only ~40-80% identical."""
     require_interpreter()
+    from l4compile.kernels.ops import fused_moe_int4
+
     for case in ("E1-top1-G32", "E5-top2-G12", "decode-T1-G64"):
         args, top_k = _case(case, dtype)
         out, ref = torch.ops.l4.moe_q_fused(*args, top_k), _moe_q_impl(*args, top_k)
         assert (out == ref).float().mean() >= 0.99 and rel_err(out, ref) < TOL[torch.float16], case
+    # a split down GEMM rounds its float32 partials' sum once, where the unsplit one rounds its sum
+    args, top_k = _case("decode-T1-G64", dtype)
+    split = (Int4Blocks(16, 16, 16, True), Int4Blocks(16, 16, 16, True, 3))
+    out, ref = fused_moe_int4(*args, top_k, blocks=split), _moe_q_impl(*args, top_k)
+    assert (out == ref).float().mean() >= 0.99 and rel_err(out, ref) < TOL[torch.float16]
 
 
 def test_moe_q_fused_no_tokens():
@@ -147,9 +166,14 @@ def test_moe_q_fused_cuda_scout_width():
                            r(hidden, inter)) for t in quantize_int4(w, 128)]
     router_w = r(n_exp, hidden, std=0.3).bfloat16()
     dense = dequant_moe_args((None, router_w, *weights), torch.bfloat16)[1:]
+    from l4compile.kernels.ops import fused_moe_int4
+
+    split = (Int4Blocks(16, 64, 128, True), Int4Blocks(16, 64, 128, True, 4))             # down: 64 K blocks, 16 each
     for n_tok in (1, 32, 2048):
         x = r(n_tok, hidden, std=1.0).bfloat16()
-        assert rel_err(torch.ops.l4.moe_q(x, router_w, *weights, 1), _moe_impl(x, *dense, 1)) < 2e-2
+        ref = _moe_impl(x, *dense, 1)
+        assert rel_err(torch.ops.l4.moe_q(x, router_w, *weights, 1), ref) < 2e-2
+        assert rel_err(fused_moe_int4(x, router_w, *weights, 1, blocks=split), ref) < 2e-2
 
 
 @pytest.mark.gpu
