@@ -237,14 +237,16 @@ def configs(quick: bool, tiny: bool) -> list[tuple[int, int]]:
     return list(itertools.product((16, 32, 64, 128, 256), (64, 128)))
 
 
-def int4_configs(quick: bool, tiny: bool) -> list[tuple[int, int, int]]:
-    """(BN, BK, split-K) for int4_mm: the MoE's (BN, BK) pairs unsplit, and split 2/4/8 ways, which multiplies the
-    programs of a decode GEMV (latency-bound on an H200 at S = 1: ~30 us for any N)."""
+def int4_configs(quick: bool, tiny: bool) -> list[tuple[int, int, int, bool]]:
+    """(BN, BK, split-K, bf16x2 unpack) for int4_mm: the MoE's (BN, BK) pairs unsplit and split 2/4/8 ways (more
+    programs for a decode GEMV, latency-bound on an H200 at S = 1: ~30 us for any N), and the inline-PTX unpack
+    (``int4_mm_bf16x2_kernel``, about a third fewer instructions a K block) at BN 64/128, BK 128."""
     if tiny:
-        return [(32, 32, 1)]
-    if quick:
-        return [(64, 128, 1), (128, 128, 1), (64, 128, 4), (64, 128, 8), (128, 128, 8)]
-    return [(bn, bk, sk) for bn, bk in configs(False, False) for sk in (1, 2, 4, 8)]
+        return [(32, 32, 1, False)]
+    pairs = [(64, 128, 1), (128, 128, 1), (64, 128, 4), (64, 128, 8), (128, 128, 8)] if quick else \
+        [(bn, bk, sk) for bn, bk in configs(False, False) for sk in (1, 2, 4, 8)]
+    asm = [(bn, 128, sk, True) for bn in (64, 128) for sk in ((1, 4, 8) if quick else (1, 2, 4, 8))]
+    return [(*c, False) for c in pairs] + asm
 
 
 def moe_int4_configs(quick: bool, tiny: bool) -> list[tuple[int, int, int]]:
@@ -328,9 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         ref = F.linear(x, w_bf16)
         n, k = wp.shape[0], 2 * wp.shape[1]
         default = int4_blocks(n, k, k // ws.shape[1])
-        for bn, bk, sk in int4_configs(a.quick, a.tiny):
-            b = Int4Blocks(16, bn, bk, True, sk)
-            record(f"int4_mm {name}", t, f"BN{bn} BK{bk}" + (f" SK{sk}" if sk > 1 else ""), b == default,
+        for bn, bk, sk, asm in int4_configs(a.quick, a.tiny):
+            b = Int4Blocks(16, bn, bk, True, sk, asm)
+            label = f"BN{bn} BK{bk}" + (f" SK{sk}" if sk > 1 else "") + (" bf16x2" if asm else "")
+            record(f"int4_mm {name}", t, label, b == default,
                    lambda b=b: int4_matmul(x, wp, ws, blocks=b), ref, nbytes(wp, ws, x, ref))
         record(f"torch.mm bf16 {name}", t, "cuBLAS", False, lambda: x @ w_bf16.t(), ref, nbytes(w_bf16, x, ref))
     qweights, fweights = moe_weights(dims, device, g)

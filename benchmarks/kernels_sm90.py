@@ -94,7 +94,8 @@ def resources(cubin: bytes, tool: Path) -> dict:
     return {"registers": m.get("REG"), "stack_bytes": m.get("STACK"), "static_shared_bytes": m.get("SHARED")}
 
 
-OPS = ("I2F", "F2F", "F2FP", "PRMT", "LOP3", "SHF", "FMUL", "FADD", "FFMA", "HMMA", "LDG", "LDS", "STS")
+OPS = ("I2F", "F2F", "F2FP", "PRMT", "LOP3", "SHF", "FMUL", "FADD", "FFMA", "HADD2", "HMUL2", "HMMA", "LDG", "LDS",
+       "STS")
 
 
 def sass_ops(cubin: bytes, tool: Path) -> dict[str, int]:
@@ -205,6 +206,10 @@ def sweep_cases(dims: dict, dtype: torch.dtype):
         yield f"sweep int4_mm BN{bn} BK{bk}", lambda b=b: ops.int4_matmul(m.act(1, h), *m.int4(hq * d, h), blocks=b)
         yield f"sweep moe_q_fused BN{bn} BK{bk}", lambda b=b: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1,
                                                                                 blocks=(b, b))
+    for bn, bk in ((64, 128), (128, 128)):      # the inline-PTX unpack (bf16 engines only: sweeps skip float32)
+        b = Int4Blocks(16, bn, bk, True, 1, True)
+        yield f"sweep int4_mm bf16x2 BN{bn} BK{bk}", lambda b=b: ops.int4_matmul(m.act(1, h), *m.int4(hq * d, h),
+                                                                                 blocks=b)
     block_d = attention_blocks(d).block_d
     for bm, bn in attention_configs(quick=False, tiny=False):
         blocks = AttentionBlocks(bm, bn, block_d)

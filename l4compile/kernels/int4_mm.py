@@ -24,6 +24,15 @@ rounds once (``int4_matmul``). A decode GEMV has few output tiles (N / BN progra
 on an H200 that loop, not the weight bytes, set the time (``benchmarks/results/gpu-NVIDIA-H200``); splitting K
 multiplies the programs, and the loads in flight, by S. With S = 1, K_SPLIT = K and y is the output itself.
 
+``int4_mm_bf16x2_kernel``: bf16 x and bf16 scales on sm_90 only, an unpack in inline PTX: a ``prmt`` spreads
+two bytes over a word, ``lop3`` ORs a nibble into each half's mantissa of 128.0 (bf16 0x4300 + q is 128 + q),
+one ``sub.bf16x2`` takes 136 off (q - 8, exact) and one ``mul.bf16x2`` scales, which rounds once as the reference's
+float32 product does (exact) before its cast. The even and odd weights of a K block come out as two [BN, BK/2]
+tiles, each dotted with the matching half of x, so nothing is interleaved; N and K must divide by BN and BK, so
+no load is masked. Its K loop at Scout's q_proj (BN 64, BK 128): 345 instructions against the float path's 539
+(``kernels_sm90.py --ops``). Not yet run on a GPU: nothing selects it but an explicit ``Int4Blocks(bf16x2=True)``
+(``bench_kernels.py`` sweeps it and checks every result before timing it; the GPU test compares it too).
+
 Shapes: x [M, K]; w_packed [N, K/2] uint8; w_scale [N, K/G]; y [M, N] (x.dtype), or [S, M, N] float32 partials.
 Grid: (cdiv(M, BM), cdiv(N, BN), S).
 """
@@ -52,6 +61,68 @@ def int4_tile(w_ptr, s_ptr, rn, nmask, k0, K, G, stride_wn, stride_wk, stride_sn
                      mask=nmask[:, None] & (k < K)[None, :], other=0.0)            # [BN, BK]
         w = q * sc.to(tl.float32)
     return w
+
+
+# $4: four packed bytes b0..b3 (weights k0..k7, low nibble first); $5, $6: their scales as bf16 pairs (e0, e1),
+# (e2, e3). Out: $0, $1 = the even weights (k0, k2), (k4, k6); $2, $3 = the odd ones (k1, k3), (k5, k7), bf16 pairs.
+_UNPACK_BF16X2 = tl.constexpr("""
+{
+.reg .b32 t0, t1, s0, s1, m, c, d;
+mov.b32 m, 0x000F000F;
+mov.b32 c, 0x43004300;
+mov.b32 d, 0x43084308;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+shr.u32 s0, t0, 4;
+shr.u32 s1, t1, 4;
+lop3.b32 $0, t0, m, c, 0xea;
+lop3.b32 $1, t1, m, c, 0xea;
+lop3.b32 $2, s0, m, c, 0xea;
+lop3.b32 $3, s1, m, c, 0xea;
+sub.rn.bf16x2 $0, $0, d;
+sub.rn.bf16x2 $1, $1, d;
+sub.rn.bf16x2 $2, $2, d;
+sub.rn.bf16x2 $3, $3, d;
+mul.rn.bf16x2 $0, $0, $5;
+mul.rn.bf16x2 $1, $1, $6;
+mul.rn.bf16x2 $2, $2, $5;
+mul.rn.bf16x2 $3, $3, $6;
+}
+""")
+
+
+@triton.jit
+def int4_mm_bf16x2_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, G: tl.constexpr, K_SPLIT,
+                          stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_ys, stride_ym,
+                          stride_yn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``int4_mm_kernel`` for bf16 x and scales on sm_90, N % BN == K % BK == 0 and BK dividing G: the weights of a
+    K block unpacked by ``_UNPACK_BF16X2`` into even and odd [BN, BK/2] bf16 tiles (k0, k0+2, .. / k0+1, k0+3, ..),
+    each round((q - 8) * s) as the reference makes it, dotted with x's even and odd inputs. No load is masked but
+    x's rows (the byte selects of masked loads cost more than the unpack); pointers advance by a K block a step.
+    G is a compile-time constant: the scale column k0 // G is then a shift, not a division in the loop."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)                     # [BM]
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)                     # [BN]
+    split = tl.program_id(2)
+    mmask = rm[:, None] < M
+    kh = tl.arange(0, BLOCK_K // 2)                                              # [BK/2]
+    k_lo = split * K_SPLIT
+    x_even = x_ptr + rm[:, None] * stride_xm + (k_lo + 2 * kh)[None, :] * stride_xk      # [BM, BK/2]
+    w_ptrs = w_ptr + rn[:, None] * stride_wn + (k_lo // 2 + kh)[None, :] * stride_wk     # [BN, BK/2] bytes
+    s_ptrs = s_ptr + rn * stride_sn + (k_lo // G) * stride_sg                   # [BN]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, tl.minimum(k_lo + K_SPLIT, K), BLOCK_K):
+        xe = tl.load(x_even, mask=mmask, other=0.0)
+        xo = tl.load(x_even + stride_xk, mask=mmask, other=0.0)
+        packed = tl.load(w_ptrs)                                                 # [BN, BK/2] uint8
+        sc = tl.broadcast_to(tl.load(s_ptrs + (k0 // G - k_lo // G) * stride_sg)[:, None], (BLOCK_N, BLOCK_K // 2))
+        we, wo = tl.inline_asm_elementwise(_UNPACK_BF16X2, "=r,=r,=r,=r,r,r,r", [packed, sc],
+                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        acc = tl.dot(xe, tl.trans(we), acc)
+        acc = tl.dot(xo, tl.trans(wo), acc)
+        x_even += BLOCK_K * stride_xk
+        w_ptrs += (BLOCK_K // 2) * stride_wk
+    tl.store(y_ptr + split * stride_ys + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=mmask)
 
 
 @triton.jit

@@ -36,7 +36,7 @@ from l4compile.ops.moe import _route
 
 from . import interpreting
 from .attention import attention_combine_kernel, attention_partial_kernel
-from .int4_mm import int4_mm_kernel
+from .int4_mm import int4_mm_bf16x2_kernel, int4_mm_kernel
 from .layout import (AttentionBlocks, Int4Blocks, MoeRows, attention_blocks, attention_splits, int4_blocks,
                      moe_blocks, moe_fp8_blocks, moe_int4_blocks, moe_rows, num_tiles)
 from .moe_down import moe_down_kernel
@@ -214,19 +214,36 @@ def _split_k_output(shape: tuple[int, int], k_in: int, b: Int4Blocks, x: Tensor)
     return y, (0, *y.stride()), k_split, 1
 
 
+def _check_bf16x2(x: Tensor, n_out: int, k_in: int, w_scale: Tensor, b: Int4Blocks) -> None:
+    """What the inline-PTX unpack (``int4_mm.int4_mm_bf16x2_kernel``) needs; ValueError otherwise."""
+    why = ("it is sm_90 PTX, which the CPU interpreter cannot run" if interpreting() else
+           "x and the scales must be bfloat16" if (x.dtype, w_scale.dtype) != (torch.bfloat16,) * 2 else
+           "it needs one scale per row per K block (SCALE_PER_BLOCK)" if not b.scale_per_block else
+           "BK must be >= 32 (two dots of BK/2 >= 16) and BN x BK >= 1024 (4 bytes a thread)"
+           if b.block_k < 32 or b.block_n * b.block_k < 1024 else
+           f"N {n_out} and K {k_in} must divide by BN {b.block_n} and BK {b.block_k} (its loads are not masked)"
+           if n_out % b.block_n or k_in % b.block_k else None)
+    if why:
+        raise ValueError(f"int4_mm: the bf16x2 unpack does not apply: {why}")
+
+
 def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None) -> Tensor:
     """The body of ``l4::int4_mm`` (x [M, Kin] -> [M, N]); ``blocks`` (an ``Int4Blocks``) overrides (tests). With
     ``split_k`` S > 1 the kernel writes S float32 partial sums [S, M, N], added here and rounded once."""
     n_out, k_in = w_packed.shape[0], 2 * w_packed.shape[1]
     group = k_in // w_scale.shape[1]
     b = blocks or int4_blocks(n_out, k_in, group)
+    if b.bf16x2:
+        _check_bf16x2(x, n_out, k_in, w_scale, b)
     y, strides, k_split, splits = _split_k_output((x.shape[0], n_out), k_in, b, x)
     grid = (triton.cdiv(x.shape[0], b.block_m), triton.cdiv(n_out, b.block_n), splits)
-    wrap_triton(int4_mm_kernel)[grid](
-        x, w_packed, w_scale, y, x.shape[0], n_out, k_in, group, k_split, x.stride(0), x.stride(1),
-        w_packed.stride(0), w_packed.stride(1), w_scale.stride(0), w_scale.stride(1), *strides,
-        BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SCALE_PER_BLOCK=b.scale_per_block,
-        **_dot_mode(x.dtype))
+    args = (x, w_packed, w_scale, y, x.shape[0], n_out, k_in, group, k_split, x.stride(0), x.stride(1),
+            w_packed.stride(0), w_packed.stride(1), w_scale.stride(0), w_scale.stride(1), *strides)
+    if b.bf16x2:
+        wrap_triton(int4_mm_bf16x2_kernel)[grid](*args, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k)
+    else:
+        wrap_triton(int4_mm_kernel)[grid](*args, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k,
+                                          SCALE_PER_BLOCK=b.scale_per_block, **_dot_mode(x.dtype))
     return y.sum(0).to(x.dtype) if splits > 1 else y
 
 

@@ -63,6 +63,40 @@ def test_int4_mm_split_k(m, n, k, group, blocks):
     assert out.dtype == torch.bfloat16 and rel_err(out, _linear_int4_impl(xb, w_packed, w_scale)) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("dtype,blocks,group,needle", [
+    (torch.bfloat16, (16, 64, 128, True), 128, "the CPU interpreter cannot run"),
+])
+def test_int4_mm_bf16x2_refused_where_it_cannot_run(dtype, blocks, group, needle):
+    """The inline-PTX unpack is sm_90 code: the interpreter refuses it with a reason, not a crash."""
+    require_interpreter()
+    from l4compile.kernels.layout import Int4Blocks
+    from l4compile.kernels.ops import int4_matmul
+
+    x, w_packed, w_scale = _data(1, 64, 256, group, dtype=dtype)
+    with pytest.raises(ValueError, match=needle):
+        int4_matmul(x, w_packed, w_scale, blocks=Int4Blocks(*blocks, 1, True))
+
+
+def test_int4_mm_bf16x2_conditions(monkeypatch):
+    """Where the bf16x2 kernel does not apply (dtypes, per-element scales, small or ragged blocks), one reason."""
+    from l4compile.kernels import ops
+    from l4compile.kernels.layout import Int4Blocks
+
+    monkeypatch.setattr(ops, "interpreting", lambda: False)
+    bf, f32 = torch.empty(1, 256, dtype=torch.bfloat16), torch.empty(1, 256)
+    s_bf, s_f32 = torch.empty(64, 2, dtype=torch.bfloat16), torch.empty(64, 2)
+    for x, n, k, s, b, needle in [
+        (f32, 64, 256, s_bf, Int4Blocks(16, 64, 128, True, 1, True), "must be bfloat16"),
+        (bf, 64, 256, s_f32, Int4Blocks(16, 64, 128, True, 1, True), "must be bfloat16"),
+        (bf, 64, 256, s_bf, Int4Blocks(16, 64, 32, False, 1, True), "SCALE_PER_BLOCK"),
+        (bf, 64, 256, s_bf, Int4Blocks(16, 16, 32, True, 1, True), "BN x BK >= 1024"),
+        (bf, 80, 256, s_bf, Int4Blocks(16, 64, 128, True, 1, True), "must divide by BN 64"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            ops._check_bf16x2(x, n, k, s, b)
+    ops._check_bf16x2(bf, 64, 256, s_bf, Int4Blocks(16, 64, 128, True, 1, True))          # applies: no error
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_int4_mm_low_precision(dtype):
     require_interpreter()
@@ -86,3 +120,7 @@ def test_int4_mm_cuda(m, n, k, group, dtype):
         for split in (2, 8):
             out = int4_matmul(x, w_packed, w_scale, blocks=Int4Blocks(16, 64, 128, True, split))
             assert rel_err(out, _linear_int4_impl(x, w_packed, w_scale)) < tol
+        if dtype == torch.bfloat16:                                                # the inline-PTX unpack
+            for split in (1, 8):
+                out = int4_matmul(x, w_packed, w_scale, blocks=Int4Blocks(16, 64, 128, True, split, True))
+                assert rel_err(out, _linear_int4_impl(x, w_packed, w_scale)) < tol
