@@ -210,6 +210,8 @@ def sweep_cases(dims: dict, dtype: torch.dtype):
         b = Int4Blocks(16, bn, bk, True, 1, True)
         yield f"sweep int4_mm bf16x2 BN{bn} BK{bk}", lambda b=b: ops.int4_matmul(m.act(1, h), *m.int4(hq * d, h),
                                                                                  blocks=b)
+        yield f"sweep moe_q_fused bf16x2 BN{bn} BK{bk}", lambda b=b: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1,
+                                                                                       blocks=(b, b))
     block_d = attention_blocks(d).block_d
     for bm, bn in attention_configs(quick=False, tiny=False):
         blocks = AttentionBlocks(bm, bn, block_d)

@@ -92,37 +92,51 @@ mul.rn.bf16x2 $3, $3, $6;
 
 
 @triton.jit
+def int4_pairs_bf16(w_ptr, s_ptr, rn, k0, G, stride_wn, stride_wk, stride_sn, stride_sg,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows ``rn`` [BN] (all valid), inputs k0 .. k0+BK-1 (in range, one scale group) of a packed weight -> (even,
+    odd) [BN, BK/2] bf16: the weights at k0, k0+2, .. and k0+1, k0+3, .., each round((q - 8) * s) as the reference
+    makes it, unpacked by ``_UNPACK_BF16X2`` (sm_90 PTX; bf16 scales). Unmasked: the byte selects of a masked load
+    cost more than the unpack."""
+    kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)                                   # [BK/2] byte index
+    packed = tl.load(w_ptr + rn[:, None] * stride_wn + kb[None, :] * stride_wk)  # [BN, BK/2] uint8
+    sc = tl.load(s_ptr + rn * stride_sn + (k0 // G) * stride_sg)                # [BN] bf16
+    sc = tl.broadcast_to(sc[:, None], (BLOCK_N, BLOCK_K // 2))
+    return tl.inline_asm_elementwise(_UNPACK_BF16X2, "=r,=r,=r,=r,r,r,r", [packed, sc],
+                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
+@triton.jit
+def x_pairs(x_ptr, rows, rmask, k0, stride_xr, stride_xk, BLOCK_K: tl.constexpr):
+    """Rows ``rows`` [BM] (valid where ``rmask``) of x at the even and odd inputs of the K block at k0 -> two
+    [BM, BK/2] tiles (0 in masked rows), the partners of ``int4_pairs_bf16``'s weights."""
+    ke = k0 + 2 * tl.arange(0, BLOCK_K // 2)                                     # [BK/2] even inputs
+    base = x_ptr + rows[:, None] * stride_xr + ke[None, :] * stride_xk
+    return (tl.load(base, mask=rmask[:, None], other=0.0),
+            tl.load(base + stride_xk, mask=rmask[:, None], other=0.0))
+
+
+@triton.jit
 def int4_mm_bf16x2_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, G: tl.constexpr, K_SPLIT,
                           stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_ys, stride_ym,
                           stride_yn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``int4_mm_kernel`` for bf16 x and scales on sm_90, N % BN == K % BK == 0 and BK dividing G: the weights of a
-    K block unpacked by ``_UNPACK_BF16X2`` into even and odd [BN, BK/2] bf16 tiles (k0, k0+2, .. / k0+1, k0+3, ..),
-    each round((q - 8) * s) as the reference makes it, dotted with x's even and odd inputs. No load is masked but
-    x's rows (the byte selects of masked loads cost more than the unpack); pointers advance by a K block a step.
+    """``int4_mm_kernel`` for bf16 x and scales on sm_90, N % BN == K % BK == 0 and BK dividing G: each K block's
+    weights as even and odd bf16 tiles (``int4_pairs_bf16``) dotted with x's even and odd inputs (``x_pairs``).
     G is a compile-time constant: the scale column k0 // G is then a shift, not a division in the loop."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)                     # [BM]
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)                     # [BN]
     split = tl.program_id(2)
-    mmask = rm[:, None] < M
-    kh = tl.arange(0, BLOCK_K // 2)                                              # [BK/2]
-    k_lo = split * K_SPLIT
-    x_even = x_ptr + rm[:, None] * stride_xm + (k_lo + 2 * kh)[None, :] * stride_xk      # [BM, BK/2]
-    w_ptrs = w_ptr + rn[:, None] * stride_wn + (k_lo // 2 + kh)[None, :] * stride_wk     # [BN, BK/2] bytes
-    s_ptrs = s_ptr + rn * stride_sn + (k_lo // G) * stride_sg                   # [BN]
+    mmask = rm < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = split * K_SPLIT
     for k0 in range(k_lo, tl.minimum(k_lo + K_SPLIT, K), BLOCK_K):
-        xe = tl.load(x_even, mask=mmask, other=0.0)
-        xo = tl.load(x_even + stride_xk, mask=mmask, other=0.0)
-        packed = tl.load(w_ptrs)                                                 # [BN, BK/2] uint8
-        sc = tl.broadcast_to(tl.load(s_ptrs + (k0 // G - k_lo // G) * stride_sg)[:, None], (BLOCK_N, BLOCK_K // 2))
-        we, wo = tl.inline_asm_elementwise(_UNPACK_BF16X2, "=r,=r,=r,=r,r,r,r", [packed, sc],
-                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        xe, xo = x_pairs(x_ptr, rm, mmask, k0, stride_xm, stride_xk, BLOCK_K)    # [BM, BK/2] each
+        we, wo = int4_pairs_bf16(w_ptr, s_ptr, rn, k0, G, stride_wn, stride_wk, stride_sn, stride_sg,
+                                 BLOCK_N, BLOCK_K)                               # [BN, BK/2] bf16 each
         acc = tl.dot(xe, tl.trans(we), acc)
         acc = tl.dot(xo, tl.trans(wo), acc)
-        x_even += BLOCK_K * stride_xk
-        w_ptrs += (BLOCK_K // 2) * stride_wk
     tl.store(y_ptr + split * stride_ys + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=mmask)
+             acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None])
 
 
 @triton.jit

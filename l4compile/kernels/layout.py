@@ -97,7 +97,7 @@ class Int4Blocks:
     block_k: int
     scale_per_block: bool   # True: a K block lies inside one scale group (one scale per row per block)
     split_k: int = 1        # int4_mm and the MoE's down GEMM: programs per output tile, each reducing a K slice
-    bf16x2: bool = False    # int4_mm only: int4_mm_bf16x2_kernel, the inline-PTX unpack (bf16, sm_90)
+    bf16x2: bool = False    # the inline-PTX unpack (int4_mm.int4_pairs_bf16; bf16 on sm_90): a sweep candidate
 
 
 def int4_blocks(n_out: int, k_in: int, group: int) -> Int4Blocks:

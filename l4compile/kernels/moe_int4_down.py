@@ -12,6 +12,9 @@ with (down_q, down_s) = ``down_q[e]``, ``down_s[e]`` ([E, H, I/2], [E, H, I/Gi])
 one tile routine for both. Packed blocks load once and unpack in registers (``int4_mm.int4_tile``).
 Rows stay in the grouped order; the caller adds each token's routed rows onto its shared row (``ops.combine_rows``).
 
+``BF16X2`` (bf16 on sm_90, H % BN == I % BK == 0): ``int4_mm``'s inline-PTX unpack (``int4_pairs_bf16``), a sweep
+candidate not yet run on a GPU.
+
 Split-K as ``int4_mm``: program (t, j, s) reduces inputs [s * K_SPLIT, (s + 1) * K_SPLIT) of I (K_SPLIT a multiple
 of BK) into y[s], float32 partials the caller adds and rounds once; with S = 1, y is the [R, H] output itself.
 
@@ -22,16 +25,26 @@ Grid: (NT, cdiv(H, BN), S).
 import triton
 import triton.language as tl
 
-from .int4_mm import int4_tile
+from .int4_mm import int4_pairs_bf16, int4_tile, x_pairs
 
 
 @triton.jit
 def _qdown_tile(a_ptr, stride_ar, stride_ai, rows, rmask, wq_ptr, ws_ptr, stride_wn, stride_wk, stride_sn, stride_sg,
                 cols, cmask, I, G, k_lo, k_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                SCALE_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
-    """act rows @ Wd^T over inputs [k_lo, k_hi) of I for one tile -> [BM, BN] float32."""
+                SCALE_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+                BF16X2: tl.constexpr):
+    """act rows @ Wd^T over inputs [k_lo, k_hi) of I for one tile -> [BM, BN] float32. ``BF16X2``: the weights as
+    even and odd bf16 tiles (``int4_mm.int4_pairs_bf16``, sm_90 PTX) against act's even and odd inputs."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
+    if BF16X2:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            ae, ao = x_pairs(a_ptr, rows, rmask, k0, stride_ar, stride_ai, BLOCK_K)      # [BM, BK/2] each
+            we, wo = int4_pairs_bf16(wq_ptr, ws_ptr, cols, k0, G, stride_wn, stride_wk, stride_sn, stride_sg,
+                                     BLOCK_N, BLOCK_K)
+            acc = tl.dot(ae, tl.trans(we), acc)
+            acc = tl.dot(ao, tl.trans(wo), acc)
+        return acc
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + ks                                                               # [BK] in [0, I)
         a = tl.load(a_ptr + rows[:, None] * stride_ar + k[None, :] * stride_ai,
@@ -50,7 +63,8 @@ def moe_int4_down_kernel(act_ptr, dq_ptr, ds_ptr, sdq_ptr, sds_ptr, y_ptr, tile_
                          stride_ar, stride_ai, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sg,
                          stride_shqn, stride_shqk, stride_shsn, stride_shsg, stride_ys, stride_yr, stride_yh,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SCALE_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+                         SCALE_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+                         BF16X2: tl.constexpr):
     tile = tl.program_id(0)
     grp = tl.load(tile_group_ptr + tile)
     if grp <= E:                                                                 # grp == E + 1: unused tile
@@ -64,10 +78,11 @@ def moe_int4_down_kernel(act_ptr, dq_ptr, ds_ptr, sdq_ptr, sds_ptr, y_ptr, tile_
         if grp == E:                                                             # shared expert [H, I/2]
             acc = _qdown_tile(act_ptr, stride_ar, stride_ai, rows, rmask, sdq_ptr, sds_ptr, stride_shqn, stride_shqk,
                               stride_shsn, stride_shsg, cols, cmask, I, G, k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K,
-                              SCALE_PER_BLOCK, PRECISION, DOT_F32)
+                              SCALE_PER_BLOCK, PRECISION, DOT_F32, BF16X2)
         else:                                                                    # routed expert [H, I/2]
             acc = _qdown_tile(act_ptr, stride_ar, stride_ai, rows, rmask, dq_ptr + grp.to(tl.int64) * stride_qe,
                               ds_ptr + grp.to(tl.int64) * stride_se, stride_qn, stride_qk, stride_sn, stride_sg, cols,
-                              cmask, I, G, k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, PRECISION, DOT_F32)
+                              cmask, I, G, k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, PRECISION, DOT_F32,
+                              BF16X2)
         tl.store(y_ptr + split * stride_ys + rows[:, None] * stride_yr + cols[None, :] * stride_yh,
                  acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])

@@ -13,7 +13,8 @@ For every row r of tile ``program_id(0)`` (layout: ``l4compile.kernels.layout.mo
 with (gate_q, up_q) = rows [0, I) and [I, 2I) of ``gate_up_q[e]`` ([E, 2I, H/2]; scales likewise) for a routed
 group e < E, and ``shared_gate_q``, ``shared_up_q`` ([I, H/2], same strides) for the shared group E. Each program
 loads every packed [BN, BK/2] weight block once and unpacks it in registers (``int4_mm.int4_tile``);
-``SCALE_PER_BLOCK`` and ``DOT_F32`` as in ``int4_mm``.
+``SCALE_PER_BLOCK`` and ``DOT_F32`` as in ``int4_mm``; ``BF16X2`` (bf16 on sm_90, I % BN == H % BK == 0) unpacks
+with ``int4_mm``'s inline PTX instead (``int4_pairs_bf16``), a sweep candidate not yet run on a GPU.
 
 Shapes: x [T, H]; gate_up_q [E, 2I, H/2] uint8, gate_up_s [E, 2I, H/Gh]; shared_gate_q/shared_up_q [I, H/2] uint8,
 shared_gate_s/shared_up_s [I, H/Gh]; row_tok [R] int32; row_scale [R] f32; tile_group/tile_row0/tile_row_end [NT]
@@ -22,7 +23,7 @@ int32; act [R, I] (x.dtype). Grid: (NT, cdiv(I, BN)).
 import triton
 import triton.language as tl
 
-from .int4_mm import int4_tile
+from .int4_mm import int4_pairs_bf16, int4_tile, x_pairs
 from .moe_gate_up import swiglu_store
 
 
@@ -30,11 +31,26 @@ from .moe_gate_up import swiglu_store
 def _qdot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, wg_ptr, sg_ptr, wu_ptr, su_ptr,
                stride_wn, stride_wk, stride_sn, stride_sg, cols, cmask, H, G,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_PER_BLOCK: tl.constexpr,
-               PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
-    """Accumulate (z @ Wg^T, z @ Wu^T) for one tile -> two [BM, BN] float32 blocks."""
+               PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BF16X2: tl.constexpr):
+    """Accumulate (z @ Wg^T, z @ Wu^T) for one tile -> two [BM, BN] float32 blocks. ``BF16X2``: the weights come
+    as even and odd bf16 tiles (``int4_mm.int4_pairs_bf16``, sm_90 PTX) and meet z's even and odd inputs."""
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
+    if BF16X2:
+        for k0 in range(0, H, BLOCK_K):
+            xe, xo = x_pairs(x_ptr, tok, rmask, k0, stride_xt, stride_xh, BLOCK_K)     # [BM, BK/2] each
+            ze = (xe.to(tl.float32) * scale[:, None]).to(xe.dtype)                       # input-side scaling
+            zo = (xo.to(tl.float32) * scale[:, None]).to(xo.dtype)
+            ge, go = int4_pairs_bf16(wg_ptr, sg_ptr, cols, k0, G, stride_wn, stride_wk, stride_sn, stride_sg,
+                                     BLOCK_N, BLOCK_K)
+            ue, uo = int4_pairs_bf16(wu_ptr, su_ptr, cols, k0, G, stride_wn, stride_wk, stride_sn, stride_sg,
+                                     BLOCK_N, BLOCK_K)
+            acc_g = tl.dot(ze, tl.trans(ge), acc_g)
+            acc_g = tl.dot(zo, tl.trans(go), acc_g)
+            acc_u = tl.dot(ze, tl.trans(ue), acc_u)
+            acc_u = tl.dot(zo, tl.trans(uo), acc_u)
+        return acc_g, acc_u
     for k0 in range(0, H, BLOCK_K):
         k = k0 + ks                                                               # [BK]
         xt = tl.load(x_ptr + tok[:, None] * stride_xt + k[None, :] * stride_xh,
@@ -58,7 +74,8 @@ def moe_int4_gate_up_kernel(x_ptr, gu_q_ptr, gu_s_ptr, sg_q_ptr, sg_s_ptr, su_q_
                             stride_xt, stride_xh, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sg,
                             stride_shqn, stride_shqk, stride_shsn, stride_shsg, stride_ar, stride_ai,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            SCALE_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+                            SCALE_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+                            BF16X2: tl.constexpr):
     tile = tl.program_id(0)
     grp = tl.load(tile_group_ptr + tile)
     if grp <= E:                                                                 # grp == E + 1: unused tile
@@ -71,11 +88,11 @@ def moe_int4_gate_up_kernel(x_ptr, gu_q_ptr, gu_s_ptr, sg_q_ptr, sg_s_ptr, su_q_
         if grp == E:                                                             # shared expert [I, H/2]
             acc_g, acc_u = _qdot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, sg_q_ptr, sg_s_ptr, su_q_ptr,
                                       su_s_ptr, stride_shqn, stride_shqk, stride_shsn, stride_shsg, cols, cmask, H, G,
-                                      BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, PRECISION, DOT_F32)
+                                      BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, PRECISION, DOT_F32, BF16X2)
         else:                                                                    # routed expert [2I, H/2]
             wq = gu_q_ptr + grp.to(tl.int64) * stride_qe
             ws = gu_s_ptr + grp.to(tl.int64) * stride_se
             acc_g, acc_u = _qdot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, wq, ws, wq + I * stride_qn,
                                       ws + I * stride_sn, stride_qn, stride_qk, stride_sn, stride_sg, cols, cmask, H, G,
-                                      BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, PRECISION, DOT_F32)
+                                      BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, PRECISION, DOT_F32, BF16X2)
         swiglu_store(acc_g, acc_u, act_ptr, rows, cols, rmask, cmask, stride_ar, stride_ai)

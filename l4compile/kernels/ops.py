@@ -146,6 +146,10 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
         raise ValueError("moe_q_fused: gate_up and down blocks must share BM (one tile map)")
     if bgu.split_k != 1:
         raise ValueError("moe_q_fused: gate_up cannot split K (its SwiGLU needs the whole sum); split the down GEMM")
+    if bgu.bf16x2:                                                               # gate_up: N = I, K = H
+        _check_bf16x2(x, i_dim, hidden, gate_up_s, bgu)
+    if bdn.bf16x2:                                                               # down: N = H, K = I
+        _check_bf16x2(x, hidden, i_dim, down_s, bdn)
     n_tok = x.shape[0]
     rows = _rows(x, router_w, top_k, bgu.block_m)
     n_rows = n_tok * (top_k + 1)
@@ -157,13 +161,15 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
         rows.row_scale, rows.tile_group, rows.tile_row0, rows.tile_row_end, hidden, i_dim, n_exp, group_h,
         x.stride(0), x.stride(1), *gate_up_q.stride(), *gate_up_s.stride(), *shared_gate_q.stride(),
         *shared_gate_s.stride(), act.stride(0), act.stride(1),
-        BLOCK_M=bgu.block_m, BLOCK_N=bgu.block_n, BLOCK_K=bgu.block_k, SCALE_PER_BLOCK=bgu.scale_per_block, **mode)
+        BLOCK_M=bgu.block_m, BLOCK_N=bgu.block_n, BLOCK_K=bgu.block_k, SCALE_PER_BLOCK=bgu.scale_per_block,
+        BF16X2=bgu.bf16x2, **mode)
     y, strides, k_split, splits = _split_k_output((n_rows, hidden), i_dim, bdn, x)  # [R, H], or [S, R, H] partials
     wrap_triton(moe_int4_down_kernel)[(n_tiles, triton.cdiv(hidden, bdn.block_n), splits)](
         act, down_q, down_s, shared_down_q, shared_down_s, y, rows.tile_group, rows.tile_row0, rows.tile_row_end,
         hidden, i_dim, n_exp, group_i, k_split, act.stride(0), act.stride(1), *down_q.stride(), *down_s.stride(),
         *shared_down_q.stride(), *shared_down_s.stride(), *strides,
-        BLOCK_M=bdn.block_m, BLOCK_N=bdn.block_n, BLOCK_K=bdn.block_k, SCALE_PER_BLOCK=bdn.scale_per_block, **mode)
+        BLOCK_M=bdn.block_m, BLOCK_N=bdn.block_n, BLOCK_K=bdn.block_k, SCALE_PER_BLOCK=bdn.scale_per_block,
+        BF16X2=bdn.bf16x2, **mode)
     return combine_rows(y.sum(0).to(x.dtype) if splits > 1 else y, rows, n_tok, top_k)
 
 
@@ -215,7 +221,8 @@ def _split_k_output(shape: tuple[int, int], k_in: int, b: Int4Blocks, x: Tensor)
 
 
 def _check_bf16x2(x: Tensor, n_out: int, k_in: int, w_scale: Tensor, b: Int4Blocks) -> None:
-    """What the inline-PTX unpack (``int4_mm.int4_mm_bf16x2_kernel``) needs; ValueError otherwise."""
+    """What the inline-PTX unpack (``int4_mm.int4_pairs_bf16``) needs of an Int4 GEMM of ``n_out`` outputs over
+    ``k_in`` inputs; ValueError otherwise."""
     why = ("it is sm_90 PTX, which the CPU interpreter cannot run" if interpreting() else
            "x and the scales must be bfloat16" if (x.dtype, w_scale.dtype) != (torch.bfloat16,) * 2 else
            "it needs one scale per row per K block (SCALE_PER_BLOCK)" if not b.scale_per_block else
@@ -224,7 +231,7 @@ def _check_bf16x2(x: Tensor, n_out: int, k_in: int, w_scale: Tensor, b: Int4Bloc
            f"N {n_out} and K {k_in} must divide by BN {b.block_n} and BK {b.block_k} (its loads are not masked)"
            if n_out % b.block_n or k_in % b.block_k else None)
     if why:
-        raise ValueError(f"int4_mm: the bf16x2 unpack does not apply: {why}")
+        raise ValueError(f"Int4 GEMM [{n_out} x {k_in}]: the bf16x2 unpack does not apply: {why}")
 
 
 def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None) -> Tensor:

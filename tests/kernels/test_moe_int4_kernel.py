@@ -88,13 +88,18 @@ def test_moe_q_fused_low_precision(case, dtype):
     assert out.dtype == dtype and rel_err(out, _moe_q_impl(*args, top_k)) < TOL[dtype]
 
 
-def test_moe_q_fused_refuses_a_split_gate_up():
+def test_moe_q_fused_refuses_a_split_gate_up_and_the_unpack_it_cannot_run():
     require_interpreter()
     from l4compile.kernels.ops import fused_moe_int4
 
     args, top_k = _case("decode-T1-G64")
     with pytest.raises(ValueError, match="gate_up cannot split K"):
         fused_moe_int4(*args, top_k, blocks=(Int4Blocks(16, 16, 16, True, 2), Int4Blocks(16, 16, 16, True)))
+    args, top_k = _case("E3-top2-G128", torch.bfloat16)                           # H 256, I 128
+    plain, asm = Int4Blocks(16, 64, 64, True), Int4Blocks(16, 64, 64, True, 1, True)
+    for blocks, gemm in (((asm, plain), r"\[128 x 256\]"), ((plain, asm), r"\[256 x 128\]")):
+        with pytest.raises(ValueError, match=gemm + ".*the CPU interpreter cannot run"):
+            fused_moe_int4(*args, top_k, blocks=blocks)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -169,11 +174,13 @@ def test_moe_q_fused_cuda_scout_width():
     from l4compile.kernels.ops import fused_moe_int4
 
     split = (Int4Blocks(16, 64, 128, True), Int4Blocks(16, 64, 128, True, 4))             # down: 64 K blocks, 16 each
+    asm = (Int4Blocks(16, 64, 128, True, 1, True), Int4Blocks(16, 64, 128, True, 4, True))   # the PTX unpack
     for n_tok in (1, 32, 2048):
         x = r(n_tok, hidden, std=1.0).bfloat16()
         ref = _moe_impl(x, *dense, 1)
         assert rel_err(torch.ops.l4.moe_q(x, router_w, *weights, 1), ref) < 2e-2
         assert rel_err(fused_moe_int4(x, router_w, *weights, 1, blocks=split), ref) < 2e-2
+        assert rel_err(fused_moe_int4(x, router_w, *weights, 1, blocks=asm), ref) < 2e-2
 
 
 @pytest.mark.gpu
