@@ -10,9 +10,10 @@
 #            and one with l4compile's external weights and a Triton op; built, then loaded fresh and after a
 #            compile; a load that dies is re-run under cuda-gdb for its backtrace). On 2026-12-04's H200 image
 #            every CUDA package load segfaulted: run this first                                      (box 200 s)
-#   kernels  benchmarks/bench_kernels.py: Int4 GEMV/GEMM, fused MoE (Int4, FP8, bf16), decode attention at Scout
-#            dimensions, each block configuration checked, then timed (CUDA graph replay) against the HBM copy
-#            bandwidth; no model compile                                                           (box 240 s)
+#   kernels  benchmarks/bench_kernels.py --quick: Int4 GEMV/GEMM, fused MoE (Int4, FP8, bf16), decode attention at
+#            Scout dimensions: the static blocks and the candidates (split-K, the bf16x2 unpack), each checked,
+#            then timed (CUDA graph replay) against the HBM copy bandwidth; no model compile          (box 240 s)
+#   sweep    the same over every block configuration (~500 rows)                                      (box 400 s)
 #   tests    the gpu-marked kernel tests: Triton kernels against their reference ops (real compile, bf16 tensor
 #            cores); failures are reported with their values (--tb=short -rfE)                      (box 150 s)
 #   engines  the gpu-marked tests that build and load CUDA AOTInductor packages: the kernels compiled into a
@@ -79,7 +80,9 @@ for spec in ${PARTS//,/ }; do
     probe)
         boxed $(box 200) probe $PY benchmarks/aoti_cuda_probe.py --gdb plain triton ;;
     kernels)
-        boxed $(box 240) kernels $PY benchmarks/bench_kernels.py --tokens 1,8,32 --out "$RES/kernels.json" ;;
+        boxed $(box 240) kernels $PY benchmarks/bench_kernels.py --quick --tokens 1,8,32 --out "$RES/kernels.json" ;;
+    sweep)
+        boxed $(box 400) sweep $PY benchmarks/bench_kernels.py --tokens 1,8,32 --out "$RES/sweep.json" ;;
     tests)
         boxed $(box 150) tests $PY -m pytest -v -m gpu -p no:cacheprovider -o addopts="" --timeout 120 -n 4 \
             --tb=short -rfE -k "not aoti and not engine" tests/kernels ;;
@@ -103,7 +106,7 @@ for spec in ${PARTS//,/ }; do
     full)
         boxed $(box 580) full $PY benchmarks/bench_gpu.py --parts full --repeats 3 --out "$RES/full" ;;
     *)
-        log "unknown part '$part' (probe, kernels, tests, engines, attention, decode1, modes, context, decode, prefill, full)" ;;
+        log "unknown part '$part' (probe, kernels, sweep, tests, engines, attention, decode1, modes, context, decode, prefill, full)" ;;
     esac
 done
 
