@@ -24,14 +24,15 @@ rounds once (``int4_matmul``). A decode GEMV has few output tiles (N / BN progra
 on an H200 that loop, not the weight bytes, set the time (``benchmarks/results/gpu-NVIDIA-H200``); splitting K
 multiplies the programs, and the loads in flight, by S. With S = 1, K_SPLIT = K and y is the output itself.
 
-``int4_mm_bf16x2_kernel``: bf16 x and bf16 scales on sm_90 only, an unpack in inline PTX: a ``prmt`` spreads
-two bytes over a word, ``lop3`` ORs a nibble into each half's mantissa of 128.0 (bf16 0x4300 + q is 128 + q),
-one ``sub.bf16x2`` takes 136 off (q - 8, exact) and one ``mul.bf16x2`` scales, which rounds once as the reference's
-float32 product does (exact) before its cast. The even and odd weights of a K block come out as two [BN, BK/2]
-tiles, each dotted with the matching half of x, so nothing is interleaved; N and K must divide by BN and BK, so
-no load is masked. Its K loop at Scout's q_proj (BN 64, BK 128): 345 instructions against the float path's 539
-(``kernels_sm90.py --ops``). Not yet run on a GPU: nothing selects it but an explicit ``Int4Blocks(bf16x2=True)``
-(``bench_kernels.py`` sweeps it and checks every result before timing it; the GPU test compares it too).
+The bf16x2 unpack (``int4_pairs_bf16``, used by ``int4_mm_bf16x2_kernel`` and the fused MoE's ``BF16X2`` loops):
+bf16 x and bf16 scales on sm_90 only, in inline PTX. A ``prmt`` spreads two bytes over a word, ``lop3`` ORs a nibble
+into each half's mantissa of 128.0 (bf16 0x4300 + q is 128 + q), one ``sub.bf16x2`` takes 136 off (q - 8, exact)
+and one ``mul.bf16x2`` scales, which rounds once as the reference's float32 product does (exact) before its cast.
+The even and odd weights of a K block come out as two [BN, BK/2] tiles, each dotted with the matching half of x
+(``x_pairs``), so nothing is interleaved; N and K must divide by BN and BK, so no load is masked. The K loop at
+Scout's q_proj (BN 64, BK 128): 327 instructions against the float path's 539 (``kernels_sm90.py --ops``). Not yet
+run on a GPU: nothing selects it but an explicit ``Int4Blocks(bf16x2=True)`` (``bench_kernels.py`` sweeps it and
+checks every result before timing it; the GPU tests compare it too).
 
 Shapes: x [M, K]; w_packed [N, K/2] uint8; w_scale [N, K/G]; y [M, N] (x.dtype), or [S, M, N] float32 partials.
 Grid: (cdiv(M, BM), cdiv(N, BN), S).
