@@ -4,7 +4,7 @@
 # most valuable first. Everything it prints goes to $OUT/session.log; reports go to $OUT/results.tgz.
 #
 #   bash benchmarks/gpu_session.sh [PARTS]     PARTS: comma-separated; PART=SECONDS overrides a part's box;
-#                                              default probe=150,kernels=200,tests=150 (<= 9 minutes)
+#                                              default probe=200,kernels=180,tests=150 (<= 9 minutes)
 #
 #   probe    benchmarks/aoti_cuda_probe.py: do CUDA AOTInductor packages load on this host at all (a toy nn.Linear
 #            and one with l4compile's external weights and a Triton op; built, then loaded fresh and after a
@@ -38,7 +38,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/l4compile-gpu}
 mkdir -p "$OUT"
-PARTS=${1:-probe=150,kernels=200,tests=150}
+PARTS=${1:-probe=200,kernels=180,tests=150}
 LOG="$OUT/session.log"
 RES=/tmp/l4compile-results          # outside $OUT: only the log and a tarball of the reports come back
 rm -rf "$RES"; mkdir -p "$RES"
