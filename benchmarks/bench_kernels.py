@@ -20,8 +20,8 @@ routing touches, plus the shared expert and the router) and the activations in a
 replayed from a CUDA graph, L2 flushed before every call (``graph_timer``; eager ``do_bench``, marked "(eager)", where
 a call cannot be captured). Timed eagerly, every small kernel here cost 100-200 us on an H200 whatever its block
 configuration: the Python launch path, not the kernel (2026-12-04). The ceiling is a 1 GiB device-to-device
-copy timed the same way (bytes read + written), so "of copy" is the achieved fraction of the bandwidth this GPU
-reaches at all. Every configuration is checked (max |out - ref| / max |ref|) before it is timed; one that is
+copy timed eagerly (bytes read + written; see ``copy_bandwidth``), so "of copy" is the achieved fraction of the
+bandwidth this GPU reaches at all. Every configuration is checked (max |out - ref| / max |ref|) before it is timed; one that is
 wrong is reported and not timed. The block configuration the code chooses today (``kernels.layout``) is marked *.
 """
 # T tokens, H hidden, I expert width, E experts, N output features
@@ -47,14 +47,22 @@ GROUP = 128
 BF16_TOL = 3e-2            # bf16 operands: rounding differs between tensor-core and cuBLAS accumulation orders
 
 
-def timer(device: torch.device, repeats: int = 3):
+def eager_ms(fn) -> float:
+    """Median milliseconds of ``fn`` launched eagerly on a GPU (``triton.testing.do_bench``: CUDA events, L2 flushed
+    before every call): the Python launch path included."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def timer(device: torch.device, repeats: int = 3, graph: bool = True):
     """fn -> median milliseconds. On a GPU: device time of ``fn`` replayed from a CUDA graph, as engines run it (their
     kernels are launched from C++ or from a captured decode step, so the Python wrappers' launch cost, which eager
     timing adds to every small kernel, is left out), L2 flushed before every call (its own time subtracted); a
-    function that cannot be captured falls back to ``triton.testing.do_bench`` (events, eager launches). Wall clock
-    over ``repeats`` runs elsewhere."""
+    function that cannot be captured, or ``graph=False``, is timed by ``eager_ms``. Wall clock over ``repeats`` runs
+    elsewhere."""
     if device.type == "cuda":
-        return graph_timer()
+        return graph_timer() if graph else eager_ms
 
     def wall(fn, n=repeats):
         fn()
@@ -71,8 +79,6 @@ def graph_timer(calls: int = 10, replays: int = 7):
     """fn -> ms per call: ``calls`` x (flush L2, fn) captured in one CUDA graph, minus the same graph of flushes alone,
     median of ``replays`` replays each. Sets ``.eager`` on the returned function when the last fn was timed eagerly
     (capture refused: a host sync or an allocation the graph cannot hold)."""
-    from triton.testing import do_bench
-
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
 
     def replay_ms(body) -> float:
@@ -112,7 +118,7 @@ def graph_timer(calls: int = 10, replays: int = 7):
             timed.eager = False
         except Exception:                       # not capturable: eager events (includes Python launch cost)
             torch.cuda.synchronize()
-            ms = float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+            ms = eager_ms(fn)
             timed.eager = True
         return ms
     timed.eager = False
@@ -128,14 +134,11 @@ def nbytes(*ts: torch.Tensor) -> int:
 
 
 def copy_bandwidth(device: torch.device, time_ms, size: int) -> float:
-    """Bytes/s of a device-to-device copy of ``size`` bytes (read + write counted). On a GPU timed eagerly
-    (``do_bench``; 1 GiB makes the launch negligible): captured in a CUDA graph the copy becomes a memcpy node that
-    moved 2761 GB/s on an H200 where the eager copy moved 4222 (2026-12-04), which is not the ceiling."""
+    """Bytes/s of a device-to-device copy of ``size`` bytes (read + write counted), timed by ``time_ms``: on a GPU an
+    eager timer (1 GiB makes the launch negligible), since captured in a CUDA graph the copy becomes a memcpy node
+    that moved 2761 GB/s on an H200 where the eager copy moved 4222 (2026-12-04), which is not the ceiling."""
     src = torch.empty(size, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
-    if device.type == "cuda":
-        from triton.testing import do_bench
-        time_ms = lambda fn: float(do_bench(fn, warmup=25, rep=100, return_mode="median"))  # noqa: E731
     return 2 * size / (time_ms(lambda: dst.copy_(src)) / 1e3)
 
 
@@ -292,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     dims = TINY if a.tiny else SCOUT
     time_ms = timer(device)
     g = torch.Generator(device=device).manual_seed(0)
-    peak = copy_bandwidth(device, time_ms, (1 << 30) if device.type == "cuda" else (1 << 20))
+    peak = copy_bandwidth(device, timer(device, graph=False), (1 << 30) if device.type == "cuda" else (1 << 20))
     rows: list[dict] = []
 
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)"
