@@ -21,7 +21,18 @@ attention's ``index_copy``: only the T new rows are written) and returns the log
 ``(logits, *caches)`` with those same tensors, so callers see the step contract of every backend. A functional
 step reads and writes a whole new cache per layer and step, and the static decoder copies it back: 4x the cache's
 bytes, at Scout dimensions with 8K slots (33.5 MB of bf16 k + v a layer) about as much as the layer's Int4 weights.
-Engines from before this (functional caches) still load."""
+Engines from before this (functional caches) still load.
+
+Two runtimes load the same engine (``L4COMPILE_INDUCTOR_RUNNER``):
+  aoti  (default) the AOTInductor package, C++ launches, no Python in the step;
+  jit   ``program.pt2``: the exported program the package was compiled from, saved without its weights (meta
+        tensors; 1-2 MB for the test models, the graph alone), given weights.safetensors and compiled in-process
+        by ``torch.compile`` with the engine's Inductor settings on first use of each shape. Same graph, same
+        kernels (the Triton ops on CUDA), same numerics up to Inductor's fusion choices; Python launches every
+        kernel, so decode wants CUDA graphs (decode mode "graph", the default on CUDA). For hosts whose
+        AOTInductor cannot load a CUDA package (the lent H200 image of 2026-12-04 segfaulted in
+        ``aoti_load_package`` even for an nn.Linear), and for comparing the two runtimes. Engines from before it
+        have no ``program.pt2`` and load with aoti only."""
 from __future__ import annotations
 
 import logging
@@ -35,6 +46,9 @@ from l4compile.errors import L4Error
 
 ARTIFACT = "model.pt2"
 WEIGHTS = "weights.safetensors"
+PROGRAM = "program.pt2"         # the exported program without weights (the jit runtime)
+RUNNER_ENV = "L4COMPILE_INDUCTOR_RUNNER"
+RUNNERS = ("aoti", "jit")
 
 
 def build(program, workdir: Path, config) -> BuildResult:
@@ -48,12 +62,14 @@ def build(program, workdir: Path, config) -> BuildResult:
             (workdir / f"rank{r}").mkdir()
             in_place = _package(dataclasses.replace(program, gm=gm), workdir / f"rank{r}", config.device,
                                 dict(config.inductor_configs))
-            arts += [f"rank{r}/{ARTIFACT}", f"rank{r}/{WEIGHTS}"]
+            arts += [f"rank{r}/{ARTIFACT}", f"rank{r}/{WEIGHTS}", f"rank{r}/{PROGRAM}"]
         return BuildResult(arts, {"format": "aoti-package", "torch": torch.__version__, "ranks": len(shards),
-                                  "weights": WEIGHTS, **({"caches": "in_place"} if in_place else {})})
+                                  "weights": WEIGHTS, "program": PROGRAM,
+                                  **({"caches": "in_place"} if in_place else {})})
     in_place = _package(program, workdir, config.device, dict(config.inductor_configs))
-    return BuildResult([ARTIFACT, WEIGHTS], {"format": "aoti-package", "torch": torch.__version__, "weights": WEIGHTS,
-                                             **({"caches": "in_place"} if in_place else {})})
+    return BuildResult([ARTIFACT, WEIGHTS, PROGRAM], {"format": "aoti-package", "torch": torch.__version__,
+                                                      "weights": WEIGHTS, "program": PROGRAM,
+                                                      **({"caches": "in_place"} if in_place else {})})
 
 
 def caches_in_place(gm: torch.fx.GraphModule) -> torch.fx.GraphModule | None:
@@ -104,8 +120,8 @@ def export_for_aoti(program, device: str = "cpu") -> tuple[torch.export.Exported
 
 def _package(program, outdir: Path, device: str = "cpu", extra_configs: dict[str, Any] | None = None) -> bool:
     """``outdir``/model.pt2 (code only) + ``outdir``/weights.safetensors (every constant the package reads), compiled
-    with AOTI_CONFIGS and ``extra_configs`` (the compile's Inductor settings). Returns whether the package updates
-    its KV caches in place."""
+    with AOTI_CONFIGS and ``extra_configs`` (the compile's Inductor settings), + ``outdir``/program.pt2 (the exported
+    program they come from, weights left out). Returns whether the package updates its KV caches in place."""
     from l4compile import tensorfile
 
     ep, in_place = export_for_aoti(program, device)
@@ -114,7 +130,38 @@ def _package(program, outdir: Path, device: str = "cpu", extra_configs: dict[str
                                                  inductor_configs={**(extra_configs or {}), **AOTI_CONFIGS})
     constants = {k: v for k, v in {**ep.state_dict, **ep.constants}.items() if isinstance(v, torch.Tensor)}
     tensorfile.write(outdir / WEIGHTS, constants)
+    save_program(ep, outdir / PROGRAM)
     return in_place
+
+
+def save_program(ep: torch.export.ExportedProgram, path: Path) -> None:
+    """``ep`` without its weights (every state_dict / constants tensor as a meta tensor of its shape and dtype), as
+    ``torch.export.save`` writes it: the graph, its signature and the custom ops it calls by name."""
+    torch.export.save(_with_tensors(ep, lambda name, t: torch.empty_like(t, device="meta")), path)
+
+
+def _with_tensors(ep: torch.export.ExportedProgram, fn) -> torch.export.ExportedProgram:
+    """``ep`` with every state_dict / constants tensor ``t`` (named ``name``) replaced by ``fn(name, t)``; parameters
+    stay parameters (export's verifier asks for them). The graph is shared, not copied."""
+    def swap(name: str, t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        new = fn(name, t)
+        return torch.nn.Parameter(new, requires_grad=False) if isinstance(t, torch.nn.Parameter) else new
+    return ep._update(ep.graph_module, ep.graph_signature,
+                      state_dict={k: swap(k, v) for k, v in ep.state_dict.items()},
+                      constants={k: swap(k, v) for k, v in ep.constants.items()})
+
+
+def runner_kind() -> str:
+    """The runtime ``load`` uses: ``L4COMPILE_INDUCTOR_RUNNER`` (aoti | jit), default aoti."""
+    import os
+
+    kind = os.environ.get(RUNNER_ENV, "").strip() or "aoti"
+    if kind not in RUNNERS:
+        raise L4Error(f"{RUNNER_ENV}={kind!r} is not a runtime of Inductor engines; choose one of: "
+                      + ", ".join(RUNNERS))
+    return kind
 
 
 class ScalarPackageIsaFilter(logging.Filter):
@@ -133,6 +180,7 @@ _PACKAGE_LOGGER = "torch.export.pt2_archive._package"
 def load(engine_dir: Path, manifest: dict[str, Any]):
     import l4compile.ops  # noqa: F401  (registers the custom ops the package may call)
 
+    kind = runner_kind()
     if manifest["device"] == "cuda" and not torch.cuda.is_available():
         raise L4Error(f"engine {engine_dir} was built for CUDA and this machine has no CUDA GPU")
     if manifest["device"] == "cuda":   # l4::moe_fused / l4::int4_mm, should the package call them as ops
@@ -142,6 +190,10 @@ def load(engine_dir: Path, manifest: dict[str, Any]):
     if manifest.get("sharding"):   # this process's rank (load_engine checked the process group)
         import torch.distributed as dist
         rank_dir = engine_dir / f"rank{dist.get_rank()}"
+    n_caches = 2 * len(manifest["kv_cache"]["layers"]) if (manifest.get("backend_info") or {}).get("caches") \
+        == "in_place" else 0
+    if kind == "jit":
+        return _load_jit(rank_dir, manifest, n_caches)
     # CUDA: the single-threaded runner, which a CUDA graph can capture (Engine decode mode "graph"); the default
     # runner's cross-thread event bookkeeping is refused while a stream captures (pytorch/pytorch#148601).
     isa_filter, logger = ScalarPackageIsaFilter(), logging.getLogger(_PACKAGE_LOGGER)
@@ -154,17 +206,47 @@ def load(engine_dir: Path, manifest: dict[str, Any]):
     weights = None
     if (manifest.get("backend_info") or {}).get("weights"):
         weights = _load_weights(pkg, rank_dir / WEIGHTS, manifest["device"])
-
-    n_caches = 2 * len(manifest["kv_cache"]["layers"]) if (manifest.get("backend_info") or {}).get("caches") \
-        == "in_place" else 0
-
-    def run(*inputs: torch.Tensor):
-        if n_caches:            # the package wrote the step's caches into its cache inputs; it returns the logits
-            out = pkg(*inputs)
-            return (out if isinstance(out, torch.Tensor) else out[0], *inputs[len(inputs) - n_caches:])
-        return pkg(*inputs)
-
+    run = _step_runner(pkg, n_caches)
     run.weights = weights          # user-managed constants: they must live as long as the package
+    run.runtime = "aoti"
+    return run
+
+
+def _step_runner(fn, n_caches: int):
+    """``fn`` (the package, or the compiled program) as the backend step contract: ``(logits, *caches)`` where ``fn``
+    wrote the caches into its cache inputs (``n_caches`` of them, last) and returned the logits alone."""
+    def run(*inputs: torch.Tensor):
+        if n_caches:
+            out = fn(*inputs)
+            return (out if isinstance(out, torch.Tensor) else out[0], *inputs[len(inputs) - n_caches:])
+        return fn(*inputs)
+    return run
+
+
+def _load_jit(rank_dir: Path, manifest: dict[str, Any], n_caches: int):
+    """The jit runtime: program.pt2 with weights.safetensors' tensors (no copy), compiled by ``torch.compile`` with
+    the engine's Inductor settings (lazily: each new input shape compiles on its first call)."""
+    from l4compile import tensorfile
+
+    info = manifest.get("backend_info") or {}
+    if not info.get("program") or not info.get("weights"):
+        raise L4Error(f"engine {rank_dir} has no {PROGRAM} (compiled before the jit runtime existed): recompile it, "
+                      f"or load it with {RUNNER_ENV}=aoti")
+    device = manifest["device"]
+    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device(device)
+    weights = tensorfile.read(rank_dir / WEIGHTS, dev)
+    ep = torch.export.load(rank_dir / PROGRAM)
+    missing = sorted(k for k, v in {**ep.state_dict, **ep.constants}.items()
+                     if isinstance(v, torch.Tensor) and k not in weights)
+    if missing:
+        raise L4Error(f"{rank_dir / WEIGHTS} lacks the engine constant '{missing[0]}'" +
+                      (f" and {len(missing) - 1} more" if len(missing) > 1 else "") + "; recompile the engine")
+    module = _with_tensors(ep, lambda name, t: weights[name]).module()
+    configs = {k: v for k, v in (manifest.get("compile_config") or {}).get("inductor_configs") or ()
+               if not k.startswith("aot_inductor.")}
+    run = _step_runner(torch.compile(module, options=configs or None), n_caches)
+    run.weights = weights
+    run.runtime = "jit"
     return run
 
 

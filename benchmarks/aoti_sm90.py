@@ -20,6 +20,8 @@ Checks (exit 1 when one fails; a GPU session would fail on them, or lose its ban
   opaque     no op runs through the proxy executor (an opaque op would be an eager kernel outside the engine)
   caches     each KV cache input is first read by its layer's attention kernel (one), written after that read, and
              never cloned or copied whole
+  program    the engine's program.pt2 (the jit runtime's graph, weights left out) calls the same l4 kernel ops after
+             torch.export.save and load, and holds no weight data
 """
 # L layers, S key splits
 from __future__ import annotations
@@ -177,6 +179,26 @@ def analyze(lines: list[str], graph_ops: dict[str, int], caches: list[str]) -> d
             "attention_split_grids": splits, "problems": problems}
 
 
+def check_program(ep, graph_ops: dict[str, int], path: Path) -> tuple[int, list[str]]:
+    """The engine's program.pt2 (what the jit runtime compiles: ``backends.inductor.save_program``) written to
+    ``path`` and read back: (its size, problems). It must call the same l4 kernel ops and hold no weight data."""
+    import torch
+
+    from backends.inductor import save_program
+
+    save_program(ep, path)
+    back = torch.export.load(path)
+    ops: dict[str, int] = {}
+    for n in back.graph.nodes:
+        if n.op == "call_function" and str(n.target) in KERNELS:
+            ops[str(n.target)] = ops.get(str(n.target), 0) + 1
+    problems = [f"{op}: x{n} in the graph, x{ops.get(op, 0)} after save and load" for op, n in graph_ops.items()
+                if ops.get(op, 0) != n]
+    problems += [f"{k} holds data ({v.device})" for k, v in {**back.state_dict, **back.constants}.items()
+                 if isinstance(v, torch.Tensor) and v.device.type != "meta"]
+    return path.stat().st_size, problems
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
@@ -243,6 +265,7 @@ def run(a: argparse.Namespace, cache: Path) -> int:
         if n.op == "call_function" and str(n.target) in KERNELS:
             graph_ops[str(n.target)] = graph_ops.get(str(n.target), 0) + 1
     t_export = time.perf_counter() - t0
+    program_bytes, program_problems = check_program(ep, graph_ops, cache / "program.pt2")
     _fake_h100.install(Path(triton.__file__).parent / "backends" / "nvidia" / "include")
     to_fake_cuda(ep)
     wrapper = generate(ep, cache, extra)
@@ -255,7 +278,8 @@ def run(a: argparse.Namespace, cache: Path) -> int:
               "torch": torch.__version__, "triton": triton.__version__, "target": "sm_90a",
               "graph_ops": graph_ops, "caches": len(caches), "wrapper_lines": cpp.count("\n"),
               "export_seconds": round(t_export, 1), "seconds": round(time.perf_counter() - t0, 1),
-              **analyze(run_impl(cpp), graph_ops, caches)}
+              "program_bytes": program_bytes, **analyze(run_impl(cpp), graph_ops, caches)}
+    report["problems"]["program"] = program_problems
     bad = {k: v for k, v in report["problems"].items() if v}
     print(f"{a.preset} {a.quant} {a.dtype}, {len(caches)} caches: AOTInductor CUDA wrapper generated in "
           f"{report['seconds']} s (torch {torch.__version__}, triton {triton.__version__}, sm_90a)")
@@ -268,7 +292,7 @@ def run(a: argparse.Namespace, cache: Path) -> int:
     for op, n in report["extern_calls"].items():
         print(f"| aten {op} (c-shim) | {n} |")
     print(f"attention key splits (grid z): {', '.join(report['attention_split_grids'])}")
-    for check in ("kernels", "opaque", "caches"):
+    for check in ("kernels", "opaque", "caches", "program"):
         print(f"check {check}: " + ("ok" if check not in bad else f"FAILED ({len(bad[check])}): {bad[check][0]}"))
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2))

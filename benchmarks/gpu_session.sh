@@ -32,6 +32,10 @@
 #   full     benchmarks/bench_gpu.py --parts full: all 48 layers of Scout, Int4, streamed: compile, then decode
 #            tokens/s at batch 1 and GPU memory (needs ~60 GB of disk; give it a call of its own)        (box 580 s)
 #
+# Engines load with the AOTInductor runtime, unless L4COMPILE_INDUCTOR_RUNNER says otherwise or the probe part ran
+# and no package loaded in a fresh process: then every later part runs them with the jit runtime (the same exported
+# program and kernels, compiled in-process by torch.compile), so a host whose AOTInductor crashes still gives figures.
+#
 # The host's packages are used as they are (torch 2.11 + cu130, triton 3.6, transformers 5.17 when last read);
 # nothing is fetched. A part that runs past its box is killed and the next one starts.
 set -uo pipefail
@@ -78,7 +82,12 @@ for spec in ${PARTS//,/ }; do
     box() { [ "$spec" != "$part" ] && echo "${spec#*=}" || echo "$1"; }     # box DEFAULT: PART=SECONDS wins
     case $part in
     probe)
-        boxed $(box 200) probe $PY benchmarks/aoti_cuda_probe.py --gdb plain triton ;;
+        boxed $(box 200) probe $PY benchmarks/aoti_cuda_probe.py --gdb plain triton
+        if [ -z "${L4COMPILE_INDUCTOR_RUNNER:-}" ] && ! grep -q "^plain fresh ok" "$LOG"; then
+            export L4COMPILE_INDUCTOR_RUNNER=jit
+            log "no CUDA AOTInductor package loaded here: the parts after this load engines with" \
+                "L4COMPILE_INDUCTOR_RUNNER=jit (program.pt2 through torch.compile; reports say 'runtime jit')"
+        fi ;;
     kernels)
         boxed $(box 240) kernels $PY benchmarks/bench_kernels.py --quick --tokens 1,8,32 --out "$RES/kernels.json" ;;
     sweep)

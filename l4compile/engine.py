@@ -149,6 +149,7 @@ class Engine:
         self.path = path
         self.manifest = manifest
         self._runner = runner
+        self.runtime: str | None = getattr(runner, "runtime", None)   # what runs the step (Inductor: aoti | jit)
         self._vision = vision_runner         # pixel_values [T, 3, S, S] -> image features [T, P, H] (multimodal)
         self.vocab_size = int(manifest["model_config"]["vocab_size"])
         self.max_seq_len = int(manifest["max_seq_len"])

@@ -296,8 +296,9 @@ def _runner_for(eng, name: str, seconds: float | None) -> Runner:
                "loop": "one engine call each"}[mode]
         failed = f" (CUDA graph capture failed: {eng.cuda_graph_error})" if getattr(eng, "cuda_graph_error", None) \
             else ""
+        runtime = f"; runtime {eng.runtime}" if getattr(eng, "runtime", None) else ""
         return (f"Engine.generate with the engine's KV cache: one prefill, then one cached decode step per token, "
-                f"{how}; decode mode {mode}{failed}")
+                f"{how}; decode mode {mode}{failed}{runtime}")
 
     return Runner(name, "engine", eng.prefill, lambda ids, n: eng.generate(ids, max_new_tokens=n), describe(),
                   compile_seconds=None if seconds is None else round(seconds, 3),

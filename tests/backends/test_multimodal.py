@@ -102,7 +102,7 @@ def test_text_prompts_and_manifest(mm_engines, hf_model):
         ref = hf_model.language_model(input_ids=ids).logits
     assert rel_err(eng.prefill(ids), ref) < TOL
     v = eng.manifest["vision"]
-    assert v["artifacts"] == ["vision/model.pt2", "vision/weights.safetensors"]
+    assert v["artifacts"] == ["vision/model.pt2", "vision/weights.safetensors", "vision/program.pt2"]
     assert set(v["artifacts"]) <= set(eng.manifest["artifacts"])
     assert v["image"]["tokens_per_tile"] == 144 and v["max_tiles"] == 17
     assert [p["name"] for p in v["passes"]] == ["lower_vision_rope", "eliminate_dead_code"]

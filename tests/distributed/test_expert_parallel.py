@@ -38,8 +38,8 @@ def test_sharded_engine_matches_single_process(sharded, nproc):
     m = json.loads((path / "manifest.json").read_text())
     sh = m["sharding"]
     assert sh["world_size"] == nproc and len(sh["plan_hash"]) == 16
-    assert sorted(m["artifacts"]) == sorted([f"rank{r}/{a}" for r in range(nproc)
-                                             for a in ("model.pt2", "weights.safetensors")] + ["README.md"])
+    files = ("model.pt2", "weights.safetensors", "program.pt2")
+    assert sorted(m["artifacts"]) == sorted([f"rank{r}/{a}" for r in range(nproc) for a in files] + ["README.md"])
     assert sorted(e for rk in sh["experts"] for e in rk["1"]) == list(range(8))   # every expert on one rank
     shard = next(p for p in m["passes"] if p["name"] == "shard_experts")
     assert shard["stats"]["ranks"] == nproc and shard["stats"]["layers"] == [1]

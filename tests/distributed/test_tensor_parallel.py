@@ -31,8 +31,8 @@ def test_tp_ep_engine_matches_single_process(sharded, nproc):
     assert sh["execution"] == {"attention": "tp", "dense_mlp": "tp", "shared_expert": "tp", "experts": "ep",
                                "router": "replicated", "vocab": "replicated"}
     assert sh["notes"] == []                                    # nothing the plan chose was overridden
-    assert sorted(m["artifacts"]) == sorted([f"rank{r}/{a}" for r in range(nproc)
-                                             for a in ("model.pt2", "weights.safetensors")] + ["README.md"])
+    files = ("model.pt2", "weights.safetensors", "program.pt2")
+    assert sorted(m["artifacts"]) == sorted([f"rank{r}/{a}" for r in range(nproc) for a in files] + ["README.md"])
     stats = next(p for p in m["passes"] if p["name"] == "shard_tensor_parallel")["stats"]
     assert stats == {"ranks": nproc, "parts": ["attention", "dense_mlp", "shared_expert"], "attention_layers": 2,
                      "dense_layers": 1, "shared_layers": 1, "all_reduces_per_rank": 3,

@@ -46,7 +46,8 @@ def _generate(tmp_path, quant: str) -> dict:
 
 def test_tiny_int4_cuda_engine_generates_and_passes_its_checks(tmp_path):
     r = _generate(tmp_path, "int4")
-    assert r["problems"] == {"kernels": [], "opaque": [], "caches": []}
+    assert r["problems"] == {"kernels": [], "opaque": [], "caches": [], "program": []}
+    assert 0 < r["program_bytes"] < 4 * 2**20                               # program.pt2: the graph, no weights
     assert r["caches"] == 8                                                 # 4 layers x (k, v)
     launches = r["launches"]
     assert launches["attention_partial_kernel"] == launches["attention_combine_kernel"] == 4
@@ -66,7 +67,7 @@ def test_tiny_fp8_cuda_engine_has_no_opaque_op(tmp_path):
     """FP8: the MoE is l4::moe_fp8_fused (its routing and two FP8 GEMM kernels), the projections torch._scaled_mm;
     nothing through the proxy executor, so CUDA graphs can capture the step (~80 s, hence slow)."""
     r = _generate(tmp_path, "fp8")
-    assert r["problems"] == {"kernels": [], "opaque": [], "caches": []}
+    assert r["problems"] == {"kernels": [], "opaque": [], "caches": [], "program": []}
     launches = r["launches"]
     assert launches["moe_route_kernel"] == launches["moe_fp8_gate_up_kernel"] == launches["moe_fp8_down_kernel"] == 4
     assert r["extern_calls"] == {"_scaled_mm_out": 8, "mm_out": 5}          # qkv + o of 4 layers; routers, lm_head

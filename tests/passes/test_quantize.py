@@ -151,7 +151,8 @@ def test_engine_matches_fake_quantized_model(trained, engines, scheme):
     float_bytes = sum(p.numel() * 4 for p in trained.parameters())
     after = man["weight_bytes"]["after"]
     assert after < (0.3 if scheme == "fp8" else 0.16) * float_bytes, (after, float_bytes)
-    assert after <= stored < after + 2**20 and pt2 < 4 * 2**20, (pt2, stored, after)
+    program = (d / "program.pt2").stat().st_size               # the jit runtime's graph, weights left out
+    assert after <= stored < after + 2**20 and pt2 < 4 * 2**20 and program < 4 * 2**20, (pt2, stored, after, program)
     print(f"\n{scheme}: weight bytes {man['weight_bytes']}, weights.safetensors {stored} B, model.pt2 {pt2} B "
           f"vs float32 weights {float_bytes} B")
 
