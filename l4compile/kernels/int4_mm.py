@@ -29,8 +29,10 @@ bf16 x and bf16 scales on sm_90 only, in inline PTX. A ``prmt`` spreads two byte
 into each half's mantissa of 128.0 (bf16 0x4300 + q is 128 + q), one ``sub.bf16x2`` takes 136 off (q - 8, exact)
 and one ``mul.bf16x2`` scales, which rounds once as the reference's float32 product does (exact) before its cast.
 The even and odd weights of a K block come out as two [BN, BK/2] tiles, each dotted with the matching half of x
-(``x_pairs``), so nothing is interleaved; N and K must divide by BN and BK, so no load is masked. The K loop at
-Scout's q_proj (BN 64, BK 128): 327 instructions against the float path's 539 (``kernels_sm90.py --ops``). Not yet
+(``x_pairs``: one contiguous load of the x block, split in registers), so no weight is interleaved; N and K must
+divide by BN and BK, so no weight load is masked. The K loop at Scout's q_proj (BN 64, BK 128): 244 instructions
+against the float path's 539 (``kernels_sm90.py --ops``; 327 while x_pairs loaded x with two stride-2 gathers,
+16 narrow loads and their address arithmetic a thread an iteration). Not yet
 run on a GPU: nothing selects it but an explicit ``Int4Blocks(bf16x2=True)`` (``bench_kernels.py`` sweeps it and
 checks every result before timing it; the GPU tests compare it too).
 
@@ -110,11 +112,11 @@ def int4_pairs_bf16(w_ptr, s_ptr, rn, k0, G, stride_wn, stride_wk, stride_sn, st
 @triton.jit
 def x_pairs(x_ptr, rows, rmask, k0, stride_xr, stride_xk, BLOCK_K: tl.constexpr):
     """Rows ``rows`` [BM] (valid where ``rmask``) of x at the even and odd inputs of the K block at k0 -> two
-    [BM, BK/2] tiles (0 in masked rows), the partners of ``int4_pairs_bf16``'s weights."""
-    ke = k0 + 2 * tl.arange(0, BLOCK_K // 2)                                     # [BK/2] even inputs
-    base = x_ptr + rows[:, None] * stride_xr + ke[None, :] * stride_xk
-    return (tl.load(base, mask=rmask[:, None], other=0.0),
-            tl.load(base + stride_xk, mask=rmask[:, None], other=0.0))
+    [BM, BK/2] tiles (0 in masked rows), the partners of ``int4_pairs_bf16``'s weights: the [BM, BK] block loaded
+    contiguously (vector loads, pipelined like the weights) and split in registers."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    xt = tl.load(x_ptr + rows[:, None] * stride_xr + k[None, :] * stride_xk, mask=rmask[:, None], other=0.0)
+    return tl.split(tl.reshape(xt, (xt.shape[0], BLOCK_K // 2, 2)))
 
 
 @triton.jit

@@ -11,6 +11,11 @@ from l4compile.quant import quantize_int4
 
 from .conftest import TOL, rel_err, require_cuda_kernels, require_interpreter
 
+try:                    # a module global: Triton resolves the names a jitted function calls in its globals
+    from l4compile.kernels.int4_mm import x_pairs
+except ImportError:     # no triton here: the kernel tests skip
+    x_pairs = None
+
 # (M, N, K, group_size asked); the group used is gcd(K, group_size): 128, 64, 32, 12, 6
 CASES = [(1, 33, 256, 128), (5, 48, 192, 128), (17, 20, 96, 128), (3, 16, 48, 12), (2, 24, 30, 6)]
 
@@ -124,3 +129,31 @@ def test_int4_mm_cuda(m, n, k, group, dtype):
             for split in (1, 8):
                 out = int4_matmul(x, w_packed, w_scale, blocks=Int4Blocks(16, 64, 128, True, split, True))
                 assert rel_err(out, _linear_int4_impl(x, w_packed, w_scale)) < tol
+
+
+
+def _x_pairs_probe():
+    """A kernel storing ``int4_mm.x_pairs``' two tiles side by side: out[r] = (x block at even k, at odd k)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(x_ptr, out_ptr, M, k0, stride_xr, BM: tl.constexpr, BK: tl.constexpr):
+        rows = tl.arange(0, BM)
+        xe, xo = x_pairs(x_ptr, rows, rows < M, k0, stride_xr, 1, BK)            # [BM, BK/2] each
+        c = tl.arange(0, BK // 2)
+        tl.store(out_ptr + rows[:, None] * BK + c[None, :], xe)
+        tl.store(out_ptr + rows[:, None] * BK + BK // 2 + c[None, :], xo)
+    return probe
+
+
+def test_x_pairs_splits_a_block_into_even_and_odd_inputs():
+    """``int4_mm.x_pairs``, the x operand of the bf16x2 kernels (whose PTX unpack the CPU cannot run): the rows of
+    one K block at its even and at its odd inputs, 0 in masked rows."""
+    require_interpreter()
+    x = torch.randn(3, 96)
+    out = torch.full((16, 32), float("nan"))
+    _x_pairs_probe()[(1,)](x, out, 3, 64, x.stride(0), BM=16, BK=32)          # the K block 64..95 of 3 rows
+    block = x[:, 64:]
+    assert torch.equal(out[:3], torch.cat([block[:, 0::2], block[:, 1::2]], dim=1))
+    assert torch.equal(out[3:], torch.zeros(13, 32))

@@ -75,9 +75,10 @@ def test_int4_dequant_has_no_int_to_float_conversions(tmp_path):
 
 def test_int4_bf16x2_kernels_compile_lean(tmp_path):
     """The inline-PTX unpack (``int4_mm.int4_pairs_bf16``, a sweep candidate until a GPU has timed it) compiles for
-    sm_90 in int4_mm and in both fused MoE GEMMs, unpacks with bf16x2 adds and multiplies, and leaves each K loop at
-    most 70% as long as the float path's for the same blocks (when written: int4_mm 327 against 539, gate_up 640
-    against 1072, down 365 against 542 instructions at BN 64 / BK 128)."""
+    sm_90 in int4_mm and in both fused MoE GEMMs, unpacks with bf16x2 adds and multiplies, loads x as whole blocks
+    (not a narrow load per element), spills nothing and leaves each K loop at most 60% as long as the float path's
+    for the same blocks (when written: int4_mm 244 against 539, gate_up 566 against 1072, down 260 against 542
+    instructions at BN 64 / BK 128)."""
     _nvidia_backend()
     out = tmp_path / "ops.json"
     p = subprocess.run([sys.executable, str(SCRIPT), "--dtypes", "bfloat16", "--ops", "--sweep", "--cases",
@@ -96,4 +97,5 @@ def test_int4_bf16x2_kernels_compile_lean(tmp_path):
         assert asm["error"] is None and asm["mma"] == ["mma m16n8k16 bf16"], asm
         a, f = asm["sass_ops"], plain["sass_ops"]
         assert a["HADD2"] > 0 and a["HMUL2"] > 0 and a["F2FP"] <= f["F2FP"] // 2, (kernel, a)
-        assert a["total"] <= 0.7 * f["total"], (kernel, a["total"], f["total"])
+        assert a["total"] <= 0.6 * f["total"], (kernel, a["total"], f["total"])
+        assert a["LDG"] <= f["LDG"] and asm["stack_bytes"] == 0, (kernel, a, asm["stack_bytes"])
