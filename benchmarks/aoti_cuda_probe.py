@@ -16,9 +16,13 @@ it, died with SIGSEGV inside aoti_load_package (AOTIModelPackageLoader); the fre
     triton        external + a user Triton kernel (l4::int4_mm, a triton_op compiled into the package)
 
 Each step prints one line: CASE STEP ok (max |out - ref|) / CASE STEP FAILED (exit code, last line reached).
+When the fresh load fails, the layers under aoti_load_package are tried one by one: what the model .so links against
+(``ldd -r``), the GLIBCXX it needs and the host's g++, a bare dlopen of the .so after importing torch, then
+``AOTIModelContainerRunnerCuda`` on it without the package loader: which layer dies is where the crash lives.
 """
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -102,7 +106,70 @@ def load_and_run(case: str, out: Path, step: str) -> None:
     print(f"RESULT {case} {step} ok (max |out - ref| {float((res - saved['ref']).abs().max()):.1e})", flush=True)
 
 
+def extract(out: Path) -> tuple[Path, Path]:
+    """model.pt2's AOTInductor model, unzipped under out/x: (its .so, the folder holding its cubins)."""
+    import zipfile
+
+    with zipfile.ZipFile(out / "model.pt2") as z:
+        z.extractall(out / "x")
+    so = next((out / "x").rglob("*.so"))
+    return so, so.parent
+
+
+def lower_level(case: str, out: Path, step: str) -> None:
+    """The load below aoti_load_package, one layer at a time, each in its own process (diagnose): "dlopen" the
+    model .so alone after importing torch; "runner" AOTIModelContainerRunnerCuda on it (no package loader)."""
+    so, cubins = extract(out)
+    if step == "dlopen":
+        import ctypes
+
+        ctypes.CDLL(str(so))
+        print(f"{case}: dlopen ok", flush=True)
+        return
+    if case == "triton":
+        sys.path.insert(0, str(ROOT))
+        import l4compile.ops  # noqa: F401
+        from l4compile.kernels.dispatch import load_triton_ops
+        load_triton_ops()
+    saved = torch.load(out / "inputs.pt")
+    runner = torch._C._aoti.AOTIModelContainerRunnerCuda(str(so), 1, "cuda", str(cubins))
+    print(f"{case}: runner loaded", flush=True)
+    if case != "plain":
+        runner.update_constant_buffer(dict(saved["constants"]), False, True)
+    res = runner.run([saved["x"]])[0]
+    torch.cuda.synchronize()
+    print(f"RESULT {case} runner ok (max |out - ref| {float((res - saved['ref']).abs().max()):.1e})", flush=True)
+
+
+def diagnose(case: str, out: Path) -> None:
+    """After a failed load: what the model .so links against (ldd -r: unresolved symbols, which libtorch and
+    libstdc++), the newest GLIBCXX it asks for, the host compiler, then a bare dlopen and the container runner."""
+    so, _ = extract(out)
+    for cmd in (["ldd", "-r", str(so)], ["g++", "--version"]):
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            print(f"$ {cmd[0]}: {e}", flush=True)
+            continue
+        lines = (r.stdout + r.stderr).splitlines()
+        shim = [ln for ln in lines if "undefined symbol: aoti_torch_" in ln]   # libtorch's C shim: python has it
+        print(f"$ {' '.join(cmd[:2])}" + (f" ({len(shim)} aoti_torch_* symbols left to libtorch)" if shim else ""),
+              *[ln for ln in lines if ln not in shim][:30], sep="\n", flush=True)
+    needs = sorted(set(re.findall(rb"GLIBCXX_3\.4\.(\d+)", so.read_bytes())), key=int)
+    print(f"{so.name}: {so.stat().st_size} bytes, newest GLIBCXX_3.4.{needs[-1].decode() if needs else '?'}", flush=True)
+    for step in ("dlopen", "runner"):
+        p = subprocess.run([sys.executable, "-X", "faulthandler", __file__, "--lower", case, str(out), step],
+                           capture_output=True, text=True, timeout=240)
+        lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
+        print(f"{case} {step} " + ("ok" if p.returncode == 0 else f"FAILED (exit {p.returncode})"), flush=True)
+        if p.returncode:
+            print("\n".join(lines[-25:]), flush=True)
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--lower"]:
+        lower_level(argv[1], Path(argv[2]), argv[3])
+        return 0
     if argv[:1] == ["--build"]:
         build(argv[1], Path(argv[2]))
         return 0
@@ -131,6 +198,8 @@ def main(argv: list[str]) -> int:
                 print(p.stdout[-2000:], p.stderr[-2000:], sep="\n", flush=True)
                 if step == "build":
                     break
+                if step == "fresh":
+                    diagnose(case, out)
                 if gdb and p.returncode < 0:
                     g = subprocess.run(["cuda-gdb", "-q", "-batch", "-ex", "set pagination off", "-ex", "run",
                                         "-ex", "bt 30", "--args", sys.executable, __file__, *args],
