@@ -1,10 +1,12 @@
 """Which CUDA AOTInductor packages load on this host: small packages that each add one feature l4compile's CUDA
 engines use. Each case is built in one process, then loaded and run in a fresh process, then loaded in a process
-that compiled something first (as `l4compile compile` verifies its engine): a segfault ends only that step.
+that compiled something first (as `l4compile compile` verifies its engine): a segfault ends only that step, and a
+failed step ends its case (the next load would die the same way).
 
     python benchmarks/aoti_cuda_probe.py [--gdb] [CASE ...]  # default: every case; needs a CUDA GPU
 
---gdb: a load step that dies of a signal is run once more under cuda-gdb, which prints the native backtrace.
+--gdb: the first load step that dies of a signal is run once more under cuda-gdb (90 s), which prints the native
+backtrace.
 
 On the lent H200 (torch 2.11.0+cu130, driver 580.159.04, 2026-12-04) even `plain`, loaded in the process that built
 it, died with SIGSEGV inside aoti_load_package (AOTIModelPackageLoader); the fresh-process load was not tried then.
@@ -196,17 +198,19 @@ def main(argv: list[str]) -> int:
             print(results[-1], flush=True)
             if not ok:
                 print(p.stdout[-2000:], p.stderr[-2000:], sep="\n", flush=True)
-                if step == "build":
-                    break
                 if step == "fresh":
                     diagnose(case, out)
                 if gdb and p.returncode < 0:
-                    g = subprocess.run(["cuda-gdb", "-q", "-batch", "-ex", "set pagination off", "-ex", "run",
-                                        "-ex", "bt 30", "--args", sys.executable, __file__, *args],
-                                       capture_output=True, text=True, timeout=240)
-                    print("\n".join(ln for ln in g.stdout.splitlines() if ln.startswith(("#", "Thread", "Program")))
-                          or g.stdout[-3000:], flush=True)
+                    try:
+                        g = subprocess.run(["cuda-gdb", "-q", "-batch", "-ex", "set pagination off", "-ex", "run",
+                                            "-ex", "bt 30", "--args", sys.executable, __file__, *args],
+                                           capture_output=True, text=True, timeout=90)
+                        print("\n".join(ln for ln in g.stdout.splitlines()
+                                        if ln.startswith(("#", "Thread", "Program"))) or g.stdout[-3000:], flush=True)
+                    except subprocess.TimeoutExpired:
+                        print("cuda-gdb: no backtrace within 90 s", flush=True)
                     gdb = False                          # one backtrace is enough
+                break     # nothing built to load, or the next load would die the same way: the time goes elsewhere
     print("\n".join(results))
     return 0
 
