@@ -22,15 +22,13 @@ def both(tiny_engine):
 
 
 def test_jit_runtime_matches_the_package(both):
+    """One prompt shape and the decode step: the jit runtime compiles two graphs (~1 minute here)."""
     aoti, jit = both
     assert (aoti.runtime, jit.runtime) == ("aoti", "jit")
-    g = torch.Generator().manual_seed(5)
-    for b, s in [(1, 17), (2, 5)]:
-        ids = torch.randint(0, aoti.vocab_size, (b, s), generator=g)
-        want = aoti.prefill(ids)
-        assert want.shape == (b, s, aoti.vocab_size)
-        assert rel_err(jit.prefill(ids), want) < 1e-5, (b, s)
-    prompt = torch.randint(0, aoti.vocab_size, (2, 9), generator=g)
+    prompt = torch.randint(0, aoti.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
+    want = aoti.prefill(prompt)
+    assert want.shape == (2, 9, aoti.vocab_size)
+    assert rel_err(jit.prefill(prompt), want) < 1e-5
     want = aoti.generate(prompt, max_new_tokens=8)
     assert jit.generate(prompt, max_new_tokens=8).tolist() == want.tolist()
     jit.decode_mode = "static"        # the steps a CUDA graph would capture: the caches are written in place
