@@ -339,3 +339,17 @@ def test_build_options_reach_the_engines_and_the_torch_compile_baseline(monkeypa
         BenchConfig("tiny", inductor_configs="abc")
     plain = BenchConfig("tiny", backends=("eager",))       # without build options: the report's config as before
     assert not {"inductor_configs", "pass_options"} & set(plain.to_dict())
+
+
+def test_engine_decode_method_names_the_runtime():
+    """An Inductor engine's decode_method says which runtime ran it (L4COMPILE_INDUCTOR_RUNNER: aoti or jit)."""
+    from types import SimpleNamespace
+
+    from l4compile.bench.runner import _runner_for
+
+    for runtime in ("aoti", "jit", None):
+        eng = SimpleNamespace(kv_cache={}, decode_mode="graph", cuda_graph_error=None, runtime=runtime,
+                              manifest={}, prefill=None, generate=None)
+        method = _runner_for(eng, "inductor", 1.0).describe()
+        assert method.startswith("Engine.generate with the engine's KV cache") and "decode mode graph" in method
+        assert method.endswith(f"; runtime {runtime}") if runtime else "runtime" not in method, method
