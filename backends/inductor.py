@@ -226,21 +226,13 @@ def _step_runner(fn, n_caches: int):
 def _load_jit(rank_dir: Path, manifest: dict[str, Any], n_caches: int):
     """The jit runtime: program.pt2 with weights.safetensors' tensors (no copy), compiled by ``torch.compile`` with
     the engine's Inductor settings (lazily: each new input shape compiles on its first call)."""
-    from l4compile import tensorfile
-
     info = manifest.get("backend_info") or {}
     if not info.get("program") or not info.get("weights"):
         raise L4Error(f"engine {rank_dir} has no {PROGRAM} (compiled before the jit runtime existed): recompile it, "
                       f"or load it with {RUNNER_ENV}=aoti")
-    device = manifest["device"]
-    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device(device)
-    weights = tensorfile.read(rank_dir / WEIGHTS, dev)
     ep = torch.export.load(rank_dir / PROGRAM)
-    missing = sorted(k for k, v in {**ep.state_dict, **ep.constants}.items()
-                     if isinstance(v, torch.Tensor) and k not in weights)
-    if missing:
-        raise L4Error(f"{rank_dir / WEIGHTS} lacks the engine constant '{missing[0]}'" +
-                      (f" and {len(missing) - 1} more" if len(missing) > 1 else "") + "; recompile the engine")
+    weights = _read_weights(rank_dir / WEIGHTS, manifest["device"],
+                            [k for k, v in {**ep.state_dict, **ep.constants}.items() if isinstance(v, torch.Tensor)])
     module = _with_tensors(ep, lambda name, t: weights[name]).module()
     configs = {k: v for k, v in (manifest.get("compile_config") or {}).get("inductor_configs") or ()
                if not k.startswith("aot_inductor.")}
@@ -250,15 +242,22 @@ def _load_jit(rank_dir: Path, manifest: dict[str, Any], n_caches: int):
     return run
 
 
-def _load_weights(pkg, path: Path, device: str) -> dict[str, torch.Tensor]:
-    """weights.safetensors -> the package's constants (no copy). Every constant the package names must be there."""
+def _read_weights(path: Path, device: str, names) -> dict[str, torch.Tensor]:
+    """weights.safetensors on the engine's device; every constant in ``names`` (what the runtime reads) must be
+    there."""
     from l4compile import tensorfile
 
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device(device)
     weights = tensorfile.read(path, dev)
-    missing = sorted(set(pkg.get_constant_fqns()) - set(weights))
+    missing = sorted(set(names) - set(weights))
     if missing:
         raise L4Error(f"{path} lacks the engine constant '{missing[0]}'" +
                       (f" and {len(missing) - 1} more" if len(missing) > 1 else "") + "; recompile the engine")
+    return weights
+
+
+def _load_weights(pkg, path: Path, device: str) -> dict[str, torch.Tensor]:
+    """weights.safetensors -> the package's constants (no copy)."""
+    weights = _read_weights(path, device, pkg.get_constant_fqns())
     pkg.load_constants({k: weights[k] for k in pkg.get_constant_fqns()}, check_full_update=True, user_managed=True)
     return weights

@@ -109,11 +109,13 @@ def load_and_run(case: str, out: Path, step: str) -> None:
 
 
 def extract(out: Path) -> tuple[Path, Path]:
-    """model.pt2's AOTInductor model, unzipped under out/x: (its .so, the folder holding its cubins)."""
+    """model.pt2's AOTInductor model, unzipped under out/x once (diagnose and each of its steps ask for it): (its
+    .so, the folder holding its cubins)."""
     import zipfile
 
-    with zipfile.ZipFile(out / "model.pt2") as z:
-        z.extractall(out / "x")
+    if not (out / "x").is_dir():
+        with zipfile.ZipFile(out / "model.pt2") as z:
+            z.extractall(out / "x")
     so = next((out / "x").rglob("*.so"))
     return so, so.parent
 

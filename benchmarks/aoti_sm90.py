@@ -179,6 +179,15 @@ def analyze(lines: list[str], graph_ops: dict[str, int], caches: list[str]) -> d
             "attention_split_grids": splits, "problems": problems}
 
 
+def kernel_ops(graph) -> dict[str, int]:
+    """l4 kernel op -> its number of calls in an exported graph."""
+    ops: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_function" and str(n.target) in KERNELS:
+            ops[str(n.target)] = ops.get(str(n.target), 0) + 1
+    return ops
+
+
 def check_program(ep, graph_ops: dict[str, int], path: Path) -> tuple[int, list[str]]:
     """The engine's program.pt2 (what the jit runtime compiles: ``backends.inductor.save_program``) written to
     ``path`` and read back: (its size, problems). It must call the same l4 kernel ops and hold no weight data."""
@@ -188,10 +197,7 @@ def check_program(ep, graph_ops: dict[str, int], path: Path) -> tuple[int, list[
 
     save_program(ep, path)
     back = torch.export.load(path)
-    ops: dict[str, int] = {}
-    for n in back.graph.nodes:
-        if n.op == "call_function" and str(n.target) in KERNELS:
-            ops[str(n.target)] = ops.get(str(n.target), 0) + 1
+    ops = kernel_ops(back.graph)
     problems = [f"{op}: x{n} in the graph, x{ops.get(op, 0)} after save and load" for op, n in graph_ops.items()
                 if ops.get(op, 0) != n]
     problems += [f"{k} holds data ({v.device})" for k, v in {**back.state_dict, **back.constants}.items()
@@ -260,10 +266,7 @@ def run(a: argparse.Namespace, cache: Path) -> int:
     except L4Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    graph_ops: dict[str, int] = {}
-    for n in ep.graph.nodes:
-        if n.op == "call_function" and str(n.target) in KERNELS:
-            graph_ops[str(n.target)] = graph_ops.get(str(n.target), 0) + 1
+    graph_ops = kernel_ops(ep.graph)
     t_export = time.perf_counter() - t0
     program_bytes, program_problems = check_program(ep, graph_ops, cache / "program.pt2")
     _fake_h100.install(Path(triton.__file__).parent / "backends" / "nvidia" / "include")
