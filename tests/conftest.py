@@ -26,10 +26,13 @@ if not torch.cuda.is_available():
 SHARED_FIXTURE_FILES = {
     "engines": ("tests/backends/test_inductor_parity.py", "tests/backends/test_kv_cache.py",
                 "tests/backends/test_decode_graph.py"),
+    "tiny_engine": ("tests/backends/test_multimodal.py", "tests/backends/test_inductor_jit.py",
+                    "tests/bench/test_bench.py", "tests/bench/test_bench_decode_modes.py",
+                    "tests/cli/test_bad_inputs.py", "tests/core/test_engine_format.py"),
     "sharded": ("tests/distributed/test_expert_parallel.py", "tests/distributed/test_tensor_parallel.py"),
 }
 # Units by cost on a 2-core machine (`pytest --durations`), most expensive first; the rest follow in file order.
-HEAVY_UNITS = ("engines", "tests/backends/test_multimodal.py", "sharded", "tests/backends/test_onnxruntime.py",
+HEAVY_UNITS = ("engines", "tiny_engine", "sharded", "tests/backends/test_onnxruntime.py",
                "tests/passes/test_quantize.py", "tests/backends/test_onnxruntime_quant.py",
                "tests/cli/test_parity_matrix.py", "tests/cli/test_bad_inputs.py", "tests/cli/test_pass_options.py",
                "tests/backends/test_tensorrt.py",
@@ -99,9 +102,9 @@ VARIANTS = {
 
 
 # Inductor settings for the fixtures whose subject is not Inductor's CPU code generation (quantize numerics, sharding,
-# multimodal, CLI behaviour): scalar C++ kernels and the C++ wrapper at -O0 take ~35% off each AOTInductor compile.
-# Each of those fixtures still checks its engine's numbers. The backend parity fixture (`engines`) and
-# test_parity_matrix compile with the defaults, so the vectorized kernels users get stay under test.
+# multimodal, CLI behaviour): scalar C++ kernels and the C++ wrapper at -O0 take ~30% off each AOTInductor compile.
+# Each of those fixtures still checks its engine's numbers. The backend parity fixture (`engines`) compiles its
+# "scout-like" engine with the defaults, so the vectorized kernels users get stay under test against transformers.
 QUICK_INDUCTOR = {"cpp.simdlen": 0, "aot_inductor.compile_wrapper_opt_level": "O0"}
 
 
@@ -135,13 +138,19 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {name: save_checkpoint(root / name, **over) for name, over in VARIANTS.items()}
 
 
+DEFAULT_INDUCTOR_VARIANT = "scout-like"     # the parity engine compiled with Inductor's defaults (vectorized C++)
+
+
 @pytest.fixture(scope="session")
 def engines(checkpoints, tmp_path_factory) -> dict[str, Path]:
-    """Every VARIANTS checkpoint compiled once per session (Inductor, float32, max sequence 112)."""
+    """Every VARIANTS checkpoint compiled once per session (Inductor, float32, max sequence 112): the
+    DEFAULT_INDUCTOR_VARIANT with Inductor's defaults, the others with QUICK_INDUCTOR (they differ from it by model,
+    not by C++ code generation, which one vectorized engine keeps under test)."""
     import l4compile
 
     root = tmp_path_factory.mktemp("variant-engines")
-    return {name: l4compile.compile(str(ckpt), out=root / name, max_seq_len=112, max_batch_size=2).path
+    return {name: l4compile.compile(str(ckpt), out=root / name, max_seq_len=112, max_batch_size=2,
+                                    inductor_configs=None if name == DEFAULT_INDUCTOR_VARIANT else QUICK_INDUCTOR).path
             for name, ckpt in checkpoints.items()}
 
 

@@ -106,17 +106,18 @@ def test_decode_mode_is_checked(engines):
         eng.decode_mode = "static"
 
 
-def test_cli_run_decode_modes(tiny_engine):
+def test_cli_run_decode_modes(engines):
     """`run --decode-mode static` reports its mode and the loop's tokens; 'graph' on a CPU engine is a user error."""
+    engine = engines["maverick-top2-odd"]
     prompt = [5, 9, 2, 7, 11, 3]
-    r = run_cli("run", str(tiny_engine), "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "12",
+    r = run_cli("run", str(engine), "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "12",
                 "--decode-mode", "static")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["decode_mode"] == "static" and out["decode_setup_ms"] >= 0
-    want = l4compile.load_engine(tiny_engine).generate(torch.tensor([prompt]), max_new_tokens=12)
+    want = l4compile.load_engine(engine).generate(torch.tensor([prompt]), max_new_tokens=12)
     assert out["generated_ids"] == want[0, len(prompt):].tolist()
-    r = run_cli("run", str(tiny_engine), "--prompt-ids", "1,2", "--decode-mode", "graph")
+    r = run_cli("run", str(engine), "--prompt-ids", "1,2", "--decode-mode", "graph")
     assert r.returncode == 2 and r.stderr.startswith("error:") and "use 'static'" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 

@@ -10,7 +10,9 @@ from transformers import Llama4ForCausalLM
 import l4compile
 from l4compile.cli import main
 from tests.backends.parity_checks import TOL, check_run_matches_eager, rel_err
-from tests.conftest import QUICK_INDUCTOR, VARIANTS
+from tests.conftest import DEFAULT_INDUCTOR_VARIANT, QUICK_INDUCTOR, VARIANTS
+
+QUICK_VARIANT = "maverick-top2-odd"     # compiled with QUICK_INDUCTOR (scalar C++ kernels)
 
 def test_cli_compile_reports_fusion_and_lowering(checkpoints, tmp_path, capsys):
     ckpt = checkpoints["maverick-top2-odd"]
@@ -45,12 +47,10 @@ def test_skip_fuse_moe_still_matches(checkpoints, tmp_path):
         assert rel_err(eng.prefill(ids), lm(ids).logits) < TOL
 
 
-def test_engine_serves_every_length_and_batch(tiny_engine):
+def test_engine_serves_every_length_and_batch(checkpoints, engines):
     """One engine, no recompiles: lengths 1..max and batches 1..max all match eager."""
-    from l4compile import frontend
-
-    eng = l4compile.load_engine(tiny_engine)
-    lm = frontend.load("tiny").model
+    eng = l4compile.load_engine(engines[DEFAULT_INDUCTOR_VARIANT])
+    lm = Llama4ForCausalLM.from_pretrained(checkpoints[DEFAULT_INDUCTOR_VARIANT]).eval()
     g = torch.Generator().manual_seed(2)
     for b, s in [(1, 1), (2, 1), (1, 17), (2, 33), (1, eng.max_seq_len)]:
         ids = torch.randint(0, eng.vocab_size, (b, s), generator=g)
@@ -67,18 +67,19 @@ def _package_cpu_isa(engine_dir) -> str:
         return json.loads(z.read(name))["AOTI_CPU_ISA"]
 
 
-def test_inductor_configs_reach_the_package(tiny_engine, engines):
-    """tiny_engine is compiled with QUICK_INDUCTOR (cpp.simdlen=0: scalar kernels), recorded in its manifest; the
-    parity engines keep Inductor's defaults, vectorized for this CPU."""
-    m = json.loads((tiny_engine / "manifest.json").read_text())
-    assert dict(map(tuple, m["compile_config"]["inductor_configs"])) == QUICK_INDUCTOR
-    assert _package_cpu_isa(tiny_engine) == "INVALID_VEC_ISA"
-    for path in engines.values():
-        assert json.loads((path / "manifest.json").read_text())["compile_config"]["inductor_configs"] == []
-        assert _package_cpu_isa(path) != "INVALID_VEC_ISA"
+def test_inductor_configs_reach_the_package(engines):
+    """The QUICK_INDUCTOR engines (cpp.simdlen=0: scalar kernels) record those settings in their manifests; the
+    engine compiled with Inductor's defaults is vectorized for this CPU."""
+    for name, path in engines.items():
+        manifest = json.loads((path / "manifest.json").read_text())
+        configs = dict(map(tuple, manifest["compile_config"]["inductor_configs"]))
+        if name == DEFAULT_INDUCTOR_VARIANT:
+            assert configs == {} and _package_cpu_isa(path) != "INVALID_VEC_ISA"
+        else:
+            assert configs == QUICK_INDUCTOR and _package_cpu_isa(path) == "INVALID_VEC_ISA"
 
 
-def test_scalar_package_loads_without_an_isa_warning(tiny_engine):
+def test_scalar_package_loads_without_an_isa_warning(engines):
     """torch warns at load that a scalar package's ISA is not this CPU's; scalar code runs anywhere, so the engine
     drops that one warning (and only that one)."""
     import logging
@@ -99,15 +100,16 @@ def test_scalar_package_loads_without_an_isa_warning(tiny_engine):
     logger, handler = logging.getLogger(_PACKAGE_LOGGER), Keep(logging.WARNING)
     logger.addHandler(handler)
     try:
-        l4compile.load_engine(tiny_engine)
+        l4compile.load_engine(engines[QUICK_VARIANT])
     finally:
         logger.removeHandler(handler)
     assert not [m for m in seen if "AOTI_CPU_ISA" in m], seen
 
 
-def test_parity_command(tiny_engine, tmp_path, capsys):
+def test_parity_command(checkpoints, engines, tmp_path, capsys):
     report = tmp_path / "parity.json"
-    rc = main(["parity", "tiny", "--engine", str(tiny_engine), "--steps", "8", "--json", str(report)])
+    rc = main(["parity", str(checkpoints[QUICK_VARIANT]), "--engine", str(engines[QUICK_VARIANT]), "--steps", "8",
+               "--json", str(report)])
     out = capsys.readouterr().out
     assert rc == 0, out
     d = json.loads(report.read_text())

@@ -8,7 +8,6 @@ from collections import Counter
 
 import numpy as np
 import onnx
-import pytest
 
 from l4compile.bench.runner import lm_head_quantized
 from tests.conftest import run_cli
@@ -41,21 +40,24 @@ def test_full_caches_match_ring_buffers(tmp_path):
     assert np.abs(logits_f - logits_r).max() / np.abs(logits_r).max() < 1e-5
 
 
-@pytest.mark.parametrize("lm_head", [False, True])
-def test_quantize_options_reach_the_engine(tmp_path, lm_head):
+def test_quantize_options_reach_the_engine(tmp_path):
+    """Both quantize options at once (one Int4 compile): groups of 64 and the lm_head quantized; the pass-level
+    test (tests/passes/test_quantize.py) covers each option alone."""
     m = _compile(tmp_path / "q", "--quant", "int4", "--pass-option", "quantize.group_size=64",
-                 *(["--pass-option", "quantize.quantize_lm_head=true"] if lm_head else []))
+                 "--pass-option", "quantize.quantize_lm_head=true")
     stats = next(p["stats"] for p in m["passes"] if p["name"] == "quantize")
     layers = m["model_config"]["num_hidden_layers"]
-    assert stats["scheme"]["group_size"] == 64 and stats["scheme"]["quantize_lm_head"] is lm_head
-    assert stats["linears"] == 4 * layers + lm_head                             # q, k, v, o per layer (+ lm_head)
+    assert stats["scheme"]["group_size"] == 64 and stats["scheme"]["quantize_lm_head"] is True
+    assert stats["linears"] == 4 * layers + 1                                 # q, k, v, o per layer + lm_head
     ops = Counter(m["backend_info"]["op_counts"])                             # + per MoE block: shared gate, up,
     per_moe = 3 + 2 * m["model_config"]["num_local_experts"]                  # down and each expert's gate_up, down
-    # fuse_qkv: q/k/v are one MatMulNBits, so 2 a layer (qkv, o)
-    assert ops["com.microsoft::MatMulNBits"] == 2 * layers + stats["moe_blocks"] * per_moe + lm_head
+    # fuse_qkv: q/k/v are one MatMulNBits, so 2 a layer (qkv, o), + the lm_head's
+    assert ops["com.microsoft::MatMulNBits"] == 2 * layers + stats["moe_blocks"] * per_moe + 1
     model = onnx.load(str(tmp_path / "q" / "model.onnx"), load_external_data=False)
     assert {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
             if a.name == "block_size"} == {64}
     ids, logits = _run(tmp_path / "q", tmp_path)
     assert len(ids) == 40 and np.isfinite(logits).all()
-    assert lm_head_quantized(m) is lm_head               # what `l4compile bench ENGINE`'s roofline counts it at
+    assert lm_head_quantized(m) is True                  # what `l4compile bench ENGINE`'s roofline counts it at
+    off = {"passes": [{"name": "quantize", "stats": {"scheme": dict(stats["scheme"], quantize_lm_head=False)}}]}
+    assert lm_head_quantized(off) is False and lm_head_quantized({"passes": []}) is False
