@@ -10,9 +10,10 @@ The fused MoE runs every (token, expert) assignment and the shared expert as ONE
 
 Rows are cut into tiles of BM rows that never straddle a group; tile i handles rows
 ``[tile_row0[i], min(tile_row0[i] + BM, tile_row_end[i]))`` of group ``tile_group[i]``. The number of tiles
-depends on the routing, so the map has a STATIC length ``NT = ceil(R / BM) + G`` (each group wastes less than one
-tile) and unused tiles carry group G (the kernels skip them). Nothing here syncs with the host or has a
-data-dependent shape, so the whole map traces under torch.export with a symbolic T and compiles into AOTI.
+depends on the routing, so the map has a STATIC length ``NT = floor((R + min(G, R) * (BM - 1)) / BM)`` (each group
+that holds a row wastes less than one tile; see ``num_tiles``) and unused tiles carry group G (the kernels skip
+them). Nothing here syncs with the host or has a data-dependent shape, so the whole map traces under torch.export
+with a symbolic T and compiles into AOTI.
 ``moe_rows`` is the aten form (any top-k; ~14 small launches in a CUDA engine); for top-1 routing the fused MoE ops
 build the same map with one kernel (``kernels/moe_route.py``), which the tests hold equal to ``moe_rows``.
 """
@@ -38,9 +39,13 @@ class MoeRows:
     tile_row_end: Tensor   # [NT] int32: end (exclusive) of the tile's group rows
 
 
-def num_tiles(rows: int, groups: int, block_m: int) -> int:
-    """Static bound on the tiles of ``rows`` rows in ``groups`` groups: ceil(rows / BM) + groups."""
-    return (rows + block_m - 1) // block_m + groups
+def num_tiles(rows, groups: int, block_m: int):
+    """Static bound NT on the tiles of ``rows`` rows (an int or a SymInt) in ``groups`` groups. A group of c rows
+    takes ceil(c / BM) <= (c + BM - 1) / BM tiles, and at most min(G, R) groups hold a row, so the tiles number at
+    most floor((R + min(G, R) * (BM - 1)) / BM). A top-1 decode step (R = 2) gets exactly its 2 tiles, not the
+    ceil(R / BM) + G = 18 of the looser bound, whose 16 empty tiles each launched a row of programs that exit at once
+    (2048 of gate_up's 2304 at Scout width); prefill loses nothing. Guard-free in a symbolic R."""
+    return (rows + torch.sym_min(groups, rows) * (block_m - 1)) // block_m
 
 
 def moe_rows(idx: Tensor, score: Tensor, n_experts: int, block_m: int) -> MoeRows:

@@ -56,6 +56,30 @@ def test_moe_rows_tiles_cover_every_row_once(n_tok, n_exp, top_k, bm):
         assert rows.routed_row[t * top_k + k] == r                # the combine's gather finds the row again
 
 
+@pytest.mark.parametrize("bm", [1, 4, 16])
+def test_num_tiles_bounds_every_routing_and_is_reached(bm):
+    """NT = (R + min(G, R) * (BM - 1)) // BM holds the tiles of any split of R rows into G groups, and some split
+    needs every one of them (so it is the least static bound): every group that holds a row holding one row more
+    than a multiple of BM. A decode step of a top-1 MoE (R = 2: one routed row, one shared) gets its 2 tiles."""
+    tiles = lambda counts: sum((c + bm - 1) // bm for c in counts)
+    g = torch.Generator().manual_seed(bm)
+    for groups in (1, 2, 17, 129):
+        for rows in (0, 1, 2, 3, 16, 17, 33, 200, 4096):
+            bound = num_tiles(rows, groups, bm)
+            for _ in range(20):                                    # random splits of the rows over the groups
+                counts = torch.bincount(torch.randint(groups, (rows,), generator=g), minlength=groups).tolist()
+                assert tiles(counts) <= bound
+            k = min(groups, rows)                                  # worst split: k groups, k-1 of 1 + m*BM rows
+            if k:
+                worst = [1 + ((rows - k) // bm // k) * bm] * (k - 1)
+                worst.append(rows - sum(worst))
+                assert tiles(worst) <= bound
+                if (rows - k) % bm == 0 and (rows - k) // bm % k == 0:
+                    assert tiles(worst) == bound                  # reached
+    assert num_tiles(2, 17, 16) == 2 and num_tiles(2, 129, 16) == 2      # Scout / Maverick decode
+    assert num_tiles(2 * 2048, 17, 16) == (4096 + 17 * 15) // 16         # prefill: about R / BM + G as before
+
+
 def test_int4_blocks():
     assert int4_blocks(5120, 5120, 128) == int4_blocks(5120, 5120, 128)
     b = int4_blocks(5120, 5120, 128)
@@ -225,7 +249,7 @@ def test_cuda_decompositions_export_moe_q_with_symbolic_tokens():
     for body, body_grids, body_ranges in (bodies[:3], bodies[3:]):               # Int4, FP8
         assert body == "['triton_kernel_wrapper_functional'" + ", 'triton_kernel_wrapper_functional'" * 2 + "]"
         route, gate_up, down = eval(body_grids)                                 # route (one program), gate_up, down
-        assert route == "1" and "//16" in gate_up and "//16" in down            # NT = ceil(2T / BM 16) + E + 1
+        assert route == "1" and "//16" in gate_up and "Min(" in down        # NT = (2T + min(E+1, 2T) * 15) // 16
         assert body_ranges == "['VR[1, 4096]'] False"                           # T symbolic, no host sync
 
 
