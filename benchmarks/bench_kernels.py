@@ -252,14 +252,19 @@ def int4_configs(quick: bool, tiny: bool) -> list[tuple[int, int, int, bool]]:
     return [(*c, False) for c in pairs] + asm
 
 
-def moe_int4_configs(quick: bool, tiny: bool) -> list[tuple[int, int, int, bool]]:
-    """(BN, BK, down split-K, bf16x2 unpack) for moe_q_fused (gate_up never splits: its SwiGLU needs the whole sum):
-    the (BN, BK) pairs unsplit; the static BN 64 / BK 128 with its down GEMM (I = 8192: 64 K blocks) split 2/4/8
-    ways; and the inline-PTX unpack in both GEMMs at BN 64/128, unsplit and with the down GEMM split 4 ways."""
+def moe_int4_configs(quick: bool, tiny: bool) -> list[tuple[int, int, int, int, bool]]:
+    """(BN, BK, gate_up split-K, down split-K, bf16x2 unpack) for moe_q_fused: the (BN, BK) pairs unsplit; the static
+    BN 64 / BK 128 with its GEMMs split (gate_up: H = 5120, 40 K blocks; down: I = 8192, 64 K blocks; the tile's
+    last program adds the partials, and for gate_up runs the SwiGLU); the inline-PTX unpack in both GEMMs, unsplit
+    and split. At a decode step gate_up has 2 tiles x I / BN = 256 programs of 40 K blocks each unsplit."""
     if tiny:
-        return [(32, 32, 1, False)]
-    return ([(bn, bk, 1, False) for bn, bk in configs(quick, tiny)] + [(64, 128, sk, False) for sk in (2, 4, 8)]
-            + [(bn, 128, sk, True) for bn in (64, 128) for sk in (1, 4)])
+        return [(32, 32, 1, 1, False), (32, 32, 2, 2, False)]
+    splits = [(4, 4), (8, 8)] if quick else [(1, 2), (1, 4), (1, 8), (2, 2), (4, 4), (8, 8), (4, 8)]
+    asm = [(64, 128, sg, sd, True) for sg, sd in ((1, 1), (4, 4), (8, 8))]
+    if not quick:
+        asm += [(128, 128, sg, sd, True) for sg, sd in ((1, 1), (4, 4))]
+    return ([(bn, bk, 1, 1, False) for bn, bk in configs(quick, tiny)]
+            + [(64, 128, sg, sd, False) for sg, sd in splits] + asm)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,9 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         ref = _moe_impl(x, *fweights, 1)
         touched = int(torch.unique(_route(x, qweights[0], 1)[0]).numel())
         moved = moe_bytes(x, qweights, fweights, touched, quant=True)
-        for bn, bk, sk, asm in moe_int4_configs(a.quick, a.tiny):
-            blocks = (Int4Blocks(16, bn, bk, True, 1, asm), Int4Blocks(16, bn, bk, True, sk, asm))
-            label = f"BN{bn} BK{bk}" + (f" down SK{sk}" if sk > 1 else "") + (" bf16x2" if asm else "")
+        for bn, bk, sg, sd, asm in moe_int4_configs(a.quick, a.tiny):
+            blocks = (Int4Blocks(16, bn, bk, True, sg, asm), Int4Blocks(16, bn, bk, True, sd, asm))
+            label = (f"BN{bn} BK{bk}" + (f" SK{sg}/{sd}" if max(sg, sd) > 1 else "") + (" bf16x2" if asm else ""))
             record("moe_q_fused", t, label, blocks == default,
                    lambda blocks=blocks: fused_moe_int4(x, *qweights, 1, blocks=blocks), ref, moved)
         record("moe_fused bf16", t, "default", True, lambda: fused_moe(x, *fweights, 1), ref,

@@ -103,7 +103,8 @@ def sass_ops(cubin: bytes, tool: Path) -> dict[str, int]:
     jumps back over: the K loop of a GEMM, one iteration of it; software pipelining puts copies of the loads and
     MMAs before and after it, which are not counted), the conversions and ALU work a dequantizing loop spends per
     weight beside its loads and tensor-core MMAs. ``total``: the loop's instructions; ``kernel``: the whole
-    kernel's. A kernel without a loop counts as a whole."""
+    kernel's; ``kernel_sync``: the whole kernel's global atomics, memory barriers and L1 invalidations (a split-K
+    epilogue's counter: ``l4compile/kernels/split_k.py``). A kernel without a loop counts as a whole."""
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "k.cubin"
         path.write_bytes(cubin)
@@ -114,7 +115,9 @@ def sass_ops(cubin: bytes, tool: Path) -> dict[str, int]:
              and (m := re.search(r"(0x[0-9a-f]+)", rest)) and int(m.group(1), 16) < a]
     lo, hi = max(loops, key=lambda r: r[1] - r[0]) if loops else (0, float("inf"))
     ops = [op for a, op, _ in code if lo <= a <= hi]
-    return {**{k: ops.count(k) for k in OPS}, "total": len(ops), "kernel": len(code)}
+    every = [op for _, op, _ in code]
+    return {**{k: ops.count(k) for k in OPS}, "total": len(ops), "kernel": len(code),
+            "kernel_sync": {k: every.count(k) for k in ("ATOMG", "MEMBAR", "CCTL")}}
 
 
 class MetaInputs:
@@ -212,6 +215,13 @@ def sweep_cases(dims: dict, dtype: torch.dtype):
                                                                                  blocks=b)
         yield f"sweep moe_q_fused bf16x2 BN{bn} BK{bk}", lambda b=b: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1,
                                                                                        blocks=(b, b))
+    for split, asm in ((4, False), (8, False), (4, True)):   # split-K: the tile's last program adds the partials
+        b = Int4Blocks(16, 64, 128, True, split, asm)
+        tag = f"SK{split}" + (" bf16x2" if asm else "")
+        yield f"sweep int4_mm {tag} BN64 BK128", lambda b=b: ops.int4_matmul(m.act(1, h), *m.int4(hq * d, h),
+                                                                              blocks=b)
+        yield f"sweep moe_q_fused {tag} BN64 BK128", lambda b=b: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1,
+                                                                                     blocks=(b, b))
     block_d = attention_blocks(d).block_d
     for bm, bn in attention_configs(quick=False, tiny=False):
         blocks = AttentionBlocks(bm, bn, block_d)

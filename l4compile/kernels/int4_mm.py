@@ -18,11 +18,11 @@ otherwise (small or odd groups, e.g. G = 6) scales are gathered per element.
 
 ``DOT_F32``: see ``moe_gate_up`` (set only under the CPU interpreter, for bf16).
 
-Split-K: program (i, j, s) reduces inputs [s * K_SPLIT, (s + 1) * K_SPLIT) (K_SPLIT a multiple of BK, so K blocks
-stay aligned to the scale groups) and stores its float32 partial sum into y[s]; the caller adds the S partials and
-rounds once (``int4_matmul``). A decode GEMV has few output tiles (N / BN programs), each looping over all of K:
-on an H200 that loop, not the weight bytes, set the time (``benchmarks/results/gpu-NVIDIA-H200``); splitting K
-multiplies the programs, and the loads in flight, by S. With S = 1, K_SPLIT = K and y is the output itself.
+Split-K (``split_k.py``): program (i, j, s) of S = ``n_split`` reduces inputs [s * K_SPLIT, (s + 1) * K_SPLIT)
+(K_SPLIT a multiple of BK, so K blocks stay aligned to the scale groups); the last of a tile's S programs adds the
+float32 partials in split order and rounds once. A decode GEMV has few output tiles (N / BN programs), each looping
+over all of K: on an H200 that loop, not the weight bytes, set the time (``benchmarks/results/gpu-NVIDIA-H200``);
+splitting K multiplies the programs, and the loads in flight, by S. With S = 1, K_SPLIT = K (no partials).
 
 The bf16x2 unpack (``int4_pairs_bf16``, used by ``int4_mm_bf16x2_kernel`` and the fused MoE's ``BF16X2`` loops):
 bf16 x and bf16 scales on sm_90 only, in inline PTX. A ``prmt`` spreads two bytes over a word, ``lop3`` ORs a nibble
@@ -36,11 +36,13 @@ against the float path's 539 (``kernels_sm90.py --ops``; 327 while x_pairs loade
 run on a GPU: nothing selects it but an explicit ``Int4Blocks(bf16x2=True)`` (``bench_kernels.py`` sweeps it and
 checks every result before timing it; the GPU tests compare it too).
 
-Shapes: x [M, K]; w_packed [N, K/2] uint8; w_scale [N, K/G]; y [M, N] (x.dtype), or [S, M, N] float32 partials.
-Grid: (cdiv(M, BM), cdiv(N, BN), S).
+Shapes: x [M, K]; w_packed [N, K/2] uint8; w_scale [N, K/G]; y [M, N] (x.dtype); part [S, M, N] float32 and lock
+[cdiv(M, BM) * cdiv(N, BN)] int32 zeros (both empty when S = 1). Grid: (cdiv(M, BM), cdiv(N, BN), S).
 """
 import triton
 import triton.language as tl
+
+from .split_k import split_k_store
 
 
 @triton.jit
@@ -120,9 +122,10 @@ def x_pairs(x_ptr, rows, rmask, k0, stride_xr, stride_xk, BLOCK_K: tl.constexpr)
 
 
 @triton.jit
-def int4_mm_bf16x2_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, G: tl.constexpr, K_SPLIT,
-                          stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_ys, stride_ym,
-                          stride_yn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def int4_mm_bf16x2_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, G: tl.constexpr, K_SPLIT, n_split,
+                          stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_ym, stride_yn,
+                          stride_ps, stride_pm, stride_pn,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``int4_mm_kernel`` for bf16 x and scales on sm_90, N % BN == K % BK == 0 and BK dividing G: each K block's
     weights as even and odd bf16 tiles (``int4_pairs_bf16``) dotted with x's even and odd inputs (``x_pairs``).
     G is a compile-time constant: the scale column k0 // G is then a shift, not a division in the loop."""
@@ -138,13 +141,16 @@ def int4_mm_bf16x2_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, G: tl.constexpr, 
                                  BLOCK_N, BLOCK_K)                               # [BN, BK/2] bf16 each
         acc = tl.dot(xe, tl.trans(we), acc)
         acc = tl.dot(xo, tl.trans(wo), acc)
-    tl.store(y_ptr + split * stride_ys + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None])
+    split_k_store(acc, y_ptr, rm[:, None] * stride_ym + rn[None, :] * stride_yn, part_ptr,
+                  rm[:, None] * stride_pm + rn[None, :] * stride_pn, stride_ps, mmask[:, None],
+                  lock_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), split, n_split,
+                  BLOCK_M, BLOCK_N)
 
 
 @triton.jit
-def int4_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, G, K_SPLIT,
-                   stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_ys, stride_ym, stride_yn,
+def int4_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, G, K_SPLIT, n_split,
+                   stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_ym, stride_yn,
+                   stride_ps, stride_pm, stride_pn,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    SCALE_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)                     # [BM]
@@ -165,5 +171,7 @@ def int4_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, G, K_SPLIT,
         if DOT_F32:                                                              # interpreter (see moe_gate_up)
             xt, wt = xt.to(tl.float32), wt.to(tl.float32)
         acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-    tl.store(y_ptr + split * stride_ys + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+    split_k_store(acc, y_ptr, rm[:, None] * stride_ym + rn[None, :] * stride_yn, part_ptr,
+                  rm[:, None] * stride_pm + rn[None, :] * stride_pn, stride_ps, mmask[:, None] & nmask[None, :],
+                  lock_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), split, n_split,
+                  BLOCK_M, BLOCK_N)

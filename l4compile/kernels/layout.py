@@ -101,7 +101,7 @@ class Int4Blocks:
     block_n: int
     block_k: int
     scale_per_block: bool   # True: a K block lies inside one scale group (one scale per row per block)
-    split_k: int = 1        # int4_mm and the MoE's down GEMM: programs per output tile, each reducing a K slice
+    split_k: int = 1        # the most programs per output tile, each reducing a K slice (``split_k_plan``)
     bf16x2: bool = False    # the inline-PTX unpack (int4_mm.int4_pairs_bf16; bf16 on sm_90): a sweep candidate
 
 
@@ -118,6 +118,28 @@ def int4_blocks(n_out: int, k_in: int, group: int) -> Int4Blocks:
         bk = 32
     bn = max(16, min(64, _pow2_floor(n_out)))
     return Int4Blocks(16, bn, bk, per_block)
+
+
+# float32 partials a split-K GEMM may hold ([S, rows, cols]): they stay in L2 (50 MB on H100) and cost a small
+# fraction of the weight bytes at decode; a prefill that would need more runs unsplit.
+SPLIT_K_PARTIAL_BYTES = 16 << 20
+
+
+def split_k_plan(rows, n_out: int, k_in: int, block_k: int, split_k: int):
+    """(S, K_SPLIT) for a GEMM of ``rows`` (int or SymInt) x ``n_out`` outputs over ``k_in`` inputs in K blocks of
+    ``block_k``: S <= ``split_k`` programs per output tile (and at most one per K block), each reducing K_SPLIT inputs
+    (whole K blocks, so scale groups stay aligned), and as many as the float32 partials [S, rows, n_out] allow within
+    ``SPLIT_K_PARTIAL_BYTES``. Guard-free in a symbolic ``rows``: S = Max(1, Min(split_k, bytes // rows ..)) has a
+    known range [1, split_k], so sizes built from it need no guard (S recomputed from K_SPLIT would divide by a
+    symbol, and export then guards on T). The price: when S does not divide the K blocks evenly, trailing splits
+    can be empty (8 blocks in 6 splits of 2: the last program adds zeros); Scout's 40 and 64 K blocks at S = 2, 4,
+    8 split evenly. One engine so splits a decode step and not an 8K-token prefill."""
+    k_blocks = (k_in + block_k - 1) // block_k
+    if split_k <= 1 or k_blocks <= 1:
+        return 1, k_blocks * block_k
+    splits = torch.sym_max(1, torch.sym_min(min(split_k, k_blocks),
+                                            SPLIT_K_PARTIAL_BYTES // (4 * n_out * torch.sym_max(1, rows))))
+    return splits, (k_blocks + splits - 1) // splits * block_k
 
 
 def moe_int4_blocks(hidden: int, inter: int, group_h: int, group_i: int) -> tuple[Int4Blocks, Int4Blocks]:

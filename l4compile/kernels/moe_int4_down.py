@@ -15,17 +15,19 @@ Rows stay in the grouped order; the caller adds each token's routed rows onto it
 ``BF16X2`` (bf16 on sm_90, H % BN == I % BK == 0): ``int4_mm``'s inline-PTX unpack (``int4_pairs_bf16``), a sweep
 candidate not yet run on a GPU.
 
-Split-K as ``int4_mm``: program (t, j, s) reduces inputs [s * K_SPLIT, (s + 1) * K_SPLIT) of I (K_SPLIT a multiple
-of BK) into y[s], float32 partials the caller adds and rounds once; with S = 1, y is the [R, H] output itself.
+Split-K as ``int4_mm`` (``split_k.py``): program (t, j, s) of S = ``n_split`` reduces inputs [s * K_SPLIT,
+(s + 1) * K_SPLIT) of I (K_SPLIT a multiple of BK); the tile's last program adds the float32 partials and rounds.
 
 Shapes: act [R, I]; down_q [E, H, I/2] uint8, down_s [E, H, I/Gi]; shared_down_q [H, I/2] uint8, shared_down_s
-[H, I/Gi]; tile_group/tile_row0/tile_row_end [NT] int32; y [R, H], or [S, R, H] float32 partials.
+[H, I/Gi]; tile_group/tile_row0/tile_row_end [NT] int32; y [R, H]; part [S, R, H] float32 and lock
+[NT * cdiv(H, BN)] int32 zeros (both empty when S = 1).
 Grid: (NT, cdiv(H, BN), S).
 """
 import triton
 import triton.language as tl
 
 from .int4_mm import int4_pairs_bf16, int4_tile, x_pairs
+from .split_k import split_k_store
 
 
 @triton.jit
@@ -58,10 +60,11 @@ def _qdown_tile(a_ptr, stride_ar, stride_ai, rows, rmask, wq_ptr, ws_ptr, stride
 
 
 @triton.jit
-def moe_int4_down_kernel(act_ptr, dq_ptr, ds_ptr, sdq_ptr, sds_ptr, y_ptr, tile_group_ptr, tile_row0_ptr,
-                         tile_row_end_ptr, H, I, E, G, K_SPLIT,
+def moe_int4_down_kernel(act_ptr, dq_ptr, ds_ptr, sdq_ptr, sds_ptr, y_ptr, part_ptr, lock_ptr, tile_group_ptr,
+                         tile_row0_ptr, tile_row_end_ptr, H, I, E, G, K_SPLIT, n_split,
                          stride_ar, stride_ai, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sg,
-                         stride_shqn, stride_shqk, stride_shsn, stride_shsg, stride_ys, stride_yr, stride_yh,
+                         stride_shqn, stride_shqk, stride_shsn, stride_shsg, stride_yr, stride_yh,
+                         stride_ps, stride_pr, stride_ph,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          SCALE_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
                          BF16X2: tl.constexpr):
@@ -84,5 +87,6 @@ def moe_int4_down_kernel(act_ptr, dq_ptr, ds_ptr, sdq_ptr, sds_ptr, y_ptr, tile_
                               ds_ptr + grp.to(tl.int64) * stride_se, stride_qn, stride_qk, stride_sn, stride_sg, cols,
                               cmask, I, G, k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, PRECISION, DOT_F32,
                               BF16X2)
-        tl.store(y_ptr + split * stride_ys + rows[:, None] * stride_yr + cols[None, :] * stride_yh,
-                 acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+        split_k_store(acc, y_ptr, rows[:, None] * stride_yr + cols[None, :] * stride_yh, part_ptr,
+                      rows[:, None] * stride_pr + cols[None, :] * stride_ph, stride_ps, rmask[:, None] & cmask[None, :],
+                      lock_ptr + tile * tl.num_programs(1) + tl.program_id(1), split, n_split, BLOCK_M, BLOCK_N)

@@ -16,29 +16,36 @@ loads every packed [BN, BK/2] weight block once and unpacks it in registers (``i
 ``SCALE_PER_BLOCK`` and ``DOT_F32`` as in ``int4_mm``; ``BF16X2`` (bf16 on sm_90, I % BN == H % BK == 0) unpacks
 with ``int4_mm``'s inline PTX instead (``int4_pairs_bf16``), a sweep candidate not yet run on a GPU.
 
+Split-K (``split_k.py``): program (t, j, s) of S = ``n_split`` reduces inputs [s * K_SPLIT, (s + 1) * K_SPLIT) of H
+into float32 gate and up partials; the SwiGLU needs the whole sums, so the tile's last program adds them and runs
+the epilogue. At a decode step the grid is 2 tiles x I / BN (256 programs at Scout width, 40 K blocks each).
+
 Shapes: x [T, H]; gate_up_q [E, 2I, H/2] uint8, gate_up_s [E, 2I, H/Gh]; shared_gate_q/shared_up_q [I, H/2] uint8,
 shared_gate_s/shared_up_s [I, H/Gh]; row_tok [R] int32; row_scale [R] f32; tile_group/tile_row0/tile_row_end [NT]
-int32; act [R, I] (x.dtype). Grid: (NT, cdiv(I, BN)).
+int32; act [R, I] (x.dtype); part [S, R, 2I] float32 (gate sums, then up sums) and lock [NT * cdiv(I, BN)] int32
+zeros (both empty when S = 1). Grid: (NT, cdiv(I, BN), S).
 """
 import triton
 import triton.language as tl
 
 from .int4_mm import int4_pairs_bf16, int4_tile, x_pairs
 from .moe_gate_up import swiglu_store
+from .split_k import split_k_arrive, split_k_sum
 
 
 @triton.jit
 def _qdot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, wg_ptr, sg_ptr, wu_ptr, su_ptr,
-               stride_wn, stride_wk, stride_sn, stride_sg, cols, cmask, H, G,
+               stride_wn, stride_wk, stride_sn, stride_sg, cols, cmask, H, G, k_lo, k_hi,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_PER_BLOCK: tl.constexpr,
                PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BF16X2: tl.constexpr):
-    """Accumulate (z @ Wg^T, z @ Wu^T) for one tile -> two [BM, BN] float32 blocks. ``BF16X2``: the weights come
-    as even and odd bf16 tiles (``int4_mm.int4_pairs_bf16``, sm_90 PTX) and meet z's even and odd inputs."""
+    """Accumulate (z @ Wg^T, z @ Wu^T) over inputs [k_lo, k_hi) of H for one tile -> two [BM, BN] float32 blocks.
+    ``BF16X2``: the weights come as even and odd bf16 tiles (``int4_mm.int4_pairs_bf16``, sm_90 PTX) and meet z's
+    even and odd inputs."""
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
     if BF16X2:
-        for k0 in range(0, H, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             xe, xo = x_pairs(x_ptr, tok, rmask, k0, stride_xt, stride_xh, BLOCK_K)     # [BM, BK/2] each
             ze = (xe.to(tl.float32) * scale[:, None]).to(xe.dtype)                       # input-side scaling
             zo = (xo.to(tl.float32) * scale[:, None]).to(xo.dtype)
@@ -51,7 +58,7 @@ def _qdot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, wg_ptr, sg_ptr, w
             acc_u = tl.dot(ze, tl.trans(ue), acc_u)
             acc_u = tl.dot(zo, tl.trans(uo), acc_u)
         return acc_g, acc_u
-    for k0 in range(0, H, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + ks                                                               # [BK]
         xt = tl.load(x_ptr + tok[:, None] * stride_xt + k[None, :] * stride_xh,
                      mask=rmask[:, None] & (k < H)[None, :], other=0.0)             # [BM, BK]
@@ -68,11 +75,12 @@ def _qdot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, wg_ptr, sg_ptr, w
 
 
 @triton.jit
-def moe_int4_gate_up_kernel(x_ptr, gu_q_ptr, gu_s_ptr, sg_q_ptr, sg_s_ptr, su_q_ptr, su_s_ptr, act_ptr,
-                            row_tok_ptr, row_scale_ptr, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr,
-                            H, I, E, G,
+def moe_int4_gate_up_kernel(x_ptr, gu_q_ptr, gu_s_ptr, sg_q_ptr, sg_s_ptr, su_q_ptr, su_s_ptr, act_ptr, part_ptr,
+                            lock_ptr, row_tok_ptr, row_scale_ptr, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr,
+                            H, I, E, G, K_SPLIT, n_split,
                             stride_xt, stride_xh, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sg,
                             stride_shqn, stride_shqk, stride_shsn, stride_shsg, stride_ar, stride_ai,
+                            stride_ps, stride_pr, stride_pi,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             SCALE_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
                             BF16X2: tl.constexpr):
@@ -85,14 +93,27 @@ def moe_int4_gate_up_kernel(x_ptr, gu_q_ptr, gu_s_ptr, sg_q_ptr, sg_s_ptr, su_q_
         scale = tl.load(row_scale_ptr + rows, mask=rmask, other=0.0)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)               # [BN] in [0, I)
         cmask = cols < I
+        split = tl.program_id(2)
+        k_lo = split * K_SPLIT
+        k_hi = tl.minimum(k_lo + K_SPLIT, H)
         if grp == E:                                                             # shared expert [I, H/2]
             acc_g, acc_u = _qdot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, sg_q_ptr, sg_s_ptr, su_q_ptr,
                                       su_s_ptr, stride_shqn, stride_shqk, stride_shsn, stride_shsg, cols, cmask, H, G,
-                                      BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, PRECISION, DOT_F32, BF16X2)
+                                      k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, PRECISION, DOT_F32, BF16X2)
         else:                                                                    # routed expert [2I, H/2]
             wq = gu_q_ptr + grp.to(tl.int64) * stride_qe
             ws = gu_s_ptr + grp.to(tl.int64) * stride_se
             acc_g, acc_u = _qdot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, wq, ws, wq + I * stride_qn,
                                       ws + I * stride_sn, stride_qn, stride_qk, stride_sn, stride_sg, cols, cmask, H, G,
-                                      BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, PRECISION, DOT_F32, BF16X2)
-        swiglu_store(acc_g, acc_u, act_ptr, rows, cols, rmask, cmask, stride_ar, stride_ai)
+                                      k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, PRECISION, DOT_F32, BF16X2)
+        if n_split == 1:
+            swiglu_store(acc_g, acc_u, act_ptr, rows, cols, rmask, cmask, stride_ar, stride_ai)
+        else:                                                                    # part[s]: gate | up columns
+            offs = rows[:, None] * stride_pr + cols[None, :] * stride_pi
+            mask = rmask[:, None] & cmask[None, :]
+            tl.store(part_ptr + split * stride_ps + offs, acc_g, mask=mask)
+            tl.store(part_ptr + split * stride_ps + I * stride_pi + offs, acc_u, mask=mask)
+            if split_k_arrive(lock_ptr + tile * tl.num_programs(1) + tl.program_id(1), n_split):
+                gate = split_k_sum(part_ptr, stride_ps, offs, mask, n_split, BLOCK_M, BLOCK_N)
+                up = split_k_sum(part_ptr + I * stride_pi, stride_ps, offs, mask, n_split, BLOCK_M, BLOCK_N)
+                swiglu_store(gate, up, act_ptr, rows, cols, rmask, cmask, stride_ar, stride_ai)

@@ -9,6 +9,8 @@ code (plain aten) and the kernels themselves (``wrap_triton``) and compile both 
 data-dependent shapes (see ``layout.moe_rows``), so they trace with a symbolic token count and also serve as
 their own fake implementations. A top-1 MoE step is four launches: the router matmul, ``moe_route_kernel`` (the
 whole grouped-row map), the two grouped GEMMs; the combine of routed and shared rows is a gather Inductor fuses.
+Int4 GEMMs with ``split_k`` > 1 stay one launch each (``split_k.py``: the last program of a tile adds the
+partials), plus a memset of their tile counters where a step splits.
 
 Contracts (same as the reference ops, which the tests compare against):
 
@@ -38,7 +40,7 @@ from . import interpreting
 from .attention import attention_combine_kernel, attention_partial_kernel
 from .int4_mm import int4_mm_bf16x2_kernel, int4_mm_kernel
 from .layout import (AttentionBlocks, Int4Blocks, MoeRows, attention_blocks, attention_splits, int4_blocks,
-                     moe_blocks, moe_fp8_blocks, moe_int4_blocks, moe_rows, num_tiles)
+                     moe_blocks, moe_fp8_blocks, moe_int4_blocks, moe_rows, num_tiles, split_k_plan)
 from .moe_down import moe_down_kernel
 from .moe_fp8_down import moe_fp8_down_kernel
 from .moe_fp8_gate_up import moe_fp8_gate_up_kernel
@@ -144,8 +146,6 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
     bgu, bdn = blocks or moe_int4_blocks(hidden, i_dim, group_h, group_i)
     if bgu.block_m != bdn.block_m:
         raise ValueError("moe_q_fused: gate_up and down blocks must share BM (one tile map)")
-    if bgu.split_k != 1:
-        raise ValueError("moe_q_fused: gate_up cannot split K (its SwiGLU needs the whole sum); split the down GEMM")
     if bgu.bf16x2:                                                               # gate_up: N = I, K = H
         _check_bf16x2(x, i_dim, hidden, gate_up_s, bgu)
     if bdn.bf16x2:                                                               # down: N = H, K = I
@@ -156,21 +156,25 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
     n_tiles = rows.tile_group.shape[0]
     mode = _dot_mode(x.dtype)
     act = torch.empty((n_rows, i_dim), device=x.device, dtype=x.dtype)           # [R, I]
-    wrap_triton(moe_int4_gate_up_kernel)[(n_tiles, triton.cdiv(i_dim, bgu.block_n))](
-        x, gate_up_q, gate_up_s, shared_gate_q, shared_gate_s, shared_up_q, shared_up_s, act, rows.row_tok,
-        rows.row_scale, rows.tile_group, rows.tile_row0, rows.tile_row_end, hidden, i_dim, n_exp, group_h,
-        x.stride(0), x.stride(1), *gate_up_q.stride(), *gate_up_s.stride(), *shared_gate_q.stride(),
-        *shared_gate_s.stride(), act.stride(0), act.stride(1),
+    grid_gu = (n_tiles, triton.cdiv(i_dim, bgu.block_n))
+    part, lock, k_split, splits = _split_k_buffers(n_rows, 2 * i_dim, hidden, bgu, x, grid_gu[0] * grid_gu[1])
+    wrap_triton(moe_int4_gate_up_kernel)[(*grid_gu, splits)](
+        x, gate_up_q, gate_up_s, shared_gate_q, shared_gate_s, shared_up_q, shared_up_s, act, part, lock, rows.row_tok,
+        rows.row_scale, rows.tile_group, rows.tile_row0, rows.tile_row_end, hidden, i_dim, n_exp, group_h, k_split,
+        splits, x.stride(0), x.stride(1), *gate_up_q.stride(), *gate_up_s.stride(), *shared_gate_q.stride(),
+        *shared_gate_s.stride(), act.stride(0), act.stride(1), *part.stride(),
         BLOCK_M=bgu.block_m, BLOCK_N=bgu.block_n, BLOCK_K=bgu.block_k, SCALE_PER_BLOCK=bgu.scale_per_block,
         BF16X2=bgu.bf16x2, **mode)
-    y, strides, k_split, splits = _split_k_output((n_rows, hidden), i_dim, bdn, x)  # [R, H], or [S, R, H] partials
-    wrap_triton(moe_int4_down_kernel)[(n_tiles, triton.cdiv(hidden, bdn.block_n), splits)](
-        act, down_q, down_s, shared_down_q, shared_down_s, y, rows.tile_group, rows.tile_row0, rows.tile_row_end,
-        hidden, i_dim, n_exp, group_i, k_split, act.stride(0), act.stride(1), *down_q.stride(), *down_s.stride(),
-        *shared_down_q.stride(), *shared_down_s.stride(), *strides,
-        BLOCK_M=bdn.block_m, BLOCK_N=bdn.block_n, BLOCK_K=bdn.block_k, SCALE_PER_BLOCK=bdn.scale_per_block,
-        BF16X2=bdn.bf16x2, **mode)
-    return combine_rows(y.sum(0).to(x.dtype) if splits > 1 else y, rows, n_tok, top_k)
+    y = torch.empty((n_rows, hidden), device=x.device, dtype=x.dtype)            # [R, H]
+    grid_dn = (n_tiles, triton.cdiv(hidden, bdn.block_n))
+    part, lock, k_split, splits = _split_k_buffers(n_rows, hidden, i_dim, bdn, x, grid_dn[0] * grid_dn[1])
+    wrap_triton(moe_int4_down_kernel)[(*grid_dn, splits)](
+        act, down_q, down_s, shared_down_q, shared_down_s, y, part, lock, rows.tile_group, rows.tile_row0,
+        rows.tile_row_end, hidden, i_dim, n_exp, group_i, k_split, splits, act.stride(0), act.stride(1),
+        *down_q.stride(), *down_s.stride(), *shared_down_q.stride(), *shared_down_s.stride(), y.stride(0), y.stride(1),
+        *part.stride(), BLOCK_M=bdn.block_m, BLOCK_N=bdn.block_n, BLOCK_K=bdn.block_k,
+        SCALE_PER_BLOCK=bdn.scale_per_block, BF16X2=bdn.bf16x2, **mode)
+    return combine_rows(y, rows, n_tok, top_k)
 
 
 def fused_moe_fp8(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tensor, down_q: Tensor, down_s: Tensor,
@@ -207,17 +211,15 @@ def fused_moe_fp8(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Ten
     return combine_rows(y, rows, n_tok, top_k)
 
 
-def _split_k_output(shape: tuple[int, int], k_in: int, b: Int4Blocks, x: Tensor):
-    """The output of an Int4 GEMM over ``k_in`` inputs split ``b.split_k`` ways -> (y, its 3 strides as the kernels
-    take them, K_SPLIT, S): y is the output itself ``shape`` in x's dtype when S = 1 (split stride 0), else float32
-    partials [S, *shape]. K_SPLIT is a multiple of BK (whole K blocks per split, none empty; S <= split_k)."""
-    k_split = triton.cdiv(triton.cdiv(k_in, b.block_k), b.split_k) * b.block_k
-    splits = triton.cdiv(k_in, k_split)
-    if splits > 1:
-        y = torch.empty((splits, *shape), device=x.device, dtype=torch.float32)
-        return y, y.stride(), k_split, splits
-    y = torch.empty(shape, device=x.device, dtype=x.dtype)
-    return y, (0, *y.stride()), k_split, 1
+def _split_k_buffers(rows, part_cols: int, k_in: int, b: Int4Blocks, x: Tensor, n_tiles):
+    """What an Int4 GEMM split ``split_k.py``'s way needs -> (part, lock, K_SPLIT, S): S and K_SPLIT from
+    ``split_k_plan`` (SymInts in a symbolic ``rows``), part [S', rows, part_cols] float32 partials and lock [n_tiles']
+    int32 zeros (one counter per output tile), S' and n_tiles' zero when S = 1 (guard-free: S * min(1, S - 1))."""
+    splits, k_split = split_k_plan(rows, part_cols, k_in, b.block_k, b.split_k)
+    used = torch.sym_min(1, splits - 1)
+    part = torch.empty((splits * used, rows, part_cols), device=x.device, dtype=torch.float32)
+    lock = torch.zeros(n_tiles * used, device=x.device, dtype=torch.int32)
+    return part, lock, k_split, splits
 
 
 def _check_bf16x2(x: Tensor, n_out: int, k_in: int, w_scale: Tensor, b: Int4Blocks) -> None:
@@ -236,22 +238,26 @@ def _check_bf16x2(x: Tensor, n_out: int, k_in: int, w_scale: Tensor, b: Int4Bloc
 
 def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None) -> Tensor:
     """The body of ``l4::int4_mm`` (x [M, Kin] -> [M, N]); ``blocks`` (an ``Int4Blocks``) overrides (tests). With
-    ``split_k`` S > 1 the kernel writes S float32 partial sums [S, M, N], added here and rounded once."""
+    ``split_k`` > 1, up to that many programs share an output tile (``split_k.py``, ``layout.split_k_plan``)."""
     n_out, k_in = w_packed.shape[0], 2 * w_packed.shape[1]
     group = k_in // w_scale.shape[1]
     b = blocks or int4_blocks(n_out, k_in, group)
     if b.bf16x2:
         _check_bf16x2(x, n_out, k_in, w_scale, b)
-    y, strides, k_split, splits = _split_k_output((x.shape[0], n_out), k_in, b, x)
-    grid = (triton.cdiv(x.shape[0], b.block_m), triton.cdiv(n_out, b.block_n), splits)
-    args = (x, w_packed, w_scale, y, x.shape[0], n_out, k_in, group, k_split, x.stride(0), x.stride(1),
-            w_packed.stride(0), w_packed.stride(1), w_scale.stride(0), w_scale.stride(1), *strides)
+    grid_m, grid_n = triton.cdiv(x.shape[0], b.block_m), triton.cdiv(n_out, b.block_n)
+    part, lock, k_split, splits = _split_k_buffers(x.shape[0], n_out, k_in, b, x, grid_m * grid_n)
+    y = torch.empty((x.shape[0], n_out), device=x.device, dtype=x.dtype)
+    args = (x, w_packed, w_scale, y, part, lock, x.shape[0], n_out, k_in, group, k_split, splits, x.stride(0),
+            x.stride(1), w_packed.stride(0), w_packed.stride(1), w_scale.stride(0), w_scale.stride(1), y.stride(0),
+            y.stride(1), *part.stride())
     if b.bf16x2:
-        wrap_triton(int4_mm_bf16x2_kernel)[grid](*args, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k)
+        wrap_triton(int4_mm_bf16x2_kernel)[(grid_m, grid_n, splits)](
+            *args, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k)
     else:
-        wrap_triton(int4_mm_kernel)[grid](*args, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k,
-                                          SCALE_PER_BLOCK=b.scale_per_block, **_dot_mode(x.dtype))
-    return y.sum(0).to(x.dtype) if splits > 1 else y
+        wrap_triton(int4_mm_kernel)[(grid_m, grid_n, splits)](
+            *args, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SCALE_PER_BLOCK=b.scale_per_block,
+            **_dot_mode(x.dtype))
+    return y
 
 
 def fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor,

@@ -80,6 +80,35 @@ def test_num_tiles_bounds_every_routing_and_is_reached(bm):
     assert num_tiles(2 * 2048, 17, 16) == (4096 + 17 * 15) // 16         # prefill: about R / BM + G as before
 
 
+def test_split_k_plan_splits_decode_and_not_prefill():
+    """S <= split_k slices of whole K blocks, as many as SPLIT_K_PARTIAL_BYTES of float32 partials allow: Scout's
+    q_proj (N 5120, 40 K blocks) and the MoE gate_up (2I = 16384 partial columns) split at decode, not in prefill;
+    and the same expression over a SymInt row count, without a guard."""
+    from l4compile.kernels.layout import SPLIT_K_PARTIAL_BYTES, split_k_plan
+
+    assert split_k_plan(1, 5120, 5120, 128, 8) == (8, 5 * 128)
+    assert split_k_plan(1, 5120, 5120, 128, 1) == (1, 5120)                 # the default: never split
+    assert split_k_plan(1, 5120, 5120, 128, 3) == (3, 14 * 128)             # 40 blocks as 14 + 14 + 12
+    assert split_k_plan(1, 96, 96, 32, 8) == (3, 32)                        # at most one split per K block
+    assert split_k_plan(1, 256, 256, 32, 6) == (6, 64)                      # 8 blocks as 2+2+2+2: 2 splits empty
+    assert split_k_plan(8192, 5120, 5120, 128, 8) == (1, 5120)              # prefill: 160 MiB a split
+    assert split_k_plan(64, 16384, 5120, 128, 8) == (4, 10 * 128)           # 4 MiB a split: 4 fit 16 MiB
+    assert split_k_plan(0, 5120, 5120, 128, 8) == (8, 5 * 128)              # no rows: nothing to hold
+    for rows in (1, 2, 17, 64, 300, 4096):
+        for n_out, k_in, split in ((5120, 5120, 8), (16384, 5120, 4), (5120, 8192, 8), (1024, 5120, 6)):
+            s, k_split = split_k_plan(rows, n_out, k_in, 128, split)
+            assert 1 <= s <= split and k_split == -(-(k_in // 128) // s) * 128              # cdiv(K blocks, S)
+            assert s not in (2, 4, 8) or (s - 1) * k_split < k_in                          # Scout: none empty
+            assert s == 1 or s * rows * n_out * 4 <= SPLIT_K_PARTIAL_BYTES
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch._dynamo.source import ConstantSource
+
+    env = ShapeEnv()
+    t = env.create_symintnode(env.create_symbol(5, ConstantSource("T")), hint=5)
+    s, k_split = split_k_plan(2 * t, 16384, 5120, 128, 8)
+    assert "Min(" in str(s) and not env.guards                               # a SymInt expression, no guard on T
+
+
 def test_int4_blocks():
     assert int4_blocks(5120, 5120, 128) == int4_blocks(5120, 5120, 128)
     b = int4_blocks(5120, 5120, 128)
@@ -253,6 +282,45 @@ def test_cuda_decompositions_export_moe_q_with_symbolic_tokens():
         assert body_ranges == "['VR[1, 4096]'] False"                           # T symbolic, no host sync
 
 
+def test_split_k_gemms_export_with_symbolic_tokens():
+    """Split-K blocks in an engine: the Int4 GEMV and both fused-MoE GEMMs trace with a symbolic token count, their
+    split count (the grid's third axis) an expression in T (split at decode, not in prefill: ``split_k_plan``),
+    with no guard on T and no host-side sum of partials (the kernels' last programs add them). Tracing only."""
+    from l4compile.kernels import why_unavailable
+
+    if why_unavailable():
+        pytest.skip(why_unavailable())
+    p = _python("""
+        import torch, l4compile.ops
+        from l4compile.kernels.layout import Int4Blocks
+        from l4compile.kernels.ops import fused_moe_int4, int4_matmul
+        from l4compile.quant import quantize_int4
+        H, I, E = 256, 128, 3
+        bufs = (torch.randn(E, H), *[t for w in (torch.randn(E, 2 * I, H), torch.randn(E, H, I), torch.randn(I, H),
+                torch.randn(I, H), torch.randn(H, I)) for t in quantize_int4(w, 128)])
+        b = Int4Blocks(16, 32, 32, True, 4)
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                for i, t in enumerate(bufs):
+                    self.register_buffer(f"b{i}", t)
+            def forward(self, x):
+                w = [getattr(self, f"b{i}") for i in range(len(bufs))]
+                return int4_matmul(fused_moe_int4(x, *w, 1, blocks=(b, b)), w[5], w[6], blocks=b)
+        T = torch.export.Dim("T", min=1, max=4096)
+        ep = torch.export.export(M(), (torch.randn(9, H),), dynamic_shapes={"x": {0: T}})
+        calls = [n for n in ep.graph.nodes if n.op == "call_function"]
+        kernels = [n for n in calls if "triton" in str(n.target)]
+        print([str(getattr(g, "meta", {}).get("val", g)) for g in (n.kwargs["grid"][0][2] for n in kernels[1:])])
+        print([str(r) for r in ep.range_constraints.values()], any("sum" in str(n.target) for n in calls))
+    """, TRITON_INTERPRET="0")
+    assert p.returncode == 0, p.stderr[-3000:]
+    splits, ranges = p.stdout.strip().splitlines()[-2:]
+    splits = eval(splits)
+    assert len(splits) == 3 and all("Min(" in s and "s" in s for s in splits), splits   # gate_up, down, int4_mm
+    assert ranges == "['VR[1, 4096]'] False"
+
+
 def test_cuda_decompositions_keep_moe_opaque_where_the_kernel_does_not_apply():
     """A float64 l4::moe (no fused kernel for it) stays the op in a CUDA engine's graph instead of tracing the
     grouped fallback, whose host sync does not trace with a symbolic token count. Tracing only."""
@@ -373,11 +441,11 @@ def test_bench_kernels_script_checks_every_kernel(tmp_path, capsys):
     assert report["device"] == ("cpu (interpreter)" if not torch.cuda.is_available() else torch.cuda.get_device_name())
     kernels = [r["kernel"] for r in rows]
     assert kernels == ["int4_mm q_proj", "torch.mm bf16 q_proj", "int4_mm kv_proj", "torch.mm bf16 kv_proj",
-                       "int4_mm o_proj", "torch.mm bf16 o_proj", "moe_q_fused", "moe_fused bf16", "moe_fp8_fused",
+                       "int4_mm o_proj", "torch.mm bf16 o_proj", "moe_q_fused", "moe_q_fused", "moe_fused bf16", "moe_fp8_fused",
                        "moe_q reference fp8", "attention_fused pos 7", "sdpa aten pos 7", "attention_fused pos 31", "sdpa aten pos 31"]
     assert all(r["error"] is None and r["ms"] > 0 and r["rel_err"] < 5e-2 for r in rows)
     # what a decode step must read: k and v of the visible positions (2 sequences, 2 kv heads, head_dim 16, bf16)
     # plus q in and the output out (2 x 4 heads x 16)
     assert [r["bytes"] for r in rows if r["kernel"].endswith("pos 7")] == [2 * 2 * 2 * 8 * 16 * 2 + 2 * 2 * 64 * 2] * 2
     out = capsys.readouterr().out
-    assert "| moe_q_fused | 2 | BN32 BK32 |" in out and "| moe_fp8_fused | 2 | BM16 BN16 BK32 |" in out and "| attention_fused pos 31 | 2 | BM16 BN16 |" in out
+    assert "| moe_q_fused | 2 | BN32 BK32 |" in out and "| moe_q_fused | 2 | BN32 BK32 SK2/2 |" in out and "| moe_fp8_fused | 2 | BM16 BN16 BK32 |" in out and "| attention_fused pos 31 | 2 | BM16 BN16 |" in out

@@ -99,3 +99,26 @@ def test_int4_bf16x2_kernels_compile_lean(tmp_path):
         assert a["HADD2"] > 0 and a["HMUL2"] > 0 and a["F2FP"] <= f["F2FP"] // 2, (kernel, a)
         assert a["total"] <= 0.6 * f["total"], (kernel, a["total"], f["total"])
         assert a["LDG"] <= f["LDG"] and asm["stack_bytes"] == 0, (kernel, a, asm["stack_bytes"])
+
+
+def test_split_k_kernels_compile_with_their_counter(tmp_path):
+    """Split-K (``l4compile/kernels/split_k.py``, a sweep candidate until a GPU has timed it) compiles for sm_90 in
+    int4_mm and both fused MoE GEMMs: the tile's counter is one gpu-scope atomic behind a memory barrier (release)
+    and followed by an L1 invalidation (acquire), the K loop stays as long as unsplit, and nothing spills. An
+    unsplit launch (n_split = 1, which Triton specialises) has no atomic at all."""
+    _nvidia_backend()
+    out = tmp_path / "ops.json"
+    p = subprocess.run([sys.executable, str(SCRIPT), "--dtypes", "bfloat16", "--ops", "--sweep", "--cases",
+                        "sweep int4_mm SK4 BN64 BK128,sweep int4_mm BN64 BK128,sweep moe_q_fused SK4 BN64 BK128,"
+                        "sweep moe_q_fused BN64 BK128", "--json", str(out)], capture_output=True, text=True,
+                       timeout=600, cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "0", "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = {(r["case"], r["kernel"]): r for r in json.loads(out.read_text())["rows"]}
+    for case, kernel in (("int4_mm", "int4_mm_kernel"), ("moe_q_fused", "moe_int4_gate_up_kernel"),
+                         ("moe_q_fused", "moe_int4_down_kernel")):
+        split, plain = rows[f"sweep {case} SK4 BN64 BK128", kernel], rows[f"sweep {case} BN64 BK128", kernel]
+        assert split["error"] is None and split["stack_bytes"] == 0, split
+        sync = split["sass_ops"]["kernel_sync"]
+        assert sync["ATOMG"] >= 1 and sync["MEMBAR"] >= 1 and sync["CCTL"] >= 1, (kernel, sync)
+        assert plain["sass_ops"]["kernel_sync"]["ATOMG"] == 0, kernel
+        assert abs(split["sass_ops"]["total"] - plain["sass_ops"]["total"]) <= 0.05 * plain["sass_ops"]["total"]

@@ -1,0 +1,55 @@
+# S splits of one output tile's K loop, BM x BN the tile
+"""Split-K in one launch: the last of a tile's S programs adds the partial sums and runs the epilogue.
+
+A decode GEMM has few output tiles, each looping over all of K, and on an H200 that serial loop, not the weight
+bytes, set the time (``benchmarks/results/gpu-NVIDIA-H200``). Splitting K over S programs per tile multiplies the
+programs, and the loads in flight, by S. Program (tile, s) reduces its K slice into a float32 ``acc``, then:
+
+    S == 1   it runs the epilogue on ``acc`` (no partials, no counter: prefill's path, and every default today)
+    S > 1    it stores ``acc`` into ``part[s]`` and bumps the tile's counter (``split_k_arrive``); the program that
+             brings the counter to S adds part[0] .. part[S-1] in split order (``split_k_sum``: the same float32
+             sum whichever program finishes last) and runs the epilogue, which rounds once
+
+so the caller needs no second launch and no host-side branch on S, which is a SymInt in an engine (``layout.
+split_k_plan``). ``part`` ([S, rows, cols] float32) and the counters (one int32 per output tile, zeroed) are
+allocated by the caller with S * min(1, S - 1) entries along the split: empty when S == 1.
+
+Memory ordering (CUDA): a CTA barrier puts every thread's partial stores before the counter's atomic, whose
+acq_rel semantics at gpu scope release them to the last program and acquire the others' for it; that program reads
+the partials with ``.cg`` loads (L2, not a stale L1 line). Under the CPU interpreter programs run one after another.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def split_k_arrive(lock_ptr, n_split):
+    """Call once per program after its partials are stored -> True in the program that completes the tile (the
+    S-th to arrive at ``lock_ptr``), which may then read every split's partials."""
+    tl.debug_barrier()
+    return tl.atomic_add(lock_ptr, 1, sem="acq_rel", scope="gpu") == n_split - 1
+
+
+@triton.jit
+def split_k_sum(part_ptr, split_stride, offs, mask, n_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """sum over s = 0 .. S-1 of part[s * split_stride + offs] ([BM, BN] offsets, 0 where masked), float32, in
+    split order."""
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(0, n_split):
+        total += tl.load(part_ptr + s * split_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
+def split_k_store(acc, y_ptr, y_offs, part_ptr, part_offs, split_stride, mask, lock_ptr, split, n_split,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The plain epilogue (round to y's dtype, store) of split ``split`` of ``n_split`` for one [BM, BN] tile:
+    y[y_offs] = acc when S == 1, else the sum of the S partials (part[s * split_stride + part_offs]) once all are in.
+    ``lock_ptr``: the tile's counter."""
+    if n_split == 1:
+        tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(part_ptr + split * split_stride + part_offs, acc, mask=mask)
+        if split_k_arrive(lock_ptr, n_split):
+            total = split_k_sum(part_ptr, split_stride, part_offs, mask, n_split, BLOCK_M, BLOCK_N)
+            tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=mask)
