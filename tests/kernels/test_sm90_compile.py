@@ -14,8 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "kernels_sm90.py"
 LAUNCHED = ["int4_mm_kernel", "int4_mm_kernel", "moe_route_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel",
-            "moe_route_kernel", "moe_fp8_gate_up_kernel", "moe_fp8_down_kernel", "moe_route_kernel", "moe_gate_up_kernel", "moe_down_kernel", "attention_partial_kernel",
-            "attention_combine_kernel", "attention_partial_kernel", "attention_combine_kernel"]
+            "moe_route_kernel", "moe_fp8_gate_up_kernel", "moe_fp8_down_kernel",
+            "moe_route_kernel", "moe_gate_up_kernel", "moe_down_kernel",
+            "attention_partial_kernel", "attention_combine_kernel", "attention_partial_kernel", "attention_combine_kernel"]
 
 
 def _nvidia_backend() -> None:
@@ -29,15 +30,19 @@ def _nvidia_backend() -> None:
         pytest.skip("this triton has no NVIDIA backend binaries (ptxas, cuobjdump)")
 
 
+def _rows(tmp_path, *args: str) -> list[dict]:
+    """Run the script with ``args`` (and ``--json``); its rows."""
+    out = tmp_path / "sm90.json"
+    p = subprocess.run([sys.executable, str(SCRIPT), *args, "--json", str(out)], capture_output=True, text=True,
+                       timeout=600, cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "0", "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads(out.read_text())["rows"]
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_every_kernel_compiles_for_sm90(tmp_path, dtype):
     _nvidia_backend()
-    out = tmp_path / "sm90.json"
-    p = subprocess.run([sys.executable, str(SCRIPT), "--dims", "scout", "--dtypes", dtype, "--json", str(out)],
-                       capture_output=True, text=True, timeout=600, cwd=ROOT,
-                       env={**os.environ, "TRITON_INTERPRET": "0", "PYTHONWARNINGS": "ignore"})
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    rows = _rows(tmp_path, "--dims", "scout", "--dtypes", dtype)
     assert [r["kernel"] for r in rows] == LAUNCHED                          # every launch of the host code
     assert all(r["error"] is None and 0 < r["registers"] <= 255 and r["shared_bytes"] <= 227 * 1024 for r in rows)
     if dtype == "bfloat16":
@@ -62,12 +67,8 @@ def test_int4_dequant_has_no_int_to_float_conversions(tmp_path):
     quarter-rate conversion of which their K loop had one per weight: counted in the sm_90 SASS of the loop
     (``--ops``: 64 I2F in int4_mm's loop of 590 instructions before, none in 539 after)."""
     _nvidia_backend()
-    out = tmp_path / "ops.json"
-    p = subprocess.run([sys.executable, str(SCRIPT), "--dtypes", "bfloat16", "--ops", "--cases", "int4_mm,moe_q",
-                        "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT,
-                       env={**os.environ, "TRITON_INTERPRET": "0", "PYTHONWARNINGS": "ignore"})
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    ops = {r["kernel"]: r["sass_ops"] for r in json.loads(out.read_text())["rows"]}
+    rows = _rows(tmp_path, "--dtypes", "bfloat16", "--ops", "--cases", "int4_mm,moe_q")
+    ops = {r["kernel"]: r["sass_ops"] for r in rows}
     assert {"int4_mm_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel"} <= set(ops)
     for kernel in ("int4_mm_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel"):
         assert ops[kernel]["I2F"] == 0 and ops[kernel]["HMMA"] > 0, (kernel, ops[kernel])
@@ -80,14 +81,10 @@ def test_int4_bf16x2_kernels_compile_lean(tmp_path):
     for the same blocks (when written: int4_mm 244 against 539, gate_up 566 against 1072, down 260 against 542
     instructions at BN 64 / BK 128)."""
     _nvidia_backend()
-    out = tmp_path / "ops.json"
-    p = subprocess.run([sys.executable, str(SCRIPT), "--dtypes", "bfloat16", "--ops", "--sweep", "--cases",
-                        "sweep int4_mm BN64 BK128,sweep int4_mm bf16x2 BN64 BK128,sweep moe_q_fused BN64 BK128,"
-                        "sweep moe_q_fused bf16x2 BN64 BK128", "--json", str(out)], capture_output=True, text=True,
-                       timeout=600, cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "0", "PYTHONWARNINGS": "ignore"})
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = {(r["case"].replace(" bf16x2", ""), r["kernel"].replace("_bf16x2", ""), " bf16x2" in r["case"]): r
-            for r in json.loads(out.read_text())["rows"]}
+            for r in _rows(tmp_path, "--dtypes", "bfloat16", "--ops", "--sweep", "--cases",
+                           "sweep int4_mm BN64 BK128,sweep int4_mm bf16x2 BN64 BK128,sweep moe_q_fused BN64 BK128,"
+                           "sweep moe_q_fused bf16x2 BN64 BK128")}
     pairs = [(case, kernel) for case, kernel, asm in rows if asm and kernel != "moe_route_kernel"]
     assert sorted(pairs) == [("sweep int4_mm BN64 BK128", "int4_mm_kernel"),
                              ("sweep moe_q_fused BN64 BK128", "moe_int4_down_kernel"),
@@ -107,13 +104,10 @@ def test_split_k_kernels_compile_with_their_counter(tmp_path):
     and followed by an L1 invalidation (acquire), the K loop stays as long as unsplit, and nothing spills. An
     unsplit launch (n_split = 1, which Triton specialises) has no atomic at all."""
     _nvidia_backend()
-    out = tmp_path / "ops.json"
-    p = subprocess.run([sys.executable, str(SCRIPT), "--dtypes", "bfloat16", "--ops", "--sweep", "--cases",
-                        "sweep int4_mm SK4 BN64 BK128,sweep int4_mm BN64 BK128,sweep moe_q_fused SK4 BN64 BK128,"
-                        "sweep moe_q_fused BN64 BK128", "--json", str(out)], capture_output=True, text=True,
-                       timeout=600, cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "0", "PYTHONWARNINGS": "ignore"})
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    rows = {(r["case"], r["kernel"]): r for r in json.loads(out.read_text())["rows"]}
+    rows = {(r["case"], r["kernel"]): r for r in _rows(
+        tmp_path, "--dtypes", "bfloat16", "--ops", "--sweep", "--cases",
+        "sweep int4_mm SK4 BN64 BK128,sweep int4_mm BN64 BK128,sweep moe_q_fused SK4 BN64 BK128,"
+        "sweep moe_q_fused BN64 BK128")}
     for case, kernel in (("int4_mm", "int4_mm_kernel"), ("moe_q_fused", "moe_int4_gate_up_kernel"),
                          ("moe_q_fused", "moe_int4_down_kernel")):
         split, plain = rows[f"sweep {case} SK4 BN64 BK128", kernel], rows[f"sweep {case} BN64 BK128", kernel]
