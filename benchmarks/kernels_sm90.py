@@ -11,8 +11,9 @@ with ``GPUTarget("cuda", 90, 32)``, the ptxas shipped in the triton wheel) and t
 with cuobjdump. A kernel that spills (stack > 0) loses its memory bandwidth to local-memory traffic; one that does
 not compile, or needs more shared memory than a block may have (227 KiB), would fail the first GPU session.
 Arguments are specialised by Triton's own binder, as on a GPU. Exit 1 if a kernel fails to compile, exceeds the
-shared memory, or spills in a 16-bit engine (float32 engines, a parity mode whose IEEE dots run on FMA units, are
-reported, not failed, when they spill).
+shared memory, waits on a synchronous global load inside a software-pipelined loop (``loop_loads``: a K loop that
+does runs at one HBM round trip an iteration), or spills in a 16-bit engine (float32 engines, a parity mode whose
+IEEE dots run on FMA units, are reported, not failed, when they spill).
 
 Cases (at Scout dimensions: H 5120, I 8192, 16 experts, 40/8 heads x 128, Int4 group 128; bf16 and float32
 engines, whose dots run IEEE fp32 on twice the shared memory):
@@ -95,7 +96,7 @@ def resources(cubin: bytes, tool: Path) -> dict:
 
 
 OPS = ("I2F", "F2F", "F2FP", "PRMT", "LOP3", "SHF", "FMUL", "FADD", "FFMA", "HADD2", "HMUL2", "HMMA", "LDG", "LDS",
-       "STS")
+       "STS", "LDL", "STL")
 
 
 def sass_ops(cubin: bytes, tool: Path) -> dict[str, int]:
@@ -118,6 +119,26 @@ def sass_ops(cubin: bytes, tool: Path) -> dict[str, int]:
     every = [op for _, op, _ in code]
     return {**{k: ops.count(k) for k in OPS}, "total": len(ops), "kernel": len(code),
             "kernel_sync": {k: every.count(k) for k in ("ATOMG", "MEMBAR", "CCTL")}}
+
+
+def loop_loads(ttgir: str) -> list[dict[str, int]]:
+    """For each ``scf.for`` of a kernel's TTGIR (after Triton's software pipeliner), the global loads in its body:
+    ``async``, copies into the loop's shared-memory stages (cp.async, issued iterations ahead of their use), and
+    ``sync``, plain loads whose whole latency an iteration waits out. The pipeliner moves only loads of >= 32 bits a
+    thread into stages, so a 16-bit per-row scale load in a K loop stays synchronous: one HBM round trip each
+    iteration (a pipelined loop should hold none: ``l4compile.kernels.layout.scale_words``)."""
+    lines, found = ttgir.splitlines(), []
+    for i, line in enumerate(lines):
+        if "scf.for" not in line:
+            continue
+        indent, body = len(line) - len(line.lstrip()), []
+        for inner in lines[i + 1:]:
+            if inner.strip().startswith("}") and len(inner) - len(inner.lstrip()) <= indent:
+                break
+            body.append(inner)
+        found.append({"sync": sum(" tt.load " in b for b in body),
+                      "async": sum("ttg.async_copy_global_to_local" in b for b in body)})
+    return found
 
 
 class MetaInputs:
@@ -291,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                 compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs),
                                           target=target, options=options)
                 row.update(resources(compiled.asm["cubin"], tool), shared_bytes=compiled.metadata.shared,
-                           num_warps=compiled.metadata.num_warps, mma=mma_kinds(compiled.asm["ptx"]))
+                           num_warps=compiled.metadata.num_warps, mma=mma_kinds(compiled.asm["ptx"]),
+                           loop_loads=loop_loads(compiled.asm["ttgir"]))
                 if a.ops:
                     row["sass_ops"] = sass_ops(compiled.asm["cubin"], tool)
             except Exception as ex:           # reported, and the exit status says so
@@ -299,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
             if not row["error"] and row["shared_bytes"] > SHARED_LIMIT:
                 row["error"] = (f"needs {row['shared_bytes']} bytes of shared memory, over the {SHARED_LIMIT} an H100 "
                                 "block may have")
+            if not row["error"] and any(lp["sync"] and lp["async"] for lp in row["loop_loads"]):
+                row["error"] = (f"a software-pipelined loop waits on a synchronous global load each iteration "
+                                f"(loops: {row['loop_loads']})")
             if (row["error"] or (row.get("stack_bytes") and dtype != torch.float32)) and not name.startswith("sweep"):
                 bad += 1
             rows.append(row)
@@ -310,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['shared_bytes']} | {', '.join(row['mma']) or '-'} |", flush=True)
                 if a.ops:
                     print("|  |  |  | SASS loop: " + " ".join(f"{k} {v}" for k, v in row["sass_ops"].items() if v)
+                          + "; loop loads (sync/async): " + " ".join(f"{lp['sync']}/{lp['async']}"
+                                                                      for lp in row["loop_loads"])
                           + " | | | | |", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps({"triton": triton.__version__, "target": "sm_90a", "dims": a.dims,

@@ -9,7 +9,9 @@ Per row (the reference: ``l4compile.ops.quant.fake_quant_fp8_per_token``)::
     y_n = (sum_k q_k * w_q[n, k]) * s * w_scale[n]                (fp32 accumulation)
 
 which is the reference's ``(q * s) @ (w_q * w_scale)^T`` up to float32 rounding of the factors. A program needs s
-before its first dot, so it reads its rows twice: ``rows_scale`` (one pass over K for the max) and the GEMM.
+before its first dot, so it reads its rows twice: ``rows_scale`` (one pass over K for the max) and the GEMM. That
+pass asks for its loads to be staged (``tl.range(num_stages=3)``): a loop without a dot is not software-pipelined
+otherwise, and each of its K / BK iterations waited out a whole load (``kernels_sm90.py``: ``loop_loads``).
 
 Dot operands (constexprs): ``FP8_DOT`` feeds q and w_q to ``tl.dot`` as float8 (GPUs of sm_89+): on Hopper, tiles of
 BM >= 64 rows become FP8 wgmma (e4m3, ``fp8_dot`` says how partial sums stay fp32), while at decode's BM = 16 Triton
@@ -49,7 +51,7 @@ def rows_scale(row_ptrs, scale, rmask, K, stride_k, BLOCK_M: tl.constexpr, BLOCK
     """The per-row FP8 scale s [BM] (float32) of ``scaled_rows`` over all K inputs."""
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=3):
         z = scaled_rows(row_ptrs, scale, rmask, k0 + ks, K, stride_k)
         amax = tl.maximum(amax, tl.max(tl.abs(z), axis=1))
     return tl.maximum(tl.math.div_rn(amax, tl.full((BLOCK_M,), 448.0, tl.float32)), 1e-12)

@@ -14,12 +14,22 @@ with 64 I2F to 539 without (64 weights a thread an iteration: ~8.4 instructions 
 ``int4_tile`` (that load + unpack + scale) is shared with the fused Int4 MoE kernels (``moe_int4_*``).
 
 Scales: with ``SCALE_PER_BLOCK`` (BK divides G, K blocks aligned) one scale per row per K block is loaded;
-otherwise (small or odd groups, e.g. G = 6) scales are gathered per element.
+otherwise (small or odd groups, e.g. G = 6) scales are gathered per element. ``SCALE_WORDS`` (16-bit scales, an even
+number of groups a row: ``layout.scale_words``; Scout's Int4 weights) loads them as 32-bit words, a pair of groups
+each (``scale_pair``), and the K loop steps 2G inputs, the blocks of a step unrolled so that each takes its half of
+the word as a compile-time choice (``pick_scale``). Why: Triton software-pipelines only loads of >= 32 bits a thread
+(cp.async into the loop's stages, iterations ahead). A 16-bit scale load stayed a synchronous load, so each K
+iteration waited out one HBM round trip: the H200 timed int4_mm at ~0.75 us an iteration whatever the weight bytes
+(q_proj, 12.9 MiB, and kv_proj, 2.6 MiB, both 30-32 us for 40 iterations) while the bf16 MoE, whose loads all
+stage, ran at 59% of HBM bandwidth. A half chosen at run time (by the parity of k0 // G) would cost the dequantized
+weights a round trip through shared memory on their way to the tensor cores: Triton's layout propagation stops at
+it. At Scout's q_proj (BN 64, BK 128, sm_90): every K-loop load staged (``kernels_sm90.py``: ``loop_loads``), 1017
+instructions a step of two blocks (508 a block, against 537 before) and no shared-memory store in the loop.
 
 ``DOT_F32``: see ``moe_gate_up`` (set only under the CPU interpreter, for bf16).
 
 Split-K (``split_k.py``): program (i, j, s) of S = ``n_split`` reduces inputs [s * K_SPLIT, (s + 1) * K_SPLIT)
-(K_SPLIT a multiple of BK, so K blocks stay aligned to the scale groups); the last of a tile's S programs adds the
+(K_SPLIT a multiple of the K step, so K blocks stay aligned to the scale groups); the last of a tile's S programs adds the
 float32 partials in split order and rounds once. A decode GEMV has few output tiles (N / BN programs), each looping
 over all of K: on an H200 that loop, not the weight bytes, set the time (``benchmarks/results/gpu-NVIDIA-H200``);
 splitting K multiplies the programs, and the loads in flight, by S. With S = 1, K_SPLIT = K (no partials).
@@ -32,12 +42,13 @@ The even and odd weights of a K block come out as two [BN, BK/2] tiles, each dot
 (``x_pairs``: one contiguous load of the x block, split in registers), so no weight is interleaved; N and K must
 divide by BN and BK, so no weight load is masked. The K loop at Scout's q_proj (BN 64, BK 128): 244 instructions
 against the float path's 539 (``kernels_sm90.py --ops``; 327 while x_pairs loaded x with two stride-2 gathers,
-16 narrow loads and their address arithmetic a thread an iteration). Not yet
+16 narrow loads and their address arithmetic a thread an iteration); 467 a step of two blocks against 1017 with
+word-loaded scales. Not yet
 run on a GPU: nothing selects it but an explicit ``Int4Blocks(bf16x2=True)`` (``bench_kernels.py`` sweeps it and
 checks every result before timing it; the GPU tests compare it too).
 
 Shapes: x [M, K]; w_packed [N, K/2] uint8; w_scale [N, K/G]; y [M, N] (x.dtype); part [S, M, N] float32 and lock
-[cdiv(M, BM) * cdiv(N, BN)] int32 zeros (both empty when S = 1). Grid: (cdiv(M, BM), cdiv(N, BN), S).
+[cdiv(M, BM) * cdiv(N, BN)] int32 zeros (both flat, 2 elements when S = 1). Grid: (cdiv(M, BM), cdiv(N, BN), S).
 """
 import triton
 import triton.language as tl
@@ -46,10 +57,40 @@ from .split_k import split_k_store
 
 
 @triton.jit
+def scale_pair(s_ptr, rn, nmask, k0, G: tl.constexpr, stride_sn, stride_sg, SCALE_PER_BLOCK: tl.constexpr,
+               SCALE_WORDS: tl.constexpr):
+    """The scales a K step at k0 needs, rows ``rn`` [BN] (0 where ``nmask`` is not) -> (even, odd) [BN] in the
+    scales' dtype. ``SCALE_WORDS`` (a step of 2G inputs, k0 // G even): groups k0 // G and k0 // G + 1 from ONE
+    aligned 32-bit load (little-endian: the even group in the low half). Otherwise (a step of one K block): the
+    block's group, twice; nothing without ``SCALE_PER_BLOCK`` (``int4_tile`` gathers per element)."""
+    if SCALE_WORDS:
+        words = s_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + rn * (stride_sn // 2) + k0 // (2 * G)
+        word = tl.load(words, mask=nmask, other=0)                                    # [BN] int32
+        dt = s_ptr.dtype.element_ty
+        return word.to(tl.int16).to(dt, bitcast=True), (word >> 16).to(tl.int16).to(dt, bitcast=True)
+    elif SCALE_PER_BLOCK:
+        sc = tl.load(s_ptr + rn * stride_sn + (k0 // G) * stride_sg, mask=nmask, other=0.0)
+        return sc, sc
+    else:
+        z = tl.zeros(rn.shape, s_ptr.dtype.element_ty)
+        return z, z
+
+
+@triton.jit
+def pick_scale(s_even, s_odd, U: tl.constexpr, G: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The scale of the U-th K block of a step (a compile-time choice): the even group's for its first G inputs."""
+    if (U * BLOCK_K) // G == 0:
+        return s_even
+    else:
+        return s_odd
+
+
+@triton.jit
 def int4_tile(w_ptr, s_ptr, rn, nmask, k0, K, G, stride_wn, stride_wk, stride_sn, stride_sg,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_PER_BLOCK: tl.constexpr):
+              sc, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_PER_BLOCK: tl.constexpr):
     """Rows ``rn`` [BN] (valid where ``nmask``), inputs k0 .. k0+BK-1 of a packed weight -> [BN, BK] float32
-    dequantized (not yet rounded); 0 where a row is masked or k >= K."""
+    dequantized (not yet rounded); 0 where a row is masked or k >= K. ``sc`` [BN]: the block's scales
+    (``SCALE_PER_BLOCK``; otherwise ignored and gathered per element)."""
     kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)                                   # [BK/2] byte index
     packed = tl.load(w_ptr + rn[:, None] * stride_wn + kb[None, :] * stride_wk,
                      mask=nmask[:, None] & (kb < K // 2)[None, :], other=0x88)  # [BN, BK/2] uint8
@@ -58,7 +99,6 @@ def int4_tile(w_ptr, s_ptr, rn, nmask, k0, K, G, stride_wn, stride_wk, stride_sn
     hi = ((p32 >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
     q = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))                         # [BN, BK], k order
     if SCALE_PER_BLOCK:
-        sc = tl.load(s_ptr + rn * stride_sn + (k0 // G) * stride_sg, mask=nmask, other=0.0)      # [BN]
         w = q * sc.to(tl.float32)[:, None]
     else:
         k = k0 + tl.arange(0, BLOCK_K)                                           # [BK]
@@ -97,15 +137,13 @@ mul.rn.bf16x2 $3, $3, $6;
 
 
 @triton.jit
-def int4_pairs_bf16(w_ptr, s_ptr, rn, k0, G, stride_wn, stride_wk, stride_sn, stride_sg,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Rows ``rn`` [BN] (all valid), inputs k0 .. k0+BK-1 (in range, one scale group) of a packed weight -> (even,
-    odd) [BN, BK/2] bf16: the weights at k0, k0+2, .. and k0+1, k0+3, .., each round((q - 8) * s) as the reference
-    makes it, unpacked by ``_UNPACK_BF16X2`` (sm_90 PTX; bf16 scales). Unmasked: the byte selects of a masked load
-    cost more than the unpack."""
+def int4_pairs_bf16(w_ptr, rn, k0, sc, stride_wn, stride_wk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows ``rn`` [BN] (all valid), inputs k0 .. k0+BK-1 (in range, one scale group, whose scales are ``sc`` [BN]
+    bf16) of a packed weight -> (even, odd) [BN, BK/2] bf16: the weights at k0, k0+2, .. and k0+1, k0+3, .., each
+    round((q - 8) * s) as the reference makes it, unpacked by ``_UNPACK_BF16X2`` (sm_90 PTX). Unmasked: the byte
+    selects of a masked load cost more than the unpack."""
     kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)                                   # [BK/2] byte index
     packed = tl.load(w_ptr + rn[:, None] * stride_wn + kb[None, :] * stride_wk)  # [BN, BK/2] uint8
-    sc = tl.load(s_ptr + rn * stride_sn + (k0 // G) * stride_sg)                # [BN] bf16
     sc = tl.broadcast_to(sc[:, None], (BLOCK_N, BLOCK_K // 2))
     return tl.inline_asm_elementwise(_UNPACK_BF16X2, "=r,=r,=r,=r,r,r,r", [packed, sc],
                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
@@ -125,7 +163,8 @@ def x_pairs(x_ptr, rows, rmask, k0, stride_xr, stride_xk, BLOCK_K: tl.constexpr)
 def int4_mm_bf16x2_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, G: tl.constexpr, K_SPLIT, n_split,
                           stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_ym, stride_yn,
                           stride_ps, stride_pm, stride_pn,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          SCALE_WORDS: tl.constexpr):
     """``int4_mm_kernel`` for bf16 x and scales on sm_90, N % BN == K % BK == 0 and BK dividing G: each K block's
     weights as even and odd bf16 tiles (``int4_pairs_bf16``) dotted with x's even and odd inputs (``x_pairs``).
     G is a compile-time constant: the scale column k0 // G is then a shift, not a division in the loop."""
@@ -135,12 +174,16 @@ def int4_mm_bf16x2_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, 
     mmask = rm < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo = split * K_SPLIT
-    for k0 in range(k_lo, tl.minimum(k_lo + K_SPLIT, K), BLOCK_K):
-        xe, xo = x_pairs(x_ptr, rm, mmask, k0, stride_xm, stride_xk, BLOCK_K)    # [BM, BK/2] each
-        we, wo = int4_pairs_bf16(w_ptr, s_ptr, rn, k0, G, stride_wn, stride_wk, stride_sn, stride_sg,
-                                 BLOCK_N, BLOCK_K)                               # [BN, BK/2] bf16 each
-        acc = tl.dot(xe, tl.trans(we), acc)
-        acc = tl.dot(xo, tl.trans(wo), acc)
+    STEP: tl.constexpr = 2 * G if SCALE_WORDS else BLOCK_K
+    for k_step in range(k_lo, tl.minimum(k_lo + K_SPLIT, K), STEP):
+        s_even, s_odd = scale_pair(s_ptr, rn, rn >= 0, k_step, G, stride_sn, stride_sg, True, SCALE_WORDS)  # N % BN = 0
+        for u in tl.static_range(STEP // BLOCK_K):
+            k0 = k_step + u * BLOCK_K
+            xe, xo = x_pairs(x_ptr, rm, mmask, k0, stride_xm, stride_xk, BLOCK_K)    # [BM, BK/2] each
+            we, wo = int4_pairs_bf16(w_ptr, rn, k0, pick_scale(s_even, s_odd, u, G, BLOCK_K), stride_wn, stride_wk,
+                                     BLOCK_N, BLOCK_K)                           # [BN, BK/2] bf16 each
+            acc = tl.dot(xe, tl.trans(we), acc)
+            acc = tl.dot(xo, tl.trans(wo), acc)
     split_k_store(acc, y_ptr, rm[:, None] * stride_ym + rn[None, :] * stride_yn, part_ptr,
                   rm[:, None] * stride_pm + rn[None, :] * stride_pn, stride_ps, mmask[:, None],
                   lock_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), split, n_split,
@@ -148,11 +191,12 @@ def int4_mm_bf16x2_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, 
 
 
 @triton.jit
-def int4_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, G, K_SPLIT, n_split,
+def int4_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, G: tl.constexpr, K_SPLIT, n_split,
                    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_ym, stride_yn,
                    stride_ps, stride_pm, stride_pn,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   SCALE_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+                   SCALE_PER_BLOCK: tl.constexpr, SCALE_WORDS: tl.constexpr, PRECISION: tl.constexpr,
+                   DOT_F32: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)                     # [BM]
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)                     # [BN]
     split = tl.program_id(2)
@@ -161,16 +205,20 @@ def int4_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, G, K
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo = split * K_SPLIT
-    for k0 in range(k_lo, tl.minimum(k_lo + K_SPLIT, K), BLOCK_K):
-        k = k0 + ks                                                              # [BK]
-        xt = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :] * stride_xk,
-                     mask=mmask[:, None] & (k < K)[None, :], other=0.0)            # [BM, BK]
-        w = int4_tile(w_ptr, s_ptr, rn, nmask, k0, K, G, stride_wn, stride_wk, stride_sn, stride_sg,
-                      BLOCK_N, BLOCK_K, SCALE_PER_BLOCK)                         # [BN, BK] float32
-        wt = tl.trans(w.to(xt.dtype))                                            # [BK, BN], rounded like the reference
-        if DOT_F32:                                                              # interpreter (see moe_gate_up)
-            xt, wt = xt.to(tl.float32), wt.to(tl.float32)
-        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+    STEP: tl.constexpr = 2 * G if SCALE_WORDS else BLOCK_K                      # inputs a step (scale_pair)
+    for k_step in range(k_lo, tl.minimum(k_lo + K_SPLIT, K), STEP):
+        s_even, s_odd = scale_pair(s_ptr, rn, nmask, k_step, G, stride_sn, stride_sg, SCALE_PER_BLOCK, SCALE_WORDS)
+        for u in tl.static_range(STEP // BLOCK_K):
+            k0 = k_step + u * BLOCK_K
+            k = k0 + ks                                                          # [BK]
+            xt = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :] * stride_xk,
+                         mask=mmask[:, None] & (k < K)[None, :], other=0.0)        # [BM, BK]
+            w = int4_tile(w_ptr, s_ptr, rn, nmask, k0, K, G, stride_wn, stride_wk, stride_sn, stride_sg,
+                          pick_scale(s_even, s_odd, u, G, BLOCK_K), BLOCK_N, BLOCK_K, SCALE_PER_BLOCK)  # [BN, BK] f32
+            wt = tl.trans(w.to(xt.dtype))                                        # [BK, BN], rounded like the reference
+            if DOT_F32:                                                          # interpreter (see moe_gate_up)
+                xt, wt = xt.to(tl.float32), wt.to(tl.float32)
+            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
     split_k_store(acc, y_ptr, rm[:, None] * stride_ym + rn[None, :] * stride_yn, part_ptr,
                   rm[:, None] * stride_pm + rn[None, :] * stride_pn, stride_ps, mmask[:, None] & nmask[None, :],
                   lock_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), split, n_split,

@@ -127,19 +127,32 @@ SPLIT_K_PARTIAL_BYTES = 16 << 20
 
 def split_k_plan(rows, n_out: int, k_in: int, block_k: int, split_k: int):
     """(S, K_SPLIT) for a GEMM of ``rows`` (int or SymInt) x ``n_out`` outputs over ``k_in`` inputs in K blocks of
-    ``block_k``: S <= ``split_k`` programs per output tile (and at most one per K block), each reducing K_SPLIT inputs
-    (whole K blocks, so scale groups stay aligned), and as many as the float32 partials [S, rows, n_out] allow within
+    ``block_k`` (the kernel's K step: BK, or 2G where it loads scales as words, ``scale_words``): S <= ``split_k``
+    programs per output tile (and at most one per K block), each reducing K_SPLIT inputs (whole K blocks, so scale
+    groups stay aligned), and as many as the float32 partials [S, rows, n_out] allow within
     ``SPLIT_K_PARTIAL_BYTES``. Guard-free in a symbolic ``rows``: S = Max(1, Min(split_k, bytes // rows ..)) has a
     known range [1, split_k], so sizes built from it need no guard (S recomputed from K_SPLIT would divide by a
     symbol, and export then guards on T). The price: when S does not divide the K blocks evenly, trailing splits
-    can be empty (8 blocks in 6 splits of 2: the last program adds zeros); Scout's 40 and 64 K blocks at S = 2, 4,
-    8 split evenly. One engine so splits a decode step and not an 8K-token prefill."""
+    can be empty (8 blocks in 6 splits of 2: the last program adds zeros); Scout's 20 and 32 steps of 2G = 256
+    inputs split evenly at S = 2 and 4 (at S = 8, 20 steps become six slices of 3, one of 2 and an empty one).
+    One engine so splits a decode step and not an 8K-token prefill."""
     k_blocks = (k_in + block_k - 1) // block_k
     if split_k <= 1 or k_blocks <= 1:
         return 1, k_blocks * block_k
     splits = torch.sym_max(1, torch.sym_min(min(split_k, k_blocks),
                                             SPLIT_K_PARTIAL_BYTES // (4 * n_out * torch.sym_max(1, rows))))
     return splits, (k_blocks + splits - 1) // splits * block_k
+
+
+def scale_words(*scales: Tensor) -> bool:
+    """Whether the Int4 kernels may load these group scales [.., N, K/G] as aligned 32-bit words, a pair of groups
+    each (``int4_mm.scale_pair``; their K loop then steps 2G inputs): 16-bit, an even number of groups, contiguous
+    along groups, every other stride and the storage offset even (the storage itself is at least 4-byte aligned, as
+    every PyTorch CUDA allocation and AOTInductor constant is). Why: Triton's software pipeliner stages (cp.async,
+    iterations ahead) only loads of >= 32 bits a thread; a 16-bit scale load stays a synchronous load in the K loop
+    and every iteration waits out a whole HBM round trip (``benchmarks/kernels_sm90.py``: ``loop_loads``)."""
+    return all(s.element_size() == 2 and s.shape[-1] % 2 == 0 and s.stride(-1) == 1 and s.storage_offset() % 2 == 0
+               and all(st % 2 == 0 for st in s.stride()[:-1]) for s in scales)
 
 
 def moe_int4_blocks(hidden: int, inter: int, group_h: int, group_i: int) -> tuple[Int4Blocks, Int4Blocks]:
@@ -153,7 +166,6 @@ def moe_int4_blocks(hidden: int, inter: int, group_h: int, group_i: int) -> tupl
     bound by weight bytes. Prefill re-reads an expert's weight block once per 16-row tile, mostly from L2 (the
     tiles of one group are adjacent on grid axis 0)."""
     return int4_blocks(inter, hidden, group_h), int4_blocks(hidden, inter, group_i)     # both BM = 16
-
 
 
 def moe_fp8_blocks(hidden: int, inter: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:

@@ -9,65 +9,70 @@ For every row r of tile ``program_id(0)`` and hidden columns ``program_id(1) * B
 
 with (down_q, down_s) = ``down_q[e]``, ``down_s[e]`` ([E, H, I/2], [E, H, I/Gi]) for a routed group e < E and
 ``shared_down_q``, ``shared_down_s`` ([H, I/2], [H, I/Gi]) for the shared group E: both nn.Linear orientation, so
-one tile routine for both. Packed blocks load once and unpack in registers (``int4_mm.int4_tile``).
+one tile routine for both. Packed blocks load once and unpack in registers (``int4_mm.int4_tile``); scales as
+words in K steps of 2G (``SCALE_WORDS``) as in ``int4_mm``.
 Rows stay in the grouped order; the caller adds each token's routed rows onto its shared row (``ops.combine_rows``).
 
 ``BF16X2`` (bf16 on sm_90, H % BN == I % BK == 0): ``int4_mm``'s inline-PTX unpack (``int4_pairs_bf16``), a sweep
 candidate not yet run on a GPU.
 
 Split-K as ``int4_mm`` (``split_k.py``): program (t, j, s) of S = ``n_split`` reduces inputs [s * K_SPLIT,
-(s + 1) * K_SPLIT) of I (K_SPLIT a multiple of BK); the tile's last program adds the float32 partials and rounds.
+(s + 1) * K_SPLIT) of I (K_SPLIT a multiple of the K step); the tile's last program adds the float32 partials and rounds.
 
 Shapes: act [R, I]; down_q [E, H, I/2] uint8, down_s [E, H, I/Gi]; shared_down_q [H, I/2] uint8, shared_down_s
 [H, I/Gi]; tile_group/tile_row0/tile_row_end [NT] int32; y [R, H]; part [S, R, H] float32 and lock
-[NT * cdiv(H, BN)] int32 zeros (both empty when S = 1).
+[NT * cdiv(H, BN)] int32 zeros (both flat, 2 elements when S = 1).
 Grid: (NT, cdiv(H, BN), S).
 """
 import triton
 import triton.language as tl
 
-from .int4_mm import int4_pairs_bf16, int4_tile, x_pairs
+from .int4_mm import int4_pairs_bf16, int4_tile, pick_scale, scale_pair, x_pairs
 from .split_k import split_k_store
 
 
 @triton.jit
 def _qdown_tile(a_ptr, stride_ar, stride_ai, rows, rmask, wq_ptr, ws_ptr, stride_wn, stride_wk, stride_sn, stride_sg,
-                cols, cmask, I, G, k_lo, k_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                SCALE_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
-                BF16X2: tl.constexpr):
+                cols, cmask, I, G: tl.constexpr, k_lo, k_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, SCALE_PER_BLOCK: tl.constexpr, SCALE_WORDS: tl.constexpr,
+                PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BF16X2: tl.constexpr):
     """act rows @ Wd^T over inputs [k_lo, k_hi) of I for one tile -> [BM, BN] float32. ``BF16X2``: the weights as
     even and odd bf16 tiles (``int4_mm.int4_pairs_bf16``, sm_90 PTX) against act's even and odd inputs."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
-    if BF16X2:
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            ae, ao = x_pairs(a_ptr, rows, rmask, k0, stride_ar, stride_ai, BLOCK_K)      # [BM, BK/2] each
-            we, wo = int4_pairs_bf16(wq_ptr, ws_ptr, cols, k0, G, stride_wn, stride_wk, stride_sn, stride_sg,
-                                     BLOCK_N, BLOCK_K)
-            acc = tl.dot(ae, tl.trans(we), acc)
-            acc = tl.dot(ao, tl.trans(wo), acc)
-        return acc
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        k = k0 + ks                                                               # [BK] in [0, I)
-        a = tl.load(a_ptr + rows[:, None] * stride_ar + k[None, :] * stride_ai,
-                    mask=rmask[:, None] & (k < I)[None, :], other=0.0)              # [BM, BK]
-        w = tl.trans(int4_tile(wq_ptr, ws_ptr, cols, cmask, k0, I, G, stride_wn, stride_wk, stride_sn, stride_sg,
-                               BLOCK_N, BLOCK_K, SCALE_PER_BLOCK).to(a.dtype))    # [BK, BN], rounded like the reference
-        if DOT_F32:                                                              # interpreter (see moe_gate_up)
-            a, w = a.to(tl.float32), w.to(tl.float32)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    STEP: tl.constexpr = 2 * G if SCALE_WORDS else BLOCK_K                      # inputs a step (int4_mm.scale_pair)
+    smask = cols >= 0 if BF16X2 else cmask                                       # BF16X2: H % BN == 0, unmasked
+    for k_step in range(k_lo, k_hi, STEP):
+        s_even, s_odd = scale_pair(ws_ptr, cols, smask, k_step, G, stride_sn, stride_sg, SCALE_PER_BLOCK, SCALE_WORDS)
+        for u in tl.static_range(STEP // BLOCK_K):
+            k0 = k_step + u * BLOCK_K
+            sc = pick_scale(s_even, s_odd, u, G, BLOCK_K)
+            if BF16X2:
+                ae, ao = x_pairs(a_ptr, rows, rmask, k0, stride_ar, stride_ai, BLOCK_K)  # [BM, BK/2] each
+                we, wo = int4_pairs_bf16(wq_ptr, cols, k0, sc, stride_wn, stride_wk, BLOCK_N, BLOCK_K)
+                acc = tl.dot(ae, tl.trans(we), acc)
+                acc = tl.dot(ao, tl.trans(wo), acc)
+            else:
+                k = k0 + ks                                                       # [BK] in [0, I)
+                a = tl.load(a_ptr + rows[:, None] * stride_ar + k[None, :] * stride_ai,
+                            mask=rmask[:, None] & (k < I)[None, :], other=0.0)      # [BM, BK]
+                w = tl.trans(int4_tile(wq_ptr, ws_ptr, cols, cmask, k0, I, G, stride_wn, stride_wk, stride_sn,
+                                       stride_sg, sc, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK).to(a.dtype))  # [BK, BN]
+                if DOT_F32:                                                      # interpreter (see moe_gate_up)
+                    a, w = a.to(tl.float32), w.to(tl.float32)
+                acc = tl.dot(a, w, acc, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
 def moe_int4_down_kernel(act_ptr, dq_ptr, ds_ptr, sdq_ptr, sds_ptr, y_ptr, part_ptr, lock_ptr, tile_group_ptr,
-                         tile_row0_ptr, tile_row_end_ptr, H, I, E, G, K_SPLIT, n_split,
+                         tile_row0_ptr, tile_row_end_ptr, H, I, E, G: tl.constexpr, K_SPLIT, n_split,
                          stride_ar, stride_ai, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sg,
                          stride_shqn, stride_shqk, stride_shsn, stride_shsg, stride_yr, stride_yh,
                          stride_ps, stride_pr, stride_ph,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SCALE_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
-                         BF16X2: tl.constexpr):
+                         SCALE_PER_BLOCK: tl.constexpr, SCALE_WORDS: tl.constexpr, PRECISION: tl.constexpr,
+                         DOT_F32: tl.constexpr, BF16X2: tl.constexpr):
     tile = tl.program_id(0)
     grp = tl.load(tile_group_ptr + tile)
     if grp <= E:                                                                 # grp == E + 1: unused tile
@@ -81,12 +86,12 @@ def moe_int4_down_kernel(act_ptr, dq_ptr, ds_ptr, sdq_ptr, sds_ptr, y_ptr, part_
         if grp == E:                                                             # shared expert [H, I/2]
             acc = _qdown_tile(act_ptr, stride_ar, stride_ai, rows, rmask, sdq_ptr, sds_ptr, stride_shqn, stride_shqk,
                               stride_shsn, stride_shsg, cols, cmask, I, G, k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K,
-                              SCALE_PER_BLOCK, PRECISION, DOT_F32, BF16X2)
+                              SCALE_PER_BLOCK, SCALE_WORDS, PRECISION, DOT_F32, BF16X2)
         else:                                                                    # routed expert [H, I/2]
             acc = _qdown_tile(act_ptr, stride_ar, stride_ai, rows, rmask, dq_ptr + grp.to(tl.int64) * stride_qe,
                               ds_ptr + grp.to(tl.int64) * stride_se, stride_qn, stride_qk, stride_sn, stride_sg, cols,
-                              cmask, I, G, k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, PRECISION, DOT_F32,
-                              BF16X2)
+                              cmask, I, G, k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, SCALE_WORDS,
+                              PRECISION, DOT_F32, BF16X2)
         split_k_store(acc, y_ptr, rows[:, None] * stride_yr + cols[None, :] * stride_yh, part_ptr,
                       rows[:, None] * stride_pr + cols[None, :] * stride_ph, stride_ps, rmask[:, None] & cmask[None, :],
                       lock_ptr + tile * tl.num_programs(1) + tl.program_id(1), split, n_split, BLOCK_M, BLOCK_N)

@@ -13,77 +13,82 @@ For every row r of tile ``program_id(0)`` (layout: ``l4compile.kernels.layout.mo
 with (gate_q, up_q) = rows [0, I) and [I, 2I) of ``gate_up_q[e]`` ([E, 2I, H/2]; scales likewise) for a routed
 group e < E, and ``shared_gate_q``, ``shared_up_q`` ([I, H/2], same strides) for the shared group E. Each program
 loads every packed [BN, BK/2] weight block once and unpacks it in registers (``int4_mm.int4_tile``);
-``SCALE_PER_BLOCK`` and ``DOT_F32`` as in ``int4_mm``; ``BF16X2`` (bf16 on sm_90, I % BN == H % BK == 0) unpacks
+``SCALE_PER_BLOCK``, ``SCALE_WORDS`` (K steps of 2G) and ``DOT_F32`` as in ``int4_mm``; ``BF16X2`` (bf16 on sm_90, I % BN == H % BK == 0) unpacks
 with ``int4_mm``'s inline PTX instead (``int4_pairs_bf16``), a sweep candidate not yet run on a GPU.
 
 Split-K (``split_k.py``): program (t, j, s) of S = ``n_split`` reduces inputs [s * K_SPLIT, (s + 1) * K_SPLIT) of H
 into float32 gate and up partials; the SwiGLU needs the whole sums, so the tile's last program adds them and runs
-the epilogue. At a decode step the grid is 2 tiles x I / BN (256 programs at Scout width, 40 K blocks each).
+the epilogue. At a decode step the grid is 2 tiles x I / BN (256 programs at Scout width, 20 K steps each).
 
 Shapes: x [T, H]; gate_up_q [E, 2I, H/2] uint8, gate_up_s [E, 2I, H/Gh]; shared_gate_q/shared_up_q [I, H/2] uint8,
 shared_gate_s/shared_up_s [I, H/Gh]; row_tok [R] int32; row_scale [R] f32; tile_group/tile_row0/tile_row_end [NT]
 int32; act [R, I] (x.dtype); part [S, R, 2I] float32 (gate sums, then up sums) and lock [NT * cdiv(I, BN)] int32
-zeros (both empty when S = 1). Grid: (NT, cdiv(I, BN), S).
+zeros (both flat, 2 elements when S = 1). Grid: (NT, cdiv(I, BN), S).
 """
 import triton
 import triton.language as tl
 
-from .int4_mm import int4_pairs_bf16, int4_tile, x_pairs
+from .int4_mm import int4_pairs_bf16, int4_tile, pick_scale, scale_pair, x_pairs
 from .moe_gate_up import swiglu_store
 from .split_k import split_k_arrive, split_k_sum
 
 
 @triton.jit
 def _qdot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, wg_ptr, sg_ptr, wu_ptr, su_ptr,
-               stride_wn, stride_wk, stride_sn, stride_sg, cols, cmask, H, G, k_lo, k_hi,
+               stride_wn, stride_wk, stride_sn, stride_sg, cols, cmask, H, G: tl.constexpr, k_lo, k_hi,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_PER_BLOCK: tl.constexpr,
-               PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BF16X2: tl.constexpr):
+               SCALE_WORDS: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BF16X2: tl.constexpr):
     """Accumulate (z @ Wg^T, z @ Wu^T) over inputs [k_lo, k_hi) of H for one tile -> two [BM, BN] float32 blocks.
     ``BF16X2``: the weights come as even and odd bf16 tiles (``int4_mm.int4_pairs_bf16``, sm_90 PTX) and meet z's
     even and odd inputs."""
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
-    if BF16X2:
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            xe, xo = x_pairs(x_ptr, tok, rmask, k0, stride_xt, stride_xh, BLOCK_K)     # [BM, BK/2] each
-            ze = (xe.to(tl.float32) * scale[:, None]).to(xe.dtype)                       # input-side scaling
-            zo = (xo.to(tl.float32) * scale[:, None]).to(xo.dtype)
-            ge, go = int4_pairs_bf16(wg_ptr, sg_ptr, cols, k0, G, stride_wn, stride_wk, stride_sn, stride_sg,
-                                     BLOCK_N, BLOCK_K)
-            ue, uo = int4_pairs_bf16(wu_ptr, su_ptr, cols, k0, G, stride_wn, stride_wk, stride_sn, stride_sg,
-                                     BLOCK_N, BLOCK_K)
-            acc_g = tl.dot(ze, tl.trans(ge), acc_g)
-            acc_g = tl.dot(zo, tl.trans(go), acc_g)
-            acc_u = tl.dot(ze, tl.trans(ue), acc_u)
-            acc_u = tl.dot(zo, tl.trans(uo), acc_u)
-        return acc_g, acc_u
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        k = k0 + ks                                                               # [BK]
-        xt = tl.load(x_ptr + tok[:, None] * stride_xt + k[None, :] * stride_xh,
-                     mask=rmask[:, None] & (k < H)[None, :], other=0.0)             # [BM, BK]
-        z = (xt.to(tl.float32) * scale[:, None]).to(xt.dtype)                        # input-side scaling
-        wg = tl.trans(int4_tile(wg_ptr, sg_ptr, cols, cmask, k0, H, G, stride_wn, stride_wk, stride_sn, stride_sg,
-                                BLOCK_N, BLOCK_K, SCALE_PER_BLOCK).to(xt.dtype))     # [BK, BN]
-        wu = tl.trans(int4_tile(wu_ptr, su_ptr, cols, cmask, k0, H, G, stride_wn, stride_wk, stride_sn, stride_sg,
-                                BLOCK_N, BLOCK_K, SCALE_PER_BLOCK).to(xt.dtype))
-        if DOT_F32:                                                              # interpreter: exact same products
-            z, wg, wu = z.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
-        acc_g = tl.dot(z, wg, acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(z, wu, acc_u, input_precision=PRECISION)
+    STEP: tl.constexpr = 2 * G if SCALE_WORDS else BLOCK_K                      # inputs a step (int4_mm.scale_pair)
+    smask = cols >= 0 if BF16X2 else cmask                                       # BF16X2: I % BN == 0, unmasked
+    for k_step in range(k_lo, k_hi, STEP):
+        g_even, g_odd = scale_pair(sg_ptr, cols, smask, k_step, G, stride_sn, stride_sg, SCALE_PER_BLOCK, SCALE_WORDS)
+        u_even, u_odd = scale_pair(su_ptr, cols, smask, k_step, G, stride_sn, stride_sg, SCALE_PER_BLOCK, SCALE_WORDS)
+        for u in tl.static_range(STEP // BLOCK_K):
+            k0 = k_step + u * BLOCK_K
+            sg = pick_scale(g_even, g_odd, u, G, BLOCK_K)
+            su = pick_scale(u_even, u_odd, u, G, BLOCK_K)
+            if BF16X2:
+                xe, xo = x_pairs(x_ptr, tok, rmask, k0, stride_xt, stride_xh, BLOCK_K)     # [BM, BK/2] each
+                ze = (xe.to(tl.float32) * scale[:, None]).to(xe.dtype)                   # input-side scaling
+                zo = (xo.to(tl.float32) * scale[:, None]).to(xo.dtype)
+                ge, go = int4_pairs_bf16(wg_ptr, cols, k0, sg, stride_wn, stride_wk, BLOCK_N, BLOCK_K)
+                ue, uo = int4_pairs_bf16(wu_ptr, cols, k0, su, stride_wn, stride_wk, BLOCK_N, BLOCK_K)
+                acc_g = tl.dot(ze, tl.trans(ge), acc_g)
+                acc_g = tl.dot(zo, tl.trans(go), acc_g)
+                acc_u = tl.dot(ze, tl.trans(ue), acc_u)
+                acc_u = tl.dot(zo, tl.trans(uo), acc_u)
+            else:
+                k = k0 + ks                                                       # [BK]
+                xt = tl.load(x_ptr + tok[:, None] * stride_xt + k[None, :] * stride_xh,
+                             mask=rmask[:, None] & (k < H)[None, :], other=0.0)     # [BM, BK]
+                z = (xt.to(tl.float32) * scale[:, None]).to(xt.dtype)                # input-side scaling
+                wg = tl.trans(int4_tile(wg_ptr, sg_ptr, cols, cmask, k0, H, G, stride_wn, stride_wk, stride_sn,
+                                        stride_sg, sg, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK).to(xt.dtype))   # [BK, BN]
+                wu = tl.trans(int4_tile(wu_ptr, su_ptr, cols, cmask, k0, H, G, stride_wn, stride_wk, stride_sn,
+                                        stride_sg, su, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK).to(xt.dtype))
+                if DOT_F32:                                                      # interpreter: exact same products
+                    z, wg, wu = z.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
+                acc_g = tl.dot(z, wg, acc_g, input_precision=PRECISION)
+                acc_u = tl.dot(z, wu, acc_u, input_precision=PRECISION)
     return acc_g, acc_u
 
 
 @triton.jit
 def moe_int4_gate_up_kernel(x_ptr, gu_q_ptr, gu_s_ptr, sg_q_ptr, sg_s_ptr, su_q_ptr, su_s_ptr, act_ptr, part_ptr,
                             lock_ptr, row_tok_ptr, row_scale_ptr, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr,
-                            H, I, E, G, K_SPLIT, n_split,
+                            H, I, E, G: tl.constexpr, K_SPLIT, n_split,
                             stride_xt, stride_xh, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sg,
                             stride_shqn, stride_shqk, stride_shsn, stride_shsg, stride_ar, stride_ai,
                             stride_ps, stride_pr, stride_pi,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            SCALE_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
-                            BF16X2: tl.constexpr):
+                            SCALE_PER_BLOCK: tl.constexpr, SCALE_WORDS: tl.constexpr, PRECISION: tl.constexpr,
+                            DOT_F32: tl.constexpr, BF16X2: tl.constexpr):
     tile = tl.program_id(0)
     grp = tl.load(tile_group_ptr + tile)
     if grp <= E:                                                                 # grp == E + 1: unused tile
@@ -99,13 +104,15 @@ def moe_int4_gate_up_kernel(x_ptr, gu_q_ptr, gu_s_ptr, sg_q_ptr, sg_s_ptr, su_q_
         if grp == E:                                                             # shared expert [I, H/2]
             acc_g, acc_u = _qdot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, sg_q_ptr, sg_s_ptr, su_q_ptr,
                                       su_s_ptr, stride_shqn, stride_shqk, stride_shsn, stride_shsg, cols, cmask, H, G,
-                                      k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, PRECISION, DOT_F32, BF16X2)
+                                      k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, SCALE_WORDS, PRECISION,
+                                      DOT_F32, BF16X2)
         else:                                                                    # routed expert [2I, H/2]
             wq = gu_q_ptr + grp.to(tl.int64) * stride_qe
             ws = gu_s_ptr + grp.to(tl.int64) * stride_se
             acc_g, acc_u = _qdot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, wq, ws, wq + I * stride_qn,
                                       ws + I * stride_sn, stride_qn, stride_qk, stride_sn, stride_sg, cols, cmask, H, G,
-                                      k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, PRECISION, DOT_F32, BF16X2)
+                                      k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, SCALE_WORDS, PRECISION,
+                                      DOT_F32, BF16X2)
         if n_split == 1:
             swiglu_store(acc_g, acc_u, act_ptr, rows, cols, rmask, cmask, stride_ar, stride_ai)
         else:                                                                    # part[s]: gate | up columns

@@ -40,7 +40,7 @@ from . import interpreting
 from .attention import attention_combine_kernel, attention_partial_kernel
 from .int4_mm import int4_mm_bf16x2_kernel, int4_mm_kernel
 from .layout import (AttentionBlocks, Int4Blocks, MoeRows, attention_blocks, attention_splits, int4_blocks,
-                     moe_blocks, moe_fp8_blocks, moe_int4_blocks, moe_rows, num_tiles, split_k_plan)
+                     moe_blocks, moe_fp8_blocks, moe_int4_blocks, moe_rows, num_tiles, scale_words, split_k_plan)
 from .moe_down import moe_down_kernel
 from .moe_fp8_down import moe_fp8_down_kernel
 from .moe_fp8_gate_up import moe_fp8_gate_up_kernel
@@ -157,23 +157,27 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
     mode = _dot_mode(x.dtype)
     act = torch.empty((n_rows, i_dim), device=x.device, dtype=x.dtype)           # [R, I]
     grid_gu = (n_tiles, triton.cdiv(i_dim, bgu.block_n))
-    part, lock, k_split, splits = _split_k_buffers(n_rows, 2 * i_dim, hidden, bgu, x, grid_gu[0] * grid_gu[1])
+    words_gu = bgu.scale_per_block and scale_words(gate_up_s, shared_gate_s, shared_up_s)
+    part, part_strides, lock, k_split, splits = _split_k_buffers(
+        n_rows, 2 * i_dim, hidden, bgu, x, grid_gu[0] * grid_gu[1], 2 * group_h if words_gu else bgu.block_k)
     wrap_triton(moe_int4_gate_up_kernel)[(*grid_gu, splits)](
         x, gate_up_q, gate_up_s, shared_gate_q, shared_gate_s, shared_up_q, shared_up_s, act, part, lock, rows.row_tok,
         rows.row_scale, rows.tile_group, rows.tile_row0, rows.tile_row_end, hidden, i_dim, n_exp, group_h, k_split,
         splits, x.stride(0), x.stride(1), *gate_up_q.stride(), *gate_up_s.stride(), *shared_gate_q.stride(),
-        *shared_gate_s.stride(), act.stride(0), act.stride(1), *part.stride(),
+        *shared_gate_s.stride(), act.stride(0), act.stride(1), *part_strides,
         BLOCK_M=bgu.block_m, BLOCK_N=bgu.block_n, BLOCK_K=bgu.block_k, SCALE_PER_BLOCK=bgu.scale_per_block,
-        BF16X2=bgu.bf16x2, **mode)
+        SCALE_WORDS=words_gu, BF16X2=bgu.bf16x2, **mode)
     y = torch.empty((n_rows, hidden), device=x.device, dtype=x.dtype)            # [R, H]
     grid_dn = (n_tiles, triton.cdiv(hidden, bdn.block_n))
-    part, lock, k_split, splits = _split_k_buffers(n_rows, hidden, i_dim, bdn, x, grid_dn[0] * grid_dn[1])
+    words_dn = bdn.scale_per_block and scale_words(down_s, shared_down_s)
+    part, part_strides, lock, k_split, splits = _split_k_buffers(
+        n_rows, hidden, i_dim, bdn, x, grid_dn[0] * grid_dn[1], 2 * group_i if words_dn else bdn.block_k)
     wrap_triton(moe_int4_down_kernel)[(*grid_dn, splits)](
         act, down_q, down_s, shared_down_q, shared_down_s, y, part, lock, rows.tile_group, rows.tile_row0,
         rows.tile_row_end, hidden, i_dim, n_exp, group_i, k_split, splits, act.stride(0), act.stride(1),
         *down_q.stride(), *down_s.stride(), *shared_down_q.stride(), *shared_down_s.stride(), y.stride(0), y.stride(1),
-        *part.stride(), BLOCK_M=bdn.block_m, BLOCK_N=bdn.block_n, BLOCK_K=bdn.block_k,
-        SCALE_PER_BLOCK=bdn.scale_per_block, BF16X2=bdn.bf16x2, **mode)
+        *part_strides, BLOCK_M=bdn.block_m, BLOCK_N=bdn.block_n, BLOCK_K=bdn.block_k,
+        SCALE_PER_BLOCK=bdn.scale_per_block, SCALE_WORDS=words_dn, BF16X2=bdn.bf16x2, **mode)
     return combine_rows(y, rows, n_tok, top_k)
 
 
@@ -211,15 +215,18 @@ def fused_moe_fp8(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Ten
     return combine_rows(y, rows, n_tok, top_k)
 
 
-def _split_k_buffers(rows, part_cols: int, k_in: int, b: Int4Blocks, x: Tensor, n_tiles):
-    """What an Int4 GEMM split ``split_k.py``'s way needs -> (part, lock, K_SPLIT, S): S and K_SPLIT from
-    ``split_k_plan`` (SymInts in a symbolic ``rows``), part [S', rows, part_cols] float32 partials and lock [n_tiles']
-    int32 zeros (one counter per output tile), S' and n_tiles' zero when S = 1 (guard-free: S * min(1, S - 1))."""
-    splits, k_split = split_k_plan(rows, part_cols, k_in, b.block_k, b.split_k)
+def _split_k_buffers(rows, part_cols: int, k_in: int, b: Int4Blocks, x: Tensor, n_tiles, step: int):
+    """What an Int4 GEMM split ``split_k.py``'s way needs -> (part, part strides, lock, K_SPLIT, S): S and K_SPLIT (a
+    multiple of the kernel's K ``step``: BK, or 2G when it loads scales as words) from ``split_k_plan`` (SymInts in a
+    symbolic ``rows``); part: float32 partials [S, rows, part_cols] (strides given) and lock: one int32 zero counter
+    per output tile, both flat and holding nothing but 2 elements when S = 1. Flat and never under 2 elements so that
+    no contiguity check of a symbolic size can ask whether it is 0 or 1: S = 1 at prefill and S > 1 at decode in
+    one engine would make that a guard on T (export then refuses the dynamic token count)."""
+    splits, k_split = split_k_plan(rows, part_cols, k_in, step, b.split_k)
     used = torch.sym_min(1, splits - 1)
-    part = torch.empty((splits * used, rows, part_cols), device=x.device, dtype=torch.float32)
-    lock = torch.zeros(n_tiles * used, device=x.device, dtype=torch.int32)
-    return part, lock, k_split, splits
+    part = torch.empty(torch.sym_max(2, splits * used * rows * part_cols), device=x.device, dtype=torch.float32)
+    lock = torch.zeros(torch.sym_max(2, n_tiles * used), device=x.device, dtype=torch.int32)
+    return part, (rows * part_cols, part_cols, 1), lock, k_split, splits
 
 
 def _check_bf16x2(x: Tensor, n_out: int, k_in: int, w_scale: Tensor, b: Int4Blocks) -> None:
@@ -245,18 +252,20 @@ def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None) -> Te
     if b.bf16x2:
         _check_bf16x2(x, n_out, k_in, w_scale, b)
     grid_m, grid_n = triton.cdiv(x.shape[0], b.block_m), triton.cdiv(n_out, b.block_n)
-    part, lock, k_split, splits = _split_k_buffers(x.shape[0], n_out, k_in, b, x, grid_m * grid_n)
+    words = b.scale_per_block and scale_words(w_scale)
+    part, part_strides, lock, k_split, splits = _split_k_buffers(x.shape[0], n_out, k_in, b, x, grid_m * grid_n,
+                                                                 2 * group if words else b.block_k)
     y = torch.empty((x.shape[0], n_out), device=x.device, dtype=x.dtype)
     args = (x, w_packed, w_scale, y, part, lock, x.shape[0], n_out, k_in, group, k_split, splits, x.stride(0),
             x.stride(1), w_packed.stride(0), w_packed.stride(1), w_scale.stride(0), w_scale.stride(1), y.stride(0),
-            y.stride(1), *part.stride())
+            y.stride(1), *part_strides)
     if b.bf16x2:
         wrap_triton(int4_mm_bf16x2_kernel)[(grid_m, grid_n, splits)](
-            *args, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k)
+            *args, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SCALE_WORDS=words)
     else:
         wrap_triton(int4_mm_kernel)[(grid_m, grid_n, splits)](
             *args, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SCALE_PER_BLOCK=b.scale_per_block,
-            **_dot_mode(x.dtype))
+            SCALE_WORDS=words, **_dot_mode(x.dtype))
     return y
 
 

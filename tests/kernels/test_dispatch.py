@@ -285,7 +285,9 @@ def test_cuda_decompositions_export_moe_q_with_symbolic_tokens():
 def test_split_k_gemms_export_with_symbolic_tokens():
     """Split-K blocks in an engine: the Int4 GEMV and both fused-MoE GEMMs trace with a symbolic token count, their
     split count (the grid's third axis) an expression in T (split at decode, not in prefill: ``split_k_plan``),
-    with no guard on T and no host-side sum of partials (the kernels' last programs add them). Tracing only."""
+    with no guard on T and no host-side sum of partials (the kernels' last programs add them). The widths make S
+    reach 1 inside T's range (Min(4, 4096 // T) at T <= 4096), where buffers sized S * min(1, S - 1) once made export
+    guard on T through a contiguity check (is the size 0 or 1?). Tracing only."""
     from l4compile.kernels import why_unavailable
 
     if why_unavailable():
@@ -295,7 +297,7 @@ def test_split_k_gemms_export_with_symbolic_tokens():
         from l4compile.kernels.layout import Int4Blocks
         from l4compile.kernels.ops import fused_moe_int4, int4_matmul
         from l4compile.quant import quantize_int4
-        H, I, E = 256, 128, 3
+        H, I, E = 512, 128, 3        # H: two steps of 2G (word-loaded scales), I: four K blocks
         bufs = (torch.randn(E, H), *[t for w in (torch.randn(E, 2 * I, H), torch.randn(E, H, I), torch.randn(I, H),
                 torch.randn(I, H), torch.randn(H, I)) for t in quantize_int4(w, 128)])
         b = Int4Blocks(16, 32, 32, True, 4)

@@ -51,6 +51,8 @@ def test_int4_mm_gathered_scales_and_block_tail():
     (5, 48, 384, 128, (16, 32, 32, True, 4)),          # 12 K blocks in 4 slices of 3: slices cross scale groups
     (2, 24, 96, 128, (16, 16, 32, True, 8)),           # asks for 8 slices of 3 K blocks: 3 slices of 1
     (3, 20, 80, 16, (16, 16, 32, False, 2)),           # gathered scales, K blocks overhanging K = 80
+    (2, 40, 1024, 128, (16, 16, 64, True, 2)),         # scales as words: 4 steps of 2G (4 K blocks each) in 2 slices
+    (1, 33, 768, 128, (16, 16, 128, True, 4)),         # scales as words: 3 steps, asks for 4 slices: 3 of 1
 ])
 def test_int4_mm_split_k(m, n, k, group, blocks):
     """Split-K: S programs per output tile each reduce one slice of K into a float32 partial; the partials add up to
@@ -100,6 +102,39 @@ def test_int4_mm_bf16x2_conditions(monkeypatch):
         with pytest.raises(ValueError, match=needle):
             ops._check_bf16x2(x, n, k, s, b)
     ops._check_bf16x2(bf, 64, 256, s_bf, Int4Blocks(16, 64, 128, True, 1, True))          # applies: no error
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("k,group", [(512, 64), (192, 64)])
+def test_int4_mm_scale_dtypes_and_words(scale_dtype, k, group):
+    """16-bit scales with an even number of groups per row load as 32-bit words, a pair of groups each (the even
+    group in the low half: ``int4_mm.scale_pair``); float32 scales and odd group counts (K/G = 3) load one scale a K
+    block. Every way gives the reference's result; ``scale_words`` says which way a launch takes."""
+    require_interpreter()
+    from l4compile.kernels.layout import scale_words
+
+    g = torch.Generator().manual_seed(3)
+    w_packed, w_scale = quantize_int4(torch.randn(24, k, generator=g), group, scale_dtype=scale_dtype)
+    x = torch.randn(3, k, generator=g)
+    assert scale_words(w_scale) == (scale_dtype != torch.float32 and (k // group) % 2 == 0)
+    for xd in (torch.float32, torch.bfloat16):
+        out = torch.ops.l4.int4_mm(x.to(xd), w_packed, w_scale)
+        assert rel_err(out, _linear_int4_impl(x.to(xd), w_packed, w_scale)) < TOL[xd], (xd, scale_dtype)
+
+
+def test_scale_words_needs_aligned_pairs():
+    """Scales load as words only where every pair of groups (2j, 2j + 1) of a row is one aligned 32-bit word."""
+    from l4compile.kernels.layout import scale_words
+
+    s = torch.zeros(8, 40, dtype=torch.bfloat16)
+    assert scale_words(s) and scale_words(s.half()) and scale_words(torch.zeros(3, 16, 40, dtype=torch.bfloat16))
+    assert scale_words(s, s[2:])                                     # a view at an even offset
+    assert not scale_words(s.float())                                # 32-bit scales: already one load a scale
+    assert not scale_words(torch.zeros(8, 3, dtype=torch.bfloat16))  # an odd number of groups
+    assert not scale_words(s[:, 1:39])                               # odd offset: pairs straddle words
+    assert not scale_words(torch.zeros(8, 41, dtype=torch.bfloat16)[:, :40])    # odd row stride
+    assert not scale_words(torch.zeros(40, 8, dtype=torch.bfloat16).t())         # groups not contiguous
+    assert not scale_words(s, torch.zeros(8, 3, dtype=torch.bfloat16))           # all of a launch's scales or none
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

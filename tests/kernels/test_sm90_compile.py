@@ -16,7 +16,8 @@ SCRIPT = ROOT / "benchmarks" / "kernels_sm90.py"
 LAUNCHED = ["int4_mm_kernel", "int4_mm_kernel", "moe_route_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel",
             "moe_route_kernel", "moe_fp8_gate_up_kernel", "moe_fp8_down_kernel",
             "moe_route_kernel", "moe_gate_up_kernel", "moe_down_kernel",
-            "attention_partial_kernel", "attention_combine_kernel", "attention_partial_kernel", "attention_combine_kernel"]
+            "attention_partial_kernel", "attention_combine_kernel",
+            "attention_partial_kernel", "attention_combine_kernel"]
 
 
 def _nvidia_backend() -> None:
@@ -74,6 +75,25 @@ def test_int4_dequant_has_no_int_to_float_conversions(tmp_path):
         assert ops[kernel]["I2F"] == 0 and ops[kernel]["HMMA"] > 0, (kernel, ops[kernel])
 
 
+def test_quantized_k_loops_wait_on_no_load(tmp_path):
+    """Every load of the Int4 and FP8 K loops is software-pipelined (cp.async into the loop's stages, issued
+    iterations ahead): none stays a synchronous load whose HBM round trip each iteration waits out. A 16-bit scale
+    load did (Triton stages only loads of >= 32 bits a thread), and so did the FP8 row-max loop (a loop without a
+    dot is staged only when it asks, ``tl.range(num_stages=)``); the scales now load as 32-bit words, a pair of
+    groups each, with the pair's two K blocks unrolled so each block's scale is a compile-time half, which also
+    keeps the dequantized weights on their way to the tensor cores out of shared memory (no STS in the loop)."""
+    _nvidia_backend()
+    rows = [r for r in _rows(tmp_path, "--dtypes", "bfloat16", "--ops", "--cases", "int4_mm,moe_q,moe_fp8")
+            if r["kernel"] != "moe_route_kernel"]
+    assert {r["kernel"] for r in rows} == {"int4_mm_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel",
+                                           "moe_fp8_gate_up_kernel", "moe_fp8_down_kernel"}
+    for r in rows:
+        assert r["loop_loads"] and all(lp["sync"] == 0 for lp in r["loop_loads"]), (r["kernel"], r["loop_loads"])
+        if "int4" in r["kernel"]:
+            assert r["sass_ops"]["STS"] == 0 and r["sass_ops"]["LDL"] == 0, (r["kernel"], r["sass_ops"])
+            assert r["constexprs"]["SCALE_WORDS"] is True, r["constexprs"]
+
+
 def test_int4_bf16x2_kernels_compile_lean(tmp_path):
     """The inline-PTX unpack (``int4_mm.int4_pairs_bf16``, a sweep candidate until a GPU has timed it) compiles for
     sm_90 in int4_mm and in both fused MoE GEMMs, unpacks with bf16x2 adds and multiplies, loads x as whole blocks
@@ -101,7 +121,8 @@ def test_int4_bf16x2_kernels_compile_lean(tmp_path):
 def test_split_k_kernels_compile_with_their_counter(tmp_path):
     """Split-K (``l4compile/kernels/split_k.py``, a sweep candidate until a GPU has timed it) compiles for sm_90 in
     int4_mm and both fused MoE GEMMs: the tile's counter is one gpu-scope atomic behind a memory barrier (release)
-    and followed by an L1 invalidation (acquire), the K loop stays as long as unsplit, and nothing spills. An
+    and followed by an L1 invalidation (acquire), the K loop stays as long as unsplit and touches no local memory
+    (the split gate_up keeps one 4-byte value on the stack across its loops: one store and one load a program). An
     unsplit launch (n_split = 1, which Triton specialises) has no atomic at all."""
     _nvidia_backend()
     rows = {(r["case"], r["kernel"]): r for r in _rows(
@@ -111,7 +132,8 @@ def test_split_k_kernels_compile_with_their_counter(tmp_path):
     for case, kernel in (("int4_mm", "int4_mm_kernel"), ("moe_q_fused", "moe_int4_gate_up_kernel"),
                          ("moe_q_fused", "moe_int4_down_kernel")):
         split, plain = rows[f"sweep {case} SK4 BN64 BK128", kernel], rows[f"sweep {case} BN64 BK128", kernel]
-        assert split["error"] is None and split["stack_bytes"] == 0, split
+        loop = split["sass_ops"]
+        assert split["error"] is None and split["stack_bytes"] <= 8 and loop["LDL"] == loop["STL"] == 0, split
         sync = split["sass_ops"]["kernel_sync"]
         assert sync["ATOMG"] >= 1 and sync["MEMBAR"] >= 1 and sync["CCTL"] >= 1, (kernel, sync)
         assert plain["sass_ops"]["kernel_sync"]["ATOMG"] == 0, kernel
