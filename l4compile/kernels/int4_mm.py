@@ -48,7 +48,7 @@ run on a GPU: nothing selects it but an explicit ``Int4Blocks(bf16x2=True)`` (``
 checks every result before timing it; the GPU tests compare it too).
 
 Shapes: x [M, K]; w_packed [N, K/2] uint8; w_scale [N, K/G]; y [M, N] (x.dtype); part [S, M, N] float32 and lock
-[cdiv(M, BM) * cdiv(N, BN)] int32 zeros (both flat, 2 elements when S = 1). Grid: (cdiv(M, BM), cdiv(N, BN), S).
+[cdiv(M, BM) * cdiv(N, BN)] int32 zeros (both flat, unused when S = 1). Grid: (cdiv(M, BM), cdiv(N, BN), S).
 """
 import triton
 import triton.language as tl

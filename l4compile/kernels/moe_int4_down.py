@@ -21,7 +21,7 @@ Split-K as ``int4_mm`` (``split_k.py``): program (t, j, s) of S = ``n_split`` re
 
 Shapes: act [R, I]; down_q [E, H, I/2] uint8, down_s [E, H, I/Gi]; shared_down_q [H, I/2] uint8, shared_down_s
 [H, I/Gi]; tile_group/tile_row0/tile_row_end [NT] int32; y [R, H]; part [S, R, H] float32 and lock
-[NT * cdiv(H, BN)] int32 zeros (both flat, 2 elements when S = 1).
+[NT * cdiv(H, BN)] int32 zeros (both flat, unused when S = 1).
 Grid: (NT, cdiv(H, BN), S).
 """
 import triton

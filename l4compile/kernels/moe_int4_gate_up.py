@@ -23,7 +23,7 @@ the epilogue. At a decode step the grid is 2 tiles x I / BN (256 programs at Sco
 Shapes: x [T, H]; gate_up_q [E, 2I, H/2] uint8, gate_up_s [E, 2I, H/Gh]; shared_gate_q/shared_up_q [I, H/2] uint8,
 shared_gate_s/shared_up_s [I, H/Gh]; row_tok [R] int32; row_scale [R] f32; tile_group/tile_row0/tile_row_end [NT]
 int32; act [R, I] (x.dtype); part [S, R, 2I] float32 (gate sums, then up sums) and lock [NT * cdiv(I, BN)] int32
-zeros (both flat, 2 elements when S = 1). Grid: (NT, cdiv(I, BN), S).
+zeros (both flat, unused when S = 1). Grid: (NT, cdiv(I, BN), S).
 """
 import triton
 import triton.language as tl

@@ -219,13 +219,14 @@ def _split_k_buffers(rows, part_cols: int, k_in: int, b: Int4Blocks, x: Tensor, 
     """What an Int4 GEMM split ``split_k.py``'s way needs -> (part, part strides, lock, K_SPLIT, S): S and K_SPLIT (a
     multiple of the kernel's K ``step``: BK, or 2G when it loads scales as words) from ``split_k_plan`` (SymInts in a
     symbolic ``rows``); part: float32 partials [S, rows, part_cols] (strides given) and lock: one int32 zero counter
-    per output tile, both flat and holding nothing but 2 elements when S = 1. Flat and never under 2 elements so that
-    no contiguity check of a symbolic size can ask whether it is 0 or 1: S = 1 at prefill and S > 1 at decode in
-    one engine would make that a guard on T (export then refuses the dynamic token count)."""
+    per output tile, both flat. Empty when S is a constant 1 (no fill kernel); when S is a SymInt, never under 2
+    elements, so that no contiguity check of a symbolic size asks whether it is 0 or 1: S = 1 at prefill and S > 1
+    at decode in one engine would make that a guard on T (export then refuses the dynamic token count)."""
     splits, k_split = split_k_plan(rows, part_cols, k_in, step, b.split_k)
     used = torch.sym_min(1, splits - 1)
-    part = torch.empty(torch.sym_max(2, splits * used * rows * part_cols), device=x.device, dtype=torch.float32)
-    lock = torch.zeros(torch.sym_max(2, n_tiles * used), device=x.device, dtype=torch.int32)
+    least = 2 if isinstance(splits, torch.SymInt) else 0
+    part = torch.empty(torch.sym_max(least, splits * used * rows * part_cols), device=x.device, dtype=torch.float32)
+    lock = torch.zeros(torch.sym_max(least, n_tiles * used), device=x.device, dtype=torch.int32)
     return part, (rows * part_cols, part_cols, 1), lock, k_split, splits
 
 

@@ -12,7 +12,7 @@ programs, and the loads in flight, by S. Program (tile, s) reduces its K slice i
 
 so the caller needs no second launch and no host-side branch on S, which is a SymInt in an engine (``layout.
 split_k_plan``). ``part`` ([S, rows, cols] float32) and the counters (one int32 per output tile, zeroed) are
-allocated by the caller (``ops._split_k_buffers``): flat, with strides given, and 2 unused elements when S == 1.
+allocated by the caller (``ops._split_k_buffers``): flat, with strides given; unused when S == 1.
 
 Memory ordering (CUDA): a CTA barrier puts every thread's partial stores before the counter's atomic, whose
 acq_rel semantics at gpu scope release them to the last program and acquire the others' for it; that program reads
