@@ -17,7 +17,8 @@ Rows stay in the grouped order; the caller adds each token's routed rows onto it
 candidate not yet run on a GPU.
 
 Split-K as ``int4_mm`` (``split_k.py``): program (t, j, s) of S = ``n_split`` reduces inputs [s * K_SPLIT,
-(s + 1) * K_SPLIT) of I (K_SPLIT a multiple of the K step); the tile's last program adds the float32 partials and rounds.
+(s + 1) * K_SPLIT) of I (K_SPLIT a multiple of the K step); the tile's last program adds the float32 partials and
+rounds.
 
 Shapes: act [R, I]; down_q [E, H, I/2] uint8, down_s [E, H, I/Gi]; shared_down_q [H, I/2] uint8, shared_down_s
 [H, I/Gi]; tile_group/tile_row0/tile_row_end [NT] int32; y [R, H]; part [S, R, H] float32 and lock

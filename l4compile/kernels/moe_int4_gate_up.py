@@ -13,8 +13,9 @@ For every row r of tile ``program_id(0)`` (layout: ``l4compile.kernels.layout.mo
 with (gate_q, up_q) = rows [0, I) and [I, 2I) of ``gate_up_q[e]`` ([E, 2I, H/2]; scales likewise) for a routed
 group e < E, and ``shared_gate_q``, ``shared_up_q`` ([I, H/2], same strides) for the shared group E. Each program
 loads every packed [BN, BK/2] weight block once and unpacks it in registers (``int4_mm.int4_tile``);
-``SCALE_PER_BLOCK``, ``SCALE_WORDS`` (K steps of 2G) and ``DOT_F32`` as in ``int4_mm``; ``BF16X2`` (bf16 on sm_90, I % BN == H % BK == 0) unpacks
-with ``int4_mm``'s inline PTX instead (``int4_pairs_bf16``), a sweep candidate not yet run on a GPU.
+``SCALE_PER_BLOCK``, ``SCALE_WORDS`` (K steps of 2G) and ``DOT_F32`` as in ``int4_mm``; ``BF16X2`` (bf16 on sm_90,
+I % BN == H % BK == 0) unpacks with ``int4_mm``'s inline PTX instead (``int4_pairs_bf16``), a sweep candidate not
+yet run on a GPU.
 
 Split-K (``split_k.py``): program (t, j, s) of S = ``n_split`` reduces inputs [s * K_SPLIT, (s + 1) * K_SPLIT) of H
 into float32 gate and up partials; the SwiGLU needs the whole sums, so the tile's last program adds them and runs

@@ -45,7 +45,7 @@ CASES = {
     "decode-T1-G64": (1, 64, 48, 4, 1, None, 128),                                # Gh 64, Gi 16
     "decode-T1-top2": (1, 64, 48, 4, 2, None, 128),
     "E3-top2-G128": (6, 256, 128, 3, 2, None, 128),                               # Gh = Gi = 128, BK 128
-    "E2-top1-G64-words": (7, 512, 256, 2, 1, None, 64),                           # scales as words: 4 / 2 steps of 2G
+    "E2-top1-G32-words": (7, 128, 128, 2, 1, None, 32),                           # scales as words: 2 steps of 2G each
 }
 
 
@@ -74,7 +74,7 @@ def test_moe_q_fused_matches_reference_fp32(case):
     ("decode-T1-G64", (Int4Blocks(16, 16, 16, True, 4), Int4Blocks(16, 16, 16, True))),  # gate_up: 4 K blocks, 1 each
     ("E3-top2-G128", (Int4Blocks(16, 64, 32, True, 3), Int4Blocks(16, 64, 32, True, 4))),  # 8 blocks as 3+3+2; 4x1
     ("E8-top1-G6", (Int4Blocks(16, 16, 32, False, 2), Int4Blocks(16, 16, 16, False, 2))),  # gate_up: 32 + tail of 10
-    ("E2-top1-G64-words", (Int4Blocks(16, 32, 32, True, 3), Int4Blocks(16, 32, 64, True, 2))),  # 4 steps: 2+2+0; 1+1
+    ("E2-top1-G32-words", (Int4Blocks(16, 32, 16, True, 3), Int4Blocks(16, 32, 32, True, 2))),  # 2 steps: 1+1 each
 ])
 def test_moe_q_fused_block_overrides(case, blocks):
     require_interpreter()
