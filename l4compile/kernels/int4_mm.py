@@ -31,8 +31,9 @@ instructions a step of two blocks (508 a block, against 537 before) and no share
 Split-K (``split_k.py``): program (i, j, s) of S = ``n_split`` reduces inputs [s * K_SPLIT, (s + 1) * K_SPLIT)
 (K_SPLIT a multiple of the K step, so K blocks stay aligned to the scale groups); the last of a tile's S programs
 adds the float32 partials in split order and rounds once. A decode GEMV has few output tiles (N / BN programs), each
-looping over all of K: on an H200 that loop, not the weight bytes, set the time (``benchmarks/results/gpu-NVIDIA-H200``);
-splitting K multiplies the programs, and the loads in flight, by S. With S = 1, K_SPLIT = K (no partials).
+looping over all of K: on an H200 that loop, not the weight bytes, set the time
+(``benchmarks/results/gpu-NVIDIA-H200``); splitting K multiplies the programs, and the loads in flight, by S. With
+S = 1, K_SPLIT = K (no partials).
 
 The bf16x2 unpack (``int4_pairs_bf16``, used by ``int4_mm_bf16x2_kernel`` and the fused MoE's ``BF16X2`` loops):
 bf16 x and bf16 scales on sm_90 only, in inline PTX. A ``prmt`` spreads two bytes over a word, ``lop3`` ORs a nibble
