@@ -157,9 +157,9 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
     mode = _dot_mode(x.dtype)
     act = torch.empty((n_rows, i_dim), device=x.device, dtype=x.dtype)           # [R, I]
     grid_gu = (n_tiles, triton.cdiv(i_dim, bgu.block_n))
-    words_gu = bgu.scale_per_block and scale_words(gate_up_s, shared_gate_s, shared_up_s)
-    part, part_strides, lock, k_split, splits = _split_k_buffers(
-        n_rows, 2 * i_dim, hidden, bgu, x, grid_gu[0] * grid_gu[1], 2 * group_h if words_gu else bgu.block_k)
+    words_gu, step = _k_step(bgu, group_h, gate_up_s, shared_gate_s, shared_up_s)
+    part, part_strides, lock, k_split, splits = _split_k_buffers(n_rows, 2 * i_dim, hidden, bgu, x,
+                                                                 grid_gu[0] * grid_gu[1], step)
     wrap_triton(moe_int4_gate_up_kernel)[(*grid_gu, splits)](
         x, gate_up_q, gate_up_s, shared_gate_q, shared_gate_s, shared_up_q, shared_up_s, act, part, lock, rows.row_tok,
         rows.row_scale, rows.tile_group, rows.tile_row0, rows.tile_row_end, hidden, i_dim, n_exp, group_h, k_split,
@@ -169,9 +169,9 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
         SCALE_WORDS=words_gu, BF16X2=bgu.bf16x2, **mode)
     y = torch.empty((n_rows, hidden), device=x.device, dtype=x.dtype)            # [R, H]
     grid_dn = (n_tiles, triton.cdiv(hidden, bdn.block_n))
-    words_dn = bdn.scale_per_block and scale_words(down_s, shared_down_s)
-    part, part_strides, lock, k_split, splits = _split_k_buffers(
-        n_rows, hidden, i_dim, bdn, x, grid_dn[0] * grid_dn[1], 2 * group_i if words_dn else bdn.block_k)
+    words_dn, step = _k_step(bdn, group_i, down_s, shared_down_s)
+    part, part_strides, lock, k_split, splits = _split_k_buffers(n_rows, hidden, i_dim, bdn, x,
+                                                                 grid_dn[0] * grid_dn[1], step)
     wrap_triton(moe_int4_down_kernel)[(*grid_dn, splits)](
         act, down_q, down_s, shared_down_q, shared_down_s, y, part, lock, rows.tile_group, rows.tile_row0,
         rows.tile_row_end, hidden, i_dim, n_exp, group_i, k_split, splits, act.stride(0), act.stride(1),
@@ -215,6 +215,14 @@ def fused_moe_fp8(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Ten
     return combine_rows(y, rows, n_tok, top_k)
 
 
+def _k_step(b: Int4Blocks, group: int, *scales: Tensor) -> tuple[bool, int]:
+    """(SCALE_WORDS, K step) of an Int4 GEMM launch: its scales load as 32-bit words (``layout.scale_words``, only
+    with one scale per row per K block) and its K loop then steps 2G inputs, else one K block. The kernels derive
+    the same step from these constexprs (``STEP``); split-K slices are multiples of it."""
+    words = b.scale_per_block and scale_words(*scales)
+    return words, 2 * group if words else b.block_k
+
+
 def _split_k_buffers(rows, part_cols: int, k_in: int, b: Int4Blocks, x: Tensor, n_tiles, step: int):
     """What an Int4 GEMM split ``split_k.py``'s way needs -> (part, part strides, lock, K_SPLIT, S): S and K_SPLIT (a
     multiple of the kernel's K ``step``: BK, or 2G when it loads scales as words) from ``split_k_plan`` (SymInts in a
@@ -253,9 +261,8 @@ def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None) -> Te
     if b.bf16x2:
         _check_bf16x2(x, n_out, k_in, w_scale, b)
     grid_m, grid_n = triton.cdiv(x.shape[0], b.block_m), triton.cdiv(n_out, b.block_n)
-    words = b.scale_per_block and scale_words(w_scale)
-    part, part_strides, lock, k_split, splits = _split_k_buffers(x.shape[0], n_out, k_in, b, x, grid_m * grid_n,
-                                                                 2 * group if words else b.block_k)
+    words, step = _k_step(b, group, w_scale)
+    part, part_strides, lock, k_split, splits = _split_k_buffers(x.shape[0], n_out, k_in, b, x, grid_m * grid_n, step)
     y = torch.empty((x.shape[0], n_out), device=x.device, dtype=x.dtype)
     args = (x, w_packed, w_scale, y, part, lock, x.shape[0], n_out, k_in, group, k_split, splits, x.stride(0),
             x.stride(1), w_packed.stride(0), w_packed.stride(1), w_scale.stride(0), w_scale.stride(1), y.stride(0),
