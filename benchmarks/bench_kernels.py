@@ -222,7 +222,9 @@ def attention_cases(dims: dict, batches: list[int], device, g: torch.Generator):
 
 
 def attention_configs(quick: bool, tiny: bool) -> list[tuple[int, int]]:
-    """(BM, BN) pairs for attention_fused (BM 16 fits a decode step's 5 rows per kv head, 64 is the static choice)."""
+    """(BM, BN) pairs for attention_fused (BM 16 fits a decode step's 5 rows per kv head, 64 is the static choice).
+    Since 2026-12-06 a BM 64 kernel runs a decode step's rows as one 16-row tile (``ATTENTION_DECODE_BLOCK_M``), so
+    at these decode rows BM 64 should time as BM 16 did, plus its launch of a larger kernel: the rows say if so."""
     if tiny:
         return [(16, 16)]
     if quick:

@@ -19,13 +19,14 @@ GQA: the R query heads of kv head g are folded into the rows (row i: head g*R + 
 loaded once per group. The key range is cut into S splits (flash-decoding) so that a decode step, which has one
 row block per (batch, kv head), still fills the GPU; each split writes its normalised partial output and
 log-sum-exp in float32 and ``attention_combine_kernel`` merges them into [B, T, Hq*D] (with one split, as prefill
-and large batches get, the partial kernel writes the output and the merge returns at once). Softmax and
+and large batches get, the partial kernel writes the output and the merge has no programs). Softmax and
 accumulation are float32, P is rounded to V's dtype for the second dot (as flash attention does).
 
 Shapes (strides are passed, so transposed views need no copy):
     q [B, Hq, T, D]; k_new / v_new [B, Hkv, T, D]; k_cache / v_cache [B, Hkv, L, D]; start [1] int64
     o_part [S, B, Hkv, M, D] float32, lse_part [S, B, Hkv, M] float32 (S = 0 rows when S = 1: unused); out [B, T, Hq*D]
-Grids: partial (cdiv(M, BM), B*Hkv, S); combine (cdiv(M, BM), B*Hkv).
+Grids: partial (cdiv(M, BM), B*Hkv, S), its programs one tile of DECODE_M rows when M <= DECODE_M (decode);
+combine (cdiv(M, DECODE_M), B*Hkv) when S > 1, else empty.
 """
 import triton
 import triton.language as tl
@@ -38,11 +39,40 @@ def attention_partial_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o
                              scb, sch, scl, scd, svcb, svch, svcl, svcd,
                              sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                             PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+                             PRECISION: tl.constexpr, DOT_F32: tl.constexpr, DECODE_M: tl.constexpr):
+    """One (row block, batch x kv head, split) program. A step whose M = REP * T rows all fit DECODE_M (<= BLOCK_M;
+    a decode step: 5 rows for Scout) runs them as one DECODE_M-row tile: the grid, sized for BLOCK_M, has one row
+    block then, and at decode BM 16 beat BM 64 by 4-26% in every row timed on the 2026-12-04 H200."""
     pid_m, pid_bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if REP * T <= DECODE_M:
+        _attend_rows(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o_ptr, lse_ptr, out_ptr, pid_bh, pid_s,
+                     T, L, D, HKV, REP, CHUNK, N_SPLIT, scaling,
+                     sqb, sqh, sqt, sqd, snb, snh, snt, snd, svnb, svnh, svnt, svnd,
+                     scb, sch, scl, scd, svcb, svch, svcl, svcd,
+                     sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd, 0,
+                     DECODE_M, BLOCK_N, BLOCK_D, PRECISION, DOT_F32)
+    else:
+        _attend_rows(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o_ptr, lse_ptr, out_ptr, pid_bh, pid_s,
+                     T, L, D, HKV, REP, CHUNK, N_SPLIT, scaling,
+                     sqb, sqh, sqt, sqd, snb, snh, snt, snd, svnb, svnh, svnt, svnd,
+                     scb, sch, scl, scd, svcb, svch, svcl, svcd,
+                     sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd, pid_m * BLOCK_M,
+                     BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, DOT_F32)
+
+
+@triton.jit
+def _attend_rows(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o_ptr, lse_ptr, out_ptr, pid_bh, pid_s,
+                 T, L, D, HKV, REP, CHUNK, N_SPLIT, scaling,
+                 sqb, sqh, sqt, sqd, snb, snh, snt, snd, svnb, svnh, svnt, svnd,
+                 scb, sch, scl, scd, svcb, svch, svcl, svcd,
+                 sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd, row0,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    """Rows row0 .. row0 + BLOCK_M - 1 of (batch, kv head) ``pid_bh``, keys of split ``pid_s``: the partial kernel's
+    body for one tile height."""
     b, g = (pid_bh // HKV).to(tl.int64), (pid_bh % HKV).to(tl.int64)     # base offsets past 2**31 (64K caches)
     M = REP * T
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                              # [BM]
+    rows = row0 + tl.arange(0, BLOCK_M)                                          # [BM]
     rmask = rows < M
     t = rows % T                                                                 # [BM] token of each row
     head = g * REP + rows // T                                                   # [BM] query head

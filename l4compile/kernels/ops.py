@@ -39,8 +39,9 @@ from l4compile.ops.moe import _route
 from . import interpreting
 from .attention import attention_combine_kernel, attention_partial_kernel
 from .int4_mm import int4_mm_bf16x2_kernel, int4_mm_kernel
-from .layout import (AttentionBlocks, Int4Blocks, MoeRows, attention_blocks, attention_splits, int4_blocks,
-                     moe_blocks, moe_fp8_blocks, moe_int4_blocks, moe_rows, num_tiles, scale_words, split_k_plan)
+from .layout import (ATTENTION_DECODE_BLOCK_M, AttentionBlocks, Int4Blocks, MoeRows, attention_blocks,
+                     attention_splits, int4_blocks, moe_blocks, moe_fp8_blocks, moe_int4_blocks, moe_rows, num_tiles,
+                     scale_words, split_k_plan)
 from .moe_down import moe_down_kernel
 from .moe_fp8_down import moe_fp8_down_kernel
 from .moe_fp8_gate_up import moe_fp8_gate_up_kernel
@@ -297,14 +298,17 @@ def fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_
     out = torch.empty((batch, n_tok, n_heads * head_dim), device=q.device, dtype=q.dtype)   # [B, T, Hq*D]
     out_strides = (out.stride(0), out.stride(1), head_dim, 1)                   # [B, T, Hq, D] view of out
     start = start_pos.reshape(1).to(torch.int64)
+    decode_m = min(ATTENTION_DECODE_BLOCK_M, bl.block_m)
     wrap_triton(attention_partial_kernel)[(row_blocks, batch * n_kv_heads, splits)](
         q, k_new, v_new, k_cache, v_cache, start, o_part, lse, out, n_tok, slots, head_dim, n_kv_heads, rep, chunk,
         splits, scaling, *q.stride(), *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(),
         *o_part.stride(), *lse.stride(), *out_strides, BLOCK_M=bl.block_m, BLOCK_N=bl.block_n,
-        BLOCK_D=bl.block_d, **mode)
-    wrap_triton(attention_combine_kernel)[(row_blocks, batch * n_kv_heads)](
+        BLOCK_D=bl.block_d, DECODE_M=decode_m, **mode)
+    # merge in DECODE_M-row tiles; no programs at all with one split (the partial kernel wrote ``out``)
+    wrap_triton(attention_combine_kernel)[(triton.cdiv(n_rows, decode_m) * torch.sym_min(1, splits - 1),
+                                           batch * n_kv_heads)](
         o_part, lse, out, n_tok, head_dim, n_kv_heads, rep, splits, *o_part.stride(), *lse.stride(), *out_strides,
-        BLOCK_M=bl.block_m, BLOCK_D=bl.block_d)
+        BLOCK_M=decode_m, BLOCK_D=bl.block_d)
     return out
 
 

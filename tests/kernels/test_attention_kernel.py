@@ -85,6 +85,36 @@ def test_fused_attention_reads_only_visible_keys():
         assert not out.isnan().any() and rel_err(out, clean) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("n_split", [1, 3])
+def test_decode_rows_take_the_short_tile(n_split, monkeypatch):
+    """With BM 64, a step whose R*T rows fit ATTENTION_DECODE_BLOCK_M (16) runs them as one 16-row tile, and a taller
+    step keeps BM 64: the tile height each program used, and outputs equal to a BM 16 run's (rows are independent)."""
+    require_interpreter()
+    from l4compile.kernels import attention
+    from l4compile.kernels.layout import ATTENTION_DECODE_BLOCK_M, AttentionBlocks
+
+    heights = []
+    inner = attention._attend_rows
+
+    def recorded(*a):
+        heights.append(int(a[-5]))                                               # BLOCK_M: 5th from the end
+        return inner(*a)
+
+    monkeypatch.setattr(attention, "_attend_rows", recorded)
+    # (case, R*T rows): decode 2 x 1, chunked-prefill 2 x 7, nope-decode 5 x 1, a prompt 2 x 20
+    for case, rows in (("decode", 2), ("chunked-prefill", 14), ("nope-decode-odd-dim", 5),
+                       ("prompt-longer-than-ring", 40)):
+        args = _args(*CASES[case])
+        bd = max(16, 1 << (CASES[case][5] - 1).bit_length())
+        heights.clear()
+        tall = attention_cached_impl(*args, fused_attend=_fused(AttentionBlocks(64, 16, bd), n_split))[0]
+        want = ATTENTION_DECODE_BLOCK_M if rows <= ATTENTION_DECODE_BLOCK_M else 64
+        assert heights and set(heights) == {want}, case
+        short = attention_cached_impl(*args, fused_attend=_fused(AttentionBlocks(16, 16, bd), n_split))[0]
+        assert torch.equal(tall, short), case
+        assert rel_err(tall, attention_cached_impl(*args)[0]) < TOL[torch.float32], case
+
+
 def test_attention_splits():
     """Decode at batch 1 fills the GPU with key splits; prefill and large batches get one; small caches are capped
     at one split per BN keys."""
