@@ -39,9 +39,9 @@ from l4compile.ops.moe import _route
 from . import interpreting
 from .attention import attention_combine_kernel, attention_partial_kernel
 from .int4_mm import int4_mm_bf16x2_kernel, int4_mm_kernel
-from .layout import (ATTENTION_DECODE_BLOCK_M, AttentionBlocks, Int4Blocks, MoeRows, attention_blocks,
-                     attention_splits, int4_blocks, moe_blocks, moe_fp8_blocks, moe_int4_blocks, moe_rows, num_tiles,
-                     scale_words, split_k_plan)
+from .layout import (ATTENTION_COMBINE_STAGES, ATTENTION_DECODE_BLOCK_M, AttentionBlocks, Int4Blocks, MoeRows,
+                     attention_blocks, attention_splits, int4_blocks, moe_blocks, moe_fp8_blocks, moe_int4_blocks,
+                     moe_rows, num_tiles, scale_words, split_k_plan)
 from .moe_down import moe_down_kernel
 from .moe_fp8_down import moe_fp8_down_kernel
 from .moe_fp8_gate_up import moe_fp8_gate_up_kernel
@@ -308,7 +308,7 @@ def fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_
     wrap_triton(attention_combine_kernel)[(triton.cdiv(n_rows, decode_m) * torch.sym_min(1, splits - 1),
                                            batch * n_kv_heads)](
         o_part, lse, out, n_tok, head_dim, n_kv_heads, rep, splits, *o_part.stride(), *lse.stride(), *out_strides,
-        BLOCK_M=decode_m, BLOCK_D=bl.block_d)
+        BLOCK_M=decode_m, BLOCK_D=bl.block_d, STAGES=ATTENTION_COMBINE_STAGES)
     return out
 
 

@@ -138,3 +138,18 @@ def test_split_k_kernels_compile_with_their_counter(tmp_path):
         assert sync["ATOMG"] >= 1 and sync["MEMBAR"] >= 1 and sync["CCTL"] >= 1, (kernel, sync)
         assert plain["sass_ops"]["kernel_sync"]["ATOMG"] == 0, kernel
         assert abs(split["sass_ops"]["total"] - plain["sass_ops"]["total"]) <= 0.05 * plain["sass_ops"]["total"]
+
+
+def test_decode_attention_tiles_and_loops(tmp_path):
+    """A decode step's attention (Scout, bf16, T = 1): the partial kernel (BM 64) holds a 16-row tile (mma m16) for
+    steps whose R*T rows fit 16, besides its 64-row one (wgmma m64), and no loop of either kernel waits on a load.
+    The combine kernel's two passes did, one split at a time (sync loads 1 and 2), before its merge became one
+    pipelined pass."""
+    _nvidia_backend()
+    rows = {r["kernel"]: r for r in _rows(tmp_path, "--dtypes", "bfloat16", "--ops", "--cases",
+                                          "attention_fused decode")}
+    partial, combine = rows["attention_partial_kernel"], rows["attention_combine_kernel"]
+    assert "mma m16n8k16 bf16" in partial["mma"] and any(m.startswith("wgmma m64") for m in partial["mma"])
+    for r in (partial, combine):
+        assert r["loop_loads"] and all(lp["sync"] == 0 for lp in r["loop_loads"]), (r["kernel"], r["loop_loads"])
+        assert r["stack_bytes"] == 0, r
