@@ -16,7 +16,8 @@ allocated by the caller (``ops._split_k_buffers``): flat, with strides given; un
 
 Memory ordering (CUDA): a CTA barrier puts every thread's partial stores before the counter's atomic, whose
 acq_rel semantics at gpu scope release them to the last program and acquire the others' for it; that program reads
-the partials with ``.cg`` loads (L2, not a stale L1 line). Under the CPU interpreter programs run one after another.
+the partials with ``.cg`` loads (L2, not a stale L1 line), software-pipelined: cp.async.cg, two splits ahead (sm_90a
+PTX, Triton 3.6 and 3.7). Under the CPU interpreter programs run one after another.
 """
 import triton
 import triton.language as tl
@@ -33,9 +34,10 @@ def split_k_arrive(lock_ptr, n_split):
 @triton.jit
 def split_k_sum(part_ptr, split_stride, offs, mask, n_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """sum over s = 0 .. S-1 of part[s * split_stride + offs] ([BM, BN] offsets, 0 where masked), float32, in
-    split order."""
+    split order. A split's load depends on s alone, so the loop is staged: at S = 8 a synchronous load per split
+    would be 8 L2 round trips in a row for the tile's last program."""
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in range(0, n_split):
+    for s in tl.range(0, n_split, num_stages=3):
         total += tl.load(part_ptr + s * split_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
     return total
 

@@ -122,8 +122,9 @@ def test_split_k_kernels_compile_with_their_counter(tmp_path):
     """Split-K (``l4compile/kernels/split_k.py``, a sweep candidate until a GPU has timed it) compiles for sm_90 in
     int4_mm and both fused MoE GEMMs: the tile's counter is one gpu-scope atomic behind a memory barrier (release)
     and followed by an L1 invalidation (acquire), the K loop stays as long as unsplit and touches no local memory
-    (the split gate_up keeps one 4-byte value on the stack across its loops: one store and one load a program). An
-    unsplit launch (n_split = 1, which Triton specialises) has no atomic at all."""
+    (the split gate_up keeps one 4-byte value on the stack across its loops: one store and one load a program). The
+    last program's sum of the S partials waits on no load either (it did: one L2 round trip per split). An unsplit
+    launch (n_split = 1, which Triton specialises) has no atomic at all."""
     _nvidia_backend()
     rows = {(r["case"], r["kernel"]): r for r in _rows(
         tmp_path, "--dtypes", "bfloat16", "--ops", "--sweep", "--cases",
@@ -134,6 +135,8 @@ def test_split_k_kernels_compile_with_their_counter(tmp_path):
         split, plain = rows[f"sweep {case} SK4 BN64 BK128", kernel], rows[f"sweep {case} BN64 BK128", kernel]
         loop = split["sass_ops"]
         assert split["error"] is None and split["stack_bytes"] <= 8 and loop["LDL"] == loop["STL"] == 0, split
+        assert len(split["loop_loads"]) > len(plain["loop_loads"]), split["loop_loads"]        # + the sum loop
+        assert all(lp["sync"] == 0 for lp in split["loop_loads"]), (kernel, split["loop_loads"])
         sync = split["sass_ops"]["kernel_sync"]
         assert sync["ATOMG"] >= 1 and sync["MEMBAR"] >= 1 and sync["CCTL"] >= 1, (kernel, sync)
         assert plain["sass_ops"]["kernel_sync"]["ATOMG"] == 0, kernel
