@@ -218,7 +218,7 @@ def sweep_cases(dims: dict, dtype: torch.dtype):
     """The block configurations ``bench_kernels.py`` sweeps on a GPU, at decode (1 token): which of them compile, fit
     and do not spill, before any GPU time is spent on them."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_kernels import attention_configs, configs
+    from bench_kernels import STAGES, attention_configs, configs
 
     from l4compile.kernels import ops
     from l4compile.kernels.layout import AttentionBlocks, Int4Blocks, attention_blocks
@@ -243,6 +243,12 @@ def sweep_cases(dims: dict, dtype: torch.dtype):
                                                                               blocks=b)
         yield f"sweep moe_q_fused {tag} BN64 BK128", lambda b=b: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1,
                                                                                      blocks=(b, b))
+    for ns in STAGES:                           # deeper K-loop pipelines (Triton's launch option num_stages)
+        b = Int4Blocks(16, 64, 128, True, 1, False, ns)
+        yield f"sweep int4_mm NS{ns} BN64 BK128", lambda b=b: ops.int4_matmul(m.act(1, h), *m.int4(hq * d, h),
+                                                                             blocks=b)
+        yield f"sweep moe_q_fused NS{ns} BN64 BK128", lambda b=b: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1,
+                                                                                    blocks=(b, b))
     block_d = attention_blocks(d).block_d
     for bm, bn in attention_configs(quick=False, tiny=False):
         blocks = AttentionBlocks(bm, bn, block_d)

@@ -103,6 +103,8 @@ class Int4Blocks:
     scale_per_block: bool   # True: a K block lies inside one scale group (one scale per row per block)
     split_k: int = 1        # the most programs per output tile, each reducing a K slice (``split_k_plan``)
     bf16x2: bool = False    # the inline-PTX unpack (int4_mm.int4_pairs_bf16; bf16 on sm_90): a sweep candidate
+    num_stages: int | None = None   # the K loop's software-pipeline depth (Triton's launch option; None: its
+                                    # default, 3: with a K step of two blocks, 4 blocks in flight): a sweep candidate
 
 
 def int4_blocks(n_out: int, k_in: int, group: int) -> Int4Blocks:

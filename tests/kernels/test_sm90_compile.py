@@ -156,3 +156,15 @@ def test_decode_attention_tiles_and_loops(tmp_path):
     for r in (partial, combine):
         assert r["loop_loads"] and all(lp["sync"] == 0 for lp in r["loop_loads"]), (r["kernel"], r["loop_loads"])
         assert r["stack_bytes"] == 0, r
+
+
+def test_int4_pipeline_depth_reaches_the_compiler(tmp_path):
+    """``Int4Blocks.num_stages`` (a sweep candidate) is the K loop's pipeline depth: at 4 and 5 stages int4_mm's
+    decode GEMV stages more K steps (shared memory grows by one step's buffers a stage) and still spills nothing."""
+    _nvidia_backend()
+    rows = {r["case"]: r for r in _rows(tmp_path, "--dtypes", "bfloat16", "--sweep", "--cases",
+                                        "sweep int4_mm BN64 BK128,sweep int4_mm NS4 BN64,sweep int4_mm NS5 BN64")}
+    shared = [rows[c]["shared_bytes"] for c in ("sweep int4_mm BN64 BK128", "sweep int4_mm NS4 BN64 BK128",
+                                                "sweep int4_mm NS5 BN64 BK128")]
+    assert shared[0] < shared[1] < shared[2] and shared[2] - shared[1] == shared[1] - shared[0], shared
+    assert all(r["stack_bytes"] == 0 and r["error"] is None for r in rows.values()), rows
