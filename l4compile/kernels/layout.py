@@ -39,6 +39,10 @@ class MoeRows:
     tile_row_end: Tensor   # [NT] int32: end (exclusive) of the tile's group rows
 
 
+# moe_route_kernel: steps of at most this many tokens (decode) work in blocks of this many tokens and tiles
+MOE_ROUTE_DECODE_TOKENS = 16
+
+
 def num_tiles(rows, groups: int, block_m: int):
     """Static bound NT on the tiles of ``rows`` rows (an int or a SymInt) in ``groups`` groups. A group of c rows
     takes ceil(c / BM) <= (c + BM - 1) / BM tiles, and at most min(G, R) groups hold a row, so the tiles number at

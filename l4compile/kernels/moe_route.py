@@ -17,7 +17,7 @@ Scores are ``sigmoid(max logit)`` in float32, rounded to the logits' dtype and w
 a few dozen steps; the map itself is a few KB. Outputs and their layout are ``layout.MoeRows``'.
 
 Shapes: logits [T, E]; row_tok [R] int32, row_scale [R] float32, routed_row [T] int64; tile_group, tile_row0,
-tile_row_end [NT] int32. Grid: (1,).
+tile_row_end [NT] int32. Grid: (1,). Steps of <= DECODE_T tokens use DECODE_T-wide blocks.
 """
 import triton
 import triton.language as tl
@@ -47,7 +47,24 @@ def _pick(vals, g, BLOCK_G: tl.constexpr):
 @triton.jit
 def moe_route_kernel(logits_ptr, row_tok_ptr, row_scale_ptr, routed_row_ptr, tile_group_ptr, tile_row0_ptr,
                      tile_row_end_ptr, T, E, NT, stride_t, stride_e,
-                     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_NT: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_NT: tl.constexpr,
+                     DECODE_T: tl.constexpr):
+    """The map in one program. A step of at most DECODE_T tokens (decode) runs the passes on DECODE_T-token blocks
+    and DECODE_T-tile steps: Scout's BT = BNT = 256 would make a 1-token step work through [256, 32] one-hot tiles
+    (an axis-0 cumsum among them) for 1 token and 2 tiles. T is symbolic in an engine, hence a branch on it."""
+    if T <= DECODE_T:
+        _route(logits_ptr, row_tok_ptr, row_scale_ptr, routed_row_ptr, tile_group_ptr, tile_row0_ptr,
+               tile_row_end_ptr, T, E, NT, stride_t, stride_e, BLOCK_M, DECODE_T, BLOCK_G, DECODE_T)
+    else:
+        _route(logits_ptr, row_tok_ptr, row_scale_ptr, routed_row_ptr, tile_group_ptr, tile_row0_ptr,
+               tile_row_end_ptr, T, E, NT, stride_t, stride_e, BLOCK_M, BLOCK_T, BLOCK_G, BLOCK_NT)
+
+
+@triton.jit
+def _route(logits_ptr, row_tok_ptr, row_scale_ptr, routed_row_ptr, tile_group_ptr, tile_row0_ptr,
+           tile_row_end_ptr, T, E, NT, stride_t, stride_e,
+           BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_NT: tl.constexpr):
+    """``moe_route_kernel``'s passes with BT-token blocks and BNT-tile steps."""
     gg = tl.arange(0, BLOCK_G)
     G = E + 1
     counts = tl.zeros((BLOCK_G,), dtype=tl.int32)

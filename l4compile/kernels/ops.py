@@ -39,9 +39,9 @@ from l4compile.ops.moe import _route
 from . import interpreting
 from .attention import attention_combine_kernel, attention_partial_kernel
 from .int4_mm import int4_mm_bf16x2_kernel, int4_mm_kernel
-from .layout import (ATTENTION_COMBINE_STAGES, ATTENTION_DECODE_BLOCK_M, AttentionBlocks, Int4Blocks, MoeRows,
-                     attention_blocks, attention_splits, int4_blocks, moe_blocks, moe_fp8_blocks, moe_int4_blocks,
-                     moe_rows, num_tiles, scale_words, split_k_plan)
+from .layout import (ATTENTION_COMBINE_STAGES, ATTENTION_DECODE_BLOCK_M, MOE_ROUTE_DECODE_TOKENS, AttentionBlocks,
+                     Int4Blocks, MoeRows, attention_blocks, attention_splits, int4_blocks, moe_blocks, moe_fp8_blocks,
+                     moe_int4_blocks, moe_rows, num_tiles, scale_words, split_k_plan)
 from .moe_down import moe_down_kernel
 from .moe_fp8_down import moe_fp8_down_kernel
 from .moe_fp8_gate_up import moe_fp8_gate_up_kernel
@@ -83,7 +83,7 @@ def moe_route(logits: Tensor, block_m: int) -> MoeRows:
     wrap_triton(moe_route_kernel)[(1,)](
         logits, rows.row_tok, rows.row_scale, rows.routed_row, rows.tile_group, rows.tile_row0, rows.tile_row_end,
         n_tok, n_exp, n_tiles, logits.stride(0), logits.stride(1),
-        BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_NT=block_t)
+        BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_NT=block_t, DECODE_T=MOE_ROUTE_DECODE_TOKENS)
     return rows
 
 

@@ -33,8 +33,9 @@ def _check(got, ref, dtype):
 
 
 # T = 0 (empty step), 1 (decode), one and several token blocks; E = 1 (every token one group), Scout, Maverick
-@pytest.mark.parametrize("n_tok,n_exp,block_m", [(0, 4, 16), (1, 16, 16), (5, 1, 64), (37, 16, 16), (300, 128, 16),
-                                                 (1100, 16, 64)])
+# (<= 16 tokens take the kernel's decode blocks, 17 the first step past them)
+@pytest.mark.parametrize("n_tok,n_exp,block_m", [(0, 4, 16), (1, 16, 16), (5, 1, 64), (16, 128, 16), (17, 16, 16),
+                                                 (37, 16, 16), (300, 128, 16), (1100, 16, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_route_matches_moe_rows(n_tok, n_exp, block_m, dtype):
     require_interpreter()
