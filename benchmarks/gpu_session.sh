@@ -35,6 +35,9 @@
 #   prefill  benchmarks/bench_gpu.py --parts prefill --layers 2: 2K and 8K prompts, TFLOP/s             (box 300 s)
 #   full     benchmarks/bench_gpu.py --parts full: all 48 layers of Scout, Int4, streamed: compile, then decode
 #            tokens/s at batch 1 and GPU memory (needs ~60 GB of disk; give it a call of its own)        (box 580 s)
+#   fullq    the same with the lm_head in Int4 too (--lm-head-int4): the bf16 lm_head reads 2.07 GB a token, ~0.8 ms
+#            at cuBLAS's 62% of the copy bandwidth (q_proj rows), a fifth of a 250 tokens/s budget; Int4: 0.52 GB.
+#            A call of its own, not after full: two ~58 GB engines do not fit the host's 64 GB disk   (box 580 s)
 #
 # Engines load with the AOTInductor runtime, unless L4COMPILE_INDUCTOR_RUNNER says otherwise or the probe part ran
 # and no package loaded in a fresh process: then every later part runs them with the jit runtime (the same exported
@@ -125,8 +128,11 @@ for spec in ${PARTS//,/ }; do
             --layers 2 --repeats 3 --out "$RES/$part" ;;
     full)
         boxed $(box 580) full $PY benchmarks/bench_gpu.py --parts full --repeats 3 --out "$RES/full" ;;
+    fullq)
+        boxed $(box 580) fullq $PY benchmarks/bench_gpu.py --parts full --lm-head-int4 --repeats 3 \
+            --out "$RES/full-lm-head-int4" ;;
     *)
-        log "unknown part '$part' (probe, kernels, sweep, tests, engines, attention, decode1, modes, knobs, context, decode, prefill, full)" ;;
+        log "unknown part '$part' (probe, kernels, sweep, tests, engines, attention, decode1, modes, knobs, context, decode, prefill, full, fullq)" ;;
     esac
 done
 
