@@ -17,7 +17,8 @@ Scores are ``sigmoid(max logit)`` in float32, rounded to the logits' dtype and w
 a few dozen steps; the map itself is a few KB. Outputs and their layout are ``layout.MoeRows``'.
 
 Shapes: logits [T, E]; row_tok [R] int32, row_scale [R] float32, routed_row [T] int64; tile_group, tile_row0,
-tile_row_end [NT] int32. Grid: (1,). Steps of <= DECODE_T tokens use DECODE_T-wide blocks.
+tile_row_end [NT] int32; zero_a [N_ZERO_A], zero_b [N_ZERO_B] int32. Grid: (1,). Steps of <= DECODE_T
+tokens use DECODE_T-wide blocks.
 """
 import triton
 import triton.language as tl
@@ -45,13 +46,25 @@ def _pick(vals, g, BLOCK_G: tl.constexpr):
 
 
 @triton.jit
+def _zero(ptr, n, BLOCK: tl.constexpr):
+    """ptr[0 .. n) = 0 (int32)."""
+    for i0 in range(0, n, BLOCK):
+        ii = i0 + tl.arange(0, BLOCK)
+        tl.store(ptr + ii, tl.zeros((BLOCK,), dtype=tl.int32), mask=ii < n)
+
+
+@triton.jit
 def moe_route_kernel(logits_ptr, row_tok_ptr, row_scale_ptr, routed_row_ptr, tile_group_ptr, tile_row0_ptr,
-                     tile_row_end_ptr, T, E, NT, stride_t, stride_e,
+                     tile_row_end_ptr, zero_a_ptr, zero_b_ptr, T, E, NT, N_ZERO_A, N_ZERO_B, stride_t, stride_e,
                      BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_NT: tl.constexpr,
                      DECODE_T: tl.constexpr):
     """The map in one program. A step of at most DECODE_T tokens (decode) runs the passes on DECODE_T-token blocks
     and DECODE_T-tile steps: Scout's BT = BNT = 256 would make a 1-token step work through [256, 32] one-hot tiles
-    (an axis-0 cumsum among them) for 1 token and 2 tiles. T is symbolic in an engine, hence a branch on it."""
+    (an axis-0 cumsum among them) for 1 token and 2 tiles. T is symbolic in an engine, hence a branch on it.
+    It also zeroes the N_ZERO_A and N_ZERO_B int32s at zero_a / zero_b: the split-K tile counters of the MoE GEMMs
+    launched after it, which would otherwise each take a fill kernel of their own (0 and 0 when unsplit)."""
+    _zero(zero_a_ptr, N_ZERO_A, 256)
+    _zero(zero_b_ptr, N_ZERO_B, 256)
     if T <= DECODE_T:
         _route(logits_ptr, row_tok_ptr, row_scale_ptr, routed_row_ptr, tile_group_ptr, tile_row0_ptr,
                tile_row_end_ptr, T, E, NT, stride_t, stride_e, BLOCK_M, DECODE_T, BLOCK_G, DECODE_T)

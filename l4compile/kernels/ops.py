@@ -68,9 +68,12 @@ def _fp8_mode(x: Tensor) -> dict:
     return {"FP8_DOT": fp8_dot, "DOT_F32": interp, "EMULATE_FP8": interp}
 
 
-def moe_route(logits: Tensor, block_m: int) -> MoeRows:
+def moe_route(logits: Tensor, block_m: int, zero: tuple[Tensor, ...] = ()) -> MoeRows:
     """Top-1 routing of router logits [T, E] -> the grouped-row map for tiles of ``block_m`` rows, in one launch
-    (``moe_route_kernel``); equal to ``moe_rows(*top-1 of logits, E, block_m)`` (equal maxima: the first expert)."""
+    (``moe_route_kernel``); equal to ``moe_rows(*top-1 of logits, E, block_m)`` (equal maxima: the first expert).
+    ``zero``: up to two flat int32 tensors the same launch fills with zeros (split-K counters of the GEMMs after it)."""
+    if len(zero) > 2 or any(z.dtype != torch.int32 or z.dim() != 1 for z in zero):
+        raise ValueError("moe_route: zero takes up to two flat int32 tensors")
     n_tok, n_exp = logits.shape
     dev = logits.device
     block_g = max(2, triton.next_power_of_2(n_exp + 1))
@@ -80,17 +83,22 @@ def moe_route(logits: Tensor, block_m: int) -> MoeRows:
                    torch.empty(2 * n_tok, device=dev, dtype=torch.float32),
                    torch.empty(n_tok, device=dev, dtype=torch.int64),
                    *(torch.empty(n_tiles, device=dev, dtype=torch.int32) for _ in range(3)))
+    za, zb = (*zero, rows.tile_group, rows.tile_group)[:2]                        # an unused pointer: 0 to zero
     wrap_triton(moe_route_kernel)[(1,)](
         logits, rows.row_tok, rows.row_scale, rows.routed_row, rows.tile_group, rows.tile_row0, rows.tile_row_end,
-        n_tok, n_exp, n_tiles, logits.stride(0), logits.stride(1),
+        za, zb, n_tok, n_exp, n_tiles, za.numel() if zero else 0, zb.numel() if len(zero) > 1 else 0,
+        logits.stride(0), logits.stride(1),
         BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_NT=block_t, DECODE_T=MOE_ROUTE_DECODE_TOKENS)
     return rows
 
 
-def _rows(x: Tensor, router_w: Tensor, top_k: int, block_m: int) -> MoeRows:
-    """The grouped-row map of x's routing: the one-launch kernel for top-1, ``moe_rows`` (aten) otherwise."""
+def _rows(x: Tensor, router_w: Tensor, top_k: int, block_m: int, locks: tuple[Tensor, ...] = ()) -> MoeRows:
+    """The grouped-row map of x's routing: the one-launch kernel for top-1, ``moe_rows`` (aten) otherwise.
+    ``locks`` (top-1 only): flat int32 split-K counters the route kernel zeroes in the same launch."""
     if top_k == 1:
-        return moe_route(F.linear(x, router_w), block_m)                         # logits [T, E]
+        return moe_route(F.linear(x, router_w), block_m, locks)                  # logits [T, E]
+    if locks:
+        raise ValueError("_rows: only the top-1 route kernel zeroes split-K counters")
     idx, score = _route(x, router_w, top_k)                                      # [T, K] each
     return moe_rows(idx, score, router_w.shape[0], block_m)
 
@@ -152,15 +160,19 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
     if bdn.bf16x2:                                                               # down: N = H, K = I
         _check_bf16x2(x, hidden, i_dim, down_s, bdn)
     n_tok = x.shape[0]
-    rows = _rows(x, router_w, top_k, bgu.block_m)
     n_rows = n_tok * (top_k + 1)
-    n_tiles = rows.tile_group.shape[0]
+    n_tiles = num_tiles(n_rows, n_exp + 1, bgu.block_m)                         # the map's tiles (moe_route, moe_rows)
+    grid_gu = (n_tiles, triton.cdiv(i_dim, bgu.block_n))
+    grid_dn = (n_tiles, triton.cdiv(hidden, bdn.block_n))
+    words_gu, step_gu = _k_step(bgu, group_h, gate_up_s, shared_gate_s, shared_up_s)
+    words_dn, step_dn = _k_step(bdn, group_i, down_s, shared_down_s)
+    # split-K counters of both GEMMs: zeroed by the top-1 route kernel, no fill kernels of their own
+    gu = _split_k_buffers(n_rows, 2 * i_dim, hidden, bgu, x, grid_gu[0] * grid_gu[1], step_gu, top_k != 1)
+    dn = _split_k_buffers(n_rows, hidden, i_dim, bdn, x, grid_dn[0] * grid_dn[1], step_dn, top_k != 1)
+    rows = _rows(x, router_w, top_k, bgu.block_m, (gu[2], dn[2]) if top_k == 1 else ())
     mode = _dot_mode(x.dtype)
     act = torch.empty((n_rows, i_dim), device=x.device, dtype=x.dtype)           # [R, I]
-    grid_gu = (n_tiles, triton.cdiv(i_dim, bgu.block_n))
-    words_gu, step = _k_step(bgu, group_h, gate_up_s, shared_gate_s, shared_up_s)
-    part, part_strides, lock, k_split, splits = _split_k_buffers(n_rows, 2 * i_dim, hidden, bgu, x,
-                                                                 grid_gu[0] * grid_gu[1], step)
+    part, part_strides, lock, k_split, splits = gu
     wrap_triton(moe_int4_gate_up_kernel)[(*grid_gu, splits)](
         x, gate_up_q, gate_up_s, shared_gate_q, shared_gate_s, shared_up_q, shared_up_s, act, part, lock, rows.row_tok,
         rows.row_scale, rows.tile_group, rows.tile_row0, rows.tile_row_end, hidden, i_dim, n_exp, group_h, k_split,
@@ -169,10 +181,7 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
         BLOCK_M=bgu.block_m, BLOCK_N=bgu.block_n, BLOCK_K=bgu.block_k, SCALE_PER_BLOCK=bgu.scale_per_block,
         SCALE_WORDS=words_gu, BF16X2=bgu.bf16x2, **mode, **_stages(bgu))
     y = torch.empty((n_rows, hidden), device=x.device, dtype=x.dtype)            # [R, H]
-    grid_dn = (n_tiles, triton.cdiv(hidden, bdn.block_n))
-    words_dn, step = _k_step(bdn, group_i, down_s, shared_down_s)
-    part, part_strides, lock, k_split, splits = _split_k_buffers(n_rows, hidden, i_dim, bdn, x,
-                                                                 grid_dn[0] * grid_dn[1], step)
+    part, part_strides, lock, k_split, splits = dn
     wrap_triton(moe_int4_down_kernel)[(*grid_dn, splits)](
         act, down_q, down_s, shared_down_q, shared_down_s, y, part, lock, rows.tile_group, rows.tile_row0,
         rows.tile_row_end, hidden, i_dim, n_exp, group_i, k_split, splits, act.stride(0), act.stride(1),
@@ -224,18 +233,21 @@ def _k_step(b: Int4Blocks, group: int, *scales: Tensor) -> tuple[bool, int]:
     return words, 2 * group if words else b.block_k
 
 
-def _split_k_buffers(rows, part_cols: int, k_in: int, b: Int4Blocks, x: Tensor, n_tiles, step: int):
+def _split_k_buffers(rows, part_cols: int, k_in: int, b: Int4Blocks, x: Tensor, n_tiles, step: int,
+                     zero_locks: bool = True):
     """What an Int4 GEMM split ``split_k.py``'s way needs -> (part, part strides, lock, K_SPLIT, S): S and K_SPLIT (a
     multiple of the kernel's K ``step``: BK, or 2G when it loads scales as words) from ``split_k_plan`` (SymInts in a
     symbolic ``rows``); part: float32 partials [S, rows, part_cols] (strides given) and lock: one int32 zero counter
     per output tile, both flat. Empty when S is a constant 1 (no fill kernel); when S is a SymInt, never under 2
     elements, so that no contiguity check of a symbolic size asks whether it is 0 or 1: S = 1 at prefill and S > 1
-    at decode in one engine would make that a guard on T (export then refuses the dynamic token count)."""
+    at decode in one engine would make that a guard on T (export then refuses the dynamic token count).
+    ``zero_locks=False``: lock is left unset, for a kernel launched before the GEMM to zero (``moe_route``)."""
     splits, k_split = split_k_plan(rows, part_cols, k_in, step, b.split_k)
     used = torch.sym_min(1, splits - 1)
     least = 2 if isinstance(splits, torch.SymInt) else 0
     part = torch.empty(torch.sym_max(least, splits * used * rows * part_cols), device=x.device, dtype=torch.float32)
-    lock = torch.zeros(torch.sym_max(least, n_tiles * used), device=x.device, dtype=torch.int32)
+    lock = (torch.zeros if zero_locks else torch.empty)(torch.sym_max(least, n_tiles * used), device=x.device,
+                                                         dtype=torch.int32)
     return part, (rows * part_cols, part_cols, 1), lock, k_split, splits
 
 

@@ -84,6 +84,29 @@ def test_moe_q_fused_block_overrides(case, blocks):
     assert rel_err(fused_moe_int4(*args, top_k, blocks=blocks), _moe_q_impl(*args, top_k)) < TOL[torch.float32]
 
 
+def test_split_moe_counters_come_zeroed_from_the_route_kernel(monkeypatch):
+    """Top-1: both split GEMMs' tile counters are allocated unset and zeroed by the route launch (no fill kernels).
+    Poisoned at allocation, they still give the reference's output; without the route kernel's zeroing no program
+    would see its tile complete."""
+    require_interpreter()
+    from l4compile.kernels import ops
+
+    real, poisoned = ops._split_k_buffers, []
+
+    def poison(*a, **kw):
+        out = real(*a, **kw)
+        if kw.get("zero_locks", a[7] if len(a) > 7 else True) is False:
+            out[2].fill_(5)
+            poisoned.append(out[2].numel())
+        return out
+
+    monkeypatch.setattr(ops, "_split_k_buffers", poison)
+    args, top_k = _case("decode-T1-G64")
+    split = (Int4Blocks(16, 16, 16, True, 4), Int4Blocks(16, 16, 16, True, 3))
+    assert rel_err(ops.fused_moe_int4(*args, top_k, blocks=split), _moe_q_impl(*args, top_k)) < TOL[torch.float32]
+    assert len(poisoned) == 2 and min(poisoned) > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", ["E3-top1-empty-expert-G8", "E5-top2-G12", "decode-T1-G64"])
 def test_moe_q_fused_low_precision(case, dtype):

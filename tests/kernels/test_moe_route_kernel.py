@@ -74,3 +74,21 @@ def test_moe_route_on_gpu(n_tok):
 
     logits = _logits(n_tok, 16, torch.bfloat16, "cuda")
     _check(moe_route(logits, 16), _reference(logits, 16), torch.bfloat16)
+
+
+def test_moe_route_zeroes_the_split_k_counters_it_is_given():
+    """``zero``: the route launch also zeroes up to two flat int32 buffers (the split-K counters of the MoE GEMMs
+    after it, which then need no fill kernels); the map is the same as without them."""
+    require_interpreter()
+    from l4compile.kernels.ops import moe_route
+
+    logits = _logits(5, 16, torch.float32)
+    a, b = torch.full((37,), 7, dtype=torch.int32), torch.full((300,), -3, dtype=torch.int32)
+    _check(moe_route(logits, 16, (a, b)), _reference(logits, 16), torch.float32)
+    assert not a.any() and not b.any()
+    one = torch.full((2,), 9, dtype=torch.int32)
+    moe_route(logits, 16, (one,))
+    assert not one.any()
+    for bad in ((a, b, one), (a.long(),), (a.view(37, 1),)):
+        with pytest.raises(ValueError, match="up to two flat int32 tensors"):
+            moe_route(logits, 16, bad)
