@@ -24,10 +24,11 @@
 #   decode1  l4compile bench scout --layers 2 --quant int4 --backends eager,inductor --batch-sizes 1,8: the one
 #            decode figure that fits beside kernels and tests in one 10-minute call                   (box 220 s)
 #   modes    benchmarks/bench_decode_modes.py: loop vs CUDA graph decode, Scout dims, 2 layers, Int4  (box 200 s)
-#   knobs    decode1's Inductor engine at batch 1 built three ways: as it is, with combo_kernels=true (the k and v
-#            cache writes, and the q and k RoPE kernels, one launch each: 14 -> ~12 launches a layer offline) and
-#            with triton.enable_pdl=true (Hopper programmatic dependent launch of Inductor's own kernels; only the
-#            jit runtime launches with it, AOTInductor's launcher does not)               (box 200 s each variant)
+#   knobs    decode1's Inductor engine at batch 1 built three or four ways: as it is, with combo_kernels=true (the
+#            k and v cache writes, and the q and k RoPE kernels, one launch each: 14 -> ~12 launches a layer offline),
+#            and under the jit runtime with triton.enable_pdl=true (Hopper programmatic dependent launch of Inductor's
+#            own kernels: only the jit runtime launches with it, AOTInductor's launcher does not), beside a plain
+#            jit build when engines otherwise run under aoti                              (box 200 s each variant)
 #   context  benchmarks/bench_gpu.py --parts context --layers 2: Int4 decode at batch 1/8 in 8K-slot caches, at
 #            positions 128 and 4096 (the attention kernel reads only the visible positions)            (box 300 s)
 #   decode   benchmarks/bench_gpu.py --parts decode --layers 2: decode at batch 1/8/32, HBM roofline per layer,
@@ -113,11 +114,17 @@ for spec in ${PARTS//,/ }; do
             --dtype bfloat16 --device cuda --batch-sizes 1,8 --prompt 128 --new 64 --repeats 5 \
             --out "$RES/modes-int4.json" ;;
     knobs)
-        for knob in default combo_kernels=true triton.enable_pdl=true; do
-            setting=(); [ $knob = default ] || setting=(--inductor-config $knob)
-            boxed $(box 200) "knobs $knob" $PY -m l4compile bench scout --layers 2 --device cuda --dtype bfloat16 \
-                --quant int4 --backends inductor --batch-sizes 1 --prompt-lens 128 --decode-steps 32 --repeats 3 \
-                ${setting[@]+"${setting[@]}"} --force --out "$RES/knobs-${knob%%=*}"
+        # PDL takes effect under the jit runtime only: when engines run under aoti here, jit gets a baseline of its own
+        variants="default combo_kernels=true"
+        [ "${L4COMPILE_INDUCTOR_RUNNER:-aoti}" = jit ] || variants="$variants jit"
+        for knob in $variants jit+triton.enable_pdl=true; do
+            runner=(); setting=(); cfg=$knob
+            case $knob in jit*) runner=(L4COMPILE_INDUCTOR_RUNNER=jit); cfg=${knob#jit}; cfg=${cfg#+} ;; esac
+            [ -z "$cfg" ] || [ "$cfg" = default ] || setting=(--inductor-config "$cfg")
+            boxed $(box 200) "knobs $knob" env ${runner[@]+"${runner[@]}"} $PY -m l4compile bench scout --layers 2 \
+                --device cuda --dtype bfloat16 --quant int4 --backends inductor --batch-sizes 1 --prompt-lens 128 \
+                --decode-steps 32 --repeats 3 ${setting[@]+"${setting[@]}"} --force \
+                --out "$RES/knobs-${knob//[^A-Za-z0-9._]/-}"
         done ;;
     decode1)
         boxed $(box 220) decode1 $PY -m l4compile bench scout --layers 2 --device cuda --dtype bfloat16 \
