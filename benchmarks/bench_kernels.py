@@ -12,7 +12,8 @@ Kernels (bf16 activations; Int4 weights packed as the quantize pass packs them, 
     moe_fused     the same MoE in bf16
     torch.mm      cuBLAS on the bf16 weight, the baseline the Int4 GEMV must beat (it streams 4x the bytes)
     attention_fused  one decode step of a global layer's attention (40/8 heads x 128) in an 8192-slot bf16 cache,
-                  at positions 511 and 8191, batch = tokens: it must read only the visible keys
+                  at positions 511 and 8191, batch = tokens: it must read only the visible keys (timed as engines
+                  run it, l4::attention_fused_inplace: the new key and value written into the caches too)
     sdpa aten     the reference it replaces (cat of cache and new key, SDPA under a mask over every slot)
 
 Bytes a call must move: every weight byte it reads (packed Int4 + scales, or bf16; for the MoE only the experts the
@@ -207,7 +208,10 @@ def moe_bytes(x, qweights, fweights, touched: int, quant: bool) -> int:
 
 def attention_cases(dims: dict, batches: list[int], device, g: torch.Generator):
     """(batch, position, l4::attention_cached args): NoPE decode steps (no RoPE, no temperature), so the projection
-    is views only and ``attention_fused`` on those views is the whole step but the cache write."""
+    is views only and ``attention_fused_inplace`` on those views is the whole step, the cache write included (since
+    2026-12-06; the 2026-12-04 rows timed ``attention_fused``, without it). The write lands on slot ``pos``,
+    which a query at ``pos`` never reads from the cache, so repeated calls at one position compute the same output
+    (each position's reference is taken after the earlier positions' writes)."""
     slots, positions = (32, (7, 31)) if dims is TINY else (8192, (511, 8191))
     hq, hkv, d = dims["heads"], dims["kv_heads"], dims["head_dim"]
     table = torch.zeros(1, d // 2, device=device)
@@ -359,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         for bm, bn in attention_configs(a.quick, a.tiny):
             blocks = AttentionBlocks(bm, bn, default.block_d)
             record(f"attention_fused pos {pos}", b, f"BM{bm} BN{bn}", blocks == default,
-                   lambda blocks=blocks: fused_attention(*heads, kc, vc, start, hq, hkv, 0, d ** -0.5, blocks=blocks),
+                   lambda blocks=blocks: fused_attention(*heads, kc, vc, start, hq, hkv, 0, d ** -0.5, blocks=blocks,
+                                                         write_caches=True),
                    ref, moved)
         record(f"sdpa aten pos {pos}", b, "cat + mask", False, lambda: attention_cached_impl(*args)[0], ref, moved)
     for name, t, x, wp, ws, w_bf16 in int4_cases(dims, tokens, device, g):

@@ -23,7 +23,8 @@ engines, whose dots run IEEE fp32 on twice the shared memory):
     moe_fp8_fused    the same on float8 weights (float8 dot operands in bf16 engines; at BM 16 Triton 3.7 makes
                      them f16 MMAs, from BM 64 wgmma e4m3)
     moe_fused        the same in bf16
-    attention_fused  partial + combine, decode (1 token, an 8192-slot cache) and prefill (2048 tokens)
+    attention_fused  partial + combine, decode (1 token, an 8192-slot cache) and prefill (2048 tokens), as CUDA
+                     engines launch them (l4::attention_fused_inplace: the combine writes the caches)
 """
 # T tokens, H hidden, I expert width, E experts
 from __future__ import annotations
@@ -199,7 +200,7 @@ def cases(dims: dict, dtype: torch.dtype):
                                              m.act(i, h), m.act(i, h), m.act(h, i), 1)
     for t, label in ((1, "decode"), (2048, "prefill")):
         yield f"attention_fused {label} T={t}", lambda t=t: ops.fused_attention(*m.attention(t), hq, hkv, 0,
-                                                                                d ** -0.5)
+                                                                                d ** -0.5, write_caches=True)
 
 
 def sm90_fp8(thunk):
@@ -253,7 +254,7 @@ def sweep_cases(dims: dict, dtype: torch.dtype):
     for bm, bn in attention_configs(quick=False, tiny=False):
         blocks = AttentionBlocks(bm, bn, block_d)
         yield f"sweep attention_fused BM{bm} BN{bn}", lambda blocks=blocks: ops.fused_attention(
-            *m.attention(1), hq, hkv, 0, d ** -0.5, blocks=blocks)
+            *m.attention(1), hq, hkv, 0, d ** -0.5, blocks=blocks, write_caches=True)
 
 
 def main(argv: list[str] | None = None) -> int:

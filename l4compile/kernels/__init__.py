@@ -18,9 +18,9 @@ Files (one kernel each; pure-PyTorch host code apart)::
     moe_fp8_gate_up.py   grouped fp8([x*s]) @ FP8 [gate|up]^T + SwiGLU epilogue      (Triton kernel)
     moe_fp8_down.py      grouped fp8(act) @ FP8 down^T                               (Triton kernel)
     attention.py         attention over the KV cache + new keys by position, split   (Triton kernels)
-                         key ranges, and the merge of the splits
+                         key ranges, and the merge of the splits (+ the cache write)
     ops.py               ``l4::moe_fused``, ``l4::moe_q_fused``, ``l4::moe_fp8_fused``, (needs Triton)
-                         ``l4::int4_mm``, ``l4::attention_fused`` (triton_op) + host glue
+                         ``l4::int4_mm``, ``l4::attention_fused[_inplace]`` (triton_op) + host glue
     dispatch.py          CUDA kernels of ``l4::moe``/``l4::moe_q``/``l4::linear_int4``/``l4::linear_fp8``/
                          ``l4::attention_cached`` and the CUDA decompositions the    (torch only)
                          Inductor backend applies

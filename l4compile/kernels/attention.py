@@ -19,14 +19,18 @@ GQA: the R query heads of kv head g are folded into the rows (row i: head g*R + 
 loaded once per group. The key range is cut into S splits (flash-decoding) so that a decode step, which has one
 row block per (batch, kv head), still fills the GPU; each split writes its normalised partial output and
 log-sum-exp in float32 and ``attention_combine_kernel`` merges them into [B, T, Hq*D] (with one split, as prefill
-and large batches get, the partial kernel writes the output and the merge has no programs). Softmax and
+and large batches get, the partial kernel writes the output and there is nothing to merge). Softmax and
 accumulation are float32, P is rounded to V's dtype for the second dot (as flash attention does).
+For ``l4::attention_fused_inplace`` (WRITE), ``attention_combine_kernel`` also writes the T new keys and values
+into the caches, in place (slot = position mod L), once the partial kernel has read the cache: the step's cache
+update costs no launch of its own.
 
 Shapes (strides are passed, so transposed views need no copy):
     q [B, Hq, T, D]; k_new / v_new [B, Hkv, T, D]; k_cache / v_cache [B, Hkv, L, D]; start [1] int64
     o_part [S, B, Hkv, M, D] float32, lse_part [S, B, Hkv, M] float32 (S = 0 rows when S = 1: unused); out [B, T, Hq*D]
 Grids: partial (cdiv(M, BM), B*Hkv, S), its programs one tile of DECODE_M rows when M <= DECODE_M (decode);
-combine (cdiv(M, DECODE_M), B*Hkv) when S > 1, else empty.
+combine (cdiv(M, DECODE_M), B*Hkv) when S > 1; else (cdiv(T, DECODE_M), B*Hkv) for the cache write alone with
+WRITE, and empty without.
 """
 import triton
 import triton.language as tl
@@ -144,25 +148,44 @@ def _attend_rows(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o_ptr, lse_pt
 
 
 @triton.jit
-def attention_combine_kernel(o_ptr, lse_ptr, out_ptr, T, D, HKV, REP, N_SPLIT,
-                             sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd,
-                             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
-    """Merge the S splits' partials of BLOCK_M rows in one pass over the splits, with a running max of their
-    log-sum-exps (as the partial kernel's softmax keeps one). A split's lse and o loads depend on its index alone, so
-    the loop is software-pipelined (STAGES - 1 splits loading ahead). Before, a max pass and then a sum pass waited
-    out their loads one split at a time: 3 S round trips to L2, 96 at S = 32, which at 0.1-0.15 us each would be
-    most of the 15-19 us a decode step's attention took on the H200 at position 511 (a count, not a profile). Every
-    split stored its o: zeros where it saw no key, with lse -inf (weight 0)."""
-    if N_SPLIT == 1:                  # the partial kernel wrote the output
-        return
+def attention_combine_kernel(o_ptr, lse_ptr, out_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, T, L, D, HKV, REP,
+                             N_SPLIT, sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd,
+                             snb, snh, snt, snd, svnb, svnh, svnt, svnd, scb, sch, scl, scd, svcb, svch, svcl, svcd,
+                             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+                             WRITE: tl.constexpr):
+    """Program (pid_m, batch x kv head): with WRITE, writes new tokens pid_m * BLOCK_M .. + BLOCK_M - 1 into the
+    caches; then, with S > 1, merges the S splits' partials of rows pid_m * BLOCK_M .. + BLOCK_M - 1.
+
+    The cache write runs here, after the partial kernel has read every cached key it needs (stream order): written
+    there, a new key could overwrite a ring slot that another program still reads. Token t goes to slot
+    (start + t) mod L; when T > L only the last L tokens write, so each slot is written once, by the last token that
+    maps to it (the reference's index_copy). In a graph this replaces the two cache-write kernels an engine had.
+
+    The merge is one pass over the splits, with a running max of their log-sum-exps (as the partial kernel's softmax
+    keeps one). A split's lse and o loads depend on its index alone, so the loop is software-pipelined (STAGES - 1
+    splits loading ahead). Before, a max pass and then a sum pass waited out their loads one split at a time: 3 S
+    round trips to L2, 96 at S = 32, which at 0.1-0.15 us each would be most of the 15-19 us a decode step's
+    attention took on the H200 at position 511 (a count, not a profile). Every split stored its o: zeros where it
+    saw no key, with lse -inf (weight 0)."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, g = (pid_bh // HKV).to(tl.int64), (pid_bh % HKV).to(tl.int64)
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    if WRITE:
+        tok = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                           # [BM] new tokens
+        wmask = ((tok < T) & (tok >= T - L))[:, None] & dmask[None, :]
+        slot = (tl.load(start_ptr).to(tl.int32) + tok) % L
+        t2, s2, d2 = tok[:, None], slot[:, None], dd[None, :]
+        k = tl.load(kn_ptr + b * snb + g * snh + t2 * snt + d2 * snd, mask=wmask)
+        tl.store(kc_ptr + b * scb + g * sch + s2 * scl + d2 * scd, k.to(kc_ptr.dtype.element_ty), mask=wmask)
+        v = tl.load(vn_ptr + b * svnb + g * svnh + t2 * svnt + d2 * svnd, mask=wmask)
+        tl.store(vc_ptr + b * svcb + g * svch + s2 * svcl + d2 * svcd, v.to(vc_ptr.dtype.element_ty), mask=wmask)
+    if N_SPLIT == 1:                  # the partial kernel wrote the output
+        return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                              # [BM]
     rmask = rows < REP * T
     t = rows % T
     head = g * REP + rows // T
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     den = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)

@@ -1,7 +1,7 @@
 # T tokens, E experts, K top-k, H hidden, I expert width, A = T*K, R = A + T, N out features, Kin in features,
 # Gh / Gi Int4 scale groups over H / I; attention: B batch, Hq / Hkv heads, T new tokens, L cache slots, D head_dim
-"""``l4::moe_fused``, ``l4::moe_q_fused``, ``l4::moe_fp8_fused``, ``l4::int4_mm`` and ``l4::attention_fused``: the
-Triton kernels as ``torch.library.triton_op`` operators.
+"""``l4::moe_fused``, ``l4::moe_q_fused``, ``l4::moe_fp8_fused``, ``l4::int4_mm``, ``l4::attention_fused`` and
+``l4::attention_fused_inplace``: the Triton kernels as ``torch.library.triton_op`` operators.
 
 ``triton_op`` makes the bodies visible to torch.compile / torch.export: Inductor and AOTInductor see the host
 code (plain aten) and the kernels themselves (``wrap_triton``) and compile both into the engine, so a CUDA
@@ -23,6 +23,8 @@ Contracts (same as the reference ops, which the tests compare against):
     attention_fused(q [B, Hq, T, D], k_new [B, Hkv, T, D], v_new, k_cache [B, Hkv, L, D], v_cache, start_pos [1],
                     n_heads, n_kv_heads, chunk, scaling) -> [B, T, Hq*D]
                                                == l4::attention_cached's attention over cat(cache, new keys)
+    attention_fused_inplace(the same) -> the same, and k_cache / v_cache updated IN PLACE to l4::attention_cached's
+                    new caches (the T new rows written)
 
 Importing this module imports Triton (``l4compile.kernels.dispatch`` does it only when Triton is there).
 """
@@ -298,8 +300,11 @@ def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None) -> Te
 
 def fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor,
                     n_heads: int, n_kv_heads: int, chunk: int, scaling: float,
-                    blocks: AttentionBlocks | None = None, n_split: int | None = None) -> Tensor:
-    """The body of ``l4::attention_fused``; ``blocks`` and ``n_split`` override the static choices (tests)."""
+                    blocks: AttentionBlocks | None = None, n_split: int | None = None,
+                    write_caches: bool = False) -> Tensor:
+    """The body of ``l4::attention_fused`` and, ``write_caches``, of ``l4::attention_fused_inplace``, which also writes
+    the T new keys / values into the caches in place (after the attention read them); ``blocks`` and ``n_split``
+    override the static choices (tests)."""
     batch, _, n_tok, head_dim = q.shape
     slots = k_cache.shape[2]
     rep = n_heads // n_kv_heads
@@ -322,11 +327,17 @@ def fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_
         splits, scaling, *q.stride(), *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(),
         *o_part.stride(), *lse.stride(), *out_strides, BLOCK_M=bl.block_m, BLOCK_N=bl.block_n,
         BLOCK_D=bl.block_d, DECODE_M=decode_m, **mode)
-    # merge in DECODE_M-row tiles; no programs at all with one split (the partial kernel wrote ``out``)
-    wrap_triton(attention_combine_kernel)[(triton.cdiv(n_rows, decode_m) * torch.sym_min(1, splits - 1),
-                                           batch * n_kv_heads)](
-        o_part, lse, out, n_tok, head_dim, n_kv_heads, rep, splits, *o_part.stride(), *lse.stride(), *out_strides,
-        BLOCK_M=decode_m, BLOCK_D=bl.block_d, STAGES=ATTENTION_COMBINE_STAGES)
+    # with S > 1 the merge, DECODE_M rows a program; with one split (the partial kernel wrote ``out``) no programs,
+    # or, writing the caches, the T new tokens, DECODE_M a program (the merge's R*T rows cover them when S > 1)
+    if write_caches:
+        tiles = triton.cdiv(torch.sym_max(n_rows * torch.sym_min(1, splits - 1), n_tok), decode_m)
+    else:
+        tiles = triton.cdiv(n_rows, decode_m) * torch.sym_min(1, splits - 1)     # guard-free in T
+    wrap_triton(attention_combine_kernel)[(tiles, batch * n_kv_heads)](
+        o_part, lse, out, k_new, v_new, k_cache, v_cache, start, n_tok, slots, head_dim, n_kv_heads, rep, splits,
+        *o_part.stride(), *lse.stride(), *out_strides, *k_new.stride(), *v_new.stride(), *k_cache.stride(),
+        *v_cache.stride(), BLOCK_M=decode_m, BLOCK_D=bl.block_d, STAGES=ATTENTION_COMBINE_STAGES,
+        WRITE=write_caches)
     return out
 
 
@@ -334,6 +345,13 @@ def fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_
 def attention_fused(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor,
                     n_heads: int, n_kv_heads: int, chunk: int, scaling: float) -> Tensor:
     return fused_attention(q, k_new, v_new, k_cache, v_cache, start_pos, n_heads, n_kv_heads, chunk, scaling)
+
+
+@triton_op("l4::attention_fused_inplace", mutates_args=("k_cache", "v_cache"))
+def attention_fused_inplace(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor,
+                            start_pos: Tensor, n_heads: int, n_kv_heads: int, chunk: int, scaling: float) -> Tensor:
+    return fused_attention(q, k_new, v_new, k_cache, v_cache, start_pos, n_heads, n_kv_heads, chunk, scaling,
+                           write_caches=True)
 
 
 @triton_op("l4::moe_fused", mutates_args=())

@@ -19,8 +19,9 @@ position is the most recent p <= start-1 with p = slot (mod L), valid if p >= 0.
 
 Lowering: the implementations below are plain aten with no data-dependent shapes; the Inductor backend
 decomposes both ops into them (``DECOMPOSITIONS``) so Inductor compiles attention itself. CUDA engines keep the
-projection and cache update from here and attend with the Triton ``l4::attention_fused`` (l4compile.kernels), which
-reads only the visible keys where they lie instead of ``cat(cache, new keys)`` under a mask over every slot. ONNX:
+projection from here and attend with the Triton ``l4::attention_fused`` (l4compile.kernels), which reads only the
+visible keys where they lie instead of ``cat(cache, new keys)`` under a mask over every slot; a step that updates
+its caches in place has the kernel write the new keys too (``l4::attention_fused_inplace``). ONNX:
 ``l4compile.onnx.attention`` writes the same arithmetic in ONNX ops (Gather tables, Mul/Sub/Add rotation,
 ReduceMean/Sqrt norm, MatMul/Softmax/Where, ScatterElements cache writes); a change here must be made there too
 (tests/backends/test_onnx_attention.py compares the two).
@@ -100,10 +101,13 @@ def attention_impl(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, n_
 def attention_cached_impl(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor,
                           cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int, head_dim: int, use_rope: bool,
                           qk_norm: bool, chunk: int, temp_tuning: bool, floor_scale: float, attn_scale: float,
-                          scaling: float, eps: float, fused_attend=None) -> tuple[Tensor, Tensor, Tensor]:
-    """``fused_attend``: None for the plain-aten attention over ``cat(cache, new keys)``; CUDA engines pass
+                          scaling: float, eps: float, fused_attend=None,
+                          fused_writes: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``fused_attend``: None for the plain-aten attention over ``cat(cache, new keys)``; CUDA passes
     ``l4::attention_fused`` (l4compile.kernels), which reads the visible keys in place: same arguments and result
-    as ``_attend`` here, ``(q, k_new, v_new, k_cache, v_cache, start_pos, n_heads, n_kv_heads, chunk, scaling)``."""
+    as ``_attend`` here, ``(q, k_new, v_new, k_cache, v_cache, start_pos, n_heads, n_kv_heads, chunk, scaling)``.
+    ``fused_writes``: ``fused_attend`` also writes the new keys into the caches it is given
+    (``l4::attention_fused_inplace``), which are then returned as the new caches, with no index_copy here."""
     t, slots = q.shape[1], k_cache.shape[2]
     start = start_pos.reshape(1).to(torch.int64)                                 # [1]
     pos = start + torch.arange(t, device=q.device)                               # [T] absolute positions
@@ -111,6 +115,8 @@ def attention_cached_impl(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_ca
                           floor_scale, attn_scale, eps)
     if fused_attend is not None:
         out = fused_attend(qh, kh, vh, k_cache, v_cache, start, n_heads, n_kv_heads, chunk, scaling)
+        if fused_writes:
+            return out, k_cache, v_cache
     else:
         slot = torch.arange(slots, device=q.device)                              # [L]
         before = start - 1

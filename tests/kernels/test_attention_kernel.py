@@ -38,12 +38,12 @@ def _args(b, t, slots, hq, hkv, d, start, chunk, rope, dtype=torch.float32, seed
             1 / math.sqrt(d), 1e-5)
 
 
-def _fused(blocks=None, n_split=None):
+def _fused(blocks=None, n_split=None, write=False):
     from l4compile.kernels.layout import AttentionBlocks
     from l4compile.kernels.ops import fused_attention
 
     blocks = blocks or AttentionBlocks(16, 16, 16)
-    return lambda *a: fused_attention(*a, blocks=blocks, n_split=n_split)
+    return lambda *a: fused_attention(*a, blocks=blocks, n_split=n_split, write_caches=write)
 
 
 @pytest.mark.parametrize("n_split", [1, 3])
@@ -59,6 +59,46 @@ def test_fused_attention_matches_reference(case, n_split):
     out = attention_cached_impl(*args, fused_attend=_fused(blocks, n_split))
     assert out[0].shape == ref[0].shape and rel_err(out[0], ref[0]) < TOL[torch.float32]
     assert torch.equal(out[1], ref[1]) and torch.equal(out[2], ref[2])          # the cache update is the reference's
+
+
+@pytest.mark.parametrize("n_split", [1, 3])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_attention_inplace_writes_the_new_caches(case, n_split):
+    """l4::attention_fused_inplace's body: the functional op's output, bit for bit, and the caches it is given
+    updated to the reference's new caches (only the last L tokens where T > L), by its combine launch, which also
+    runs with one split, where there is nothing to merge; the functional op leaves the caches as they were."""
+    require_interpreter()
+    from l4compile.kernels.layout import AttentionBlocks
+
+    args = _args(*CASES[case])
+    blocks = AttentionBlocks(16, 16, max(16, 1 << (CASES[case][5] - 1).bit_length()))
+    ref = attention_cached_impl(*args)
+    kc, vc = args[3].clone(), args[4].clone()
+    plain = attention_cached_impl(*args, fused_attend=_fused(blocks, n_split))
+    assert torch.equal(args[3], kc) and torch.equal(args[4], vc)
+    assert not torch.equal(kc, ref[1]) and not torch.equal(vc, ref[2])          # the step does change them
+    out = attention_cached_impl(*args[:3], kc, vc, *args[5:], fused_attend=_fused(blocks, n_split, write=True),
+                                fused_writes=True)
+    assert out[1] is kc and out[2] is vc
+    assert torch.equal(kc, ref[1]) and torch.equal(vc, ref[2])
+    assert torch.equal(out[0], plain[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_attention_cached_in_place(dtype):
+    """What a CUDA engine's step runs for each layer (``dispatch.attention_cached_in_place``, default blocks and
+    splits): the attention output alone, with the caches it is given updated to l4::attention_cached's new caches,
+    by l4::attention_fused_inplace (float32), or by copying the reference's into them (float64, no kernel)."""
+    require_interpreter()
+    from l4compile.kernels.dispatch import attention_cached_in_place
+
+    for case in ("decode-wrapped-ring", "chunked-prefill", "prompt-longer-than-ring", "nope-decode-odd-dim"):
+        args = _args(*CASES[case], dtype=dtype)
+        ref = attention_cached_impl(*args)
+        out = attention_cached_in_place(*args)
+        assert isinstance(out, torch.Tensor) and out.dtype == dtype
+        assert rel_err(out, ref[0]) < TOL[torch.float32], case
+        assert torch.equal(args[3], ref[1]) and torch.equal(args[4], ref[2]), case
 
 
 def test_fused_attention_bfloat16():
@@ -178,6 +218,22 @@ def test_attention_cached_cuda_uses_the_kernel(case, dtype):
     out = torch.ops.l4.attention_cached(*args)
     assert rel_err(out[0], ref[0]) < {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
     assert torch.equal(out[1], ref[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_attention_cached_in_place_cuda(case, dtype):
+    """On CUDA, what an engine's step runs (l4::attention_fused_inplace, default blocks and splits): the caches given
+    become the reference's new caches exactly, the output the reference's."""
+    require_cuda_kernels()
+    from l4compile.kernels.dispatch import attention_cached_in_place
+
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(*CASES[case], dtype=dtype)]
+    ref = attention_cached_impl(*args)
+    out = attention_cached_in_place(*args)
+    assert rel_err(out, ref[0]) < {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert torch.equal(args[3], ref[1]) and torch.equal(args[4], ref[2])
 
 
 @pytest.mark.gpu
