@@ -36,6 +36,7 @@ Two runtimes load the same engine (``L4COMPILE_INDUCTOR_RUNNER``):
 from __future__ import annotations
 
 import logging
+import operator
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +73,15 @@ def build(program, workdir: Path, config) -> BuildResult:
                                                       **({"caches": "in_place"} if in_place else {})})
 
 
-def caches_in_place(gm: torch.fx.GraphModule) -> torch.fx.GraphModule | None:
+def caches_in_place(gm: torch.fx.GraphModule, attention_in_place=None) -> torch.fx.GraphModule | None:
     """A kv-cached step graph ``(.., start_pos, *caches) -> (logits, *caches')`` rewritten to write every ``caches'``
     into its input cache (``aten.copy_``) and return ``logits`` alone; None for a graph without caches. The new
-    GraphModule shares ``gm``'s parameters (no copy); ``gm`` is left as it is."""
+    GraphModule shares ``gm``'s parameters (no copy); ``gm`` is left as it is.
+
+    ``attention_in_place``: a function with ``l4::attention_cached``'s arguments that returns its attention output
+    alone and writes the new caches into the caches it was given (CUDA: ``kernels.dispatch
+    .attention_cached_in_place``). Each ``l4::attention_cached`` whose two new caches are the step's new values of its
+    own input caches, read by nothing else, becomes a call of it, with no ``copy_`` of those caches."""
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     names = [n.name for n in phs]
     if "start_pos" not in names:
@@ -86,9 +92,27 @@ def caches_in_place(gm: torch.fx.GraphModule) -> torch.fx.GraphModule | None:
     logits, *new = graph.graph_copy(gm.graph, env)
     if len(new) != len(caches) or not caches:
         raise L4Error(f"inductor: a step graph with {len(caches)} cache inputs returns {len(new)} caches")
+    returned = {fresh: env[ph] for ph, fresh in zip(caches, new)}      # new cache -> the input cache it replaces
+    written = set()
+    for node in list(graph.nodes) if attention_in_place is not None else ():
+        if node.target is not torch.ops.l4.attention_cached.default:
+            continue
+        outs = {u.args[1]: u for u in node.users if u.target is operator.getitem}   # 0: out, 1 / 2: new caches
+        k_in, v_in = node.args[3], node.args[4]
+        own_caches = (len(outs) == len(node.users) and {1, 2} <= outs.keys()     # each output taken once
+                      and returned.get(outs[1]) is k_in and returned.get(outs[2]) is v_in)
+        if not own_caches or outs[1].users or outs[2].users or len(k_in.users) + len(v_in.users) != 2:
+            continue                                       # a cache, old or new, read elsewhere: keep the copy_
+        with graph.inserting_after(node):
+            call = graph.call_function(attention_in_place, node.args, node.kwargs)
+        if 0 in outs:
+            outs[0].replace_all_uses_with(call)
+        written |= {k_in, v_in}
     for ph, fresh in zip(caches, new):
-        graph.call_function(torch.ops.aten.copy_.default, (env[ph], fresh))
+        if env[ph] not in written:
+            graph.call_function(torch.ops.aten.copy_.default, (env[ph], fresh))
     graph.output(logits)
+    graph.eliminate_dead_code()
     out = torch.fx.GraphModule(gm, graph, class_name="L4StepInPlace")
     out.meta.update(gm.meta)
     return out
@@ -108,7 +132,10 @@ def export_for_aoti(program, device: str = "cpu") -> tuple[torch.export.Exported
 
     import l4compile.ops
 
-    in_place = caches_in_place(program.gm) if program.kind == "text" else None
+    attention_in_place = None
+    if device == "cuda":
+        from l4compile.kernels.dispatch import attention_cached_in_place as attention_in_place
+    in_place = caches_in_place(program.gm, attention_in_place) if program.kind == "text" else None
     if in_place is not None:
         program = dataclasses.replace(program, gm=in_place)
     decomps = dict(l4compile.ops.DECOMPOSITIONS)                             # attention becomes plain aten
@@ -125,13 +152,37 @@ def _package(program, outdir: Path, device: str = "cpu", extra_configs: dict[str
     from l4compile import tensorfile
 
     ep, in_place = export_for_aoti(program, device)
-    with torch.no_grad():
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(outdir / ARTIFACT),
-                                                 inductor_configs={**(extra_configs or {}), **AOTI_CONFIGS})
+    save_program(ep, outdir / PROGRAM)                      # functional: before mutations_in_place changes ep
     constants = {k: v for k, v in {**ep.state_dict, **ep.constants}.items() if isinstance(v, torch.Tensor)}
     tensorfile.write(outdir / WEIGHTS, constants)
-    save_program(ep, outdir / PROGRAM)
+    with torch.no_grad():
+        torch._inductor.aoti_compile_and_package(mutations_in_place(ep), package_path=str(outdir / ARTIFACT),
+                                                 inductor_configs={**(extra_configs or {}), **AOTI_CONFIGS})
     return in_place
+
+
+def mutations_in_place(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``ep`` (changed in place) as AOTInductor and the jit runtime compile it: each functionalized call of a
+    mutating op (``auto_functionalized``: a CUDA step's ``l4::attention_fused``, which writes its layer's caches) back
+    to the call that mutates its inputs. Functionalized, Inductor would keep the triton_op opaque (an AOTI
+    proxy-executor call, on copies of the caches); in place, it traces the op into its Triton kernels, whose combine
+    launch writes the caches it is given. Sound here because ``caches_in_place`` left each cache no other reader.
+    After this ``ep`` fails export's verifier (its graph is not functional): save it first."""
+    from torch.export._remove_auto_functionalized_pass import unsafe_remove_auto_functionalized_pass
+
+    return unsafe_remove_auto_functionalized_pass(ep)
+
+
+def in_place_module(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """``mutations_in_place(ep).module()`` (``ep`` changed in place) without the ``copy_(cache, cache)`` that
+    unlifting writes for each mutated input: what the jit runtime compiles."""
+    module = mutations_in_place(ep).module()
+    for node in list(module.graph.nodes):
+        if node.target is torch.ops.aten.copy_.default and node.args[0] is node.args[1]:
+            node.replace_all_uses_with(node.args[0])
+            module.graph.erase_node(node)
+    module.recompile()
+    return module
 
 
 def save_program(ep: torch.export.ExportedProgram, path: Path) -> None:
@@ -233,7 +284,7 @@ def _load_jit(rank_dir: Path, manifest: dict[str, Any], n_caches: int):
     ep = torch.export.load(rank_dir / PROGRAM)
     weights = _read_weights(rank_dir / WEIGHTS, manifest["device"],
                             [k for k, v in {**ep.state_dict, **ep.constants}.items() if isinstance(v, torch.Tensor)])
-    module = _with_tensors(ep, lambda name, t: weights[name]).module()
+    module = in_place_module(_with_tensors(ep, lambda name, t: weights[name]))
     configs = {k: v for k, v in (manifest.get("compile_config") or {}).get("inductor_configs") or ()
                if not k.startswith("aot_inductor.")}
     run = _step_runner(torch.compile(module, options=configs or None), n_caches)

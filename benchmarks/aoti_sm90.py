@@ -19,7 +19,8 @@ Checks (exit 1 when one fails; a GPU session would fail on them, or lose its ban
              int4_mm as its kernel
   opaque     no op runs through the proxy executor (an opaque op would be an eager kernel outside the engine)
   caches     each KV cache input is first read by its layer's attention kernel (one), written after that read, and
-             never cloned or copied whole
+             never cloned or copied whole; with l4::attention_fused_inplace, written by that op's combine launch
+             and by no other kernel
   program    the engine's program.pt2 (the jit runtime's graph, weights left out) calls the same l4 kernel ops after
              torch.export.save and load, and holds no weight data
 """
@@ -42,6 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 # l4 kernel op -> the kernels its triton_op body launches (the MoE ops: top-1 routing, as every preset has)
 KERNELS = {"l4.attention_fused.default": ("attention_partial_kernel", "attention_combine_kernel"),
+           "l4.attention_fused_inplace.default": ("attention_partial_kernel", "attention_combine_kernel"),
            "l4.moe_fused.default": ("moe_route_kernel", "moe_gate_up_kernel", "moe_down_kernel"),
            "l4.moe_q_fused.default": ("moe_route_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel"),
            "l4.moe_fp8_fused.default": ("moe_route_kernel", "moe_fp8_gate_up_kernel", "moe_fp8_down_kernel"),
@@ -101,11 +103,11 @@ def generate(ep, cache: Path, extra_configs: dict | None = None) -> Path:
     """AOTInductor codegen of ``ep`` -> the wrapper .cpp (kernels compiled to cubins beside it) under ``cache``, the
     process's TORCHINDUCTOR_CACHE_DIR; ``extra_configs`` (Inductor config overrides) go over the package's own."""
     import torch
-    from backends.inductor import AOTI_CONFIGS
+    from backends.inductor import AOTI_CONFIGS, mutations_in_place
 
     try:
         with torch.no_grad():
-            torch._inductor.aoti_compile_and_package(ep, package_path=str(cache / "model.pt2"),
+            torch._inductor.aoti_compile_and_package(mutations_in_place(ep), package_path=str(cache / "model.pt2"),
                                                      inductor_configs={**AOTI_CONFIGS, **(extra_configs or {})})
     except Exception as e:               # expected: the C++ compile, which needs the CUDA toolkit
         if "CppCompileError" not in f"{type(e).__name__}: {e}":
@@ -170,6 +172,9 @@ def analyze(lines: list[str], graph_ops: dict[str, int], caches: list[str]) -> d
             problems["caches"].append(f"{name} ({var}): first used at '{uses[0][1].strip()[:120]}', not by its "
                                       "attention kernel, or never written")
         problems["caches"] += [f"{name} ({var}) copied: {c}" for c in copies]
+        writers = sorted({k for i, k, a in launches if re.search(rf"\b{var}\b", a) and i not in reads})
+        if "l4.attention_fused_inplace.default" in graph_ops and writers != ["attention_combine_kernel"]:
+            problems["caches"].append(f"{name} ({var}) written by {writers}, not by its attention's combine alone")
     splits = sorted({_args(a)[N_SPLIT_ARG] for _, k, a in launches if k == "attention_partial_kernel"})
     externs: dict[str, int] = {}                                     # aten ops through the CUDA c-shims (cuBLAS..)
     for op in re.findall(r"aoti_torch_cuda_(\w+?)\(", "\n".join(lines)):

@@ -69,6 +69,40 @@ def test_inductor_engine_updates_caches_in_place(engines):
         changed = (c != b).any(-1).any(1)[0]                              # [slots]
         assert changed.nonzero().flatten().tolist() == [11 % layer["slots"]], layer
 
+def test_caches_in_place_hands_each_attention_its_own_caches():
+    """``backends.inductor.caches_in_place`` with an in-place attention (what --device cuda engines compile): every
+    l4::attention_cached of the tiny step graph becomes one call that writes its own caches, with no copy_ back; a
+    layer whose cache is also read elsewhere keeps the functional attention and its two copy_s."""
+    from backends.inductor import caches_in_place
+    from l4compile.compiler import lower
+    from l4compile.config import CompileConfig
+    from l4compile.progress import Progress
+
+    def attend_in_place(*args):                    # a stand-in: the rewrite only places calls
+        raise AssertionError("not run")
+
+    gm = lower("tiny", CompileConfig(max_seq_len=40), progress=Progress()).program.gm
+    n_layers = sum(n.target is torch.ops.l4.attention_cached.default for n in gm.graph.nodes)
+    targets = lambda g: [n.target for n in g.graph.nodes if n.op == "call_function"]    # noqa: E731
+    plain = targets(caches_in_place(gm))
+    assert plain.count(torch.ops.l4.attention_cached.default) == n_layers == 4
+    assert plain.count(torch.ops.aten.copy_.default) == 2 * n_layers and attend_in_place not in plain
+    fused = caches_in_place(gm, attend_in_place)
+    calls = [n for n in fused.graph.nodes if n.target is attend_in_place]
+    phs = [n.name for n in fused.graph.nodes if n.op == "placeholder"]
+    assert [[a.name for a in c.args[3:5]] for c in calls] == [phs[-2 * n_layers:][2 * i:2 * i + 2]
+                                                              for i in range(n_layers)]
+    assert torch.ops.aten.copy_.default not in targets(fused)
+    assert torch.ops.l4.attention_cached.default not in targets(fused)
+
+    k0 = next(n for n in gm.graph.nodes if n.name == "k_cache_0")          # a second reader of layer 0's k cache
+    with gm.graph.inserting_after(k0):
+        gm.graph.call_function(torch.ops.aten.sum.default, (k0,))
+    mixed = targets(caches_in_place(gm, attend_in_place))
+    assert mixed.count(attend_in_place) == n_layers - 1 and mixed.count(torch.ops.l4.attention_cached.default) == 1
+    assert mixed.count(torch.ops.aten.copy_.default) == 2
+
+
 def test_decode_rejects_positions_past_max(engines):
     eng = l4compile.load_engine(engines["scout-like"])
     with pytest.raises(L4Error, match="max sequence length"):

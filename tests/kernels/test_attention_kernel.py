@@ -6,6 +6,11 @@ whole tiny model's prefill + decode steps with every attention fused."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +18,8 @@ import torch
 from l4compile.ops.attention import attention_cached_impl
 
 from .conftest import TOL, rel_err, require_cuda_kernels, require_interpreter
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # (B, T, L, Hq, Hkv, D, start, chunk, rope): chunked layers have L = chunk (a ring), NoPE layers chunk 0
 CASES = {
@@ -205,6 +212,66 @@ def test_tiny_model_steps_with_fused_attention():
             ref_c, fused_c = list(ref[1:]), list(out[1:])
             worst = max(worst, rel_err(out[0], ref[0]))
     assert len(calls) == len(steps) * len(prog.kv_layout["layers"]) and worst < 1e-5
+
+
+def test_cuda_engine_step_writes_caches_in_place(tmp_path):
+    """The step graph a --device cuda Inductor engine compiles (backends.inductor: ``caches_in_place`` with
+    ``attention_cached_in_place``, exported and decomposed for CUDA): every layer attends with
+    l4::attention_fused_inplace and nothing else touches a cache. As AOTInductor and the jit runtime take it
+    (``mutations_in_place``; the jit runtime's ``in_place_module``), each of those calls writes its layer's cache
+    inputs themselves and nothing copies a cache. As saved (program.pt2) and run here on CPU tensors under the
+    interpreter, a 13-token prefill and 7 decode steps (batch 2, through the chunk-16 ring's wrap) give the step
+    graph's logits and write its new caches into the caches given. Built in a process without the interpreter,
+    which cannot trace the kernels."""
+    require_interpreter()
+    from l4compile.compiler import lower
+    from l4compile.config import CompileConfig
+    from l4compile.progress import Progress
+
+    config = "CompileConfig(max_seq_len=40, max_batch_size=2)"
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, torch
+        from backends.inductor import export_for_aoti, in_place_module
+        from l4compile.compiler import lower
+        from l4compile.config import CompileConfig
+        from l4compile.progress import Progress
+        ep, in_place = export_for_aoti(lower("tiny", {config}, progress=Progress()).program, "cuda")
+        assert in_place
+        torch.export.save(ep, sys.argv[1])
+        graph = in_place_module(ep).graph
+        phs = [n.name for n in graph.nodes if n.op == "placeholder"]
+        print([(str(n.target), [phs.index(a.name) if getattr(a, "op", "") == "placeholder" else None
+                                for a in n.args[3:5]]) for n in graph.nodes if n.op == "call_function"])
+        """), str(tmp_path / "program.pt2")], capture_output=True, text=True, cwd=ROOT, timeout=600,
+        env={**os.environ, "TRITON_INTERPRET": "0", "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    prog = lower("tiny", eval(config), progress=Progress()).program                 # the same seeded weights
+    n_layers = len(prog.kv_layout["layers"])
+    calls = eval(p.stdout.strip().splitlines()[-1])                                 # (target, [cache inputs])
+    first_cache = len(prog.gm.graph.find_nodes(op="placeholder")) - 2 * n_layers
+    assert [c for t, c in calls if t == "l4.attention_fused_inplace.default"] == [
+        [first_cache + 2 * i, first_cache + 2 * i + 1] for i in range(n_layers)]
+    assert not [t for t, _ in calls if t in ("aten.copy_.default", "aten.clone.default", "aten.index_copy.default",
+                                             "l4.attention_fused.default", "auto_functionalized_v2")]
+    # no input guards: the exported graph guards T != 1 (its example prompt's 0/1 specialisation, in CPU step graphs
+    # too), which AOTInductor and the jit runtime's torch.compile do not enforce; they decode at T = 1
+    step = torch.export.load(tmp_path / "program.pt2").module(check_guards=False)
+
+    _, n_kv, _, d = prog.kv_layout["shape"]
+    new_caches = lambda: [torch.zeros(2, n_kv, layer["slots"], d)                  # noqa: E731
+                          for layer in prog.kv_layout["layers"] for _ in (0, 1)]
+    ids = torch.randint(0, prog.model_config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    steps = [(ids[:, :13], 0)] + [(ids[:, i:i + 1], i) for i in range(13, 20)]
+    ref_c, caches, worst = new_caches(), new_caches(), 0.0
+    with torch.no_grad():
+        for x, start in steps:
+            pos = torch.tensor([start])
+            ref = prog.gm(x, pos, *ref_c)
+            logits = step(x, pos, *caches)
+            ref_c = list(ref[1:])
+            worst = max(worst, rel_err(logits, ref[0]))
+            assert all(rel_err(c, r) < 1e-5 for c, r in zip(caches, ref_c, strict=True)), start
+    assert worst < 1e-5
 
 
 @pytest.mark.gpu
