@@ -178,6 +178,15 @@ def test_attention_splits():
         attention_blocks(512)
 
 
+def _tiny_steps(prog):
+    """(a maker of empty caches, steps) for the tiny step graph ``prog``: a 13-token prefill and 7 decode steps of a
+    batch of 2, as (input ids, start position), through the chunk-16 ring's wrap."""
+    _, n_kv, _, d = prog.kv_layout["shape"]
+    ids = torch.randint(0, prog.model_config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    return (lambda: [torch.zeros(2, n_kv, layer["slots"], d) for layer in prog.kv_layout["layers"] for _ in (0, 1)],
+            [(ids[:, :13], 0)] + [(ids[:, i:i + 1], i) for i in range(13, 20)])
+
+
 def test_tiny_model_steps_with_fused_attention():
     """The tiny preset's step graph, every l4::attention_cached run with the kernel (what a CUDA engine compiles in):
     a 13-token prefill and 7 decode steps of a batch of 2, through the chunk-16 ring's wrap, against the graph as it
@@ -198,11 +207,7 @@ def test_tiny_model_steps_with_fused_attention():
                 return attention_cached_impl(*args, **kwargs, fused_attend=fused_attend)
             return super().call_function(target, args, kwargs)
 
-    _, n_kv, _, d = prog.kv_layout["shape"]
-    new_caches = lambda: [torch.zeros(2, n_kv, layer["slots"], d)                  # noqa: E731
-                          for layer in prog.kv_layout["layers"] for _ in (0, 1)]
-    ids = torch.randint(0, prog.model_config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
-    steps = [(ids[:, :13], 0)] + [(ids[:, i:i + 1], i) for i in range(13, 20)]
+    new_caches, steps = _tiny_steps(prog)
     ref_c, fused_c, worst = new_caches(), new_caches(), 0.0
     with torch.no_grad():
         for x, start in steps:
@@ -257,11 +262,7 @@ def test_cuda_engine_step_writes_caches_in_place(tmp_path):
     # too), which AOTInductor and the jit runtime's torch.compile do not enforce; they decode at T = 1
     step = torch.export.load(tmp_path / "program.pt2").module(check_guards=False)
 
-    _, n_kv, _, d = prog.kv_layout["shape"]
-    new_caches = lambda: [torch.zeros(2, n_kv, layer["slots"], d)                  # noqa: E731
-                          for layer in prog.kv_layout["layers"] for _ in (0, 1)]
-    ids = torch.randint(0, prog.model_config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
-    steps = [(ids[:, :13], 0)] + [(ids[:, i:i + 1], i) for i in range(13, 20)]
+    new_caches, steps = _tiny_steps(prog)
     ref_c, caches, worst = new_caches(), new_caches(), 0.0
     with torch.no_grad():
         for x, start in steps:
