@@ -147,7 +147,9 @@ def test_int4_mm_low_precision(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m,n,k,group", CASES + [(1, 5120, 5120, 128), (32, 16384, 5120, 128)])
+# + the per-expert GEMVs of test_moe_q_fused_cuda's decode-T1 cases (its reference runs them through this kernel)
+@pytest.mark.parametrize("m,n,k,group", CASES + [(1, 5120, 5120, 128), (32, 16384, 5120, 128), (1, 96, 64, 64),
+                                                 (1, 48, 64, 64), (1, 64, 48, 16)])
 def test_int4_mm_cuda(m, n, k, group, dtype):
     require_cuda_kernels()
     x, w_packed, w_scale = _data(m, n, k, group, dtype=dtype, device="cuda")

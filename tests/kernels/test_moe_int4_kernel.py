@@ -183,8 +183,12 @@ def test_moe_q_fused_cuda(case, dtype):
     out = torch.ops.l4.moe_q(*args, top_k)
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
     assert out.dtype == dtype and out.is_cuda
-    assert rel_err(out, _moe_q_impl(*args, top_k)) < tol
-    assert rel_err(out, _moe_impl(*dequant_moe_args(args, dtype), top_k)) < tol
+    # both errors and the references' own disagreement in one message: the bf16 decode-T1 cases failed on the
+    # 2026-12-04 H200 with their values lost; _moe_q_impl runs its GEMVs through the Triton int4_mm on CUDA
+    ref_q, ref_dense = _moe_q_impl(*args, top_k), _moe_impl(*dequant_moe_args(args, dtype), top_k)
+    errs = {"moe_q reference": rel_err(out, ref_q), "dequantized cuBLAS": rel_err(out, ref_dense),
+            "reference vs reference": rel_err(ref_q, ref_dense)}
+    assert max(errs["moe_q reference"], errs["dequantized cuBLAS"]) < tol, errs
 
 
 @pytest.mark.gpu
