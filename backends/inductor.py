@@ -163,11 +163,11 @@ def _package(program, outdir: Path, device: str = "cpu", extra_configs: dict[str
 
 def mutations_in_place(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     """``ep`` (changed in place) as AOTInductor and the jit runtime compile it: each functionalized call of a
-    mutating op (``auto_functionalized``: a CUDA step's ``l4::attention_fused``, which writes its layer's caches) back
-    to the call that mutates its inputs. Functionalized, Inductor would keep the triton_op opaque (an AOTI
-    proxy-executor call, on copies of the caches); in place, it traces the op into its Triton kernels, whose combine
-    launch writes the caches it is given. Sound here because ``caches_in_place`` left each cache no other reader.
-    After this ``ep`` fails export's verifier (its graph is not functional): save it first."""
+    mutating op (``auto_functionalized``: a CUDA step's ``l4::attention_fused_inplace``, which writes its layer's
+    caches) back to the call that mutates its inputs. Functionalized, Inductor would keep the triton_op opaque (an
+    AOTI proxy-executor call, on copies of the caches); in place, it traces the op into its Triton kernels, whose
+    combine launch writes the caches it is given. Sound here because ``caches_in_place`` left each cache no other
+    reader. After this ``ep`` fails export's verifier (its graph is not functional): save it first."""
     from torch.export._remove_auto_functionalized_pass import unsafe_remove_auto_functionalized_pass
 
     return unsafe_remove_auto_functionalized_pass(ep)
