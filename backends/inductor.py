@@ -167,9 +167,15 @@ def mutations_in_place(ep: torch.export.ExportedProgram) -> torch.export.Exporte
     caches) back to the call that mutates its inputs. Functionalized, Inductor would keep the triton_op opaque (an
     AOTI proxy-executor call, on copies of the caches); in place, it traces the op into its Triton kernels, whose
     combine launch writes the caches it is given. Sound here because ``caches_in_place`` left each cache no other
-    reader. After this ``ep`` fails export's verifier (its graph is not functional): save it first."""
+    reader. After this ``ep`` fails export's verifier (its graph is not functional): save it first. Any other
+    mutating op is refused: nothing has shown that writing its inputs in place is sound."""
+    from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
     from torch.export._remove_auto_functionalized_pass import unsafe_remove_auto_functionalized_pass
 
+    mutating = {str(n.args[0]) for n in ep.graph.nodes if n.target in (auto_functionalized, auto_functionalized_v2)}
+    if mutating - {"l4.attention_fused_inplace.default"}:
+        raise L4Error(f"inductor: the step calls mutating ops that are not known to be safe in place: "
+                      f"{sorted(mutating)}")
     return unsafe_remove_auto_functionalized_pass(ep)
 
 

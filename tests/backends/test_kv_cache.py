@@ -103,6 +103,27 @@ def test_caches_in_place_hands_each_attention_its_own_caches():
     assert mixed.count(torch.ops.aten.copy_.default) == 2
 
 
+def test_mutations_in_place_refuses_an_unknown_mutating_op():
+    """``mutations_in_place`` reinplaces without safety checks, so it takes only the op it was made for: a program
+    calling another mutating custom op is refused in one line, and left as it was."""
+    from backends.inductor import mutations_in_place
+
+    @torch.library.custom_op("l4test::bump_", mutates_args=("x",))
+    def bump_(x: torch.Tensor) -> None:
+        x.add_(1)
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            bump_(x)
+            return x * 2
+
+    ep = torch.export.export(M(), (torch.zeros(3),)).run_decompositions({})         # functional, as engines export
+    before = ep.graph_module.code
+    with pytest.raises(L4Error, match=r"^inductor: the step calls mutating ops .*\['l4test.bump_.default'\]$"):
+        mutations_in_place(ep)
+    assert ep.graph_module.code == before
+
+
 def test_decode_rejects_positions_past_max(engines):
     eng = l4compile.load_engine(engines["scout-like"])
     with pytest.raises(L4Error, match="max sequence length"):
