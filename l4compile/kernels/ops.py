@@ -85,7 +85,9 @@ def moe_route(logits: Tensor, block_m: int, zero: tuple[Tensor, ...] = ()) -> Mo
                    torch.empty(2 * n_tok, device=dev, dtype=torch.float32),
                    torch.empty(n_tok, device=dev, dtype=torch.int64),
                    *(torch.empty(n_tiles, device=dev, dtype=torch.int32) for _ in range(3)))
-    za, zb = (*zero, rows.tile_group, rows.tile_group)[:2]                        # an unused pointer: 0 to zero
+    # unused counter pointers (0 ints to zero) get buffers of their own: an output passed again there would alias
+    # the kernel's mutated arguments, which Inductor resolves with a copy kernel per MoE layer (bf16 and FP8 steps)
+    za, zb = (*zero, *(torch.empty(1, device=dev, dtype=torch.int32) for _ in range(2 - len(zero))))
     wrap_triton(moe_route_kernel)[(1,)](
         logits, rows.row_tok, rows.row_scale, rows.routed_row, rows.tile_group, rows.tile_row0, rows.tile_row_end,
         za, zb, n_tok, n_exp, n_tiles, za.numel() if zero else 0, zb.numel() if len(zero) > 1 else 0,
