@@ -118,7 +118,7 @@ def generate(ep, cache: Path, extra_configs: dict | None = None) -> Path:
     return wrappers[0]
 
 
-N_SPLIT_ARG = 15          # attention_partial_kernel's N_SPLIT: after 9 pointers and T, L, D, HKV, REP, CHUNK
+N_SPLIT_ARG = 17          # attention_partial_kernel's N_SPLIT: after 11 pointers and T, L, D, HKV, REP, CHUNK
 
 
 def _args(text: str) -> list[str]:

@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     from l4compile.kernels.dispatch import load_triton_ops
     from l4compile.kernels.layout import (AttentionBlocks, Int4Blocks, attention_blocks, int4_blocks, moe_fp8_blocks,
                                           moe_int4_blocks)
-    from l4compile.kernels.ops import fused_attention, fused_moe, fused_moe_fp8, fused_moe_int4, int4_matmul
+    from l4compile.kernels.ops import fused_attention_inplace, fused_moe, fused_moe_fp8, fused_moe_int4, int4_matmul
     from l4compile.ops.attention import attention_cached_impl
     from l4compile.ops.moe import _moe_impl, _route
     from l4compile.ops.quant import _moe_q_impl
@@ -360,11 +360,12 @@ def main(argv: list[str] | None = None) -> int:
         visible = 2 * b * hkv * (pos + 1) * d * kc.element_size()         # k and v of positions 0..pos
         moved = visible + 2 * nbytes(q)
         default = attention_blocks(d)
+        cos, sin, rope, qk_norm, chunk, temp, floor_scale, attn_scale, scaling, eps = args[6:8] + args[11:]
+        q_args = (cos, sin, hq, hkv, chunk, scaling, rope, qk_norm, temp, floor_scale, attn_scale, eps)
         for bm, bn in attention_configs(a.quick, a.tiny):
             blocks = AttentionBlocks(bm, bn, default.block_d)
             record(f"attention_fused pos {pos}", b, f"BM{bm} BN{bn}", blocks == default,
-                   lambda blocks=blocks: fused_attention(*heads, kc, vc, start, hq, hkv, 0, d ** -0.5, blocks=blocks,
-                                                         write_caches=True),
+                   lambda blocks=blocks: fused_attention_inplace(*heads, kc, vc, start, *q_args, blocks=blocks),
                    ref, moved)
         record(f"sdpa aten pos {pos}", b, "cat + mask", False, lambda: attention_cached_impl(*args)[0], ref, moved)
     for name, t, x, wp, ws, w_bf16 in int4_cases(dims, tokens, device, g):

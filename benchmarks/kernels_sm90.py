@@ -23,8 +23,9 @@ engines, whose dots run IEEE fp32 on twice the shared memory):
     moe_fp8_fused    the same on float8 weights (float8 dot operands in bf16 engines; at BM 16 Triton 3.7 makes
                      them f16 MMAs, from BM 64 wgmma e4m3)
     moe_fused        the same in bf16
-    attention_fused  partial + combine, decode (1 token, an 8192-slot cache) and prefill (2048 tokens), as CUDA
-                     engines launch them (l4::attention_fused_inplace: the combine writes the caches)
+    attention_fused  partial + combine, decode (1 token, an 8192-slot cache; a RoPE + qk-norm layer and a NoPE
+                     layer with temperature) and prefill (2048 tokens), as CUDA engines launch them
+                     (l4::attention_fused_inplace: the partial kernel transforms q, the combine writes the caches)
 """
 # T tokens, H hidden, I expert width, E experts
 from __future__ import annotations
@@ -198,9 +199,12 @@ def cases(dims: dict, dtype: torch.dtype):
     yield "moe_fp8_fused", lambda: sm90_fp8(lambda: ops.fused_moe_fp8(m.act(1, h), *m.moe_fp8(), 1))
     yield "moe_fused", lambda: ops.fused_moe(m.act(1, h), m.act(e, h), m.act(e, h, 2 * i), m.act(e, i, h),
                                              m.act(i, h), m.act(i, h), m.act(h, i), 1)
-    for t, label in ((1, "decode"), (2048, "prefill")):
-        yield f"attention_fused {label} T={t}", lambda t=t: ops.fused_attention(*m.attention(t), hq, hkv, 0,
-                                                                                d ** -0.5, write_caches=True)
+    tables = [torch.empty(dims["slots"], d // 2, device="meta") for _ in "cs"]        # cos, sin [P, D/2]
+    rope = (*tables, hq, hkv, 0, d ** -0.5, True, True, False, 8192.0, 0.1, 1e-5)   # RoPE + qk-norm (3 of 4 layers)
+    nope = (*tables, hq, hkv, 0, d ** -0.5, False, False, True, 8192.0, 0.1, 1e-5)  # NoPE + temperature
+    for t, label, layer in ((1, "decode", rope), (1, "decode nope", nope), (2048, "prefill", rope)):
+        yield f"attention_fused {label} T={t}", lambda t=t, layer=layer: ops.fused_attention_inplace(
+            *m.attention(t), *layer)
 
 
 def sm90_fp8(thunk):
@@ -251,10 +255,11 @@ def sweep_cases(dims: dict, dtype: torch.dtype):
         yield f"sweep moe_q_fused NS{ns} BN64 BK128", lambda b=b: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1,
                                                                                     blocks=(b, b))
     block_d = attention_blocks(d).block_d
+    tables = [torch.empty(dims["slots"], d // 2, device="meta") for _ in "cs"]    # bench_kernels' NoPE rows: unused
     for bm, bn in attention_configs(quick=False, tiny=False):
         blocks = AttentionBlocks(bm, bn, block_d)
-        yield f"sweep attention_fused BM{bm} BN{bn}", lambda blocks=blocks: ops.fused_attention(
-            *m.attention(1), hq, hkv, 0, d ** -0.5, blocks=blocks, write_caches=True)
+        yield f"sweep attention_fused BM{bm} BN{bn}", lambda blocks=blocks: ops.fused_attention_inplace(
+            *m.attention(1), *tables, hq, hkv, 0, d ** -0.5, False, False, False, 8192.0, 0.1, 1e-5, blocks=blocks)
 
 
 def main(argv: list[str] | None = None) -> int:

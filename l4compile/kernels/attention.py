@@ -21,12 +21,16 @@ row block per (batch, kv head), still fills the GPU; each split writes its norma
 log-sum-exp in float32 and ``attention_combine_kernel`` merges them into [B, T, Hq*D] (with one split, as prefill
 and large batches get, the partial kernel writes the output and there is nothing to merge). Softmax and
 accumulation are float32, P is rounded to V's dtype for the second dot (as flash attention does).
-For ``l4::attention_fused_inplace`` (WRITE), ``attention_combine_kernel`` also writes the T new keys and values
-into the caches, in place (slot = position mod L), once the partial kernel has read the cache: the step's cache
-update costs no launch of its own.
+For ``l4::attention_fused_inplace`` the partial kernel also applies the layer's query transform to the q tile it
+loads (ROPE: RoPE of interleaved pairs from the cos / sin tables at each row's position, then with QK_NORM the
+weightless RMS norm; TEMP: the NoPE temperature), as ``ops.attention._project`` does, and ``attention_combine_kernel``
+(WRITE) writes the T new keys and values into the caches, in place (slot = position mod L), once the partial kernel
+has read the cache: neither the query transform nor the cache update costs a launch of its own. k comes
+transformed: each program reads new keys, and transforming them there would redo it per row block and split.
 
 Shapes (strides are passed, so transposed views need no copy):
-    q [B, Hq, T, D]; k_new / v_new [B, Hkv, T, D]; k_cache / v_cache [B, Hkv, L, D]; start [1] int64
+    q [B, Hq, T, D]; k_new / v_new [B, Hkv, T, D]; k_cache / v_cache [B, Hkv, L, D]; start [1] int64;
+    cos / sin [P, D/2] float32 (the in-place op)
     o_part [S, B, Hkv, M, D] float32, lse_part [S, B, Hkv, M] float32 (S = 0 rows when S = 1: unused); out [B, T, Hq*D]
 Grids: partial (cdiv(M, BM), B*Hkv, S), its programs one tile of DECODE_M rows when M <= DECODE_M (decode);
 combine (cdiv(M, DECODE_M), B*Hkv) when S > 1; else (cdiv(T, DECODE_M), B*Hkv) for the cache write alone with
@@ -38,40 +42,42 @@ import triton.language as tl
 
 @triton.jit
 def attention_partial_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o_ptr, lse_ptr, out_ptr,
-                             T, L, D, HKV, REP, CHUNK, N_SPLIT, scaling,
-                             sqb, sqh, sqt, sqd, snb, snh, snt, snd, svnb, svnh, svnt, svnd,
+                             cos_ptr, sin_ptr, T, L, D, HKV, REP, CHUNK, N_SPLIT, scaling, floor_scale, attn_scale,
+                             eps, sqb, sqh, sqt, sqd, snb, snh, snt, snd, svnb, svnh, svnt, svnd,
                              scb, sch, scl, scd, svcb, svch, svcl, svcd,
-                             sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd,
+                             sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd, sc0, sc1, ss0, ss1,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                             PRECISION: tl.constexpr, DOT_F32: tl.constexpr, DECODE_M: tl.constexpr):
+                             PRECISION: tl.constexpr, DOT_F32: tl.constexpr, DECODE_M: tl.constexpr,
+                             ROPE: tl.constexpr, QK_NORM: tl.constexpr, TEMP: tl.constexpr):
     """One (row block, batch x kv head, split) program. A step whose M = REP * T rows all fit DECODE_M (<= BLOCK_M;
     a decode step: 5 rows for Scout) runs them as one DECODE_M-row tile: the grid, sized for BLOCK_M, has one row
     block then, and at decode BM 16 beat BM 64 by 4-26% in every row timed on the 2026-12-04 H200."""
     pid_m, pid_bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if REP * T <= DECODE_M:
-        _attend_rows(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o_ptr, lse_ptr, out_ptr, pid_bh, pid_s,
-                     T, L, D, HKV, REP, CHUNK, N_SPLIT, scaling,
+        _attend_rows(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o_ptr, lse_ptr, out_ptr, cos_ptr, sin_ptr,
+                     pid_bh, pid_s, T, L, D, HKV, REP, CHUNK, N_SPLIT, scaling, floor_scale, attn_scale, eps,
                      sqb, sqh, sqt, sqd, snb, snh, snt, snd, svnb, svnh, svnt, svnd,
                      scb, sch, scl, scd, svcb, svch, svcl, svcd,
-                     sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd, 0,
-                     DECODE_M, BLOCK_N, BLOCK_D, PRECISION, DOT_F32)
+                     sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd, sc0, sc1, ss0, ss1, 0,
+                     DECODE_M, BLOCK_N, BLOCK_D, PRECISION, DOT_F32, ROPE, QK_NORM, TEMP)
     else:
-        _attend_rows(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o_ptr, lse_ptr, out_ptr, pid_bh, pid_s,
-                     T, L, D, HKV, REP, CHUNK, N_SPLIT, scaling,
+        _attend_rows(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o_ptr, lse_ptr, out_ptr, cos_ptr, sin_ptr,
+                     pid_bh, pid_s, T, L, D, HKV, REP, CHUNK, N_SPLIT, scaling, floor_scale, attn_scale, eps,
                      sqb, sqh, sqt, sqd, snb, snh, snt, snd, svnb, svnh, svnt, svnd,
                      scb, sch, scl, scd, svcb, svch, svcl, svcd,
-                     sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd, pid_m * BLOCK_M,
-                     BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, DOT_F32)
+                     sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd, sc0, sc1, ss0, ss1,
+                     pid_m * BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, DOT_F32, ROPE, QK_NORM, TEMP)
 
 
 @triton.jit
-def _attend_rows(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o_ptr, lse_ptr, out_ptr, pid_bh, pid_s,
-                 T, L, D, HKV, REP, CHUNK, N_SPLIT, scaling,
+def _attend_rows(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o_ptr, lse_ptr, out_ptr, cos_ptr, sin_ptr,
+                 pid_bh, pid_s, T, L, D, HKV, REP, CHUNK, N_SPLIT, scaling, floor_scale, attn_scale, eps,
                  sqb, sqh, sqt, sqd, snb, snh, snt, snd, svnb, svnh, svnt, svnd,
                  scb, sch, scl, scd, svcb, svch, svcl, svcd,
-                 sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd, row0,
+                 sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd, sc0, sc1, ss0, ss1, row0,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+                 PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+                 ROPE: tl.constexpr, QK_NORM: tl.constexpr, TEMP: tl.constexpr):
     """Rows row0 .. row0 + BLOCK_M - 1 of (batch, kv head) ``pid_bh``, keys of split ``pid_s``: the partial kernel's
     body for one tile height."""
     b, g = (pid_bh // HKV).to(tl.int64), (pid_bh % HKV).to(tl.int64)     # base offsets past 2**31 (64K caches)
@@ -85,8 +91,16 @@ def _attend_rows(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o_ptr, lse_pt
     start = tl.load(start_ptr).to(tl.int32)                                      # positions < 2**31: i32 offsets
     qpos = start + t                                                             # [BM] absolute positions
     scale = tl.cast(scaling, tl.float32)     # Inductor types a Python float argument fp64: keep the scores fp32
-    q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + t[:, None] * sqt + dd[None, :] * sqd,
-                mask=rmask[:, None] & dmask[None, :], other=0.0)                 # [BM, BD]
+    qmask = rmask[:, None] & dmask[None, :]
+    q_row = q_ptr + b * sqb + head[:, None] * sqh + t[:, None] * sqt             # [BM, 1]
+    q = tl.load(q_row + dd[None, :] * sqd, mask=qmask, other=0.0)               # [BM, BD]
+    if ROPE:
+        q = _rope_rows(q, tl.load(q_row + (dd ^ 1)[None, :] * sqd, mask=qmask, other=0.0), qpos, dd, qmask,
+                       cos_ptr, sin_ptr, sc0, sc1, ss0, ss1)
+        if QK_NORM:
+            q = _rms_rows(q, D, eps)
+    if TEMP:
+        q = _temperature_rows(q, qpos, floor_scale, attn_scale)
 
     # The positions any row of this block can see, then this split's share of them (a multiple of BN).
     q_lo = start + tl.min(tl.where(rmask, t, T - 1), axis=0)
@@ -145,6 +159,37 @@ def _attend_rows(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o_ptr, lse_pt
         split = pid_s.to(tl.int64)
         tl.store(o_ptr + split * sos + b * sob + g * soh + rows[:, None] * som + dd[None, :] * sod, o, mask=omask)
         tl.store(lse_ptr + split * sls + b * slb + g * slh + rows * slm, lse, mask=rmask)
+
+
+@triton.jit
+def _rope_rows(x, partner, pos, dd, mask, cos_ptr, sin_ptr, sc0, sc1, ss0, ss1):
+    """x [BM, BD] rows at positions pos [BM], partner = x at column dd ^ 1 -> RoPE-rotated interleaved pairs, in
+    float32 and rounded to x's dtype, as ``ops.attention._rope``: (x0 c - x1 s, x0 s + x1 c) for pair j, with
+    c, s = cos / sin[pos, j]."""
+    j = (dd // 2)[None, :]
+    c = tl.load(cos_ptr + pos[:, None] * sc0 + j * sc1, mask=mask, other=0.0)
+    s = tl.load(sin_ptr + pos[:, None] * ss0 + j * ss1, mask=mask, other=0.0)
+    xf, pf = x.to(tl.float32), partner.to(tl.float32)
+    return tl.where((dd % 2 == 0)[None, :], xf * c - pf * s, pf * s + xf * c).to(x.dtype)
+
+
+@triton.jit
+def _rms_rows(x, D, eps):
+    """x [BM, BD] (zero past D) -> each row over its D columns times rsqrt(mean(x^2) + eps), in float32 and rounded
+    to x's dtype, as ``ops.attention._rms``."""
+    xf = x.to(tl.float32)
+    ms = tl.sum(xf * xf, axis=1) / D
+    return (xf * tl.math.rsqrt(ms + tl.cast(eps, tl.float32))[:, None]).to(x.dtype)
+
+
+@triton.jit
+def _temperature_rows(x, pos, floor_scale, attn_scale):
+    """NoPE layers' query temperature: x [BM, BD] rows at positions pos [BM] times
+    1 + attn_scale * log(1 + floor((pos + 1) / floor_scale)), in float32 and rounded to x's dtype. The reference's
+    log1p of an integer: log of 1 + it, which is exact in float32 (Triton has no log1p)."""
+    n = tl.floor((pos.to(tl.float32) + 1.0) / tl.cast(floor_scale, tl.float32))
+    scale = tl.log(1.0 + n) * tl.cast(attn_scale, tl.float32) + 1.0
+    return (x.to(tl.float32) * scale[:, None]).to(x.dtype)
 
 
 @triton.jit

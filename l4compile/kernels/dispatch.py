@@ -19,8 +19,9 @@ Two routes, the same choices in both:
     l4::linear_fp8  -> torch._scaled_mm with row-wise scales (sm89+, K and N multiples of 16), else reference
     l4::attention_cached -> its projection in aten, then l4::attention_fused (Triton: attention over the visible
                        cache slots and new keys, addressed by position, no cat, no [T, L+T] mask); in a step that
-                       updates its caches in place, l4::attention_fused_inplace (the same, then the new keys written
-                       into the caches by its second launch: backends.inductor.caches_in_place)
+                       updates its caches in place, l4::attention_fused_inplace (the same on q as projected, whose
+                       RoPE / qk-norm / temperature the kernel applies, then the new keys written into the caches by
+                       its second launch: backends.inductor.caches_in_place)
 
 Without Triton (a CUDA host where it is missing), MoE, Int4 and attention keep their reference implementations,
 which run on CUDA too (slower). The kernel choice depends on dtypes only (static at trace time). Nothing here imports
@@ -136,12 +137,13 @@ def attention_cached_cuda(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_ca
 
 def attention_cached_in_place(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, *rest) -> Tensor:
     """``l4::attention_cached`` (same arguments) with its caches updated in place -> the attention output alone. What
-    a CUDA engine's step runs (``backends.inductor.caches_in_place``): ``l4::attention_fused_inplace`` writes the T
-    new rows into the caches from its combine launch, so the step has no cache-write kernels and copies no cache.
+    a CUDA engine's step runs (``backends.inductor.caches_in_place``): ``l4::attention_fused_inplace`` applies q's
+    RoPE and qk-norm (or temperature) in its partial kernel and writes the T new rows into the caches from its
+    combine launch, so the step has no q-transform or cache-write kernels and copies no cache.
     Without the kernel, the reference's new caches are copied into the given ones (which an engine folds into a
     write of the new rows)."""
     if fused_attention_supported(q, k_cache, v_cache):
-        return attention_ops.attention_cached_impl(q, k, v, k_cache, v_cache, *rest, fused_writes=True,
+        return attention_ops.attention_cached_impl(q, k, v, k_cache, v_cache, *rest, fused_inplace=True,
                                                    fused_attend=torch.ops.l4.attention_fused_inplace)[0]
     out, k_new, v_new = torch.ops.l4.attention_cached(q, k, v, k_cache, v_cache, *rest)
     k_cache.copy_(k_new)

@@ -23,8 +23,10 @@ Contracts (same as the reference ops, which the tests compare against):
     attention_fused(q [B, Hq, T, D], k_new [B, Hkv, T, D], v_new, k_cache [B, Hkv, L, D], v_cache, start_pos [1],
                     n_heads, n_kv_heads, chunk, scaling) -> [B, T, Hq*D]
                                                == l4::attention_cached's attention over cat(cache, new keys)
-    attention_fused_inplace(the same) -> the same, and k_cache / v_cache updated IN PLACE to l4::attention_cached's
-                    new caches (the T new rows written)
+    attention_fused_inplace(q before its RoPE / qk-norm / temperature, k_new, v_new, k_cache, v_cache, start_pos,
+                    cos [P, D/2], sin, n_heads, n_kv_heads, chunk, scaling, use_rope, qk_norm, temp_tuning,
+                    floor_scale, attn_scale, eps) -> the same, the kernel transforming q as l4::attention_cached does,
+                    and k_cache / v_cache updated IN PLACE to l4::attention_cached's new caches
 
 Importing this module imports Triton (``l4compile.kernels.dispatch`` does it only when Triton is there).
 """
@@ -302,11 +304,35 @@ def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None) -> Te
 
 def fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor,
                     n_heads: int, n_kv_heads: int, chunk: int, scaling: float,
-                    blocks: AttentionBlocks | None = None, n_split: int | None = None,
-                    write_caches: bool = False) -> Tensor:
-    """The body of ``l4::attention_fused`` and, ``write_caches``, of ``l4::attention_fused_inplace``, which also writes
-    the T new keys / values into the caches in place (after the attention read them); ``blocks`` and ``n_split``
+                    blocks: AttentionBlocks | None = None, n_split: int | None = None) -> Tensor:
+    """The body of ``l4::attention_fused``; ``blocks`` and ``n_split`` override the static choices (tests)."""
+    return _fused_attention(q, k_new, v_new, k_cache, v_cache, start_pos, n_heads, n_kv_heads, chunk, scaling, blocks,
+                            n_split)
+
+
+def fused_attention_inplace(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor,
+                            start_pos: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int, chunk: int,
+                            scaling: float, use_rope: bool, qk_norm: bool, temp_tuning: bool, floor_scale: float,
+                            attn_scale: float, eps: float, blocks: AttentionBlocks | None = None,
+                            n_split: int | None = None) -> Tensor:
+    """The body of ``l4::attention_fused_inplace``: q as projected (the partial kernel applies the layer's RoPE and
+    qk-norm, or its temperature, as ``ops.attention._project`` does), k_new / v_new as cached; after the attention
+    has read the caches, the T new keys / values are written into them in place. ``blocks`` and ``n_split``
     override the static choices (tests)."""
+    if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] * 2 != q.shape[-1]:
+        raise ValueError(f"attention_fused_inplace: cos / sin must be [positions, {q.shape[-1] // 2}], "
+                         f"got {list(cos.shape)} / {list(sin.shape)}")
+    return _fused_attention(q, k_new, v_new, k_cache, v_cache, start_pos, n_heads, n_kv_heads, chunk, scaling, blocks,
+                            n_split, write_caches=True,
+                            q_transform=(cos, sin, use_rope, qk_norm, temp_tuning, floor_scale, attn_scale, eps))
+
+
+def _fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor,
+                     n_heads: int, n_kv_heads: int, chunk: int, scaling: float, blocks: AttentionBlocks | None,
+                     n_split: int | None, write_caches: bool = False, q_transform: tuple | None = None) -> Tensor:
+    """Both bodies. ``write_caches``: the combine launch writes the new keys into the caches. ``q_transform``:
+    (cos, sin, use_rope, qk_norm, temp_tuning, floor_scale, attn_scale, eps) for the partial kernel to apply to q;
+    None: q comes transformed."""
     batch, _, n_tok, head_dim = q.shape
     slots = k_cache.shape[2]
     rep = n_heads // n_kv_heads
@@ -324,11 +350,19 @@ def fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_
     out_strides = (out.stride(0), out.stride(1), head_dim, 1)                   # [B, T, Hq, D] view of out
     start = start_pos.reshape(1).to(torch.int64)
     decode_m = min(ATTENTION_DECODE_BLOCK_M, bl.block_m)
+    if q_transform is None:                         # unused table pointers: q's own (never read)
+        cos, sin, rope, qk_norm, temp, floor_scale, attn_scale, eps = q, q, False, False, False, 1.0, 0.0, 0.0
+        table_strides = (0, 0, 0, 0)
+    else:
+        cos, sin, rope, qk_norm, temp, floor_scale, attn_scale, eps = q_transform
+        qk_norm, temp = rope and qk_norm, temp and not rope                      # as _project applies them
+        table_strides = (*cos.stride(), *sin.stride())
     wrap_triton(attention_partial_kernel)[(row_blocks, batch * n_kv_heads, splits)](
-        q, k_new, v_new, k_cache, v_cache, start, o_part, lse, out, n_tok, slots, head_dim, n_kv_heads, rep, chunk,
-        splits, scaling, *q.stride(), *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(),
-        *o_part.stride(), *lse.stride(), *out_strides, BLOCK_M=bl.block_m, BLOCK_N=bl.block_n,
-        BLOCK_D=bl.block_d, DECODE_M=decode_m, **mode)
+        q, k_new, v_new, k_cache, v_cache, start, o_part, lse, out, cos, sin, n_tok, slots, head_dim, n_kv_heads,
+        rep, chunk, splits, scaling, floor_scale, attn_scale, eps, *q.stride(), *k_new.stride(), *v_new.stride(),
+        *k_cache.stride(), *v_cache.stride(), *o_part.stride(), *lse.stride(), *out_strides, *table_strides,
+        BLOCK_M=bl.block_m, BLOCK_N=bl.block_n, BLOCK_D=bl.block_d, DECODE_M=decode_m, ROPE=rope,
+        QK_NORM=qk_norm, TEMP=temp, **mode)
     # with S > 1 the merge, DECODE_M rows a program; with one split (the partial kernel wrote ``out``) no programs,
     # or, writing the caches, the T new tokens, DECODE_M a program (the merge's R*T rows cover them when S > 1)
     if write_caches:
@@ -351,9 +385,11 @@ def attention_fused(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_
 
 @triton_op("l4::attention_fused_inplace", mutates_args=("k_cache", "v_cache"))
 def attention_fused_inplace(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor,
-                            start_pos: Tensor, n_heads: int, n_kv_heads: int, chunk: int, scaling: float) -> Tensor:
-    return fused_attention(q, k_new, v_new, k_cache, v_cache, start_pos, n_heads, n_kv_heads, chunk, scaling,
-                           write_caches=True)
+                            start_pos: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int, chunk: int,
+                            scaling: float, use_rope: bool, qk_norm: bool, temp_tuning: bool, floor_scale: float,
+                            attn_scale: float, eps: float) -> Tensor:
+    return fused_attention_inplace(q, k_new, v_new, k_cache, v_cache, start_pos, cos, sin, n_heads, n_kv_heads,
+                                   chunk, scaling, use_rope, qk_norm, temp_tuning, floor_scale, attn_scale, eps)
 
 
 @triton_op("l4::moe_fused", mutates_args=())

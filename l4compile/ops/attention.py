@@ -21,7 +21,7 @@ Lowering: the implementations below are plain aten with no data-dependent shapes
 decomposes both ops into them (``DECOMPOSITIONS``) so Inductor compiles attention itself. CUDA engines keep the
 projection from here and attend with the Triton ``l4::attention_fused`` (l4compile.kernels), which reads only the
 visible keys where they lie instead of ``cat(cache, new keys)`` under a mask over every slot; a step that updates
-its caches in place has the kernel write the new keys too (``l4::attention_fused_inplace``). ONNX:
+its caches in place has the kernel transform q and write the new keys too (``l4::attention_fused_inplace``). ONNX:
 ``l4compile.onnx.attention`` writes the same arithmetic in ONNX ops (Gather tables, Mul/Sub/Add rotation,
 ReduceMean/Sqrt norm, MatMul/Softmax/Where, ScatterElements cache writes); a change here must be made there too
 (tests/backends/test_onnx_attention.py compares the two).
@@ -47,18 +47,21 @@ def _rms(x: Tensor, eps: float) -> Tensor:
 
 def _project(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, cos: Tensor, sin: Tensor, n_heads: int,
              n_kv_heads: int, head_dim: int, use_rope: bool, qk_norm: bool, temp_tuning: bool, floor_scale: float,
-             attn_scale: float, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """-> q [B, Hq, T, D], k and v [B, Hkv, T, D] with RoPE / qk-norm / temperature applied."""
+             attn_scale: float, eps: float, raw_q: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """-> q [B, Hq, T, D], k and v [B, Hkv, T, D] with RoPE / qk-norm / temperature applied (``raw_q``: to k alone,
+    q left for a kernel that applies them itself)."""
     b, t = q.shape[0], q.shape[1]
     q = q.view(b, t, n_heads, head_dim)                          # [B, T, Hq, D]
     k = k.view(b, t, n_kv_heads, head_dim)                       # [B, T, Hkv, D]
     v = v.view(b, t, n_kv_heads, head_dim)
     if use_rope:
         c, s = cos.index_select(0, pos), sin.index_select(0, pos)   # [T, D/2]
-        q, k = _rope(q, c, s), _rope(k, c, s)
+        k = _rope(k, c, s)
+        q = q if raw_q else _rope(q, c, s)
         if qk_norm:
-            q, k = _rms(q, eps), _rms(k, eps)
-    elif temp_tuning:
+            k = _rms(k, eps)
+            q = q if raw_q else _rms(q, eps)
+    elif temp_tuning and not raw_q:
         scale = torch.log1p(torch.floor((pos.float() + 1.0) / floor_scale)) * attn_scale + 1.0   # [T]
         q = (q * scale[None, :, None, None]).to(q.dtype)
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -102,21 +105,24 @@ def attention_cached_impl(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_ca
                           cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int, head_dim: int, use_rope: bool,
                           qk_norm: bool, chunk: int, temp_tuning: bool, floor_scale: float, attn_scale: float,
                           scaling: float, eps: float, fused_attend=None,
-                          fused_writes: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                          fused_inplace: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``fused_attend``: None for the plain-aten attention over ``cat(cache, new keys)``; CUDA passes
     ``l4::attention_fused`` (l4compile.kernels), which reads the visible keys in place: same arguments and result
     as ``_attend`` here, ``(q, k_new, v_new, k_cache, v_cache, start_pos, n_heads, n_kv_heads, chunk, scaling)``.
-    ``fused_writes``: ``fused_attend`` also writes the new keys into the caches it is given
-    (``l4::attention_fused_inplace``), which are then returned as the new caches, with no index_copy here."""
+    ``fused_inplace``: ``fused_attend`` is ``l4::attention_fused_inplace``: it takes q untransformed with the
+    layer's transform arguments ``(q, k_new, v_new, k_cache, v_cache, start_pos, cos, sin, n_heads, n_kv_heads,
+    chunk, scaling, use_rope, qk_norm, temp_tuning, floor_scale, attn_scale, eps)``, and writes the new keys into
+    the caches it is given, which are then returned as the new caches (no index_copy here)."""
     t, slots = q.shape[1], k_cache.shape[2]
     start = start_pos.reshape(1).to(torch.int64)                                 # [1]
     pos = start + torch.arange(t, device=q.device)                               # [T] absolute positions
     qh, kh, vh = _project(q, k, v, pos, cos, sin, n_heads, n_kv_heads, head_dim, use_rope, qk_norm, temp_tuning,
-                          floor_scale, attn_scale, eps)
+                          floor_scale, attn_scale, eps, raw_q=fused_inplace)
+    if fused_inplace:
+        return (fused_attend(qh, kh, vh, k_cache, v_cache, start, cos, sin, n_heads, n_kv_heads, chunk, scaling,
+                             use_rope, qk_norm, temp_tuning, floor_scale, attn_scale, eps), k_cache, v_cache)
     if fused_attend is not None:
         out = fused_attend(qh, kh, vh, k_cache, v_cache, start, n_heads, n_kv_heads, chunk, scaling)
-        if fused_writes:
-            return out, k_cache, v_cache
     else:
         slot = torch.arange(slots, device=q.device)                              # [L]
         before = start - 1
