@@ -94,6 +94,17 @@ def test_fused_attention_inplace_writes_the_new_caches(case, n_split):
     assert rel_err(out[0], plain[0]) < 1e-6 and rel_err(out[0], ref[0]) < TOL[torch.float32]
 
 
+def test_fused_attention_inplace_refuses_tables_of_another_head_dim():
+    require_interpreter()
+    from l4compile.kernels.ops import fused_attention_inplace
+
+    args = list(_args(*CASES["decode"]))                      # head_dim 16: tables [P, 8]
+    q, k, v = (x.view(1, 1, -1, 16).transpose(1, 2) for x in args[:3])
+    for cos, sin in ((args[6][:, :4], args[7][:, :4]), (args[6], args[7][:3])):
+        with pytest.raises(ValueError, match=r"cos / sin must be \[positions, 8\], got"):
+            fused_attention_inplace(q, k, v, *args[3:6], cos, sin, 4, 2, 16, 0.25, True, True, False, 4.0, 0.1, 1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_attention_cached_in_place(dtype):
     """What a CUDA engine's step runs for each layer (``dispatch.attention_cached_in_place``, default blocks and

@@ -151,7 +151,7 @@ def test_decode_attention_tiles_and_loops(tmp_path):
     pipelined pass."""
     _nvidia_backend()
     rows = {r["kernel"]: r for r in _rows(tmp_path, "--dtypes", "bfloat16", "--ops", "--cases",
-                                          "attention_fused decode")}
+                                          "attention_fused decode T=1")}
     partial, combine = rows["attention_partial_kernel"], rows["attention_combine_kernel"]
     assert "mma m16n8k16 bf16" in partial["mma"] and any(m.startswith("wgmma m64") for m in partial["mma"])
     for r in (partial, combine):
