@@ -182,11 +182,10 @@ def mutations_in_place(ep: torch.export.ExportedProgram) -> torch.export.Exporte
 def in_place_module(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     """``mutations_in_place(ep).module()`` (``ep`` changed in place) without the ``copy_(cache, cache)`` that
     unlifting writes for each mutated input: what the jit runtime compiles."""
+    from torch.export._remove_auto_functionalized_pass import remove_self_clone
+
     module = mutations_in_place(ep).module()
-    for node in list(module.graph.nodes):
-        if node.target is torch.ops.aten.copy_.default and node.args[0] is node.args[1]:
-            node.replace_all_uses_with(node.args[0])
-            module.graph.erase_node(node)
+    remove_self_clone(module.graph)
     module.recompile()
     return module
 

@@ -99,7 +99,7 @@ def _attend_rows(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o_ptr, lse_pt
                        cos_ptr, sin_ptr, sc0, sc1, ss0, ss1)
         if QK_NORM:
             q = _rms_rows(q, D, eps)
-    if TEMP:
+    elif TEMP:                                                                   # as _project: NoPE layers only
         q = _temperature_rows(q, qpos, floor_scale, attn_scale)
 
     # The positions any row of this block can see, then this split's share of them (a multiple of BN).
@@ -216,18 +216,17 @@ def attention_combine_kernel(o_ptr, lse_ptr, out_ptr, kn_ptr, vn_ptr, kc_ptr, vc
     b, g = (pid_bh // HKV).to(tl.int64), (pid_bh % HKV).to(tl.int64)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < D
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)            # [BM] new tokens for the write, rows for the merge
     if WRITE:
-        tok = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                           # [BM] new tokens
-        wmask = ((tok < T) & (tok >= T - L))[:, None] & dmask[None, :]
-        slot = (tl.load(start_ptr).to(tl.int32) + tok) % L
-        t2, s2, d2 = tok[:, None], slot[:, None], dd[None, :]
+        wmask = ((rows < T) & (rows >= T - L))[:, None] & dmask[None, :]
+        slot = (tl.load(start_ptr).to(tl.int32) + rows) % L
+        t2, s2, d2 = rows[:, None], slot[:, None], dd[None, :]
         k = tl.load(kn_ptr + b * snb + g * snh + t2 * snt + d2 * snd, mask=wmask)
         tl.store(kc_ptr + b * scb + g * sch + s2 * scl + d2 * scd, k.to(kc_ptr.dtype.element_ty), mask=wmask)
         v = tl.load(vn_ptr + b * svnb + g * svnh + t2 * svnt + d2 * svnd, mask=wmask)
         tl.store(vc_ptr + b * svcb + g * svch + s2 * svcl + d2 * svcd, v.to(vc_ptr.dtype.element_ty), mask=wmask)
     if N_SPLIT == 1:                  # the partial kernel wrote the output
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                              # [BM]
     rmask = rows < REP * T
     t = rows % T
     head = g * REP + rows // T

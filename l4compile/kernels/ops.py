@@ -355,7 +355,6 @@ def _fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
         table_strides = (0, 0, 0, 0)
     else:
         cos, sin, rope, qk_norm, temp, floor_scale, attn_scale, eps = q_transform
-        qk_norm, temp = rope and qk_norm, temp and not rope                      # as _project applies them
         table_strides = (*cos.stride(), *sin.stride())
     wrap_triton(attention_partial_kernel)[(row_blocks, batch * n_kv_heads, splits)](
         q, k_new, v_new, k_cache, v_cache, start, o_part, lse, out, cos, sin, n_tok, slots, head_dim, n_kv_heads,
