@@ -193,13 +193,26 @@ def test_attention_splits():
         attention_blocks(512)
 
 
-def _tiny_steps(prog):
-    """(a maker of empty caches, steps) for the tiny step graph ``prog``: a 13-token prefill and 7 decode steps of a
-    batch of 2, as (input ids, start position), through the chunk-16 ring's wrap."""
+def _tiny_steps_against_graph(prog, run) -> tuple[float, int]:
+    """The tiny step graph ``prog`` and ``run(input ids, start [1], caches) -> (logits, new caches)`` side by side,
+    each from its own empty caches, through a 13-token prefill and 7 decode steps of a batch of 2 (through the
+    chunk-16 ring's wrap): ``run``'s new caches within 1e-5 of the graph's at every step. -> (largest logits error,
+    steps)."""
     _, n_kv, _, d = prog.kv_layout["shape"]
+    new_caches = lambda: [torch.zeros(2, n_kv, layer["slots"], d)                  # noqa: E731
+                          for layer in prog.kv_layout["layers"] for _ in (0, 1)]
     ids = torch.randint(0, prog.model_config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
-    return (lambda: [torch.zeros(2, n_kv, layer["slots"], d) for layer in prog.kv_layout["layers"] for _ in (0, 1)],
-            [(ids[:, :13], 0)] + [(ids[:, i:i + 1], i) for i in range(13, 20)])
+    steps = [(ids[:, :13], 0)] + [(ids[:, i:i + 1], i) for i in range(13, 20)]
+    ref_c, caches, worst = new_caches(), new_caches(), 0.0
+    with torch.no_grad():
+        for x, start in steps:
+            pos = torch.tensor([start])
+            ref = prog.gm(x, pos, *ref_c)
+            logits, caches = run(x, pos, caches)
+            ref_c = list(ref[1:])
+            worst = max(worst, rel_err(logits, ref[0]))
+            assert all(rel_err(c, r) < 1e-5 for c, r in zip(caches, ref_c, strict=True)), start
+    return worst, len(steps)
 
 
 def test_tiny_model_steps_with_fused_attention():
@@ -222,16 +235,12 @@ def test_tiny_model_steps_with_fused_attention():
                 return attention_cached_impl(*args, **kwargs, fused_attend=fused_attend)
             return super().call_function(target, args, kwargs)
 
-    new_caches, steps = _tiny_steps(prog)
-    ref_c, fused_c, worst = new_caches(), new_caches(), 0.0
-    with torch.no_grad():
-        for x, start in steps:
-            pos = torch.tensor([start])
-            ref = prog.gm(x, pos, *ref_c)
-            out = Fused(prog.gm).run(x, pos, *fused_c)
-            ref_c, fused_c = list(ref[1:]), list(out[1:])
-            worst = max(worst, rel_err(out[0], ref[0]))
-    assert len(calls) == len(steps) * len(prog.kv_layout["layers"]) and worst < 1e-5
+    def run(x, pos, caches):
+        logits, *new = Fused(prog.gm).run(x, pos, *caches)
+        return logits, new
+
+    worst, n_steps = _tiny_steps_against_graph(prog, run)
+    assert len(calls) == n_steps * len(prog.kv_layout["layers"]) and worst < 1e-5
 
 
 def test_cuda_engine_step_writes_caches_in_place(tmp_path):
@@ -277,17 +286,8 @@ def test_cuda_engine_step_writes_caches_in_place(tmp_path):
     # too), which AOTInductor and the jit runtime's torch.compile do not enforce; they decode at T = 1
     step = torch.export.load(tmp_path / "program.pt2").module(check_guards=False)
 
-    new_caches, steps = _tiny_steps(prog)
-    ref_c, caches, worst = new_caches(), new_caches(), 0.0
-    with torch.no_grad():
-        for x, start in steps:
-            pos = torch.tensor([start])
-            ref = prog.gm(x, pos, *ref_c)
-            logits = step(x, pos, *caches)
-            ref_c = list(ref[1:])
-            worst = max(worst, rel_err(logits, ref[0]))
-            assert all(rel_err(c, r) < 1e-5 for c, r in zip(caches, ref_c, strict=True)), start
-    assert worst < 1e-5
+    worst, _ = _tiny_steps_against_graph(prog, lambda x, pos, caches: (step(x, pos, *caches), caches))
+    assert worst < 1e-5                                 # and the caches given updated in place, step by step
 
 
 @pytest.mark.gpu
