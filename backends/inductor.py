@@ -118,6 +118,46 @@ def caches_in_place(gm: torch.fx.GraphModule, attention_in_place=None) -> torch.
     return out
 
 
+def split_k_locks_chained(gm: torch.fx.GraphModule, linear_chained, words: int,
+                          splits=lambda w_packed, w_scale: True) -> torch.fx.GraphModule | None:
+    """``gm`` with its ``l4::linear_int4`` calls whose weights may split K (``splits(w_packed, w_scale)``, the
+    tensors or None where an argument is not a ``get_attr``) chained, in graph order, by their split-K counters: the
+    first takes a block of ``words`` int32 zeros (the graph's one fill), and each returns, beside its output, the
+    zeroed block the next one takes. ``linear_chained``: ``l4::linear_int4``'s arguments and the block -> (its output,
+    the next block) (CUDA: ``kernels.dispatch.linear_int4_chained``, whose launch leaves its own block zeros and zeroes
+    the next). A split GEMM's counters then cost no memset launch of its own; each block has one reader, so Inductor
+    writes the counters in place and copies nothing. None where no call may split; ``gm`` is left as it is."""
+    def attr(node):
+        if getattr(node, "op", None) != "get_attr":
+            return None
+        obj = gm
+        for name in node.target.split("."):
+            obj = getattr(obj, name)
+        return obj
+
+    graph = torch.fx.Graph()
+    env: dict = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    calls = [n for n in graph.nodes if n.target is torch.ops.l4.linear_int4.default
+             and splits(attr(n.args[1]), attr(n.args[2]))]
+    if not calls:
+        return None
+    with graph.inserting_before(calls[0]):
+        lock = graph.call_function(torch.ops.aten.new_zeros.default, (calls[0].args[0], [words]),
+                                   {"dtype": torch.int32})
+    for node in calls:
+        with graph.inserting_before(node):                # in creation order, before the call they replace
+            pair = graph.call_function(linear_chained, (*node.args, lock), dict(node.kwargs))
+            out = graph.call_function(operator.getitem, (pair, 0))
+            lock = graph.call_function(operator.getitem, (pair, 1))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    graph.erase_node(lock)                                 # the last call's next block: nobody takes it
+    out = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    out.meta.update(gm.meta)
+    return out
+
+
 # What every package is compiled with (aoti_compile_and_package's inductor_configs); a compile's own settings
 # (CompileConfig.inductor_configs, `--inductor-config`) go beside them, never over these keys
 # (l4compile.inductor_configs refuses them).
@@ -125,9 +165,9 @@ AOTI_CONFIGS = {"aot_inductor.package_constants_in_so": False}
 
 
 def export_for_aoti(program, device: str = "cpu") -> tuple[torch.export.ExportedProgram, bool]:
-    """The Program as AOTInductor compiles it: caches written in place (text step graphs), l4 ops decomposed (plain
-    aten, and for CUDA the Triton kernel ops and ``_scaled_mm``). Returns (the exported program, whether its caches
-    are updated in place)."""
+    """The Program as AOTInductor compiles it: caches written in place (text step graphs), for CUDA the Int4 GEMMs
+    chained by their split-K counters (``split_k_locks_chained``), l4 ops decomposed (plain aten, and for CUDA the
+    Triton kernel ops and ``_scaled_mm``). Returns (the exported program, whether its caches are updated in place)."""
     import dataclasses
 
     import l4compile.ops
@@ -138,6 +178,13 @@ def export_for_aoti(program, device: str = "cpu") -> tuple[torch.export.Exported
     in_place = caches_in_place(program.gm, attention_in_place) if program.kind == "text" else None
     if in_place is not None:
         program = dataclasses.replace(program, gm=in_place)
+    if device == "cuda":           # Int4 GEMMs that split K hand each other zeroed counters (with Triton)
+        from l4compile.kernels.dispatch import int4_mm_splits, linear_int4_chained, load_triton_ops
+        from l4compile.kernels.layout import SPLIT_K_LOCK_WORDS
+        chained = split_k_locks_chained(program.gm, linear_int4_chained, SPLIT_K_LOCK_WORDS, int4_mm_splits) \
+            if load_triton_ops() else None
+        if chained is not None:
+            program = dataclasses.replace(program, gm=chained)
     decomps = dict(l4compile.ops.DECOMPOSITIONS)                             # attention becomes plain aten
     if device == "cuda":   # l4::moe / linear_int4 -> Triton triton_ops, linear_fp8 -> _scaled_mm (compiled in)
         from l4compile.kernels.dispatch import cuda_decompositions

@@ -2,7 +2,8 @@
 cuda`` builds for an H100: its C++ wrapper, with every Triton kernel compiled for sm_90a; then check the wrapper.
 
     python benchmarks/aoti_sm90.py [--preset tiny] [--quant int4|fp8|none] [--dtype bfloat16] [--max-seq-len 256]
-                                   [--layers N] [--inductor-config KEY=VALUE ...] [--out DIR] [--json FILE]
+                                   [--layers N] [--inductor-config KEY=VALUE ...] [--int4-split-k S] [--out DIR]
+                                   [--json FILE]
 
 How: the preset is lowered on the CPU (frontend, passes) and exported by ``backends/inductor.py``'s own
 ``export_for_aoti`` for ``cuda`` (caches written in place, l4 ops decomposed into the Triton kernel ops). The
@@ -47,7 +48,7 @@ KERNELS = {"l4.attention_fused.default": ("attention_partial_kernel", "attention
            "l4.moe_fused.default": ("moe_route_kernel", "moe_gate_up_kernel", "moe_down_kernel"),
            "l4.moe_q_fused.default": ("moe_route_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel"),
            "l4.moe_fp8_fused.default": ("moe_route_kernel", "moe_fp8_gate_up_kernel", "moe_fp8_down_kernel"),
-           "l4.int4_mm.default": ("int4_mm_kernel",)}
+           "l4.int4_mm.default": ("int4_mm_kernel",), "l4.int4_mm_chained.default": ("int4_mm_kernel",)}
 
 
 def export_cuda(preset: str, quant: str, dtype: str, max_seq: int, layers: int | None):
@@ -221,9 +222,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="an Inductor config over the engine's own (as `l4compile compile --inductor-config`; "
                          "repeatable), to see what a setting would change before a GPU measures it, e.g. "
                          "combo_kernels=true")
+    ap.add_argument("--int4-split-k", type=int, default=None, metavar="S",
+                    help="every Int4 GEMM's blocks (int4_mm and the fused MoE's) at split_k S, as a sweep might set "
+                         "them: the engine a split-K default would give")
     ap.add_argument("--out", default=None, metavar="DIR", help="keep the generated wrapper .cpp there")
     ap.add_argument("--json", default=None, metavar="FILE")
     a = ap.parse_args(argv)
+    if a.int4_split_k is not None and a.int4_split_k < 1:
+        ap.error(f"--int4-split-k must be >= 1, got {a.int4_split_k}")
     os.environ["TRITON_INTERPRET"] = "0"                 # before triton is imported: compile, never interpret
     cache = Path(tempfile.mkdtemp(prefix="aoti_sm90_"))   # before torch is imported: this run's wrapper, alone
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
@@ -246,6 +252,18 @@ def inductor_configs(items: list[str]) -> dict:
         raise SystemExit(2) from None
 
 
+def split_int4_gemms(splits: int) -> None:
+    """Every Int4 GEMM's blocks as the code chooses them, but with ``split_k`` = ``splits`` (``kernels.ops``' own
+    choosers, which the op bodies and ``dispatch.int4_mm_splits`` call)."""
+    import dataclasses
+
+    from l4compile.kernels import ops
+
+    int4, moe = ops.int4_blocks, ops.moe_int4_blocks
+    ops.int4_blocks = lambda *a: dataclasses.replace(int4(*a), split_k=splits)
+    ops.moe_int4_blocks = lambda *a: tuple(dataclasses.replace(b, split_k=splits) for b in moe(*a))
+
+
 def run(a: argparse.Namespace, cache: Path) -> int:
     from l4compile.errors import L4Error
     from l4compile.kernels import why_unavailable
@@ -256,6 +274,8 @@ def run(a: argparse.Namespace, cache: Path) -> int:
     import torch
 
     extra = inductor_configs(a.inductor_config)
+    if a.int4_split_k is not None:
+        split_int4_gemms(a.int4_split_k)
 
     if torch.cuda.is_available():
         print("error: this machine has a CUDA GPU; compile a real engine (l4compile compile --device cuda)",
@@ -282,7 +302,7 @@ def run(a: argparse.Namespace, cache: Path) -> int:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         shutil.copy(wrapper, Path(a.out) / "model.wrapper.cpp")
     report = {"preset": a.preset, "quant": a.quant, "dtype": a.dtype, "max_seq_len": a.max_seq_len,
-              "inductor_configs": extra,
+              "inductor_configs": extra, "int4_split_k": a.int4_split_k,
               "torch": torch.__version__, "triton": triton.__version__, "target": "sm_90a",
               "graph_ops": graph_ops, "caches": len(caches), "wrapper_lines": cpp.count("\n"),
               "export_seconds": round(t_export, 1), "seconds": round(time.perf_counter() - t0, 1),

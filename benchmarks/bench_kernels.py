@@ -6,7 +6,9 @@ then time per block configuration as a fraction of the HBM copy bandwidth measur
 
 Kernels (bf16 activations; Int4 weights packed as the quantize pass packs them, group 128, bf16 scales):
 
-    int4_mm       x [T, H] @ W^T for the attention projections: q/o [5120, 5120], k/v [1024, 5120]
+    int4_mm       x [T, H] @ W^T for the attention projections: q/o [5120, 5120], k/v [1024, 5120]; a split-K
+                  row (SK) as a CUDA engine's step runs it, l4::int4_mm_chained: counters handed over zeroed,
+                  no memset launch of their own, the next GEMM's block zeroed by the same launch
     moe_q_fused   the Scout MoE block: 16 experts of width 8192, top-1, plus the shared expert
     moe_fp8_fused the same MoE on FP8 weights (per-channel scales; activations quantized per row in-kernel)
     moe_fused     the same MoE in bf16
@@ -257,7 +259,7 @@ def int4_configs(quick: bool, tiny: bool) -> list[tuple[int, int, int, bool, int
     unpack (``int4_mm_bf16x2_kernel``, about a third fewer instructions a K block) at BN 64/128, BK 128, and the
     static BN 64 / BK 128 with deeper pipelines (``STAGES``), unsplit and split 4 ways (sweep only)."""
     if tiny:
-        return [(32, 32, 1, False, None), (32, 32, 1, False, 4)]
+        return [(32, 32, 1, False, None), (32, 32, 2, False, None), (32, 32, 1, False, 4)]
     pairs = [(64, 128, 1), (128, 128, 1), (64, 128, 4), (64, 128, 8), (128, 128, 8)] if quick else \
         [(bn, bk, sk) for bn, bk in configs(False, False) for sk in (1, 2, 4, 8)]
     asm = [(bn, 128, sk, True, None) for bn in (64, 128) for sk in ((1, 4, 8) if quick else (1, 2, 4, 8))]
@@ -304,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --tokens '{a.tokens}' is not a comma-separated list of positive integers", file=sys.stderr)
         return 2
     from l4compile.kernels.dispatch import load_triton_ops
-    from l4compile.kernels.layout import (AttentionBlocks, Int4Blocks, attention_blocks, int4_blocks, moe_fp8_blocks,
-                                          moe_int4_blocks)
+    from l4compile.kernels.layout import (SPLIT_K_LOCK_WORDS, AttentionBlocks, Int4Blocks, attention_blocks,
+                                          int4_blocks, moe_fp8_blocks, moe_int4_blocks)
     from l4compile.kernels.ops import fused_attention_inplace, fused_moe, fused_moe_fp8, fused_moe_int4, int4_matmul
     from l4compile.ops.attention import attention_cached_impl
     from l4compile.ops.moe import _moe_impl, _route
@@ -368,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                    lambda blocks=blocks: fused_attention_inplace(*heads, kc, vc, start, *q_args, blocks=blocks),
                    ref, moved)
         record(f"sdpa aten pos {pos}", b, "cat + mask", False, lambda: attention_cached_impl(*args)[0], ref, moved)
+    lock = torch.zeros(SPLIT_K_LOCK_WORDS, device=device, dtype=torch.int32)   # every chained call leaves it zeros
     for name, t, x, wp, ws, w_bf16 in int4_cases(dims, tokens, device, g):
         ref = F.linear(x, w_bf16)
         n, k = wp.shape[0], 2 * wp.shape[1]
@@ -376,8 +379,9 @@ def main(argv: list[str] | None = None) -> int:
             b = Int4Blocks(16, bn, bk, True, sk, asm, ns)
             label = f"BN{bn} BK{bk}" + (f" SK{sk}" if sk > 1 else "") + (" bf16x2" if asm else "") + \
                 (f" NS{ns}" if ns else "")
-            record(f"int4_mm {name}", t, label, b == default,
-                   lambda b=b: int4_matmul(x, wp, ws, blocks=b), ref, nbytes(wp, ws, x, ref))
+            run = (lambda b=b: int4_matmul(x, wp, ws, blocks=b, lock=lock)[0]) if sk > 1 else \
+                (lambda b=b: int4_matmul(x, wp, ws, blocks=b))              # split: chained, as engines run it
+            record(f"int4_mm {name}", t, label, b == default, run, ref, nbytes(wp, ws, x, ref))
         record(f"torch.mm bf16 {name}", t, "cuBLAS", False, lambda: x @ w_bf16.t(), ref, nbytes(w_bf16, x, ref))
     qweights, fweights = moe_weights(dims, device, g)
     gu_s, dn_s = qweights[2], qweights[4]

@@ -226,7 +226,7 @@ def sweep_cases(dims: dict, dtype: torch.dtype):
     from bench_kernels import STAGES, attention_configs, configs
 
     from l4compile.kernels import ops
-    from l4compile.kernels.layout import AttentionBlocks, Int4Blocks, attention_blocks
+    from l4compile.kernels.layout import SPLIT_K_LOCK_WORDS, AttentionBlocks, Int4Blocks, attention_blocks
 
     m = MetaInputs(dims, dtype)
     h, hq, hkv, d = (dims[k] for k in ("H", "heads", "kv_heads", "head_dim"))
@@ -241,11 +241,12 @@ def sweep_cases(dims: dict, dtype: torch.dtype):
                                                                                  blocks=b)
         yield f"sweep moe_q_fused bf16x2 BN{bn} BK{bk}", lambda b=b: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1,
                                                                                        blocks=(b, b))
+    lock = torch.zeros(SPLIT_K_LOCK_WORDS, dtype=torch.int32, device="meta")
     for split, asm in ((4, False), (8, False), (4, True)):   # split-K: the tile's last program adds the partials
         b = Int4Blocks(16, 64, 128, True, split, asm)
         tag = f"SK{split}" + (" bf16x2" if asm else "")
         yield f"sweep int4_mm {tag} BN64 BK128", lambda b=b: ops.int4_matmul(m.act(1, h), *m.int4(hq * d, h),
-                                                                              blocks=b)
+                                                                              blocks=b, lock=lock)   # chained
         yield f"sweep moe_q_fused {tag} BN64 BK128", lambda b=b: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1,
                                                                                      blocks=(b, b))
     for ns in STAGES:                           # deeper K-loop pipelines (Triton's launch option num_stages)

@@ -15,7 +15,9 @@ Two routes, the same choices in both:
     l4::moe_q       -> l4::moe_q_fused on Int4 (uint8) weights (the same, unpacking Int4 tiles in-kernel);
                        l4::moe_fp8_fused on float8 weights (the same, each row's activations quantized to
                        float8 in-kernel as linear_fp8 does; float8 dot operands on sm_89+)
-    l4::linear_int4 -> l4::int4_mm   (Triton: packed-int4 GEMM/GEMV, x flattened to [M, K])
+    l4::linear_int4 -> l4::int4_mm   (Triton: packed-int4 GEMM/GEMV, x flattened to [M, K]); in a step whose Int4
+                       GEMMs are chained by their split-K counters, l4::int4_mm_chained (the same, each launch zeroing
+                       the next one's counters: backends.inductor.split_k_locks_chained)
     l4::linear_fp8  -> torch._scaled_mm with row-wise scales (sm89+, K and N multiples of 16), else reference
     l4::attention_cached -> its projection in aten, then l4::attention_fused (Triton: attention over the visible
                        cache slots and new keys, addressed by position, no cat, no [T, L+T] mask); in a step that
@@ -158,6 +160,25 @@ def linear_int4_cuda(x: Tensor, w_packed: Tensor, w_scale: Tensor) -> Tensor:
     n, k = w_packed.shape[0], 2 * w_packed.shape[1]
     y = torch.ops.l4.int4_mm(x.reshape(-1, k), w_packed, w_scale)                   # [M, N]
     return y.reshape(*x.shape[:-1], n)
+
+
+def int4_mm_splits(w_packed: Tensor | None, w_scale: Tensor | None) -> bool:
+    """Whether ``l4::int4_mm`` may split K over these weights (its blocks' ``split_k`` > 1; unknown weights: True),
+    so that a CUDA engine's step chains its counters (``linear_int4_chained``). Needs Triton."""
+    if w_packed is None or w_scale is None:
+        return True
+    from . import ops                      # its int4_blocks: what the op body will choose (benchmarks patch it)
+    n_out, k_in = w_packed.shape[0], 2 * w_packed.shape[1]
+    return ops.int4_blocks(n_out, k_in, k_in // w_scale.shape[1]).split_k > 1
+
+
+def linear_int4_chained(x: Tensor, w_packed: Tensor, w_scale: Tensor, lock: Tensor) -> tuple[Tensor, Tensor]:
+    """``l4::linear_int4`` as a CUDA engine's step runs it (``backends.inductor.split_k_locks_chained``): x [.., K]
+    -> ([.., N], a fresh block of zeroed split-K counters for the next Int4 GEMM) through ``l4::int4_mm_chained``,
+    whose counters are ``lock`` ([SPLIT_K_LOCK_WORDS] int32 zeros, left zeros). Needs Triton."""
+    n, k = w_packed.shape[0], 2 * w_packed.shape[1]
+    y, next_lock = torch.ops.l4.int4_mm_chained(x.reshape(-1, k), w_packed, w_scale, lock)    # [M, N]
+    return y.reshape(*x.shape[:-1], n), next_lock
 
 
 def linear_fp8_cuda(x: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:

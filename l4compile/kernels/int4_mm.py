@@ -48,13 +48,17 @@ word-loaded scales. Not yet
 run on a GPU: nothing selects it but an explicit ``Int4Blocks(bf16x2=True)`` (``bench_kernels.py`` sweeps it and
 checks every result before timing it; the GPU tests compare it too).
 
+``CHAIN`` (``l4::int4_mm_chained``): the launch also zeroes ``next`` [next_words] int32, the counters of the next
+split GEMM of a step (``split_k.zero_words``), and its own counters are a block it was given zeroed the same way.
+
 Shapes: x [M, K]; w_packed [N, K/2] uint8; w_scale [N, K/G]; y [M, N] (x.dtype); part [S, M, N] float32 and lock
-[cdiv(M, BM) * cdiv(N, BN)] int32 zeros (both flat, unused when S = 1). Grid: (cdiv(M, BM), cdiv(N, BN), S).
+[>= cdiv(M, BM) * cdiv(N, BN)] int32 zeros, left zeros (both flat, unused when S = 1); next [next_words] int32
+(CHAIN). Grid: (cdiv(M, BM), cdiv(N, BN), S).
 """
 import triton
 import triton.language as tl
 
-from .split_k import split_k_store
+from .split_k import split_k_store, zero_words
 
 
 @triton.jit
@@ -163,9 +167,9 @@ def x_pairs(x_ptr, rows, rmask, k0, stride_xr, stride_xk, BLOCK_K: tl.constexpr)
 @triton.jit
 def int4_mm_bf16x2_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, G: tl.constexpr, K_SPLIT, n_split,
                           stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_ym, stride_yn,
-                          stride_ps, stride_pm, stride_pn,
+                          stride_ps, stride_pm, stride_pn, next_ptr, next_words,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          SCALE_WORDS: tl.constexpr):
+                          SCALE_WORDS: tl.constexpr, CHAIN: tl.constexpr):
     """``int4_mm_kernel`` for bf16 x and scales on sm_90, N % BN == K % BK == 0 and BK dividing G: each K block's
     weights as even and odd bf16 tiles (``int4_pairs_bf16``) dotted with x's even and odd inputs (``x_pairs``).
     G is a compile-time constant: the scale column k0 // G is then a shift, not a division in the loop."""
@@ -189,15 +193,17 @@ def int4_mm_bf16x2_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, 
                   rm[:, None] * stride_pm + rn[None, :] * stride_pn, stride_ps, mmask[:, None],
                   lock_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), split, n_split,
                   BLOCK_M, BLOCK_N)
+    if CHAIN:                                                                    # the next GEMM's zeroed counters
+        zero_words(next_ptr, next_words, 128)
 
 
 @triton.jit
 def int4_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, G: tl.constexpr, K_SPLIT, n_split,
                    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_ym, stride_yn,
-                   stride_ps, stride_pm, stride_pn,
+                   stride_ps, stride_pm, stride_pn, next_ptr, next_words,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    SCALE_PER_BLOCK: tl.constexpr, SCALE_WORDS: tl.constexpr, PRECISION: tl.constexpr,
-                   DOT_F32: tl.constexpr):
+                   DOT_F32: tl.constexpr, CHAIN: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)                     # [BM]
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)                     # [BN]
     split = tl.program_id(2)
@@ -224,3 +230,5 @@ def int4_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, G: t
                   rm[:, None] * stride_pm + rn[None, :] * stride_pn, stride_ps, mmask[:, None] & nmask[None, :],
                   lock_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), split, n_split,
                   BLOCK_M, BLOCK_N)
+    if CHAIN:                                                                    # the next GEMM's zeroed counters
+        zero_words(next_ptr, next_words, 128)

@@ -129,9 +129,12 @@ def int4_blocks(n_out: int, k_in: int, group: int) -> Int4Blocks:
 # float32 partials a split-K GEMM may hold ([S, rows, cols]): they stay in L2 (50 MB on H100) and cost a small
 # fraction of the weight bytes at decode; a prefill that would need more runs unsplit.
 SPLIT_K_PARTIAL_BYTES = 16 << 20
+# tile counters in a chained Int4 GEMM's block (l4::int4_mm_chained): a GEMM with more output tiles runs unsplit.
+# Scout at decode: qkv 112, o_proj 80, an Int4 lm_head 3157 tiles
+SPLIT_K_LOCK_WORDS = 4096
 
 
-def split_k_plan(rows, n_out: int, k_in: int, block_k: int, split_k: int):
+def split_k_plan(rows, n_out: int, k_in: int, block_k: int, split_k: int, tiles=None, max_tiles: int | None = None):
     """(S, K_SPLIT) for a GEMM of ``rows`` (int or SymInt) x ``n_out`` outputs over ``k_in`` inputs in K blocks of
     ``block_k`` (the kernel's K step: BK, or 2G where it loads scales as words, ``scale_words``): S <= ``split_k``
     programs per output tile (and at most one per K block), each reducing K_SPLIT inputs (whole K blocks, so scale
@@ -141,12 +144,15 @@ def split_k_plan(rows, n_out: int, k_in: int, block_k: int, split_k: int):
     symbol, and export then guards on T). The price: when S does not divide the K blocks evenly, trailing splits
     can be empty (8 blocks in 6 splits of 2: the last program adds zeros); Scout's 20 and 32 steps of 2G = 256
     inputs split evenly at S = 2 and 4 (at S = 8, 20 steps become six slices of 3, one of 2 and an empty one).
-    One engine so splits a decode step and not an 8K-token prefill."""
+    One engine so splits a decode step and not an 8K-token prefill. ``max_tiles``: the counters there are (a chained
+    GEMM's block): S = 1 where the ``tiles`` output tiles (int or SymInt) outnumber them."""
     k_blocks = (k_in + block_k - 1) // block_k
     if split_k <= 1 or k_blocks <= 1:
         return 1, k_blocks * block_k
-    splits = torch.sym_max(1, torch.sym_min(min(split_k, k_blocks),
-                                            SPLIT_K_PARTIAL_BYTES // (4 * n_out * torch.sym_max(1, rows))))
+    cap = min(split_k, k_blocks)
+    if max_tiles is not None:                       # 0 where the tiles outnumber the counters, else cap
+        cap = torch.sym_min(1, max_tiles // torch.sym_max(1, tiles)) * cap
+    splits = torch.sym_max(1, torch.sym_min(cap, SPLIT_K_PARTIAL_BYTES // (4 * n_out * torch.sym_max(1, rows))))
     return splits, (k_blocks + splits - 1) // splits * block_k
 
 

@@ -10,7 +10,8 @@ data-dependent shapes (see ``layout.moe_rows``), so they trace with a symbolic t
 their own fake implementations. A top-1 MoE step is four launches: the router matmul, ``moe_route_kernel`` (the
 whole grouped-row map), the two grouped GEMMs; the combine of routed and shared rows is a gather Inductor fuses.
 Int4 GEMMs with ``split_k`` > 1 stay one launch each (``split_k.py``: the last program of a tile adds the
-partials), plus a memset of their tile counters where a step splits.
+partials), plus a memset of their tile counters where a step splits; chained (``int4_mm_chained``, what a CUDA
+engine's step runs), each launch zeroes the next one's counters and a step needs one memset in all.
 
 Contracts (same as the reference ops, which the tests compare against):
 
@@ -20,6 +21,9 @@ Contracts (same as the reference ops, which the tests compare against):
     moe_fp8_fused(x, router_w, (q, scale) x 5 of float8 weights, top_k) -> [T, H]       == l4::moe_q on FP8
     int4_mm(x [M, Kin], w_packed [N, Kin/2] uint8, w_scale [N, Kin/G]) -> [M, N]
                                                                                == l4::linear_int4 on 2-D x
+    int4_mm_chained(x, w_packed, w_scale, lock [SPLIT_K_LOCK_WORDS] int32 zeros) -> ([M, N], zeros like lock)
+                                       the same product; lock (its split-K counters) left zeros, and a fresh block
+                                       of zeros for the next GEMM's (``backends.inductor.split_k_locks_chained``)
     attention_fused(q [B, Hq, T, D], k_new [B, Hkv, T, D], v_new, k_cache [B, Hkv, L, D], v_cache, start_pos [1],
                     n_heads, n_kv_heads, chunk, scaling) -> [B, T, Hq*D]
                                                == l4::attention_cached's attention over cat(cache, new keys)
@@ -44,8 +48,8 @@ from . import interpreting
 from .attention import attention_combine_kernel, attention_partial_kernel
 from .int4_mm import int4_mm_bf16x2_kernel, int4_mm_kernel
 from .layout import (ATTENTION_COMBINE_STAGES, ATTENTION_DECODE_BLOCK_M, MOE_ROUTE_DECODE_TOKENS, AttentionBlocks,
-                     Int4Blocks, MoeRows, attention_blocks, attention_splits, int4_blocks, moe_blocks, moe_fp8_blocks,
-                     moe_int4_blocks, moe_rows, num_tiles, scale_words, split_k_plan)
+                     SPLIT_K_LOCK_WORDS, Int4Blocks, MoeRows, attention_blocks, attention_splits, int4_blocks,
+                     moe_blocks, moe_fp8_blocks, moe_int4_blocks, moe_rows, num_tiles, scale_words, split_k_plan)
 from .moe_down import moe_down_kernel
 from .moe_fp8_down import moe_fp8_down_kernel
 from .moe_fp8_gate_up import moe_fp8_gate_up_kernel
@@ -240,20 +244,24 @@ def _k_step(b: Int4Blocks, group: int, *scales: Tensor) -> tuple[bool, int]:
 
 
 def _split_k_buffers(rows, part_cols: int, k_in: int, b: Int4Blocks, x: Tensor, n_tiles, step: int,
-                     zero_locks: bool = True):
+                     zero_locks: bool = True, lock: Tensor | None = None):
     """What an Int4 GEMM split ``split_k.py``'s way needs -> (part, part strides, lock, K_SPLIT, S): S and K_SPLIT (a
     multiple of the kernel's K ``step``: BK, or 2G when it loads scales as words) from ``split_k_plan`` (SymInts in a
     symbolic ``rows``); part: float32 partials [S, rows, part_cols] (strides given) and lock: one int32 zero counter
     per output tile, both flat. Empty when S is a constant 1 (no fill kernel); when S is a SymInt, never under 2
     elements, so that no contiguity check of a symbolic size asks whether it is 0 or 1: S = 1 at prefill and S > 1
     at decode in one engine would make that a guard on T (export then refuses the dynamic token count).
-    ``zero_locks=False``: lock is left unset, for a kernel launched before the GEMM to zero (``moe_route``)."""
-    splits, k_split = split_k_plan(rows, part_cols, k_in, step, b.split_k)
+    ``zero_locks=False``: lock is left unset, for a kernel launched before the GEMM to zero (``moe_route``).
+    ``lock``: a chained GEMM's zeroed block of ``SPLIT_K_LOCK_WORDS`` counters, used as it is (S = 1 where the tiles
+    outnumber them)."""
+    splits, k_split = split_k_plan(rows, part_cols, k_in, step, b.split_k, n_tiles,
+                                   None if lock is None else lock.numel())
     used = torch.sym_min(1, splits - 1)
     least = 2 if isinstance(splits, torch.SymInt) else 0
     part = torch.empty(torch.sym_max(least, splits * used * rows * part_cols), device=x.device, dtype=torch.float32)
-    lock = (torch.zeros if zero_locks else torch.empty)(torch.sym_max(least, n_tiles * used), device=x.device,
-                                                         dtype=torch.int32)
+    if lock is None:
+        lock = (torch.zeros if zero_locks else torch.empty)(torch.sym_max(least, n_tiles * used), device=x.device,
+                                                             dtype=torch.int32)
     return part, (rows * part_cols, part_cols, 1), lock, k_split, splits
 
 
@@ -277,29 +285,41 @@ def _stages(b: Int4Blocks) -> dict:
     return {"num_stages": b.num_stages} if b.num_stages else {}
 
 
-def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None) -> Tensor:
+def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None, lock: Tensor | None = None,
+                next_lock: Tensor | None = None):
     """The body of ``l4::int4_mm`` (x [M, Kin] -> [M, N]); ``blocks`` (an ``Int4Blocks``) overrides (tests). With
-    ``split_k`` > 1, up to that many programs share an output tile (``split_k.py``, ``layout.split_k_plan``)."""
+    ``split_k`` > 1, up to that many programs share an output tile (``split_k.py``, ``layout.split_k_plan``).
+    ``lock`` (the body of ``l4::int4_mm_chained``): [SPLIT_K_LOCK_WORDS] int32 zeros, the tile counters, left zeros;
+    the launch then also zeroes a fresh block (``next_lock``, given or allocated) and returns (y, that block)."""
     n_out, k_in = w_packed.shape[0], 2 * w_packed.shape[1]
     group = k_in // w_scale.shape[1]
     b = blocks or int4_blocks(n_out, k_in, group)
     if b.bf16x2:
         _check_bf16x2(x, n_out, k_in, w_scale, b)
+    chain = lock is not None
+    if chain and (lock.dtype != torch.int32 or lock.shape != (SPLIT_K_LOCK_WORDS,) or lock.device != x.device):
+        raise ValueError(f"int4_mm_chained: lock must be [{SPLIT_K_LOCK_WORDS}] int32 zeros on {x.device}, got "
+                         f"{list(lock.shape)} {lock.dtype} on {lock.device}")
     grid_m, grid_n = triton.cdiv(x.shape[0], b.block_m), triton.cdiv(n_out, b.block_n)
     words, step = _k_step(b, group, w_scale)
-    part, part_strides, lock, k_split, splits = _split_k_buffers(x.shape[0], n_out, k_in, b, x, grid_m * grid_n, step)
+    part, part_strides, lock, k_split, splits = _split_k_buffers(x.shape[0], n_out, k_in, b, x, grid_m * grid_n, step,
+                                                                 lock=lock)
+    if chain and next_lock is None:
+        next_lock = torch.empty(SPLIT_K_LOCK_WORDS, device=x.device, dtype=torch.int32)
+    nxt = next_lock if chain else lock                                          # unused pointer when not chained
     y = torch.empty((x.shape[0], n_out), device=x.device, dtype=x.dtype)
     args = (x, w_packed, w_scale, y, part, lock, x.shape[0], n_out, k_in, group, k_split, splits, x.stride(0),
             x.stride(1), w_packed.stride(0), w_packed.stride(1), w_scale.stride(0), w_scale.stride(1), y.stride(0),
-            y.stride(1), *part_strides)
+            y.stride(1), *part_strides, nxt, nxt.numel() if chain else 0)
     if b.bf16x2:
         wrap_triton(int4_mm_bf16x2_kernel)[(grid_m, grid_n, splits)](
-            *args, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SCALE_WORDS=words, **_stages(b))
+            *args, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SCALE_WORDS=words, CHAIN=chain,
+            **_stages(b))
     else:
         wrap_triton(int4_mm_kernel)[(grid_m, grid_n, splits)](
             *args, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SCALE_PER_BLOCK=b.scale_per_block,
-            SCALE_WORDS=words, **_dot_mode(x.dtype), **_stages(b))
-    return y
+            SCALE_WORDS=words, CHAIN=chain, **_dot_mode(x.dtype), **_stages(b))
+    return (y, next_lock) if chain else y
 
 
 def fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor,
@@ -416,3 +436,8 @@ def moe_fp8_fused(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Ten
 @triton_op("l4::int4_mm", mutates_args=())
 def int4_mm(x: Tensor, w_packed: Tensor, w_scale: Tensor) -> Tensor:
     return int4_matmul(x, w_packed, w_scale)
+
+
+@triton_op("l4::int4_mm_chained", mutates_args=())
+def int4_mm_chained(x: Tensor, w_packed: Tensor, w_scale: Tensor, lock: Tensor) -> tuple[Tensor, Tensor]:
+    return int4_matmul(x, w_packed, w_scale, lock=lock)

@@ -12,7 +12,13 @@ programs, and the loads in flight, by S. Program (tile, s) reduces its K slice i
 
 so the caller needs no second launch and no host-side branch on S, which is a SymInt in an engine (``layout.
 split_k_plan``). ``part`` ([S, rows, cols] float32) and the counters (one int32 per output tile, zeroed) are
-allocated by the caller (``ops._split_k_buffers``): flat, with strides given; unused when S == 1.
+allocated by the caller (``ops._split_k_buffers``): flat, with strides given; unused when S == 1. The program that
+completes a tile sets its counter back to 0, so a launch leaves its counters as it found them.
+
+Counters without a fill kernel: zeroed counters given to a launch cost a memset launch of their own (a step of a
+CUDA engine splits every qkv and o_proj GEMM). A chained launch (``l4::int4_mm_chained``) instead takes a zeroed
+block of counter words and zeroes a fresh block for the next GEMM of the step (``zero_words``), so a whole step needs
+one fill (``backends.inductor.split_k_locks_chained``).
 
 Memory ordering (CUDA): a CTA barrier puts every thread's partial stores before the counter's atomic, whose
 acq_rel semantics at gpu scope release them to the last program and acquire the others' for it; that program reads
@@ -26,9 +32,23 @@ import triton.language as tl
 @triton.jit
 def split_k_arrive(lock_ptr, n_split):
     """Call once per program after its partials are stored -> True in the program that completes the tile (the
-    S-th to arrive at ``lock_ptr``), which may then read every split's partials."""
+    S-th to arrive at ``lock_ptr``), which may then read every split's partials; that program also sets the counter
+    back to 0."""
     tl.debug_barrier()
-    return tl.atomic_add(lock_ptr, 1, sem="acq_rel", scope="gpu") == n_split - 1
+    last = tl.atomic_add(lock_ptr, 1, sem="acq_rel", scope="gpu") == n_split - 1
+    tl.store(lock_ptr, 0, mask=last)                # every split has arrived: nothing else touches it this launch
+    return last
+
+
+@triton.jit
+def zero_words(ptr, n_words, BLOCK: tl.constexpr):
+    """Zero ``ptr[0 .. n_words)`` (int32) with every program of the launch (3-D grid) taking one share."""
+    pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+    share = tl.cdiv(n_words, tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2))
+    end = tl.minimum(pid * share + share, n_words)
+    for w0 in range(pid * share, end, BLOCK):
+        w = w0 + tl.arange(0, BLOCK)
+        tl.store(ptr + w, tl.zeros((BLOCK,), tl.int32), mask=w < end)
 
 
 @triton.jit

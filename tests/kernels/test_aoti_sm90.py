@@ -23,8 +23,8 @@ def _tool():
     return mod
 
 
-def _generate(tmp_path, quant: str) -> dict:
-    """The tool's report for ``tiny`` at ``quant`` (bf16, 256 cache slots), the wrapper kept in tmp_path."""
+def _generate(tmp_path, quant: str, *extra: str, preset: str = "tiny") -> dict:
+    """The tool's report for ``preset`` (tiny) at ``quant`` (bf16, 256 cache slots), the wrapper kept in tmp_path."""
     from l4compile.kernels import why_unavailable
 
     if why_unavailable():
@@ -37,8 +37,8 @@ def _generate(tmp_path, quant: str) -> dict:
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").is_file():
         pytest.skip("this triton has no NVIDIA backend binaries (ptxas)")
     out = tmp_path / "aoti.json"
-    p = subprocess.run([sys.executable, str(SCRIPT), "--preset", "tiny", "--quant", quant, "--max-seq-len", "256",
-                        "--json", str(out), "--out", str(tmp_path)], capture_output=True, text=True, timeout=900,
+    p = subprocess.run([sys.executable, str(SCRIPT), "--preset", preset, "--quant", quant, "--max-seq-len", "256",
+                        "--json", str(out), "--out", str(tmp_path), *extra], capture_output=True, text=True, timeout=900,
                        cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return json.loads(out.read_text())
@@ -64,6 +64,20 @@ def test_tiny_int4_cuda_engine_generates_and_passes_its_checks(tmp_path):
     assert one == "1L" and expr.startswith("std::max(static_cast<int64_t>(1L), static_cast<int64_t>(std::min(") \
         and "132L" in expr
     assert "call_attention_partial_kernel" in (tmp_path / "model.wrapper.cpp").read_text()
+
+
+@pytest.mark.slow
+def test_split_int4_gemms_take_no_counter_fills(tmp_path):
+    """bench-scout (Scout's widths, 2 layers) with every Int4 GEMM splitting K 4 ways: the qkv and o_proj launches
+    (l4::int4_mm_chained) hand each other their zeroed counters, so the step has one counter fill in all, not one a
+    GEMM (the unchained engine had 2 more Inductor kernels a layer), and no copy of a counter block (~60 s)."""
+    r = _generate(tmp_path, "int4", "--int4-split-k", "4", "--layers", "2", preset="bench-scout")
+    assert r["problems"] == {"kernels": [], "opaque": [], "caches": [], "program": []}
+    assert r["graph_ops"]["l4.int4_mm_chained.default"] == r["launches"]["int4_mm_kernel"] == 4
+    # unsplit: 7 (the embedding's norm, then k's RoPE + qk-norm and the two residual norms a layer), + the one fill;
+    # with a fill a GEMM it was 11
+    assert sum(n for k, n in r["launches"].items() if k.startswith("triton_")) == 7 + 1
+    assert not [k for k in r["launches"] if "clone" in k or "fused_copy" in k]     # (_to_copy: a dtype cast)
 
 
 @pytest.mark.slow

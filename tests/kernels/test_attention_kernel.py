@@ -248,22 +248,25 @@ def test_cuda_engine_step_writes_caches_in_place(tmp_path):
     ``attention_cached_in_place``, exported and decomposed for CUDA): every layer attends with
     l4::attention_fused_inplace and nothing else touches a cache. As AOTInductor and the jit runtime take it
     (``mutations_in_place``; the jit runtime's ``in_place_module``), each of those calls writes its layer's cache
-    inputs themselves and nothing copies a cache. As saved (program.pt2) and run here on CPU tensors under the
-    interpreter, a 13-token prefill and 7 decode steps (batch 2, through the chunk-16 ring's wrap) give the step
-    graph's logits and write its new caches into the caches given. Built in a process without the interpreter,
-    which cannot trace the kernels."""
+    inputs themselves and nothing copies a cache. In Int4, with every GEMM taken as one that may split K, the
+    l4::int4_mm_chained calls hand each other their zeroed split-K counters from one new_zeros block. As saved
+    (program.pt2) and run here on CPU tensors under the interpreter, a 13-token prefill and 7 decode steps (batch 2,
+    through the chunk-16 ring's wrap) give the step graph's logits and write its new caches into the caches given.
+    Built in a process without the interpreter, which cannot trace the kernels."""
     require_interpreter()
     from l4compile.compiler import lower
     from l4compile.config import CompileConfig
     from l4compile.progress import Progress
 
-    config = "CompileConfig(max_seq_len=40, max_batch_size=2)"
+    config = "CompileConfig(max_seq_len=40, max_batch_size=2, quant='int4')"
     p = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
         import sys, torch
         from backends.inductor import export_for_aoti, in_place_module
         from l4compile.compiler import lower
         from l4compile.config import CompileConfig
+        from l4compile.kernels import dispatch
         from l4compile.progress import Progress
+        dispatch.int4_mm_splits = lambda w, s: True            # chain every Int4 GEMM (tiny's do not split)
         ep, in_place = export_for_aoti(lower("tiny", {config}, progress=Progress()).program, "cuda")
         assert in_place
         torch.export.save(ep, sys.argv[1])
@@ -271,12 +274,23 @@ def test_cuda_engine_step_writes_caches_in_place(tmp_path):
         phs = [n.name for n in graph.nodes if n.op == "placeholder"]
         print([(str(n.target), [phs.index(a.name) if getattr(a, "op", "") == "placeholder" else None
                                 for a in n.args[3:5]]) for n in graph.nodes if n.op == "call_function"])
+        calls = [n for n in graph.nodes if n.target is torch.ops.l4.int4_mm_chained.default]
+        print([[str(u.target) for u in n.users] for n in calls])
+        print([(n.args[3].target is torch.ops.aten.new_zeros.default if i == 0 else n.args[3].args == (calls[i - 1], 1),
+                len(n.args[3].users)) for i, n in enumerate(calls)])
         """), str(tmp_path / "program.pt2")], capture_output=True, text=True, cwd=ROOT, timeout=600,
         env={**os.environ, "TRITON_INTERPRET": "0", "PYTHONWARNINGS": "ignore"})
     assert p.returncode == 0, p.stderr[-3000:]
     prog = lower("tiny", eval(config), progress=Progress()).program                 # the same seeded weights
     n_layers = len(prog.kv_layout["layers"])
-    calls = eval(p.stdout.strip().splitlines()[-1])                                 # (target, [cache inputs])
+    *_, calls, chain_users, chain = p.stdout.strip().splitlines()
+    calls = eval(calls)                                                             # (target, [cache inputs])
+    # 2 Int4 GEMMs a layer (the fused qkv, o_proj; the MoE runs its own kernels), each block of counters
+    # from the one before it and read once
+    assert chain.count("(True, 1)") == len(eval(chain)) == 2 * n_layers, chain
+    assert all(set(u) <= {"<built-in function getitem>"} for u in eval(chain_users))
+    assert [t for t, _ in calls].count("aten.new_zeros.default") == 1
+    assert "l4.int4_mm.default" not in [t for t, _ in calls]
     first_cache = len(prog.gm.graph.find_nodes(op="placeholder")) - 2 * n_layers
     assert [c for t, c in calls if t == "l4.attention_fused_inplace.default"] == [
         [first_cache + 2 * i, first_cache + 2 * i + 1] for i in range(n_layers)]

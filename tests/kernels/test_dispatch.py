@@ -109,6 +109,24 @@ def test_split_k_plan_splits_decode_and_not_prefill():
     assert "Min(" in str(s) and not env.guards                               # a SymInt expression, no guard on T
 
 
+def test_split_k_plan_counts_chained_counters():
+    """A chained GEMM (l4::int4_mm_chained) has SPLIT_K_LOCK_WORDS counters: S = 1 where its output tiles outnumber
+    them, the plan as before where they fit; over a SymInt tile count, still without a guard."""
+    from l4compile.kernels.layout import SPLIT_K_LOCK_WORDS, split_k_plan
+
+    assert SPLIT_K_LOCK_WORDS >= 3157                                        # Scout's Int4 lm_head at decode (BN 64)
+    assert split_k_plan(1, 5120, 5120, 128, 8, 80, SPLIT_K_LOCK_WORDS) == (8, 5 * 128)
+    assert split_k_plan(1, 5120, 5120, 128, 8, SPLIT_K_LOCK_WORDS, SPLIT_K_LOCK_WORDS) == (8, 5 * 128)
+    assert split_k_plan(1, 5120, 5120, 128, 8, SPLIT_K_LOCK_WORDS + 1, SPLIT_K_LOCK_WORDS) == (1, 40 * 128)
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch._dynamo.source import ConstantSource
+
+    env = ShapeEnv()
+    t = env.create_symintnode(env.create_symbol(5, ConstantSource("T")), hint=5)
+    s, _ = split_k_plan(t, 5120, 5120, 128, 8, ((t + 15) // 16) * 80, SPLIT_K_LOCK_WORDS)
+    assert "Min(" in str(s) and not env.guards
+
+
 def test_int4_blocks():
     assert int4_blocks(5120, 5120, 128) == int4_blocks(5120, 5120, 128)
     b = int4_blocks(5120, 5120, 128)
@@ -446,8 +464,8 @@ def test_bench_kernels_script_checks_every_kernel(tmp_path, capsys):
     assert report["device"] == ("cpu (interpreter)" if not torch.cuda.is_available() else torch.cuda.get_device_name())
     kernels = [r["kernel"] for r in rows]
     assert kernels == ["attention_fused pos 7", "sdpa aten pos 7", "attention_fused pos 31", "sdpa aten pos 31",
-                       "int4_mm q_proj", "int4_mm q_proj", "torch.mm bf16 q_proj", "int4_mm kv_proj", "int4_mm kv_proj",
-                       "torch.mm bf16 kv_proj", "int4_mm o_proj", "int4_mm o_proj", "torch.mm bf16 o_proj",
+                       *["int4_mm q_proj"] * 3, "torch.mm bf16 q_proj", *["int4_mm kv_proj"] * 3,
+                       "torch.mm bf16 kv_proj", *["int4_mm o_proj"] * 3, "torch.mm bf16 o_proj",
                        "moe_q_fused", "moe_q_fused", "moe_q_fused", "moe_fused bf16", "moe_fp8_fused",
                        "moe_q reference fp8"]
     assert all(r["error"] is None and r["ms"] > 0 and r["rel_err"] < 5e-2 for r in rows)
@@ -456,4 +474,5 @@ def test_bench_kernels_script_checks_every_kernel(tmp_path, capsys):
     assert [r["bytes"] for r in rows if r["kernel"].endswith("pos 7")] == [2 * 2 * 2 * 8 * 16 * 2 + 2 * 2 * 64 * 2] * 2
     out = capsys.readouterr().out
     assert "| int4_mm q_proj | 2 | BN32 BK32 NS4 |" in out and "| moe_q_fused | 2 | BN32 BK32 NS4 |" in out
+    assert "| int4_mm q_proj | 2 | BN32 BK32 SK2 |" in out                        # split: l4::int4_mm_chained's form
     assert "| moe_q_fused | 2 | BN32 BK32 |" in out and "| moe_q_fused | 2 | BN32 BK32 SK2/2 |" in out and "| moe_fp8_fused | 2 | BM16 BN16 BK32 |" in out and "| attention_fused pos 31 | 2 | BM16 BN16 |" in out

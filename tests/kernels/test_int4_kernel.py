@@ -145,6 +145,79 @@ def test_int4_mm_low_precision(dtype):
     assert out.dtype == dtype and rel_err(out, _linear_int4_impl(x, w_packed, w_scale)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("m,n,k,group,blocks", [
+    (1, 33, 256, 128, (16, 16, 64, True, 2)),          # 2 slices: each tile's counter used
+    (2, 40, 1024, 128, (16, 16, 64, True, 4)),         # scales as words, 4 slices
+    (3, 20, 80, 16, (16, 16, 32, False, 2)),           # gathered scales
+    (5, 48, 192, 128, (16, 16, 32, True, 1)),          # unsplit: the counters untouched, the next block zeroed
+])
+def test_int4_mm_chained(m, n, k, group, blocks):
+    """l4::int4_mm_chained's body (what a CUDA engine's step runs): the unchained launch's product bit for bit; the
+    counters it was given (zeros) left zeros by the programs that complete their tiles; the next block it returns
+    zeroed whatever it held."""
+    require_interpreter()
+    from l4compile.kernels.layout import SPLIT_K_LOCK_WORDS, Int4Blocks
+    from l4compile.kernels.ops import int4_matmul
+
+    x, w_packed, w_scale = _data(m, n, k, group)
+    b = Int4Blocks(*blocks)
+    lock = torch.zeros(SPLIT_K_LOCK_WORDS, dtype=torch.int32)
+    garbage = torch.arange(SPLIT_K_LOCK_WORDS, dtype=torch.int32) + 7
+    y, nxt = int4_matmul(x, w_packed, w_scale, blocks=b, lock=lock, next_lock=garbage)
+    assert nxt is garbage and not nxt.any() and not lock.any()
+    assert torch.equal(y, int4_matmul(x, w_packed, w_scale, blocks=b))
+    y, nxt = torch.ops.l4.int4_mm_chained(x, w_packed, w_scale, lock)          # the op, default blocks
+    assert nxt.shape == lock.shape and not nxt.any() and not lock.any()
+    assert rel_err(y, _linear_int4_impl(x, w_packed, w_scale)) < TOL[torch.float32]
+    with pytest.raises(ValueError, match=rf"lock must be \[{SPLIT_K_LOCK_WORDS}\] int32 zeros"):
+        int4_matmul(x, w_packed, w_scale, lock=torch.zeros(16, dtype=torch.int32))
+
+
+class _ThreeInt4(torch.nn.Module):
+    """Three Int4 linears in a row, the middle one on a weight that ``splits`` in the pass test says cannot split."""
+
+    def __init__(self):
+        super().__init__()
+        for i, (n, k) in enumerate([(48, 1024), (40, 48), (24, 40)]):
+            w, s = quantize_int4(torch.randn(n, k, generator=torch.Generator().manual_seed(i)), 128)
+            self.register_buffer(f"w{i}", w)
+            self.register_buffer(f"s{i}", s)
+
+    def forward(self, x):
+        for i in range(3):
+            x = torch.ops.l4.linear_int4.default(x, getattr(self, f"w{i}"), getattr(self, f"s{i}"))
+        return x
+
+
+def test_split_k_locks_chained(monkeypatch):
+    """``backends.inductor.split_k_locks_chained``: the l4::linear_int4 calls that may split K take their counters
+    from one new_zeros block handed from call to call (each block read once, so Inductor writes it in place); a call
+    that cannot split stays as it was. Run under the interpreter with every GEMM splitting 4 ways, the chained graph
+    gives the original graph's output."""
+    require_interpreter()
+    import dataclasses
+
+    from backends.inductor import split_k_locks_chained
+    from l4compile.kernels import ops
+    from l4compile.kernels.dispatch import linear_int4_chained
+    from l4compile.kernels.layout import SPLIT_K_LOCK_WORDS
+
+    gm = torch.fx.symbolic_trace(_ThreeInt4())
+    assert split_k_locks_chained(gm, linear_int4_chained, SPLIT_K_LOCK_WORDS, lambda w, s: False) is None
+    chained = split_k_locks_chained(gm, linear_int4_chained, SPLIT_K_LOCK_WORDS, lambda w, s: w is not gm.w1)
+    nodes = [n for n in chained.graph.nodes if n.op == "call_function"]
+    zeros = [n for n in nodes if n.target is torch.ops.aten.new_zeros.default]
+    calls = [n for n in nodes if n.target is linear_int4_chained]
+    assert len(zeros) == 1 and zeros[0].args[1] == [SPLIT_K_LOCK_WORDS] and len(calls) == 2
+    assert [n.target for n in nodes].count(torch.ops.l4.linear_int4.default) == 1          # w1's call, unchained
+    assert calls[0].args[3] is zeros[0] and calls[1].args[3].args == (calls[0], 1)         # zeros -> 1st -> 2nd
+    assert all(len(n.users) == 1 for n in zeros + [u for c in calls for u in c.users if u.args[1] == 1])
+    real = ops.int4_blocks
+    monkeypatch.setattr(ops, "int4_blocks", lambda *a: dataclasses.replace(real(*a), split_k=4))
+    x = torch.randn(3, 1024)
+    assert rel_err(chained(x), gm(x)) < TOL[torch.float32]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 # + the per-expert GEMVs of test_moe_q_fused_cuda's decode-T1 cases (its reference runs them through this kernel)
@@ -162,6 +235,12 @@ def test_int4_mm_cuda(m, n, k, group, dtype):
         for split in (2, 8):
             out = int4_matmul(x, w_packed, w_scale, blocks=Int4Blocks(16, 64, 128, True, split))
             assert rel_err(out, _linear_int4_impl(x, w_packed, w_scale)) < tol
+        from l4compile.kernels.layout import SPLIT_K_LOCK_WORDS
+        lock = torch.zeros(SPLIT_K_LOCK_WORDS, dtype=torch.int32, device="cuda")
+        for _ in range(3):                     # chained (l4::int4_mm_chained): the counters come back zeros each call
+            out, nxt = int4_matmul(x, w_packed, w_scale, blocks=Int4Blocks(16, 64, 128, True, 8), lock=lock)
+            assert rel_err(out, _linear_int4_impl(x, w_packed, w_scale)) < tol
+            assert not lock.any() and not nxt.any()
         if dtype == torch.bfloat16:                                                # the inline-PTX unpack
             for split in (1, 8):
                 out = int4_matmul(x, w_packed, w_scale, blocks=Int4Blocks(16, 64, 128, True, split, True))
