@@ -30,6 +30,8 @@ baselines are transformers eager / `torch.compile` of the transformers model, me
                  each bf16 weight is drawn on the GPU, quantized and dropped, so 218 GB of bf16 never exist)
                  (--lm-head-int4: also --pass-option quantize.quantize_lm_head=true)
              then l4compile bench DIR/engine-scout-int4 --batch-sizes 1 --prompt-lens 128 --decode-steps 64
+             (full-compile and full-bench: either half alone, the engine at --engine-dir; the compile of 48 layers
+             may take most of a 10-minute call)
              -> decode tokens/s at batch 1 and peak GPU memory; its MoE layers run l4::moe_q on CUDA as the
                 fused Int4 Triton MoE l4::moe_q_fused, compiled into the engine. Two processes, so each fits a
                 10-minute call on a lent GPU host (run them by hand if one call cannot take both).
@@ -51,13 +53,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("decode", "modes", "context", "prefill", "full")
+PARTS = ("decode", "modes", "context", "prefill", "full", "full-compile", "full-bench")
 
 
 def bench_commands(layers: int, repeats: int, out: Path, parts: tuple[str, ...],
-                   lm_head_int4: bool = False) -> dict[str, list[str]]:
+                   lm_head_int4: bool = False, engine_dir: Path | None = None) -> dict[str, list[str]]:
     """part name -> `l4compile bench` argv (without the interpreter prefix). ``lm_head_int4``: the full-Scout engine
-    also quantizes its lm_head (2.07 GB of bf16 a token, 0.52 GB in Int4)."""
+    also quantizes its lm_head (2.07 GB of bf16 a token, 0.52 GB in Int4). ``full`` is ``full-compile`` then
+    ``full-bench``, which may also run alone (two calls on a lent host, each within its time limit); the engine is
+    ``engine_dir`` (default ``out``/engine-scout-int4)."""
     base = ["bench", "scout", "--device", "cuda", "--dtype", "bfloat16", "--repeats", str(repeats), "--force"]
     scaled = ["--layers", str(layers)]
     cmds: dict[str, list[str]] = {}
@@ -80,12 +84,13 @@ def bench_commands(layers: int, repeats: int, out: Path, parts: tuple[str, ...],
     if "prefill" in parts:
         cmds["prefill"] = base + scaled + ["--backends", "torch-compile,inductor", "--batch-sizes", "1",
                                            "--prompt-lens", "2048,8192", "--decode-steps", "2"]
-    if "full" in parts:
-        engine = out / "engine-scout-int4"
+    engine = engine_dir or out / "engine-scout-int4"
+    if "full" in parts or "full-compile" in parts:
         lm_head = ["--pass-option", "quantize.quantize_lm_head=true"] if lm_head_int4 else []
         cmds["compile-scout-int4"] = ["compile", "scout", "--backend", "inductor", "--device", "cuda", "--dtype",
                                       "bfloat16", "--quant", "int4", "--stream-weights", "--max-seq-len", "192",
                                       "--max-batch-size", "1", "--force", *lm_head, "--out", str(engine)]
+    if "full" in parts or "full-bench" in parts:
         cmds["full-scout-int4"] = ["bench", str(engine), "--repeats", str(repeats), "--force", "--batch-sizes", "1",
                                    "--prompt-lens", "128", "--decode-steps", "64"]
     return {name: argv if argv[0] == "compile" or argv[0].endswith(".py") else argv + ["--out", str(out / name)]
@@ -147,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="report root (default benchmarks/results/gpu-<device name>)")
     ap.add_argument("--lm-head-int4", action="store_true",
                     help="full: quantize the lm_head too (--pass-option quantize.quantize_lm_head=true)")
+    ap.add_argument("--engine-dir", default=None,
+                    help="full, full-compile, full-bench: the full-Scout engine directory (default "
+                         "OUT/engine-scout-int4); full-bench needs one compiled there")
     a = ap.parse_args(argv)
     parts = tuple(p.strip() for p in a.parts.split(",") if p.strip())
     bad = [p for p in parts if p not in PARTS]
@@ -210,7 +218,14 @@ def main(argv: list[str] | None = None) -> int:
                       "|---|---|---|---|---|", *layer_rows]
         (out / "SUMMARY.md").write_text("\n".join(header + table) + "\n")
 
-    for name, cmd in bench_commands(a.layers, a.repeats, out, parts, a.lm_head_int4).items():
+    engine_dir = Path(a.engine_dir) if a.engine_dir else None
+    if "full-bench" in parts and "full" not in parts and "full-compile" not in parts:
+        manifest = (engine_dir or out / "engine-scout-int4") / "manifest.json"
+        if not manifest.is_file():
+            print(f"error: full-bench needs a compiled full-Scout engine: no {manifest} (run full-compile first, "
+                  "with the same --engine-dir)", file=sys.stderr)
+            return 2
+    for name, cmd in bench_commands(a.layers, a.repeats, out, parts, a.lm_head_int4, engine_dir).items():
         run_one(name, cmd)
         write_summary()
     print(f"wrote {out / 'SUMMARY.md'}")

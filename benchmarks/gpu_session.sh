@@ -39,6 +39,14 @@
 #   fullq    the same with the lm_head in Int4 too (--lm-head-int4): the bf16 lm_head reads 2.07 GB a token, ~0.8 ms
 #            at cuBLAS's 62% of the copy bandwidth (q_proj rows), a fifth of a 250 tokens/s budget; Int4: 0.52 GB.
 #            A call of its own, not after full: two ~58 GB engines do not fit the host's 64 GB disk   (box 580 s)
+#   fullc    full's compile alone (bench_gpu.py --parts full-compile), the engine kept in $ENGINES (not cleared
+#            by a later call): the compile of 48 layers may take most of a call (offline, 2026-12-07: the export
+#            and AOTInductor code generation of bench-scout at 48 layers took 338 s on this 2-core CPU machine,
+#            before any C++ compile or weight streaming)                                         (box 580 s)
+#   fullb    full's decode benchmark alone, on the engine fullc left (the next call, while the host is warm)
+#                                                                                                (box 400 s)
+#   fullqc, fullqb   the same two with the lm_head in Int4 (fullqc first removes any engine in $ENGINES: two do
+#            not fit the disk)
 #
 # Engines load with the AOTInductor runtime, unless L4COMPILE_INDUCTOR_RUNNER says otherwise or the probe part ran
 # and no package loaded in a fresh process: then every later part runs them with the jit runtime (the same exported
@@ -53,6 +61,7 @@ mkdir -p "$OUT"
 PARTS=${1:-probe=200,kernels=180,tests=150}
 LOG="$OUT/session.log"
 RES=/tmp/l4compile-results          # outside $OUT: only the log and a tarball of the reports come back
+ENGINES=/tmp/l4compile-engines      # fullc / fullqc engines, kept for fullb / fullqb in a later call
 rm -rf "$RES"; mkdir -p "$RES"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
@@ -138,8 +147,17 @@ for spec in ${PARTS//,/ }; do
     fullq)
         boxed $(box 580) fullq $PY benchmarks/bench_gpu.py --parts full --lm-head-int4 --repeats 3 \
             --out "$RES/full-lm-head-int4" ;;
+    fullc | fullqc)
+        q=(); name=scout-int4; [ $part = fullqc ] && q=(--lm-head-int4) && name=scout-int4-lm-head-int4
+        rm -rf "$ENGINES"; mkdir -p "$ENGINES"
+        boxed $(box 580) $part $PY benchmarks/bench_gpu.py --parts full-compile ${q[@]+"${q[@]}"} --repeats 3 \
+            --engine-dir "$ENGINES/$name" --out "$RES/$part" ;;
+    fullb | fullqb)
+        name=scout-int4; [ $part = fullqb ] && name=scout-int4-lm-head-int4
+        boxed $(box 400) $part $PY benchmarks/bench_gpu.py --parts full-bench --repeats 3 \
+            --engine-dir "$ENGINES/$name" --out "$RES/$part" ;;
     *)
-        log "unknown part '$part' (probe, kernels, sweep, tests, engines, attention, decode1, modes, knobs, context, decode, prefill, full, fullq)" ;;
+        log "unknown part '$part' (probe, kernels, sweep, tests, engines, attention, decode1, modes, knobs, context, decode, prefill, full, fullq, fullc, fullb, fullqc, fullqb)" ;;
     esac
 done
 

@@ -100,3 +100,22 @@ def test_summary_is_rewritten_after_every_run(tmp_path, monkeypatch):
     assert "FAILED runs: decode-none-half, decode-int4, decode-int4-half." in text
     assert sum(line.startswith("| decode-none | inductor |") for line in text.splitlines()) == 4   # 2 batches x 2
     assert "| decode-none | inductor |" in mid[0] and "FAILED runs: decode-none-half." in mid[0]
+
+
+def test_full_runs_as_two_halves(tmp_path, monkeypatch, capsys):
+    """full-compile and full-bench are full's two commands, alone, on one --engine-dir (two calls on a lent host:
+    the compile of 48 layers may take most of one); full-bench without an engine there is one error line, exit 2."""
+    mod = _module()
+    engine = tmp_path / "engines" / "scout"
+    both = mod.bench_commands(4, 3, tmp_path, ("full",), engine_dir=engine)
+    assert mod.bench_commands(4, 3, tmp_path, ("full-compile",), engine_dir=engine) == \
+        {"compile-scout-int4": both["compile-scout-int4"]}
+    assert mod.bench_commands(4, 3, tmp_path, ("full-bench",), engine_dir=engine) == \
+        {"full-scout-int4": both["full-scout-int4"]}
+    assert both["compile-scout-int4"][-1] == str(engine) and both["full-scout-int4"][1] == str(engine)
+    monkeypatch.setattr(mod.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mod.torch.cuda, "get_device_name", lambda: "Fake H200")
+    monkeypatch.setattr(mod.subprocess, "run", lambda *a, **k: pytest.fail("nothing may run"))
+    assert mod.main(["--parts", "full-bench", "--engine-dir", str(engine), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: full-bench needs a compiled full-Scout engine")
