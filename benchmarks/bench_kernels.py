@@ -248,40 +248,49 @@ def configs(quick: bool, tiny: bool) -> list[tuple[int, int]]:
     return list(itertools.product((16, 32, 64, 128, 256), (64, 128)))
 
 
-# K-loop pipeline depths to try besides Triton's default 3 (``Int4Blocks.num_stages``): more loads in flight per
-# program, the other lever (with split-K) on a decode GEMV whose time follows its serial K loop
-STAGES = (4, 5)
+# K-loop pipeline depths to try besides Triton's default 3 (``Int4Blocks.num_stages``): 4 and 5 hold more loads in
+# flight per program, the other lever (with split-K) on a decode GEMV whose time follows its serial K loop; 2 takes
+# a third off the MoE gate_up's 100 KB of shared memory, so 3 programs fit an SM where 2 do
+STAGES = (2, 4, 5)
 
 
-def int4_configs(quick: bool, tiny: bool) -> list[tuple[int, int, int, bool, int | None]]:
-    """(BN, BK, split-K, bf16x2 unpack, num_stages) for int4_mm: the MoE's (BN, BK) pairs unsplit and split 2/4/8
-    ways (more programs for a decode GEMV, latency-bound on an H200 at S = 1: ~30 us for any N), the inline-PTX
-    unpack (``int4_mm_bf16x2_kernel``, about a third fewer instructions a K block) at BN 64/128, BK 128, and the
-    static BN 64 / BK 128 with deeper pipelines (``STAGES``), unsplit and split 4 ways (sweep only)."""
+def int4_configs(quick: bool, tiny: bool) -> list[tuple[int, int, int, bool, int | None, int | None]]:
+    """(BN, BK, split-K, bf16x2 unpack, num_stages, num_warps) for int4_mm: the MoE's (BN, BK) pairs unsplit and split
+    2/4/8 ways (more programs for a decode GEMV, latency-bound on an H200 at S = 1: ~30 us for any N), the inline-PTX
+    unpack (``int4_mm_bf16x2_kernel``, about a third fewer instructions a K block) at BN 64/128, BK 128, 8 warps a
+    program (twice the warps an SM to hide the unpack's latency with), and the static BN 64 / BK 128 with other
+    pipeline depths (``STAGES``), unsplit and split 4 ways (sweep only)."""
     if tiny:
-        return [(32, 32, 1, False, None), (32, 32, 2, False, None), (32, 32, 1, False, 4)]
+        return [(32, 32, 1, False, None, None), (32, 32, 2, False, None, None), (32, 32, 1, False, 4, None),
+                (32, 32, 1, False, None, 8)]
     pairs = [(64, 128, 1), (128, 128, 1), (64, 128, 4), (64, 128, 8), (128, 128, 8)] if quick else \
         [(bn, bk, sk) for bn, bk in configs(False, False) for sk in (1, 2, 4, 8)]
-    asm = [(bn, 128, sk, True, None) for bn in (64, 128) for sk in ((1, 4, 8) if quick else (1, 2, 4, 8))]
-    deep = [] if quick else [(64, 128, sk, False, ns) for sk in (1, 4) for ns in STAGES]
-    return [(*c, False, None) for c in pairs] + asm + deep
+    asm = [(bn, 128, sk, True, None, None) for bn in (64, 128) for sk in ((1, 4, 8) if quick else (1, 2, 4, 8))]
+    warps = [(64, 128, sk, a, None, 8) for sk, a in (((1, False), (4, True)) if quick else
+                                                     ((1, False), (4, False), (1, True), (4, True)))]
+    deep = [] if quick else [(64, 128, sk, False, ns, None) for sk in (1, 4) for ns in STAGES]
+    return [(*c, False, None, None) for c in pairs] + asm + warps + deep
 
 
-def moe_int4_configs(quick: bool, tiny: bool) -> list[tuple[int, int, int, int, bool, int | None]]:
-    """(BN, BK, gate_up split-K, down split-K, bf16x2 unpack, num_stages) for moe_q_fused: the (BN, BK) pairs
-    unsplit; the static BN 64 / BK 128 with its GEMMs split (gate_up: H = 5120, 40 K blocks; down: I = 8192, 64 K
-    blocks; the tile's last program adds the partials, and for gate_up runs the SwiGLU); the inline-PTX unpack in
-    both GEMMs, unsplit and split; deeper pipelines (``STAGES``) unsplit and split 4 ways (sweep only). At a decode
-    step gate_up has 2 tiles x I / BN = 256 programs of 40 K blocks each unsplit."""
+def moe_int4_configs(quick: bool, tiny: bool) -> list[tuple[int, int, int, int, bool, int | None, int | None]]:
+    """(BN, BK, gate_up split-K, down split-K, bf16x2 unpack, num_stages, num_warps) for moe_q_fused: the (BN, BK)
+    pairs unsplit; the static BN 64 / BK 128 with its GEMMs split (gate_up: H = 5120, 40 K blocks; down: I = 8192,
+    64 K blocks; the tile's last program adds the partials, and for gate_up runs the SwiGLU); the inline-PTX unpack in
+    both GEMMs, unsplit and split; 8 warps a program (a decode step's gate_up fits 2 programs an SM, by shared
+    memory: 8 warps an SM at 4 a program); other pipeline depths (``STAGES``) unsplit and split 4 ways (sweep only).
+    At a decode step gate_up has 2 tiles x I / BN = 256 programs of 40 K blocks each unsplit."""
     if tiny:
-        return [(32, 32, 1, 1, False, None), (32, 32, 2, 2, False, None), (32, 32, 1, 1, False, 4)]
+        return [(32, 32, 1, 1, False, None, None), (32, 32, 2, 2, False, None, None), (32, 32, 1, 1, False, 4, None),
+                (32, 32, 1, 1, False, None, 8)]
     splits = [(4, 4), (8, 8)] if quick else [(1, 2), (1, 4), (1, 8), (2, 2), (4, 4), (8, 8), (4, 8)]
-    asm = [(64, 128, sg, sd, True, None) for sg, sd in ((1, 1), (4, 4), (8, 8))]
+    asm = [(64, 128, sg, sd, True, None, None) for sg, sd in ((1, 1), (4, 4), (8, 8))]
     if not quick:
-        asm += [(128, 128, sg, sd, True, None) for sg, sd in ((1, 1), (4, 4))]
-    deep = [] if quick else [(64, 128, sk, sk, False, ns) for sk in (1, 4) for ns in STAGES]
-    return ([(bn, bk, 1, 1, False, None) for bn, bk in configs(quick, tiny)]
-            + [(64, 128, sg, sd, False, None) for sg, sd in splits] + asm + deep)
+        asm += [(128, 128, sg, sd, True, None, None) for sg, sd in ((1, 1), (4, 4))]
+    warps = [(64, 128, sk, sk, a, None, 8) for sk, a in (((1, False), (1, True), (4, True)) if quick else
+                                                         ((1, False), (4, False), (1, True), (4, True)))]
+    deep = [] if quick else [(64, 128, sk, sk, False, ns, None) for sk in (1, 4) for ns in STAGES]
+    return ([(bn, bk, 1, 1, False, None, None) for bn, bk in configs(quick, tiny)]
+            + [(64, 128, sg, sd, False, None, None) for sg, sd in splits] + asm + warps + deep)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,19 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                    lambda blocks=blocks: fused_attention_inplace(*heads, kc, vc, start, *q_args, blocks=blocks),
                    ref, moved)
         record(f"sdpa aten pos {pos}", b, "cat + mask", False, lambda: attention_cached_impl(*args)[0], ref, moved)
-    lock = torch.zeros(SPLIT_K_LOCK_WORDS, device=device, dtype=torch.int32)   # every chained call leaves it zeros
-    for name, t, x, wp, ws, w_bf16 in int4_cases(dims, tokens, device, g):
-        ref = F.linear(x, w_bf16)
-        n, k = wp.shape[0], 2 * wp.shape[1]
-        default = int4_blocks(n, k, k // ws.shape[1])
-        for bn, bk, sk, asm, ns in int4_configs(a.quick, a.tiny):
-            b = Int4Blocks(16, bn, bk, True, sk, asm, ns)
-            label = f"BN{bn} BK{bk}" + (f" SK{sk}" if sk > 1 else "") + (" bf16x2" if asm else "") + \
-                (f" NS{ns}" if ns else "")
-            run = (lambda b=b: int4_matmul(x, wp, ws, blocks=b, lock=lock)[0]) if sk > 1 else \
-                (lambda b=b: int4_matmul(x, wp, ws, blocks=b))              # split: chained, as engines run it
-            record(f"int4_mm {name}", t, label, b == default, run, ref, nbytes(wp, ws, x, ref))
-        record(f"torch.mm bf16 {name}", t, "cuBLAS", False, lambda: x @ w_bf16.t(), ref, nbytes(w_bf16, x, ref))
+    # then the Int4 MoE, most of a decode layer's time (289 of ~430 us on 2026-12-04's H200)
     qweights, fweights = moe_weights(dims, device, g)
     gu_s, dn_s = qweights[2], qweights[4]
     default = moe_int4_blocks(dims["H"], dims["I"], dims["H"] // gu_s.shape[-1], dims["I"] // dn_s.shape[-1])
@@ -391,14 +388,27 @@ def main(argv: list[str] | None = None) -> int:
         ref = _moe_impl(x, *fweights, 1)
         touched = int(torch.unique(_route(x, qweights[0], 1)[0]).numel())
         moved = moe_bytes(x, qweights, fweights, touched, quant=True)
-        for bn, bk, sg, sd, asm, ns in moe_int4_configs(a.quick, a.tiny):
-            blocks = (Int4Blocks(16, bn, bk, True, sg, asm, ns), Int4Blocks(16, bn, bk, True, sd, asm, ns))
+        for bn, bk, sg, sd, asm, ns, nw in moe_int4_configs(a.quick, a.tiny):
+            blocks = (Int4Blocks(16, bn, bk, True, sg, asm, ns, nw), Int4Blocks(16, bn, bk, True, sd, asm, ns, nw))
             label = (f"BN{bn} BK{bk}" + (f" SK{sg}/{sd}" if max(sg, sd) > 1 else "") + (" bf16x2" if asm else "")
-                     + (f" NS{ns}" if ns else ""))
+                     + (f" NS{ns}" if ns else "") + (f" NW{nw}" if nw else ""))
             record("moe_q_fused", t, label, blocks == default,
                    lambda blocks=blocks: fused_moe_int4(x, *qweights, 1, blocks=blocks), ref, moved)
         record("moe_fused bf16", t, "default", True, lambda: fused_moe(x, *fweights, 1), ref,
                moe_bytes(x, qweights, fweights, touched, quant=False))
+    lock = torch.zeros(SPLIT_K_LOCK_WORDS, device=device, dtype=torch.int32)   # every chained call leaves it zeros
+    for name, t, x, wp, ws, w_bf16 in int4_cases(dims, tokens, device, g):
+        ref = F.linear(x, w_bf16)
+        n, k = wp.shape[0], 2 * wp.shape[1]
+        default = int4_blocks(n, k, k // ws.shape[1])
+        for bn, bk, sk, asm, ns, nw in int4_configs(a.quick, a.tiny):
+            b = Int4Blocks(16, bn, bk, True, sk, asm, ns, nw)
+            label = f"BN{bn} BK{bk}" + (f" SK{sk}" if sk > 1 else "") + (" bf16x2" if asm else "") + \
+                (f" NS{ns}" if ns else "") + (f" NW{nw}" if nw else "")
+            run = (lambda b=b: int4_matmul(x, wp, ws, blocks=b, lock=lock)[0]) if sk > 1 else \
+                (lambda b=b: int4_matmul(x, wp, ws, blocks=b))              # split: chained, as engines run it
+            record(f"int4_mm {name}", t, label, b == default, run, ref, nbytes(wp, ws, x, ref))
+        record(f"torch.mm bf16 {name}", t, "cuBLAS", False, lambda: x @ w_bf16.t(), ref, nbytes(w_bf16, x, ref))
     f8weights = moe_fp8_weights(dims, device, g)
     default_fp8 = moe_fp8_blocks(dims["H"], dims["I"])
     for t in tokens:

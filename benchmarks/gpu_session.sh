@@ -10,9 +10,10 @@
 #            and one with l4compile's external weights and a Triton op; built, then loaded fresh and after a
 #            compile; a load that dies is re-run under cuda-gdb for its backtrace). On 2026-12-04's H200 image
 #            every CUDA package load segfaulted: run this first                                      (box 200 s)
-#   kernels  benchmarks/bench_kernels.py --quick: Int4 GEMV/GEMM, fused MoE (Int4, FP8, bf16), decode attention at
-#            Scout dimensions: the static blocks and the candidates (split-K, the bf16x2 unpack), each checked,
-#            then timed (CUDA graph replay) against the HBM copy bandwidth; no model compile          (box 240 s)
+#   kernels  benchmarks/bench_kernels.py --quick: decode attention, fused MoE (Int4, then bf16 and FP8), Int4
+#            GEMV/GEMM at Scout dimensions: the static blocks and the candidates (split-K, the bf16x2 unpack,
+#            8 warps), each checked, then timed (CUDA graph replay) against the HBM copy bandwidth; no model
+#            compile                                                                                 (box 240 s)
 #   sweep    the same over every block configuration (~500 rows)                                      (box 400 s)
 #   tests    the gpu-marked kernel tests: Triton kernels against their reference ops (real compile, bf16 tensor
 #            cores); failures are reported with their values (--tb=short -rfE)                      (box 150 s)

@@ -249,7 +249,14 @@ def sweep_cases(dims: dict, dtype: torch.dtype):
                                                                               blocks=b, lock=lock)   # chained
         yield f"sweep moe_q_fused {tag} BN64 BK128", lambda b=b: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1,
                                                                                      blocks=(b, b))
-    for ns in STAGES:                           # deeper K-loop pipelines (Triton's launch option num_stages)
+    for nw, asm in ((8, False), (8, True)):   # more warps a program (Triton's launch option num_warps)
+        b = Int4Blocks(16, 64, 128, True, 1, asm, None, nw)
+        tag = f"NW{nw}" + (" bf16x2" if asm else "")
+        yield f"sweep int4_mm {tag} BN64 BK128", lambda b=b: ops.int4_matmul(m.act(1, h), *m.int4(hq * d, h),
+                                                                              blocks=b)
+        yield f"sweep moe_q_fused {tag} BN64 BK128", lambda b=b: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1,
+                                                                                     blocks=(b, b))
+    for ns in STAGES:                           # other K-loop pipeline depths (Triton's launch option num_stages)
         b = Int4Blocks(16, 64, 128, True, 1, False, ns)
         yield f"sweep int4_mm NS{ns} BN64 BK128", lambda b=b: ops.int4_matmul(m.act(1, h), *m.int4(hq * d, h),
                                                                              blocks=b)

@@ -109,6 +109,9 @@ class Int4Blocks:
     bf16x2: bool = False    # the inline-PTX unpack (int4_mm.int4_pairs_bf16; bf16 on sm_90): a sweep candidate
     num_stages: int | None = None   # the K loop's software-pipeline depth (Triton's launch option; None: its
                                     # default, 3: with a K step of two blocks, 4 blocks in flight): a sweep candidate
+    num_warps: int | None = None    # warps a program (Triton's launch option; None: its default, 4): a sweep
+                                    # candidate. A decode step keeps few programs an SM (the MoE's gate_up: 2, by
+                                    # shared memory), so its unpack work has 8 warps an SM to hide latency with
 
 
 def int4_blocks(n_out: int, k_in: int, group: int) -> Int4Blocks:

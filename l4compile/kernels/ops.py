@@ -189,7 +189,7 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
         splits, x.stride(0), x.stride(1), *gate_up_q.stride(), *gate_up_s.stride(), *shared_gate_q.stride(),
         *shared_gate_s.stride(), act.stride(0), act.stride(1), *part_strides,
         BLOCK_M=bgu.block_m, BLOCK_N=bgu.block_n, BLOCK_K=bgu.block_k, SCALE_PER_BLOCK=bgu.scale_per_block,
-        SCALE_WORDS=words_gu, BF16X2=bgu.bf16x2, **mode, **_stages(bgu))
+        SCALE_WORDS=words_gu, BF16X2=bgu.bf16x2, **mode, **_launch(bgu))
     y = torch.empty((n_rows, hidden), device=x.device, dtype=x.dtype)            # [R, H]
     part, part_strides, lock, k_split, splits = dn
     wrap_triton(moe_int4_down_kernel)[(*grid_dn, splits)](
@@ -197,7 +197,7 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
         rows.tile_row_end, hidden, i_dim, n_exp, group_i, k_split, splits, act.stride(0), act.stride(1),
         *down_q.stride(), *down_s.stride(), *shared_down_q.stride(), *shared_down_s.stride(), y.stride(0), y.stride(1),
         *part_strides, BLOCK_M=bdn.block_m, BLOCK_N=bdn.block_n, BLOCK_K=bdn.block_k,
-        SCALE_PER_BLOCK=bdn.scale_per_block, SCALE_WORDS=words_dn, BF16X2=bdn.bf16x2, **mode, **_stages(bdn))
+        SCALE_PER_BLOCK=bdn.scale_per_block, SCALE_WORDS=words_dn, BF16X2=bdn.bf16x2, **mode, **_launch(bdn))
     return combine_rows(y, rows, n_tok, top_k)
 
 
@@ -279,10 +279,10 @@ def _check_bf16x2(x: Tensor, n_out: int, k_in: int, w_scale: Tensor, b: Int4Bloc
         raise ValueError(f"Int4 GEMM [{n_out} x {k_in}]: the bf16x2 unpack does not apply: {why}")
 
 
-def _stages(b: Int4Blocks) -> dict:
-    """The launch option of an Int4 GEMM's blocks: ``num_stages`` only where the blocks set it (a sweep candidate;
-    engines launch with Triton's default)."""
-    return {"num_stages": b.num_stages} if b.num_stages else {}
+def _launch(b: Int4Blocks) -> dict:
+    """The launch options of an Int4 GEMM's blocks: ``num_stages`` and ``num_warps`` only where the blocks set them
+    (sweep candidates; engines launch with Triton's defaults)."""
+    return {k: v for k, v in (("num_stages", b.num_stages), ("num_warps", b.num_warps)) if v}
 
 
 def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None, lock: Tensor | None = None,
@@ -314,11 +314,11 @@ def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None, lock:
     if b.bf16x2:
         wrap_triton(int4_mm_bf16x2_kernel)[(grid_m, grid_n, splits)](
             *args, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SCALE_WORDS=words, CHAIN=chain,
-            **_stages(b))
+            **_launch(b))
     else:
         wrap_triton(int4_mm_kernel)[(grid_m, grid_n, splits)](
             *args, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SCALE_PER_BLOCK=b.scale_per_block,
-            SCALE_WORDS=words, CHAIN=chain, **_dot_mode(x.dtype), **_stages(b))
+            SCALE_WORDS=words, CHAIN=chain, **_dot_mode(x.dtype), **_launch(b))
     return (y, next_lock) if chain else y
 
 

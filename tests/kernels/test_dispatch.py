@@ -464,9 +464,9 @@ def test_bench_kernels_script_checks_every_kernel(tmp_path, capsys):
     assert report["device"] == ("cpu (interpreter)" if not torch.cuda.is_available() else torch.cuda.get_device_name())
     kernels = [r["kernel"] for r in rows]
     assert kernels == ["attention_fused pos 7", "sdpa aten pos 7", "attention_fused pos 31", "sdpa aten pos 31",
-                       *["int4_mm q_proj"] * 3, "torch.mm bf16 q_proj", *["int4_mm kv_proj"] * 3,
-                       "torch.mm bf16 kv_proj", *["int4_mm o_proj"] * 3, "torch.mm bf16 o_proj",
-                       "moe_q_fused", "moe_q_fused", "moe_q_fused", "moe_fused bf16", "moe_fp8_fused",
+                       *["moe_q_fused"] * 4, "moe_fused bf16",
+                       *["int4_mm q_proj"] * 4, "torch.mm bf16 q_proj", *["int4_mm kv_proj"] * 4,
+                       "torch.mm bf16 kv_proj", *["int4_mm o_proj"] * 4, "torch.mm bf16 o_proj", "moe_fp8_fused",
                        "moe_q reference fp8"]
     assert all(r["error"] is None and r["ms"] > 0 and r["rel_err"] < 5e-2 for r in rows)
     # what a decode step must read: k and v of the visible positions (2 sequences, 2 kv heads, head_dim 16, bf16)
@@ -475,4 +475,5 @@ def test_bench_kernels_script_checks_every_kernel(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| int4_mm q_proj | 2 | BN32 BK32 NS4 |" in out and "| moe_q_fused | 2 | BN32 BK32 NS4 |" in out
     assert "| int4_mm q_proj | 2 | BN32 BK32 SK2 |" in out                        # split: l4::int4_mm_chained's form
+    assert "| int4_mm q_proj | 2 | BN32 BK32 NW8 |" in out and "| moe_q_fused | 2 | BN32 BK32 NW8 |" in out
     assert "| moe_q_fused | 2 | BN32 BK32 |" in out and "| moe_q_fused | 2 | BN32 BK32 SK2/2 |" in out and "| moe_fp8_fused | 2 | BM16 BN16 BK32 |" in out and "| attention_fused pos 31 | 2 | BM16 BN16 |" in out

@@ -232,8 +232,8 @@ def test_int4_mm_cuda(m, n, k, group, dtype):
     if k >= 1024:                                                                  # split-K on real tensor cores
         from l4compile.kernels.layout import Int4Blocks
         from l4compile.kernels.ops import int4_matmul
-        for split in (2, 8):
-            out = int4_matmul(x, w_packed, w_scale, blocks=Int4Blocks(16, 64, 128, True, split))
+        for split, warps in ((2, None), (8, None), (1, 8), (4, 8)):                  # warps: 8 a program too
+            out = int4_matmul(x, w_packed, w_scale, blocks=Int4Blocks(16, 64, 128, True, split, num_warps=warps))
             assert rel_err(out, _linear_int4_impl(x, w_packed, w_scale)) < tol
         from l4compile.kernels.layout import SPLIT_K_LOCK_WORDS
         lock = torch.zeros(SPLIT_K_LOCK_WORDS, dtype=torch.int32, device="cuda")
