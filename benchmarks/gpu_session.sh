@@ -44,8 +44,8 @@
 #            by a later call): the compile of 48 layers may take most of a call (offline, 2026-12-07: the export
 #            and AOTInductor code generation of bench-scout at 48 layers took 338 s on this 2-core CPU machine,
 #            before any C++ compile or weight streaming)                                         (box 580 s)
-#   fullb    full's decode benchmark alone, on the engine fullc left (the next call, while the host is warm)
-#                                                                                                (box 400 s)
+#   fullb    full's decode benchmark alone, on the engine fullc left (the next call, while the host is warm;
+#            under the jit runtime its load compiles the 48-layer program again)                  (box 580 s)
 #   fullqc, fullqb   the same two with the lm_head in Int4 (fullqc first removes any engine in $ENGINES: two do
 #            not fit the disk)
 #
@@ -155,7 +155,7 @@ for spec in ${PARTS//,/ }; do
             --engine-dir "$ENGINES/$name" --out "$RES/$part" ;;
     fullb | fullqb)
         name=scout-int4; [ $part = fullqb ] && name=scout-int4-lm-head-int4
-        boxed $(box 400) $part $PY benchmarks/bench_gpu.py --parts full-bench --repeats 3 \
+        boxed $(box 580) $part $PY benchmarks/bench_gpu.py --parts full-bench --repeats 3 \
             --engine-dir "$ENGINES/$name" --out "$RES/$part" ;;
     *)
         log "unknown part '$part' (probe, kernels, sweep, tests, engines, attention, decode1, modes, knobs, context, decode, prefill, full, fullq, fullc, fullb, fullqc, fullqb)" ;;
