@@ -249,8 +249,9 @@ def configs(quick: bool, tiny: bool) -> list[tuple[int, int]]:
 
 
 # K-loop pipeline depths to try besides Triton's default 3 (``Int4Blocks.num_stages``): 4 and 5 hold more loads in
-# flight per program, the other lever (with split-K) on a decode GEMV whose time follows its serial K loop; 2 takes
-# a third off the MoE gate_up's 100 KB of shared memory, so 3 programs fit an SM where 2 do
+# flight per program, the other lever (with split-K) on a decode GEMV whose time follows its serial K loop; 2 needs
+# half the shared memory (the MoE gate_up: 50 KB, not 100), more programs an SM where registers allow (sm_90a:
+# gate_up's 192 registers a thread still allow 2; int4_mm then keeps 16 bytes of stack)
 STAGES = (2, 4, 5)
 
 
