@@ -8,7 +8,7 @@ How: each kernel's host code (``l4compile.kernels.ops``) runs on META tensors at
 ``wrap_triton`` replaced by a recorder, so the launches it would make (kernel, arguments, constexprs) are captured
 without memory or a device; each distinct launch is compiled by Triton's own NVIDIA backend (``triton.compile``
 with ``GPUTarget("cuda", 90, 32)``, the ptxas shipped in the triton wheel) and the cubin's resource usage is read
-with cuobjdump. A kernel that spills (stack > 0) loses its memory bandwidth to local-memory traffic; one that does
+with cuobjdump; from it, how many programs an H100 SM holds at once (``programs_per_sm``). A kernel that spills (stack > 0) loses its memory bandwidth to local-memory traffic; one that does
 not compile, or needs more shared memory than a block may have (227 KiB), would fail the first GPU session.
 Arguments are specialised by Triton's own binder, as on a GPU. Exit 1 if a kernel fails to compile, exceeds the
 shared memory, waits on a synchronous global load inside a software-pipelined loop (``loop_loads``: a K loop that
@@ -49,6 +49,20 @@ sys.path.insert(0, str(ROOT))
 DIMS = {"scout": {"H": 5120, "I": 8192, "E": 16, "heads": 40, "kv_heads": 8, "head_dim": 128, "slots": 8192},
         "tiny": {"H": 64, "I": 96, "E": 4, "heads": 4, "kv_heads": 2, "head_dim": 16, "slots": 32}}
 SHARED_LIMIT = 227 * 1024       # the most shared memory one block may opt into on sm_90
+# an H100 SM (sm_90): what bounds the programs (CTAs) resident at once
+SM_SHARED = 228 * 1024          # shared memory an SM has for blocks, each also holding 1 KB the system reserves
+SM_REGISTERS = 65536            # 32-bit registers, allocated a warp at a time in units of 256
+SM_WARPS, SM_CTAS = 64, 32
+
+
+def programs_per_sm(registers: int, num_warps: int, shared_bytes: int) -> int:
+    """How many programs of a kernel an H100 SM holds at once (the CUDA occupancy rules for sm_90: registers per
+    warp rounded up to 256, 1 KB of shared memory reserved per block, at most 64 warps and 32 blocks). A decode
+    step with few programs an SM has few warps to hide each one's latency with."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = SM_REGISTERS // (per_warp * num_warps) if registers else SM_CTAS
+    by_shared = SM_SHARED // (shared_bytes + 1024)
+    return max(0, min(by_regs, by_shared, SM_WARPS // num_warps, SM_CTAS))
 
 
 class Recorder:
@@ -308,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"triton {triton.__version__}, target sm_90a; {a.dims} dimensions; shared memory limit "
           f"{SHARED_LIMIT // 1024} KiB a block")
-    print("| case | dtype | kernel | constexprs | registers | spilled (stack) bytes | shared bytes | tensor cores |")
-    print("|---|---|---|---|---|---|---|---|", flush=True)
+    print("| case | dtype | kernel | constexprs | registers | spilled (stack) bytes | shared bytes | programs an SM "
+          "(warps) | tensor cores |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
     rows, bad = [], 0
     todo = [(c, d) for d in dtypes for c in cases(DIMS[a.dims], d)]
     if a.sweep:
@@ -334,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                 row.update(resources(compiled.asm["cubin"], tool), shared_bytes=compiled.metadata.shared,
                            num_warps=compiled.metadata.num_warps, mma=mma_kinds(compiled.asm["ptx"]),
                            loop_loads=loop_loads(compiled.asm["ttgir"]))
+                row["programs_per_sm"] = programs_per_sm(row["registers"], row["num_warps"], row["shared_bytes"])
                 if a.ops:
                     row["sass_ops"] = sass_ops(compiled.asm["cubin"], tool)
             except Exception as ex:           # reported, and the exit status says so
@@ -349,15 +365,16 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             shown = " ".join(f"{k}={v}" for k, v in row.get("constexprs", {}).items() if k.isupper())
             if row["error"]:
-                print(f"| {name} | {dname} | {row['kernel']} | {shown} | {row['error']} | - | - | - |", flush=True)
+                print(f"| {name} | {dname} | {row['kernel']} | {shown} | {row['error']} | - | - | - | - |", flush=True)
             else:
                 print(f"| {name} | {dname} | {row['kernel']} | {shown} | {row['registers']} | {row['stack_bytes']} | "
-                      f"{row['shared_bytes']} | {', '.join(row['mma']) or '-'} |", flush=True)
+                      f"{row['shared_bytes']} | {row['programs_per_sm']} ({row['programs_per_sm'] * row['num_warps']}) "
+                      f"| {', '.join(row['mma']) or '-'} |", flush=True)
                 if a.ops:
                     print("|  |  |  | SASS loop: " + " ".join(f"{k} {v}" for k, v in row["sass_ops"].items() if v)
                           + "; loop loads (sync/async): " + " ".join(f"{lp['sync']}/{lp['async']}"
                                                                       for lp in row["loop_loads"])
-                          + " | | | | |", flush=True)
+                          + " | | | | | |", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps({"triton": triton.__version__, "target": "sm_90a", "dims": a.dims,
                                             "rows": rows}, indent=2, default=str))
