@@ -8,12 +8,13 @@ How: each kernel's host code (``l4compile.kernels.ops``) runs on META tensors at
 ``wrap_triton`` replaced by a recorder, so the launches it would make (kernel, arguments, constexprs) are captured
 without memory or a device; each distinct launch is compiled by Triton's own NVIDIA backend (``triton.compile``
 with ``GPUTarget("cuda", 90, 32)``, the ptxas shipped in the triton wheel) and the cubin's resource usage is read
-with cuobjdump; from it, how many programs an H100 SM holds at once (``programs_per_sm``). A kernel that spills (stack > 0) loses its memory bandwidth to local-memory traffic; one that does
-not compile, or needs more shared memory than a block may have (227 KiB), would fail the first GPU session.
-Arguments are specialised by Triton's own binder, as on a GPU. Exit 1 if a kernel fails to compile, exceeds the
-shared memory, waits on a synchronous global load inside a software-pipelined loop (``loop_loads``: a K loop that
-does runs at one HBM round trip an iteration), or spills in a 16-bit engine (float32 engines, a parity mode whose
-IEEE dots run on FMA units, are reported, not failed, when they spill).
+with cuobjdump; from it, how many programs an H100 SM holds at once (``programs_per_sm``). A kernel that spills
+(stack > 0) loses its memory bandwidth to local-memory traffic; one that does not compile, or needs more shared
+memory than a block may have (227 KiB), would fail the first GPU session. Arguments are specialised by Triton's own
+binder, as on a GPU. Exit 1 if a kernel fails to compile, exceeds the shared memory, waits on a synchronous global
+load inside a software-pipelined loop (``loop_loads``: a K loop that does runs at one HBM round trip an iteration),
+or spills in a 16-bit engine (float32 engines, a parity mode whose IEEE dots run on FMA units, are reported, not
+failed, when they spill).
 
 Cases (at Scout dimensions: H 5120, I 8192, 16 experts, 40/8 heads x 128, Int4 group 128; bf16 and float32
 engines, whose dots run IEEE fp32 on twice the shared memory):
@@ -244,38 +245,27 @@ def sweep_cases(dims: dict, dtype: torch.dtype):
 
     m = MetaInputs(dims, dtype)
     h, hq, hkv, d = (dims[k] for k in ("H", "heads", "kv_heads", "head_dim"))
-    for bn, bk in configs(quick=False, tiny=False):
-        b = Int4Blocks(16, bn, bk, True)
-        yield f"sweep int4_mm BN{bn} BK{bk}", lambda b=b: ops.int4_matmul(m.act(1, h), *m.int4(hq * d, h), blocks=b)
-        yield f"sweep moe_q_fused BN{bn} BK{bk}", lambda b=b: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1,
-                                                                                blocks=(b, b))
-    for bn, bk in ((64, 128), (128, 128)):      # the inline-PTX unpack (bf16 engines only: sweeps skip float32)
-        b = Int4Blocks(16, bn, bk, True, 1, True)
-        yield f"sweep int4_mm bf16x2 BN{bn} BK{bk}", lambda b=b: ops.int4_matmul(m.act(1, h), *m.int4(hq * d, h),
-                                                                                 blocks=b)
-        yield f"sweep moe_q_fused bf16x2 BN{bn} BK{bk}", lambda b=b: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1,
-                                                                                       blocks=(b, b))
     lock = torch.zeros(SPLIT_K_LOCK_WORDS, dtype=torch.int32, device="meta")
+
+    def int4_and_moe(tag: str, b, chained: bool = False):
+        """The int4_mm (q_proj) and moe_q_fused cases of one block configuration; ``chained``: int4_mm as
+        l4::int4_mm_chained, as engines launch a split GEMM."""
+        yield f"sweep int4_mm {tag}", lambda: ops.int4_matmul(m.act(1, h), *m.int4(hq * d, h), blocks=b,
+                                                              lock=lock if chained else None)
+        yield f"sweep moe_q_fused {tag}", lambda: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1, blocks=(b, b))
+
+    for bn, bk in configs(quick=False, tiny=False):
+        yield from int4_and_moe(f"BN{bn} BK{bk}", Int4Blocks(16, bn, bk, True))
+    for bn, bk in ((64, 128), (128, 128)):      # the inline-PTX unpack (bf16 engines only: sweeps skip float32)
+        yield from int4_and_moe(f"bf16x2 BN{bn} BK{bk}", Int4Blocks(16, bn, bk, True, 1, True))
     for split, asm in ((4, False), (8, False), (4, True)):   # split-K: the tile's last program adds the partials
-        b = Int4Blocks(16, 64, 128, True, split, asm)
-        tag = f"SK{split}" + (" bf16x2" if asm else "")
-        yield f"sweep int4_mm {tag} BN64 BK128", lambda b=b: ops.int4_matmul(m.act(1, h), *m.int4(hq * d, h),
-                                                                              blocks=b, lock=lock)   # chained
-        yield f"sweep moe_q_fused {tag} BN64 BK128", lambda b=b: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1,
-                                                                                     blocks=(b, b))
+        yield from int4_and_moe(f"SK{split}" + (" bf16x2" if asm else "") + " BN64 BK128",
+                                Int4Blocks(16, 64, 128, True, split, asm), chained=True)
     for nw, asm in ((8, False), (8, True)):   # more warps a program (Triton's launch option num_warps)
-        b = Int4Blocks(16, 64, 128, True, 1, asm, None, nw)
-        tag = f"NW{nw}" + (" bf16x2" if asm else "")
-        yield f"sweep int4_mm {tag} BN64 BK128", lambda b=b: ops.int4_matmul(m.act(1, h), *m.int4(hq * d, h),
-                                                                              blocks=b)
-        yield f"sweep moe_q_fused {tag} BN64 BK128", lambda b=b: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1,
-                                                                                     blocks=(b, b))
+        yield from int4_and_moe(f"NW{nw}" + (" bf16x2" if asm else "") + " BN64 BK128",
+                                Int4Blocks(16, 64, 128, True, 1, asm, None, nw))
     for ns in STAGES:                           # other K-loop pipeline depths (Triton's launch option num_stages)
-        b = Int4Blocks(16, 64, 128, True, 1, False, ns)
-        yield f"sweep int4_mm NS{ns} BN64 BK128", lambda b=b: ops.int4_matmul(m.act(1, h), *m.int4(hq * d, h),
-                                                                             blocks=b)
-        yield f"sweep moe_q_fused NS{ns} BN64 BK128", lambda b=b: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1,
-                                                                                    blocks=(b, b))
+        yield from int4_and_moe(f"NS{ns} BN64 BK128", Int4Blocks(16, 64, 128, True, 1, False, ns))
     block_d = attention_blocks(d).block_d
     tables = [torch.empty(dims["slots"], d // 2, device="meta") for _ in "cs"]    # bench_kernels' NoPE rows: unused
     for bm, bn in attention_configs(quick=False, tiny=False):
