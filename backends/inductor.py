@@ -128,12 +128,7 @@ def split_k_locks_chained(gm: torch.fx.GraphModule, linear_chained, words: int,
     the next). A split GEMM's counters then cost no memset launch of its own; each block has one reader, so Inductor
     writes the counters in place and copies nothing. None where no call may split; ``gm`` is left as it is."""
     def attr(node):
-        if getattr(node, "op", None) != "get_attr":
-            return None
-        obj = gm
-        for name in node.target.split("."):
-            obj = getattr(obj, name)
-        return obj
+        return operator.attrgetter(node.target)(gm) if getattr(node, "op", None) == "get_attr" else None
 
     graph = torch.fx.Graph()
     env: dict = {}

@@ -167,9 +167,8 @@ def int4_mm_splits(w_packed: Tensor | None, w_scale: Tensor | None) -> bool:
     so that a CUDA engine's step chains its counters (``linear_int4_chained``). Needs Triton."""
     if w_packed is None or w_scale is None:
         return True
-    from . import ops                      # its int4_blocks: what the op body will choose (benchmarks patch it)
-    n_out, k_in = w_packed.shape[0], 2 * w_packed.shape[1]
-    return ops.int4_blocks(n_out, k_in, k_in // w_scale.shape[1]).split_k > 1
+    from . import ops                      # the op body's own choice (benchmarks patch ops.int4_blocks)
+    return ops.default_int4_blocks(w_packed, w_scale).split_k > 1
 
 
 def linear_int4_chained(x: Tensor, w_packed: Tensor, w_scale: Tensor, lock: Tensor) -> tuple[Tensor, Tensor]:

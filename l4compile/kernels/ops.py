@@ -285,6 +285,12 @@ def _launch(b: Int4Blocks) -> dict:
     return {k: v for k, v in (("num_stages", b.num_stages), ("num_warps", b.num_warps)) if v}
 
 
+def default_int4_blocks(w_packed: Tensor, w_scale: Tensor) -> Int4Blocks:
+    """The blocks ``l4::int4_mm`` launches with on these weights (``layout.int4_blocks`` of their shape)."""
+    k_in = 2 * w_packed.shape[1]
+    return int4_blocks(w_packed.shape[0], k_in, k_in // w_scale.shape[1])
+
+
 def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None, lock: Tensor | None = None,
                 next_lock: Tensor | None = None):
     """The body of ``l4::int4_mm`` (x [M, Kin] -> [M, N]); ``blocks`` (an ``Int4Blocks``) overrides (tests). With
@@ -293,7 +299,7 @@ def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None, lock:
     the launch then also zeroes a fresh block (``next_lock``, given or allocated) and returns (y, that block)."""
     n_out, k_in = w_packed.shape[0], 2 * w_packed.shape[1]
     group = k_in // w_scale.shape[1]
-    b = blocks or int4_blocks(n_out, k_in, group)
+    b = blocks or default_int4_blocks(w_packed, w_scale)
     if b.bf16x2:
         _check_bf16x2(x, n_out, k_in, w_scale, b)
     chain = lock is not None
