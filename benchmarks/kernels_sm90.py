@@ -113,7 +113,7 @@ def resources(cubin: bytes, tool: Path) -> dict:
 
 
 OPS = ("I2F", "F2F", "F2FP", "PRMT", "LOP3", "SHF", "FMUL", "FADD", "FFMA", "HADD2", "HMUL2", "HMMA", "LDG", "LDS",
-       "STS", "LDL", "STL")
+       "STS", "STSM", "LDL", "STL")
 
 
 def sass_ops(cubin: bytes, tool: Path) -> dict[str, int]:
@@ -256,6 +256,7 @@ def sweep_cases(dims: dict, dtype: torch.dtype):
 
     for bn, bk in configs(quick=False, tiny=False):
         yield from int4_and_moe(f"BN{bn} BK{bk}", Int4Blocks(16, bn, bk, True))
+    yield from int4_and_moe("bytes BN64 BK128", Int4Blocks(16, 64, 128, True, fma_unpack=False))   # the byte unpack
     for bn, bk in ((64, 128), (128, 128)):      # the inline-PTX unpack (bf16 engines only: sweeps skip float32)
         yield from int4_and_moe(f"bf16x2 BN{bn} BK{bk}", Int4Blocks(16, bn, bk, True, 1, True))
     for split, asm in ((4, False), (8, False), (4, True)):   # split-K: the tile's last program adds the partials

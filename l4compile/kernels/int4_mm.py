@@ -13,6 +13,16 @@ the mantissa of 2**23 it is the float 2**23 + q exactly, and subtracting 2**23 +
 with 64 I2F to 539 without (64 weights a thread an iteration: ~8.4 instructions a weight).
 ``int4_tile`` (that load + unpack + scale) is shared with the fused Int4 MoE kernels (``moe_int4_*``).
 
+``FMA_UNPACK`` (the float path wherever ``layout.fma_unpack`` allows: BK 128, bf16 scales, word-aligned packed rows,
+so every Scout GEMM): the packed block loads as [BN, BK/8] int32 words, 8 nibbles each, and each weight costs an AND
+and one FFMA (``int4_fma_words``, ``int4_fma_tile``: 1.0f's bits around the nibble make 1 + q * u, and
+fma(f, s / u, -(1/u + 8) * s) is (q - 8) * s exactly), where the byte unpack spends a conversion, an OR, an FADD and
+an FMUL a weight on bytes widened one by one. Tile j holds the weights of inputs 8m + j, so a K block is 8 dots of
+BK/8 inputs against x's inputs j, j + 8, .. (``x_eighths``, split in registers), the MMAs one dot of BK would
+issue. K loops (sm_90a, Triton 3.7.1, ``kernels_sm90.py --ops``), a step of two K blocks at BN 64: int4_mm 674
+instructions against 1017, MoE gate_up 1471 against 2088, down 668 against 1031; the byte unpack stays for
+everything else and as ``Int4Blocks(fma_unpack=False)``.
+
 Scales: with ``SCALE_PER_BLOCK`` (BK divides G, K blocks aligned) one scale per row per K block is loaded;
 otherwise (small or odd groups, e.g. G = 6) scales are gathered per element. ``SCALE_WORDS`` (16-bit scales, an even
 number of groups a row: ``layout.scale_words``; Scout's Int4 weights) loads them as 32-bit words, a pair of groups
@@ -113,6 +123,81 @@ def int4_tile(w_ptr, s_ptr, rn, nmask, k0, K, G, stride_wn, stride_wk, stride_sn
     return w
 
 
+# FMA_UNPACK: packed weights load as 32-bit words, 8 nibbles each (nibble j of word m is input 8m + j), and a nibble
+# q at bits [4p, 4p + 4) of a word OR-ed into 1.0f (0x3F800000) reads as the float f = 1 + q * u, u = 2^(4p - 23).
+# Each word is read three ways (as it is, << 8, >> 12) so that every nibble sits at p = 2, 3 or 4 (u = 2^-15,
+# 2^-11, 2^-7), and then
+#     fma(f, s / u, -(1/u + 8) * s) = (q - 8) * s      exactly, one FFMA a weight
+# for a bf16 scale s with 2^-100 < |s| < 2^100: s / u and (1/u + 8) * s are exact in float32 (1/u + 8 has at most
+# 13 significant bits, s 8), so is f * (s / u) (f has at most 16) and so is the result: fused or not (the CPU
+# interpreter's tl.fma is a product, then a sum), every step is exact.
+_ONE = tl.constexpr(0x3F800000)
+_P2 = tl.constexpr(0x3F800F00)          # 1.0f's bits and the nibble at p = 2 (u = 2^-15)
+_P3 = tl.constexpr(0x3F80F000)          # p = 3 (u = 2^-11)
+_P4 = tl.constexpr(0x3F8F0000)          # p = 4 (u = 2^-7)
+
+
+@triton.jit
+def int4_fma_words(w_ptr, rn, nmask, k0, stride_wn, BLOCK_K: tl.constexpr):
+    """Rows ``rn`` [BN] (0 where ``nmask`` is not), inputs k0 .. k0+BK-1 of a packed weight as [BN, BK/8] int32
+    words (the rows' bytes must be 4-byte aligned: ``layout.fma_unpack``), read the three ways ``int4_fma_tile``
+    takes them, each with 1.0f's bits OR-ed in: (as they are, << 8, >> 12). LOP3 takes one literal, so an AND and
+    an OR of two literals would stay two instructions a weight; OR-ed once a word, the AND alone keeps 1.0f."""
+    kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)                                   # [BK/8] word index
+    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + rn[:, None] * (stride_wn // 4) + kw[None, :],
+                    mask=nmask[:, None], other=0)                                # [BN, BK/8] int32
+    return words | _ONE, (words << 8) | _ONE, (words >> 12) | _ONE
+
+
+@triton.jit
+def int4_fma_tile(at, lo, hi, s, J: tl.constexpr, dtype: tl.constexpr):
+    """Tile J (0..7) of a K block from ``int4_fma_words``' (at, lo, hi) and its scales s [BN, 1] float32 (from bf16):
+    [BN, BK/8] of ``dtype``, column m the weight of input 8m + J, round((q - 8) * s) as the reference makes it.
+    Nibbles 2, 3, 4 sit at p = 2, 3, 4 of ``at``, nibbles 0, 1 at p = 2, 3 of ``lo``, 5, 6, 7 at p = 2, 3, 4 of
+    ``hi``. Computed tile by tile next to its dot, the 8 tiles are not all live at once (gate_up: 188 registers,
+    no spill; all 8 first: 168 and a spill)."""
+    if J == 0 or J == 2 or J == 5:                                               # p = 2
+        src = lo if J == 0 else (at if J == 2 else hi)
+        return tl.fma((src & _P2).to(tl.float32, bitcast=True), s * 32768.0, s * -32776.0).to(dtype)
+    elif J == 1 or J == 3 or J == 6:                                             # p = 3
+        src = lo if J == 1 else (at if J == 3 else hi)
+        return tl.fma((src & _P3).to(tl.float32, bitcast=True), s * 2048.0, s * -2056.0).to(dtype)
+    else:                                                                        # J = 4, 7: p = 4
+        src = at if J == 4 else hi
+        return tl.fma((src & _P4).to(tl.float32, bitcast=True), s * 128.0, s * -136.0).to(dtype)
+
+
+@triton.jit
+def x_eighths(xt, BLOCK_K: tl.constexpr):
+    """x [BM, BK] -> 8 tiles [BM, BK/8], tile j = x[:, j::8] (the partners of ``int4_fma_tile``), split in
+    registers: j = 4c + 2b + a, split on a, then b, then c."""
+    xa0, xa1 = tl.split(tl.reshape(xt, (xt.shape[0], BLOCK_K // 8, 2, 2, 2)))
+    x00, x01 = tl.split(xa0)
+    x10, x11 = tl.split(xa1)
+    x0, x4 = tl.split(x00)
+    x2, x6 = tl.split(x01)
+    x1, x5 = tl.split(x10)
+    x3, x7 = tl.split(x11)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def int4_fma_dot(acc, xt, w_ptr, rn, nmask, k0, stride_wn, sc, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                 DOT_F32: tl.constexpr):
+    """acc [BM, BN] + xt [BM, BK] @ W[rn, k0 .. k0+BK)^T (float32, ``sc`` [BN] the block's bf16 scales), W
+    dequantized by ``int4_fma_tile`` and rounded to x's dtype as the reference rounds it: 8 dots of BK/8 inputs
+    (BK >= 128), the MMAs one dot of BK would issue. ``DOT_F32``: see ``moe_gate_up``."""
+    xs = x_eighths(xt, BLOCK_K)
+    at, lo, hi = int4_fma_words(w_ptr, rn, nmask, k0, stride_wn, BLOCK_K)
+    s = sc.to(tl.float32)[:, None]
+    for j in tl.static_range(8):
+        xj, wj = xs[j], tl.trans(int4_fma_tile(at, lo, hi, s, j, xt.dtype))
+        if DOT_F32:
+            xj, wj = xj.to(tl.float32), wj.to(tl.float32)
+        acc = tl.dot(xj, wj, acc, input_precision=PRECISION)
+    return acc
+
+
 # $4: four packed bytes b0..b3 (weights k0..k7, low nibble first); $5, $6: their scales as bf16 pairs (e0, e1),
 # (e2, e3). Out: $0, $1 = the even weights (k0, k2), (k4, k6); $2, $3 = the odd ones (k1, k3), (k5, k7), bf16 pairs.
 _UNPACK_BF16X2 = tl.constexpr("""
@@ -203,7 +288,7 @@ def int4_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, G: t
                    stride_ps, stride_pm, stride_pn, next_ptr, next_words,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    SCALE_PER_BLOCK: tl.constexpr, SCALE_WORDS: tl.constexpr, PRECISION: tl.constexpr,
-                   DOT_F32: tl.constexpr, CHAIN: tl.constexpr):
+                   DOT_F32: tl.constexpr, CHAIN: tl.constexpr, FMA_UNPACK: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)                     # [BM]
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)                     # [BN]
     split = tl.program_id(2)
@@ -220,12 +305,16 @@ def int4_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, G: t
             k = k0 + ks                                                          # [BK]
             xt = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :] * stride_xk,
                          mask=mmask[:, None] & (k < K)[None, :], other=0.0)        # [BM, BK]
-            w = int4_tile(w_ptr, s_ptr, rn, nmask, k0, K, G, stride_wn, stride_wk, stride_sn, stride_sg,
-                          pick_scale(s_even, s_odd, u, G, BLOCK_K), BLOCK_N, BLOCK_K, SCALE_PER_BLOCK)  # [BN, BK] f32
-            wt = tl.trans(w.to(xt.dtype))                                        # [BK, BN], rounded like the reference
-            if DOT_F32:                                                          # interpreter (see moe_gate_up)
-                xt, wt = xt.to(tl.float32), wt.to(tl.float32)
-            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+            sc = pick_scale(s_even, s_odd, u, G, BLOCK_K)
+            if FMA_UNPACK:
+                acc = int4_fma_dot(acc, xt, w_ptr, rn, nmask, k0, stride_wn, sc, BLOCK_K, PRECISION, DOT_F32)
+            else:
+                w = int4_tile(w_ptr, s_ptr, rn, nmask, k0, K, G, stride_wn, stride_wk, stride_sn, stride_sg, sc,
+                              BLOCK_N, BLOCK_K, SCALE_PER_BLOCK)                  # [BN, BK] f32
+                wt = tl.trans(w.to(xt.dtype))                                    # [BK, BN], rounded like the reference
+                if DOT_F32:                                                      # interpreter (see moe_gate_up)
+                    xt, wt = xt.to(tl.float32), wt.to(tl.float32)
+                acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
     split_k_store(acc, y_ptr, rm[:, None] * stride_ym + rn[None, :] * stride_yn, part_ptr,
                   rm[:, None] * stride_pm + rn[None, :] * stride_pn, stride_ps, mmask[:, None] & nmask[None, :],
                   lock_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), split, n_split,

@@ -112,6 +112,8 @@ class Int4Blocks:
     num_warps: int | None = None    # warps a program (Triton's launch option; None: its default, 4): a sweep
                                     # candidate. A decode step keeps few programs an SM (the MoE's gate_up: 2, by
                                     # shared memory), so its unpack work has 8 warps an SM to hide latency with
+    fma_unpack: bool = True         # word loads and one FFMA a weight where ``fma_unpack`` allows (False: the byte
+                                    # unpack, ``int4_mm.int4_tile``: a sweep row that compares the two)
 
 
 def int4_blocks(n_out: int, k_in: int, group: int) -> Int4Blocks:
@@ -168,6 +170,21 @@ def scale_words(*scales: Tensor) -> bool:
     and every iteration waits out a whole HBM round trip (``benchmarks/kernels_sm90.py``: ``loop_loads``)."""
     return all(s.element_size() == 2 and s.shape[-1] % 2 == 0 and s.stride(-1) == 1 and s.storage_offset() % 2 == 0
                and all(st % 2 == 0 for st in s.stride()[:-1]) for s in scales)
+
+
+def fma_unpack(b: Int4Blocks, packed: tuple[Tensor, ...], scales: tuple[Tensor, ...]) -> bool:
+    """Whether a float-path Int4 GEMM with blocks ``b`` dequantizes these packed weights [.., N, K/2] uint8 (scales
+    [.., N, K/G]) through ``int4_mm.int4_fma_tiles`` (32-bit word loads, one FFMA a weight): ``b.fma_unpack``, not
+    the bf16x2 unpack, one scale a K block (``scale_per_block``; K blocks then never overhang K), BK >= 128 (a
+    power of two: each of its 8 dots takes BK/8 >= 16 inputs, ``tl.dot``'s least), bf16 scales (what keeps every
+    step of the unpack exact, fused or not: the CPU interpreter's ``tl.fma`` is a product and a sum) and rows of
+    whole aligned words: bytes contiguous along K, every other stride and the storage offset a multiple of 4 (the
+    storage itself is at least 4-byte aligned, as in ``scale_words``)."""
+    return (b.fma_unpack and not b.bf16x2 and b.scale_per_block and b.block_k >= 128
+            and b.block_k & (b.block_k - 1) == 0
+            and all(s.dtype == torch.bfloat16 for s in scales)
+            and all(w.dtype == torch.uint8 and w.stride(-1) == 1 and w.storage_offset() % 4 == 0
+                    and all(st % 4 == 0 for st in w.stride()[:-1]) for w in packed))
 
 
 def moe_int4_blocks(hidden: int, inter: int, group_h: int, group_i: int) -> tuple[Int4Blocks, Int4Blocks]:

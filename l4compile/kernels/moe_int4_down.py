@@ -9,8 +9,9 @@ For every row r of tile ``program_id(0)`` and hidden columns ``program_id(1) * B
 
 with (down_q, down_s) = ``down_q[e]``, ``down_s[e]`` ([E, H, I/2], [E, H, I/Gi]) for a routed group e < E and
 ``shared_down_q``, ``shared_down_s`` ([H, I/2], [H, I/Gi]) for the shared group E: both nn.Linear orientation, so
-one tile routine for both. Packed blocks load once and unpack in registers (``int4_mm.int4_tile``); scales as
-words in K steps of 2G (``SCALE_WORDS``) as in ``int4_mm``.
+one tile routine for both. Packed blocks load once and unpack in registers (``int4_mm.int4_tile``, or as words with
+one FFMA a weight: ``FMA_UNPACK``, ``int4_mm.int4_fma_dot``); scales as words in K steps of 2G (``SCALE_WORDS``) as
+in ``int4_mm``.
 Rows stay in the grouped order; the caller adds each token's routed rows onto its shared row (``ops.combine_rows``).
 
 ``BF16X2`` (bf16 on sm_90, H % BN == I % BK == 0): ``int4_mm``'s inline-PTX unpack (``int4_pairs_bf16``), a sweep
@@ -28,7 +29,7 @@ Grid: (NT, cdiv(H, BN), S).
 import triton
 import triton.language as tl
 
-from .int4_mm import int4_pairs_bf16, int4_tile, pick_scale, scale_pair, x_pairs
+from .int4_mm import int4_fma_dot, int4_pairs_bf16, int4_tile, pick_scale, scale_pair, x_pairs
 from .split_k import split_k_store
 
 
@@ -36,9 +37,10 @@ from .split_k import split_k_store
 def _qdown_tile(a_ptr, stride_ar, stride_ai, rows, rmask, wq_ptr, ws_ptr, stride_wn, stride_wk, stride_sn, stride_sg,
                 cols, cmask, I, G: tl.constexpr, k_lo, k_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, SCALE_PER_BLOCK: tl.constexpr, SCALE_WORDS: tl.constexpr,
-                PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BF16X2: tl.constexpr):
+                PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BF16X2: tl.constexpr, FMA_UNPACK: tl.constexpr):
     """act rows @ Wd^T over inputs [k_lo, k_hi) of I for one tile -> [BM, BN] float32. ``BF16X2``: the weights as
-    even and odd bf16 tiles (``int4_mm.int4_pairs_bf16``, sm_90 PTX) against act's even and odd inputs."""
+    even and odd bf16 tiles (``int4_mm.int4_pairs_bf16``, sm_90 PTX) against act's even and odd inputs.
+    ``FMA_UNPACK``: as word-loaded tiles of every eighth input (``int4_mm.int4_fma_dot``)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
     STEP: tl.constexpr = 2 * G if SCALE_WORDS else BLOCK_K                      # inputs a step (int4_mm.scale_pair)
@@ -57,11 +59,14 @@ def _qdown_tile(a_ptr, stride_ar, stride_ai, rows, rmask, wq_ptr, ws_ptr, stride
                 k = k0 + ks                                                       # [BK] in [0, I)
                 a = tl.load(a_ptr + rows[:, None] * stride_ar + k[None, :] * stride_ai,
                             mask=rmask[:, None] & (k < I)[None, :], other=0.0)      # [BM, BK]
-                w = tl.trans(int4_tile(wq_ptr, ws_ptr, cols, cmask, k0, I, G, stride_wn, stride_wk, stride_sn,
-                                       stride_sg, sc, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK).to(a.dtype))  # [BK, BN]
-                if DOT_F32:                                                      # interpreter (see moe_gate_up)
-                    a, w = a.to(tl.float32), w.to(tl.float32)
-                acc = tl.dot(a, w, acc, input_precision=PRECISION)
+                if FMA_UNPACK:
+                    acc = int4_fma_dot(acc, a, wq_ptr, cols, cmask, k0, stride_wn, sc, BLOCK_K, PRECISION, DOT_F32)
+                else:
+                    w = tl.trans(int4_tile(wq_ptr, ws_ptr, cols, cmask, k0, I, G, stride_wn, stride_wk, stride_sn,
+                                           stride_sg, sc, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK).to(a.dtype))  # [BK, BN]
+                    if DOT_F32:                                                  # interpreter (see moe_gate_up)
+                        a, w = a.to(tl.float32), w.to(tl.float32)
+                    acc = tl.dot(a, w, acc, input_precision=PRECISION)
     return acc
 
 
@@ -73,7 +78,7 @@ def moe_int4_down_kernel(act_ptr, dq_ptr, ds_ptr, sdq_ptr, sds_ptr, y_ptr, part_
                          stride_ps, stride_pr, stride_ph,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          SCALE_PER_BLOCK: tl.constexpr, SCALE_WORDS: tl.constexpr, PRECISION: tl.constexpr,
-                         DOT_F32: tl.constexpr, BF16X2: tl.constexpr):
+                         DOT_F32: tl.constexpr, BF16X2: tl.constexpr, FMA_UNPACK: tl.constexpr):
     tile = tl.program_id(0)
     grp = tl.load(tile_group_ptr + tile)
     if grp <= E:                                                                 # grp == E + 1: unused tile
@@ -87,12 +92,12 @@ def moe_int4_down_kernel(act_ptr, dq_ptr, ds_ptr, sdq_ptr, sds_ptr, y_ptr, part_
         if grp == E:                                                             # shared expert [H, I/2]
             acc = _qdown_tile(act_ptr, stride_ar, stride_ai, rows, rmask, sdq_ptr, sds_ptr, stride_shqn, stride_shqk,
                               stride_shsn, stride_shsg, cols, cmask, I, G, k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K,
-                              SCALE_PER_BLOCK, SCALE_WORDS, PRECISION, DOT_F32, BF16X2)
+                              SCALE_PER_BLOCK, SCALE_WORDS, PRECISION, DOT_F32, BF16X2, FMA_UNPACK)
         else:                                                                    # routed expert [H, I/2]
             acc = _qdown_tile(act_ptr, stride_ar, stride_ai, rows, rmask, dq_ptr + grp.to(tl.int64) * stride_qe,
                               ds_ptr + grp.to(tl.int64) * stride_se, stride_qn, stride_qk, stride_sn, stride_sg, cols,
                               cmask, I, G, k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, SCALE_WORDS,
-                              PRECISION, DOT_F32, BF16X2)
+                              PRECISION, DOT_F32, BF16X2, FMA_UNPACK)
         split_k_store(acc, y_ptr, rows[:, None] * stride_yr + cols[None, :] * stride_yh, part_ptr,
                       rows[:, None] * stride_pr + cols[None, :] * stride_ph, stride_ps, rmask[:, None] & cmask[None, :],
                       lock_ptr + tile * tl.num_programs(1) + tl.program_id(1), split, n_split, BLOCK_M, BLOCK_N)

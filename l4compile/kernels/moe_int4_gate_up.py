@@ -12,10 +12,10 @@ For every row r of tile ``program_id(0)`` (layout: ``l4compile.kernels.layout.mo
 
 with (gate_q, up_q) = rows [0, I) and [I, 2I) of ``gate_up_q[e]`` ([E, 2I, H/2]; scales likewise) for a routed
 group e < E, and ``shared_gate_q``, ``shared_up_q`` ([I, H/2], same strides) for the shared group E. Each program
-loads every packed [BN, BK/2] weight block once and unpacks it in registers (``int4_mm.int4_tile``);
-``SCALE_PER_BLOCK``, ``SCALE_WORDS`` (K steps of 2G) and ``DOT_F32`` as in ``int4_mm``; ``BF16X2`` (bf16 on sm_90,
-I % BN == H % BK == 0) unpacks with ``int4_mm``'s inline PTX instead (``int4_pairs_bf16``), a sweep candidate not
-yet run on a GPU.
+loads every packed [BN, BK/2] weight block once and unpacks it in registers (``int4_mm.int4_tile``, or as words
+with one FFMA a weight: ``FMA_UNPACK``, ``int4_mm.int4_fma_dot``); ``SCALE_PER_BLOCK``, ``SCALE_WORDS`` (K steps of
+2G) and ``DOT_F32`` as in ``int4_mm``; ``BF16X2`` (bf16 on sm_90, I % BN == H % BK == 0) unpacks with
+``int4_mm``'s inline PTX instead (``int4_pairs_bf16``), a sweep candidate not yet run on a GPU.
 
 Split-K (``split_k.py``): program (t, j, s) of S = ``n_split`` reduces inputs [s * K_SPLIT, (s + 1) * K_SPLIT) of H
 into float32 gate and up partials; the SwiGLU needs the whole sums, so the tile's last program adds them and runs
@@ -29,7 +29,7 @@ zeros (both flat, unused when S = 1). Grid: (NT, cdiv(I, BN), S).
 import triton
 import triton.language as tl
 
-from .int4_mm import int4_pairs_bf16, int4_tile, pick_scale, scale_pair, x_pairs
+from .int4_mm import int4_fma_dot, int4_pairs_bf16, int4_tile, pick_scale, scale_pair, x_pairs
 from .moe_gate_up import swiglu_store
 from .split_k import split_k_arrive, split_k_sum
 
@@ -38,10 +38,11 @@ from .split_k import split_k_arrive, split_k_sum
 def _qdot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, wg_ptr, sg_ptr, wu_ptr, su_ptr,
                stride_wn, stride_wk, stride_sn, stride_sg, cols, cmask, H, G: tl.constexpr, k_lo, k_hi,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_PER_BLOCK: tl.constexpr,
-               SCALE_WORDS: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BF16X2: tl.constexpr):
+               SCALE_WORDS: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BF16X2: tl.constexpr,
+               FMA_UNPACK: tl.constexpr):
     """Accumulate (z @ Wg^T, z @ Wu^T) over inputs [k_lo, k_hi) of H for one tile -> two [BM, BN] float32 blocks.
     ``BF16X2``: the weights come as even and odd bf16 tiles (``int4_mm.int4_pairs_bf16``, sm_90 PTX) and meet z's
-    even and odd inputs."""
+    even and odd inputs. ``FMA_UNPACK``: as word-loaded tiles of every eighth input (``int4_mm.int4_fma_dot``)."""
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
@@ -69,14 +70,20 @@ def _qdot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, wg_ptr, sg_ptr, w
                 xt = tl.load(x_ptr + tok[:, None] * stride_xt + k[None, :] * stride_xh,
                              mask=rmask[:, None] & (k < H)[None, :], other=0.0)     # [BM, BK]
                 z = (xt.to(tl.float32) * scale[:, None]).to(xt.dtype)                # input-side scaling
-                wg = tl.trans(int4_tile(wg_ptr, sg_ptr, cols, cmask, k0, H, G, stride_wn, stride_wk, stride_sn,
-                                        stride_sg, sg, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK).to(xt.dtype))   # [BK, BN]
-                wu = tl.trans(int4_tile(wu_ptr, su_ptr, cols, cmask, k0, H, G, stride_wn, stride_wk, stride_sn,
-                                        stride_sg, su, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK).to(xt.dtype))
-                if DOT_F32:                                                      # interpreter: exact same products
-                    z, wg, wu = z.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
-                acc_g = tl.dot(z, wg, acc_g, input_precision=PRECISION)
-                acc_u = tl.dot(z, wu, acc_u, input_precision=PRECISION)
+                if FMA_UNPACK:
+                    acc_g = int4_fma_dot(acc_g, z, wg_ptr, cols, cmask, k0, stride_wn, sg, BLOCK_K, PRECISION,
+                                         DOT_F32)
+                    acc_u = int4_fma_dot(acc_u, z, wu_ptr, cols, cmask, k0, stride_wn, su, BLOCK_K, PRECISION,
+                                         DOT_F32)
+                else:
+                    wg = tl.trans(int4_tile(wg_ptr, sg_ptr, cols, cmask, k0, H, G, stride_wn, stride_wk, stride_sn,
+                                            stride_sg, sg, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK).to(xt.dtype))  # [BK, BN]
+                    wu = tl.trans(int4_tile(wu_ptr, su_ptr, cols, cmask, k0, H, G, stride_wn, stride_wk, stride_sn,
+                                            stride_sg, su, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK).to(xt.dtype))
+                    if DOT_F32:                                                  # interpreter: exact same products
+                        z, wg, wu = z.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
+                    acc_g = tl.dot(z, wg, acc_g, input_precision=PRECISION)
+                    acc_u = tl.dot(z, wu, acc_u, input_precision=PRECISION)
     return acc_g, acc_u
 
 
@@ -89,7 +96,7 @@ def moe_int4_gate_up_kernel(x_ptr, gu_q_ptr, gu_s_ptr, sg_q_ptr, sg_s_ptr, su_q_
                             stride_ps, stride_pr, stride_pi,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             SCALE_PER_BLOCK: tl.constexpr, SCALE_WORDS: tl.constexpr, PRECISION: tl.constexpr,
-                            DOT_F32: tl.constexpr, BF16X2: tl.constexpr):
+                            DOT_F32: tl.constexpr, BF16X2: tl.constexpr, FMA_UNPACK: tl.constexpr):
     tile = tl.program_id(0)
     grp = tl.load(tile_group_ptr + tile)
     if grp <= E:                                                                 # grp == E + 1: unused tile
@@ -106,14 +113,14 @@ def moe_int4_gate_up_kernel(x_ptr, gu_q_ptr, gu_s_ptr, sg_q_ptr, sg_s_ptr, su_q_
             acc_g, acc_u = _qdot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, sg_q_ptr, sg_s_ptr, su_q_ptr,
                                       su_s_ptr, stride_shqn, stride_shqk, stride_shsn, stride_shsg, cols, cmask, H, G,
                                       k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, SCALE_WORDS, PRECISION,
-                                      DOT_F32, BF16X2)
+                                      DOT_F32, BF16X2, FMA_UNPACK)
         else:                                                                    # routed expert [2I, H/2]
             wq = gu_q_ptr + grp.to(tl.int64) * stride_qe
             ws = gu_s_ptr + grp.to(tl.int64) * stride_se
             acc_g, acc_u = _qdot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, wq, ws, wq + I * stride_qn,
                                       ws + I * stride_sn, stride_qn, stride_qk, stride_sn, stride_sg, cols, cmask, H, G,
                                       k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, SCALE_WORDS, PRECISION,
-                                      DOT_F32, BF16X2)
+                                      DOT_F32, BF16X2, FMA_UNPACK)
         if n_split == 1:
             swiglu_store(acc_g, acc_u, act_ptr, rows, cols, rmask, cmask, stride_ar, stride_ai)
         else:                                                                    # part[s]: gate | up columns

@@ -48,8 +48,9 @@ from . import interpreting
 from .attention import attention_combine_kernel, attention_partial_kernel
 from .int4_mm import int4_mm_bf16x2_kernel, int4_mm_kernel
 from .layout import (ATTENTION_COMBINE_STAGES, ATTENTION_DECODE_BLOCK_M, MOE_ROUTE_DECODE_TOKENS, AttentionBlocks,
-                     SPLIT_K_LOCK_WORDS, Int4Blocks, MoeRows, attention_blocks, attention_splits, int4_blocks,
-                     moe_blocks, moe_fp8_blocks, moe_int4_blocks, moe_rows, num_tiles, scale_words, split_k_plan)
+                     SPLIT_K_LOCK_WORDS, Int4Blocks, MoeRows, attention_blocks, attention_splits, fma_unpack,
+                     int4_blocks, moe_blocks, moe_fp8_blocks, moe_int4_blocks, moe_rows, num_tiles, scale_words,
+                     split_k_plan)
 from .moe_down import moe_down_kernel
 from .moe_fp8_down import moe_fp8_down_kernel
 from .moe_fp8_gate_up import moe_fp8_gate_up_kernel
@@ -189,7 +190,9 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
         splits, x.stride(0), x.stride(1), *gate_up_q.stride(), *gate_up_s.stride(), *shared_gate_q.stride(),
         *shared_gate_s.stride(), act.stride(0), act.stride(1), *part_strides,
         BLOCK_M=bgu.block_m, BLOCK_N=bgu.block_n, BLOCK_K=bgu.block_k, SCALE_PER_BLOCK=bgu.scale_per_block,
-        SCALE_WORDS=words_gu, BF16X2=bgu.bf16x2, **mode, **_launch(bgu))
+        SCALE_WORDS=words_gu, BF16X2=bgu.bf16x2,
+        FMA_UNPACK=fma_unpack(bgu, (gate_up_q, shared_gate_q, shared_up_q), (gate_up_s, shared_gate_s, shared_up_s)),
+        **mode, **_launch(bgu))
     y = torch.empty((n_rows, hidden), device=x.device, dtype=x.dtype)            # [R, H]
     part, part_strides, lock, k_split, splits = dn
     wrap_triton(moe_int4_down_kernel)[(*grid_dn, splits)](
@@ -197,7 +200,8 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
         rows.tile_row_end, hidden, i_dim, n_exp, group_i, k_split, splits, act.stride(0), act.stride(1),
         *down_q.stride(), *down_s.stride(), *shared_down_q.stride(), *shared_down_s.stride(), y.stride(0), y.stride(1),
         *part_strides, BLOCK_M=bdn.block_m, BLOCK_N=bdn.block_n, BLOCK_K=bdn.block_k,
-        SCALE_PER_BLOCK=bdn.scale_per_block, SCALE_WORDS=words_dn, BF16X2=bdn.bf16x2, **mode, **_launch(bdn))
+        SCALE_PER_BLOCK=bdn.scale_per_block, SCALE_WORDS=words_dn, BF16X2=bdn.bf16x2,
+        FMA_UNPACK=fma_unpack(bdn, (down_q, shared_down_q), (down_s, shared_down_s)), **mode, **_launch(bdn))
     return combine_rows(y, rows, n_tok, top_k)
 
 
@@ -324,7 +328,8 @@ def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None, lock:
     else:
         wrap_triton(int4_mm_kernel)[(grid_m, grid_n, splits)](
             *args, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SCALE_PER_BLOCK=b.scale_per_block,
-            SCALE_WORDS=words, CHAIN=chain, **_dot_mode(x.dtype), **_launch(b))
+            SCALE_WORDS=words, CHAIN=chain, FMA_UNPACK=fma_unpack(b, (w_packed,), (w_scale,)), **_dot_mode(x.dtype),
+            **_launch(b))
     return (y, next_lock) if chain else y
 
 

@@ -11,10 +11,10 @@ from l4compile.quant import quantize_int4
 
 from .conftest import TOL, rel_err, require_cuda_kernels, require_interpreter
 
-try:                    # a module global: Triton resolves the names a jitted function calls in its globals
-    from l4compile.kernels.int4_mm import x_pairs
+try:                    # module globals: Triton resolves the names a jitted function calls in its globals
+    from l4compile.kernels.int4_mm import int4_fma_tile, int4_fma_words, x_eighths, x_pairs
 except ImportError:     # no triton here: the kernel tests skip
-    x_pairs = None
+    int4_fma_tile = int4_fma_words = x_eighths = x_pairs = None
 
 # (M, N, K, group_size asked); the group used is gcd(K, group_size): 128, 64, 32, 12, 6
 CASES = [(1, 33, 256, 128), (5, 48, 192, 128), (17, 20, 96, 128), (3, 16, 48, 12), (2, 24, 30, 6)]
@@ -232,9 +232,10 @@ def test_int4_mm_cuda(m, n, k, group, dtype):
     if k >= 1024:                                                                  # split-K on real tensor cores
         from l4compile.kernels.layout import Int4Blocks
         from l4compile.kernels.ops import int4_matmul
-        for split, warps in ((2, None), (8, None), (1, 8), (4, 8)):                  # warps: 8 a program too
-            out = int4_matmul(x, w_packed, w_scale, blocks=Int4Blocks(16, 64, 128, True, split, num_warps=warps))
-            assert rel_err(out, _linear_int4_impl(x, w_packed, w_scale)) < tol
+        for split, warps, fma in ((2, None, True), (8, None, True), (1, 8, True), (4, 8, True), (1, None, False)):
+            # warps: 8 a program too; fma False: the byte unpack
+            b = Int4Blocks(16, 64, 128, True, split, num_warps=warps, fma_unpack=fma)
+            assert rel_err(int4_matmul(x, w_packed, w_scale, blocks=b), _linear_int4_impl(x, w_packed, w_scale)) < tol
         from l4compile.kernels.layout import SPLIT_K_LOCK_WORDS
         lock = torch.zeros(SPLIT_K_LOCK_WORDS, dtype=torch.int32, device="cuda")
         for _ in range(3):                     # chained (l4::int4_mm_chained): the counters come back zeros each call
@@ -273,3 +274,121 @@ def test_x_pairs_splits_a_block_into_even_and_odd_inputs():
     block = x[:, 64:]
     assert torch.equal(out[:3], torch.cat([block[:, 0::2], block[:, 1::2]], dim=1))
     assert torch.equal(out[3:], torch.zeros(13, 32))
+
+
+def _fma_probes():
+    """Kernels storing the FFMA unpack's 8 tiles (``int4_mm.int4_fma_words``, ``int4_fma_tile``; out[n, j * BK/8 + m]
+    = tile j [n, m], the weight of input 8m + j of row n, float32: before the cast to x's dtype) and
+    ``x_eighths``' 8 tiles of an x block likewise."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def tiles(w_ptr, s_ptr, out_ptr, N, stride_wn, BN: tl.constexpr, BK: tl.constexpr):
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        nmask = rn < N
+        sc = tl.load(s_ptr + rn, mask=nmask, other=0.0)
+        at, lo, hi = int4_fma_words(w_ptr, rn, nmask, 0, stride_wn, BK)
+        m = tl.arange(0, BK // 8)
+        for j in tl.static_range(8):
+            w = int4_fma_tile(at, lo, hi, sc.to(tl.float32)[:, None], j, tl.float32)
+            tl.store(out_ptr + rn[:, None] * BK + j * (BK // 8) + m[None, :], w, mask=nmask[:, None])
+
+    @triton.jit
+    def eighths(x_ptr, out_ptr, BM: tl.constexpr, BK: tl.constexpr):
+        r, k = tl.arange(0, BM), tl.arange(0, BK)
+        xs = x_eighths(tl.load(x_ptr + r[:, None] * BK + k[None, :]), BK)
+        m = tl.arange(0, BK // 8)
+        for j in tl.static_range(8):
+            tl.store(out_ptr + r[:, None] * BK + j * (BK // 8) + m[None, :], xs[j])
+    return tiles, eighths
+
+
+def _check_fma_unpack_exact(device: str) -> None:
+    """The FFMA unpack's weights on ``device`` against ``dequant_int4``'s: see the two tests below."""
+    from l4compile.ops.quant import dequant_int4
+
+    bits = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    mag = bits.float().abs()
+    scales = torch.cat([bits[(mag >= 2.0 ** -100) & (mag < 2.0 ** 100)], torch.zeros(1, dtype=torch.bfloat16)])
+    n, k = scales.numel(), 128
+    m, j = torch.arange(k // 8)[:, None], torch.arange(8)[None, :]
+    q = ((m + j) % 16).reshape(k)                                        # word m, nibble j (input 8m + j): all 16
+    packed = (q[0::2] | (q[1::2] << 4)).to(torch.uint8).expand(n, k // 2).contiguous()
+    packed, scales = packed.to(device), scales.to(device)
+    out = torch.full((n, k), float("nan"), device=device)
+    _fma_probes()[0][(-(-n // 256),)](packed, scales, out, n, packed.stride(0), BN=256, BK=k)
+    ref = dequant_int4(packed, scales[:, None]).cpu()                    # [N, K] float32, k order
+    got = out.cpu().view(n, 8, k // 8).transpose(1, 2).reshape(n, k)    # tile j, column m -> input 8m + j
+    nonzero = ref != 0
+    assert scales.numel() == 51201 and torch.equal(got, ref)                 # equal values (-0 == 0)
+    assert torch.equal(got.view(torch.int32)[nonzero], ref.view(torch.int32)[nonzero])      # and the same bits
+
+
+def test_int4_fma_unpack_is_exact_for_every_nibble_and_scale():
+    """The FFMA unpack (1.0f's bits OR-ed around a nibble, then one FFMA) gives the reference's float32 weight
+    (q - 8) * s bit for bit: every nibble value in each of the 8 positions of a word, against every bf16 scale with
+    2^-100 <= |s| < 2^100 of either sign (51200 of them) and 0. The one difference is the sign of a zero weight (an
+    exact sum of opposite terms is +0; the reference's 0 * s for s < 0, or (q - 8) * 0 for q < 8, is -0), which no
+    sum of products can tell apart but for an all-zero sum. Under the interpreter tl.fma is a product and a sum, each
+    rounded, so this also shows that no step of the unpack rounds."""
+    require_interpreter()
+    _check_fma_unpack_exact("cpu")
+
+
+@pytest.mark.gpu
+def test_int4_fma_unpack_is_exact_cuda():
+    """The same on a GPU, where tl.fma is one FFMA (ptxas' code, not the interpreter's arithmetic)."""
+    require_cuda_kernels()
+    _check_fma_unpack_exact("cuda")
+
+
+def test_x_eighths_splits_a_block_by_input_mod_8():
+    """``int4_mm.x_eighths``, the x operand of the FFMA unpack: tile j of an x block is its inputs j, j + 8, .."""
+    require_interpreter()
+    x = torch.randn(16, 128)
+    out = torch.full((16, 128), float("nan"))
+    _fma_probes()[1][(1,)](x, out, BM=16, BK=128)
+    assert torch.equal(out.view(16, 8, 16), x.view(16, 16, 8).transpose(1, 2))
+
+
+def test_fma_unpack_applies():
+    """Where the FFMA unpack runs (``layout.fma_unpack``), and each reason it does not."""
+    from l4compile.kernels.layout import Int4Blocks, fma_unpack
+
+    b = Int4Blocks(16, 64, 128, True)
+    w, s = torch.zeros(64, 128, dtype=torch.uint8), torch.zeros(64, 2, dtype=torch.bfloat16)
+    assert fma_unpack(b, (w,), (s,)) and fma_unpack(b, (torch.zeros(3, 64, 128, dtype=torch.uint8)[1:], w), (s, s))
+    for blocks, packed, scales in [
+        (Int4Blocks(16, 64, 128, True, fma_unpack=False), w, s),         # asked off (the byte unpack)
+        (Int4Blocks(16, 64, 128, True, 1, True), w, s),                   # the bf16x2 unpack instead
+        (Int4Blocks(16, 64, 128, False), w, s),                           # scales gathered per element
+        (Int4Blocks(16, 64, 64, True), w, s),                             # 8 dots of BK/8 < 16 inputs
+        (b, w, s.half()), (b, w, s.float()),                              # not bf16 scales
+        (b, w[:, 2:66], s),                                               # storage offset 2: not whole words
+        (b, torch.zeros(64, 130, dtype=torch.uint8)[:, :128], s),        # row stride 130
+        (b, torch.zeros(128, 64, dtype=torch.uint8).t(), s),              # bytes not contiguous along K
+    ]:
+        assert not fma_unpack(blocks, (packed,), (scales,)), (blocks, packed.shape, packed.stride(), scales.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_mm_fma_and_byte_unpacks_agree(dtype, monkeypatch, rne_bf16):
+    """The default blocks of a group-128 GEMM take the FFMA unpack (the byte unpack when asked not to); both give the
+    reference's product. In bf16 (with the interpreter's casts rounding to nearest even, as GPUs do) each matches it
+    bit for bit but for accumulation order: the weights are the reference's, rounded once."""
+    require_interpreter()
+    from l4compile.kernels import layout, ops
+    from l4compile.kernels.layout import Int4Blocks
+
+    seen = []
+    monkeypatch.setattr(ops, "fma_unpack", lambda *a: seen.append(layout.fma_unpack(*a)) or seen[-1])
+    x, w_packed, w_scale = _data(5, 96, 512, 128, dtype=dtype)
+    ref = _linear_int4_impl(x, w_packed, w_scale)
+    fma = ops.int4_matmul(x, w_packed, w_scale)
+    byte = ops.int4_matmul(x, w_packed, w_scale, blocks=Int4Blocks(16, 64, 128, True, fma_unpack=False))
+    assert seen == [True, False]
+    for out in (fma, byte):
+        assert out.dtype == dtype and rel_err(out, ref) < {torch.float32: TOL[dtype], torch.bfloat16: 8e-3}[dtype]
+        if dtype == torch.bfloat16:
+            assert (out == ref).float().mean() >= 0.99

@@ -136,8 +136,10 @@ def test_moe_q_fused_rounds_like_reference(dtype, rne_bf16):
     require_interpreter()
     from l4compile.kernels.ops import fused_moe_int4
 
-    for case in ("E1-top1-G32", "E5-top2-G12", "decode-T1-G64"):
+    for case in ("E1-top1-G32", "E5-top2-G12", "decode-T1-G64", "E3-top2-G128"):
         args, top_k = _case(case, dtype)
+        if case == "E3-top2-G128":                      # packed as the quantize pass stores it: the FFMA unpack
+            args = tuple(t.contiguous() for t in args)
         out, ref = torch.ops.l4.moe_q_fused(*args, top_k), _moe_q_impl(*args, top_k)
         assert (out == ref).float().mean() >= 0.99 and rel_err(out, ref) < TOL[torch.float16], case
     # split GEMMs round their float32 partials' sum once, where the unsplit ones round their sum; the split gate_up
@@ -147,6 +149,26 @@ def test_moe_q_fused_rounds_like_reference(dtype, rne_bf16):
                   (Int4Blocks(16, 16, 16, True, 4), Int4Blocks(16, 16, 16, True, 3))):
         out, ref = fused_moe_int4(*args, top_k, blocks=split), _moe_q_impl(*args, top_k)
         assert (out == ref).float().mean() >= 0.99 and rel_err(out, ref) < TOL[torch.float16]
+
+
+def test_moe_q_fused_fma_and_byte_unpacks(monkeypatch):
+    """At group 128, on weights packed as the quantize pass stores them (contiguous), both GEMMs' default blocks take
+    the FFMA unpack (``layout.fma_unpack``: BK 128, bf16 scales, word-aligned rows, the shared expert's too); asked
+    not to, or on packed bytes strided along K (``make_moe_q``'s transposed quantization), the byte unpack. Every way
+    gives the reference's output."""
+    require_interpreter()
+    from l4compile.kernels import layout, ops
+
+    seen = []
+    monkeypatch.setattr(ops, "fma_unpack", lambda *a: seen.append(layout.fma_unpack(*a)) or seen[-1])
+    strided, top_k = _case("E3-top2-G128")                                        # H 256, I 128: BK 128 both
+    args = tuple(t.contiguous() for t in strided)
+    ref = _moe_q_impl(*args, top_k)
+    assert rel_err(torch.ops.l4.moe_q_fused(*args, top_k), ref) < TOL[torch.float32]
+    byte = (Int4Blocks(16, 64, 128, True, fma_unpack=False),) * 2
+    assert rel_err(ops.fused_moe_int4(*args, top_k, blocks=byte), ref) < TOL[torch.float32]
+    assert rel_err(torch.ops.l4.moe_q_fused(*strided, top_k), ref) < TOL[torch.float32]
+    assert seen == [True, True, False, False, False, False]
 
 
 def test_moe_q_fused_no_tokens():
