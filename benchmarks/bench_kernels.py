@@ -250,50 +250,68 @@ def configs(quick: bool, tiny: bool) -> list[tuple[int, int]]:
 
 # K-loop pipeline depths to try besides Triton's default 3 (``Int4Blocks.num_stages``): 4 and 5 hold more loads in
 # flight per program, the other lever (with split-K) on a decode GEMV whose time follows its serial K loop; 2 needs
-# half the shared memory (the MoE gate_up: 50 KB, not 100), more programs an SM where registers allow (sm_90a:
-# gate_up's 192 registers a thread still allow 2; int4_mm then keeps 16 bytes of stack)
+# half the shared memory (the MoE gate_up: 50 KB, not 100), more programs an SM where registers allow (sm_90a,
+# Triton 3.7.1, FFMA unpack: gate_up's 148 registers a thread allow 3, where 3 stages' shared memory allows 2)
 STAGES = (2, 4, 5)
 
 
-def int4_configs(quick: bool, tiny: bool) -> list[tuple[int, int, int, bool, int | None, int | None]]:
-    """(BN, BK, split-K, bf16x2 unpack, num_stages, num_warps) for int4_mm: the MoE's (BN, BK) pairs unsplit and split
-    2/4/8 ways (more programs for a decode GEMV, latency-bound on an H200 at S = 1: ~30 us for any N), the inline-PTX
-    unpack (``int4_mm_bf16x2_kernel``, about a third fewer instructions a K block) at BN 64/128, BK 128, 8 warps a
+def _int4(bn: int, bk: int, sk: int = 1, asm: bool = False, ns: int | None = None, nw: int | None = None,
+          fma: bool = True):
+    """``Int4Blocks`` of BM 16 with one scale a K block: the blocks every Int4 row here times."""
+    from l4compile.kernels.layout import Int4Blocks
+
+    return Int4Blocks(16, bn, bk, True, sk, asm, ns, nw, fma)
+
+
+def int4_label(b, down=None) -> str:
+    """A row's configuration: "BN64 BK128" plus what differs from the static choice (``down``: the MoE's second
+    GEMM, whose split may differ)."""
+    splits = (b.split_k, down.split_k) if down is not None else (b.split_k,)
+    return (f"BN{b.block_n} BK{b.block_k}" + (" SK" + "/".join(map(str, splits)) if max(splits) > 1 else "")
+            + (" bf16x2" if b.bf16x2 else "") + (f" NS{b.num_stages}" if b.num_stages else "")
+            + (f" NW{b.num_warps}" if b.num_warps else "") + ("" if b.fma_unpack else " bytes"))
+
+
+def int4_configs(quick: bool, tiny: bool) -> list:
+    """``Int4Blocks`` for int4_mm: the MoE's (BN, BK) pairs unsplit and split 2/4/8 ways (more programs for a decode
+    GEMV, latency-bound on an H200 at S = 1: ~30 us for any N), the byte unpack the FFMA unpack replaced (``bytes``:
+    ``Int4Blocks.fma_unpack``), the inline-PTX unpack (``int4_mm_bf16x2_kernel``) at BN 64/128, BK 128, 8 warps a
     program (twice the warps an SM to hide the unpack's latency with), and the static BN 64 / BK 128 with other
     pipeline depths (``STAGES``), unsplit and split 4 ways (sweep only)."""
     if tiny:
-        return [(32, 32, 1, False, None, None), (32, 32, 2, False, None, None), (32, 32, 1, False, 4, None),
-                (32, 32, 1, False, None, 8)]
+        return [_int4(32, 32), _int4(32, 32, 2), _int4(32, 32, ns=4), _int4(32, 32, nw=8)]
     # --quick: BN 64 only (BN 128 took twice as long at every N on 2026-12-04's H200), within gpu_session's box
-    pairs = [(64, 128, 1), (64, 128, 4), (64, 128, 8)] if quick else \
-        [(bn, bk, sk) for bn, bk in configs(False, False) for sk in (1, 2, 4, 8)]
-    asm = [(bn, 128, sk, True, None, None) for bn in ((64,) if quick else (64, 128))
-           for sk in ((1, 4, 8) if quick else (1, 2, 4, 8))]
-    warps = [(64, 128, sk, a, None, 8) for sk, a in (((1, False), (4, True)) if quick else
-                                                     ((1, False), (4, False), (1, True), (4, True)))]
-    deep = [] if quick else [(64, 128, sk, False, ns, None) for sk in (1, 4) for ns in STAGES]
-    return [(*c, False, None, None) for c in pairs] + asm + warps + deep
+    pairs = [_int4(64, 128, sk) for sk in (1, 4, 8)] if quick else \
+        [_int4(bn, bk, sk) for bn, bk in configs(False, False) for sk in (1, 2, 4, 8)]
+    byte_unpack = [_int4(64, 128, sk, fma=False) for sk in ((1,) if quick else (1, 4))]
+    asm = [_int4(bn, 128, sk, True) for bn in ((64,) if quick else (64, 128)) for sk in ((1, 4, 8) if quick else
+                                                                                         (1, 2, 4, 8))]
+    warps = [_int4(64, 128, sk, a, nw=8) for sk, a in (((1, False), (4, True)) if quick else
+                                                       ((1, False), (4, False), (1, True), (4, True)))]
+    deep = [] if quick else [_int4(64, 128, sk, ns=ns) for sk in (1, 4) for ns in STAGES]
+    return pairs[:1] + byte_unpack + pairs[1:] + asm + warps + deep
 
 
-def moe_int4_configs(quick: bool, tiny: bool) -> list[tuple[int, int, int, int, bool, int | None, int | None]]:
-    """(BN, BK, gate_up split-K, down split-K, bf16x2 unpack, num_stages, num_warps) for moe_q_fused: the (BN, BK)
-    pairs unsplit; the static BN 64 / BK 128 with its GEMMs split (gate_up: H = 5120, 40 K blocks; down: I = 8192,
-    64 K blocks; the tile's last program adds the partials, and for gate_up runs the SwiGLU); the inline-PTX unpack in
+def moe_int4_configs(quick: bool, tiny: bool) -> list[tuple]:
+    """(gate_up, down) ``Int4Blocks`` for moe_q_fused: the (BN, BK) pairs unsplit; the byte unpack the FFMA unpack
+    replaced; the static BN 64 / BK 128 with its GEMMs split (gate_up: H = 5120, 40 K blocks; down: I = 8192, 64 K
+    blocks; the tile's last program adds the partials, and for gate_up runs the SwiGLU); the inline-PTX unpack in
     both GEMMs, unsplit and split; 8 warps a program (a decode step's gate_up fits 2 programs an SM, by shared
-    memory: 8 warps an SM at 4 a program); other pipeline depths (``STAGES``) unsplit and split 4 ways (sweep only).
+    memory: 8 warps an SM at 4 a program); 2 pipeline stages (half of gate_up's shared memory: 3 programs an SM on
+    sm_90a, by its 148 registers) and the other depths (``STAGES``) unsplit and split 4 ways (sweep only).
     At a decode step gate_up has 2 tiles x I / BN = 256 programs of 40 K blocks each unsplit."""
+    both = lambda *a, **kw: (_int4(*a, **kw), _int4(*a, **kw))            # noqa: E731
     if tiny:
-        return [(32, 32, 1, 1, False, None, None), (32, 32, 2, 2, False, None, None), (32, 32, 1, 1, False, 4, None),
-                (32, 32, 1, 1, False, None, 8)]
-    splits = [(4, 4), (8, 8)] if quick else [(1, 2), (1, 4), (1, 8), (2, 2), (4, 4), (8, 8), (4, 8)]
-    asm = [(64, 128, sg, sd, True, None, None) for sg, sd in ((1, 1), (4, 4), (8, 8))]
-    if not quick:
-        asm += [(128, 128, sg, sd, True, None, None) for sg, sd in ((1, 1), (4, 4))]
-    warps = [(64, 128, sk, sk, a, None, 8) for sk, a in (((1, False), (1, True), (4, True)) if quick else
-                                                         ((1, False), (4, False), (1, True), (4, True)))]
-    deep = [] if quick else [(64, 128, sk, sk, False, ns, None) for sk in (1, 4) for ns in STAGES]
-    return ([(bn, bk, 1, 1, False, None, None) for bn, bk in configs(quick, tiny)]
-            + [(64, 128, sg, sd, False, None, None) for sg, sd in splits] + asm + warps + deep)
+        return [both(32, 32), both(32, 32, 2), both(32, 32, ns=4), both(32, 32, nw=8)]
+    pairs = [both(bn, bk) for bn, bk in configs(quick, tiny)]
+    byte_unpack = [both(64, 128, fma=False)] + ([] if quick else [both(64, 128, 4, fma=False)])
+    splits = [(_int4(64, 128, sg), _int4(64, 128, sd)) for sg, sd in
+              ([(4, 4), (8, 8)] if quick else [(1, 2), (1, 4), (1, 8), (2, 2), (4, 4), (8, 8), (4, 8)])]
+    asm = [both(64, 128, sk, True) for sk in (1, 4, 8)] + ([] if quick else [both(128, 128, sk, True) for sk in (1, 4)])
+    warps = [both(64, 128, sk, a, nw=8) for sk, a in (((1, False), (1, True), (4, True)) if quick else
+                                                      ((1, False), (4, False), (1, True), (4, True)))]
+    deep = [both(64, 128, ns=2)] if quick else [both(64, 128, sk, ns=ns) for sk in (1, 4) for ns in STAGES]
+    return pairs[:1] + byte_unpack + deep[:1] + pairs[1:] + splits + asm + warps + deep[1:]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --tokens '{a.tokens}' is not a comma-separated list of positive integers", file=sys.stderr)
         return 2
     from l4compile.kernels.dispatch import load_triton_ops
-    from l4compile.kernels.layout import (SPLIT_K_LOCK_WORDS, AttentionBlocks, Int4Blocks, attention_blocks,
-                                          int4_blocks, moe_fp8_blocks, moe_int4_blocks)
+    from l4compile.kernels.layout import (SPLIT_K_LOCK_WORDS, AttentionBlocks, attention_blocks, int4_blocks,
+                                          moe_fp8_blocks, moe_int4_blocks)
     from l4compile.kernels.ops import fused_attention_inplace, fused_moe, fused_moe_fp8, fused_moe_int4, int4_matmul
     from l4compile.ops.attention import attention_cached_impl
     from l4compile.ops.moe import _moe_impl, _route
@@ -391,11 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         ref = _moe_impl(x, *fweights, 1)
         touched = int(torch.unique(_route(x, qweights[0], 1)[0]).numel())
         moved = moe_bytes(x, qweights, fweights, touched, quant=True)
-        for bn, bk, sg, sd, asm, ns, nw in moe_int4_configs(a.quick, a.tiny):
-            blocks = (Int4Blocks(16, bn, bk, True, sg, asm, ns, nw), Int4Blocks(16, bn, bk, True, sd, asm, ns, nw))
-            label = (f"BN{bn} BK{bk}" + (f" SK{sg}/{sd}" if max(sg, sd) > 1 else "") + (" bf16x2" if asm else "")
-                     + (f" NS{ns}" if ns else "") + (f" NW{nw}" if nw else ""))
-            record("moe_q_fused", t, label, blocks == default,
+        for blocks in moe_int4_configs(a.quick, a.tiny):
+            record("moe_q_fused", t, int4_label(*blocks), blocks == default,
                    lambda blocks=blocks: fused_moe_int4(x, *qweights, 1, blocks=blocks), ref, moved)
         record("moe_fused bf16", t, "default", True, lambda: fused_moe(x, *fweights, 1), ref,
                moe_bytes(x, qweights, fweights, touched, quant=False))
@@ -404,13 +419,10 @@ def main(argv: list[str] | None = None) -> int:
         ref = F.linear(x, w_bf16)
         n, k = wp.shape[0], 2 * wp.shape[1]
         default = int4_blocks(n, k, k // ws.shape[1])
-        for bn, bk, sk, asm, ns, nw in int4_configs(a.quick, a.tiny):
-            b = Int4Blocks(16, bn, bk, True, sk, asm, ns, nw)
-            label = f"BN{bn} BK{bk}" + (f" SK{sk}" if sk > 1 else "") + (" bf16x2" if asm else "") + \
-                (f" NS{ns}" if ns else "") + (f" NW{nw}" if nw else "")
-            run = (lambda b=b: int4_matmul(x, wp, ws, blocks=b, lock=lock)[0]) if sk > 1 else \
+        for b in int4_configs(a.quick, a.tiny):
+            run = (lambda b=b: int4_matmul(x, wp, ws, blocks=b, lock=lock)[0]) if b.split_k > 1 else \
                 (lambda b=b: int4_matmul(x, wp, ws, blocks=b))              # split: chained, as engines run it
-            record(f"int4_mm {name}", t, label, b == default, run, ref, nbytes(wp, ws, x, ref))
+            record(f"int4_mm {name}", t, int4_label(b), b == default, run, ref, nbytes(wp, ws, x, ref))
         record(f"torch.mm bf16 {name}", t, "cuBLAS", False, lambda: x @ w_bf16.t(), ref, nbytes(w_bf16, x, ref))
     f8weights = moe_fp8_weights(dims, device, g)
     default_fp8 = moe_fp8_blocks(dims["H"], dims["I"])
