@@ -251,7 +251,7 @@ def configs(quick: bool, tiny: bool) -> list[tuple[int, int]]:
 # K-loop pipeline depths to try besides Triton's default 3 (``Int4Blocks.num_stages``): 4 and 5 hold more loads in
 # flight per program, the other lever (with split-K) on a decode GEMV whose time follows its serial K loop; 2 needs
 # half the shared memory (the MoE gate_up: 50 KB, not 100), more programs an SM where registers allow (sm_90a,
-# Triton 3.7.1, FFMA unpack: gate_up's 148 registers a thread allow 3, where 3 stages' shared memory allows 2)
+# Triton 3.7.1, FFMA unpack: gate_up's 150 registers a thread allow 3, where 3 stages' shared memory allows 2)
 STAGES = (2, 4, 5)
 
 
@@ -298,7 +298,7 @@ def moe_int4_configs(quick: bool, tiny: bool) -> list[tuple]:
     blocks; the tile's last program adds the partials, and for gate_up runs the SwiGLU); the inline-PTX unpack in
     both GEMMs, unsplit and split; 8 warps a program (a decode step's gate_up fits 2 programs an SM, by shared
     memory: 8 warps an SM at 4 a program); 2 pipeline stages (half of gate_up's shared memory: 3 programs an SM on
-    sm_90a, by its 148 registers) and the other depths (``STAGES``) unsplit and split 4 ways (sweep only).
+    sm_90a, by its 150 registers) and the other depths (``STAGES``) unsplit and split 4 ways (sweep only).
     At a decode step gate_up has 2 tiles x I / BN = 256 programs of 40 K blocks each unsplit."""
     both = lambda *a, **kw: (_int4(*a, **kw), _int4(*a, **kw))            # noqa: E731
     if tiny:

@@ -20,7 +20,7 @@ fma(f, s / u, -(1/u + 8) * s) is (q - 8) * s exactly), where the byte unpack spe
 an FMUL a weight on bytes widened one by one. Tile j holds the weights of inputs 8m + j, so a K block is 8 dots of
 BK/8 inputs against x's inputs j, j + 8, .. (``x_eighths``, split in registers), the MMAs one dot of BK would
 issue. K loops (sm_90a, Triton 3.7.1, ``kernels_sm90.py --ops``), a step of two K blocks at BN 64: int4_mm 674
-instructions against 1017, MoE gate_up 1471 against 2088, down 668 against 1031; the byte unpack stays for
+instructions against 1017, MoE gate_up 1223 against 1753, down 668 against 1026; the byte unpack stays for
 everything else and as ``Int4Blocks(fma_unpack=False)``.
 
 Scales: with ``SCALE_PER_BLOCK`` (BK divides G, K blocks aligned) one scale per row per K block is loaded;

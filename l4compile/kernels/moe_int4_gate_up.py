@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .int4_mm import int4_fma_dot, int4_pairs_bf16, int4_tile, pick_scale, scale_pair, x_pairs
-from .moe_gate_up import swiglu_store
+from .moe_gate_up import scale_rows, swiglu_store
 from .split_k import split_k_arrive, split_k_sum
 
 
@@ -57,8 +57,8 @@ def _qdot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, wg_ptr, sg_ptr, w
             su = pick_scale(u_even, u_odd, u, G, BLOCK_K)
             if BF16X2:
                 xe, xo = x_pairs(x_ptr, tok, rmask, k0, stride_xt, stride_xh, BLOCK_K)     # [BM, BK/2] each
-                ze = (xe.to(tl.float32) * scale[:, None]).to(xe.dtype)                   # input-side scaling
-                zo = (xo.to(tl.float32) * scale[:, None]).to(xo.dtype)
+                ze = scale_rows(xe, scale, DOT_F32)                              # input-side scaling
+                zo = scale_rows(xo, scale, DOT_F32)
                 ge, go = int4_pairs_bf16(wg_ptr, cols, k0, sg, stride_wn, stride_wk, BLOCK_N, BLOCK_K)
                 ue, uo = int4_pairs_bf16(wu_ptr, cols, k0, su, stride_wn, stride_wk, BLOCK_N, BLOCK_K)
                 acc_g = tl.dot(ze, tl.trans(ge), acc_g)
@@ -69,7 +69,7 @@ def _qdot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, wg_ptr, sg_ptr, w
                 k = k0 + ks                                                       # [BK]
                 xt = tl.load(x_ptr + tok[:, None] * stride_xt + k[None, :] * stride_xh,
                              mask=rmask[:, None] & (k < H)[None, :], other=0.0)     # [BM, BK]
-                z = (xt.to(tl.float32) * scale[:, None]).to(xt.dtype)                # input-side scaling
+                z = scale_rows(xt, scale, DOT_F32)                               # input-side scaling
                 if FMA_UNPACK:
                     acc_g = int4_fma_dot(acc_g, z, wg_ptr, cols, cmask, k0, stride_wn, sg, BLOCK_K, PRECISION,
                                          DOT_F32)

@@ -117,9 +117,9 @@ def test_int4_unpacks_compile_lean(tmp_path):
 
     - the FFMA unpack (``int4_mm.int4_fma_tiles``, the default): 32-bit word loads, an AND and one FFMA a weight,
       no FADD/FMUL pair, each K loop at most 75% as long as the byte unpack's (when written, Triton 3.7.1: int4_mm
-      674 against 1017, gate_up 1471 against 2088, down 668 against 1031 instructions a step of two K blocks);
+      674 against 1017, gate_up 1223 against 1753, down 668 against 1026 instructions a step of two K blocks);
     - the inline-PTX bf16x2 unpack (``int4_mm.int4_pairs_bf16``, a sweep candidate until a GPU has timed it): bf16x2
-      adds and multiplies, x loaded as whole blocks, each K loop at most 60% as long as the byte unpack's (467, 1106,
+      adds and multiplies, x loaded as whole blocks, each K loop at most 60% as long as the byte unpack's (467, 844,
       467);
     - the byte unpack (``int4_mm.int4_tile``, ``Int4Blocks(fma_unpack=False)``)."""
     _nvidia_backend()
