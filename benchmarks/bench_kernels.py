@@ -280,8 +280,9 @@ def int4_configs(quick: bool, tiny: bool) -> list:
     pipeline depths (``STAGES``), unsplit and split 4 ways (sweep only)."""
     if tiny:
         return [_int4(32, 32), _int4(32, 32, 2), _int4(32, 32, ns=4), _int4(32, 32, nw=8)]
-    # --quick: BN 64 only (BN 128 took twice as long at every N on 2026-12-04's H200), within gpu_session's box
-    pairs = [_int4(64, 128, sk) for sk in (1, 4, 8)] if quick else \
+    # --quick: BN 64 (BN 128 took twice as long at every N on 2026-12-04's H200) and BN 32 unsplit (twice the programs
+    # without split-K's partials: o_proj's 80 programs at BN 64 leave 52 of 132 SMs idle), within gpu_session's box
+    pairs = [_int4(64, 128, sk) for sk in (1, 4, 8)] + [_int4(32, 128)] if quick else \
         [_int4(bn, bk, sk) for bn, bk in configs(False, False) for sk in (1, 2, 4, 8)]
     byte_unpack = [_int4(64, 128, sk, fma=False) for sk in ((1,) if quick else (1, 4))]
     asm = [_int4(bn, 128, sk, True) for bn in ((64,) if quick else (64, 128)) for sk in ((1, 4, 8) if quick else

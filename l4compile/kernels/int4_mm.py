@@ -128,7 +128,7 @@ def int4_tile(w_ptr, s_ptr, rn, nmask, k0, K, G, stride_wn, stride_wk, stride_sn
 # Each word is read three ways (as it is, << 8, >> 12) so that every nibble sits at p = 2, 3 or 4 (u = 2^-15,
 # 2^-11, 2^-7), and then
 #     fma(f, s / u, -(1/u + 8) * s) = (q - 8) * s      exactly, one FFMA a weight
-# for a bf16 scale s with 2^-100 < |s| < 2^100: s / u and (1/u + 8) * s are exact in float32 (1/u + 8 has at most
+# for a bf16 scale s with 2^-100 <= |s| < 2^100: s / u and (1/u + 8) * s are exact in float32 (1/u + 8 has at most
 # 13 significant bits, s 8), so is f * (s / u) (f has at most 16) and so is the result: fused or not (the CPU
 # interpreter's tl.fma is a product, then a sum), every step is exact.
 _ONE = tl.constexpr(0x3F800000)
@@ -154,8 +154,8 @@ def int4_fma_tile(at, lo, hi, s, J: tl.constexpr, dtype: tl.constexpr):
     """Tile J (0..7) of a K block from ``int4_fma_words``' (at, lo, hi) and its scales s [BN, 1] float32 (from bf16):
     [BN, BK/8] of ``dtype``, column m the weight of input 8m + J, round((q - 8) * s) as the reference makes it.
     Nibbles 2, 3, 4 sit at p = 2, 3, 4 of ``at``, nibbles 0, 1 at p = 2, 3 of ``lo``, 5, 6, 7 at p = 2, 3, 4 of
-    ``hi``. Computed tile by tile next to its dot, the 8 tiles are not all live at once (gate_up: 188 registers,
-    no spill; all 8 first: 168 and a spill)."""
+    ``hi``. Computed tile by tile next to its dot, the 8 tiles are not all live at once (when written, the MoE
+    gate_up: 188 registers and no spill; with all 8 tiles first, 168 and 8 bytes of stack)."""
     if J == 0 or J == 2 or J == 5:                                               # p = 2
         src = lo if J == 0 else (at if J == 2 else hi)
         return tl.fma((src & _P2).to(tl.float32, bitcast=True), s * 32768.0, s * -32776.0).to(dtype)

@@ -174,7 +174,7 @@ def scale_words(*scales: Tensor) -> bool:
 
 def fma_unpack(b: Int4Blocks, packed: tuple[Tensor, ...], scales: tuple[Tensor, ...]) -> bool:
     """Whether a float-path Int4 GEMM with blocks ``b`` dequantizes these packed weights [.., N, K/2] uint8 (scales
-    [.., N, K/G]) through ``int4_mm.int4_fma_tiles`` (32-bit word loads, one FFMA a weight): ``b.fma_unpack``, not
+    [.., N, K/G]) through ``int4_mm.int4_fma_dot`` (32-bit word loads, one FFMA a weight): ``b.fma_unpack``, not
     the bf16x2 unpack, one scale a K block (``scale_per_block``; K blocks then never overhang K), BK >= 128 (a
     power of two: each of its 8 dots takes BK/8 >= 16 inputs, ``tl.dot``'s least), bf16 scales (what keeps every
     step of the unpack exact, fused or not: the CPU interpreter's ``tl.fma`` is a product and a sum) and rows of
