@@ -8,8 +8,9 @@ Kernels (bf16 activations; Int4 weights packed as the quantize pass packs them, 
 
     int4_mm       x [T, H] @ W^T for the attention projections: q/o [5120, 5120], k/v [1024, 5120]; a split-K
                   row (SK) as a CUDA engine's step runs it, l4::int4_mm_chained: counters handed over zeroed,
-                  no memset launch of their own, the next GEMM's block zeroed by the same launch
-    moe_q_fused   the Scout MoE block: 16 experts of width 8192, top-1, plus the shared expert
+                  no memset launch of their own, the next GEMM's block zeroed by the same launch; a "bytes" row
+                  with the byte unpack the default FFMA unpack replaced (``Int4Blocks.fma_unpack``)
+    moe_q_fused   the Scout MoE block: 16 experts of width 8192, top-1, plus the shared expert (rows as int4_mm's)
     moe_fp8_fused the same MoE on FP8 weights (per-channel scales; activations quantized per row in-kernel)
     moe_fused     the same MoE in bf16
     torch.mm      cuBLAS on the bf16 weight, the baseline the Int4 GEMV must beat (it streams 4x the bytes)
