@@ -210,7 +210,9 @@ def test_moe_q_fused_cuda(case, dtype):
     ref_q, ref_dense = _moe_q_impl(*args, top_k), _moe_impl(*dequant_moe_args(args, dtype), top_k)
     errs = {"moe_q reference": rel_err(out, ref_q), "dequantized cuBLAS": rel_err(out, ref_dense),
             "reference vs reference": rel_err(ref_q, ref_dense)}
-    assert max(errs["moe_q reference"], errs["dequantized cuBLAS"]) < tol, errs
+    if case == "E3-top2-G128":          # packed as the quantize pass stores them: both GEMMs take the FFMA unpack
+        errs["FFMA unpack"] = rel_err(torch.ops.l4.moe_q(*(t.contiguous() for t in args), top_k), ref_dense)
+    assert max(v for k, v in errs.items() if k != "reference vs reference") < tol, errs
 
 
 @pytest.mark.gpu
