@@ -4,7 +4,10 @@
 # most valuable first. Everything it prints goes to $OUT/session.log; reports go to $OUT/results.tgz.
 #
 #   bash benchmarks/gpu_session.sh [PARTS]     PARTS: comma-separated; PART=SECONDS overrides a part's box;
-#                                              default probe=200,kernels=180,tests=150 (<= 9 minutes)
+#                                              default probe=140,kernels=180,decode1=220 (<= 9.5 minutes): the
+#                                              first call gives kernel times and the first engine decode figure
+#                                              (HBM roofline per layer); the gpu-marked tests need a call of their
+#                                              own (every row `kernels` times is checked against torch first)
 #
 #   probe    benchmarks/aoti_cuda_probe.py: do CUDA AOTInductor packages load on this host at all (a toy nn.Linear
 #            and one with l4compile's external weights and a Triton op; built, then loaded fresh and after a
@@ -23,7 +26,7 @@
 #            slots, full and at position 511: K/V expanded per query head, grouped queries (aten), and the Triton
 #            attention_fused that CUDA engines compile in, eager and Inductor                         (box 200 s)
 #   decode1  l4compile bench scout --layers 2 --quant int4 --backends eager,inductor --batch-sizes 1,8: the one
-#            decode figure that fits beside kernels and tests in one 10-minute call                   (box 220 s)
+#            decode figure (and HBM roofline per layer) that fits beside probe and kernels in one call  (box 220 s)
 #   modes    benchmarks/bench_decode_modes.py: loop vs CUDA graph decode, Scout dims, 2 layers, Int4  (box 200 s)
 #   knobs    decode1's Inductor engine at batch 1 built three or four ways: as it is, with combo_kernels=true (the
 #            k and v cache writes, and the q and k RoPE kernels, one launch each: 14 -> ~12 launches a layer offline),
@@ -59,7 +62,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/l4compile-gpu}
 mkdir -p "$OUT"
-PARTS=${1:-probe=200,kernels=180,tests=150}
+PARTS=${1:-probe=140,kernels=180,decode1=220}
 LOG="$OUT/session.log"
 RES=/tmp/l4compile-results          # outside $OUT: only the log and a tarball of the reports come back
 ENGINES=/tmp/l4compile-engines      # fullc / fullqc engines, kept for fullb / fullqb in a later call
