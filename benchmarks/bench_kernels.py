@@ -307,8 +307,10 @@ def moe_int4_configs(quick: bool, tiny: bool) -> list[tuple]:
         return [both(32, 32), both(32, 32, 2), both(32, 32, ns=4), both(32, 32, nw=8)]
     pairs = [both(bn, bk) for bn, bk in configs(quick, tiny)]
     byte_unpack = [both(64, 128, fma=False)] + ([] if quick else [both(64, 128, 4, fma=False)])
+    # --quick splits down alone too: at a decode step its 160 programs (2 tiles x H / BN) leave 28 of 132 SMs with two
+    # and the rest with one, where gate_up's 256 fill 2 an SM (its shared memory's limit) on nearly every SM
     splits = [(_int4(64, 128, sg), _int4(64, 128, sd)) for sg, sd in
-              ([(4, 4), (8, 8)] if quick else [(1, 2), (1, 4), (1, 8), (2, 2), (4, 4), (8, 8), (4, 8)])]
+              ([(1, 2), (1, 4), (4, 4), (8, 8)] if quick else [(1, 2), (1, 4), (1, 8), (2, 2), (4, 4), (8, 8), (4, 8)])]
     asm = [both(64, 128, sk, True) for sk in (1, 4, 8)] + ([] if quick else [both(128, 128, sk, True) for sk in (1, 4)])
     warps = [both(64, 128, sk, a, nw=8) for sk, a in (((1, False), (1, True), (4, True)) if quick else
                                                       ((1, False), (4, False), (1, True), (4, True)))]
