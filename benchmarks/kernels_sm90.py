@@ -19,8 +19,9 @@ failed, when they spill).
 Cases (at Scout dimensions: H 5120, I 8192, 16 experts, 40/8 heads x 128, Int4 group 128; bf16 and float32
 engines, whose dots run IEEE fp32 on twice the shared memory):
     int4_mm          q_proj at 1 and 2048 tokens
-    moe_q_fused      routing + gate_up + down kernels at 1 token (the tile map is static, the GEMMs do not depend
-                     on T)
+    moe_q_fused      routing + gate_up + down kernels at 1 token (the GEMMs never specialise T, so they compile
+                     as in an engine: both ways of mapping a tile, ``moe_route.tile_span``; the route kernel is
+                     the 1-token one, an engine's serves any T)
     moe_fp8_fused    the same on float8 weights (float8 dot operands in bf16 engines; at BM 16 Triton 3.7 makes
                      them f16 MMAs, from BM 64 wgmma e4m3)
     moe_fused        the same in bf16

@@ -21,15 +21,18 @@ Split-K as ``int4_mm`` (``split_k.py``): program (t, j, s) of S = ``n_split`` re
 (s + 1) * K_SPLIT) of I (K_SPLIT a multiple of the K step); the tile's last program adds the float32 partials and
 rounds.
 
+``MAP_IN_KERNEL`` as in ``moe_int4_gate_up``: a 1-token step's tiles from its logits (``moe_route.tile_span``).
+
 Shapes: act [R, I]; down_q [E, H, I/2] uint8, down_s [E, H, I/Gi]; shared_down_q [H, I/2] uint8, shared_down_s
 [H, I/Gi]; tile_group/tile_row0/tile_row_end [NT] int32; y [R, H]; part [S, R, H] float32 and lock
-[NT * cdiv(H, BN)] int32 zeros (both flat, unused when S = 1).
+[NT * cdiv(H, BN)] int32 zeros (both flat, unused when S = 1); logits [T, E].
 Grid: (NT, cdiv(H, BN), S).
 """
 import triton
 import triton.language as tl
 
 from .int4_mm import int4_fma_dot, int4_pairs_bf16, int4_tile, pick_scale, scale_pair, x_pairs
+from .moe_route import tile_span
 from .split_k import split_k_store
 
 
@@ -70,20 +73,22 @@ def _qdown_tile(a_ptr, stride_ar, stride_ai, rows, rmask, wq_ptr, ws_ptr, stride
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])     # one variant eager or in an engine (tile_span's T = 1)
 def moe_int4_down_kernel(act_ptr, dq_ptr, ds_ptr, sdq_ptr, sds_ptr, y_ptr, part_ptr, lock_ptr, tile_group_ptr,
                          tile_row0_ptr, tile_row_end_ptr, H, I, E, G: tl.constexpr, K_SPLIT, n_split,
                          stride_ar, stride_ai, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sg,
                          stride_shqn, stride_shqk, stride_shsn, stride_shsg, stride_yr, stride_yh,
-                         stride_ps, stride_pr, stride_ph,
+                         stride_ps, stride_pr, stride_ph, logits_ptr, T, stride_le,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          SCALE_PER_BLOCK: tl.constexpr, SCALE_WORDS: tl.constexpr, PRECISION: tl.constexpr,
-                         DOT_F32: tl.constexpr, BF16X2: tl.constexpr, FMA_UNPACK: tl.constexpr):
+                         DOT_F32: tl.constexpr, BF16X2: tl.constexpr, FMA_UNPACK: tl.constexpr,
+                         MAP_IN_KERNEL: tl.constexpr, BLOCK_G: tl.constexpr):
     tile = tl.program_id(0)
-    grp = tl.load(tile_group_ptr + tile)
+    grp, row0, row_end, _, _ = tile_span(tile, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr, logits_ptr, T, E,
+                                         stride_le, MAP_IN_KERNEL, BLOCK_G)
     if grp <= E:                                                                 # grp == E + 1: unused tile
-        rows = tl.load(tile_row0_ptr + tile) + tl.arange(0, BLOCK_M)            # [BM]
-        rmask = rows < tl.load(tile_row_end_ptr + tile)
+        rows = row0 + tl.arange(0, BLOCK_M)                                      # [BM]
+        rmask = rows < row_end
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)               # [BN] in [0, H)
         cmask = cols < H
         split = tl.program_id(2)

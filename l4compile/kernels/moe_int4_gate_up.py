@@ -21,16 +21,21 @@ Split-K (``split_k.py``): program (t, j, s) of S = ``n_split`` reduces inputs [s
 into float32 gate and up partials; the SwiGLU needs the whole sums, so the tile's last program adds them and runs
 the epilogue. At a decode step the grid is 2 tiles x I / BN (256 programs at Scout width, 20 K steps each).
 
+``MAP_IN_KERNEL`` (top-1, unsplit): a 1-token step's tiles come from its router logits (``moe_route.tile_span``,
+``tile_tokens``; program (0, 0, 0) writes routed_row), not from the route kernel's map, which then does not run.
+T is never specialised (``do_not_specialize``), so an eager launch compiles what an engine does.
+
 Shapes: x [T, H]; gate_up_q [E, 2I, H/2] uint8, gate_up_s [E, 2I, H/Gh]; shared_gate_q/shared_up_q [I, H/2] uint8,
 shared_gate_s/shared_up_s [I, H/Gh]; row_tok [R] int32; row_scale [R] f32; tile_group/tile_row0/tile_row_end [NT]
 int32; act [R, I] (x.dtype); part [S, R, 2I] float32 (gate sums, then up sums) and lock [NT * cdiv(I, BN)] int32
-zeros (both flat, unused when S = 1). Grid: (NT, cdiv(I, BN), S).
+zeros (both flat, unused when S = 1); logits [T, E], routed_row [T] int64. Grid: (NT, cdiv(I, BN), S).
 """
 import triton
 import triton.language as tl
 
 from .int4_mm import int4_fma_dot, int4_pairs_bf16, int4_tile, pick_scale, scale_pair, x_pairs
 from .moe_gate_up import scale_rows, swiglu_store
+from .moe_route import tile_span, tile_tokens
 from .split_k import split_k_arrive, split_k_sum
 
 
@@ -87,23 +92,24 @@ def _qdot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, wg_ptr, sg_ptr, w
     return acc_g, acc_u
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])     # one variant eager or in an engine (tile_span's T = 1)
 def moe_int4_gate_up_kernel(x_ptr, gu_q_ptr, gu_s_ptr, sg_q_ptr, sg_s_ptr, su_q_ptr, su_s_ptr, act_ptr, part_ptr,
                             lock_ptr, row_tok_ptr, row_scale_ptr, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr,
                             H, I, E, G: tl.constexpr, K_SPLIT, n_split,
                             stride_xt, stride_xh, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sg,
                             stride_shqn, stride_shqk, stride_shsn, stride_shsg, stride_ar, stride_ai,
-                            stride_ps, stride_pr, stride_pi,
+                            stride_ps, stride_pr, stride_pi, logits_ptr, routed_row_ptr, T, stride_le,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             SCALE_PER_BLOCK: tl.constexpr, SCALE_WORDS: tl.constexpr, PRECISION: tl.constexpr,
-                            DOT_F32: tl.constexpr, BF16X2: tl.constexpr, FMA_UNPACK: tl.constexpr):
+                            DOT_F32: tl.constexpr, BF16X2: tl.constexpr, FMA_UNPACK: tl.constexpr,
+                            MAP_IN_KERNEL: tl.constexpr, BLOCK_G: tl.constexpr):
     tile = tl.program_id(0)
-    grp = tl.load(tile_group_ptr + tile)
+    grp, row0, row_end, mapped, score = tile_span(tile, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr, logits_ptr,
+                                                  T, E, stride_le, MAP_IN_KERNEL, BLOCK_G)
     if grp <= E:                                                                 # grp == E + 1: unused tile
-        rows = tl.load(tile_row0_ptr + tile) + tl.arange(0, BLOCK_M)            # [BM]
-        rmask = rows < tl.load(tile_row_end_ptr + tile)
-        tok = tl.load(row_tok_ptr + rows, mask=rmask, other=0)
-        scale = tl.load(row_scale_ptr + rows, mask=rmask, other=0.0)
+        rows = row0 + tl.arange(0, BLOCK_M)                                      # [BM]
+        rmask = rows < row_end
+        tok, scale = tile_tokens(row_tok_ptr, row_scale_ptr, routed_row_ptr, rows, rmask, mapped, score)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)               # [BN] in [0, I)
         cmask = cols < I
         split = tl.program_id(2)

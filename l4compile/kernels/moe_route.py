@@ -115,3 +115,52 @@ def _route(logits_ptr, row_tok_ptr, row_scale_ptr, routed_row_ptr, tile_group_pt
         tl.store(tile_group_ptr + ii, group, mask=imask)
         tl.store(tile_row0_ptr + ii, row0, mask=imask)
         tl.store(tile_row_end_ptr + ii, _pick(group_end, gc, BLOCK_G), mask=imask)
+
+
+@triton.jit
+def tile_span(tile, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr, logits_ptr, T, E, stride_le,
+              IN_KERNEL: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Tile ``tile`` of the grouped-row map, for a grouped GEMM program -> scalars (group, first row, end row,
+    mapped, score): its rows are first row + arange(BM) below the end row; group E + 1 is an unused tile.
+
+    From the map's arrays (``moe_route_kernel``'s), unless ``IN_KERNEL`` and the step has one token (mapped = 1):
+    then from its router logits [1, E] (``stride_le``), as the route kernel maps a 1-token step: tile 0 is row 0 of
+    the expert with the largest logit (the first of equal maxima; the last expert for a NaN row), whose input scale
+    ``score`` is sigmoid(max logit) in the logits' dtype; tile 1 is row 1, the shared expert's (score 1). A batch-1
+    decode step then needs no route launch (``ops.fused_moe_int4`` gives it an empty grid), whose one program's
+    latency was on the path of every MoE layer. Only T = 1: the general map's passes (a cumsum over a block of
+    tokens) cost the Int4 gate_up 8 bytes of stack under Triton 3.7.1 (sm_90a, T a run-time argument as in an
+    engine), for one launch at batch 2-16. Scalars only: a vector that took either branch's layout would send the
+    gate_up's scaled x through shared memory on its way to the tensor cores (``tile_tokens``)."""
+    if IN_KERNEL and T == 1:
+        gg = tl.arange(0, BLOCK_G)
+        lg = tl.load(logits_ptr + gg * stride_le, mask=gg < E, other=float("-inf")).to(tl.float32)
+        val = tl.max(lg, axis=0)
+        e = tl.minimum(tl.min(tl.where(lg == val, gg, BLOCK_G), axis=0), E - 1)   # as _argmax_block
+        grp = tl.where(tile == 0, e, tl.where(tile == 1, E, E + 1))
+        row0 = tl.minimum(tile, 2)
+        row_end = tl.minimum(tile + 1, 2)
+        mapped = 1
+        score = tl.where(tile == 0, (1.0 / (1.0 + tl.exp(-val))).to(logits_ptr.dtype.element_ty).to(tl.float32),
+                         1.0)
+    else:
+        grp = tl.load(tile_group_ptr + tile)
+        row0 = tl.load(tile_row0_ptr + tile)
+        row_end = tl.load(tile_row_end_ptr + tile)
+        mapped = 0
+        score = 0.0
+    return grp, row0, row_end, mapped, score
+
+
+@triton.jit
+def tile_tokens(row_tok_ptr, row_scale_ptr, routed_row_ptr, rows, rmask, mapped, score):
+    """Token and input scale [BM] of a tile's rows ``rows`` (valid where ``rmask``), from ``tile_span``: the map's
+    arrays, or a mapped 1-token step's (token 0, ``score`` on the tile's one row), as the fallback values of the same
+    masked loads, so both take the layout the dot needs. Program (0, 0, 0) of a mapped step writes ``routed_row``
+    [1] = 0 (the combine's gather), as the route kernel would have."""
+    load = rmask & (mapped == 0)
+    tok = tl.load(row_tok_ptr + rows, mask=load, other=0)
+    scale = tl.load(row_scale_ptr + rows, mask=load, other=tl.where(rmask & (mapped != 0), score, 0.0))
+    if (mapped != 0) & (tl.program_id(0) == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
+        tl.store(routed_row_ptr, tl.zeros((), dtype=tl.int64))
+    return tok, scale

@@ -9,6 +9,8 @@ code (plain aten) and the kernels themselves (``wrap_triton``) and compile both 
 data-dependent shapes (see ``layout.moe_rows``), so they trace with a symbolic token count and also serve as
 their own fake implementations. A top-1 MoE step is four launches: the router matmul, ``moe_route_kernel`` (the
 whole grouped-row map), the two grouped GEMMs; the combine of routed and shared rows is a gather Inductor fuses.
+An Int4 MoE with unsplit GEMMs (the default) runs three at a 1-token step: its GEMMs map the step from the logits
+(``moe_route.tile_span``) and the route launch's grid is empty.
 Int4 GEMMs with ``split_k`` > 1 stay one launch each (``split_k.py``: the last program of a tile adds the
 partials), plus a memset of their tile counters where a step splits; chained (``int4_mm_chained``, what a CUDA
 engine's step runs), each launch zeroes the next one's counters and a step needs one memset in all.
@@ -77,10 +79,13 @@ def _fp8_mode(x: Tensor) -> dict:
     return {"FP8_DOT": fp8_dot, "DOT_F32": interp, "EMULATE_FP8": interp}
 
 
-def moe_route(logits: Tensor, block_m: int, zero: tuple[Tensor, ...] = ()) -> MoeRows:
+def moe_route(logits: Tensor, block_m: int, zero: tuple[Tensor, ...] = (), in_kernel: bool = False) -> MoeRows:
     """Top-1 routing of router logits [T, E] -> the grouped-row map for tiles of ``block_m`` rows, in one launch
     (``moe_route_kernel``); equal to ``moe_rows(*top-1 of logits, E, block_m)`` (equal maxima: the first expert).
-    ``zero``: up to two flat int32 tensors the same launch fills with zeros (split-K counters of the GEMMs after it)."""
+    ``zero``: up to two flat int32 tensors the same launch fills with zeros (split-K counters of the GEMMs after it).
+    ``in_kernel``: the grouped GEMMs build the tiles of a 1-token step from its logits themselves
+    (``moe_route.tile_span``), so the launch has an empty grid then (a guard-free expression of a symbolic T: an
+    engine skips it at batch-1 decode); nothing to zero then."""
     if len(zero) > 2 or any(z.dtype != torch.int32 or z.dim() != 1 for z in zero):
         raise ValueError("moe_route: zero takes up to two flat int32 tensors")
     n_tok, n_exp = logits.shape
@@ -95,7 +100,10 @@ def moe_route(logits: Tensor, block_m: int, zero: tuple[Tensor, ...] = ()) -> Mo
     # unused counter pointers (0 ints to zero) get buffers of their own: an output passed again there would alias
     # the kernel's mutated arguments, which Inductor resolves with a copy kernel per MoE layer (bf16 and FP8 steps)
     za, zb = (*zero, *(torch.empty(1, device=dev, dtype=torch.int32) for _ in range(2 - len(zero))))
-    wrap_triton(moe_route_kernel)[(1,)](
+    if in_kernel and zero:
+        raise ValueError("moe_route: with in_kernel the launch may not run, so it cannot zero split-K counters")
+    grid = torch.sym_max(0, torch.sym_min(1, n_tok - 1)) if in_kernel else 1                  # 0 at T = 1
+    wrap_triton(moe_route_kernel)[(grid,)](
         logits, rows.row_tok, rows.row_scale, rows.routed_row, rows.tile_group, rows.tile_row0, rows.tile_row_end,
         za, zb, n_tok, n_exp, n_tiles, za.numel() if zero else 0, zb.numel() if len(zero) > 1 else 0,
         logits.stride(0), logits.stride(1),
@@ -180,7 +188,15 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
     # split-K counters of both GEMMs: zeroed by the top-1 route kernel, no fill kernels of their own
     gu = _split_k_buffers(n_rows, 2 * i_dim, hidden, bgu, x, grid_gu[0] * grid_gu[1], step_gu, top_k != 1)
     dn = _split_k_buffers(n_rows, hidden, i_dim, bdn, x, grid_dn[0] * grid_dn[1], step_dn, top_k != 1)
-    rows = _rows(x, router_w, top_k, bgu.block_m, (gu[2], dn[2]) if top_k == 1 else ())
+    # top-1 with both GEMMs unsplit (nothing to zero): a 1-token step's tiles come from its logits in the GEMMs
+    in_kernel = top_k == 1 and all(isinstance(p[4], int) and p[4] == 1 for p in (gu, dn))
+    if top_k == 1:
+        logits = F.linear(x, router_w)                                           # [T, E]
+        rows = moe_route(logits, bgu.block_m, () if in_kernel else (gu[2], dn[2]), in_kernel)
+    else:
+        logits, rows = x, _rows(x, router_w, top_k, bgu.block_m)                 # x: a pointer never read
+    in_map = (logits, n_tok, logits.stride(-1))
+    map_modes = {"MAP_IN_KERNEL": in_kernel, "BLOCK_G": max(2, triton.next_power_of_2(n_exp + 1))}
     mode = _dot_mode(x.dtype)
     act = torch.empty((n_rows, i_dim), device=x.device, dtype=x.dtype)           # [R, I]
     part, part_strides, lock, k_split, splits = gu
@@ -188,20 +204,21 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
         x, gate_up_q, gate_up_s, shared_gate_q, shared_gate_s, shared_up_q, shared_up_s, act, part, lock, rows.row_tok,
         rows.row_scale, rows.tile_group, rows.tile_row0, rows.tile_row_end, hidden, i_dim, n_exp, group_h, k_split,
         splits, x.stride(0), x.stride(1), *gate_up_q.stride(), *gate_up_s.stride(), *shared_gate_q.stride(),
-        *shared_gate_s.stride(), act.stride(0), act.stride(1), *part_strides,
+        *shared_gate_s.stride(), act.stride(0), act.stride(1), *part_strides, in_map[0], rows.routed_row, *in_map[1:],
         BLOCK_M=bgu.block_m, BLOCK_N=bgu.block_n, BLOCK_K=bgu.block_k, SCALE_PER_BLOCK=bgu.scale_per_block,
         SCALE_WORDS=words_gu, BF16X2=bgu.bf16x2,
         FMA_UNPACK=fma_unpack(bgu, (gate_up_q, shared_gate_q, shared_up_q), (gate_up_s, shared_gate_s, shared_up_s)),
-        **mode, **_launch(bgu))
+        **map_modes, **mode, **_launch(bgu))
     y = torch.empty((n_rows, hidden), device=x.device, dtype=x.dtype)            # [R, H]
     part, part_strides, lock, k_split, splits = dn
     wrap_triton(moe_int4_down_kernel)[(*grid_dn, splits)](
         act, down_q, down_s, shared_down_q, shared_down_s, y, part, lock, rows.tile_group, rows.tile_row0,
         rows.tile_row_end, hidden, i_dim, n_exp, group_i, k_split, splits, act.stride(0), act.stride(1),
         *down_q.stride(), *down_s.stride(), *shared_down_q.stride(), *shared_down_s.stride(), y.stride(0), y.stride(1),
-        *part_strides, BLOCK_M=bdn.block_m, BLOCK_N=bdn.block_n, BLOCK_K=bdn.block_k,
+        *part_strides, *in_map, BLOCK_M=bdn.block_m, BLOCK_N=bdn.block_n, BLOCK_K=bdn.block_k,
         SCALE_PER_BLOCK=bdn.scale_per_block, SCALE_WORDS=words_dn, BF16X2=bdn.bf16x2,
-        FMA_UNPACK=fma_unpack(bdn, (down_q, shared_down_q), (down_s, shared_down_s)), **mode, **_launch(bdn))
+        FMA_UNPACK=fma_unpack(bdn, (down_q, shared_down_q), (down_s, shared_down_s)), **map_modes, **mode,
+        **_launch(bdn))
     return combine_rows(y, rows, n_tok, top_k)
 
 

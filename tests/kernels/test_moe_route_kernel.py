@@ -9,6 +9,11 @@ from l4compile.kernels.layout import moe_rows, num_tiles
 
 from .conftest import require_cuda_kernels, require_interpreter
 
+try:                    # a module global: Triton resolves the names a jitted function calls in its globals
+    from l4compile.kernels.moe_route import tile_span, tile_tokens
+except ImportError:     # no triton here: the kernel tests skip
+    tile_span = tile_tokens = None
+
 
 def _logits(n_tok: int, n_exp: int, dtype: torch.dtype, device="cpu") -> torch.Tensor:
     """[T, E] logits without ties at any row's maximum (each row a permutation of k/8 - 1: exact in bf16), so
@@ -117,3 +122,57 @@ def test_moe_route_launch_has_no_aliased_arguments(n_zero, monkeypatch):
     tensors = [a for a in launches[0] if isinstance(a, torch.Tensor)]
     assert len(tensors) == 9                           # logits, the 6 tensors of the map, 2 counter pointers
     assert len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)
+
+
+def _tile_span_probe():
+    """A kernel storing, for each tile of a 1-token step, what a gate_up program gets when it maps the step from its
+    logits itself (``moe_route.tile_span``, ``tile_tokens``): the group, the first and end rows, tokens and scales
+    of its BM rows."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=["T"])
+    def probe(logits_ptr, routed_ptr, grp_ptr, span_ptr, tok_ptr, scale_ptr, T, E, stride_e,
+              BM: tl.constexpr, BG: tl.constexpr):
+        tile = tl.program_id(0)
+        grp, row0, row_end, mapped, score = tile_span(tile, grp_ptr, grp_ptr, grp_ptr, logits_ptr, T, E, stride_e,
+                                                      True, BG)
+        rows = row0 + tl.arange(0, BM)
+        tok, scale = tile_tokens(grp_ptr, scale_ptr, routed_ptr, rows, rows < row_end, mapped, score)
+        r = tl.arange(0, BM)
+        tl.store(grp_ptr + tile, grp)
+        tl.store(span_ptr + 2 * tile, row0)
+        tl.store(span_ptr + 2 * tile + 1, row_end)
+        tl.store(tok_ptr + tile * BM + r, tok)
+        tl.store(scale_ptr + tile * BM + r, scale)
+    return probe
+
+
+@pytest.mark.parametrize("case", ["E16", "E128", "E1", "ties", "nan"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemms_map_a_one_token_step_as_the_route_kernel(case, dtype):
+    """A batch-1 decode step's tiles as the fused MoE's GEMMs build them from the logits (no route launch) are the
+    route kernel's, field for field: each tile's group, rows, tokens and input scales (0 outside the rows), and the
+    token's routed row (written by program 0); equal maxima go to the first expert, a NaN row to the last."""
+    require_interpreter()
+    import triton
+
+    from l4compile.kernels.ops import moe_route
+
+    n_exp = {"E16": 16, "E128": 128, "E1": 1}.get(case, 4)
+    logits = {"ties": torch.tensor([[0.5, 2.0, 2.0, -1.0]]), "nan": torch.full((1, 4), float("nan"))}.get(
+        case, _logits(1, n_exp, torch.float32)).to(dtype)
+    block_m = 16
+    ref = moe_route(logits, block_m)
+    n_tiles = ref.tile_group.numel()
+    grp, span = torch.full((n_tiles,), -7, dtype=torch.int32), torch.full((n_tiles, 2), -7, dtype=torch.int32)
+    tok, scale = torch.full((n_tiles, block_m), -7, dtype=torch.int32), torch.full((n_tiles, block_m), -7.0)
+    routed = torch.full((1,), -7, dtype=torch.int64)
+    _tile_span_probe()[(n_tiles,)](logits, routed, grp, span, tok, scale, 1, n_exp, logits.stride(1), BM=block_m,
+                                   BG=max(2, triton.next_power_of_2(n_exp + 1)))
+    assert n_tiles == 2 and torch.equal(grp, ref.tile_group) and torch.equal(routed, ref.routed_row)
+    assert torch.equal(span[:, 0], ref.tile_row0) and torch.equal(span[:, 1], ref.tile_row_end)
+    assert torch.equal(tok[:, 0], ref.row_tok) and not tok[:, 1:].any()
+    assert torch.equal(scale[:, 0], ref.row_scale) and not scale[:, 1:].any()
+    if case in ("ties", "nan"):
+        assert int(grp[0]) == {"ties": 1, "nan": 3}[case]
