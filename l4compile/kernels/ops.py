@@ -88,6 +88,8 @@ def moe_route(logits: Tensor, block_m: int, zero: tuple[Tensor, ...] = (), in_ke
     engine skips it at batch-1 decode); nothing to zero then."""
     if len(zero) > 2 or any(z.dtype != torch.int32 or z.dim() != 1 for z in zero):
         raise ValueError("moe_route: zero takes up to two flat int32 tensors")
+    if in_kernel and zero:
+        raise ValueError("moe_route: with in_kernel the launch may not run, so it cannot zero split-K counters")
     n_tok, n_exp = logits.shape
     dev = logits.device
     block_g = max(2, triton.next_power_of_2(n_exp + 1))
@@ -100,8 +102,6 @@ def moe_route(logits: Tensor, block_m: int, zero: tuple[Tensor, ...] = (), in_ke
     # unused counter pointers (0 ints to zero) get buffers of their own: an output passed again there would alias
     # the kernel's mutated arguments, which Inductor resolves with a copy kernel per MoE layer (bf16 and FP8 steps)
     za, zb = (*zero, *(torch.empty(1, device=dev, dtype=torch.int32) for _ in range(2 - len(zero))))
-    if in_kernel and zero:
-        raise ValueError("moe_route: with in_kernel the launch may not run, so it cannot zero split-K counters")
     grid = torch.sym_max(0, torch.sym_min(1, n_tok - 1)) if in_kernel else 1                  # 0 at T = 1
     wrap_triton(moe_route_kernel)[(grid,)](
         logits, rows.row_tok, rows.row_scale, rows.routed_row, rows.tile_group, rows.tile_row0, rows.tile_row_end,

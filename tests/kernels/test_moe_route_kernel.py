@@ -97,6 +97,8 @@ def test_moe_route_zeroes_the_split_k_counters_it_is_given():
     for bad in ((a, b, one), (a.long(),), (a.view(37, 1),)):
         with pytest.raises(ValueError, match="up to two flat int32 tensors"):
             moe_route(logits, 16, bad)
+    with pytest.raises(ValueError, match="cannot zero split-K counters"):     # a launch that may not run
+        moe_route(logits[:1], 16, (one,), in_kernel=True)
 
 
 @pytest.mark.parametrize("n_zero", [0, 1, 2])
