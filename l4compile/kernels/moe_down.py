@@ -9,11 +9,15 @@ with Wd = ``down[e]`` ([E, I, H], HF layout) for a routed group e < E and ``shar
 for the shared group E. Rows stay in the grouped order; the caller adds each token's routed rows onto its shared
 row (``ops.combine_rows``, a gather).
 
+``MAP_IN_KERNEL`` as in ``moe_gate_up``: a 1-token step's tiles from its logits (``moe_route.tile_span``).
+
 Shapes: act [R, I]; down [E, I, H]; shared_down [H, I]; tile_group/tile_row0/tile_row_end [NT] int32;
-y [R, H]. Grid: (NT, cdiv(H, BN)).
+y [R, H]; logits [T, E]. Grid: (NT, cdiv(H, BN)).
 """
 import triton
 import triton.language as tl
+
+from .moe_route import tile_span
 
 
 @triton.jit
@@ -35,18 +39,20 @@ def _down_tile(a_ptr, stride_ar, stride_ai, rows, rmask, w_ptr, stride_wk, strid
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])     # one variant eager or in an engine (moe_route.tile_span's T = 1)
 def moe_down_kernel(act_ptr, down_ptr, sd_ptr, y_ptr, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr,
                     H, I, E,
                     stride_ar, stride_ai, stride_de, stride_di, stride_dh, stride_sh, stride_si,
-                    stride_yr, stride_yh,
+                    stride_yr, stride_yh, logits_ptr, T, stride_le,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+                    PRECISION: tl.constexpr, DOT_F32: tl.constexpr, MAP_IN_KERNEL: tl.constexpr,
+                    BLOCK_G: tl.constexpr):
     tile = tl.program_id(0)
-    grp = tl.load(tile_group_ptr + tile)
+    grp, row0, row_end, _, _ = tile_span(tile, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr, logits_ptr, T, E,
+                                         stride_le, MAP_IN_KERNEL, BLOCK_G)
     if grp <= E:                                                                 # grp == E + 1: unused tile
-        rows = tl.load(tile_row0_ptr + tile) + tl.arange(0, BLOCK_M)            # [BM]
-        rmask = rows < tl.load(tile_row_end_ptr + tile)
+        rows = row0 + tl.arange(0, BLOCK_M)                                      # [BM]
+        rmask = rows < row_end
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)               # [BN] in [0, H)
         cmask = cols < H
         if grp == E:                                                             # shared expert, nn.Linear [H, I]

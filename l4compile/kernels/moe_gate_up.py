@@ -15,11 +15,18 @@ routed group e < E, and ``shared_gate^T``, ``shared_up^T`` ([I, H] nn.Linear wei
 interpreter multiplies bf16 dot operands as raw integers, so tests under ``TRITON_INTERPRET=1`` set it; on a GPU it
 is False and the dots run on bf16 tensor cores with the same fp32 accumulation.
 
+``MAP_IN_KERNEL`` (top-1): a 1-token step's tiles come from its router logits (``moe_route.tile_span``,
+``tile_tokens``; program (0, 0) writes routed_row), not from the route kernel's map, which then does not run. T is
+never specialised (``do_not_specialize``), so an eager launch compiles what an engine does.
+
 Shapes: x [T, H]; gate_up [E, H, 2I]; shared_gate, shared_up [I, H]; row_tok [R] int32; row_scale [R] f32;
-tile_group/tile_row0/tile_row_end [NT] int32; act [R, I] (x.dtype). Grid: (NT, cdiv(I, BN)).
+tile_group/tile_row0/tile_row_end [NT] int32; act [R, I] (x.dtype); logits [T, E], routed_row [T] int64.
+Grid: (NT, cdiv(I, BN)).
 """
 import triton
 import triton.language as tl
+
+from .moe_route import tile_span, tile_tokens
 
 
 @triton.jit
@@ -74,21 +81,22 @@ def swiglu_store(gate, up, act_ptr, rows, cols, rmask, cmask, stride_ar, stride_
              mask=rmask[:, None] & cmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])     # one variant eager or in an engine (moe_route.tile_span's T = 1)
 def moe_gate_up_kernel(x_ptr, gate_up_ptr, sg_ptr, su_ptr, act_ptr,
                        row_tok_ptr, row_scale_ptr, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr,
                        H, I, E,
                        stride_xt, stride_xh, stride_ge, stride_gh, stride_gn, stride_si, stride_sh,
-                       stride_ar, stride_ai,
+                       stride_ar, stride_ai, logits_ptr, routed_row_ptr, T, stride_le,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+                       PRECISION: tl.constexpr, DOT_F32: tl.constexpr, MAP_IN_KERNEL: tl.constexpr,
+                       BLOCK_G: tl.constexpr):
     tile = tl.program_id(0)
-    grp = tl.load(tile_group_ptr + tile)
+    grp, row0, row_end, mapped, score = tile_span(tile, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr, logits_ptr,
+                                                  T, E, stride_le, MAP_IN_KERNEL, BLOCK_G)
     if grp <= E:                                                                 # grp == E + 1: unused tile
-        rows = tl.load(tile_row0_ptr + tile) + tl.arange(0, BLOCK_M)            # [BM]
-        rmask = rows < tl.load(tile_row_end_ptr + tile)
-        tok = tl.load(row_tok_ptr + rows, mask=rmask, other=0)
-        scale = tl.load(row_scale_ptr + rows, mask=rmask, other=0.0)
+        rows = row0 + tl.arange(0, BLOCK_M)                                      # [BM]
+        rmask = rows < row_end
+        tok, scale = tile_tokens(row_tok_ptr, row_scale_ptr, routed_row_ptr, rows, rmask, mapped, score)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)               # [BN] in [0, I)
         cmask = cols < I
         if grp == E:                                                             # shared expert, nn.Linear [I, H]

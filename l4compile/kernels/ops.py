@@ -9,8 +9,8 @@ code (plain aten) and the kernels themselves (``wrap_triton``) and compile both 
 data-dependent shapes (see ``layout.moe_rows``), so they trace with a symbolic token count and also serve as
 their own fake implementations. A top-1 MoE step is four launches: the router matmul, ``moe_route_kernel`` (the
 whole grouped-row map), the two grouped GEMMs; the combine of routed and shared rows is a gather Inductor fuses.
-An Int4 MoE with unsplit GEMMs (the default) runs three at a 1-token step: its GEMMs map the step from the logits
-(``moe_route.tile_span``) and the route launch's grid is empty.
+The bf16 MoE, and the Int4 one with unsplit GEMMs (the default), run three at a 1-token step: their GEMMs map the
+step from the logits (``moe_route.tile_span``) and the route launch's grid is empty.
 Int4 GEMMs with ``split_k`` > 1 stay one launch each (``split_k.py``: the last program of a tile adds the
 partials), plus a memset of their tile counters where a step splits; chained (``int4_mm_chained``, what a CUDA
 engine's step runs), each launch zeroes the next one's counters and a step needs one memset in all.
@@ -141,7 +141,7 @@ def fused_moe(x: Tensor, router_w: Tensor, gate_up: Tensor, down: Tensor, shared
     n_exp, i_dim, hidden = down.shape
     n_tok = x.shape[0]
     bm, bn, bk = blocks or moe_blocks(hidden, i_dim)
-    rows = _rows(x, router_w, top_k, bm)
+    logits, rows, in_map, map_modes = _route_map(x, router_w, top_k, bm)
     n_rows = n_tok * (top_k + 1)
     n_tiles = rows.tile_group.shape[0]
     mode = _dot_mode(x.dtype)
@@ -149,14 +149,32 @@ def fused_moe(x: Tensor, router_w: Tensor, gate_up: Tensor, down: Tensor, shared
     wrap_triton(moe_gate_up_kernel)[(n_tiles, triton.cdiv(i_dim, bn))](
         x, gate_up, shared_gate, shared_up, act, rows.row_tok, rows.row_scale, rows.tile_group, rows.tile_row0,
         rows.tile_row_end, hidden, i_dim, n_exp, x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1),
-        gate_up.stride(2), shared_gate.stride(0), shared_gate.stride(1), act.stride(0), act.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **mode)
+        gate_up.stride(2), shared_gate.stride(0), shared_gate.stride(1), act.stride(0), act.stride(1), logits,
+        rows.routed_row, *in_map, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **map_modes, **mode)
     y = torch.empty((n_rows, hidden), device=x.device, dtype=x.dtype)            # [R, H]
     wrap_triton(moe_down_kernel)[(n_tiles, triton.cdiv(hidden, bn))](
         act, down, shared_down, y, rows.tile_group, rows.tile_row0, rows.tile_row_end, hidden, i_dim, n_exp,
         act.stride(0), act.stride(1), down.stride(0), down.stride(1), down.stride(2), shared_down.stride(0),
-        shared_down.stride(1), y.stride(0), y.stride(1), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **mode)
+        shared_down.stride(1), y.stride(0), y.stride(1), logits, *in_map, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        **map_modes, **mode)
     return combine_rows(y, rows, n_tok, top_k)
+
+
+def _route_map(x: Tensor, router_w: Tensor, top_k: int, block_m: int, locks: tuple[Tensor, ...] = ()):
+    """The routing of a fused MoE whose grouped GEMMs take ``moe_route.tile_span``'s arguments -> (logits, map,
+    (T, logits' expert stride), the GEMMs' constexprs MAP_IN_KERNEL / BLOCK_G). Top-1 without split-K ``locks`` to
+    zero: the GEMMs map a 1-token step from the logits themselves and the route launch's grid is empty then; top-1
+    with locks: the route kernel maps every step and zeroes them; top-k: ``moe_rows`` (x stands in for the logits,
+    a pointer never read)."""
+    n_exp = router_w.shape[0]
+    in_kernel = top_k == 1 and not locks
+    if top_k == 1:
+        logits = F.linear(x, router_w)                                           # [T, E]
+        rows = moe_route(logits, block_m, locks, in_kernel)
+    else:
+        logits, rows = x, _rows(x, router_w, top_k, block_m)
+    return logits, rows, (x.shape[0], logits.stride(-1)), {"MAP_IN_KERNEL": in_kernel,
+                                                            "BLOCK_G": max(2, triton.next_power_of_2(n_exp + 1))}
 
 
 def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tensor, down_q: Tensor, down_s: Tensor,
@@ -188,15 +206,10 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
     # split-K counters of both GEMMs: zeroed by the top-1 route kernel, no fill kernels of their own
     gu = _split_k_buffers(n_rows, 2 * i_dim, hidden, bgu, x, grid_gu[0] * grid_gu[1], step_gu, top_k != 1)
     dn = _split_k_buffers(n_rows, hidden, i_dim, bdn, x, grid_dn[0] * grid_dn[1], step_dn, top_k != 1)
-    # top-1 with both GEMMs unsplit (nothing to zero): a 1-token step's tiles come from its logits in the GEMMs
-    in_kernel = top_k == 1 and all(isinstance(p[4], int) and p[4] == 1 for p in (gu, dn))
-    if top_k == 1:
-        logits = F.linear(x, router_w)                                           # [T, E]
-        rows = moe_route(logits, bgu.block_m, () if in_kernel else (gu[2], dn[2]), in_kernel)
-    else:
-        logits, rows = x, _rows(x, router_w, top_k, bgu.block_m)                 # x: a pointer never read
-    in_map = (logits, n_tok, logits.stride(-1))
-    map_modes = {"MAP_IN_KERNEL": in_kernel, "BLOCK_G": max(2, triton.next_power_of_2(n_exp + 1))}
+    # both GEMMs unsplit (nothing to zero): a 1-token top-1 step's tiles come from its logits in the GEMMs
+    unsplit = all(isinstance(p[4], int) and p[4] == 1 for p in (gu, dn))
+    logits, rows, in_map, map_modes = _route_map(x, router_w, top_k, bgu.block_m,
+                                                 () if top_k != 1 or unsplit else (gu[2], dn[2]))
     mode = _dot_mode(x.dtype)
     act = torch.empty((n_rows, i_dim), device=x.device, dtype=x.dtype)           # [R, I]
     part, part_strides, lock, k_split, splits = gu
@@ -204,7 +217,7 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
         x, gate_up_q, gate_up_s, shared_gate_q, shared_gate_s, shared_up_q, shared_up_s, act, part, lock, rows.row_tok,
         rows.row_scale, rows.tile_group, rows.tile_row0, rows.tile_row_end, hidden, i_dim, n_exp, group_h, k_split,
         splits, x.stride(0), x.stride(1), *gate_up_q.stride(), *gate_up_s.stride(), *shared_gate_q.stride(),
-        *shared_gate_s.stride(), act.stride(0), act.stride(1), *part_strides, in_map[0], rows.routed_row, *in_map[1:],
+        *shared_gate_s.stride(), act.stride(0), act.stride(1), *part_strides, logits, rows.routed_row, *in_map,
         BLOCK_M=bgu.block_m, BLOCK_N=bgu.block_n, BLOCK_K=bgu.block_k, SCALE_PER_BLOCK=bgu.scale_per_block,
         SCALE_WORDS=words_gu, BF16X2=bgu.bf16x2,
         FMA_UNPACK=fma_unpack(bgu, (gate_up_q, shared_gate_q, shared_up_q), (gate_up_s, shared_gate_s, shared_up_s)),
@@ -215,7 +228,7 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
         act, down_q, down_s, shared_down_q, shared_down_s, y, part, lock, rows.tile_group, rows.tile_row0,
         rows.tile_row_end, hidden, i_dim, n_exp, group_i, k_split, splits, act.stride(0), act.stride(1),
         *down_q.stride(), *down_s.stride(), *shared_down_q.stride(), *shared_down_s.stride(), y.stride(0), y.stride(1),
-        *part_strides, *in_map, BLOCK_M=bdn.block_m, BLOCK_N=bdn.block_n, BLOCK_K=bdn.block_k,
+        *part_strides, logits, *in_map, BLOCK_M=bdn.block_m, BLOCK_N=bdn.block_n, BLOCK_K=bdn.block_k,
         SCALE_PER_BLOCK=bdn.scale_per_block, SCALE_WORDS=words_dn, BF16X2=bdn.bf16x2,
         FMA_UNPACK=fma_unpack(bdn, (down_q, shared_down_q), (down_s, shared_down_s)), **map_modes, **mode,
         **_launch(bdn))

@@ -174,7 +174,8 @@ def test_moe_q_fused_fma_and_byte_unpacks(monkeypatch):
 def test_decode_steps_build_their_tiles_in_the_gemms(monkeypatch):
     """Top-1 with both GEMMs unsplit: a 1-token step launches the route kernel with an empty grid (an engine skips
     it) and the GEMMs map the step from its logits (``moe_route.tile_span``); from 2 tokens, or with a split GEMM
-    (whose counters the route launch zeroes), the route kernel runs. Every way gives the reference's output."""
+    (whose counters the route launch zeroes), the route kernel runs. Every way gives the reference's output. The
+    bf16 MoE (``l4::moe_fused``) maps a 1-token step the same way."""
     require_interpreter()
     from l4compile.kernels import ops
 
@@ -194,6 +195,11 @@ def test_decode_steps_build_their_tiles_in_the_gemms(monkeypatch):
         assert rel_err(out, _moe_q_impl(*args, 1)) < TOL[torch.float32], (n_tok, blocks)
         assert [g for name, g in grids if name == "moe_route_kernel"] == [(route_grid,)], (n_tok, grids)
         assert [name for name, _ in grids][1:] == ["moe_int4_gate_up_kernel", "moe_int4_down_kernel"]
+    for n_tok, route_grid in ((1, 0), (3, 1)):                                   # the bf16 MoE maps the same way
+        args = make_moe(n_tok, 64, 48, 4, seed=n_tok)
+        grids.clear()
+        assert rel_err(ops.fused_moe(*args, 1), _moe_impl(*args, 1)) < TOL[torch.float32]
+        assert [g for name, g in grids if name == "moe_route_kernel"] == [(route_grid,)], (n_tok, grids)
 
 
 def test_moe_q_fused_no_tokens():
