@@ -198,6 +198,25 @@ def int4_fma_dot(acc, xt, w_ptr, rn, nmask, k0, stride_wn, sc, BLOCK_K: tl.const
     return acc
 
 
+
+@triton.jit
+def int4_block_dot(acc, xt, w_ptr, s_ptr, rn, nmask, k0, K, G, stride_wn, stride_wk, stride_sn, stride_sg, sc,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_PER_BLOCK: tl.constexpr,
+                   PRECISION: tl.constexpr, DOT_F32: tl.constexpr, FMA_UNPACK: tl.constexpr):
+    """The float path of every Int4 K loop: acc [BM, BN] + xt [BM, BK] @ W[rn, k0 .. k0+BK)^T (float32), the
+    weights dequantized by the FFMA unpack (``FMA_UNPACK``, ``int4_fma_dot``) or by the byte unpack (``int4_tile``),
+    rounded to x's dtype as the reference rounds them. ``sc``: the block's scales (``SCALE_PER_BLOCK``)."""
+    if FMA_UNPACK:
+        acc = int4_fma_dot(acc, xt, w_ptr, rn, nmask, k0, stride_wn, sc, BLOCK_K, PRECISION, DOT_F32)
+    else:
+        wt = tl.trans(int4_tile(w_ptr, s_ptr, rn, nmask, k0, K, G, stride_wn, stride_wk, stride_sn, stride_sg, sc,
+                                BLOCK_N, BLOCK_K, SCALE_PER_BLOCK).to(xt.dtype))        # [BK, BN]
+        if DOT_F32:                                                              # interpreter (see moe_gate_up)
+            xt, wt = xt.to(tl.float32), wt.to(tl.float32)
+        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+    return acc
+
+
 # $4: four packed bytes b0..b3 (weights k0..k7, low nibble first); $5, $6: their scales as bf16 pairs (e0, e1),
 # (e2, e3). Out: $0, $1 = the even weights (k0, k2), (k4, k6); $2, $3 = the odd ones (k1, k3), (k5, k7), bf16 pairs.
 _UNPACK_BF16X2 = tl.constexpr("""
@@ -305,16 +324,9 @@ def int4_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, G: t
             k = k0 + ks                                                          # [BK]
             xt = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :] * stride_xk,
                          mask=mmask[:, None] & (k < K)[None, :], other=0.0)        # [BM, BK]
-            sc = pick_scale(s_even, s_odd, u, G, BLOCK_K)
-            if FMA_UNPACK:
-                acc = int4_fma_dot(acc, xt, w_ptr, rn, nmask, k0, stride_wn, sc, BLOCK_K, PRECISION, DOT_F32)
-            else:
-                w = int4_tile(w_ptr, s_ptr, rn, nmask, k0, K, G, stride_wn, stride_wk, stride_sn, stride_sg, sc,
-                              BLOCK_N, BLOCK_K, SCALE_PER_BLOCK)                  # [BN, BK] f32
-                wt = tl.trans(w.to(xt.dtype))                                    # [BK, BN], rounded like the reference
-                if DOT_F32:                                                      # interpreter (see moe_gate_up)
-                    xt, wt = xt.to(tl.float32), wt.to(tl.float32)
-                acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+            acc = int4_block_dot(acc, xt, w_ptr, s_ptr, rn, nmask, k0, K, G, stride_wn, stride_wk, stride_sn,
+                                 stride_sg, pick_scale(s_even, s_odd, u, G, BLOCK_K), BLOCK_N, BLOCK_K,
+                                 SCALE_PER_BLOCK, PRECISION, DOT_F32, FMA_UNPACK)
     split_k_store(acc, y_ptr, rm[:, None] * stride_ym + rn[None, :] * stride_yn, part_ptr,
                   rm[:, None] * stride_pm + rn[None, :] * stride_pn, stride_ps, mmask[:, None] & nmask[None, :],
                   lock_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), split, n_split,

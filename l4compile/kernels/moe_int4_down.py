@@ -31,7 +31,7 @@ Grid: (NT, cdiv(H, BN), S).
 import triton
 import triton.language as tl
 
-from .int4_mm import int4_fma_dot, int4_pairs_bf16, int4_tile, pick_scale, scale_pair, x_pairs
+from .int4_mm import int4_block_dot, int4_pairs_bf16, pick_scale, scale_pair, x_pairs
 from .moe_route import tile_span
 from .split_k import split_k_store
 
@@ -62,14 +62,8 @@ def _qdown_tile(a_ptr, stride_ar, stride_ai, rows, rmask, wq_ptr, ws_ptr, stride
                 k = k0 + ks                                                       # [BK] in [0, I)
                 a = tl.load(a_ptr + rows[:, None] * stride_ar + k[None, :] * stride_ai,
                             mask=rmask[:, None] & (k < I)[None, :], other=0.0)      # [BM, BK]
-                if FMA_UNPACK:
-                    acc = int4_fma_dot(acc, a, wq_ptr, cols, cmask, k0, stride_wn, sc, BLOCK_K, PRECISION, DOT_F32)
-                else:
-                    w = tl.trans(int4_tile(wq_ptr, ws_ptr, cols, cmask, k0, I, G, stride_wn, stride_wk, stride_sn,
-                                           stride_sg, sc, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK).to(a.dtype))  # [BK, BN]
-                    if DOT_F32:                                                  # interpreter (see moe_gate_up)
-                        a, w = a.to(tl.float32), w.to(tl.float32)
-                    acc = tl.dot(a, w, acc, input_precision=PRECISION)
+                acc = int4_block_dot(acc, a, wq_ptr, ws_ptr, cols, cmask, k0, I, G, stride_wn, stride_wk, stride_sn,
+                                     stride_sg, sc, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, PRECISION, DOT_F32, FMA_UNPACK)
     return acc
 
 

@@ -80,7 +80,8 @@ def _qdot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, wg_ptr, sg_ptr, w
                                          DOT_F32)
                     acc_u = int4_fma_dot(acc_u, z, wu_ptr, cols, cmask, k0, stride_wn, su, BLOCK_K, PRECISION,
                                          DOT_F32)
-                else:
+                else:              # not int4_mm.int4_block_dot twice: both byte tiles before both dots (tile, dot,
+                                   # tile, dot left this loop 8 bytes of stack at 168 registers, sm_90a, 3.7.1)
                     wg = tl.trans(int4_tile(wg_ptr, sg_ptr, cols, cmask, k0, H, G, stride_wn, stride_wk, stride_sn,
                                             stride_sg, sg, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK).to(xt.dtype))  # [BK, BN]
                     wu = tl.trans(int4_tile(wu_ptr, su_ptr, cols, cmask, k0, H, G, stride_wn, stride_wk, stride_sn,

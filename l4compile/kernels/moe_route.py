@@ -39,6 +39,13 @@ def _argmax_block(logits_ptr, stride_t, stride_e, t0, T, E, BLOCK_T: tl.constexp
 
 
 @triton.jit
+def _score(val, logits_ptr):
+    """The input scale of a routed row from its max logit: sigmoid in float32, rounded to the logits' dtype (as
+    ``_route`` then ``moe_rows`` make it), widened."""
+    return (1.0 / (1.0 + tl.exp(-val))).to(logits_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
 def _pick(vals, g, BLOCK_G: tl.constexpr):
     """vals [BG] at indices g [N] -> [N] (a one-hot gather: registers cannot be indexed)."""
     gg = tl.arange(0, BLOCK_G)
@@ -98,7 +105,7 @@ def _route(logits_ptr, row_tok_ptr, row_scale_ptr, routed_row_ptr, tile_group_pt
         rank = tl.cumsum(hit, axis=0) - 1                                        # stable rank inside the block
         pos = tl.sum(hit * (group_start + running)[None, :] + hit * rank, axis=1)   # [BT] routed row
         running += tl.sum(hit, axis=0)
-        score = (1.0 / (1.0 + tl.exp(-val))).to(logits_ptr.dtype.element_ty).to(tl.float32)
+        score = _score(val, logits_ptr)
         tl.store(row_tok_ptr + pos, tt.to(tl.int32), mask=tmask)
         tl.store(row_scale_ptr + pos, score, mask=tmask)
         tl.store(routed_row_ptr + tt, pos.to(tl.int64), mask=tmask)
@@ -133,16 +140,12 @@ def tile_span(tile, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr, logits_ptr,
     engine), for one launch at batch 2-16. Scalars only: a vector that took either branch's layout would send the
     gate_up's scaled x through shared memory on its way to the tensor cores (``tile_tokens``)."""
     if IN_KERNEL and T == 1:
-        gg = tl.arange(0, BLOCK_G)
-        lg = tl.load(logits_ptr + gg * stride_le, mask=gg < E, other=float("-inf")).to(tl.float32)
-        val = tl.max(lg, axis=0)
-        e = tl.minimum(tl.min(tl.where(lg == val, gg, BLOCK_G), axis=0), E - 1)   # as _argmax_block
-        grp = tl.where(tile == 0, e, tl.where(tile == 1, E, E + 1))
+        _, _, e, val = _argmax_block(logits_ptr, 0, stride_le, 0, 1, E, 1, BLOCK_G)   # [1] each: token 0
+        grp = tl.where(tile == 0, tl.sum(e, axis=0), tl.where(tile == 1, E, E + 1))
         row0 = tl.minimum(tile, 2)
         row_end = tl.minimum(tile + 1, 2)
         mapped = 1
-        score = tl.where(tile == 0, (1.0 / (1.0 + tl.exp(-val))).to(logits_ptr.dtype.element_ty).to(tl.float32),
-                         1.0)
+        score = tl.where(tile == 0, tl.sum(_score(val, logits_ptr), axis=0), 1.0)
     else:
         grp = tl.load(tile_group_ptr + tile)
         row0 = tl.load(tile_row0_ptr + tile)

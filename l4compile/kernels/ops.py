@@ -111,13 +111,10 @@ def moe_route(logits: Tensor, block_m: int, zero: tuple[Tensor, ...] = (), in_ke
     return rows
 
 
-def _rows(x: Tensor, router_w: Tensor, top_k: int, block_m: int, locks: tuple[Tensor, ...] = ()) -> MoeRows:
-    """The grouped-row map of x's routing: the one-launch kernel for top-1, ``moe_rows`` (aten) otherwise.
-    ``locks`` (top-1 only): flat int32 split-K counters the route kernel zeroes in the same launch."""
+def _rows(x: Tensor, router_w: Tensor, top_k: int, block_m: int) -> MoeRows:
+    """The grouped-row map of x's routing: the one-launch kernel for top-1, ``moe_rows`` (aten) otherwise."""
     if top_k == 1:
-        return moe_route(F.linear(x, router_w), block_m, locks)                  # logits [T, E]
-    if locks:
-        raise ValueError("_rows: only the top-1 route kernel zeroes split-K counters")
+        return moe_route(F.linear(x, router_w), block_m)                         # logits [T, E]
     idx, score = _route(x, router_w, top_k)                                      # [T, K] each
     return moe_rows(idx, score, router_w.shape[0], block_m)
 
