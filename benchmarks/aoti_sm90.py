@@ -284,6 +284,7 @@ def run(a: argparse.Namespace, cache: Path) -> int:
     import _fake_h100
     import triton
 
+    from l4compile.kernels import access_memo
     _fake_h100.install_triton()              # before the export: its mutation analysis of the kernels needs a target
     t0 = time.perf_counter()
     try:
@@ -306,7 +307,8 @@ def run(a: argparse.Namespace, cache: Path) -> int:
               "torch": torch.__version__, "triton": triton.__version__, "target": "sm_90a",
               "graph_ops": graph_ops, "caches": len(caches), "wrapper_lines": cpp.count("\n"),
               "export_seconds": round(t_export, 1), "seconds": round(time.perf_counter() - t0, 1),
-              "program_bytes": program_bytes, **analyze(run_impl(cpp), graph_ops, caches)}
+              "program_bytes": program_bytes, "kernel_access_analyses": access_memo.stats(),
+              **analyze(run_impl(cpp), graph_ops, caches)}
     report["problems"]["program"] = program_problems
     bad = {k: v for k, v in report["problems"].items() if v}
     print(f"{a.preset} {a.quant} {a.dtype}, {len(caches)} caches: AOTInductor CUDA wrapper generated in "
@@ -320,6 +322,8 @@ def run(a: argparse.Namespace, cache: Path) -> int:
     for op, n in report["extern_calls"].items():
         print(f"| aten {op} (c-shim) | {n} |")
     print(f"attention key splits (grid z): {', '.join(report['attention_split_grids'])}")
+    memo = report["kernel_access_analyses"]
+    print(f"kernel access analyses (TTIR): {memo['misses']} run, {memo['hits']} answered from access_memo")
     for check in ("kernels", "opaque", "caches", "program"):
         print(f"check {check}: " + ("ok" if check not in bad else f"FAILED ({len(bad[check])}): {bad[check][0]}"))
     if a.json:

@@ -21,6 +21,8 @@ Files (one kernel each; pure-PyTorch host code apart)::
                          key ranges, and the merge of the splits (+ the cache write)
     ops.py               ``l4::moe_fused``, ``l4::moe_q_fused``, ``l4::moe_fp8_fused``, (needs Triton)
                          ``l4::int4_mm``, ``l4::attention_fused[_inplace]`` (triton_op) + host glue
+    access_memo.py       torch's which-arguments-a-kernel-writes analysis, once per   (torch only)
+                         kernel signature, not per traced call (compile time)
     dispatch.py          CUDA kernels of ``l4::moe``/``l4::moe_q``/``l4::linear_int4``/``l4::linear_fp8``/
                          ``l4::attention_cached`` and the CUDA decompositions the    (torch only)
                          Inductor backend applies

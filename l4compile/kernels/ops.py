@@ -46,7 +46,7 @@ from torch.library import triton_op, wrap_triton
 
 from l4compile.ops.moe import _route
 
-from . import interpreting
+from . import access_memo, interpreting
 from .attention import attention_combine_kernel, attention_partial_kernel
 from .int4_mm import int4_mm_bf16x2_kernel, int4_mm_kernel
 from .layout import (ATTENTION_COMBINE_STAGES, ATTENTION_DECODE_BLOCK_M, MOE_ROUTE_DECODE_TOKENS, AttentionBlocks,
@@ -60,6 +60,8 @@ from .moe_gate_up import moe_gate_up_kernel
 from .moe_int4_down import moe_int4_down_kernel
 from .moe_int4_gate_up import moe_int4_gate_up_kernel
 from .moe_route import moe_route_kernel
+
+access_memo.install()      # each kernel's TTIR once per signature, not per traced call (access_memo.py)
 
 
 def _dot_mode(dtype: torch.dtype) -> dict:
