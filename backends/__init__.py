@@ -18,6 +18,8 @@ AVAILABLE = {"inductor": "l4compile.backends.inductor", "onnxruntime": "l4compil
 class BuildResult:
     artifacts: list[str]                                   # paths relative to the engine directory
     info: dict[str, Any] = field(default_factory=dict)     # goes into the manifest under "backend_info"
+    digests: dict[str, str] = field(default_factory=dict)  # artifact -> sha256 of the bytes the build wrote
+                                                           # (hashed as written: no second read of a 58 GB file)
 
 
 def get_backend(name: str) -> ModuleType:

@@ -58,19 +58,21 @@ def build(program, workdir: Path, config) -> BuildResult:
     shards = program.gm.meta.get("l4_shards")   # shard_experts (compile --plan): one package per rank
     if shards:
         import dataclasses
-        arts = []
+        arts, digests = [], {}
         for r, gm in enumerate(shards):
             (workdir / f"rank{r}").mkdir()
-            in_place = _package(dataclasses.replace(program, gm=gm), workdir / f"rank{r}", config.device,
-                                dict(config.inductor_configs))
+            in_place, digest = _package(dataclasses.replace(program, gm=gm), workdir / f"rank{r}", config.device,
+                                        dict(config.inductor_configs))
             arts += [f"rank{r}/{ARTIFACT}", f"rank{r}/{WEIGHTS}", f"rank{r}/{PROGRAM}"]
+            digests[f"rank{r}/{WEIGHTS}"] = digest
         return BuildResult(arts, {"format": "aoti-package", "torch": torch.__version__, "ranks": len(shards),
                                   "weights": WEIGHTS, "program": PROGRAM,
-                                  **({"caches": "in_place"} if in_place else {})})
-    in_place = _package(program, workdir, config.device, dict(config.inductor_configs))
+                                  **({"caches": "in_place"} if in_place else {})}, digests)
+    in_place, digest = _package(program, workdir, config.device, dict(config.inductor_configs))
     return BuildResult([ARTIFACT, WEIGHTS, PROGRAM], {"format": "aoti-package", "torch": torch.__version__,
                                                       "weights": WEIGHTS, "program": PROGRAM,
-                                                      **({"caches": "in_place"} if in_place else {})})
+                                                      **({"caches": "in_place"} if in_place else {})},
+                       {WEIGHTS: digest})
 
 
 def caches_in_place(gm: torch.fx.GraphModule, attention_in_place=None) -> torch.fx.GraphModule | None:
@@ -187,20 +189,25 @@ def export_for_aoti(program, device: str = "cpu") -> tuple[torch.export.Exported
     return program.export().run_decompositions(decomps), in_place is not None
 
 
-def _package(program, outdir: Path, device: str = "cpu", extra_configs: dict[str, Any] | None = None) -> bool:
+def _package(program, outdir: Path, device: str = "cpu",
+             extra_configs: dict[str, Any] | None = None) -> tuple[bool, str]:
     """``outdir``/model.pt2 (code only) + ``outdir``/weights.safetensors (every constant the package reads), compiled
     with AOTI_CONFIGS and ``extra_configs`` (the compile's Inductor settings), + ``outdir``/program.pt2 (the exported
-    program they come from, weights left out). Returns whether the package updates its KV caches in place."""
+    program they come from, weights left out). Returns (whether the package updates its KV caches in place, the
+    sha256 of weights.safetensors, hashed as it was written)."""
+    import hashlib
+
     from l4compile import tensorfile
 
     ep, in_place = export_for_aoti(program, device)
     save_program(ep, outdir / PROGRAM)                      # functional: before mutations_in_place changes ep
     constants = {k: v for k, v in {**ep.state_dict, **ep.constants}.items() if isinstance(v, torch.Tensor)}
-    tensorfile.write(outdir / WEIGHTS, constants)
+    digest = hashlib.sha256()
+    tensorfile.write(outdir / WEIGHTS, constants, hasher=digest)
     with torch.no_grad():
         torch._inductor.aoti_compile_and_package(mutations_in_place(ep), package_path=str(outdir / ARTIFACT),
                                                  inductor_configs={**(extra_configs or {}), **AOTI_CONFIGS})
-    return in_place
+    return in_place, digest.hexdigest()
 
 
 def mutations_in_place(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:

@@ -171,20 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_compile(a) -> int:
-    import l4compile
+    from l4compile.compiler import build
+    from l4compile.engine import read_manifest
     from l4compile.progress import Progress
 
     progress = Progress()
     pass_options = parse_pass_options(a.pass_options)
-    eng = l4compile.compile(a.model, backend=a.backend, out=a.out, quant=a.quant, dtype=a.dtype, device=a.device,
-                            max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size, seed=a.seed,
-                            layers=a.layers, force=a.force, passes=tuple(a.passes), skip_passes=tuple(a.skip_passes),
-                            verify=a.verify, dump_ir=a.dump_ir, progress=progress, plan=a.plan,
-                            text_only=a.text_only, stream_weights=a.stream_weights, pass_options=pass_options,
-                            inductor_configs=parse_inductor_configs(a.inductor_configs))
-    m = eng.manifest
+    path = build(a.model, backend=a.backend, out=a.out, quant=a.quant, dtype=a.dtype, device=a.device,
+                 max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size, seed=a.seed, layers=a.layers,
+                 force=a.force, passes=tuple(a.passes), skip_passes=tuple(a.skip_passes), verify=a.verify,
+                 dump_ir=a.dump_ir, progress=progress, plan=a.plan, text_only=a.text_only,
+                 stream_weights=a.stream_weights, pass_options=pass_options,
+                 inductor_configs=parse_inductor_configs(a.inductor_configs))
+    m = read_manifest(path)           # not loaded: `run` / `bench` load it (full Scout: ~58 GB of weights)
     size = sum(v["bytes"] for v in m["artifacts"].values())
-    out = {"engine": str(eng.path), "backend": m["backend"], "compile_seconds": m["compile_seconds"],
+    out = {"engine": str(path), "backend": m["backend"], "compile_seconds": m["compile_seconds"],
            "engine_bytes": size, "passes": {p["name"]: p["stats"] for p in m["passes"]}}
     if a.verify:   # per pass: drift (exact passes) or logit SQNR against its input (lossy passes: quantize)
         out["verify"] = {p["name"]: {k: p[k] for k in ("drift", "logit_sqnr_db") if k in p} for p in m["passes"]}

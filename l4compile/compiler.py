@@ -127,14 +127,22 @@ def lower(model: str, config: CompileConfig, *, progress: Progress, dump_ir=None
     return Lowered(program, loaded, records, max_seq, tol, placed)
 
 
-def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "engine", *, quant: str = "none",
+def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "engine", **options) -> Engine:
+    """Compile MODEL (checkpoint directory or preset) into an engine directory at ``out`` (``build``, which takes the
+    options) and load it."""
+    return load_engine(build(model, backend, out, **options), defer_shards=True)
+
+
+def build(model: str, backend: str = "inductor", out: str | os.PathLike = "engine", *, quant: str = "none",
             dtype: str = "float32", device: str = "cpu", max_seq_len: int | None = None, max_batch_size: int = 4,
             seed: int = 0, layers: int | None = None, force: bool = False, passes: tuple[str, ...] = (),
             skip_passes: tuple[str, ...] = (), verify: bool = False, dump_ir: str | os.PathLike | None = None,
             pass_options: dict[str, dict[str, Any]] | None = None, progress: Progress | None = None,
             plan: str | os.PathLike | dict | None = None, text_only: bool = False,
-            stream_weights: bool = False, inductor_configs: dict[str, Any] | None = None) -> Engine:
-    """Compile MODEL (checkpoint directory or preset) into an engine directory at ``out`` and load it.
+            stream_weights: bool = False, inductor_configs: dict[str, Any] | None = None) -> Path:
+    """Compile MODEL (checkpoint directory or preset) into an engine directory at ``out``; returns its path. The
+    engine is not loaded: ``l4compile compile`` of full Scout Int4 would otherwise read its ~58 GB of weights back
+    (and hash them again) only to print the manifest.
     With ``plan`` (``l4compile plan --json`` output), the sharding passes (shard_experts, and
     shard_tensor_parallel where the plan says TP) write one artifact set per rank. With ``stream_weights`` the
     model is traced on the meta device and its weights are read one at a time (``l4compile.weights``).
@@ -204,6 +212,7 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
                 "backend_info": vres.info,
             }
             result.artifacts.extend(vision_manifest["artifacts"])
+            result.digests.update({f"{VISION_DIR}/{a}": d for a, d in vres.digests.items()})
         text_files, text_manifest = text.write(work)
         manifest = {
             "backend": config.backend, "quant": config.quant, "dtype": config.dtype, "device": config.device,
@@ -220,14 +229,14 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (work / "README.md").write_text(render_engine_readme(manifest, out))
-        write_manifest(work, manifest, [*result.artifacts, *text_files, "README.md"])
+        write_manifest(work, manifest, [*result.artifacts, *text_files, "README.md"], result.digests)
     progress.note(f"engine written to {out}")
-    # The compile's graphs go before the engine loads its own copy of the weights: full Scout Int4 is ~58 GB on one
+    # The compile's graphs go before an engine loads its own copy of the weights: full Scout Int4 is ~58 GB on one
     # GPU, twice that does not fit in 80 GB.
     low.program = low.loaded = None
     del program, vision_program, loaded, vision
     release_memory()
-    return load_engine(out, defer_shards=True)
+    return out
 
 
 def release_memory() -> None:

@@ -17,7 +17,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -92,11 +92,14 @@ def engine_writer(out: Path, force: bool) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_manifest(engine_dir: Path, manifest: dict[str, Any], artifacts: Sequence[str]) -> dict[str, Any]:
-    """Checksum ``artifacts`` (paths relative to ``engine_dir``) and write the manifest last."""
+def write_manifest(engine_dir: Path, manifest: dict[str, Any], artifacts: Sequence[str],
+                   digests: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Checksum ``artifacts`` (paths relative to ``engine_dir``) and write the manifest last. ``digests``: the sha256
+    of artifacts hashed as they were written (``tensorfile.write(hasher=)``), taken as they are."""
+    digests = digests or {}
     manifest = dict(manifest, format_version=FORMAT_VERSION,
-                    artifacts={a: {"sha256": sha256_file(engine_dir / a), "bytes": (engine_dir / a).stat().st_size}
-                               for a in artifacts})
+                    artifacts={a: {"sha256": digests.get(a) or sha256_file(engine_dir / a),
+                                   "bytes": (engine_dir / a).stat().st_size} for a in artifacts})
     tmp = engine_dir / (MANIFEST + ".part")
     with tmp.open("w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True, default=str)

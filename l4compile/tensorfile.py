@@ -25,8 +25,9 @@ DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", to
           torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
-def write(path: Path, tensors: Mapping[str, Tensor]) -> int:
-    """Write ``tensors`` to ``path`` in safetensors format; returns the data bytes."""
+def write(path: Path, tensors: Mapping[str, Tensor], *, hasher=None) -> int:
+    """Write ``tensors`` to ``path`` in safetensors format; returns the data bytes. ``hasher`` (a ``hashlib``
+    object) is updated with every byte written, so an engine's checksum costs no second read of the file."""
     header: dict[str, dict] = {}
     offset = 0
     for name, t in tensors.items():
@@ -37,12 +38,17 @@ def write(path: Path, tensors: Mapping[str, Tensor]) -> int:
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
+    def put(data) -> None:
+        f.write(data)
+        if hasher is not None:
+            hasher.update(data)
+
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        put(struct.pack("<Q", len(blob)))
+        put(blob)
         for t in tensors.values():
             if t.numel():
-                f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
+                put(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
     return offset
 
 

@@ -2,10 +2,13 @@
 Inductor engine refuses a weights file that lacks a constant its package names."""
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 
 from l4compile import tensorfile
+from l4compile.engine import sha256_file
 from l4compile.errors import L4Error
 
 
@@ -18,8 +21,10 @@ def test_round_trip_every_dtype_through_the_safetensors_library(tmp_path):
                "u8": torch.randint(0, 255, (7,), generator=g, dtype=torch.uint8), "i64": torch.arange(4),
                "bool": base > 0, "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4),
                "strided": base.t(), "shared": base}                      # a transposed view; storage shared
-    n = tensorfile.write(tmp_path / "w.safetensors", tensors)
+    digest = hashlib.sha256()
+    n = tensorfile.write(tmp_path / "w.safetensors", tensors, hasher=digest)
     assert n == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert digest.hexdigest() == sha256_file(tmp_path / "w.safetensors")       # hashed as written: the file's own
     for got in (load_file(str(tmp_path / "w.safetensors")), tensorfile.read(tmp_path / "w.safetensors")):
         assert got.keys() == tensors.keys()
         for k, t in tensors.items():
