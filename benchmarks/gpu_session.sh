@@ -44,9 +44,10 @@
 #            at cuBLAS's 62% of the copy bandwidth (q_proj rows), a fifth of a 250 tokens/s budget; Int4: 0.52 GB.
 #            A call of its own, not after full: two ~58 GB engines do not fit the host's 64 GB disk   (box 580 s)
 #   fullc    full's compile alone (bench_gpu.py --parts full-compile), the engine kept in $ENGINES (not cleared
-#            by a later call): the compile of 48 layers may take most of a call (offline, 2026-12-07: the export
-#            and AOTInductor code generation of bench-scout at 48 layers took 338 s on this 2-core CPU machine,
-#            before any C++ compile or weight streaming)                                         (box 580 s)
+#            by a later call), for a host where compile + bench do not fit one call (offline, 2-core CPU machine:
+#            the export and AOTInductor code generation of bench-scout at 48 layers take 198 s since
+#            kernels/access_memo.py, 328 s before; the 48-layer wrapper's C++ compile at -O1 32 s; then ~58 GB
+#            of weights to write and hash once, no longer read back by the compile)              (box 580 s)
 #   fullb    full's decode benchmark alone, on the engine fullc left (the next call, while the host is warm;
 #            under the jit runtime its load compiles the 48-layer program again)                  (box 580 s)
 #   fullqc, fullqb   the same two with the lm_head in Int4 (fullqc first removes any engine in $ENGINES: two do
