@@ -8,7 +8,7 @@ Each part is one `l4compile bench` run in its own process (so one part's GPU mem
 baselines are transformers eager / `torch.compile` of the transformers model, measured in the same run:
 
     decode   l4compile bench scout --layers N --device cuda --dtype bfloat16 --backends eager,torch-compile,inductor
-                 --batch-sizes 1,8,32 --prompt-lens 128 --decode-steps 32 --quant {none,int4}
+                 --batch-sizes 1,8,32 --prompt-lens 128 --decode-steps 32 --quant {none,int4} --profile
              -> ms/token and the fraction of the HBM roofline (weights + KV read per step / peak bandwidth)
              and again with --layers N/2 --backends inductor, for the figure PER LAYER: (ms(N) - ms(N/2)) / (N - N/2)
              against the bytes one more layer reads (weights + KV), which leaves the lm_head, embedding and the
@@ -29,7 +29,7 @@ baselines are transformers eager / `torch.compile` of the transformers model, me
                                                                           (all 48 layers, random weights; streamed:
                  each bf16 weight is drawn on the GPU, quantized and dropped, so 218 GB of bf16 never exist)
                  (--lm-head-int4: also --pass-option quantize.quantize_lm_head=true)
-             then l4compile bench DIR/engine-scout-int4 --batch-sizes 1 --prompt-lens 128 --decode-steps 64
+             then l4compile bench DIR/engine-scout-int4 --batch-sizes 1 --prompt-lens 128 --decode-steps 64 --profile
              (full-compile and full-bench: either half alone, the engine at --engine-dir; the compile of 48 layers
              may take most of a 10-minute call)
              -> decode tokens/s at batch 1 and peak GPU memory; its MoE layers run l4::moe_q on CUDA as the
@@ -68,7 +68,8 @@ def bench_commands(layers: int, repeats: int, out: Path, parts: tuple[str, ...],
     if "decode" in parts:
         for quant in ("none", "int4"):
             shape = ["--quant", quant, "--batch-sizes", "1,8,32", "--prompt-lens", "128", "--decode-steps", "32"]
-            cmds[f"decode-{quant}"] = base + scaled + shape + ["--backends", "eager,torch-compile,inductor"]
+            cmds[f"decode-{quant}"] = base + scaled + shape + ["--backends", "eager,torch-compile,inductor",
+                                                               "--profile"]
             if layers >= 2:      # the per-layer figure: the same engine at half depth
                 cmds[f"decode-{quant}-half"] = base + ["--layers", str(layers // 2)] + shape + ["--backends",
                                                                                                 "inductor"]
@@ -92,7 +93,7 @@ def bench_commands(layers: int, repeats: int, out: Path, parts: tuple[str, ...],
                                       "--max-batch-size", "1", "--force", *lm_head, "--out", str(engine)]
     if "full" in parts or "full-bench" in parts:
         cmds["full-scout-int4"] = ["bench", str(engine), "--repeats", str(repeats), "--force", "--batch-sizes", "1",
-                                   "--prompt-lens", "128", "--decode-steps", "64"]
+                                   "--prompt-lens", "128", "--decode-steps", "64", "--profile"]
     return {name: argv if argv[0] == "compile" or argv[0].endswith(".py") else argv + ["--out", str(out / name)]
             for name, argv in cmds.items()}
 

@@ -26,7 +26,8 @@
 #            slots, full and at position 511: K/V expanded per query head, grouped queries (aten), and the Triton
 #            attention_fused that CUDA engines compile in, eager and Inductor                         (box 200 s)
 #   decode1  l4compile bench scout --layers 2 --quant int4 --backends eager,inductor --batch-sizes 1,8: the one
-#            decode figure (and HBM roofline per layer) that fits beside probe and kernels in one call  (box 220 s)
+#            decode figure (and HBM roofline per layer) that fits beside probe and kernels in one call, with
+#            --profile: each kernel of a decode step and the step's idle share (launch gaps)      (box 220 s)
 #   modes    benchmarks/bench_decode_modes.py: loop vs CUDA graph decode, Scout dims, 2 layers, Int4  (box 200 s)
 #   knobs    decode1's Inductor engine at batch 1 built three or four ways: as it is, with combo_kernels=true (the
 #            k and v cache writes, and the q and k RoPE kernels, one launch each: 14 -> ~12 launches a layer offline),
@@ -143,7 +144,7 @@ for spec in ${PARTS//,/ }; do
     decode1)
         boxed $(box 220) decode1 $PY -m l4compile bench scout --layers 2 --device cuda --dtype bfloat16 \
             --quant int4 --backends eager,inductor --batch-sizes 1,8 --prompt-lens 128 --decode-steps 32 \
-            --repeats 3 --force --out "$RES/decode1" ;;
+            --repeats 3 --profile --force --out "$RES/decode1" ;;
     decode | prefill | context)
         boxed $(box $([ $part = decode ] && echo 420 || echo 300)) $part $PY benchmarks/bench_gpu.py --parts $part \
             --layers 2 --repeats 3 --out "$RES/$part" ;;

@@ -42,6 +42,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--stream-weights", action="store_true",
                    help="compile engines with --stream-weights (the float model is never in memory; engines only)")
     b.add_argument("--threads", default=None, help="torch CPU threads for the run (default: torch's choice)")
+    b.add_argument("--profile", action="store_true",
+                   help="after timing, profile each engine's decode steps (torch.profiler, CUDA only): the kernels "
+                        "of one step, their launches and GPU time, and the step's idle share")
     from l4compile.cli import add_build_opts
     add_build_opts(b, "an Inductor setting for the inductor engine and the torch-compile baseline alike",
                    "compile every engine with this pass option")
@@ -96,7 +99,7 @@ def config_from_args(a) -> "BenchConfig":  # noqa: F821
                        decode_steps=_int("--decode-steps", a.decode_steps), repeats=_int("--repeats", a.repeats),
                        seed=_int("--seed", a.seed, minimum=None), layers=_int("--layers", a.layers),
                        max_seq_len=_int("--max-seq-len", a.max_seq_len), threads=_int("--threads", a.threads),
-                       stream_weights=a.stream_weights,
+                       stream_weights=a.stream_weights, profile=a.profile,
                        pass_options=opts["pass_options"], inductor_configs=opts["inductor_configs"])
 
 

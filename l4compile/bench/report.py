@@ -131,6 +131,7 @@ def build_report(result: dict[str, Any]) -> dict[str, Any]:
             "speedup": "baseline median / backend median (> 1: faster than the baseline)",
         },
         "backends": backends, "samples": result["samples"], "summary": rows, "roofline": roof,
+        **({"profile": result.get("profiles", [])} if cfg.profile else {}),
     }
 
 

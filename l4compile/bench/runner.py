@@ -53,6 +53,7 @@ class BenchConfig:
     # compile --inductor-config for the inductor engine, and torch.compile(options=...) for the torch-compile
     # baseline, so both are built alike: ((key, value), ...), sorted (given as such or a dict)
     inductor_configs: tuple[tuple[str, Any], ...] = ()
+    profile: bool = False               # after timing: each engine's decode-step kernels (bench/profile.py)
 
     def __post_init__(self) -> None:
         from l4compile.config import BACKENDS, DEVICES, DTYPES, QUANTS
@@ -65,8 +66,9 @@ class BenchConfig:
         for b in self.backends:
             if b not in known:
                 raise L4Error(f"unknown backend '{b}' in --backends; choose from: {', '.join(known)}")
-        if not isinstance(self.stream_weights, bool):
-            raise L4Error(f"stream_weights must be true or false, got {self.stream_weights!r}")
+        for name in ("stream_weights", "profile"):
+            if not isinstance(getattr(self, name), bool):
+                raise L4Error(f"{name} must be true or false, got {getattr(self, name)!r}")
         if len(set(self.backends)) != len(self.backends):
             raise L4Error("--backends lists a backend twice")
         for name, value, allowed in (("--quant", self.quant, QUANTS), ("--dtype", self.dtype, DTYPES),
@@ -80,6 +82,8 @@ class BenchConfig:
                         ("--threads", 1 if self.threads is None else self.threads)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise L4Error(f"{name} must be a positive integer, got {v!r}")
+        if self.profile and self.device != "cuda":
+            raise L4Error("--profile times each GPU kernel of a decode step: it needs --device cuda")
         if self.decode_steps < 2:   # the first new token comes out of the prefill: N tokens take N - 1 steps
             raise L4Error(f"--decode-steps must be at least 2, got {self.decode_steps}: the first new token comes "
                           "from the prefill, so decode is timed over the other decode_steps - 1")
@@ -115,7 +119,7 @@ class BenchConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON form (the report's ``config``); build options only where given, so a run without them hashes as
         before they existed."""
-        d = {k: v for k, v in asdict(self).items() if v or k not in ("pass_options", "inductor_configs")}
+        d = {k: v for k, v in asdict(self).items() if v or k not in ("pass_options", "inductor_configs", "profile")}
         return json.loads(json.dumps(d))     # tuples -> lists, at every depth
 
     def stable_hash(self) -> str:
@@ -475,6 +479,7 @@ def _run_bench(cfg: BenchConfig, *, stream=None, progress: bool | None = None) -
                                         "decode_ms_per_token": round((g_ms - p_ms) / (cfg.decode_steps - 1), 4),
                                         "memory_before_bytes": before, "peak_memory_bytes": peak})
                         bar.step(f"repeat {rep + 1}/{cfg.repeats} {r.name} b={b} s={s}")
+            profiles = _profiles(cfg, runners, inputs, bar) if cfg.profile else []
         bar.close()
     agree: dict[tuple[str, int, int], bool | None] = {}
     for (name, b, s), toks in tokens.items():
@@ -484,4 +489,23 @@ def _run_bench(cfg: BenchConfig, *, stream=None, progress: bool | None = None) -
     return {"config": cfg, "environment": environment(cfg.device), "model_source": source,
             "lm_head_quantized": built is not None and lm_head_quantized(built),
             "model_config": model_config, "backends": ordered, "samples": samples,
-            "matches_eager": agree, "memory_method": meter.method, "engine_max_seq_len": max_seq}
+            "matches_eager": agree, "memory_method": meter.method, "engine_max_seq_len": max_seq,
+            **({"profiles": profiles} if cfg.profile else {})}
+
+
+def _profiles(cfg: BenchConfig, runners: list[Runner], inputs, bar: ProgressBar) -> list[dict[str, Any]]:
+    """``--profile``: each engine's decode-step kernels at every batch size (the first prompt length), after the
+    timed repeats; a profile that fails records its error and costs the run nothing else."""
+    from l4compile.bench.profile import decode_profile
+
+    out = []
+    s = cfg.prompt_lens[0]
+    for r in (r for r in runners if r.kind == "engine"):
+        for b in cfg.batch_sizes:
+            bar.note(f"profiling {r.name} b={b} s={s} ...")
+            try:
+                prof = decode_profile(r.generate, inputs[(b, s)], cfg.decode_steps, cfg.device)
+            except Exception as e:      # noqa: BLE001 (CUPTI missing or busy, ...): the timings stand
+                prof = {"error": f"{type(e).__name__}: {e}"[:300]}
+            out.append({"backend": r.name, "batch": b, "prompt_len": s, **prof})
+    return out
