@@ -82,7 +82,7 @@ def _profiled(fn: Callable[[], Any], device: str) -> tuple[list[Event], float]:
     """(device events, wall us) of one call of ``fn`` under the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]  # the device trace alone
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
     with profile(activities=activities) as prof:
