@@ -13,6 +13,11 @@ baselines are transformers eager / `torch.compile` of the transformers model, me
              and again with --layers N/2 --backends inductor, for the figure PER LAYER: (ms(N) - ms(N/2)) / (N - N/2)
              against the bytes one more layer reads (weights + KV), which leaves the lm_head, embedding and the
              step's fixed costs out (the issue's target is per layer)
+    layer    l4compile bench scout --layers N --device cuda --dtype bfloat16 --quant int4 --backends inductor
+                 --batch-sizes 1,8 --prompt-lens 128 --decode-steps 32 --profile, then --layers N/2 (no profile)
+             -> the issue's first target alone: one Int4 layer's decode time and HBM roofline at batch 1 and 8 (as
+             decode computes it), and each kernel of a step; two compiles, no baselines (--layers 2: ~a
+             decode1-sized call of gpu_session.sh)
     modes    python benchmarks/bench_decode_modes.py --model scout --layers N --quant int4 --dtype bfloat16
                  --device cuda --batch-sizes 1,8 --prompt 128 --new 64
              -> decode with one engine call per step against CUDA graph replay, same engine, same run
@@ -53,7 +58,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("decode", "modes", "context", "prefill", "full", "full-compile", "full-bench")
+PARTS = ("decode", "layer", "modes", "context", "prefill", "full", "full-compile", "full-bench")
 
 
 def bench_commands(layers: int, repeats: int, out: Path, parts: tuple[str, ...],
@@ -73,6 +78,11 @@ def bench_commands(layers: int, repeats: int, out: Path, parts: tuple[str, ...],
             if layers >= 2:      # the per-layer figure: the same engine at half depth
                 cmds[f"decode-{quant}-half"] = base + ["--layers", str(layers // 2)] + shape + ["--backends",
                                                                                                 "inductor"]
+    if "layer" in parts:     # the issue's first target alone: one Int4 layer at batch 1 and 8, and its kernels
+        shape = ["--quant", "int4", "--batch-sizes", "1,8", "--prompt-lens", "128", "--decode-steps", "32",
+                 "--backends", "inductor"]
+        cmds["layer-int4"] = base + scaled + shape + ["--profile"]
+        cmds["layer-int4-half"] = base + ["--layers", str(layers // 2)] + shape
     if "modes" in parts:
         cmds["modes-int4"] = [str(ROOT / "benchmarks" / "bench_decode_modes.py"), "--model", "scout", "--layers",
                               str(layers), "--quant", "int4", "--dtype", "bfloat16", "--device", "cuda",
@@ -148,7 +158,8 @@ def mode_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4, help="decoder layers for the decode/prefill parts (default 4)")
-    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument("--parts", default=",".join(p for p in PARTS if p != "layer"),      # decode measures it too
+                    help=f"comma-separated subset of {','.join(PARTS)} (default: all but layer)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None, help="report root (default benchmarks/results/gpu-<device name>)")
     ap.add_argument("--lm-head-int4", action="store_true",
@@ -161,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts or a.layers < 1 or a.repeats < 1:
         print(f"error: --parts takes {','.join(PARTS)}; --layers and --repeats must be >= 1", file=sys.stderr)
+        return 2
+    if "layer" in parts and a.layers < 2:
+        print("error: the layer part times --layers N against N/2 layers: give --layers 2 or more", file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print(f"error: bench_gpu.py needs a CUDA GPU and a CUDA build of torch (this is torch {torch.__version__} "
@@ -200,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     def write_summary() -> None:
         """SUMMARY.md of the runs done so far: rewritten after every run, so a session cut off keeps them."""
         table = list(rows)
-        layer_rows = [row for q in ("none", "int4") if f"decode-{q}" in reports and f"decode-{q}-half" in reports
-                      for row in per_layer_rows(q, reports[f"decode-{q}"], reports[f"decode-{q}-half"])]
+        layer_rows = [row for run, q in (("decode-none", "none"), ("decode-int4", "int4"), ("layer-int4", "int4"))
+                      if run in reports and f"{run}-half" in reports
+                      for row in per_layer_rows(q, reports[run], reports[f"{run}-half"])]
         header = ["# GPU benchmark (issue 10)", "", f"Device: {device}; torch {torch.__version__}; "
                   f"layers for decode/prefill: {a.layers}; repeats: {a.repeats}. Commands: see "
                   "benchmarks/bench_gpu.py.", "",

@@ -25,9 +25,10 @@
 #   attention benchmarks/bench_attention.py: one decode step of attention at Scout's shape, caches of 8K and 64K
 #            slots, full and at position 511: K/V expanded per query head, grouped queries (aten), and the Triton
 #            attention_fused that CUDA engines compile in, eager and Inductor                         (box 200 s)
-#   decode1  l4compile bench scout --layers 2 --quant int4 --backends eager,inductor --batch-sizes 1,8: the one
-#            decode figure (and HBM roofline per layer) that fits beside probe and kernels in one call, with
-#            --profile: each kernel of a decode step and the step's idle share (launch gaps)      (box 220 s)
+#   decode1  benchmarks/bench_gpu.py --parts layer --layers 2: the inductor engine (Int4, batch 1 and 8) at 2
+#            layers, profiled (each kernel of a decode step, the step's idle share), then at 1 layer: the issue's
+#            first target, one layer's time against its HBM roofline (SUMMARY.md), beside probe and kernels in
+#            one call; if the box cuts the 1-layer run, the 2-layer report and profile stand        (box 220 s)
 #   modes    benchmarks/bench_decode_modes.py: loop vs CUDA graph decode, Scout dims, 2 layers, Int4  (box 200 s)
 #   knobs    decode1's Inductor engine at batch 1 built three or four ways: as it is, with combo_kernels=true (the
 #            k and v cache writes, and the q and k RoPE kernels, one launch each: 14 -> ~12 launches a layer offline),
@@ -142,9 +143,8 @@ for spec in ${PARTS//,/ }; do
                 --out "$RES/knobs-${knob//[^A-Za-z0-9._]/-}"
         done ;;
     decode1)
-        boxed $(box 220) decode1 $PY -m l4compile bench scout --layers 2 --device cuda --dtype bfloat16 \
-            --quant int4 --backends eager,inductor --batch-sizes 1,8 --prompt-lens 128 --decode-steps 32 \
-            --repeats 3 --profile --force --out "$RES/decode1" ;;
+        boxed $(box 220) decode1 $PY benchmarks/bench_gpu.py --parts layer --layers 2 --repeats 3 \
+            --out "$RES/decode1" ;;
     decode | prefill | context)
         boxed $(box $([ $part = decode ] && echo 420 || echo 300)) $part $PY benchmarks/bench_gpu.py --parts $part \
             --layers 2 --repeats 3 --out "$RES/$part" ;;

@@ -43,6 +43,20 @@ def test_commands_cover_the_issue(tmp_path):
     assert " ".join(lm).endswith(f"--pass-option quantize.quantize_lm_head=true --out {engine}")
 
 
+def test_layer_part_times_one_int4_layer(tmp_path):
+    """The issue's first target alone: the inductor engine at N and N/2 layers (no baselines), N profiled."""
+    cmds = _module().bench_commands(2, 3, tmp_path, ("layer",))
+    assert list(cmds) == ["layer-int4", "layer-int4-half"]
+    full, half = (" ".join(cmds[k]) for k in cmds)
+    assert "--layers 2" in full and "--layers 1" in half and "--backends inductor" in full + half
+    assert "--quant int4" in half and "--batch-sizes 1,8" in half
+    assert "--profile" in full and "--profile" not in half
+    assert full.endswith(f"--out {tmp_path / 'layer-int4'}")
+    p = subprocess.run([sys.executable, str(SCRIPT), "--parts", "layer", "--layers", "1"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith("error: the layer part") and p.stderr.count("\n") == 1
+
+
 def test_context_part_decodes_in_8k_caches(tmp_path):
     cmds = _module().bench_commands(2, 3, tmp_path, ("context",))
     assert list(cmds) == ["context-int4"]
