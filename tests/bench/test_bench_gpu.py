@@ -51,6 +51,7 @@ def test_layer_part_times_one_int4_layer(tmp_path):
     assert "--layers 2" in full and "--layers 1" in half and "--backends inductor" in full + half
     assert "--quant int4" in half and "--batch-sizes 1,8" in half
     assert "--profile" in full and "--profile" not in half
+    assert "--pass-option quantize.quantize_lm_head=true" in half                    # fixed costs (and noise) down
     assert full.endswith(f"--out {tmp_path / 'layer-int4'}")
     p = subprocess.run([sys.executable, str(SCRIPT), "--parts", "layer", "--layers", "1"], capture_output=True,
                        text=True, timeout=120)
