@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
@@ -127,8 +128,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_artifacts(path: Path, manifest: dict[str, Any]) -> None:
+def verify_artifacts(path: Path, manifest: dict[str, Any], only: Sequence[str] | None = None) -> None:
+    """Every artifact's (or ``only`` those) size and sha256 against the manifest; L4Error on the first mismatch."""
     for rel, info in manifest["artifacts"].items():
+        if only is not None and rel not in only:
+            continue
         f = path / rel
         if not f.is_file():
             raise L4Error(f"engine artifact '{rel}' is missing from {path}; recompile the engine")
@@ -487,8 +491,16 @@ def _unloaded_shards(path: Path, manifest: dict[str, Any]):
     return run
 
 
+# Artifacts only a safe parser reads (safetensors: no code runs, whatever the bytes): their checksums are verified
+# while the backend loads them, not before. Full Scout Int4's ~58 GB weights.safetensors takes ~35 s to hash
+# (SHA-256 at ~1.7 GB/s) and about as long again to read onto the GPU; code (an AOTInductor .so, an exported
+# program, a TensorRT plan, ONNX graphs) is verified before anything loads it.
+_DATA_SUFFIX = ".safetensors"
+
+
 def load_engine(path: str | os.PathLike, *, defer_shards: bool = False, decode_mode: str | None = None) -> Engine:
-    """Open an engine directory: read the manifest, verify every checksum, load the backend's runtime.
+    """Open an engine directory: read the manifest, verify every checksum, load the backend's runtime (weights files
+    are verified while they load, and the engine is returned only when they match).
     A sharded engine loads this process's rank (torch.distributed must be initialised); with
     ``defer_shards`` and no process group it opens without a runtime (running it raises the L4Error).
     ``decode_mode`` (``DECODE_MODES``): default "graph" for single-process Inductor engines on CUDA with a KV cache
@@ -497,19 +509,28 @@ def load_engine(path: str | os.PathLike, *, defer_shards: bool = False, decode_m
 
     p = Path(path)
     manifest = read_manifest(p)
-    verify_artifacts(p, manifest)
+    data = [rel for rel in manifest["artifacts"] if rel.endswith(_DATA_SUFFIX)]
+    verify_artifacts(p, manifest, [rel for rel in manifest["artifacts"] if rel not in data])
     if manifest.get("sharding"):
         import torch.distributed as dist
         if defer_shards and not (dist.is_available() and dist.is_initialized()):
+            verify_artifacts(p, manifest, data)
             return Engine(p, manifest, _unloaded_shards(p, manifest))
         check_process_group(p, manifest)
     backend = get_backend(manifest["backend"])
     t0 = time.perf_counter()
-    runner = backend.load(p, manifest)
-    vision_runner = None
-    if manifest.get("vision"):   # the vision engine: same backend, artifacts under vision/, its own backend_info
-        vision_runner = backend.load(p / "vision", dict(manifest, sharding=None,
-                                                        backend_info=manifest["vision"]["backend_info"]))
+    with ThreadPoolExecutor(1, thread_name_prefix="l4-verify") as pool:
+        checked = pool.submit(verify_artifacts, p, manifest, data)      # hashed while the backend reads them
+        try:
+            runner = backend.load(p, manifest)
+            vision_runner = None
+            if manifest.get("vision"):   # the vision engine: same backend, artifacts under vision/, own backend_info
+                vision_runner = backend.load(p / "vision", dict(manifest, sharding=None,
+                                                                backend_info=manifest["vision"]["backend_info"]))
+        except Exception:
+            checked.result()             # a corrupt weights file is the error to report, not what it made fail
+            raise
+        checked.result()
     eng = Engine(p, manifest, runner, vision_runner)
     eng.load_seconds = time.perf_counter() - t0
     if decode_mode is None:

@@ -217,6 +217,19 @@ def test_tampered_engine(capsys, tiny_engine, tmp_path):
     expect_error(capsys, ["run", str(eng), "--prompt-ids", "1,2"], "model.pt2", "checksum")
 
 
+@pytest.mark.parametrize("where", ["data", "header"])
+def test_tampered_weights(capsys, tiny_engine, tmp_path, where):
+    """weights.safetensors is verified while it loads (data a safe parser reads): a changed byte in its data (which
+    loads fine) or in its header (which the loader rejects) is reported as the checksum error, and nothing runs."""
+    eng = shutil.copytree(tiny_engine, tmp_path / "eng")
+    with (eng / "weights.safetensors").open("r+b") as f:
+        f.seek(-5 if where == "data" else 12, 2 if where == "data" else 0)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    expect_error(capsys, ["run", str(eng), "--prompt-ids", "1,2"], "weights.safetensors", "checksum")
+
+
 def test_corrupt_manifest(capsys, tiny_engine, tmp_path):
     eng = shutil.copytree(tiny_engine, tmp_path / "eng")
     (eng / "manifest.json").write_text("{")
