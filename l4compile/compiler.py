@@ -134,12 +134,12 @@ def compile(model: str, backend: str = "inductor", out: str | os.PathLike = "eng
 
 
 def build(model: str, backend: str = "inductor", out: str | os.PathLike = "engine", *, quant: str = "none",
-            dtype: str = "float32", device: str = "cpu", max_seq_len: int | None = None, max_batch_size: int = 4,
-            seed: int = 0, layers: int | None = None, force: bool = False, passes: tuple[str, ...] = (),
-            skip_passes: tuple[str, ...] = (), verify: bool = False, dump_ir: str | os.PathLike | None = None,
-            pass_options: dict[str, dict[str, Any]] | None = None, progress: Progress | None = None,
-            plan: str | os.PathLike | dict | None = None, text_only: bool = False,
-            stream_weights: bool = False, inductor_configs: dict[str, Any] | None = None) -> Path:
+          dtype: str = "float32", device: str = "cpu", max_seq_len: int | None = None, max_batch_size: int = 4,
+          seed: int = 0, layers: int | None = None, force: bool = False, passes: tuple[str, ...] = (),
+          skip_passes: tuple[str, ...] = (), verify: bool = False, dump_ir: str | os.PathLike | None = None,
+          pass_options: dict[str, dict[str, Any]] | None = None, progress: Progress | None = None,
+          plan: str | os.PathLike | dict | None = None, text_only: bool = False,
+          stream_weights: bool = False, inductor_configs: dict[str, Any] | None = None) -> Path:
     """Compile MODEL (checkpoint directory or preset) into an engine directory at ``out``; returns its path. The
     engine is not loaded: ``l4compile compile`` of full Scout Int4 would otherwise read its ~58 GB of weights back
     (and hash them again) only to print the manifest.
