@@ -97,5 +97,7 @@ def decode_profile(generate: Callable[[torch.Tensor, int], Any], ids: torch.Tens
                    device: str = "cuda") -> dict[str, Any]:
     """Profile ``generate(ids, steps)`` against ``generate(ids, 1)``: one decode step's kernels (``summarize``)."""
     run, run_wall = _profiled(lambda: generate(ids, steps), device)
+    if not run:         # CUPTI saw nothing (a graph replay it cannot trace, a profiler already running, ...)
+        raise RuntimeError(f"the profiler recorded no {device} kernels in a generate of {steps} tokens")
     base, base_wall = _profiled(lambda: generate(ids, 1), device)
     return summarize(run, base, steps, run_wall, base_wall)

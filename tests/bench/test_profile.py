@@ -57,6 +57,8 @@ def test_profiler_plumbing_on_this_machine():
     ids = torch.randn(1, 64)
     events, wall = profile._profiled(lambda: generate(ids, 5), "cpu")
     assert events == [] and wall > 0                                   # no device trace on a CPU run
+    with pytest.raises(RuntimeError, match="recorded no cpu kernels"):  # an empty trace is an error, not a table
+        profile.decode_profile(generate, ids, 5, "cpu")
     from torch.profiler import ProfilerActivity, profile as torch_profile
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         generate(ids, 5)
