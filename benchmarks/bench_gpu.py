@@ -152,6 +152,22 @@ def summarize(name: str, report: dict) -> list[str]:
     return lines
 
 
+def profile_rows(name: str, report: dict, top: int = 6) -> list[str]:
+    """Markdown lines for a report's ``--profile`` entries: per engine and batch, the step's GPU time, its idle share
+    and its ``top`` kernels (the full tables are in the run's report.md)."""
+    lines = []
+    for p in report.get("profile") or []:
+        head = f"- {name}, {p['backend']}, batch {p['batch']}: "
+        if "error" in p:
+            lines.append(head + f"profile failed ({p['error']})")
+            continue
+        kernels = "; ".join(f"`{k['name'][:48]}` {k['us_per_step']:.1f} us x{k['launches_per_step']:g}"
+                            for k in p["kernels"][:top])
+        lines.append(head + f"step {p['step_us']:.0f} us, kernels busy {p['busy_us']:.0f} us (idle "
+                     f"{100 * p['idle_fraction']:.0f}%), {p['launches_per_step']:g} launches; {kernels}")
+    return lines
+
+
 def mode_table(rows: list[dict]) -> str:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_decode_modes import table
@@ -235,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                       "N/2, weights and KV one layer reads at that batch). Target: >= 80% of the HBM roofline at "
                       "batch 1.", "", "| quant | batch | decode us/layer | MiB read/layer | HBM roofline |",
                       "|---|---|---|---|---|", *layer_rows]
+        profiled = [line for name, rep in reports.items() for line in profile_rows(name, rep)]
+        if profiled:
+            table += ["", "Decode-step profiles (--profile; every kernel in each run's report.md):", "", *profiled]
         (out / "SUMMARY.md").write_text("\n".join(header + table) + "\n")
 
     engine_dir = Path(a.engine_dir) if a.engine_dir else None
@@ -247,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, cmd in bench_commands(a.layers, a.repeats, out, parts, a.lm_head_int4, engine_dir).items():
         run_one(name, cmd)
         write_summary()
-    print(f"wrote {out / 'SUMMARY.md'}")
+    print(f"wrote {out / 'SUMMARY.md'}:\n" + (out / "SUMMARY.md").read_text())     # into a session's log too
     return 1 if failed else 0
 
 

@@ -117,6 +117,46 @@ def test_summary_is_rewritten_after_every_run(tmp_path, monkeypatch):
     assert "| decode-none | inductor |" in mid[0] and "FAILED runs: decode-none-half." in mid[0]
 
 
+def test_layer_part_summary_has_the_per_layer_row_and_the_profile(tmp_path, monkeypatch, capsys):
+    """The layer part's two runs give SUMMARY.md its per-layer row, and the 2-layer run's profile its lines (step,
+    idle share, slowest kernels; a failed profile its error); the summary is printed too (a session's log keeps it).
+    CUDA and the runs are faked."""
+    import dataclasses
+
+    from l4compile.bench import profile
+    from l4compile.bench import report as rep
+    from tests.bench.test_bench import fake_result
+    from tests.bench.test_profile import _trace
+
+    mod = _module()
+    monkeypatch.setattr(mod.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mod.torch.cuda, "get_device_name", lambda: "Fake H200")
+    run_ev, run_wall = _trace(9)
+    base_ev, base_wall = _trace(1)
+
+    def run(argv, cwd):
+        name = Path(argv[argv.index("--out") + 1]).name
+        result = fake_result("cuda")
+        result["model_config"] = dict(result["model_config"], num_hidden_layers=2 if name == "layer-int4" else 1)
+        if name == "layer-int4":
+            result["config"] = dataclasses.replace(result["config"], profile=True)
+            result["profiles"] = [
+                {"backend": "inductor", "batch": 1, "prompt_len": 16,
+                 **profile.summarize(run_ev, base_ev, 9, run_wall, base_wall)},
+                {"backend": "inductor", "batch": 2, "prompt_len": 16, "error": "RuntimeError: CUPTI busy"}]
+        rep.write_report(rep.build_report(result), tmp_path / name)
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(mod.subprocess, "run", run)
+    assert mod.main(["--parts", "layer", "--layers", "2", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "SUMMARY.md").read_text()
+    assert sum(line.startswith("| int4 | ") for line in text.splitlines()) == 2               # batch 1 and 2
+    assert ("- layer-int4, inductor, batch 1: step 31 us, kernels busy 29 us (idle 6%), 2 launches; "
+            "`moe_int4_gate_up_kernel` 20.0 us x1; `int4_mm_kernel` 10.0 us x1") in text
+    assert "- layer-int4, inductor, batch 2: profile failed (RuntimeError: CUPTI busy)" in text
+    assert text in capsys.readouterr().out
+
+
 def test_full_runs_as_two_halves(tmp_path, monkeypatch, capsys):
     """full-compile and full-bench are full's two commands, alone, on one --engine-dir (two calls on a lent host:
     the compile of 48 layers may take most of one); full-bench without an engine there is one error line, exit 2."""
