@@ -34,7 +34,8 @@
 #            k and v cache writes, and the q and k RoPE kernels, one launch each: 14 -> ~12 launches a layer offline),
 #            and under the jit runtime with triton.enable_pdl=true (Hopper programmatic dependent launch of Inductor's
 #            own kernels: only the jit runtime launches with it, AOTInductor's launcher does not), beside a plain
-#            jit build when engines otherwise run under aoti                              (box 200 s each variant)
+#            jit build when engines otherwise run under aoti; each profiled (--profile), so the launches a step and
+#            its idle share say what each setting changed                                 (box 200 s each variant)
 #   context  benchmarks/bench_gpu.py --parts context --layers 2: Int4 decode at batch 1/8 in 8K-slot caches, at
 #            positions 128 and 4096 (the attention kernel reads only the visible positions)            (box 300 s)
 #   decode   benchmarks/bench_gpu.py --parts decode --layers 2: decode at batch 1/8/32, HBM roofline per layer,
@@ -139,7 +140,7 @@ for spec in ${PARTS//,/ }; do
             [ -z "$cfg" ] || [ "$cfg" = default ] || setting=(--inductor-config "$cfg")
             boxed $(box 200) "knobs $knob" env ${runner[@]+"${runner[@]}"} $PY -m l4compile bench scout --layers 2 \
                 --device cuda --dtype bfloat16 --quant int4 --backends inductor --batch-sizes 1 --prompt-lens 128 \
-                --decode-steps 32 --repeats 3 ${setting[@]+"${setting[@]}"} --force \
+                --decode-steps 32 --repeats 3 --profile ${setting[@]+"${setting[@]}"} --force \
                 --out "$RES/knobs-${knob//[^A-Za-z0-9._]/-}"
         done ;;
     decode1)
