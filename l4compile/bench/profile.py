@@ -1,4 +1,4 @@
-# K kernels, n decode steps
+# n decode steps
 """Where a decode step's GPU time goes (``l4compile bench --profile``): each kernel of an engine's decode steps, from
 torch.profiler's device trace (CUPTI: the kernels of a replayed CUDA graph too).
 
