@@ -8,7 +8,8 @@ How: each kernel's host code (``l4compile.kernels.ops``) runs on META tensors at
 ``wrap_triton`` replaced by a recorder, so the launches it would make (kernel, arguments, constexprs) are captured
 without memory or a device; each distinct launch is compiled by Triton's own NVIDIA backend (``triton.compile``
 with ``GPUTarget("cuda", 90, 32)``, the ptxas shipped in the triton wheel) and the cubin's resource usage is read
-with cuobjdump; from it, how many programs an H100 SM holds at once (``programs_per_sm``). A kernel that spills
+with cuobjdump; from it, how many programs an H100 SM holds at once (``programs_per_sm``), and how the launch's own
+grid sits on the 132 SMs (``fill``: a decode GEMV of 80 programs leaves 52 SMs without one). A kernel that spills
 (stack > 0) loses its memory bandwidth to local-memory traffic; one that does not compile, or needs more shared
 memory than a block may have (227 KiB), would fail the first GPU session. Arguments are specialised by Triton's own
 binder, as on a GPU. Exit 1 if a kernel fails to compile, exceeds the shared memory, waits on a synchronous global
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -55,6 +57,7 @@ SHARED_LIMIT = 227 * 1024       # the most shared memory one block may opt into 
 SM_SHARED = 228 * 1024          # shared memory an SM has for blocks, each also holding 1 KB the system reserves
 SM_REGISTERS = 65536            # 32-bit registers, allocated a warp at a time in units of 256
 SM_WARPS, SM_CTAS = 64, 32
+H100_SMS = 132                  # SXM (an H200 has as many)
 
 
 def programs_per_sm(registers: int, num_warps: int, shared_bytes: int) -> int:
@@ -67,6 +70,23 @@ def programs_per_sm(registers: int, num_warps: int, shared_bytes: int) -> int:
     return max(0, min(by_regs, by_shared, SM_WARPS // num_warps, SM_CTAS))
 
 
+def fill(programs: int | None, per_sm: int, sms: int = H100_SMS) -> str:
+    """How a launch of ``programs`` programs sits on ``sms`` SMs that hold ``per_sm`` each: the waves it takes and,
+    in one wave, how many SMs get the most programs and how many none ("-" when the grid was not concrete)."""
+    if programs is None or not per_sm:
+        return "-"
+    if programs == 0:
+        return "no programs (the launch is skipped)"
+    waves = programs / (per_sm * sms)
+    if waves > 1:
+        return f"{programs} programs, {waves:.2f} waves"
+    most = -(-programs // sms)                    # the block scheduler deals programs out one an SM at a time
+    heavy = programs - (most - 1) * sms
+    idle = max(0, sms - programs)
+    return (f"{programs} program{'s' * (programs > 1)}: {heavy} SM{'s' * (heavy > 1)} run {most}"
+            + (f", {idle} none" if idle else ""))
+
+
 class Recorder:
     """Stands in for ``torch.library.wrap_triton``: ``wrap(kernel)[grid](*args, **kw)`` records the launch."""
 
@@ -75,8 +95,16 @@ class Recorder:
 
     def __call__(self, kernel):
         def launch(grid):
-            return lambda *args, **kw: self.launches.append((kernel, args, kw))
+            return lambda *args, **kw: self.launches.append((kernel, grid, args, kw))
         return type("Launch", (), {"__getitem__": lambda _, grid: launch(grid)})()
+
+
+def grid_programs(grid) -> int | None:
+    """The programs a recorded grid launches (None unless it is a tuple of concrete integers)."""
+    try:
+        return math.prod(int(g) for g in grid)
+    except (TypeError, ValueError):
+        return None
 
 
 def specialize(kernel, args: tuple, kw: dict, backend) -> tuple[dict, dict, dict, dict, dict]:
@@ -315,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"triton {triton.__version__}, target sm_90a; {a.dims} dimensions; shared memory limit "
           f"{SHARED_LIMIT // 1024} KiB a block")
     print("| case | dtype | kernel | constexprs | registers | spilled (stack) bytes | shared bytes | programs an SM "
-          "(warps) | tensor cores |")
+          f"(warps); this launch on {H100_SMS} SMs | tensor cores |")
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
     rows, bad = [], 0
     todo = [(c, d) for d in dtypes for c in cases(DIMS[a.dims], d)]
@@ -331,8 +359,9 @@ def main(argv: list[str] | None = None) -> int:
             thunk()
         finally:
             ops.wrap_triton = real
-        for kernel, args, kw in rec.launches:
-            row = {"case": name, "dtype": dname, "kernel": kernel.__name__, "error": None}
+        for kernel, grid, args, kw in rec.launches:
+            row = {"case": name, "dtype": dname, "kernel": kernel.__name__, "error": None,
+                   "programs": grid_programs(grid)}
             try:
                 sig, constexprs, attrs, options, consts = specialize(kernel, args, kw, backend)
                 row["constexprs"] = consts
@@ -342,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                            num_warps=compiled.metadata.num_warps, mma=mma_kinds(compiled.asm["ptx"]),
                            loop_loads=loop_loads(compiled.asm["ttgir"]))
                 row["programs_per_sm"] = programs_per_sm(row["registers"], row["num_warps"], row["shared_bytes"])
+                row["fill"] = fill(row["programs"], row["programs_per_sm"])
                 if a.ops:
                     row["sass_ops"] = sass_ops(compiled.asm["cubin"], tool)
             except Exception as ex:           # reported, and the exit status says so
@@ -360,8 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {name} | {dname} | {row['kernel']} | {shown} | {row['error']} | - | - | - | - |", flush=True)
             else:
                 print(f"| {name} | {dname} | {row['kernel']} | {shown} | {row['registers']} | {row['stack_bytes']} | "
-                      f"{row['shared_bytes']} | {row['programs_per_sm']} ({row['programs_per_sm'] * row['num_warps']}) "
-                      f"| {', '.join(row['mma']) or '-'} |", flush=True)
+                      f"{row['shared_bytes']} | {row['programs_per_sm']} ({row['programs_per_sm'] * row['num_warps']}); "
+                      f"{row['fill']} | {', '.join(row['mma']) or '-'} |", flush=True)
                 if a.ops:
                     print("|  |  |  | SASS loop: " + " ".join(f"{k} {v}" for k, v in row["sass_ops"].items() if v)
                           + "; loop loads (sync/async): " + " ".join(f"{lp['sync']}/{lp['async']}"

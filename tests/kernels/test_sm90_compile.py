@@ -56,6 +56,13 @@ def test_every_kernel_compiles_for_sm90(tmp_path, dtype):
         assert {r["kernel"]: r["mma"] for r in rows}["moe_fp8_down_kernel"] == ["mma m16n8k16 f16"]
     decode = next(r for r in rows if r["case"].startswith("attention_fused decode"))
     assert decode["constexprs"]["T"] == 1 and decode["constexprs"]["BLOCK_D"] == 128   # specialised like a GPU launch
+    # each launch's programs against the 132 SMs: a decode GEMV (q_proj, N 5120 at BN 64) leaves 52 idle; the
+    # 1-token route launch is skipped (its GEMMs map the step); gate_up fills 2 an SM
+    fills = {(r["case"], r["kernel"]): r["fill"] for r in rows}
+    assert fills["int4_mm q_proj T=1", "int4_mm_kernel"] == "80 programs: 80 SMs run 1, 52 none"
+    if dtype == "bfloat16":
+        assert fills["moe_q_fused", "moe_route_kernel"] == "no programs (the launch is skipped)"
+        assert fills["moe_q_fused", "moe_int4_gate_up_kernel"] == "256 programs: 124 SMs run 2"
 
 
 def test_programs_per_sm_follows_the_occupancy_rules():
