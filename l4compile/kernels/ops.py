@@ -81,6 +81,12 @@ def _fp8_mode(x: Tensor) -> dict:
     return {"FP8_DOT": fp8_dot, "DOT_F32": interp, "EMULATE_FP8": interp}
 
 
+def _group_block(n_exp: int) -> int:
+    """BLOCK_G: the E routed groups and the shared one, as a power of two >= 2 (the route kernel's one-hot blocks,
+    ``moe_route.tile_span``'s argmax over a 1-token step's logits)."""
+    return max(2, triton.next_power_of_2(n_exp + 1))
+
+
 def moe_route(logits: Tensor, block_m: int, zero: tuple[Tensor, ...] = (), in_kernel: bool = False) -> MoeRows:
     """Top-1 routing of router logits [T, E] -> the grouped-row map for tiles of ``block_m`` rows, in one launch
     (``moe_route_kernel``); equal to ``moe_rows(*top-1 of logits, E, block_m)`` (equal maxima: the first expert).
@@ -94,7 +100,7 @@ def moe_route(logits: Tensor, block_m: int, zero: tuple[Tensor, ...] = (), in_ke
         raise ValueError("moe_route: with in_kernel the launch may not run, so it cannot zero split-K counters")
     n_tok, n_exp = logits.shape
     dev = logits.device
-    block_g = max(2, triton.next_power_of_2(n_exp + 1))
+    block_g = _group_block(n_exp)
     block_t = max(16, min(256, 8192 // block_g))
     n_tiles = num_tiles(2 * n_tok, n_exp + 1, block_m)
     rows = MoeRows(torch.empty(2 * n_tok, device=dev, dtype=torch.int32),
@@ -173,7 +179,7 @@ def _route_map(x: Tensor, router_w: Tensor, top_k: int, block_m: int, locks: tup
     else:
         logits, rows = x, _rows(x, router_w, top_k, block_m)
     return logits, rows, (x.shape[0], logits.stride(-1)), {"MAP_IN_KERNEL": in_kernel,
-                                                            "BLOCK_G": max(2, triton.next_power_of_2(n_exp + 1))}
+                                                            "BLOCK_G": _group_block(n_exp)}
 
 
 def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tensor, down_q: Tensor, down_s: Tensor,
