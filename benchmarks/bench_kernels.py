@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -51,82 +49,17 @@ GROUP = 128
 BF16_TOL = 3e-2            # bf16 operands: rounding differs between tensor-core and cuBLAS accumulation orders
 
 
-def eager_ms(fn) -> float:
-    """Median milliseconds of ``fn`` launched eagerly on a GPU (``triton.testing.do_bench``: CUDA events, L2 flushed
-    before every call): the Python launch path included."""
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
 def timer(device: torch.device, repeats: int = 3, graph: bool = True):
-    """fn -> median milliseconds. On a GPU: device time of ``fn`` replayed from a CUDA graph, as engines run it (their
-    kernels are launched from C++ or from a captured decode step, so the Python wrappers' launch cost, which eager
-    timing adds to every small kernel, is left out), L2 flushed before every call (its own time subtracted); a
-    function that cannot be captured, or ``graph=False``, is timed by ``eager_ms``. Wall clock over ``repeats`` runs
-    elsewhere."""
+    """fn -> median milliseconds (``l4compile.kernels.timing``). On a GPU: device time of ``fn`` replayed from a CUDA
+    graph, as engines run it (their kernels are launched from C++ or from a captured decode step, so the Python
+    wrappers' launch cost, which eager timing adds to every small kernel, is left out), L2 flushed before every
+    call; a function that cannot be captured, or ``graph=False``, is timed eagerly. Wall clock over ``repeats``
+    runs elsewhere."""
+    from l4compile.kernels.timing import eager_ms, graph_timer, wall_timer
+
     if device.type == "cuda":
         return graph_timer() if graph else eager_ms
-
-    def wall(fn, n=repeats):
-        fn()
-        samples = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(samples)
-    return wall
-
-
-def graph_timer(calls: int = 10, replays: int = 7):
-    """fn -> ms per call: ``calls`` x (flush L2, fn) captured in one CUDA graph, minus the same graph of flushes alone,
-    median of ``replays`` replays each. Sets ``.eager`` on the returned function when the last fn was timed eagerly
-    (capture refused: a host sync or an allocation the graph cannot hold)."""
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
-
-    def replay_ms(body) -> float:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):        # warm-up off the capture (allocator pools, lazy init)
-            body()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            body()
-        samples = []
-        for _ in range(replays):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        del graph
-        return statistics.median(samples)
-
-    def flushes():
-        for _ in range(calls):
-            flush.zero_()
-
-    def timed(fn) -> float:
-        fn()                                    # compile / autotune outside the capture
-        torch.cuda.synchronize()
-
-        def body():
-            for _ in range(calls):
-                flush.zero_()
-                fn()
-        try:
-            ms = max(replay_ms(body) - replay_ms(flushes), 0.0) / calls
-            timed.eager = False
-        except Exception:                       # not capturable: eager events (includes Python launch cost)
-            torch.cuda.synchronize()
-            ms = eager_ms(fn)
-            timed.eager = True
-        return ms
-    timed.eager = False
-    return timed
+    return wall_timer(repeats)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -265,12 +198,10 @@ def _int4(bn: int, bk: int, sk: int = 1, asm: bool = False, ns: int | None = Non
 
 
 def int4_label(b, down=None) -> str:
-    """A row's configuration: "BN64 BK128" plus what differs from the static choice (``down``: the MoE's second
-    GEMM, whose split may differ)."""
-    splits = (b.split_k, down.split_k) if down is not None else (b.split_k,)
-    return (f"BN{b.block_n} BK{b.block_k}" + (" SK" + "/".join(map(str, splits)) if max(splits) > 1 else "")
-            + (" bf16x2" if b.bf16x2 else "") + (f" NS{b.num_stages}" if b.num_stages else "")
-            + (f" NW{b.num_warps}" if b.num_warps else "") + ("" if b.fma_unpack else " bytes"))
+    """A row's configuration (``tuned_blocks.label``): "BN64 BK128" plus what differs from the static choice."""
+    from l4compile.kernels.tuned_blocks import label
+
+    return label(b, down)
 
 
 def int4_configs(quick: bool, tiny: bool) -> list:

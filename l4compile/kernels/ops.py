@@ -46,7 +46,7 @@ from torch.library import triton_op, wrap_triton
 
 from l4compile.ops.moe import _route
 
-from . import access_memo, interpreting
+from . import access_memo, interpreting, tuned_blocks
 from .attention import attention_combine_kernel, attention_partial_kernel
 from .int4_mm import int4_mm_bf16x2_kernel, int4_mm_kernel
 from .layout import (ATTENTION_COMBINE_STAGES, ATTENTION_DECODE_BLOCK_M, MOE_ROUTE_DECODE_TOKENS, AttentionBlocks,
@@ -60,6 +60,7 @@ from .moe_gate_up import moe_gate_up_kernel
 from .moe_int4_down import moe_int4_down_kernel
 from .moe_int4_gate_up import moe_int4_gate_up_kernel
 from .moe_route import moe_route_kernel
+from .tuned_blocks import int4_key, moe_key
 
 access_memo.install()      # each kernel's TTIR once per signature, not per traced call (access_memo.py)
 
@@ -186,7 +187,7 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
                    shared_gate_q: Tensor, shared_gate_s: Tensor, shared_up_q: Tensor, shared_up_s: Tensor,
                    shared_down_q: Tensor, shared_down_s: Tensor, top_k: int,
                    blocks: tuple[Int4Blocks, Int4Blocks] | None = None) -> Tensor:
-    """The body of ``l4::moe_q_fused``; ``blocks`` (gate_up, down; same BM) overrides the static choice (tests).
+    """The body of ``l4::moe_q_fused``; ``blocks`` (gate_up, down; same BM) overrides ``default_moe_int4_blocks``.
     The shared gate/up weights share one set of strides and every scale group matches its routed counterpart
     (one Gh, one Gi per kernel), as the quantize pass produces them."""
     n_exp, hidden, i_dim = down_q.shape[0], down_q.shape[1], 2 * down_q.shape[2]
@@ -194,7 +195,7 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
     if (shared_gate_q.stride() != shared_up_q.stride() or shared_gate_s.stride() != shared_up_s.stride()
             or shared_gate_s.shape[1] != gate_up_s.shape[2] or shared_down_s.shape[1] != down_s.shape[2]):
         raise ValueError("moe_q_fused: shared gate/up strides or shared scale groups differ from the routed ones")
-    bgu, bdn = blocks or moe_int4_blocks(hidden, i_dim, group_h, group_i)
+    bgu, bdn = blocks or default_moe_int4_blocks(down_q, gate_up_s, down_s)
     if bgu.block_m != bdn.block_m:
         raise ValueError("moe_q_fused: gate_up and down blocks must share BM (one tile map)")
     if bgu.bf16x2:                                                               # gate_up: N = I, K = H
@@ -325,9 +326,20 @@ def _launch(b: Int4Blocks) -> dict:
 
 
 def default_int4_blocks(w_packed: Tensor, w_scale: Tensor) -> Int4Blocks:
-    """The blocks ``l4::int4_mm`` launches with on these weights (``layout.int4_blocks`` of their shape)."""
-    k_in = 2 * w_packed.shape[1]
-    return int4_blocks(w_packed.shape[0], k_in, k_in // w_scale.shape[1])
+    """The blocks ``l4::int4_mm`` launches with on these weights: the active tuned table's for their problem
+    (``tuned_blocks``), else ``layout.int4_blocks`` of their shape."""
+    n_out, k_in = w_packed.shape[0], 2 * w_packed.shape[1]
+    group = k_in // w_scale.shape[1]
+    return tuned_blocks.lookup(int4_key(n_out, k_in, group, w_scale.dtype)) or int4_blocks(n_out, k_in, group)
+
+
+def default_moe_int4_blocks(down_q: Tensor, gate_up_s: Tensor, down_s: Tensor) -> tuple[Int4Blocks, Int4Blocks]:
+    """(gate_up, down) blocks ``l4::moe_q_fused`` launches with on these weights (down_q [E, H, I/2], scales
+    [E, 2I, H/Gh] and [E, H, I/Gi]): the active tuned table's, else ``layout.moe_int4_blocks``."""
+    n_exp, hidden, i_dim = down_q.shape[0], down_q.shape[1], 2 * down_q.shape[2]
+    group_h, group_i = hidden // gate_up_s.shape[2], i_dim // down_s.shape[2]
+    return (tuned_blocks.lookup(moe_key(n_exp, hidden, i_dim, group_h, group_i, down_s.dtype))
+            or moe_int4_blocks(hidden, i_dim, group_h, group_i))
 
 
 def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None, lock: Tensor | None = None,
