@@ -341,10 +341,30 @@ def _load_jit(rank_dir: Path, manifest: dict[str, Any], n_caches: int):
     module = in_place_module(_with_tensors(ep, lambda name, t: weights[name]))
     configs = {k: v for k, v in (manifest.get("compile_config") or {}).get("inductor_configs") or ()
                if not k.startswith("aot_inductor.")}
-    run = _step_runner(torch.compile(module, options=configs or None), n_caches)
+    run = _step_runner(_with_kernel_blocks(torch.compile(module, options=configs or None), manifest), n_caches)
     run.weights = weights
     run.runtime = "jit"
     return run
+
+
+def _with_kernel_blocks(fn, manifest: dict[str, Any]):
+    """``fn`` calling with the engine's tuned kernel blocks active (manifest ``kernel_blocks``, ``compile
+    --tune-kernels``): torch.compile traces the l4 kernel ops' bodies at a call, and they must launch the blocks the
+    engine was tuned with, as its AOTInductor package does. ``fn`` itself where the engine has none."""
+    from l4compile.kernels import tuned_blocks
+
+    try:
+        table = tuned_blocks.table_of(manifest.get("kernel_blocks"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise L4Error(f"engine manifest: its kernel_blocks are not a tuning record ({e}); recompile the engine") \
+            from None
+    if not table:
+        return fn
+
+    def call(*inputs):
+        with tuned_blocks.use(table):
+            return fn(*inputs)
+    return call
 
 
 def _read_weights(path: Path, device: str, names) -> dict[str, torch.Tensor]:

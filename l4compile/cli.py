@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "pass needs it (with --quant, only quantized weights are kept; full Scout Int4 fits one H100)")
     c.add_argument("--text-only", action="store_true",
                    help="multimodal checkpoints: compile the text model alone (no vision engine)")
+    c.add_argument("--tune-kernels", action="store_true",
+                   help="--device cuda --backend inductor: time the Int4 kernels' block configurations on this GPU "
+                        "(a decode step's shapes) and build the fastest in (manifest kernel_blocks)")
 
     r = sub.add_parser("run", help="generate from an engine (greedy, or sampled with --temperature)")
     r.add_argument("engine", metavar="ENGINE")
@@ -182,11 +185,14 @@ def cmd_compile(a) -> int:
                  force=a.force, passes=tuple(a.passes), skip_passes=tuple(a.skip_passes), verify=a.verify,
                  dump_ir=a.dump_ir, progress=progress, plan=a.plan, text_only=a.text_only,
                  stream_weights=a.stream_weights, pass_options=pass_options,
-                 inductor_configs=parse_inductor_configs(a.inductor_configs))
+                 inductor_configs=parse_inductor_configs(a.inductor_configs), tune_kernels=a.tune_kernels)
     m = read_manifest(path)           # not loaded: `run` / `bench` load it (full Scout: ~58 GB of weights)
     size = sum(v["bytes"] for v in m["artifacts"].values())
     out = {"engine": str(path), "backend": m["backend"], "compile_seconds": m["compile_seconds"],
            "engine_bytes": size, "passes": {p["name"]: p["stats"] for p in m["passes"]}}
+    if m.get("kernel_blocks"):
+        from l4compile.kernels.autotune import summary
+        out["tuned_kernels"] = [summary(r) for r in m["kernel_blocks"]["problems"]]
     if a.verify:   # per pass: drift (exact passes) or logit SQNR against its input (lossy passes: quantize)
         out["verify"] = {p["name"]: {k: p[k] for k in ("drift", "logit_sqnr_db") if k in p} for p in m["passes"]}
     print(json.dumps(out))

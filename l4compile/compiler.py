@@ -15,6 +15,7 @@ from l4compile.config import CompileConfig, require_device
 from l4compile.engine import Engine, check_out_dir, engine_writer, load_engine, write_manifest
 from l4compile.errors import L4Error
 from l4compile.inductor_configs import check as check_inductor_configs
+from l4compile.kernels import tuned_blocks
 from l4compile.paths import check_dir_path
 from l4compile.pipeline import check_pass_options, run_passes
 from l4compile.program import Program, trace
@@ -139,7 +140,8 @@ def build(model: str, backend: str = "inductor", out: str | os.PathLike = "engin
           skip_passes: tuple[str, ...] = (), verify: bool = False, dump_ir: str | os.PathLike | None = None,
           pass_options: dict[str, dict[str, Any]] | None = None, progress: Progress | None = None,
           plan: str | os.PathLike | dict | None = None, text_only: bool = False,
-          stream_weights: bool = False, inductor_configs: dict[str, Any] | None = None) -> Path:
+          stream_weights: bool = False, inductor_configs: dict[str, Any] | None = None,
+          tune_kernels: bool = False) -> Path:
     """Compile MODEL (checkpoint directory or preset) into an engine directory at ``out``; returns its path. The
     engine is not loaded: ``l4compile compile`` of full Scout Int4 would otherwise read its ~58 GB of weights back
     (and hash them again) only to print the manifest.
@@ -147,7 +149,8 @@ def build(model: str, backend: str = "inductor", out: str | os.PathLike = "engin
     shard_tensor_parallel where the plan says TP) write one artifact set per rank. With ``stream_weights`` the
     model is traced on the meta device and its weights are read one at a time (``l4compile.weights``).
     ``inductor_configs`` (inductor backend): Inductor settings over l4compile's, e.g. ``{"max_autotune": True}``
-    (``l4compile.inductor_configs``)."""
+    (``l4compile.inductor_configs``). ``tune_kernels`` (inductor on CUDA): the Int4 kernels' blocks are timed on this
+    GPU first and the fastest built in (``l4compile.kernels.autotune``; manifest ``kernel_blocks``)."""
     for name, value in (("passes", passes), ("skip_passes", skip_passes)):
         if isinstance(value, (str, bytes)):   # a bare string would be read one character at a time
             raise L4Error(f"{name} takes a tuple of strings, got the string {value!r}; write ({value!r},)")
@@ -164,7 +167,7 @@ def build(model: str, backend: str = "inductor", out: str | os.PathLike = "engin
     config = CompileConfig(backend=backend, quant=quant, dtype=dtype, device=device, max_seq_len=max_seq_len,
                            max_batch_size=max_batch_size, seed=seed, layers=layers, passes=tuple(passes),
                            skip_passes=tuple(skip_passes), verify=verify, text_only=text_only,
-                           stream_weights=stream_weights,
+                           stream_weights=stream_weights, tune_kernels=tune_kernels,
                            inductor_configs=check_inductor_configs(inductor_configs, backend),
                            pass_options=tuple((k, tuple(sorted(v.items())))
                                               for k, v in sorted((pass_options or {}).items())))
@@ -196,7 +199,12 @@ def build(model: str, backend: str = "inductor", out: str | os.PathLike = "engin
                            "shape": kv_layout["shape"]}]
         sig["outputs"] += [{"name": f"k_cache_i', v_cache_i' for i < {n}", "dtype": kv_layout["dtype"],
                             "shape": kv_layout["shape"]}]
-    with engine_writer(out, force) as work:
+    kernel_blocks = None
+    if config.tune_kernels:
+        from l4compile.kernels.autotune import tune_program
+        with progress.stage("tune kernels"):
+            kernel_blocks = tune_program(program, config.dtype, log=progress.note)
+    with engine_writer(out, force) as work, tuned_blocks.use(tuned_blocks.table_of(kernel_blocks)):
         with progress.stage(f"backend {config.backend}"):
             result = be.build(program, work, config)
         vision_manifest = None
@@ -224,7 +232,7 @@ def build(model: str, backend: str = "inductor", out: str | os.PathLike = "engin
                                   if r.name == "quantize" and "weight_bytes" in r.stats), None),
             "kv_cache": kv_layout, "sharding": program.gm.meta.get("l4_sharding"),
             "streamed_weight_bytes": low.placed_bytes if config.stream_weights else None,
-            "backend_info": result.info, "vision": vision_manifest, **text_manifest, "versions": library_versions(),
+            "backend_info": result.info, "kernel_blocks": kernel_blocks, "vision": vision_manifest, **text_manifest, "versions": library_versions(),
             "stage_seconds": progress.stages, "compile_seconds": round(time.perf_counter() - t_start, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

@@ -60,6 +60,7 @@ class CompileConfig:
     stream_weights: bool = False            # trace on meta, read each weight when needed (l4compile.weights)
     pass_options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = field(default_factory=tuple)
     inductor_configs: tuple[tuple[str, Any], ...] = ()   # Inductor settings (l4compile.inductor_configs)
+    tune_kernels: bool = False              # time the Int4 kernels' blocks on this GPU (l4compile.kernels.autotune)
 
     def __post_init__(self) -> None:
         _choice("backend", self.backend, BACKENDS)
@@ -69,9 +70,12 @@ class CompileConfig:
         _positive_int("max_seq_len", self.max_seq_len, allow_none=True)
         _positive_int("max_batch_size", self.max_batch_size)
         _positive_int("layers", self.layers, allow_none=True)
-        for name in ("text_only", "stream_weights", "verify"):
+        for name in ("text_only", "stream_weights", "verify", "tune_kernels"):
             if not isinstance(getattr(self, name), bool):
                 raise L4Error(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.tune_kernels and (self.device, self.backend) != ("cuda", "inductor"):
+            raise L4Error("--tune-kernels times the Triton kernels on the GPU the engine is built for: it needs "
+                          f"--device cuda and --backend inductor, got --device {self.device} --backend {self.backend}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise L4Error(f"seed must be an integer, got {self.seed!r}")
         object.__setattr__(self, "passes", tuple(self.passes))
@@ -94,5 +98,8 @@ class CompileConfig:
 
     def stable_hash(self) -> str:
         """sha256 of the canonical JSON form; goes into manifests and benchmark records."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        d = self.to_dict()
+        if not d["tune_kernels"]:          # added later: configs without it hash as they did before
+            del d["tune_kernels"]
+        blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

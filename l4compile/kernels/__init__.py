@@ -23,6 +23,12 @@ Files (one kernel each; pure-PyTorch host code apart)::
                          ``l4::int4_mm``, ``l4::attention_fused[_inplace]`` (triton_op) + host glue
     access_memo.py       torch's which-arguments-a-kernel-writes analysis, once per   (torch only)
                          kernel signature, not per traced call (compile time)
+    tuned_blocks.py      the Int4 blocks measured for an engine's GPU, active while   (torch only)
+                         its kernel ops are traced (else layout's static choice)
+    timing.py            device time of a kernel call as engines launch it (CUDA     (torch only)
+                         graph replay, L2 flushed)
+    autotune.py          ``compile --tune-kernels``: each Int4 problem's candidate     (needs Triton to run)
+                         blocks checked and timed on the GPU, the fastest kept
     dispatch.py          CUDA kernels of ``l4::moe``/``l4::moe_q``/``l4::linear_int4``/``l4::linear_fp8``/
                          ``l4::attention_cached`` and the CUDA decompositions the    (torch only)
                          Inductor backend applies
