@@ -45,6 +45,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--profile", action="store_true",
                    help="after timing, profile each engine's decode steps (torch.profiler, CUDA only): the kernels "
                         "of one step, their launches and GPU time, and the step's idle share")
+    b.add_argument("--tune-kernels", action="store_true",
+                   help="--device cuda: compile the inductor engine with compile --tune-kernels (its Int4 kernels' "
+                        "blocks timed on this GPU first)")
     from l4compile.cli import add_build_opts
     add_build_opts(b, "an Inductor setting for the inductor engine and the torch-compile baseline alike",
                    "compile every engine with this pass option")
@@ -66,7 +69,8 @@ def _int(option: str, text: str | None, *, minimum: int | None = 1) -> int | Non
 def engine_options(a, manifest: dict) -> dict:
     """An ENGINE directory is benchmarked as compiled: backend, quant, dtype and device come from its manifest;
     options that only mean something when bench compiles are refused, and so are values that contradict it."""
-    for flag, value in (("--layers", a.layers), ("--max-seq-len", a.max_seq_len), ("--stream-weights", a.stream_weights)):
+    for flag, value in (("--layers", a.layers), ("--max-seq-len", a.max_seq_len), ("--stream-weights", a.stream_weights),
+                        ("--tune-kernels", a.tune_kernels)):
         if value:
             raise L4Error(f"{flag} applies when bench compiles MODEL; {a.model} is an engine (compiled already)")
     got = {"backends": manifest["backend"], "quant": manifest["quant"], "dtype": manifest["dtype"],
@@ -99,7 +103,7 @@ def config_from_args(a) -> "BenchConfig":  # noqa: F821
                        decode_steps=_int("--decode-steps", a.decode_steps), repeats=_int("--repeats", a.repeats),
                        seed=_int("--seed", a.seed, minimum=None), layers=_int("--layers", a.layers),
                        max_seq_len=_int("--max-seq-len", a.max_seq_len), threads=_int("--threads", a.threads),
-                       stream_weights=a.stream_weights, profile=a.profile,
+                       stream_weights=a.stream_weights, profile=a.profile, tune_kernels=a.tune_kernels,
                        pass_options=opts["pass_options"], inductor_configs=opts["inductor_configs"])
 
 

@@ -54,6 +54,7 @@ class BenchConfig:
     # baseline, so both are built alike: ((key, value), ...), sorted (given as such or a dict)
     inductor_configs: tuple[tuple[str, Any], ...] = ()
     profile: bool = False               # after timing: each engine's decode-step kernels (bench/profile.py)
+    tune_kernels: bool = False          # the inductor engine: compile --tune-kernels (kernels/autotune.py)
 
     def __post_init__(self) -> None:
         from l4compile.config import BACKENDS, DEVICES, DTYPES, QUANTS
@@ -66,7 +67,7 @@ class BenchConfig:
         for b in self.backends:
             if b not in known:
                 raise L4Error(f"unknown backend '{b}' in --backends; choose from: {', '.join(known)}")
-        for name in ("stream_weights", "profile"):
+        for name in ("stream_weights", "profile", "tune_kernels"):
             if not isinstance(getattr(self, name), bool):
                 raise L4Error(f"{name} must be true or false, got {getattr(self, name)!r}")
         if len(set(self.backends)) != len(self.backends):
@@ -84,6 +85,9 @@ class BenchConfig:
                 raise L4Error(f"{name} must be a positive integer, got {v!r}")
         if self.profile and self.device != "cuda":
             raise L4Error("--profile times each GPU kernel of a decode step: it needs --device cuda")
+        if self.tune_kernels and (self.device != "cuda" or "inductor" not in self.backends):
+            raise L4Error("--tune-kernels times the inductor engine's Triton kernels on the GPU: it needs --device cuda "
+                          "and the inductor backend in --backends")
         if self.decode_steps < 2:   # the first new token comes out of the prefill: N tokens take N - 1 steps
             raise L4Error(f"--decode-steps must be at least 2, got {self.decode_steps}: the first new token comes "
                           "from the prefill, so decode is timed over the other decode_steps - 1")
@@ -119,7 +123,8 @@ class BenchConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON form (the report's ``config``); build options only where given, so a run without them hashes as
         before they existed."""
-        d = {k: v for k, v in asdict(self).items() if v or k not in ("pass_options", "inductor_configs", "profile")}
+        d = {k: v for k, v in asdict(self).items() if v or k not in ("pass_options", "inductor_configs", "profile",
+                                                                        "tune_kernels")}
         return json.loads(json.dumps(d))     # tuples -> lists, at every depth
 
     def stable_hash(self) -> str:
@@ -221,9 +226,24 @@ class BackendStatus:
     warmup_seconds: float | None = None
     decode_method: str | None = None
     engine_config_hash: str | None = None
+    kernel_blocks: list[dict[str, Any]] | None = None    # compile --tune-kernels: what each Int4 problem got
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["kernel_blocks"] is None:                  # engines without it report as before
+            del d["kernel_blocks"]
+        return d
+
+
+def _tuned(kernel_blocks: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    """An engine manifest's ``kernel_blocks`` as the report keeps them: per Int4 problem its name, the blocks chosen,
+    their time and layout's (microseconds over the tuned token counts), and how many times a step runs it."""
+    if not kernel_blocks:
+        return None
+    from l4compile.kernels.autotune import problem_name
+
+    return [{"problem": problem_name(r["key"]), "blocks": r["label"], "us": r["us"], "static_us": r["static_us"],
+             "count": r["count"], "tokens": r["tokens"]} for r in kernel_blocks["problems"]]
 
 
 def _hf_runners(lm: torch.nn.Module, names: tuple[str, ...], inductor_configs: dict[str, Any]) -> list[Runner]:
@@ -286,7 +306,8 @@ def _engine_runner(cfg: BenchConfig, name: str, workdir: Path, max_seq: int) -> 
                             device=cfg.device, max_seq_len=max_seq, max_batch_size=max(cfg.batch_sizes),
                             seed=cfg.seed, layers=cfg.layers, stream_weights=cfg.stream_weights,
                             pass_options=cfg.pass_options_dict(),
-                            inductor_configs=dict(cfg.inductor_configs) if name == "inductor" else None)
+                            inductor_configs=dict(cfg.inductor_configs) if name == "inductor" else None,
+                            tune_kernels=cfg.tune_kernels and name == "inductor")
     return _runner_for(eng, name, time.perf_counter() - t0)
 
 
@@ -307,7 +328,8 @@ def _runner_for(eng, name: str, seconds: float | None) -> Runner:
     return Runner(name, "engine", eng.prefill, lambda ids, n: eng.generate(ids, max_new_tokens=n), describe(),
                   compile_seconds=None if seconds is None else round(seconds, 3),
                   info={"engine_config_hash": eng.manifest.get("config_hash"),
-                        "engine_compile_seconds": eng.manifest.get("compile_seconds")}, describe=describe)
+                        "engine_compile_seconds": eng.manifest.get("compile_seconds"),
+                        "kernel_blocks": eng.manifest.get("kernel_blocks")}, describe=describe)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -462,7 +484,8 @@ def _run_bench(cfg: BenchConfig, *, stream=None, progress: bool | None = None) -
                     r.decode_method = r.describe()
                 statuses[r.name] = BackendStatus(r.name, r.kind, "ok", compile_seconds=r.compile_seconds,
                                                  warmup_seconds=round(warm, 3), decode_method=r.decode_method,
-                                                 engine_config_hash=r.info.get("engine_config_hash"))
+                                                 engine_config_hash=r.info.get("engine_config_hash"),
+                                                 kernel_blocks=_tuned(r.info.get("kernel_blocks")))
             samples = []
             for rep in range(cfg.repeats):
                 k = rep % max(1, len(runners))

@@ -353,3 +353,34 @@ def test_engine_decode_method_names_the_runtime():
         method = _runner_for(eng, "inductor", 1.0).describe()
         assert method.startswith("Engine.generate with the engine's KV cache") and "decode mode graph" in method
         assert method.endswith(f"; runtime {runtime}") if runtime else "runtime" not in method, method
+
+
+def test_tuned_kernel_blocks_in_the_report():
+    """An engine compiled with --tune-kernels reports, per Int4 problem, the blocks chosen and their time against
+    layout's (from its manifest's kernel_blocks); engines without it report as before."""
+    import dataclasses
+
+    from l4compile.bench import runner
+
+    manifest_record = {"device": "NVIDIA H100 80GB HBM3 sm_90", "tokens": [1], "problems": [
+        {"key": ["int4_mm", 7168, 5120, 128, "bfloat16"], "count": 48, "tokens": [1], "label": "BN64 BK128 SK4",
+         "us": 14.2, "static_us": 31.0, "blocks": {}, "candidates": []},
+        {"key": ["moe_q", 16, 5120, 8192, 128, 128, "bfloat16"], "count": 48, "tokens": [1], "label": None,
+         "us": None, "static_us": None, "blocks": None, "candidates": []}]}
+    result = fake_result("cuda")
+    result["config"] = dataclasses.replace(result["config"], tune_kernels=True)
+    result["backends"] = [dataclasses.replace(b, kernel_blocks=runner._tuned(manifest_record))
+                          if b.name == "inductor" else b for b in result["backends"]]
+    report = rep.build_report(result)
+    check_schema(report)
+    assert report["config"]["tune_kernels"] is True
+    ind = next(b for b in report["backends"] if b["name"] == "inductor")
+    assert ind["kernel_blocks"][0] == {"problem": "int4_mm 7168x5120 G128", "blocks": "BN64 BK128 SK4", "us": 14.2,
+                                       "static_us": 31.0, "count": 48, "tokens": [1]}
+    md = rep.render_md(report)
+    assert "| int4_mm 7168x5120 G128 | 48 | BN64 BK128 SK4 | 14.2 | 31.0 |" in md
+    assert "| moe_q E16 H5120 I8192 | 48 | - | - | - |" in md
+    assert "kernel_blocks" not in next(b for b in report["backends"] if b["name"] == "eager")
+    ind["kernel_blocks"][0]["us"] = "fast"
+    assert rep.validate(report)
+    assert runner._tuned(None) is None and "tune_kernels" not in BenchConfig("tiny").to_dict()
