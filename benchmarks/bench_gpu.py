@@ -65,12 +65,15 @@ PARTS = ("decode", "layer", "modes", "context", "prefill", "full", "full-compile
 
 
 def bench_commands(layers: int, repeats: int, out: Path, parts: tuple[str, ...],
-                   lm_head_int4: bool = False, engine_dir: Path | None = None) -> dict[str, list[str]]:
+                   lm_head_int4: bool = False, engine_dir: Path | None = None,
+                   tune_kernels: bool = False) -> dict[str, list[str]]:
     """part name -> `l4compile bench` argv (without the interpreter prefix). ``lm_head_int4``: the full-Scout engine
     also quantizes its lm_head (2.07 GB of bf16 a token, 0.52 GB in Int4). ``full`` is ``full-compile`` then
     ``full-bench``, which may also run alone (two calls on a lent host, each within its time limit); the engine is
-    ``engine_dir`` (default ``out``/engine-scout-int4)."""
-    base = ["bench", "scout", "--device", "cuda", "--dtype", "bfloat16", "--repeats", str(repeats), "--force"]
+    ``engine_dir`` (default ``out``/engine-scout-int4). ``tune_kernels``: every inductor engine is compiled with
+    --tune-kernels (its Int4 blocks timed on this GPU; cached, so each problem is timed once a host)."""
+    tune = ["--tune-kernels"] if tune_kernels else []
+    base = ["bench", "scout", "--device", "cuda", "--dtype", "bfloat16", "--repeats", str(repeats), "--force", *tune]
     scaled = ["--layers", str(layers)]
     cmds: dict[str, list[str]] = {}
     if "decode" in parts:
@@ -103,7 +106,7 @@ def bench_commands(layers: int, repeats: int, out: Path, parts: tuple[str, ...],
         lm_head = ["--pass-option", "quantize.quantize_lm_head=true"] if lm_head_int4 else []
         cmds["compile-scout-int4"] = ["compile", "scout", "--backend", "inductor", "--device", "cuda", "--dtype",
                                       "bfloat16", "--quant", "int4", "--stream-weights", "--max-seq-len", "192",
-                                      "--max-batch-size", "1", "--force", *lm_head, "--out", str(engine)]
+                                      "--max-batch-size", "1", "--force", *lm_head, *tune, "--out", str(engine)]
     if "full" in parts or "full-bench" in parts:
         cmds["full-scout-int4"] = ["bench", str(engine), "--repeats", str(repeats), "--force", "--batch-sizes", "1",
                                    "--prompt-lens", "128", "--decode-steps", "64", "--profile"]
@@ -168,6 +171,19 @@ def profile_rows(name: str, report: dict, top: int = 6) -> list[str]:
     return lines
 
 
+def tuned_rows(name: str, report: dict) -> list[str]:
+    """Markdown lines for the engines of a report compiled with --tune-kernels: per Int4 problem the blocks chosen
+    and their time against layout's static choice (each candidate's time is in the tuning cache, tuning.json)."""
+    lines = []
+    for b in report.get("backends") or []:
+        for k in b.get("kernel_blocks") or []:
+            us = "-" if k["us"] is None else f"{k['us']:.1f} us"
+            static = "failed" if k["static_us"] is None else f"{k['static_us']:.1f} us"
+            lines.append(f"- {name}, {b['name']}: {k['problem']} (x{k['count']} a step): {k['blocks'] or 'none ran'} "
+                         f"{us}, layout's {static}")
+    return lines
+
+
 def mode_table(rows: list[dict]) -> str:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_decode_modes import table
@@ -183,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="report root (default benchmarks/results/gpu-<device name>)")
     ap.add_argument("--lm-head-int4", action="store_true",
                     help="full: quantize the lm_head too (--pass-option quantize.quantize_lm_head=true)")
+    ap.add_argument("--tune-kernels", action="store_true",
+                    help="compile every inductor engine with --tune-kernels (Int4 blocks timed on this GPU first)")
     ap.add_argument("--engine-dir", default=None,
                     help="full, full-compile, full-bench: the full-Scout engine directory (default "
                          "OUT/engine-scout-int4); full-bench needs one compiled there")
@@ -251,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
                       "N/2, weights and KV one layer reads at that batch). Target: >= 80% of the HBM roofline at "
                       "batch 1.", "", "| quant | batch | decode us/layer | MiB read/layer | HBM roofline |",
                       "|---|---|---|---|---|", *layer_rows]
+        tuned = [line for name, rep in reports.items() for line in tuned_rows(name, rep)]
+        if tuned:
+            table += ["", "Int4 kernel blocks tuned on this GPU (--tune-kernels, a batch-1 decode step's shapes):", "",
+                      *tuned]
         profiled = [line for name, rep in reports.items() for line in profile_rows(name, rep)]
         if profiled:
             table += ["", "Decode-step profiles (--profile; every kernel in each run's report.md):", "", *profiled]
@@ -263,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: full-bench needs a compiled full-Scout engine: no {manifest} (run full-compile first, "
                   "with the same --engine-dir)", file=sys.stderr)
             return 2
-    for name, cmd in bench_commands(a.layers, a.repeats, out, parts, a.lm_head_int4, engine_dir).items():
+    for name, cmd in bench_commands(a.layers, a.repeats, out, parts, a.lm_head_int4, engine_dir,
+                                    a.tune_kernels).items():
         run_one(name, cmd)
         write_summary()
     print(f"wrote {out / 'SUMMARY.md'}:\n" + (out / "SUMMARY.md").read_text())     # into a session's log too

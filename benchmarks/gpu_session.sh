@@ -4,10 +4,11 @@
 # most valuable first. Everything it prints goes to $OUT/session.log; reports go to $OUT/results.tgz.
 #
 #   bash benchmarks/gpu_session.sh [PARTS]     PARTS: comma-separated; PART=SECONDS overrides a part's box;
-#                                              default probe=140,kernels=180,decode1=220 (<= 9.5 minutes): the
-#                                              first call gives kernel times and the first engine decode figure
-#                                              (HBM roofline per layer); the gpu-marked tests need a call of their
-#                                              own (every row `kernels` times is checked against torch first)
+#                                              default probe=120,decode1=360 (<= 8 minutes): the first call gives
+#                                              the first engine decode figure (HBM roofline per layer) with its Int4
+#                                              kernels tuned on this GPU (each candidate's time in tuning.json); then
+#                                              `kernels` (attention, batch 8/32) if the budget leaves a call; the
+#                                              gpu-marked tests need a call of their own
 #
 #   probe    benchmarks/aoti_cuda_probe.py: do CUDA AOTInductor packages load on this host at all (a toy nn.Linear
 #            and one with l4compile's external weights and a Triton op; built, then loaded fresh and after a
@@ -25,10 +26,12 @@
 #   attention benchmarks/bench_attention.py: one decode step of attention at Scout's shape, caches of 8K and 64K
 #            slots, full and at position 511: K/V expanded per query head, grouped queries (aten), and the Triton
 #            attention_fused that CUDA engines compile in, eager and Inductor                         (box 200 s)
-#   decode1  benchmarks/bench_gpu.py --parts layer --layers 2: the inductor engine (Int4, batch 1 and 8) at 2
-#            layers, profiled (each kernel of a decode step, the step's idle share), then at 1 layer: the issue's
-#            first target, one layer's time against its HBM roofline (SUMMARY.md), beside probe and kernels in
-#            one call; if the box cuts the 1-layer run, the 2-layer report and profile stand        (box 220 s)
+#   decode1  benchmarks/bench_gpu.py --parts layer --layers 2 --tune-kernels: the inductor engine (Int4, batch 1
+#            and 8) at 2 layers, its Int4 blocks first timed on this GPU (compile --tune-kernels: the qkv, o_proj,
+#            lm_head GEMVs and the MoE, ~7 candidates each, checked then timed; cached for every later compile on
+#            this host), profiled (each kernel of a decode step, the step's idle share), then at 1 layer: the
+#            issue's first target, one layer's time against its HBM roofline (SUMMARY.md); if the box cuts the
+#            1-layer run, the 2-layer report and profile stand                                        (box 360 s)
 #   modes    benchmarks/bench_decode_modes.py: loop vs CUDA graph decode, Scout dims, 2 layers, Int4  (box 200 s)
 #   knobs    decode1's Inductor engine at batch 1 built three or four ways: as it is, with combo_kernels=true (the
 #            k and v cache writes, and the q and k RoPE kernels, one launch each: 14 -> ~12 launches a layer offline),
@@ -66,9 +69,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/l4compile-gpu}
 mkdir -p "$OUT"
-PARTS=${1:-probe=140,kernels=180,decode1=220}
+PARTS=${1:-probe=120,decode1=360}
 LOG="$OUT/session.log"
 RES=/tmp/l4compile-results          # outside $OUT: only the log and a tarball of the reports come back
+export L4COMPILE_CACHE_DIR=/tmp/l4compile-cache   # --tune-kernels' measurements, kept for later calls on this host
 ENGINES=/tmp/l4compile-engines      # fullc / fullqc engines, kept for fullb / fullqb in a later call
 rm -rf "$RES"; mkdir -p "$RES"
 PY=${PYTHON:-python3}
@@ -87,6 +91,7 @@ boxed() {   # boxed SECONDS NAME CMD...: run, log, report its exit status and ti
 }
 pack() {    # the reports so far into $OUT/results.tgz, after every part: a call cut off still returns what was done.
             # Not the engines (full Scout's is ~58 GB), nor a killed compile's half-written .engine-*.l4tmp-PID.
+    cp "$L4COMPILE_CACHE_DIR/kernel_tuning.json" "$RES/tuning.json" 2>/dev/null    # every candidate's time
     (cd "$RES" && find . -name '*engine-*' -prune -o -type f -size -16M -print) >"$RES.files"
     tar czf "$OUT/results.tgz" -C "$RES" -T "$RES.files" 2>>"$LOG"
 }
@@ -140,24 +145,24 @@ for spec in ${PARTS//,/ }; do
             [ -z "$cfg" ] || [ "$cfg" = default ] || setting=(--inductor-config "$cfg")
             boxed $(box 200) "knobs $knob" env ${runner[@]+"${runner[@]}"} $PY -m l4compile bench scout --layers 2 \
                 --device cuda --dtype bfloat16 --quant int4 --backends inductor --batch-sizes 1 --prompt-lens 128 \
-                --decode-steps 32 --repeats 3 --profile ${setting[@]+"${setting[@]}"} --force \
+                --decode-steps 32 --repeats 3 --profile --tune-kernels ${setting[@]+"${setting[@]}"} --force \
                 --out "$RES/knobs-${knob//[^A-Za-z0-9._]/-}"
         done ;;
     decode1)
-        boxed $(box 220) decode1 $PY benchmarks/bench_gpu.py --parts layer --layers 2 --repeats 3 \
+        boxed $(box 360) decode1 $PY benchmarks/bench_gpu.py --parts layer --layers 2 --repeats 3 --tune-kernels \
             --out "$RES/decode1" ;;
     decode | prefill | context)
         boxed $(box $([ $part = decode ] && echo 420 || echo 300)) $part $PY benchmarks/bench_gpu.py --parts $part \
             --layers 2 --repeats 3 --out "$RES/$part" ;;
     full)
-        boxed $(box 580) full $PY benchmarks/bench_gpu.py --parts full --repeats 3 --out "$RES/full" ;;
+        boxed $(box 580) full $PY benchmarks/bench_gpu.py --parts full --repeats 3 --tune-kernels --out "$RES/full" ;;
     fullq)
-        boxed $(box 580) fullq $PY benchmarks/bench_gpu.py --parts full --lm-head-int4 --repeats 3 \
+        boxed $(box 580) fullq $PY benchmarks/bench_gpu.py --parts full --lm-head-int4 --repeats 3 --tune-kernels \
             --out "$RES/full-lm-head-int4" ;;
     fullc | fullqc)
         q=(); name=scout-int4; [ $part = fullqc ] && q=(--lm-head-int4) && name=scout-int4-lm-head-int4
         rm -rf "$ENGINES"; mkdir -p "$ENGINES"
-        boxed $(box 580) $part $PY benchmarks/bench_gpu.py --parts full-compile ${q[@]+"${q[@]}"} --repeats 3 \
+        boxed $(box 580) $part $PY benchmarks/bench_gpu.py --parts full-compile ${q[@]+"${q[@]}"} --repeats 3 --tune-kernels \
             --engine-dir "$ENGINES/$name" --out "$RES/$part" ;;
     fullb | fullqb)
         name=scout-int4; [ $part = fullqb ] && name=scout-int4-lm-head-int4

@@ -43,6 +43,15 @@ def test_commands_cover_the_issue(tmp_path):
     assert " ".join(lm).endswith(f"--pass-option quantize.quantize_lm_head=true --out {engine}")
 
 
+def test_tune_kernels_reaches_every_engine_compile(tmp_path):
+    """--tune-kernels: every bench that compiles the inductor engine, and the full-Scout compile, tune; the bench of
+    the compiled full-Scout engine does not (an engine is benchmarked as compiled)."""
+    cmds = _module().bench_commands(2, 3, tmp_path, ("layer", "decode", "full"), tune_kernels=True)
+    assert all(("--tune-kernels" in argv) == (name != "full-scout-int4") for name, argv in cmds.items())
+    plain = _module().bench_commands(2, 3, tmp_path, ("layer", "decode", "full"))
+    assert not any("--tune-kernels" in argv for argv in plain.values())
+
+
 def test_layer_part_times_one_int4_layer(tmp_path):
     """The issue's first target alone: the inductor engine at N and N/2 layers (no baselines), N profiled."""
     cmds = _module().bench_commands(2, 3, tmp_path, ("layer",))
@@ -138,8 +147,12 @@ def test_layer_part_summary_has_the_per_layer_row_and_the_profile(tmp_path, monk
         name = Path(argv[argv.index("--out") + 1]).name
         result = fake_result("cuda")
         result["model_config"] = dict(result["model_config"], num_hidden_layers=2 if name == "layer-int4" else 1)
+        assert "--tune-kernels" in argv
         if name == "layer-int4":
-            result["config"] = dataclasses.replace(result["config"], profile=True)
+            result["config"] = dataclasses.replace(result["config"], profile=True, tune_kernels=True)
+            result["backends"] = [dataclasses.replace(b, kernel_blocks=[
+                {"problem": "int4_mm 7168x5120 G128", "blocks": "BN64 BK128 SK4", "us": 14.25, "static_us": 31.0,
+                 "count": 2, "tokens": [1]}]) if b.name == "inductor" else b for b in result["backends"]]
             result["profiles"] = [
                 {"backend": "inductor", "batch": 1, "prompt_len": 16,
                  **profile.summarize(run_ev, base_ev, 9, run_wall, base_wall)},
@@ -148,12 +161,14 @@ def test_layer_part_summary_has_the_per_layer_row_and_the_profile(tmp_path, monk
         return subprocess.CompletedProcess(argv, 0)
 
     monkeypatch.setattr(mod.subprocess, "run", run)
-    assert mod.main(["--parts", "layer", "--layers", "2", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    assert mod.main(["--parts", "layer", "--layers", "2", "--repeats", "1", "--tune-kernels",
+                     "--out", str(tmp_path)]) == 0
     text = (tmp_path / "SUMMARY.md").read_text()
     assert sum(line.startswith("| int4 | ") for line in text.splitlines()) == 2               # batch 1 and 2
     assert ("- layer-int4, inductor, batch 1: step 31 us, kernels busy 29 us (idle 6%), 2 launches; "
             "`moe_int4_gate_up_kernel` 20.0 us x1; `int4_mm_kernel` 10.0 us x1") in text
     assert "- layer-int4, inductor, batch 2: profile failed (RuntimeError: CUPTI busy)" in text
+    assert "- layer-int4, inductor: int4_mm 7168x5120 G128 (x2 a step): BN64 BK128 SK4 14.2 us, layout's 31.0 us" in text
     assert text in capsys.readouterr().out
 
 
