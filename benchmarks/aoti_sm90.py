@@ -2,8 +2,8 @@
 cuda`` builds for an H100: its C++ wrapper, with every Triton kernel compiled for sm_90a; then check the wrapper.
 
     python benchmarks/aoti_sm90.py [--preset tiny] [--quant int4|fp8|none] [--dtype bfloat16] [--max-seq-len 256]
-                                   [--layers N] [--inductor-config KEY=VALUE ...] [--int4-split-k S] [--out DIR]
-                                   [--json FILE]
+                                   [--layers N] [--inductor-config KEY=VALUE ...] [--int4-split-k S]
+                                   [--kernel-blocks FILE] [--out DIR] [--json FILE]
 
 How: the preset is lowered on the CPU (frontend, passes) and exported by ``backends/inductor.py``'s own
 ``export_for_aoti`` for ``cuda`` (caches written in place, l4 ops decomposed into the Triton kernel ops). The
@@ -156,10 +156,14 @@ def analyze(lines: list[str], graph_ops: dict[str, int], caches: list[str]) -> d
     for _, k, _ in launches:
         counts[k] = counts.get(k, 0) + 1
     problems = {"kernels": [], "opaque": [], "caches": []}
-    for op, n in graph_ops.items():
+    expected: dict[str, list[tuple[str, int]]] = {}       # kernel -> the ops that launch it (int4_mm and its chained
+    for op, n in graph_ops.items():                       # form share int4_mm_kernel), with their counts
         for kernel in KERNELS[op]:
-            if counts.get(kernel, 0) != n:
-                problems["kernels"].append(f"{op} x{n} in the graph, {kernel} launched {counts.get(kernel, 0)}x")
+            expected.setdefault(kernel, []).append((op, n))
+    for kernel, ops in expected.items():
+        if counts.get(kernel, 0) != sum(n for _, n in ops):
+            problems["kernels"].append(f"{' + '.join(f'{op} x{n}' for op, n in ops)} in the graph, {kernel} launched "
+                                       f"{counts.get(kernel, 0)}x")
     problems["opaque"] = [ln.strip()[:160] for ln in lines if "proxy_executor_call_function" in ln]
     skip = ("std::move(inputs", "_aligned", "assert_size_stride", ".reset()", "data_ptr()")
     for name, var in zip(caches, cache_vars):
@@ -225,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--int4-split-k", type=int, default=None, metavar="S",
                     help="every Int4 GEMM's blocks (int4_mm and the fused MoE's) at split_k S, as a sweep might set "
                          "them: the engine a split-K default would give")
+    ap.add_argument("--kernel-blocks", default=None, metavar="FILE",
+                    help="an engine's manifest.json (or its kernel_blocks record) from `compile --tune-kernels` on a "
+                         "GPU: the Int4 blocks tuned there, active while the engine is generated, as the compile had "
+                         "them")
     ap.add_argument("--out", default=None, metavar="DIR", help="keep the generated wrapper .cpp there")
     ap.add_argument("--json", default=None, metavar="FILE")
     a = ap.parse_args(argv)
@@ -264,7 +272,33 @@ def split_int4_gemms(splits: int) -> None:
     ops.moe_int4_blocks = lambda *a: tuple(dataclasses.replace(b, split_k=splits) for b in moe(*a))
 
 
+def kernel_blocks(path: str) -> dict:
+    """The tuned table in ``path`` (a manifest with ``kernel_blocks``, or that record itself); SystemExit(2) with one
+    line where it is neither."""
+    from l4compile.kernels import tuned_blocks
+
+    try:
+        data = json.loads(Path(path).read_text())
+        record = data.get("kernel_blocks", data) if isinstance(data, dict) else None
+        table = tuned_blocks.table_of(record)
+        if not isinstance(record, dict) or not table:
+            raise ValueError("no tuned problem in it")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"error: --kernel-blocks {path}: not a manifest or kernel_blocks record of compile --tune-kernels ({e})",
+              file=sys.stderr)
+        raise SystemExit(2) from None
+    return table
+
+
 def run(a: argparse.Namespace, cache: Path) -> int:
+    from l4compile.kernels import tuned_blocks
+
+    table = kernel_blocks(a.kernel_blocks) if a.kernel_blocks else None
+    with tuned_blocks.use(table):               # as compiler.build has them while the backend builds
+        return _run(a, cache, table)
+
+
+def _run(a: argparse.Namespace, cache: Path, table: dict | None) -> int:
     from l4compile.errors import L4Error
     from l4compile.kernels import why_unavailable
 
@@ -284,7 +318,7 @@ def run(a: argparse.Namespace, cache: Path) -> int:
     import _fake_h100
     import triton
 
-    from l4compile.kernels import access_memo
+    from l4compile.kernels import access_memo, tuned_blocks
     _fake_h100.install_triton()              # before the export: its mutation analysis of the kernels needs a target
     t0 = time.perf_counter()
     try:
@@ -304,6 +338,7 @@ def run(a: argparse.Namespace, cache: Path) -> int:
         shutil.copy(wrapper, Path(a.out) / "model.wrapper.cpp")
     report = {"preset": a.preset, "quant": a.quant, "dtype": a.dtype, "max_seq_len": a.max_seq_len,
               "inductor_configs": extra, "int4_split_k": a.int4_split_k,
+              "kernel_blocks": {" ".join(map(str, k)): tuned_blocks.choice_label(v) for k, v in (table or {}).items()},
               "torch": torch.__version__, "triton": triton.__version__, "target": "sm_90a",
               "graph_ops": graph_ops, "caches": len(caches), "wrapper_lines": cpp.count("\n"),
               "export_seconds": round(t_export, 1), "seconds": round(time.perf_counter() - t0, 1),

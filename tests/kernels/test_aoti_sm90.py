@@ -86,6 +86,42 @@ def test_split_int4_gemms_take_no_counter_fills(tmp_path):
 
 
 @pytest.mark.slow
+def test_tuned_kernel_blocks_are_the_engines(tmp_path):
+    """A manifest's kernel_blocks (compile --tune-kernels on a GPU) generate the engine the compile would: the tuned
+    qkv GEMM splits K and is chained (l4::int4_mm_chained), o_proj, not in the table, keeps layout's unsplit blocks;
+    the MoE's split down GEMM has its counters zeroed by the route kernel; every check stays ok (~60 s)."""
+    import dataclasses
+
+    from l4compile.kernels.layout import int4_blocks, moe_int4_blocks
+    from l4compile.kernels.tuned_blocks import choice_to_json
+
+    gu, dn = moe_int4_blocks(512, 1024, 128, 128)
+    record = {"problems": [
+        {"key": ["int4_mm", 768, 512, 128, "bfloat16"],
+         "blocks": choice_to_json(dataclasses.replace(int4_blocks(768, 512, 128), split_k=4, num_warps=8))},
+        {"key": ["moe_q", 16, 512, 1024, 128, 128, "bfloat16"],
+         "blocks": choice_to_json((gu, dataclasses.replace(dn, split_k=2)))}]}
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"kernel_blocks": record}))
+    r = _generate(tmp_path, "int4", "--kernel-blocks", str(manifest), "--layers", "2", preset="bench-scout")
+    assert r["problems"] == {"kernels": [], "opaque": [], "caches": [], "program": []}
+    assert r["graph_ops"]["l4.int4_mm_chained.default"] == r["graph_ops"]["l4.int4_mm.default"] == 2
+    assert r["launches"]["int4_mm_kernel"] == 4 and r["launches"]["moe_int4_down_kernel"] == 2
+    assert r["kernel_blocks"] == {"int4_mm 768 512 128 bfloat16": "BN64 BK128 SK4 NW8",
+                                  "moe_q 16 512 1024 128 128 bfloat16": "BN64 BK128 SK1/2"}
+
+
+def test_kernel_blocks_file_that_is_no_record_is_one_error_line(tmp_path, capsys):
+    tool = _tool()
+    for text in ("not json", json.dumps({"kernel_blocks": None}), json.dumps([1, 2])):
+        (tmp_path / "m.json").write_text(text)
+        with pytest.raises(SystemExit) as e:
+            tool.kernel_blocks(str(tmp_path / "m.json"))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: --kernel-blocks ") and err.count("\n") == 1
+
+
+@pytest.mark.slow
 def test_tiny_fp8_cuda_engine_has_no_opaque_op(tmp_path):
     """FP8: the MoE is l4::moe_fp8_fused (its routing and two FP8 GEMM kernels), the projections torch._scaled_mm;
     nothing through the proxy executor, so CUDA graphs can capture the step (~80 s, hence slow)."""
