@@ -97,7 +97,7 @@ pack() {    # the reports so far into $OUT/results.tgz, after every part: a call
 }
 
 log "parts: $PARTS"
-nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,clocks.mem --format=csv >>"$LOG" 2>&1
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,clocks.mem,compute_mode --format=csv >>"$LOG" 2>&1
 $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || { log "install failed"; exit 1; }
 $PY - >>"$LOG" 2>&1 <<'EOF'
 import torch, triton, transformers, l4compile.passes, l4compile.kernels

@@ -232,7 +232,8 @@ def build(model: str, backend: str = "inductor", out: str | os.PathLike = "engin
                                   if r.name == "quantize" and "weight_bytes" in r.stats), None),
             "kv_cache": kv_layout, "sharding": program.gm.meta.get("l4_sharding"),
             "streamed_weight_bytes": low.placed_bytes if config.stream_weights else None,
-            "backend_info": result.info, "kernel_blocks": kernel_blocks, "vision": vision_manifest, **text_manifest, "versions": library_versions(),
+            "backend_info": result.info, "kernel_blocks": kernel_blocks, "vision": vision_manifest, **text_manifest,
+            "versions": library_versions(),
             "stage_seconds": progress.stages, "compile_seconds": round(time.perf_counter() - t_start, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

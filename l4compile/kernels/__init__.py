@@ -29,6 +29,8 @@ Files (one kernel each; pure-PyTorch host code apart)::
                          graph replay, L2 flushed)
     autotune.py          ``compile --tune-kernels``: each Int4 problem's candidate     (needs Triton to run)
                          blocks checked and timed on the GPU, the fastest kept
+    tune_process.py      that tuning in a child process: a candidate that crashes,      (torch only)
+                         hangs or faults the GPU is left out, not the compile
     dispatch.py          CUDA kernels of ``l4::moe``/``l4::moe_q``/``l4::linear_int4``/``l4::linear_fp8``/
                          ``l4::attention_cached`` and the CUDA decompositions the    (torch only)
                          Inductor backend applies

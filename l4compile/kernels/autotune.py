@@ -213,20 +213,50 @@ def candidates(problem: Problem, dtype: torch.dtype) -> list[Choice]:
     return (int4_candidates if problem.key[0] == "int4_mm" else moe_candidates)(problem.key, dtype)
 
 
+class ContextLost(RuntimeError):
+    """A candidate left the CUDA context unusable (an illegal address, a trap: CUDA errors are sticky), so nothing
+    after it in this process can be measured. ``tune_process`` restarts the tuning without that candidate."""
+
+    def __init__(self, key: Key, label: str, error: str):
+        super().__init__(f"{problem_name(key)} {label}: {error}")
+        self.key, self.label, self.error = key, label, error
+
+
+def _context_broken(device: torch.device) -> bool:
+    """True when ``device`` can no longer run anything (after a candidate raised)."""
+    if device.type != "cuda":
+        return False
+    try:
+        torch.cuda.synchronize(device)
+        return float(torch.ones(1, device=device).sum().item()) != 1.0
+    except Exception:
+        return True
+
+
 def tune_problem(problem: Problem, device, dtype: torch.dtype, tokens: tuple[int, ...],
-                 timer: Callable[[Callable[[], Any]], float], seed: int = 0) -> dict[str, Any]:
+                 timer: Callable[[Callable[[], Any]], float], seed: int = 0, excluded: dict[str, str] | None = None,
+                 progress: Callable[[str | None], None] | None = None) -> dict[str, Any]:
     """Measure ``problem``'s candidates -> its record: ``key``, ``count``, ``tokens``, ``blocks`` (the choice, JSON),
     ``label``, ``us`` (its time summed over ``tokens``), ``static_us`` (layout's choice), and ``candidates`` (each
-    one's ``label``, ``us`` or ``error``, ``rel_err``). ``blocks`` is None where no candidate ran correctly."""
+    one's ``label``, ``us`` or ``error``, ``rel_err``). ``blocks`` is None where no candidate ran correctly.
+    ``excluded``: label -> why, candidates recorded with that error and never run (one that killed a tuning
+    process). ``progress(label)`` is called before each candidate runs, ``progress(None)`` before the problem's
+    tensors are made. Raises ``ContextLost`` when a candidate's error leaves the GPU unusable."""
     cands = candidates(problem, dtype)
     tol = INTERPRETER_TOLERANCE if interpreting() else TOLERANCE.get(dtype, 3e-2)
+    device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(seed)
-    rows = [{"label": choice_label(c), "us": 0.0, "rel_err": 0.0, "error": None} for c in cands]
+    excluded = excluded or {}
+    rows = [{"label": choice_label(c), "us": 0.0, "rel_err": 0.0, "error": excluded.get(choice_label(c))}
+            for c in cands]
+    progress = progress or (lambda label: None)
     for t in tokens:
+        progress(None)
         ref, call = _runs(problem, dtype, t, device, g)
         for c, row in zip(cands, rows):
             if row["error"]:
                 continue
+            progress(row["label"])
             try:
                 fn = call(c)
                 err = _rel_err(fn(), ref)
@@ -237,6 +267,8 @@ def tune_problem(problem: Problem, device, dtype: torch.dtype, tokens: tuple[int
                 row["us"] += 1e3 * timer(fn)
             except Exception as e:      # a configuration the compiler or this GPU refuses (registers, PTX, ...)
                 row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+                if _context_broken(device):
+                    raise ContextLost(problem.key, row["label"], row["error"]) from e
         del ref, call
     ok = [i for i, row in enumerate(rows) if not row["error"]]
     for row in rows:
@@ -255,11 +287,15 @@ def tune_problem(problem: Problem, device, dtype: torch.dtype, tokens: tuple[int
 
 
 def tune(probs: list[Problem], device: str | torch.device, dtype: torch.dtype, tokens: tuple[int, ...] = (1,),
-         timer: Callable | None = None, cache: Path | None | bool = True,
-         log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Tune every problem -> ``{"device", "tokens", "seconds", "problems": [record, ...]}`` (records as
-    ``tune_problem``'s, plus ``cached``). ``timer``: ``fn -> ms`` (default: ``timing.graph_timer`` on CUDA, wall clock
-    elsewhere). ``cache``: True for ``cache_path()``, a path, or False/None for none."""
+         timer: Callable | None = None, cache: Path | None | bool = True, log: Callable[[str], None] | None = None,
+         excluded: dict[tuple[Key, str], str] | None = None,
+         progress: Callable[[Key, str | None], None] | None = None,
+         on_record: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Tune every problem in this process -> ``{"device", "tokens", "seconds", "problems": [record, ...]}`` (records
+    as ``tune_problem``'s, plus ``cached``). ``timer``: ``fn -> ms`` (default: ``timing.graph_timer`` on CUDA, wall
+    clock elsewhere). ``cache``: True for ``cache_path()``, a path, or False/None for none. ``excluded``: (problem key,
+    candidate label) -> why it is not run; ``progress(key, label)``: as ``tune_problem``'s; ``on_record(record)``:
+    each record as soon as it is known (``tune_process`` keeps them when a later candidate kills the process)."""
     from .timing import graph_timer, wall_timer
 
     device = torch.device(device)
@@ -276,11 +312,15 @@ def tune(probs: list[Problem], device: str | torch.device, dtype: torch.dtype, t
         if rec is not None and rec.get("key") == list(p.key):
             rec = dict(rec, count=p.count, cached=True)
         else:
-            rec = dict(tune_problem(p, device, dtype, tokens, timer), cached=False)
+            skip = {label: why for (key, label), why in (excluded or {}).items() if tuple(key) == tuple(p.key)}
+            watch = functools.partial(progress, p.key) if progress else None
+            rec = dict(tune_problem(p, device, dtype, tokens, timer, excluded=skip, progress=watch), cached=False)
             stored[ckey] = {k: v for k, v in rec.items() if k not in ("count", "cached")}
             if path:
                 _write_cache(path, stored)
         records.append(rec)
+        if on_record:
+            on_record(rec)
         if log:
             log("tuned " + summary(rec))
     if device.type == "cuda":
@@ -300,7 +340,8 @@ def summary(rec: dict[str, Any]) -> str:
     """One line of a ``tune`` record: the choice, its time and its speed-up over layout's choice."""
     name = problem_name(rec["key"])
     if rec["blocks"] is None:
-        return f"{name}: no candidate ran correctly; layout's blocks stay"
+        why = f"not measured ({rec['error']})" if rec.get("error") else "no candidate ran correctly"
+        return f"{name}: {why}; layout's blocks stay"
     gain = f"{rec['static_us'] / rec['us']:.2f}x layout's" if rec["static_us"] and rec["us"] else "layout's failed"
     return (f"{name}: {rec['label']}, {rec['us']:.1f} us at {'+'.join(map(str, rec['tokens']))} tokens ({gain})"
             + (", cached" if rec.get("cached") else ""))
@@ -308,7 +349,8 @@ def summary(rec: dict[str, Any]) -> str:
 
 def tune_program(program, dtype: str, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """``tune`` the Int4 problems of a Program (every rank's graph, for a sharded one) at activations of the
-    engine's ``dtype`` on the current CUDA device -> the result the manifest keeps as ``kernel_blocks``."""
+    engine's ``dtype`` on the current CUDA device, in a child process (``tune_process``: a candidate that faults
+    cannot take the compile with it) -> the result the manifest keeps as ``kernel_blocks``."""
     from l4compile.errors import L4Error
 
     from . import why_unavailable
@@ -325,7 +367,10 @@ def tune_program(program, dtype: str, log: Callable[[str], None] | None = None) 
             found[p.key] = dataclasses.replace(p, count=p.count + (old.count if old else 0))
     if not found and log:
         log("tune kernels: no Int4 GEMM or Int4 MoE in this graph (--quant int4 has them); nothing to tune")
-    return tune(list(found.values()), "cuda", getattr(torch, dtype), log=log)
+    from .tune_process import tune_isolated
+
+    torch.cuda.empty_cache()           # the compile's freed blocks, for the tuning process beside its weights
+    return tune_isolated(list(found.values()), "cuda", getattr(torch, dtype), log=log)
 
 
 # ---- cache ----------------------------------------------------------------------------------------------------
