@@ -2,7 +2,7 @@
 ptxas made of it: registers per thread, spilled bytes (stack), shared memory, and the tensor-core instructions its
 dots became (none: FMA units).
 
-    python benchmarks/kernels_sm90.py [--dims scout|tiny] [--dtypes bfloat16,float32] [--sweep] [--json FILE]
+    python benchmarks/kernels_sm90.py [--dims scout|tiny] [--dtypes bfloat16,float32] [--sweep] [--tuning] [--json FILE]
 
 How: each kernel's host code (``l4compile.kernels.ops``) runs on META tensors at the given dimensions with
 ``wrap_triton`` replaced by a recorder, so the launches it would make (kernel, arguments, constexprs) are captured
@@ -41,6 +41,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"       # before triton is imported: compile, never interpret
@@ -50,8 +51,9 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DIMS = {"scout": {"H": 5120, "I": 8192, "E": 16, "heads": 40, "kv_heads": 8, "head_dim": 128, "slots": 8192},
-        "tiny": {"H": 64, "I": 96, "E": 4, "heads": 4, "kv_heads": 2, "head_dim": 16, "slots": 32}}
+DIMS = {"scout": {"H": 5120, "I": 8192, "E": 16, "heads": 40, "kv_heads": 8, "head_dim": 128, "slots": 8192,
+                  "vocab": 202048},
+        "tiny": {"H": 64, "I": 96, "E": 4, "heads": 4, "kv_heads": 2, "head_dim": 16, "slots": 32, "vocab": 256}}
 SHARED_LIMIT = 227 * 1024       # the most shared memory one block may opt into on sm_90
 # an H100 SM (sm_90): what bounds the programs (CTAs) resident at once
 SM_SHARED = 228 * 1024          # shared memory an SM has for blocks, each also holding 1 KB the system reserves
@@ -304,6 +306,30 @@ def sweep_cases(dims: dict, dtype: torch.dtype):
             *m.attention(1), *tables, hq, hkv, 0, d ** -0.5, False, False, False, 8192.0, 0.1, 1e-5, blocks=blocks)
 
 
+def tuning_cases(dims: dict, dtype: torch.dtype):
+    """Every candidate ``compile --tune-kernels`` times (``l4compile.kernels.autotune``), for each Int4 problem of an
+    Int4 engine at ``dims`` (the fused qkv, o_proj, the Int4 lm_head, the MoE), at a decode step: which of them
+    compile, fit and do not spill before a GPU session spends its minutes on them, and how long their compiles take
+    (a fresh GPU host compiles each once, in the tuning process)."""
+    from l4compile.kernels import autotune, ops
+    from l4compile.kernels.layout import SPLIT_K_LOCK_WORDS
+    from l4compile.kernels.tuned_blocks import choice_label, int4_key, moe_key
+
+    m = MetaInputs(dims, dtype)
+    h, i, e, hq, hkv, d = (dims[k] for k in ("H", "I", "E", "heads", "kv_heads", "head_dim"))
+    lock = torch.zeros(SPLIT_K_LOCK_WORDS, dtype=torch.int32, device="meta")
+    for n_out, k_in in (((hq + 2 * hkv) * d, h), (h, hq * d), (dims["vocab"], h)):
+        key = int4_key(n_out, k_in, m.group, torch.bfloat16)
+        for b in autotune.candidates(autotune.Problem(key), dtype):
+            yield (f"tune {autotune.problem_name(key)} {choice_label(b)}",
+                   lambda n_out=n_out, k_in=k_in, b=b: ops.int4_matmul(m.act(1, k_in), *m.int4(n_out, k_in), blocks=b,
+                                                                       lock=lock if b.split_k > 1 else None))
+    key = moe_key(e, h, i, m.group, m.group, torch.bfloat16)
+    for pair in autotune.candidates(autotune.Problem(key), dtype):
+        yield (f"tune {autotune.problem_name(key)} {choice_label(pair)}",
+               lambda pair=pair: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1, blocks=pair))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dims", choices=sorted(DIMS), default="scout")
@@ -311,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", action="store_true",
                     help="also the block configurations bench_kernels.py sweeps (reported; they do not set the exit "
                          "status, which stays about the configurations the code chooses)")
+    ap.add_argument("--tuning", action="store_true",
+                    help="also every candidate compile --tune-kernels times at Scout's Int4 problems (reported, as "
+                         "--sweep's; a candidate that fails is one the tuning records and leaves out)")
     ap.add_argument("--ops", action="store_true",
                     help="also count the SASS opcodes of each kernel's K loop (conversions, ALU, MMAs, loads; "
                          "see OPS and sass_ops)")
@@ -349,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     todo = [(c, d) for d in dtypes for c in cases(DIMS[a.dims], d)]
     if a.sweep:
         todo += [(c, d) for d in dtypes if d != torch.float32 for c in sweep_cases(DIMS["scout"], d)]
+    if a.tuning:
+        todo += [(c, d) for d in dtypes for c in tuning_cases(DIMS["scout"], d)]
     if a.cases:
         todo = [(c, d) for c, d in todo if any(w in c[0] for w in a.cases.split(","))]
     for (name, thunk), dtype in todo:
@@ -365,8 +396,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 sig, constexprs, attrs, options, consts = specialize(kernel, args, kw, backend)
                 row["constexprs"] = consts
+                t0 = time.perf_counter()
                 compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs),
                                           target=target, options=options)
+                row["compile_s"] = round(time.perf_counter() - t0, 2)     # 0 when Triton's cache had it
                 row.update(resources(compiled.asm["cubin"], tool), shared_bytes=compiled.metadata.shared,
                            num_warps=compiled.metadata.num_warps, mma=mma_kinds(compiled.asm["ptx"]),
                            loop_loads=loop_loads(compiled.asm["ttgir"]))
@@ -382,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
             if not row["error"] and any(lp["sync"] and lp["async"] for lp in row["loop_loads"]):
                 row["error"] = (f"a software-pipelined loop waits on a synchronous global load each iteration "
                                 f"(loops: {row['loop_loads']})")
-            if (row["error"] or (row.get("stack_bytes") and dtype != torch.float32)) and not name.startswith("sweep"):
+            if (row["error"] or (row.get("stack_bytes") and dtype != torch.float32)) and not name.startswith(("sweep",
+                                                                                                              "tune ")):
                 bad += 1
             rows.append(row)
             shown = " ".join(f"{k}={v}" for k, v in row.get("constexprs", {}).items() if k.isupper())

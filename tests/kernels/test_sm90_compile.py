@@ -204,3 +204,20 @@ def test_int4_pipeline_depth_reaches_the_compiler(tmp_path):
                                                 "sweep int4_mm NS5 BN64 BK128")]
     assert shared[0] < shared[1] < shared[2] and shared[2] - shared[1] == shared[1] - shared[0], shared
     assert all(r["stack_bytes"] == 0 and r["error"] is None for r in rows.values()), rows
+
+
+def test_every_tuning_candidate_compiles_for_sm90(tmp_path):
+    """Each candidate ``compile --tune-kernels`` times on a GPU (``kernels.autotune``), at Scout's four Int4 problems
+    in a bf16 engine, compiles for sm_90a and fits a block's shared memory, so none of a GPU session's tuning goes
+    to a configuration that cannot run; a decode step's split MoE down needs the route launch (1 program) to map
+    its tiles, the unsplit ones skip it."""
+    _nvidia_backend()
+    rows = _rows(tmp_path, "--dtypes", "bfloat16", "--tuning", "--cases", "tune ")
+    names = {r["case"] for r in rows}        # 7 candidates a problem (the bf16x2 unpack among them: not interpreted)
+    assert len(names) == 28 and {n.split(" B")[0] for n in names} == {
+        "tune int4_mm 7168x5120 G128", "tune int4_mm 5120x5120 G128", "tune int4_mm 202048x5120 G128",
+        "tune moe_q E16 H5120 I8192"}
+    assert {"tune int4_mm 5120x5120 G128 BN64 BK128 SK4 bf16x2", "tune moe_q E16 H5120 I8192 BN64 BK128 NS2"} <= names
+    assert all(r["error"] is None and r["shared_bytes"] <= 227 * 1024 and r["programs_per_sm"] >= 1 for r in rows)
+    route = {r["case"].split("I8192 ")[1]: r["fill"] for r in rows if r["kernel"] == "moe_route_kernel"}
+    assert route["BN64 BK128"] == "no programs (the launch is skipped)" and route["BN64 BK128 SK1/2"].startswith("1 ")
