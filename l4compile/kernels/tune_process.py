@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -122,7 +123,7 @@ class _Child:
         job = {"problems": [{"key": list(p.key), "count": p.count, "top_k": p.top_k} for p in probs],
                "device": str(device), "dtype": str(dtype).removeprefix("torch."), "tokens": list(tokens),
                "cache": str(cache) if cache else None, "progress": str(self.progress), "records": str(self.out),
-               "excluded": [[list(k), label, why] for (k, label), why in excluded.items()]}
+               "excluded": [[list(k), label, why] for (k, label), why in excluded.items()], "parent": os.getpid()}
         (work / "job.json").write_text(json.dumps(job))
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])          # this l4compile, first on the child's path
@@ -134,18 +135,24 @@ class _Child:
         self.killed_after: float | None = None
 
     def wait(self, stall_s: float, startup_s: float) -> int | None:
-        """The child's exit status, or None when it stalled and was killed."""
-        while (status := self.proc.poll()) is None:
-            seen = self.progress.stat().st_mtime if self.progress.exists() else None
-            idle = time.time() - seen if seen is not None else time.monotonic() - self.started
-            limit = stall_s if seen is not None else startup_s
-            if idle > limit:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        """The child's exit status, or None when it stalled and was killed (as it is when this wait is interrupted)."""
+        try:
+            while (status := self.proc.poll()) is None:
+                seen = self.progress.stat().st_mtime if self.progress.exists() else None
+                idle = time.time() - seen if seen is not None else time.monotonic() - self.started
+                limit = stall_s if seen is not None else startup_s
+                if idle > limit:
+                    self.killed_after = limit
+                    return None
+                time.sleep(0.1)
+            return status
+        finally:
+            if self.proc.poll() is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:      # it ended in between
+                    pass
                 self.proc.wait()
-                self.killed_after = limit
-                return None
-            time.sleep(0.1)
-        return status
 
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in _lines(self.out)]
@@ -185,9 +192,21 @@ def _append(path: Path, obj: dict[str, Any]) -> None:
         f.write(json.dumps(obj) + "\n")
 
 
+def _exit_with(parent: int) -> None:
+    """End this process as soon as ``parent`` (the compile) has ended: it runs in a session of its own (so that a
+    hang can be killed with what it started), out of reach of the signals a timeout sends the compile's process
+    group, and a tuning process left behind would hold the GPU through whatever runs next."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="l4compile-tune-parent").start()
+
+
 def main(argv: list[str] | None = None) -> int:
     """The child: ``python -m l4compile.kernels.tune_process JOB.json`` (written by ``tune_isolated``)."""
     job = json.loads(Path((argv if argv is not None else sys.argv[1:])[0]).read_text())
+    _exit_with(job["parent"])
     from .dispatch import load_triton_ops
 
     load_triton_ops()

@@ -5,7 +5,10 @@ crash, a hang, a sticky CUDA error, a problem that cannot be set up)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +89,46 @@ def test_a_child_that_never_reaches_a_problem_hands_the_tuning_back(tmp_path):
         assert lines[0] == f"tune kernels: the tuning process did not start ({why}); tuning in this process"
     with pytest.raises(L4Error, match=r"ended without measuring int4_mm 48x256 G128$"):
         tune_isolated([autotune.Problem(KEY)], "cpu", torch.float32, cache=False, command=[sys.executable, "-c", ""])
+
+
+def test_the_child_ends_with_the_compile(tmp_path):
+    """A compile killed while its tuning process runs (gpu_session's timeout signals the compile's process group,
+    which the child has left) takes the child with it: none is left holding the GPU."""
+    require_interpreter()
+    pidfile = tmp_path / "child.pid"
+    faults = [["hang", "int4_mm 48x256 G128", "BN32 BK128"]]
+    script = tmp_path / "compile.py"
+    script.write_text(
+        "import torch\n"
+        "from l4compile.kernels.autotune import Problem\n"
+        "from l4compile.kernels.tune_process import tune_isolated\n"
+        "from l4compile.kernels.tuned_blocks import int4_key\n"
+        f"tune_isolated([Problem(int4_key(48, 256, 128, torch.bfloat16))], 'cpu', torch.float32, cache=False, "
+        f"command={[*FAULT, json.dumps(faults)]!r})\n")
+    compile_ = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "L4COMPILE_TEST_PIDFILE": str(pidfile)})
+    try:
+        deadline = time.monotonic() + 120
+        while not pidfile.exists() or not pidfile.read_text():
+            assert compile_.poll() is None and time.monotonic() < deadline, "the tuning process never started"
+            time.sleep(0.2)
+        child = int(pidfile.read_text())
+        time.sleep(1.0)
+        assert _running(child)
+    finally:
+        compile_.kill()
+        compile_.wait()
+    deadline = time.monotonic() + 10
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(child)
+
+
+def _running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (an orphan's exit is reaped by whatever adopted it, maybe never)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @pytest.mark.gpu
