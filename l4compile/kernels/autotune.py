@@ -16,9 +16,10 @@ weights, keyed as ``tuned_blocks`` keys them), ``tune``:
        choice by less than ``MIN_GAIN``: timing noise does not change an engine.
 
 The result is a table (``tuned_blocks``) the backend activates while it traces the engine, and records for the
-manifest (``backend_info.kernel_blocks``: each candidate's microseconds). Results are cached per GPU, library
-versions, problem, tokens and candidate list (``cache_path``), so a second engine of the same model on the same
-host (another layer count, the full model after a 2-layer one) measures nothing again.
+manifest (``kernel_blocks``: each candidate's microseconds). Results are cached per GPU, library versions, problem,
+tokens and candidate list (``cache_path``), so a second engine of the same model on the same host (another layer
+count, the full model after a 2-layer one) measures nothing again. A compile runs all this in a child process
+(``tune_process``), which a faulting candidate cannot take the compile down with.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ where dtype is the scales' dtype (the engine's: the quantize pass makes scales i
 active (``use``), ``ops.default_int4_blocks`` and ``ops.fused_moe_int4`` launch what it holds for their problem, and
 ``layout``'s choice for any other. The choice is made when a triton_op body is traced, so an AOTInductor package
 keeps it in its kernels; the jit runtime traces program.pt2 when it loads, and activates the engine's table
-(manifest ``backend_info.kernel_blocks``) around each call (``backends.inductor``).
+(manifest ``kernel_blocks``) around each call (``backends.inductor``).
 
 Nothing here imports Triton.
 """
