@@ -299,20 +299,16 @@ def tune(probs: list[Problem], device: str | torch.device, dtype: torch.dtype, t
     each record as soon as it is known (``tune_process`` keeps them when a later candidate kills the process)."""
     from .timing import graph_timer, wall_timer
 
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = resolve_device(device)
     timer = timer or (graph_timer() if device.type == "cuda" else wall_timer())
-    path = cache_path() if cache is True else (Path(cache) if cache else None)
+    path = resolve_cache(cache)
     stored = _read_cache(path) if path else {}
     t0 = time.perf_counter()
     records = []
     for p in probs:
         ckey = _cache_key(p, device, dtype, tokens)
-        rec = stored.get(ckey)
-        if rec is not None and rec.get("key") == list(p.key):
-            rec = dict(rec, count=p.count, cached=True)
-        else:
+        rec = cached_record(stored, ckey, p)
+        if rec is None:
             skip = {label: why for (key, label), why in (excluded or {}).items() if tuple(key) == tuple(p.key)}
             watch = functools.partial(progress, p.key) if progress else None
             rec = dict(tune_problem(p, device, dtype, tokens, timer, excluded=skip, progress=watch), cached=False)
@@ -375,6 +371,27 @@ def tune_program(program, dtype: str, log: Callable[[str], None] | None = None) 
 
 
 # ---- cache ----------------------------------------------------------------------------------------------------
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` with its index ("cuda" -> the current CUDA device), as cache keys and timers name it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def resolve_cache(cache: Path | None | bool) -> Path | None:
+    """``tune``'s ``cache`` argument -> the cache file, or None for none."""
+    return cache_path() if cache is True else (Path(cache) if cache else None)
+
+
+def cached_record(stored: dict[str, Any], ckey: str, p: Problem) -> dict[str, Any] | None:
+    """``p``'s record under ``ckey`` in a read cache, with this graph's node count, or None."""
+    rec = stored.get(ckey)
+    if rec is None or rec.get("key") != list(p.key):
+        return None
+    return dict(rec, count=p.count, cached=True)
+
 
 def cache_path() -> Path:
     """``$L4COMPILE_CACHE_DIR/kernel_tuning.json`` (default ``~/.cache/l4compile``)."""

@@ -35,8 +35,8 @@ from typing import Any, Callable
 
 import torch
 
-from .autotune import (ContextLost, Problem, _cache_key, _device_name, _read_cache, cache_path, problem_name,
-                       summary, tune)
+from .autotune import (ContextLost, Problem, _cache_key, _device_name, _read_cache, cached_record, problem_name,
+                       resolve_cache, resolve_device, summary, tune)
 from .tuned_blocks import Key
 
 STALL_S = 120.0      # a candidate (compile + check + CUDA-graph timing) that runs this long without progress: hung
@@ -53,19 +53,17 @@ def tune_isolated(probs: list[Problem], device: str | torch.device, dtype: torch
     ``isolated``: False where the first child never reached a problem and this process tuned instead."""
     from l4compile.errors import L4Error
 
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    path = cache_path() if cache is True else (Path(cache) if cache else None)
+    device = resolve_device(device)
+    path = resolve_cache(cache)
     log = log or (lambda line: None)
     t0 = time.perf_counter()
     done: dict[Key, dict[str, Any]] = {}
     stored = _read_cache(path) if path else {}
     for p in probs:
-        rec = stored.get(_cache_key(p, device, dtype, tokens))
-        if rec is not None and rec.get("key") == list(p.key):
-            done[p.key] = dict(rec, count=p.count, cached=True)
-            log("tuned " + summary(done[p.key]))
+        rec = cached_record(stored, _cache_key(p, device, dtype, tokens), p)
+        if rec is not None:
+            done[p.key] = rec
+            log("tuned " + summary(rec))
     excluded: dict[tuple[Key, str], str] = {}
     restarts: list[dict[str, Any]] = []
     isolated = True
@@ -105,8 +103,6 @@ def tune_isolated(probs: list[Problem], device: str | torch.device, dtype: torch
             else:
                 excluded[(key, label)] = reason
                 log(f"tune kernels: {problem_name(key)} {label} {reason}; measuring the rest without it")
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return {"device": _device_name(device), "tokens": list(tokens), "dtype": str(dtype).removeprefix("torch."),
             "seconds": round(time.perf_counter() - t0, 3), "problems": [done[p.key] for p in probs],
             "isolated": isolated, "restarts": restarts}
@@ -173,7 +169,7 @@ class _Child:
             except ValueError:
                 reason = f"killed the tuning process (signal {-status})"
         else:
-            tail = [line for line in _lines(self.log) if line.strip()][-1:] or ["no output"]
+            tail = _lines(self.log)[-1:] or ["no output"]
             reason = f"ended the tuning process with status {status} ({tail[0].strip()[:200]})"
         return where, reason
 
