@@ -29,6 +29,8 @@ engines, whose dots run IEEE fp32 on twice the shared memory):
     attention_fused  partial + combine, decode (1 token, an 8192-slot cache; a RoPE + qk-norm layer and a NoPE
                      layer with temperature) and prefill (2048 tokens), as CUDA engines launch them
                      (l4::attention_fused_inplace: the partial kernel transforms q, the combine writes the caches)
+    add_rms_norm_router  a MoE layer's residual add + post-attention RMSNorm + router (one kernel for any T: its
+                     decode row path and its prefill block path)
 """
 # T tokens, H hidden, I expert width, E experts
 from __future__ import annotations
@@ -245,6 +247,9 @@ def cases(dims: dict, dtype: torch.dtype):
     yield "moe_fp8_fused", lambda: sm90_fp8(lambda: ops.fused_moe_fp8(m.act(1, h), *m.moe_fp8(), 1))
     yield "moe_fused", lambda: ops.fused_moe(m.act(1, h), m.act(e, h), m.act(e, h, 2 * i), m.act(e, i, h),
                                              m.act(i, h), m.act(i, h), m.act(h, i), 1)
+    # the engine's kernel serves any T (its row path and block path are one kernel); 2048 keeps both, as a symbolic T
+    yield "add_rms_norm_router T=2048", lambda: ops.add_rms_norm_router(m.act(2048, h), m.act(2048, h), m.act(h),
+                                                                        m.act(e, h), 1e-5)
     tables = [torch.empty(dims["slots"], d // 2, device="meta") for _ in "cs"]        # cos, sin [P, D/2]
     rope = (*tables, hq, hkv, 0, d ** -0.5, True, True, False, 8192.0, 0.1, 1e-5)   # RoPE + qk-norm (3 of 4 layers)
     nope = (*tables, hq, hkv, 0, d ** -0.5, False, False, True, 8192.0, 0.1, 1e-5)  # NoPE + temperature

@@ -19,8 +19,10 @@ Files (one kernel each; pure-PyTorch host code apart)::
     moe_fp8_down.py      grouped fp8(act) @ FP8 down^T                               (Triton kernel)
     attention.py         attention over the KV cache + new keys by position, split   (Triton kernels)
                          key ranges, and the merge of the splits (+ the cache write)
+    norm_router.py       a MoE layer's residual add + RMSNorm + router, one launch    (Triton kernel)
     ops.py               ``l4::moe_fused``, ``l4::moe_q_fused``, ``l4::moe_fp8_fused``, (needs Triton)
-                         ``l4::int4_mm``, ``l4::attention_fused[_inplace]`` (triton_op) + host glue
+                         ``l4::int4_mm``, ``l4::attention_fused[_inplace]``,
+                         ``l4::add_rms_norm_router`` (triton_op) + host glue
     access_memo.py       torch's which-arguments-a-kernel-writes analysis, once per   (torch only)
                          kernel signature, not per traced call (compile time)
     tuned_blocks.py      the Int4 blocks measured for an engine's GPU, active while   (torch only)

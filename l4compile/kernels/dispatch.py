@@ -19,6 +19,9 @@ Two routes, the same choices in both:
                        GEMMs are chained by their split-K counters, l4::int4_mm_chained (the same, each launch zeroing
                        the next one's counters: backends.inductor.split_k_locks_chained)
     l4::linear_fp8  -> torch._scaled_mm with row-wise scales (sm89+, K and N multiples of 16), else reference
+    a MoE layer's residual add + post-attention RMSNorm + router (aten, in a CUDA engine's step: backends
+                       .norm_router_fused) -> l4::add_rms_norm_router (Triton, one launch), whose logits the fused
+                       MoE takes (``moe_routed`` / ``moe_q_routed``: no router matmul of its own)
     l4::attention_cached -> its projection in aten, then l4::attention_fused (Triton: attention over the visible
                        cache slots and new keys, addressed by position, no cat, no [T, L+T] mask); in a step that
                        updates its caches in place, l4::attention_fused_inplace (the same on q as projected, whose
@@ -94,12 +97,14 @@ def fused_moe_fp8_supported(x: Tensor, router_w: Tensor, *weights: Tensor) -> bo
             and all(q.dtype == FP8_DTYPE and s.shape == q.shape[:-1] for q, s in pairs) and load_triton_ops())
 
 
-def _fused_moe_q(x: Tensor, router_w: Tensor, weights: tuple, top_k: int):
-    """The fused Triton MoE for these quantized weights (Int4 or FP8), or None where neither applies."""
+def _fused_moe_q(x: Tensor, router_w: Tensor, weights: tuple, top_k: int, logits: Tensor | None = None):
+    """The fused Triton MoE for these quantized weights (Int4 or FP8), or None where neither applies; ``logits``:
+    x @ router_w^T where the step computed them already (top-1)."""
+    given = () if logits is None else (logits,)
     if fused_moe_int4_supported(x, router_w, *weights):
-        return torch.ops.l4.moe_q_fused(x, router_w, *weights, top_k)
+        return torch.ops.l4.moe_q_fused(x, router_w, *weights, top_k, *given)
     if fused_moe_fp8_supported(x, router_w, *weights):
-        return torch.ops.l4.moe_fp8_fused(x, router_w, *weights, top_k)
+        return torch.ops.l4.moe_fp8_fused(x, router_w, *weights, top_k, *given)
     return None
 
 
@@ -120,6 +125,49 @@ def moe_q_decomposition(x: Tensor, router_w: Tensor, *weights_and_top_k):
     *weights, top_k = weights_and_top_k
     out = _fused_moe_q(x, router_w, tuple(weights), top_k)
     return out if out is not None else NotImplemented
+
+
+def fused_norm_router_supported(a: Tensor, b: Tensor, norm_w: Tensor, router_w: Tensor) -> bool:
+    """a, b [.., H] of one shape, norm_w [H] and router_w [E, H], all of one kernel dtype."""
+    hidden = a.shape[-1]
+    return (a.shape == b.shape and norm_w.shape == (hidden,) and router_w.dim() == 2 and router_w.shape[1] == hidden
+            and a.dtype in KERNEL_DTYPES and a.dtype == b.dtype == norm_w.dtype == router_w.dtype
+            and load_triton_ops())
+
+
+def residual_norm_router(a: Tensor, b: Tensor, norm_w: Tensor, router_w: Tensor, eps: float
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """A MoE layer's residual add, post-attention RMSNorm and router as a CUDA engine's step runs them
+    (``backends.norm_router_fused``): a, b [.., H] -> (h = a + b like a, x = RMSNorm(h) * norm_w [N, H],
+    logits = x @ router_w^T [N, E]), N = a.numel() / H: ``l4::add_rms_norm_router`` (one launch), else the reference
+    (aten: Llama4TextRMSNorm, F.linear)."""
+    hidden = a.shape[-1]
+    if fused_norm_router_supported(a, b, norm_w, router_w):
+        h, x, logits = torch.ops.l4.add_rms_norm_router(a.reshape(-1, hidden), b.reshape(-1, hidden), norm_w,
+                                                        router_w, eps)
+        return h.view(a.shape), x, logits
+    h = a + b
+    hf = h.float()
+    x = ((hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).type_as(h) * norm_w).reshape(-1, hidden)
+    return h, x, torch.nn.functional.linear(x, router_w)
+
+
+def moe_routed(x: Tensor, logits: Tensor, router_w: Tensor, gate_up: Tensor, down: Tensor, shared_gate: Tensor,
+               shared_up: Tensor, shared_down: Tensor, top_k: int) -> Tensor:
+    """``l4::moe`` (x and its op arguments) given its router ``logits`` = x @ router_w^T: ``l4::moe_fused`` on them
+    (no router matmul), else the op itself, which computes them again."""
+    args = (x, router_w, gate_up, down, shared_gate, shared_up, shared_down)
+    if top_k == 1 and fused_moe_supported(*args):
+        return torch.ops.l4.moe_fused(*args, top_k, logits)
+    return torch.ops.l4.moe(*args, top_k)
+
+
+def moe_q_routed(x: Tensor, logits: Tensor, router_w: Tensor, *weights_and_top_k) -> Tensor:
+    """``l4::moe_q`` (x and its op arguments) given its router ``logits``: ``l4::moe_q_fused`` / ``l4::moe_fp8_fused``
+    on them, else the op itself."""
+    *weights, top_k = weights_and_top_k
+    out = _fused_moe_q(x, router_w, tuple(weights), top_k, logits) if top_k == 1 else None
+    return out if out is not None else torch.ops.l4.moe_q(x, router_w, *weights, top_k)
 
 
 def fused_attention_supported(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:

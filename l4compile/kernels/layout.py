@@ -39,6 +39,16 @@ class MoeRows:
     tile_row_end: Tensor   # [NT] int32: end (exclusive) of the tile's group rows
 
 
+# add_rms_norm_router_kernel (norm_router.py): steps of at most this many tokens take its row path, one program a
+# (token, NORM_ROUTER_EXPERTS experts) over BLOCK_H-wide chunks; longer steps its block path, NORM_ROUTER_BLOCK_T
+# tokens a program over NORM_ROUTER_BLOCK_HB-wide chunks with the router as one dot
+NORM_ROUTER_DECODE_TOKENS = 16
+NORM_ROUTER_EXPERTS = 4
+NORM_ROUTER_BLOCK_H = 1024
+NORM_ROUTER_BLOCK_T = 32
+NORM_ROUTER_BLOCK_HB = 128
+
+
 # moe_route_kernel: steps of at most this many tokens (decode) work in blocks of this many tokens and tiles
 MOE_ROUTE_DECODE_TOKENS = 16
 

@@ -1,7 +1,8 @@
 # T tokens, E experts, K top-k, H hidden, I expert width, A = T*K, R = A + T, N out features, Kin in features,
 # Gh / Gi Int4 scale groups over H / I; attention: B batch, Hq / Hkv heads, T new tokens, L cache slots, D head_dim
 """``l4::moe_fused``, ``l4::moe_q_fused``, ``l4::moe_fp8_fused``, ``l4::int4_mm``, ``l4::attention_fused`` and
-``l4::attention_fused_inplace``: the Triton kernels as ``torch.library.triton_op`` operators.
+``l4::attention_fused_inplace``, ``l4::add_rms_norm_router``: the Triton kernels as ``torch.library.triton_op``
+operators.
 
 ``triton_op`` makes the bodies visible to torch.compile / torch.export: Inductor and AOTInductor see the host
 code (plain aten) and the kernels themselves (``wrap_triton``) and compile both into the engine, so a CUDA
@@ -10,7 +11,9 @@ data-dependent shapes (see ``layout.moe_rows``), so they trace with a symbolic t
 their own fake implementations. A top-1 MoE step is four launches: the router matmul, ``moe_route_kernel`` (the
 whole grouped-row map), the two grouped GEMMs; the combine of routed and shared rows is a gather Inductor fuses.
 The bf16 MoE, and the Int4 one with unsplit GEMMs (the default), run three at a 1-token step: their GEMMs map the
-step from the logits (``moe_route.tile_span``) and the route launch's grid is empty.
+step from the logits (``moe_route.tile_span``) and the route launch's grid is empty. In a CUDA engine's step the
+router matmul is gone too: ``add_rms_norm_router`` makes the logits in the launch that adds the residual and norms
+the MoE's input (``backends.norm_router_fused``), and the MoE op takes them.
 Int4 GEMMs with ``split_k`` > 1 stay one launch each (``split_k.py``: the last program of a tile adds the
 partials), plus a memset of their tile counters where a step splits; chained (``int4_mm_chained``, what a CUDA
 engine's step runs), each launch zeroes the next one's counters and a step needs one memset in all.
@@ -21,6 +24,10 @@ Contracts (same as the reference ops, which the tests compare against):
               shared_up [I, H], shared_down [H, I], top_k) -> [T, H]          == l4::moe
     moe_q_fused(x, router_w, (q, scale) x 5 of packed Int4 weights, top_k) -> [T, H]     == l4::moe_q on Int4
     moe_fp8_fused(x, router_w, (q, scale) x 5 of float8 weights, top_k) -> [T, H]       == l4::moe_q on FP8
+        (each of the three MoE ops takes, last, the router logits x @ router_w^T when the step has them: top-1,
+        no router matmul of its own)
+    add_rms_norm_router(a [N, H], b [N, H], norm_w [H], router_w [E, H], eps) -> (h = a + b, x = RMSNorm(h) * norm_w,
+                        logits = x @ router_w^T)            == the residual add, Llama4TextRMSNorm and F.linear
     int4_mm(x [M, Kin], w_packed [N, Kin/2] uint8, w_scale [N, Kin/G]) -> [M, N]
                                                                                == l4::linear_int4 on 2-D x
     int4_mm_chained(x, w_packed, w_scale, lock [SPLIT_K_LOCK_WORDS] int32 zeros) -> ([M, N], zeros like lock)
@@ -49,10 +56,11 @@ from l4compile.ops.moe import _route
 from . import access_memo, interpreting, tuned_blocks
 from .attention import attention_combine_kernel, attention_partial_kernel
 from .int4_mm import int4_mm_bf16x2_kernel, int4_mm_kernel
-from .layout import (ATTENTION_COMBINE_STAGES, ATTENTION_DECODE_BLOCK_M, MOE_ROUTE_DECODE_TOKENS, AttentionBlocks,
-                     SPLIT_K_LOCK_WORDS, Int4Blocks, MoeRows, attention_blocks, attention_splits, fma_unpack,
-                     int4_blocks, moe_blocks, moe_fp8_blocks, moe_int4_blocks, moe_rows, num_tiles, scale_words,
-                     split_k_plan)
+from .layout import (ATTENTION_COMBINE_STAGES, ATTENTION_DECODE_BLOCK_M, MOE_ROUTE_DECODE_TOKENS,
+                     NORM_ROUTER_BLOCK_H, NORM_ROUTER_BLOCK_HB, NORM_ROUTER_BLOCK_T, NORM_ROUTER_DECODE_TOKENS,
+                     NORM_ROUTER_EXPERTS, AttentionBlocks, SPLIT_K_LOCK_WORDS, Int4Blocks, MoeRows,
+                     attention_blocks, attention_splits, fma_unpack, int4_blocks, moe_blocks, moe_fp8_blocks,
+                     moe_int4_blocks, moe_rows, num_tiles, scale_words, split_k_plan)
 from .moe_down import moe_down_kernel
 from .moe_fp8_down import moe_fp8_down_kernel
 from .moe_fp8_gate_up import moe_fp8_gate_up_kernel
@@ -60,6 +68,7 @@ from .moe_gate_up import moe_gate_up_kernel
 from .moe_int4_down import moe_int4_down_kernel
 from .moe_int4_gate_up import moe_int4_gate_up_kernel
 from .moe_route import moe_route_kernel
+from .norm_router import add_rms_norm_router_kernel
 from .tuned_blocks import int4_key, moe_key
 
 access_memo.install()      # each kernel's TTIR once per signature, not per traced call (access_memo.py)
@@ -120,10 +129,11 @@ def moe_route(logits: Tensor, block_m: int, zero: tuple[Tensor, ...] = (), in_ke
     return rows
 
 
-def _rows(x: Tensor, router_w: Tensor, top_k: int, block_m: int) -> MoeRows:
-    """The grouped-row map of x's routing: the one-launch kernel for top-1, ``moe_rows`` (aten) otherwise."""
+def _rows(x: Tensor, router_w: Tensor, top_k: int, block_m: int, logits: Tensor | None = None) -> MoeRows:
+    """The grouped-row map of x's routing: the one-launch kernel for top-1 (on ``logits`` when given: x @ router_w^T,
+    computed by ``l4::add_rms_norm_router``), ``moe_rows`` (aten) otherwise."""
     if top_k == 1:
-        return moe_route(F.linear(x, router_w), block_m)                         # logits [T, E]
+        return moe_route(F.linear(x, router_w) if logits is None else logits, block_m)   # logits [T, E]
     idx, score = _route(x, router_w, top_k)                                      # [T, K] each
     return moe_rows(idx, score, router_w.shape[0], block_m)
 
@@ -142,12 +152,14 @@ def combine_rows(y: Tensor, rows: MoeRows, n_tok: int, top_k: int) -> Tensor:
 
 
 def fused_moe(x: Tensor, router_w: Tensor, gate_up: Tensor, down: Tensor, shared_gate: Tensor, shared_up: Tensor,
-              shared_down: Tensor, top_k: int, blocks: tuple[int, int, int] | None = None) -> Tensor:
-    """The body of ``l4::moe_fused``; ``blocks`` (BM, BN, BK) overrides the static choice (tests)."""
+              shared_down: Tensor, top_k: int, blocks: tuple[int, int, int] | None = None,
+              logits: Tensor | None = None) -> Tensor:
+    """The body of ``l4::moe_fused``; ``blocks`` (BM, BN, BK) overrides the static choice (tests); ``logits``: see
+    ``_route_map``."""
     n_exp, i_dim, hidden = down.shape
     n_tok = x.shape[0]
     bm, bn, bk = blocks or moe_blocks(hidden, i_dim)
-    logits, rows, in_map, map_modes = _route_map(x, router_w, top_k, bm)
+    logits, rows, in_map, map_modes = _route_map(x, router_w, top_k, bm, logits=logits)
     n_rows = n_tok * (top_k + 1)
     n_tiles = rows.tile_group.shape[0]
     mode = _dot_mode(x.dtype)
@@ -166,16 +178,20 @@ def fused_moe(x: Tensor, router_w: Tensor, gate_up: Tensor, down: Tensor, shared
     return combine_rows(y, rows, n_tok, top_k)
 
 
-def _route_map(x: Tensor, router_w: Tensor, top_k: int, block_m: int, locks: tuple[Tensor, ...] = ()):
+def _route_map(x: Tensor, router_w: Tensor, top_k: int, block_m: int, locks: tuple[Tensor, ...] = (),
+               logits: Tensor | None = None):
     """The routing of a fused MoE whose grouped GEMMs take ``moe_route.tile_span``'s arguments -> (logits, map,
     (T, logits' expert stride), the GEMMs' constexprs MAP_IN_KERNEL / BLOCK_G). Top-1 without split-K ``locks`` to
     zero: the GEMMs map a 1-token step from the logits themselves and the route launch's grid is empty then; top-1
     with locks: the route kernel maps every step and zeroes them; top-k: ``moe_rows`` (x stands in for the logits,
-    a pointer never read)."""
+    a pointer never read). ``logits`` [T, E]: x @ router_w^T as computed already (``l4::add_rms_norm_router``, in a
+    CUDA engine's step), so the MoE launches no router matmul of its own; top-1 only."""
     n_exp = router_w.shape[0]
     in_kernel = top_k == 1 and not locks
+    if logits is not None and top_k != 1:
+        raise ValueError("fused MoE: router logits are taken for top-1 routing only")
     if top_k == 1:
-        logits = F.linear(x, router_w)                                           # [T, E]
+        logits = F.linear(x, router_w) if logits is None else logits             # [T, E]
         rows = moe_route(logits, block_m, locks, in_kernel)
     else:
         logits, rows = x, _rows(x, router_w, top_k, block_m)
@@ -186,8 +202,9 @@ def _route_map(x: Tensor, router_w: Tensor, top_k: int, block_m: int, locks: tup
 def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tensor, down_q: Tensor, down_s: Tensor,
                    shared_gate_q: Tensor, shared_gate_s: Tensor, shared_up_q: Tensor, shared_up_s: Tensor,
                    shared_down_q: Tensor, shared_down_s: Tensor, top_k: int,
-                   blocks: tuple[Int4Blocks, Int4Blocks] | None = None) -> Tensor:
-    """The body of ``l4::moe_q_fused``; ``blocks`` (gate_up, down; same BM) overrides ``default_moe_int4_blocks``.
+                   blocks: tuple[Int4Blocks, Int4Blocks] | None = None, logits: Tensor | None = None) -> Tensor:
+    """The body of ``l4::moe_q_fused``; ``blocks`` (gate_up, down; same BM) overrides ``default_moe_int4_blocks``;
+    ``logits``: see ``_route_map``.
     The shared gate/up weights share one set of strides and every scale group matches its routed counterpart
     (one Gh, one Gi per kernel), as the quantize pass produces them."""
     n_exp, hidden, i_dim = down_q.shape[0], down_q.shape[1], 2 * down_q.shape[2]
@@ -215,7 +232,7 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
     # both GEMMs unsplit (nothing to zero): a 1-token top-1 step's tiles come from its logits in the GEMMs
     unsplit = all(isinstance(p[4], int) and p[4] == 1 for p in (gu, dn))
     logits, rows, in_map, map_modes = _route_map(x, router_w, top_k, bgu.block_m,
-                                                 () if top_k != 1 or unsplit else (gu[2], dn[2]))
+                                                 () if top_k != 1 or unsplit else (gu[2], dn[2]), logits)
     mode = _dot_mode(x.dtype)
     act = torch.empty((n_rows, i_dim), device=x.device, dtype=x.dtype)           # [R, I]
     part, part_strides, lock, k_split, splits = gu
@@ -244,9 +261,10 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
 def fused_moe_fp8(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tensor, down_q: Tensor, down_s: Tensor,
                   shared_gate_q: Tensor, shared_gate_s: Tensor, shared_up_q: Tensor, shared_up_s: Tensor,
                   shared_down_q: Tensor, shared_down_s: Tensor, top_k: int,
-                  blocks: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None) -> Tensor:
+                  blocks: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
+                  logits: Tensor | None = None) -> Tensor:
     """The body of ``l4::moe_fp8_fused``; ``blocks`` ((BM, BN, BK) of gate_up and down; same BM) overrides the static
-    choice (tests). Float8 weights in nn.Linear orientation with one scale per output channel (``quantize_fp8``); the
+    choice (tests); ``logits``: see ``_route_map``. Float8 weights in nn.Linear orientation with one scale per output channel (``quantize_fp8``); the
     shared gate/up weights share one set of strides."""
     n_exp, hidden, i_dim = down_q.shape
     if shared_gate_q.stride() != shared_up_q.stride() or shared_gate_s.stride() != shared_up_s.stride():
@@ -255,7 +273,9 @@ def fused_moe_fp8(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Ten
     if bgu[0] != bdn[0]:
         raise ValueError("moe_fp8_fused: gate_up and down blocks must share BM (one tile map)")
     n_tok = x.shape[0]
-    rows = _rows(x, router_w, top_k, bgu[0])
+    if logits is not None and top_k != 1:
+        raise ValueError("moe_fp8_fused: router logits are taken for top-1 routing only")
+    rows = _rows(x, router_w, top_k, bgu[0], logits)
     n_rows = n_tok * (top_k + 1)
     n_tiles = rows.tile_group.shape[0]
     mode = _fp8_mode(x)
@@ -471,24 +491,58 @@ def attention_fused_inplace(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Te
 
 @triton_op("l4::moe_fused", mutates_args=())
 def moe_fused(x: Tensor, router_w: Tensor, gate_up: Tensor, down: Tensor, shared_gate: Tensor, shared_up: Tensor,
-              shared_down: Tensor, top_k: int) -> Tensor:
-    return fused_moe(x, router_w, gate_up, down, shared_gate, shared_up, shared_down, top_k)
+              shared_down: Tensor, top_k: int, logits: Tensor | None = None) -> Tensor:
+    return fused_moe(x, router_w, gate_up, down, shared_gate, shared_up, shared_down, top_k, logits=logits)
 
 
 @triton_op("l4::moe_q_fused", mutates_args=())
 def moe_q_fused(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tensor, down_q: Tensor, down_s: Tensor,
                 shared_gate_q: Tensor, shared_gate_s: Tensor, shared_up_q: Tensor, shared_up_s: Tensor,
-                shared_down_q: Tensor, shared_down_s: Tensor, top_k: int) -> Tensor:
+                shared_down_q: Tensor, shared_down_s: Tensor, top_k: int, logits: Tensor | None = None) -> Tensor:
     return fused_moe_int4(x, router_w, gate_up_q, gate_up_s, down_q, down_s, shared_gate_q, shared_gate_s,
-                          shared_up_q, shared_up_s, shared_down_q, shared_down_s, top_k)
+                          shared_up_q, shared_up_s, shared_down_q, shared_down_s, top_k, logits=logits)
 
 
 @triton_op("l4::moe_fp8_fused", mutates_args=())
 def moe_fp8_fused(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tensor, down_q: Tensor, down_s: Tensor,
                   shared_gate_q: Tensor, shared_gate_s: Tensor, shared_up_q: Tensor, shared_up_s: Tensor,
-                  shared_down_q: Tensor, shared_down_s: Tensor, top_k: int) -> Tensor:
+                  shared_down_q: Tensor, shared_down_s: Tensor, top_k: int, logits: Tensor | None = None) -> Tensor:
     return fused_moe_fp8(x, router_w, gate_up_q, gate_up_s, down_q, down_s, shared_gate_q, shared_gate_s,
-                         shared_up_q, shared_up_s, shared_down_q, shared_down_s, top_k)
+                         shared_up_q, shared_up_s, shared_down_q, shared_down_s, top_k, logits=logits)
+
+
+def add_rms_norm_router(a: Tensor, b: Tensor, norm_w: Tensor, router_w: Tensor, eps: float
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """The body of ``l4::add_rms_norm_router``: a, b [N, H], norm_w [H], router_w [E, H], all of one dtype ->
+    (h = a + b, x = RMSNorm(h) * norm_w, logits = x @ router_w^T), one launch (``norm_router.py``). Steps of up to
+    NORM_ROUTER_DECODE_TOKENS tokens take the kernel's row path (N x cdiv(E, NORM_ROUTER_EXPERTS) programs), longer
+    ones its block path (cdiv(N, NORM_ROUTER_BLOCK_T) programs): one grid expression, guard-free in a symbolic N."""
+    n_tok, hidden = a.shape
+    n_exp = router_w.shape[0]
+    if b.shape != a.shape or norm_w.shape != (hidden,) or router_w.shape[1] != hidden:
+        raise ValueError(f"add_rms_norm_router: shapes {tuple(a.shape)}, {tuple(b.shape)}, {tuple(norm_w.shape)}, "
+                         f"{tuple(router_w.shape)} are not [N, H], [N, H], [H], [E, H]")
+    if not a.dtype == b.dtype == norm_w.dtype == router_w.dtype or norm_w.stride(0) != 1:
+        raise ValueError("add_rms_norm_router: a, b, norm_w and router_w must share one dtype; norm_w contiguous")
+    h = torch.empty((n_tok, hidden), device=a.device, dtype=a.dtype)
+    x = torch.empty_like(h)
+    logits = torch.empty((n_tok, n_exp), device=a.device, dtype=a.dtype)
+    rowwise = torch.sym_max(0, torch.sym_min(1, NORM_ROUTER_DECODE_TOKENS + 1 - n_tok))      # 1 iff N <= DECODE_T
+    grid = (n_tok * rowwise + triton.cdiv(n_tok, NORM_ROUTER_BLOCK_T) * (1 - rowwise),
+            triton.cdiv(n_exp, NORM_ROUTER_EXPERTS) * rowwise + (1 - rowwise))
+    wrap_triton(add_rms_norm_router_kernel)[grid](
+        a, b, norm_w, router_w, h, x, logits, n_tok, n_exp, eps, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        router_w.stride(0), router_w.stride(1), h.stride(0), x.stride(0), logits.stride(0),
+        H=hidden, BLOCK_H=min(NORM_ROUTER_BLOCK_H, triton.next_power_of_2(hidden)), BLOCK_E=NORM_ROUTER_EXPERTS,
+        BLOCK_T=NORM_ROUTER_BLOCK_T, BLOCK_EA=max(16, triton.next_power_of_2(n_exp)),
+        BLOCK_HB=NORM_ROUTER_BLOCK_HB, DECODE_T=NORM_ROUTER_DECODE_TOKENS, **_dot_mode(a.dtype))
+    return h, x, logits
+
+
+@triton_op("l4::add_rms_norm_router", mutates_args=())
+def add_rms_norm_router_op(a: Tensor, b: Tensor, norm_w: Tensor, router_w: Tensor, eps: float
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+    return add_rms_norm_router(a, b, norm_w, router_w, eps)
 
 
 @triton_op("l4::int4_mm", mutates_args=())
