@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,14 @@ import torch
 from l4compile.backends import BuildResult
 from l4compile.errors import L4Error
 
+from .norm_router_fused import norm_router_fused
+
 ARTIFACT = "model.pt2"
 WEIGHTS = "weights.safetensors"
 PROGRAM = "program.pt2"         # the exported program without weights (the jit runtime)
 RUNNER_ENV = "L4COMPILE_INDUCTOR_RUNNER"
 RUNNERS = ("aoti", "jit")
+NORM_ROUTER_ENV = "L4COMPILE_NORM_ROUTER"
 
 
 def build(program, workdir: Path, config) -> BuildResult:
@@ -61,18 +65,26 @@ def build(program, workdir: Path, config) -> BuildResult:
         arts, digests = [], {}
         for r, gm in enumerate(shards):
             (workdir / f"rank{r}").mkdir()
-            in_place, digest = _package(dataclasses.replace(program, gm=gm), workdir / f"rank{r}", config.device,
-                                        dict(config.inductor_configs))
+            in_place, digest, fused = _package(dataclasses.replace(program, gm=gm), workdir / f"rank{r}",
+                                               config.device, dict(config.inductor_configs))
             arts += [f"rank{r}/{ARTIFACT}", f"rank{r}/{WEIGHTS}", f"rank{r}/{PROGRAM}"]
             digests[f"rank{r}/{WEIGHTS}"] = digest
         return BuildResult(arts, {"format": "aoti-package", "torch": torch.__version__, "ranks": len(shards),
                                   "weights": WEIGHTS, "program": PROGRAM,
-                                  **({"caches": "in_place"} if in_place else {})}, digests)
-    in_place, digest = _package(program, workdir, config.device, dict(config.inductor_configs))
+                                  **({"caches": "in_place"} if in_place else {}), **_fusions(config, fused)},
+                           digests)
+    in_place, digest, fused = _package(program, workdir, config.device, dict(config.inductor_configs))
     return BuildResult([ARTIFACT, WEIGHTS, PROGRAM], {"format": "aoti-package", "torch": torch.__version__,
                                                       "weights": WEIGHTS, "program": PROGRAM,
-                                                      **({"caches": "in_place"} if in_place else {})},
+                                                      **({"caches": "in_place"} if in_place else {}),
+                                                      **_fusions(config, fused)},
                        {WEIGHTS: digest})
+
+
+def _fusions(config, norm_router: int) -> dict:
+    """backend_info of a CUDA engine: how many MoE layers run their residual add, norm and router as one kernel
+    (``norm_router_fused``; 0 with ``L4COMPILE_NORM_ROUTER=0``)."""
+    return {"norm_router_fused": norm_router} if config.device == "cuda" else {}
 
 
 def caches_in_place(gm: torch.fx.GraphModule, attention_in_place=None) -> torch.fx.GraphModule | None:
@@ -161,10 +173,17 @@ def split_k_locks_chained(gm: torch.fx.GraphModule, linear_chained, words: int,
 AOTI_CONFIGS = {"aot_inductor.package_constants_in_so": False}
 
 
+def norm_router_enabled() -> bool:
+    """Whether CUDA engines fuse each MoE layer's residual add, norm and router (``norm_router_fused``): yes, unless
+    ``L4COMPILE_NORM_ROUTER=0`` (to measure a step without it; the manifest's ``backend_info`` says which)."""
+    return os.environ.get(NORM_ROUTER_ENV, "1").strip() != "0"
+
+
 def export_for_aoti(program, device: str = "cpu") -> tuple[torch.export.ExportedProgram, bool]:
     """The Program as AOTInductor compiles it: caches written in place (text step graphs), for CUDA the Int4 GEMMs
-    chained by their split-K counters (``split_k_locks_chained``), l4 ops decomposed (plain aten, and for CUDA the
-    Triton kernel ops and ``_scaled_mm``). Returns (the exported program, whether its caches are updated in place)."""
+    chained by their split-K counters (``split_k_locks_chained``) and each MoE layer's residual add, norm and router
+    in one kernel (``norm_router_fused``), l4 ops decomposed (plain aten, and for CUDA the Triton kernel ops and
+    ``_scaled_mm``). Returns (the exported program, whether its caches are updated in place)."""
     import dataclasses
 
     import l4compile.ops
@@ -182,6 +201,12 @@ def export_for_aoti(program, device: str = "cpu") -> tuple[torch.export.Exported
             if load_triton_ops() else None
         if chained is not None:
             program = dataclasses.replace(program, gm=chained)
+    if device == "cuda" and norm_router_enabled():   # each MoE layer's residual add + norm + router: one launch
+        from l4compile.kernels.dispatch import load_triton_ops, moe_q_routed, moe_routed, residual_norm_router
+        if load_triton_ops():
+            fused, _ = norm_router_fused(program.gm, residual_norm_router,
+                                         {torch.ops.l4.moe.default: moe_routed, torch.ops.l4.moe_q.default: moe_q_routed})
+            program = dataclasses.replace(program, gm=fused)
     decomps = dict(l4compile.ops.DECOMPOSITIONS)                             # attention becomes plain aten
     if device == "cuda":   # l4::moe / linear_int4 -> Triton triton_ops, linear_fp8 -> _scaled_mm (compiled in)
         from l4compile.kernels.dispatch import cuda_decompositions
@@ -190,11 +215,11 @@ def export_for_aoti(program, device: str = "cpu") -> tuple[torch.export.Exported
 
 
 def _package(program, outdir: Path, device: str = "cpu",
-             extra_configs: dict[str, Any] | None = None) -> tuple[bool, str]:
+             extra_configs: dict[str, Any] | None = None) -> tuple[bool, str, int]:
     """``outdir``/model.pt2 (code only) + ``outdir``/weights.safetensors (every constant the package reads), compiled
     with AOTI_CONFIGS and ``extra_configs`` (the compile's Inductor settings), + ``outdir``/program.pt2 (the exported
     program they come from, weights left out). Returns (whether the package updates its KV caches in place, the
-    sha256 of weights.safetensors, hashed as it was written)."""
+    sha256 of weights.safetensors, hashed as it was written, the program's ``l4::add_rms_norm_router`` calls)."""
     import hashlib
 
     from l4compile import tensorfile
@@ -207,7 +232,8 @@ def _package(program, outdir: Path, device: str = "cpu",
     with torch.no_grad():
         torch._inductor.aoti_compile_and_package(mutations_in_place(ep), package_path=str(outdir / ARTIFACT),
                                                  inductor_configs={**(extra_configs or {}), **AOTI_CONFIGS})
-    return in_place, digest.hexdigest()
+    fused = sum(str(n.target) == "l4.add_rms_norm_router.default" for n in ep.graph.nodes)
+    return in_place, digest.hexdigest(), fused
 
 
 def mutations_in_place(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:

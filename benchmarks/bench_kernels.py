@@ -18,6 +18,9 @@ Kernels (bf16 activations; Int4 weights packed as the quantize pass packs them, 
                   at positions 511 and 8191, batch = tokens: it must read only the visible keys (timed as engines
                   run it, l4::attention_fused_inplace: the new key and value written into the caches too)
     sdpa aten     the reference it replaces (cat of cache and new key, SDPA under a mask over every slot)
+    add_rms_norm_router  a MoE layer's residual add, post-attention RMSNorm and router (16 experts) in one launch, as
+                  CUDA engines run it; "norm + router" is what they ran before: the add and norm as one Inductor
+                  kernel (torch.compile of the reference; aten on a CPU), then the router's cuBLAS matmul
 
 Bytes a call must move: every weight byte it reads (packed Int4 + scales, or bf16; for the MoE only the experts the
 routing touches, plus the shared expert and the router) and the activations in and out. Time: device time per call
@@ -249,6 +252,13 @@ def moe_int4_configs(quick: bool, tiny: bool) -> list[tuple]:
     return pairs[:1] + byte_unpack + deep[:1] + pairs[1:] + splits + asm + warps + deep[1:]
 
 
+def _add_norm(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, eps: float = 1e-5):
+    """The residual add and Llama4TextRMSNorm as a step graph has them -> (h, x)."""
+    h = a + b
+    hf = h.float()
+    return h, (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).type_as(h) * w
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", default="1,8,32", help="token counts (decode batch sizes), comma-separated")
@@ -273,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     from l4compile.kernels.dispatch import load_triton_ops
     from l4compile.kernels.layout import (SPLIT_K_LOCK_WORDS, AttentionBlocks, attention_blocks, int4_blocks,
                                           moe_fp8_blocks, moe_int4_blocks)
-    from l4compile.kernels.ops import fused_attention_inplace, fused_moe, fused_moe_fp8, fused_moe_int4, int4_matmul
+    from l4compile.kernels.ops import (add_rms_norm_router, fused_attention_inplace, fused_moe, fused_moe_fp8,
+                                       fused_moe_int4, int4_matmul)
     from l4compile.ops.attention import attention_cached_impl
     from l4compile.ops.moe import _moe_impl, _route
     from l4compile.ops.quant import _moe_q_impl
@@ -349,6 +360,23 @@ def main(argv: list[str] | None = None) -> int:
                    lambda blocks=blocks: fused_moe_int4(x, *qweights, 1, blocks=blocks), ref, moved)
         record("moe_fused bf16", t, "default", True, lambda: fused_moe(x, *fweights, 1), ref,
                moe_bytes(x, qweights, fweights, touched, quant=False))
+    # a MoE layer's residual add + norm + router: one launch against the two an engine made before
+    norm = torch.compile(_add_norm, dynamic=False) if device.type == "cuda" else _add_norm
+    for t in tokens:
+        a_in, b_in = (torch.randn(t, dims["H"], generator=g, device=device).to(torch.bfloat16) for _ in "ab")
+        norm_w = (1 + 0.1 * torch.randn(dims["H"], generator=g, device=device)).to(torch.bfloat16)
+        router_w = qweights[0]
+        h_ref, x_ref = _add_norm(a_in, b_in, norm_w)
+        ref = torch.cat([h_ref, x_ref, F.linear(x_ref, router_w)], dim=1)
+        moved = nbytes(a_in, b_in, norm_w, router_w, ref)
+        record("add_rms_norm_router", t, "one launch", True,
+               lambda: torch.cat(add_rms_norm_router(a_in, b_in, norm_w, router_w, 1e-5), dim=1), ref, moved)
+
+        def before():
+            h, x = norm(a_in, b_in, norm_w)
+            return torch.cat([h, x, F.linear(x, router_w)], dim=1)
+        record("norm + router", t, "Inductor + cuBLAS" if device.type == "cuda" else "aten", False, before, ref,
+               moved)
     lock = torch.zeros(SPLIT_K_LOCK_WORDS, device=device, dtype=torch.int32)   # every chained call leaves it zeros
     for name, t, x, wp, ws, w_bf16 in int4_cases(dims, tokens, device, g):
         ref = F.linear(x, w_bf16)
