@@ -204,8 +204,8 @@ def export_for_aoti(program, device: str = "cpu") -> tuple[torch.export.Exported
     if device == "cuda" and norm_router_enabled():   # each MoE layer's residual add + norm + router: one launch
         from l4compile.kernels.dispatch import load_triton_ops, moe_q_routed, moe_routed, residual_norm_router
         if load_triton_ops():
-            fused, _ = norm_router_fused(program.gm, residual_norm_router,
-                                         {torch.ops.l4.moe.default: moe_routed, torch.ops.l4.moe_q.default: moe_q_routed})
+            routed = {torch.ops.l4.moe.default: moe_routed, torch.ops.l4.moe_q.default: moe_q_routed}
+            fused, _ = norm_router_fused(program.gm, residual_norm_router, routed)
             program = dataclasses.replace(program, gm=fused)
     decomps = dict(l4compile.ops.DECOMPOSITIONS)                             # attention becomes plain aten
     if device == "cuda":   # l4::moe / linear_int4 -> Triton triton_ops, linear_fp8 -> _scaled_mm (compiled in)

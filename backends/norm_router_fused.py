@@ -68,7 +68,8 @@ def _dtype(node):
     return getattr(val, "dtype", None)
 
 
-def norm_router_fused(gm: torch.fx.GraphModule, norm_router: Callable, routed: dict) -> tuple[torch.fx.GraphModule, int]:
+def norm_router_fused(gm: torch.fx.GraphModule, norm_router: Callable,
+                      routed: dict) -> tuple[torch.fx.GraphModule, int]:
     """-> (``gm`` rewritten as the module docstring says, the number of MoE layers rewritten); ``gm`` itself is
     left as it is. ``norm_router(a, b, w, router_w, eps) -> (h, x [N, H], logits [N, E])``; ``routed``: MoE op
     (``torch.ops.l4.moe.default`` ...) -> a function of (x, logits, and the op's own arguments)."""

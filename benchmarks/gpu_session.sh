@@ -39,6 +39,9 @@
 #            own kernels: only the jit runtime launches with it, AOTInductor's launcher does not), beside a plain
 #            jit build when engines otherwise run under aoti; each profiled (--profile), so the launches a step and
 #            its idle share say what each setting changed                                 (box 200 s each variant)
+#   normrouter  the same bench twice: as engines are built, and with L4COMPILE_NORM_ROUTER=0 (each MoE layer's
+#            residual add + norm as an Inductor kernel and its router as a cuBLAS matmul, not one
+#            add_rms_norm_router launch): what that launch a layer saves in a decode step      (box 200 s each variant)
 #   context  benchmarks/bench_gpu.py --parts context --layers 2: Int4 decode at batch 1/8 in 8K-slot caches, at
 #            positions 128 and 4096 (the attention kernel reads only the visible positions)            (box 300 s)
 #   decode   benchmarks/bench_gpu.py --parts decode --layers 2: decode at batch 1/8/32, HBM roofline per layer,
@@ -141,18 +144,23 @@ for spec in ${PARTS//,/ }; do
         boxed $(box 200) modes $PY benchmarks/bench_decode_modes.py --model scout --layers 2 --quant int4 \
             --dtype bfloat16 --device cuda --batch-sizes 1,8 --prompt 128 --new 64 --repeats 5 \
             --out "$RES/modes-int4.json" ;;
-    knobs)
+    knobs | normrouter)
         # PDL takes effect under the jit runtime only: when engines run under aoti here, jit gets a baseline of its own
         variants="default combo_kernels=true"
         [ "${L4COMPILE_INDUCTOR_RUNNER:-aoti}" = jit ] || variants="$variants jit"
-        for knob in $variants jit+triton.enable_pdl=true; do
+        variants="$variants jit+triton.enable_pdl=true"
+        [ $part = normrouter ] && variants="default norm_router=0"
+        for knob in $variants; do
             runner=(); setting=(); cfg=$knob
-            case $knob in jit*) runner=(L4COMPILE_INDUCTOR_RUNNER=jit); cfg=${knob#jit}; cfg=${cfg#+} ;; esac
+            case $knob in
+                jit*) runner=(L4COMPILE_INDUCTOR_RUNNER=jit); cfg=${knob#jit}; cfg=${cfg#+} ;;
+                norm_router=0) runner=(L4COMPILE_NORM_ROUTER=0); cfg=default ;;
+            esac
             [ -z "$cfg" ] || [ "$cfg" = default ] || setting=(--inductor-config "$cfg")
-            boxed $(box 200) "knobs $knob" env ${runner[@]+"${runner[@]}"} $PY -m l4compile bench scout --layers 2 \
+            boxed $(box 200) "$part $knob" env ${runner[@]+"${runner[@]}"} $PY -m l4compile bench scout --layers 2 \
                 --device cuda --dtype bfloat16 --quant int4 --backends inductor --batch-sizes 1 --prompt-lens 128 \
                 --decode-steps 32 --repeats 3 --profile --tune-kernels ${setting[@]+"${setting[@]}"} --force \
-                --out "$RES/knobs-${knob//[^A-Za-z0-9._]/-}"
+                --out "$RES/$part-${knob//[^A-Za-z0-9._]/-}"
         done ;;
     decode1)
         boxed $(box 360) decode1 $PY benchmarks/bench_gpu.py --parts layer --layers 2 --repeats 3 --tune-kernels \
@@ -175,7 +183,7 @@ for spec in ${PARTS//,/ }; do
         boxed $(box 580) $part $PY benchmarks/bench_gpu.py --parts full-bench --repeats 3 \
             --engine-dir "$ENGINES/$name" --out "$RES/$part" ;;
     *)
-        log "unknown part '$part' (probe, kernels, sweep, tests, engines, attention, decode1, modes, knobs, context, decode, prefill, full, fullq, fullc, fullb, fullqc, fullqb)" ;;
+        log "unknown part '$part' (probe, kernels, sweep, tests, engines, attention, decode1, modes, knobs, normrouter, context, decode, prefill, full, fullq, fullc, fullb, fullqc, fullqb)" ;;
     esac
 done
 

@@ -264,8 +264,8 @@ def fused_moe_fp8(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Ten
                   blocks: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
                   logits: Tensor | None = None) -> Tensor:
     """The body of ``l4::moe_fp8_fused``; ``blocks`` ((BM, BN, BK) of gate_up and down; same BM) overrides the static
-    choice (tests); ``logits``: see ``_route_map``. Float8 weights in nn.Linear orientation with one scale per output channel (``quantize_fp8``); the
-    shared gate/up weights share one set of strides."""
+    choice (tests); ``logits``: see ``_route_map``. Float8 weights in nn.Linear orientation with one scale per output
+    channel (``quantize_fp8``); the shared gate/up weights share one set of strides."""
     n_exp, hidden, i_dim = down_q.shape
     if shared_gate_q.stride() != shared_up_q.stride() or shared_gate_s.stride() != shared_up_s.stride():
         raise ValueError("moe_fp8_fused: the shared gate and up weights (or scales) have different strides")
