@@ -194,16 +194,15 @@ def export_for_aoti(program, device: str = "cpu") -> tuple[torch.export.Exported
     in_place = caches_in_place(program.gm, attention_in_place) if program.kind == "text" else None
     if in_place is not None:
         program = dataclasses.replace(program, gm=in_place)
-    if device == "cuda":           # Int4 GEMMs that split K hand each other zeroed counters (with Triton)
-        from l4compile.kernels.dispatch import int4_mm_splits, linear_int4_chained, load_triton_ops
+    if device == "cuda":           # with Triton: the step's kernel-level rewrites
+        from l4compile.kernels.dispatch import (int4_mm_splits, linear_int4_chained, load_triton_ops, moe_q_routed,
+                                                moe_routed, residual_norm_router)
         from l4compile.kernels.layout import SPLIT_K_LOCK_WORDS
-        chained = split_k_locks_chained(program.gm, linear_int4_chained, SPLIT_K_LOCK_WORDS, int4_mm_splits) \
-            if load_triton_ops() else None
-        if chained is not None:
-            program = dataclasses.replace(program, gm=chained)
-    if device == "cuda" and norm_router_enabled():   # each MoE layer's residual add + norm + router: one launch
-        from l4compile.kernels.dispatch import load_triton_ops, moe_q_routed, moe_routed, residual_norm_router
-        if load_triton_ops():
+        if load_triton_ops():      # Int4 GEMMs that split K hand each other zeroed counters
+            chained = split_k_locks_chained(program.gm, linear_int4_chained, SPLIT_K_LOCK_WORDS, int4_mm_splits)
+            if chained is not None:
+                program = dataclasses.replace(program, gm=chained)
+        if load_triton_ops() and norm_router_enabled():   # each MoE layer's residual add + norm + router: one launch
             routed = {torch.ops.l4.moe.default: moe_routed, torch.ops.l4.moe_q.default: moe_q_routed}
             fused, _ = norm_router_fused(program.gm, residual_norm_router, routed)
             program = dataclasses.replace(program, gm=fused)

@@ -147,8 +147,7 @@ def residual_norm_router(a: Tensor, b: Tensor, norm_w: Tensor, router_w: Tensor,
                                                         router_w, eps)
         return h.view(a.shape), x, logits
     h = a + b
-    hf = h.float()
-    x = ((hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).type_as(h) * norm_w).reshape(-1, hidden)
+    x = (attention_ops._rms(h, eps) * norm_w).reshape(-1, hidden)            # Llama4TextRMSNorm
     return h, x, torch.nn.functional.linear(x, router_w)
 
 

@@ -132,6 +132,8 @@ def moe_route(logits: Tensor, block_m: int, zero: tuple[Tensor, ...] = (), in_ke
 def _rows(x: Tensor, router_w: Tensor, top_k: int, block_m: int, logits: Tensor | None = None) -> MoeRows:
     """The grouped-row map of x's routing: the one-launch kernel for top-1 (on ``logits`` when given: x @ router_w^T,
     computed by ``l4::add_rms_norm_router``), ``moe_rows`` (aten) otherwise."""
+    if logits is not None and top_k != 1:
+        raise ValueError("fused MoE: router logits are taken for top-1 routing only")
     if top_k == 1:
         return moe_route(F.linear(x, router_w) if logits is None else logits, block_m)   # logits [T, E]
     idx, score = _route(x, router_w, top_k)                                      # [T, K] each
@@ -188,13 +190,11 @@ def _route_map(x: Tensor, router_w: Tensor, top_k: int, block_m: int, locks: tup
     CUDA engine's step), so the MoE launches no router matmul of its own; top-1 only."""
     n_exp = router_w.shape[0]
     in_kernel = top_k == 1 and not locks
-    if logits is not None and top_k != 1:
-        raise ValueError("fused MoE: router logits are taken for top-1 routing only")
     if top_k == 1:
         logits = F.linear(x, router_w) if logits is None else logits             # [T, E]
         rows = moe_route(logits, block_m, locks, in_kernel)
     else:
-        logits, rows = x, _rows(x, router_w, top_k, block_m)
+        logits, rows = x, _rows(x, router_w, top_k, block_m, logits)             # given logits: refused
     return logits, rows, (x.shape[0], logits.stride(-1)), {"MAP_IN_KERNEL": in_kernel,
                                                             "BLOCK_G": _group_block(n_exp)}
 
@@ -273,8 +273,6 @@ def fused_moe_fp8(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Ten
     if bgu[0] != bdn[0]:
         raise ValueError("moe_fp8_fused: gate_up and down blocks must share BM (one tile map)")
     n_tok = x.shape[0]
-    if logits is not None and top_k != 1:
-        raise ValueError("moe_fp8_fused: router logits are taken for top-1 routing only")
     rows = _rows(x, router_w, top_k, bgu[0], logits)
     n_rows = n_tok * (top_k + 1)
     n_tiles = rows.tile_group.shape[0]
