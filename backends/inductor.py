@@ -54,6 +54,10 @@ PROGRAM = "program.pt2"         # the exported program without weights (the jit 
 RUNNER_ENV = "L4COMPILE_INDUCTOR_RUNNER"
 RUNNERS = ("aoti", "jit")
 NORM_ROUTER_ENV = "L4COMPILE_NORM_ROUTER"
+ATTENTION_MERGE_ENV = "L4COMPILE_ATTENTION_MERGE"
+# what a CUDA engine's manifest counts in backend_info: the step's calls of each fused op
+FUSED_OPS = {"norm_router_fused": "l4.add_rms_norm_router.default",
+             "attention_merged": "l4.attention_fused_chained.default"}
 
 
 def build(program, workdir: Path, config) -> BuildResult:
@@ -81,10 +85,11 @@ def build(program, workdir: Path, config) -> BuildResult:
                        {WEIGHTS: digest})
 
 
-def _fusions(config, norm_router: int) -> dict:
+def _fusions(config, fused: dict[str, int]) -> dict:
     """backend_info of a CUDA engine: how many MoE layers run their residual add, norm and router as one kernel
-    (``norm_router_fused``; 0 with ``L4COMPILE_NORM_ROUTER=0``)."""
-    return {"norm_router_fused": norm_router} if config.device == "cuda" else {}
+    (``norm_router_fused``; 0 with ``L4COMPILE_NORM_ROUTER=0``) and how many attention layers merge their key splits
+    in the partial kernel (``attention_merged``; 0 with ``L4COMPILE_ATTENTION_MERGE=0``)."""
+    return dict(fused) if config.device == "cuda" else {}
 
 
 def caches_in_place(gm: torch.fx.GraphModule, attention_in_place=None) -> torch.fx.GraphModule | None:
@@ -132,23 +137,23 @@ def caches_in_place(gm: torch.fx.GraphModule, attention_in_place=None) -> torch.
     return out
 
 
-def split_k_locks_chained(gm: torch.fx.GraphModule, linear_chained, words: int,
-                          splits=lambda w_packed, w_scale: True) -> torch.fx.GraphModule | None:
-    """``gm`` with its ``l4::linear_int4`` calls whose weights may split K (``splits(w_packed, w_scale)``, the
-    tensors or None where an argument is not a ``get_attr``) chained, in graph order, by their split-K counters: the
-    first takes a block of ``words`` int32 zeros (the graph's one fill), and each returns, beside its output, the
-    zeroed block the next one takes. ``linear_chained``: ``l4::linear_int4``'s arguments and the block -> (its output,
-    the next block) (CUDA: ``kernels.dispatch.linear_int4_chained``, whose launch leaves its own block zeros and zeroes
-    the next). A split GEMM's counters then cost no memset launch of its own; each block has one reader, so Inductor
-    writes the counters in place and copies nothing. None where no call may split; ``gm`` is left as it is."""
+def split_k_locks_chained(gm: torch.fx.GraphModule, chains: dict, words: int) -> torch.fx.GraphModule | None:
+    """``gm`` with the calls that take zeroed counters chained, in graph order: the first takes a block of ``words``
+    int32 zeros (the graph's one fill), and each returns, beside its output, the zeroed block the next one takes.
+    ``chains``: call target -> (its chained form: the call's arguments and the block -> (its output, the next block),
+    whether a call joins: ``joins(*args)``, each argument the tensor where it is a ``get_attr``, else None). CUDA:
+    ``l4::linear_int4`` whose weights may split K -> ``kernels.dispatch.linear_int4_chained``, and the in-place
+    attention -> ``attention_cached_chained``; each launch leaves its own block zeros and zeroes the next. Counters
+    then cost no memset launch of their own; each block has one reader, so Inductor writes the counters in place
+    and copies nothing. None where no call joins; ``gm`` is left as it is."""
     def attr(node):
         return operator.attrgetter(node.target)(gm) if getattr(node, "op", None) == "get_attr" else None
 
     graph = torch.fx.Graph()
     env: dict = {}
     graph.output(graph.graph_copy(gm.graph, env))
-    calls = [n for n in graph.nodes if n.target is torch.ops.l4.linear_int4.default
-             and splits(attr(n.args[1]), attr(n.args[2]))]
+    calls = [n for n in graph.nodes if n.op == "call_function" and n.target in chains
+             and chains[n.target][1](*map(attr, n.args))]
     if not calls:
         return None
     with graph.inserting_before(calls[0]):
@@ -156,7 +161,7 @@ def split_k_locks_chained(gm: torch.fx.GraphModule, linear_chained, words: int,
                                    {"dtype": torch.int32})
     for node in calls:
         with graph.inserting_before(node):                # in creation order, before the call they replace
-            pair = graph.call_function(linear_chained, (*node.args, lock), dict(node.kwargs))
+            pair = graph.call_function(chains[node.target][0], (*node.args, lock), dict(node.kwargs))
             out = graph.call_function(operator.getitem, (pair, 0))
             lock = graph.call_function(operator.getitem, (pair, 1))
         node.replace_all_uses_with(out)
@@ -179,11 +184,19 @@ def norm_router_enabled() -> bool:
     return os.environ.get(NORM_ROUTER_ENV, "1").strip() != "0"
 
 
+def attention_merge_enabled() -> bool:
+    """Whether CUDA engines chain their in-place attention (``l4::attention_fused_chained``: the key splits merged
+    and the caches written in the partial kernel, one launch at decode): yes, unless ``L4COMPILE_ATTENTION_MERGE=0``
+    (the combine launch then merges, as before; the manifest's ``backend_info`` says which)."""
+    return os.environ.get(ATTENTION_MERGE_ENV, "1").strip() != "0"
+
+
 def export_for_aoti(program, device: str = "cpu") -> tuple[torch.export.ExportedProgram, bool]:
     """The Program as AOTInductor compiles it: caches written in place (text step graphs), for CUDA the Int4 GEMMs
-    chained by their split-K counters (``split_k_locks_chained``) and each MoE layer's residual add, norm and router
-    in one kernel (``norm_router_fused``), l4 ops decomposed (plain aten, and for CUDA the Triton kernel ops and
-    ``_scaled_mm``). Returns (the exported program, whether its caches are updated in place)."""
+    that split K and the in-place attention chained by their counters (``split_k_locks_chained``) and each MoE
+    layer's residual add, norm and router in one kernel (``norm_router_fused``), l4 ops decomposed (plain aten, and
+    for CUDA the Triton kernel ops and ``_scaled_mm``). Returns (the exported program, whether its caches are updated
+    in place)."""
     import dataclasses
 
     import l4compile.ops
@@ -195,11 +208,14 @@ def export_for_aoti(program, device: str = "cpu") -> tuple[torch.export.Exported
     if in_place is not None:
         program = dataclasses.replace(program, gm=in_place)
     if device == "cuda":           # with Triton: the step's kernel-level rewrites
-        from l4compile.kernels.dispatch import (int4_mm_splits, linear_int4_chained, load_triton_ops, moe_q_routed,
-                                                moe_routed, residual_norm_router)
+        from l4compile.kernels.dispatch import (attention_cached_chained, int4_mm_splits, linear_int4_chained,
+                                                load_triton_ops, moe_q_routed, moe_routed, residual_norm_router)
         from l4compile.kernels.layout import SPLIT_K_LOCK_WORDS
-        if load_triton_ops():      # Int4 GEMMs that split K hand each other zeroed counters
-            chained = split_k_locks_chained(program.gm, linear_int4_chained, SPLIT_K_LOCK_WORDS, int4_mm_splits)
+        if load_triton_ops():      # Int4 GEMMs that split K and the attention hand each other zeroed counters
+            chains = {torch.ops.l4.linear_int4.default: (linear_int4_chained, lambda x, w, s: int4_mm_splits(w, s))}
+            if attention_in_place is not None and attention_merge_enabled():
+                chains[attention_in_place] = (attention_cached_chained, lambda *args: True)
+            chained = split_k_locks_chained(program.gm, chains, SPLIT_K_LOCK_WORDS)
             if chained is not None:
                 program = dataclasses.replace(program, gm=chained)
         if load_triton_ops() and norm_router_enabled():   # each MoE layer's residual add + norm + router: one launch
@@ -218,7 +234,7 @@ def _package(program, outdir: Path, device: str = "cpu",
     """``outdir``/model.pt2 (code only) + ``outdir``/weights.safetensors (every constant the package reads), compiled
     with AOTI_CONFIGS and ``extra_configs`` (the compile's Inductor settings), + ``outdir``/program.pt2 (the exported
     program they come from, weights left out). Returns (whether the package updates its KV caches in place, the
-    sha256 of weights.safetensors, hashed as it was written, the program's ``l4::add_rms_norm_router`` calls)."""
+    sha256 of weights.safetensors, hashed as it was written, ``FUSED_OPS``' counts of calls in the program)."""
     import hashlib
 
     from l4compile import tensorfile
@@ -231,23 +247,23 @@ def _package(program, outdir: Path, device: str = "cpu",
     with torch.no_grad():
         torch._inductor.aoti_compile_and_package(mutations_in_place(ep), package_path=str(outdir / ARTIFACT),
                                                  inductor_configs={**(extra_configs or {}), **AOTI_CONFIGS})
-    fused = sum(str(n.target) == "l4.add_rms_norm_router.default" for n in ep.graph.nodes)
-    return in_place, digest.hexdigest(), fused
+    targets = [str(n.target) for n in ep.graph.nodes]
+    return in_place, digest.hexdigest(), {key: targets.count(op) for key, op in FUSED_OPS.items()}
 
 
 def mutations_in_place(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     """``ep`` (changed in place) as AOTInductor and the jit runtime compile it: each functionalized call of a
-    mutating op (``auto_functionalized``: a CUDA step's ``l4::attention_fused_inplace``, which writes its layer's
-    caches) back to the call that mutates its inputs. Functionalized, Inductor would keep the triton_op opaque (an
-    AOTI proxy-executor call, on copies of the caches); in place, it traces the op into its Triton kernels, whose
-    combine launch writes the caches it is given. Sound here because ``caches_in_place`` left each cache no other
+    mutating op (``auto_functionalized``: a CUDA step's ``l4::attention_fused_inplace`` or ``_chained``, which writes
+    its layer's caches) back to the call that mutates its inputs. Functionalized, Inductor would keep the triton_op
+    opaque (an AOTI proxy-executor call, on copies of the caches); in place, it traces the op into its Triton kernels,
+    which write the caches they are given. Sound here because ``caches_in_place`` left each cache no other
     reader. After this ``ep`` fails export's verifier (its graph is not functional): save it first. Any other
     mutating op is refused: nothing has shown that writing its inputs in place is sound."""
     from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
     from torch.export._remove_auto_functionalized_pass import unsafe_remove_auto_functionalized_pass
 
     mutating = {str(n.args[0]) for n in ep.graph.nodes if n.target in (auto_functionalized, auto_functionalized_v2)}
-    if mutating - {"l4.attention_fused_inplace.default"}:
+    if mutating - {"l4.attention_fused_inplace.default", "l4.attention_fused_chained.default"}:
         raise L4Error(f"inductor: the step calls mutating ops that are not known to be safe in place: "
                       f"{sorted(mutating)}")
     return unsafe_remove_auto_functionalized_pass(ep)

@@ -20,8 +20,8 @@ Checks (exit 1 when one fails; a GPU session would fail on them, or lose its ban
              int4_mm as its kernel, add_rms_norm_router (each MoE layer's residual add, norm and router) as its kernel
   opaque     no op runs through the proxy executor (an opaque op would be an eager kernel outside the engine)
   caches     each KV cache input is first read by its layer's attention kernel (one), written after that read, and
-             never cloned or copied whole; with l4::attention_fused_inplace, written by that op's combine launch
-             and by no other kernel
+             never cloned or copied whole; with l4::attention_fused_inplace / _chained, written by that op's own
+             launches (the combine, and the chained partial kernel that reads it) and by no other kernel
   program    the engine's program.pt2 (the jit runtime's graph, weights left out) calls the same l4 kernel ops after
              torch.export.save and load, and holds no weight data
 """
@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 # l4 kernel op -> the kernels its triton_op body launches (the MoE ops: top-1 routing, as every preset has)
 KERNELS = {"l4.attention_fused.default": ("attention_partial_kernel", "attention_combine_kernel"),
            "l4.attention_fused_inplace.default": ("attention_partial_kernel", "attention_combine_kernel"),
+           "l4.attention_fused_chained.default": ("attention_partial_kernel", "attention_combine_kernel"),
            "l4.moe_fused.default": ("moe_route_kernel", "moe_gate_up_kernel", "moe_down_kernel"),
            "l4.moe_q_fused.default": ("moe_route_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel"),
            "l4.moe_fp8_fused.default": ("moe_route_kernel", "moe_fp8_gate_up_kernel", "moe_fp8_down_kernel"),
@@ -121,6 +122,10 @@ def generate(ep, cache: Path, extra_configs: dict | None = None) -> Path:
 
 
 N_SPLIT_ARG = 17          # attention_partial_kernel's N_SPLIT: after 11 pointers and T, L, D, HKV, REP, CHUNK
+# the ops that write their caches in place: the reading (partial) launch and the combine launch may write them
+IN_PLACE_ATTENTION = {"l4.attention_fused_inplace.default", "l4.attention_fused_chained.default"}
+# (batch, tokens) of the steps whose launches ``nonempty_launches`` counts: a decode step, a 2K-token prefill
+SHAPES = ((1, 1), (1, 2048))
 
 
 def _args(text: str) -> list[str]:
@@ -134,6 +139,55 @@ def _args(text: str) -> list[str]:
         else:
             cur += ch
     return [*out, cur.strip()]
+
+
+def _cpp_int(expr: str, env: dict[str, int]) -> int:
+    """An integer C++ expression of the wrapper (``std::max``, ``std::min``, ``c10::div_floor_integer``,
+    ``static_cast<int64_t>``, ``123L`` literals) evaluated with ``env``'s values; ValueError where it has anything
+    else."""
+    py = (expr.replace("static_cast<int64_t>", "").replace("std::max", "max").replace("std::min", "min")
+          .replace("c10::div_floor_integer", "fdiv"))
+    py = re.sub(r"\b(\d+)L\b", r"\1", py)
+    if not re.fullmatch(r"[\w\s()+*,\-]*", py):
+        raise ValueError(expr)
+    try:
+        return int(eval(py, {"__builtins__": {}}, {"max": max, "min": min, "fdiv": lambda a, b: a // b, **env}))
+    except (NameError, SyntaxError, TypeError, ZeroDivisionError) as e:
+        raise ValueError(expr) from e
+
+
+def nonempty_launches(lines: list[str], batch: int, tokens: int) -> int | None:
+    """How many of ``run_impl``'s launches have work in a step of ``batch`` x ``tokens`` (the token input's two
+    sizes): the wrapper skips a launch whose grid has a 0 (``if (grid_0 == 0 ..) return;``), as a decode step does
+    for the MoE route launch at one token. Triton kernels of l4's ops: their last three arguments, the grid; Inductor's
+    own: their ``xnumel``. The wrapper's integer assignments are followed in order. None where a grid does not
+    evaluate."""
+    text = "\n".join(lines)
+    token_input = re.search(r"auto (\w+) = std::move\(inputs\[0\]\);", text)
+    if not token_input:
+        return None
+    env: dict[str, int] = {}
+    n = 0
+    for line in lines:
+        size = re.match(rf"\s*int64_t (\w+) = {token_input.group(1)}_size\[(\d)\];", line)
+        assign = re.match(r"\s*(?:int64_t )?(\w+) = ([^;]+);\s*$", line)
+        call = re.match(r"\s*call_(\w+?)_\d+\((.*)\);\s*$", line)
+        try:
+            if size:
+                env[size.group(1)] = (batch, tokens)[int(size.group(2))]
+            elif assign and not call:
+                env[assign.group(1)] = _cpp_int(assign.group(2), env)
+            elif call:
+                args = _args(call.group(2))
+                if call.group(1).startswith("triton_"):
+                    grid = [_cpp_int(a, env) for a in args if a.endswith("_xnumel")] or [1]
+                else:
+                    grid = [_cpp_int(a, env) for a in args[args.index("this->device_idx_") - 3:][:3]]
+                n += min(grid) > 0
+        except ValueError:
+            if call:
+                return None
+    return n
 
 
 def run_impl(cpp: str) -> list[str]:
@@ -179,23 +233,31 @@ def analyze(lines: list[str], graph_ops: dict[str, int], caches: list[str]) -> d
                                       "attention kernel, or never written")
         problems["caches"] += [f"{name} ({var}) copied: {c}" for c in copies]
         writers = sorted({k for i, k, a in launches if re.search(rf"\b{var}\b", a) and i not in reads})
-        if "l4.attention_fused_inplace.default" in graph_ops and writers != ["attention_combine_kernel"]:
-            problems["caches"].append(f"{name} ({var}) written by {writers}, not by its attention's combine alone")
+        if IN_PLACE_ATTENTION & graph_ops.keys() and writers != ["attention_combine_kernel"]:
+            problems["caches"].append(f"{name} ({var}) written by {writers}, not by its attention's own launches "
+                                      "alone")
     splits = sorted({_args(a)[N_SPLIT_ARG] for _, k, a in launches if k == "attention_partial_kernel"})
     externs: dict[str, int] = {}                                     # aten ops through the CUDA c-shims (cuBLAS..)
     for op in re.findall(r"aoti_torch_cuda_(\w+?)\(", "\n".join(lines)):
         externs[op] = externs.get(op, 0) + 1
     return {"launches": dict(sorted(counts.items())), "kernels_launched": len(launches),
+            "launched_at": {f"B={b} T={t}": nonempty_launches(lines, b, t) for b, t in SHAPES},
             "extern_calls": dict(sorted(externs.items())),
             "attention_split_grids": splits, "problems": problems}
 
 
 def kernel_ops(graph) -> dict[str, int]:
-    """l4 kernel op -> its number of calls in an exported graph."""
+    """l4 kernel op -> its number of calls in an exported graph (a mutating op's calls are functionalized:
+    ``auto_functionalized(op, ..)``)."""
+    from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
+
     ops: dict[str, int] = {}
     for n in graph.nodes:
-        if n.op == "call_function" and str(n.target) in KERNELS:
-            ops[str(n.target)] = ops.get(str(n.target), 0) + 1
+        if n.op != "call_function":
+            continue
+        op = str(n.args[0] if n.target in (auto_functionalized, auto_functionalized_v2) else n.target)
+        if op in KERNELS:
+            ops[op] = ops.get(op, 0) + 1
     return ops
 
 
@@ -358,6 +420,7 @@ def _run(a: argparse.Namespace, cache: Path, table: dict | None) -> int:
     for op, n in report["extern_calls"].items():
         print(f"| aten {op} (c-shim) | {n} |")
     print(f"attention key splits (grid z): {', '.join(report['attention_split_grids'])}")
+    print("launches with work in a step: " + ", ".join(f"{shape} {n}" for shape, n in report["launched_at"].items()))
     memo = report["kernel_access_analyses"]
     print(f"kernel access analyses (TTIR): {memo['misses']} run, {memo['hits']} answered from access_memo")
     for check in ("kernels", "opaque", "caches", "program"):

@@ -16,7 +16,9 @@ Kernels (bf16 activations; Int4 weights packed as the quantize pass packs them, 
     torch.mm      cuBLAS on the bf16 weight, the baseline the Int4 GEMV must beat (it streams 4x the bytes)
     attention_fused  one decode step of a global layer's attention (40/8 heads x 128) in an 8192-slot bf16 cache,
                   at positions 511 and 8191, batch = tokens: it must read only the visible keys (timed as engines
-                  run it, l4::attention_fused_inplace: the new key and value written into the caches too)
+                  run it, l4::attention_fused_chained: the new key and value written into the caches too, the key
+                  splits merged in the same launch); "+ combine launch" is l4::attention_fused_inplace, which
+                  merges in a second launch, as engines did before
     sdpa aten     the reference it replaces (cat of cache and new key, SDPA under a mask over every slot)
     add_rms_norm_router  a MoE layer's residual add, post-attention RMSNorm and router (16 experts) in one launch, as
                   CUDA engines run it; "norm + router" is what they ran before: the add and norm as one Inductor
@@ -341,11 +343,14 @@ def main(argv: list[str] | None = None) -> int:
         default = attention_blocks(d)
         cos, sin, rope, qk_norm, chunk, temp, floor_scale, attn_scale, scaling, eps = args[6:8] + args[11:]
         q_args = (cos, sin, hq, hkv, chunk, scaling, rope, qk_norm, temp, floor_scale, attn_scale, eps)
+        lock = torch.zeros(SPLIT_K_LOCK_WORDS, dtype=torch.int32, device=device)     # left zeros by every call
         for bm, bn in attention_configs(a.quick, a.tiny):
             blocks = AttentionBlocks(bm, bn, default.block_d)
             record(f"attention_fused pos {pos}", b, f"BM{bm} BN{bn}", blocks == default,
-                   lambda blocks=blocks: fused_attention_inplace(*heads, kc, vc, start, *q_args, blocks=blocks),
-                   ref, moved)
+                   lambda blocks=blocks: fused_attention_inplace(*heads, kc, vc, start, *q_args, blocks=blocks,
+                                                                 lock=lock)[0], ref, moved)
+        record(f"attention_fused pos {pos}", b, "+ combine launch", False,
+               lambda: fused_attention_inplace(*heads, kc, vc, start, *q_args), ref, moved)
         record(f"sdpa aten pos {pos}", b, "cat + mask", False, lambda: attention_cached_impl(*args)[0], ref, moved)
     # then the Int4 MoE, most of a decode layer's time (289 of ~430 us on 2026-12-04's H200)
     qweights, fweights = moe_weights(dims, device, g)

@@ -28,7 +28,8 @@ engines, whose dots run IEEE fp32 on twice the shared memory):
     moe_fused        the same in bf16
     attention_fused  partial + combine, decode (1 token, an 8192-slot cache; a RoPE + qk-norm layer and a NoPE
                      layer with temperature) and prefill (2048 tokens), as CUDA engines launch them
-                     (l4::attention_fused_inplace: the partial kernel transforms q, the combine writes the caches)
+                     (l4::attention_fused_chained: the partial kernel transforms q and, with split keys, merges the
+                     splits and writes the caches; the combine writes them with one split)
     add_rms_norm_router  a MoE layer's residual add + post-attention RMSNorm + router (one kernel for any T: its
                      decode row path and its prefill block path)
 """
@@ -238,6 +239,7 @@ class MetaInputs:
 def cases(dims: dict, dtype: torch.dtype):
     """(name, thunk) pairs; each thunk runs host glue on meta tensors (the recorder collects the launches)."""
     from l4compile.kernels import ops
+    from l4compile.kernels.layout import SPLIT_K_LOCK_WORDS
 
     m = MetaInputs(dims, dtype)
     h, i, e, hq, hkv, d = (dims[k] for k in ("H", "I", "E", "heads", "kv_heads", "head_dim"))
@@ -253,9 +255,10 @@ def cases(dims: dict, dtype: torch.dtype):
     tables = [torch.empty(dims["slots"], d // 2, device="meta") for _ in "cs"]        # cos, sin [P, D/2]
     rope = (*tables, hq, hkv, 0, d ** -0.5, True, True, False, 8192.0, 0.1, 1e-5)   # RoPE + qk-norm (3 of 4 layers)
     nope = (*tables, hq, hkv, 0, d ** -0.5, False, False, True, 8192.0, 0.1, 1e-5)  # NoPE + temperature
+    lock = torch.empty(SPLIT_K_LOCK_WORDS, dtype=torch.int32, device="meta")      # a chained step's counters
     for t, label, layer in ((1, "decode", rope), (1, "decode nope", nope), (2048, "prefill", rope)):
         yield f"attention_fused {label} T={t}", lambda t=t, layer=layer: ops.fused_attention_inplace(
-            *m.attention(t), *layer)
+            *m.attention(t), *layer, lock=lock)
 
 
 def sm90_fp8(thunk):

@@ -27,17 +27,23 @@ weightless RMS norm; TEMP: the NoPE temperature), as ``ops.attention._project`` 
 (WRITE) writes the T new keys and values into the caches, in place (slot = position mod L), once the partial kernel
 has read the cache: neither the query transform nor the cache update costs a launch of its own. k comes
 transformed: each program reads new keys, and transforming them there would redo it per row block and split.
+``l4::attention_fused_chained`` (MERGE: a CUDA engine's step, its launches chained by zeroed counters) also moves
+the merge and the cache write into the partial kernel when S > 1, so that a decode step's attention is one launch
+(the combine's grid is then empty; with one split the combine launch writes the caches, as before).
 
 Shapes (strides are passed, so transposed views need no copy):
     q [B, Hq, T, D]; k_new / v_new [B, Hkv, T, D]; k_cache / v_cache [B, Hkv, L, D]; start [1] int64;
     cos / sin [P, D/2] float32 (the in-place op)
     o_part [S, B, Hkv, M, D] float32, lse_part [S, B, Hkv, M] float32 (S = 0 rows when S = 1: unused); out [B, T, Hq*D]
+    lock [>= (cdiv(M, BM) + 1) * B*Hkv] int32 zeros, next [next_words] int32 (MERGE)
 Grids: partial (cdiv(M, BM), B*Hkv, S), its programs one tile of DECODE_M rows when M <= DECODE_M (decode);
-combine (cdiv(M, DECODE_M), B*Hkv) when S > 1; else (cdiv(T, DECODE_M), B*Hkv) for the cache write alone with
-WRITE, and empty without.
+combine (cdiv(M, DECODE_M), B*Hkv) when S > 1 (empty with MERGE); else (cdiv(T, DECODE_M), B*Hkv) for the cache
+write alone with WRITE, and empty without.
 """
 import triton
 import triton.language as tl
+
+from .split_k import split_k_arrive, zero_words
 
 
 @triton.jit
@@ -46,12 +52,22 @@ def attention_partial_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o
                              eps, sqb, sqh, sqt, sqd, snb, snh, snt, snd, svnb, svnh, svnt, svnd,
                              scb, sch, scl, scd, svcb, svch, svcl, svcd,
                              sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd, sc0, sc1, ss0, ss1,
+                             lock_ptr, next_ptr, next_words,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                              PRECISION: tl.constexpr, DOT_F32: tl.constexpr, DECODE_M: tl.constexpr,
-                             ROPE: tl.constexpr, QK_NORM: tl.constexpr, TEMP: tl.constexpr):
+                             ROPE: tl.constexpr, QK_NORM: tl.constexpr, TEMP: tl.constexpr, MERGE: tl.constexpr,
+                             STAGES: tl.constexpr):
     """One (row block, batch x kv head, split) program. A step whose M = REP * T rows all fit DECODE_M (<= BLOCK_M;
     a decode step: 5 rows for Scout) runs them as one DECODE_M-row tile: the grid, sized for BLOCK_M, has one row
-    block then, and at decode BM 16 beat BM 64 by 4-26% in every row timed on the 2026-12-04 H200."""
+    block then, and at decode BM 16 beat BM 64 by 4-26% in every row timed on the 2026-12-04 H200.
+
+    MERGE (``l4::attention_fused_chained``), when S > 1: the combine's work without its launch. The last of a row
+    block's S programs to store its partials (counter ``lock[pid_m * B*Hkv + pid_bh]``, ``split_k.split_k_arrive``)
+    merges them into ``out``; the last of a (batch, kv head)'s row-block mergers (``lock[row blocks * B*Hkv +
+    pid_bh]``; a decode step has one row block, so its merger) writes the T new keys and values into the caches,
+    after every program that reads that (batch, kv head)'s cache has arrived. With S = 1 nothing changes: the
+    combine launch writes the caches. ``lock``: zeroed counters, left zeros; every program also zeroes its share of
+    ``next`` [next_words] int32, the next chained launch's counters."""
     pid_m, pid_bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if REP * T <= DECODE_M:
         _attend_rows(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o_ptr, lse_ptr, out_ptr, cos_ptr, sin_ptr,
@@ -67,6 +83,28 @@ def attention_partial_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o
                      scb, sch, scl, scd, svcb, svch, svcl, svcd,
                      sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd, sc0, sc1, ss0, ss1,
                      pid_m * BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, DOT_F32, ROPE, QK_NORM, TEMP)
+    if MERGE:
+        if N_SPLIT > 1:
+            bh_count = tl.num_programs(1)
+            if split_k_arrive(lock_ptr + pid_m * bh_count + pid_bh, N_SPLIT):        # this row block's splits are in
+                b, g = (pid_bh // HKV).to(tl.int64), (pid_bh % HKV).to(tl.int64)
+                dd = tl.arange(0, BLOCK_D)
+                tile = DECODE_M if REP * T <= DECODE_M else BLOCK_M
+                for r0 in range(pid_m * tile, pid_m * tile + tile, DECODE_M):
+                    _merge_splits(o_ptr, lse_ptr, out_ptr, b, g, r0 + tl.arange(0, DECODE_M), dd, T, D, REP, N_SPLIT,
+                                  sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd, DECODE_M, BLOCK_D,
+                                  STAGES)
+                blocks = tl.num_programs(0)
+                last = blocks == 1
+                if blocks > 1:          # the last row block of this (batch, kv head) to be merged
+                    last = split_k_arrive(lock_ptr + blocks * bh_count + pid_bh, blocks)
+                if last:                # every program that reads this (batch, kv head)'s cache has arrived
+                    start = tl.load(start_ptr).to(tl.int32)
+                    for t0 in range(0, T, DECODE_M):
+                        _write_new_rows(kn_ptr, vn_ptr, kc_ptr, vc_ptr, b, g, t0 + tl.arange(0, DECODE_M), dd, start,
+                                        T, L, D, snb, snh, snt, snd, svnb, svnh, svnt, svnd, scb, sch, scl, scd,
+                                        svcb, svch, svcl, svcd)
+        zero_words(next_ptr, next_words, 128)                                    # the next launch's counters
 
 
 @triton.jit
@@ -199,34 +237,54 @@ def attention_combine_kernel(o_ptr, lse_ptr, out_ptr, kn_ptr, vn_ptr, kc_ptr, vc
                              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
                              WRITE: tl.constexpr):
     """Program (pid_m, batch x kv head): with WRITE, writes new tokens pid_m * BLOCK_M .. + BLOCK_M - 1 into the
-    caches; then, with S > 1, merges the S splits' partials of rows pid_m * BLOCK_M .. + BLOCK_M - 1.
+    caches (``_write_new_rows``); then, with S > 1, merges the S splits' partials of rows pid_m * BLOCK_M ..
+    + BLOCK_M - 1 (``_merge_splits``). A chained launch (MERGE) does both in its partial kernel when S > 1, and this
+    launch's grid is then empty.
 
     The cache write runs here, after the partial kernel has read every cached key it needs (stream order): written
-    there, a new key could overwrite a ring slot that another program still reads. Token t goes to slot
-    (start + t) mod L; when T > L only the last L tokens write, so each slot is written once, by the last token that
-    maps to it (the reference's index_copy). In a graph this replaces the two cache-write kernels an engine had.
+    there, a new key could overwrite a ring slot that another program still reads. In a graph this replaces the two
+    cache-write kernels an engine had.
 
-    The merge is one pass over the splits, with a running max of their log-sum-exps (as the partial kernel's softmax
-    keeps one). A split's lse and o loads depend on its index alone, so the loop is software-pipelined (STAGES - 1
-    splits loading ahead). Before, a max pass and then a sum pass waited out their loads one split at a time: 3 S
-    round trips to L2, 96 at S = 32, which at 0.1-0.15 us each would be most of the 15-19 us a decode step's
-    attention took on the H200 at position 511 (a count, not a profile). Every split stored its o: zeros where it
-    saw no key, with lse -inf (weight 0)."""
+    The merge's loads are software-pipelined. Before, a max pass and then a sum pass waited out their loads one split
+    at a time: 3 S round trips to L2, 96 at S = 32, which at 0.1-0.15 us each would be most of the 15-19 us a decode
+    step's attention took on the H200 at position 511 (a count, not a profile). Every split stored its o: zeros
+    where it saw no key, with lse -inf (weight 0)."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, g = (pid_bh // HKV).to(tl.int64), (pid_bh % HKV).to(tl.int64)
     dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)            # [BM] new tokens for the write, rows for the merge
     if WRITE:
-        wmask = ((rows < T) & (rows >= T - L))[:, None] & dmask[None, :]
-        slot = (tl.load(start_ptr).to(tl.int32) + rows) % L
-        t2, s2, d2 = rows[:, None], slot[:, None], dd[None, :]
-        k = tl.load(kn_ptr + b * snb + g * snh + t2 * snt + d2 * snd, mask=wmask)
-        tl.store(kc_ptr + b * scb + g * sch + s2 * scl + d2 * scd, k.to(kc_ptr.dtype.element_ty), mask=wmask)
-        v = tl.load(vn_ptr + b * svnb + g * svnh + t2 * svnt + d2 * svnd, mask=wmask)
-        tl.store(vc_ptr + b * svcb + g * svch + s2 * svcl + d2 * svcd, v.to(vc_ptr.dtype.element_ty), mask=wmask)
-    if N_SPLIT == 1:                  # the partial kernel wrote the output
-        return
+        _write_new_rows(kn_ptr, vn_ptr, kc_ptr, vc_ptr, b, g, rows, dd, tl.load(start_ptr).to(tl.int32), T, L, D,
+                        snb, snh, snt, snd, svnb, svnh, svnt, svnd, scb, sch, scl, scd, svcb, svch, svcl, svcd)
+    if N_SPLIT > 1:                   # else the partial kernel wrote the output
+        _merge_splits(o_ptr, lse_ptr, out_ptr, b, g, rows, dd, T, D, REP, N_SPLIT, sos, sob, soh, som, sod,
+                      sls, slb, slh, slm, syb, syt, syh, syd, BLOCK_M, BLOCK_D, STAGES)
+
+
+@triton.jit
+def _write_new_rows(kn_ptr, vn_ptr, kc_ptr, vc_ptr, b, g, rows, dd, start, T, L, D, snb, snh, snt, snd,
+                    svnb, svnh, svnt, svnd, scb, sch, scl, scd, svcb, svch, svcl, svcd):
+    """New tokens ``rows`` [BM] of (batch b, kv head g) into the caches: token t to slot (start + t) mod L, only the
+    last L tokens when T > L (each slot then written once, by the last token that maps to it: the reference's
+    index_copy)."""
+    wmask = ((rows < T) & (rows >= T - L))[:, None] & (dd < D)[None, :]
+    slot = (start + rows) % L
+    t2, s2, d2 = rows[:, None], slot[:, None], dd[None, :]
+    k = tl.load(kn_ptr + b * snb + g * snh + t2 * snt + d2 * snd, mask=wmask)
+    tl.store(kc_ptr + b * scb + g * sch + s2 * scl + d2 * scd, k.to(kc_ptr.dtype.element_ty), mask=wmask)
+    v = tl.load(vn_ptr + b * svnb + g * svnh + t2 * svnt + d2 * svnd, mask=wmask)
+    tl.store(vc_ptr + b * svcb + g * svch + s2 * svcl + d2 * svcd, v.to(vc_ptr.dtype.element_ty), mask=wmask)
+
+
+@triton.jit
+def _merge_splits(o_ptr, lse_ptr, out_ptr, b, g, rows, dd, T, D, REP, N_SPLIT, sos, sob, soh, som, sod,
+                  sls, slb, slh, slm, syb, syt, syh, syd, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                  STAGES: tl.constexpr):
+    """Rows ``rows`` [BM] of (batch b, kv head g): the S splits' partials merged into ``out``. One pass over the
+    splits with a running max of their log-sum-exps (as the partial kernel's softmax keeps one); a split's loads
+    depend on its index alone, so the loop is software-pipelined (STAGES - 1 splits ahead). The loads are ``.cg``
+    (L2): in the partial kernel (MERGE) the partials were stored by other programs of the same launch."""
+    dmask = dd < D
     rmask = rows < REP * T
     t = rows % T
     head = g * REP + rows // T
@@ -234,9 +292,10 @@ def attention_combine_kernel(o_ptr, lse_ptr, out_ptr, kn_ptr, vn_ptr, kc_ptr, vc
     den = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for s in tl.range(0, N_SPLIT, num_stages=STAGES):
-        lse = tl.load(lse_ptr + s * sls + b * slb + g * slh + rows * slm, mask=rmask, other=float("-inf"))  # [BM]
+        lse = tl.load(lse_ptr + s * sls + b * slb + g * slh + rows * slm, mask=rmask, other=float("-inf"),
+                      cache_modifier=".cg")                                      # [BM]
         o = tl.load(o_ptr + s * sos + b * sob + g * soh + rows[:, None] * som + dd[None, :] * sod,
-                    mask=rmask[:, None] & dmask[None, :], other=0.0)             # [BM, BD]
+                    mask=rmask[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg")   # [BM, BD]
         m_new = tl.maximum(m_i, lse)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)                    # rows no split has seen yet
         alpha = tl.exp(m_i - m_safe)

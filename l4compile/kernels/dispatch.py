@@ -26,7 +26,9 @@ Two routes, the same choices in both:
                        cache slots and new keys, addressed by position, no cat, no [T, L+T] mask); in a step that
                        updates its caches in place, l4::attention_fused_inplace (the same on q as projected, whose
                        RoPE / qk-norm / temperature the kernel applies, then the new keys written into the caches by
-                       its second launch: backends.inductor.caches_in_place)
+                       its second launch: backends.inductor.caches_in_place); chained by counters (a CUDA engine's
+                       step: backends.inductor.split_k_locks_chained), l4::attention_fused_chained (the same, with
+                       the split merge and the cache write in its first launch where the keys are split: one launch)
 
 Without Triton (a CUDA host where it is missing), MoE, Int4 and attention keep their reference implementations,
 which run on CUDA too (slower). The kernel choice depends on dtypes only (static at trace time). Nothing here imports
@@ -198,6 +200,23 @@ def attention_cached_in_place(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, 
     k_cache.copy_(k_new)
     v_cache.copy_(v_new)
     return out
+
+
+def attention_cached_chained(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, *rest_and_lock
+                             ) -> tuple[Tensor, Tensor]:
+    """``attention_cached_in_place`` (``l4::attention_cached``'s arguments, then ``lock``: [SPLIT_K_LOCK_WORDS] int32
+    zeros) as a CUDA engine's chained step runs it (``backends.inductor.split_k_locks_chained``) -> (the attention
+    output, a block of zeroed counters for the next chained launch). ``l4::attention_fused_chained`` merges the key
+    splits and writes the caches in its partial kernel, so that a decode step's attention is one launch. Without
+    the kernel, ``attention_cached_in_place``, and ``lock`` is handed on as it came (zeros)."""
+    *rest, lock = rest_and_lock
+    if not fused_attention_supported(q, k_cache, v_cache):
+        return attention_cached_in_place(q, k, v, k_cache, v_cache, *rest), lock
+
+    def attend(*args):
+        return torch.ops.l4.attention_fused_chained(*args, lock)
+    return attention_ops.attention_cached_impl(q, k, v, k_cache, v_cache, *rest, fused_inplace=True,
+                                               fused_attend=attend)[0]
 
 
 def linear_int4_cuda(x: Tensor, w_packed: Tensor, w_scale: Tensor) -> Tensor:

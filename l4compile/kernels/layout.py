@@ -251,6 +251,9 @@ def attention_blocks(head_dim: int) -> AttentionBlocks:
 # Programs a step should launch to keep an H100 (132 SMs) busy, and the most splits of one key range.
 ATTENTION_TARGET_PROGRAMS = 264
 ATTENTION_MAX_SPLITS = 32
+# A chained attention launch (l4::attention_fused_chained) counts on (row blocks + 1) x B*Hkv words of its block when
+# S > 1; S > 1 only where row blocks x B*Hkv <= TARGET // 2, so TARGET words always suffice.
+assert ATTENTION_TARGET_PROGRAMS <= SPLIT_K_LOCK_WORDS
 
 
 def attention_splits(row_blocks, batch: int, kv_heads: int, slots: int, block_n: int):

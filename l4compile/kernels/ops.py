@@ -1,8 +1,8 @@
 # T tokens, E experts, K top-k, H hidden, I expert width, A = T*K, R = A + T, N out features, Kin in features,
 # Gh / Gi Int4 scale groups over H / I; attention: B batch, Hq / Hkv heads, T new tokens, L cache slots, D head_dim
-"""``l4::moe_fused``, ``l4::moe_q_fused``, ``l4::moe_fp8_fused``, ``l4::int4_mm``, ``l4::attention_fused`` and
-``l4::attention_fused_inplace``, ``l4::add_rms_norm_router``: the Triton kernels as ``torch.library.triton_op``
-operators.
+"""``l4::moe_fused``, ``l4::moe_q_fused``, ``l4::moe_fp8_fused``, ``l4::int4_mm``, ``l4::attention_fused``,
+``l4::attention_fused_inplace`` / ``attention_fused_chained`` and ``l4::add_rms_norm_router``: the Triton kernels as
+``torch.library.triton_op`` operators.
 
 ``triton_op`` makes the bodies visible to torch.compile / torch.export: Inductor and AOTInductor see the host
 code (plain aten) and the kernels themselves (``wrap_triton``) and compile both into the engine, so a CUDA
@@ -40,6 +40,10 @@ Contracts (same as the reference ops, which the tests compare against):
                     cos [P, D/2], sin, n_heads, n_kv_heads, chunk, scaling, use_rope, qk_norm, temp_tuning,
                     floor_scale, attn_scale, eps) -> the same, the kernel transforming q as l4::attention_cached does,
                     and k_cache / v_cache updated IN PLACE to l4::attention_cached's new caches
+    attention_fused_chained(the same arguments, lock [SPLIT_K_LOCK_WORDS] int32 zeros) -> (the same output, zeros
+                    like lock): the same, with the split merge and the cache write in the partial kernel where a
+                    step splits its keys (one launch at decode); lock (its counters) left zeros, and a fresh block
+                    of zeros for the next chained launch (``backends.inductor.split_k_locks_chained``)
 
 Importing this module imports Triton (``l4compile.kernels.dispatch`` does it only when Triton is there).
 """
@@ -337,6 +341,13 @@ def _check_bf16x2(x: Tensor, n_out: int, k_in: int, w_scale: Tensor, b: Int4Bloc
         raise ValueError(f"Int4 GEMM [{n_out} x {k_in}]: the bf16x2 unpack does not apply: {why}")
 
 
+def _check_lock(op: str, lock: Tensor, device: torch.device) -> None:
+    """ValueError unless ``lock`` is a chained launch's block of counters: [SPLIT_K_LOCK_WORDS] int32 on ``device``."""
+    if lock.dtype != torch.int32 or lock.shape != (SPLIT_K_LOCK_WORDS,) or lock.device != device:
+        raise ValueError(f"{op}: lock must be [{SPLIT_K_LOCK_WORDS}] int32 zeros on {device}, got "
+                         f"{list(lock.shape)} {lock.dtype} on {lock.device}")
+
+
 def _launch(b: Int4Blocks) -> dict:
     """The launch options of an Int4 GEMM's blocks: ``num_stages`` and ``num_warps`` only where the blocks set them
     (sweep candidates; engines launch with Triton's defaults)."""
@@ -372,9 +383,8 @@ def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None, lock:
     if b.bf16x2:
         _check_bf16x2(x, n_out, k_in, w_scale, b)
     chain = lock is not None
-    if chain and (lock.dtype != torch.int32 or lock.shape != (SPLIT_K_LOCK_WORDS,) or lock.device != x.device):
-        raise ValueError(f"int4_mm_chained: lock must be [{SPLIT_K_LOCK_WORDS}] int32 zeros on {x.device}, got "
-                         f"{list(lock.shape)} {lock.dtype} on {lock.device}")
+    if chain:
+        _check_lock("int4_mm_chained", lock, x.device)
     grid_m, grid_n = triton.cdiv(x.shape[0], b.block_m), triton.cdiv(n_out, b.block_n)
     words, step = _k_step(b, group, w_scale)
     part, part_strides, lock, k_split, splits = _split_k_buffers(x.shape[0], n_out, k_in, b, x, grid_m * grid_n, step,
@@ -410,25 +420,31 @@ def fused_attention_inplace(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Te
                             start_pos: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int, chunk: int,
                             scaling: float, use_rope: bool, qk_norm: bool, temp_tuning: bool, floor_scale: float,
                             attn_scale: float, eps: float, blocks: AttentionBlocks | None = None,
-                            n_split: int | None = None) -> Tensor:
+                            n_split: int | None = None, lock: Tensor | None = None,
+                            next_lock: Tensor | None = None):
     """The body of ``l4::attention_fused_inplace``: q as projected (the partial kernel applies the layer's RoPE and
     qk-norm, or its temperature, as ``ops.attention._project`` does), k_new / v_new as cached; after the attention
     has read the caches, the T new keys / values are written into them in place. ``blocks`` and ``n_split``
-    override the static choices (tests)."""
+    override the static choices (tests). ``lock`` (the body of ``l4::attention_fused_chained``):
+    [SPLIT_K_LOCK_WORDS] int32 zeros, left zeros; with more than one key split the partial kernel then merges the
+    splits and writes the caches itself, and the launch zeroes a fresh block (``next_lock``, given or allocated)
+    -> (out, that block)."""
     if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] * 2 != q.shape[-1]:
         raise ValueError(f"attention_fused_inplace: cos / sin must be [positions, {q.shape[-1] // 2}], "
                          f"got {list(cos.shape)} / {list(sin.shape)}")
     return _fused_attention(q, k_new, v_new, k_cache, v_cache, start_pos, n_heads, n_kv_heads, chunk, scaling, blocks,
                             n_split, write_caches=True,
-                            q_transform=(cos, sin, use_rope, qk_norm, temp_tuning, floor_scale, attn_scale, eps))
+                            q_transform=(cos, sin, use_rope, qk_norm, temp_tuning, floor_scale, attn_scale, eps),
+                            lock=lock, next_lock=next_lock)
 
 
 def _fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor,
                      n_heads: int, n_kv_heads: int, chunk: int, scaling: float, blocks: AttentionBlocks | None,
-                     n_split: int | None, write_caches: bool = False, q_transform: tuple | None = None) -> Tensor:
-    """Both bodies. ``write_caches``: the combine launch writes the new keys into the caches. ``q_transform``:
+                     n_split: int | None, write_caches: bool = False, q_transform: tuple | None = None,
+                     lock: Tensor | None = None, next_lock: Tensor | None = None):
+    """The bodies. ``write_caches``: the combine launch writes the new keys into the caches. ``q_transform``:
     (cos, sin, use_rope, qk_norm, temp_tuning, floor_scale, attn_scale, eps) for the partial kernel to apply to q;
-    None: q comes transformed."""
+    None: q comes transformed. ``lock`` / ``next_lock``: ``fused_attention_inplace``'s (MERGE)."""
     batch, _, n_tok, head_dim = q.shape
     slots = k_cache.shape[2]
     rep = n_heads // n_kv_heads
@@ -437,6 +453,16 @@ def _fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
     row_blocks = triton.cdiv(n_rows, bl.block_m)
     splits = n_split or attention_splits(row_blocks, batch, n_kv_heads, slots, bl.block_n)
     mode = _dot_mode(q.dtype)
+    merge = lock is not None
+    if merge:
+        _check_lock("attention_fused_chained", lock, q.device)
+        bh = batch * n_kv_heads
+        need = (row_blocks + 1) * bh
+        if isinstance(need, int) and isinstance(splits, int) and splits > 1 and need > SPLIT_K_LOCK_WORDS:
+            raise ValueError(f"attention_fused_chained: {row_blocks} row blocks x {bh} (batch, kv head) pairs and "
+                             f"{splits} splits need {need} counters, more than {SPLIT_K_LOCK_WORDS}")
+        if next_lock is None:
+            next_lock = torch.empty(SPLIT_K_LOCK_WORDS, device=q.device, dtype=torch.int32)
     # partials only where there is more than one split (one split writes ``out`` itself): at an 8K-token prefill,
     # S = 1 and [S, B, Hkv, M, D] float32 would be 168 MB per layer for nothing; as a size, guard-free in T
     n_part = splits * torch.sym_min(1, splits - 1)
@@ -456,20 +482,25 @@ def _fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
         q, k_new, v_new, k_cache, v_cache, start, o_part, lse, out, cos, sin, n_tok, slots, head_dim, n_kv_heads,
         rep, chunk, splits, scaling, floor_scale, attn_scale, eps, *q.stride(), *k_new.stride(), *v_new.stride(),
         *k_cache.stride(), *v_cache.stride(), *o_part.stride(), *lse.stride(), *out_strides, *table_strides,
+        lock if merge else start, next_lock if merge else start, next_lock.numel() if merge else 0,
         BLOCK_M=bl.block_m, BLOCK_N=bl.block_n, BLOCK_D=bl.block_d, DECODE_M=decode_m, ROPE=rope,
-        QK_NORM=qk_norm, TEMP=temp, **mode)
+        QK_NORM=qk_norm, TEMP=temp, MERGE=merge, STAGES=ATTENTION_COMBINE_STAGES, **mode)
     # with S > 1 the merge, DECODE_M rows a program; with one split (the partial kernel wrote ``out``) no programs,
-    # or, writing the caches, the T new tokens, DECODE_M a program (the merge's R*T rows cover them when S > 1)
-    if write_caches:
-        tiles = triton.cdiv(torch.sym_max(n_rows * torch.sym_min(1, splits - 1), n_tok), decode_m)
+    # or, writing the caches, the T new tokens, DECODE_M a program (the merge's R*T rows cover them when S > 1);
+    # with MERGE the partial kernel merged and wrote when S > 1, and the caches are written here when S = 1
+    one_split = 1 - torch.sym_min(1, splits - 1)                                # guard-free in T: 1 iff S = 1
+    if merge:
+        tiles = triton.cdiv(n_tok, decode_m) * one_split
+    elif write_caches:
+        tiles = triton.cdiv(torch.sym_max(n_rows * (1 - one_split), n_tok), decode_m)
     else:
-        tiles = triton.cdiv(n_rows, decode_m) * torch.sym_min(1, splits - 1)     # guard-free in T
+        tiles = triton.cdiv(n_rows, decode_m) * (1 - one_split)
     wrap_triton(attention_combine_kernel)[(tiles, batch * n_kv_heads)](
         o_part, lse, out, k_new, v_new, k_cache, v_cache, start, n_tok, slots, head_dim, n_kv_heads, rep, splits,
         *o_part.stride(), *lse.stride(), *out_strides, *k_new.stride(), *v_new.stride(), *k_cache.stride(),
         *v_cache.stride(), BLOCK_M=decode_m, BLOCK_D=bl.block_d, STAGES=ATTENTION_COMBINE_STAGES,
         WRITE=write_caches)
-    return out
+    return (out, next_lock) if merge else out
 
 
 @triton_op("l4::attention_fused", mutates_args=())
@@ -485,6 +516,16 @@ def attention_fused_inplace(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Te
                             attn_scale: float, eps: float) -> Tensor:
     return fused_attention_inplace(q, k_new, v_new, k_cache, v_cache, start_pos, cos, sin, n_heads, n_kv_heads,
                                    chunk, scaling, use_rope, qk_norm, temp_tuning, floor_scale, attn_scale, eps)
+
+
+@triton_op("l4::attention_fused_chained", mutates_args=("k_cache", "v_cache"))
+def attention_fused_chained(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor,
+                            start_pos: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int, chunk: int,
+                            scaling: float, use_rope: bool, qk_norm: bool, temp_tuning: bool, floor_scale: float,
+                            attn_scale: float, eps: float, lock: Tensor) -> tuple[Tensor, Tensor]:
+    return fused_attention_inplace(q, k_new, v_new, k_cache, v_cache, start_pos, cos, sin, n_heads, n_kv_heads,
+                                   chunk, scaling, use_rope, qk_norm, temp_tuning, floor_scale, attn_scale, eps,
+                                   lock=lock)
 
 
 @triton_op("l4::moe_fused", mutates_args=())

@@ -54,9 +54,15 @@ def test_tiny_int4_cuda_engine_generates_and_passes_its_checks(tmp_path):
     assert launches["moe_route_kernel"] == launches["moe_int4_gate_up_kernel"] == launches["moe_int4_down_kernel"] == 4
     # Inductor's own: 8 for the 4 layers: the norm after each MoE (with its combine and the residual add; the last
     # one the final norm), the first layer's input norm (with the embedding), and k's RoPE + qk-norm in the 3 RoPE
-    # layers. The attention kernel transforms q and writes the caches, add_rms_norm_router does the post-attention
-    # norm (24 before both: + q's RoPE or temperature, a k and a v cache write and that norm a layer)
-    assert sum(n for k, n in launches.items() if k.startswith("triton_")) <= 2 * 4
+    # layers; + 1, the zeroed counters that head the step's chain (l4::attention_fused_chained). The attention
+    # kernel transforms q and writes the caches, add_rms_norm_router does the post-attention norm (24 before both:
+    # + q's RoPE or temperature, a k and a v cache write and that norm a layer)
+    assert sum(n for k, n in launches.items() if k.startswith("triton_")) <= 2 * 4 + 1
+    assert r["graph_ops"]["l4.attention_fused_chained.default"] == 4
+    # 41 launch sites; a decode step skips the 4 route launches (the GEMMs map one token) and the global layer's
+    # combine (its splits merged in the partial kernel); the 3 chunked layers (16 slots: one split) keep theirs, which
+    # writes the caches. At 2048 tokens the route launches run and the global layer still splits (64 row blocks x 2)
+    assert r["kernels_launched"] == 41 and r["launched_at"] == {"B=1 T=1": 36, "B=1 T=2048": 40}
     assert not [k for k in launches if "index_copy" in k or "index_put" in k]
     # the lm_head alone (cuBLAS): each layer's router is in its add_rms_norm_router launch, which also adds the
     # residual and norms the MoE's input (5 mm and 4 more Inductor norm kernels before)
@@ -113,6 +119,25 @@ def test_tuned_kernel_blocks_are_the_engines(tmp_path):
     assert r["launches"]["int4_mm_kernel"] == 4 and r["launches"]["moe_int4_down_kernel"] == 2
     assert r["kernel_blocks"] == {"int4_mm 768 512 128 bfloat16": "BN64 BK128 SK4 NW8",
                                   "moe_q 16 512 1024 128 128 bfloat16": "BN64 BK128 SK1/2"}
+
+
+def test_nonempty_launches_evaluates_the_wrappers_grids():
+    """``nonempty_launches`` follows run_impl's integer assignments and counts the launches whose grid has no 0: l4's
+    kernels by their last three arguments, Inductor's by their xnumel; a grid it cannot evaluate gives None."""
+    tool = _tool()
+    lines = ["    auto arg9_1 = std::move(inputs[0]);", "    auto arg9_1_size = arg9_1.sizes();",
+             "    int64_t s34 = arg9_1_size[0];", "    int64_t s7 = s34;", "    int64_t s70 = arg9_1_size[1];",
+             "    int64_t triton_poi_0_xnumel = 5L*s7*s70;",
+             "    call_triton_poi_0(buf0, triton_poi_0_xnumel, this->device_idx_, stream, kernels, this->cubin_dir_);",
+             "    call_route_kernel_1(buf0, s70, std::min(static_cast<int64_t>(1L), static_cast<int64_t>((-1L) + "
+             "s34*s70)), 1L, 1L, this->device_idx_, stream, kernels, this->cubin_dir_);",
+             "    call_combine_kernel_2(buf0, c10::div_floor_integer(static_cast<int64_t>(15L + s70), "
+             "static_cast<int64_t>(16L))*(1L - std::min(static_cast<int64_t>(1L), static_cast<int64_t>(s70 - 1L))), "
+             "2L*s34, 1L, this->device_idx_, stream, kernels, this->cubin_dir_);"]
+    assert tool.nonempty_launches(lines, 1, 1) == 2          # the route launch skipped at one token
+    assert tool.nonempty_launches(lines, 1, 2048) == 2       # the combine's grid empty past one token
+    assert tool.nonempty_launches(lines, 2, 1) == 3
+    assert tool.nonempty_launches([*lines, "    call_k_3(buf0, s99, 1L, 1L, this->device_idx_, stream);"], 1, 1) is None
 
 
 def test_kernel_blocks_file_that_is_no_record_is_one_error_line(tmp_path, capsys):
@@ -201,7 +226,7 @@ def test_analyze_in_place_attention_writes_its_caches_from_the_combine_launch():
     r = _analyze_in_place(sound.replace("{BEFORE}", "").replace("{AFTER}", ""))
     assert r["problems"] == {"kernels": [], "opaque": [], "caches": []}
     problems = _analyze_in_place(RUN_IMPL.replace("{BEFORE}", "").replace("{AFTER}", ""))["problems"]["caches"]
-    assert problems == [f"{n} written by ['triton_poi_fused_index_copy'], not by its attention's combine alone"
+    assert problems == [f"{n} written by ['triton_poi_fused_index_copy'], not by its attention's own launches alone"
                         for n in ("k_cache_0 (arg2_1)", "v_cache_0 (arg3_1)")]
 
 

@@ -32,6 +32,7 @@ CASES = {
     "nope-global": (1, 9, 32, 4, 1, 16, 11, 0, False),             # temperature tuning, one kv head
     "nope-decode-odd-dim": (2, 1, 40, 10, 2, 24, 39, 0, False),    # head_dim 24 padded to 32, group of 5
     "cache-shorter-than-context": (1, 3, 16, 4, 2, 16, 37, 0, False),  # the op's contract: the last L positions
+    "decode-two-blocks": (1, 1, 128, 4, 2, 16, 100, 0, False),      # default blocks split its 101 keys 2 ways
 }
 
 
@@ -94,6 +95,57 @@ def test_fused_attention_inplace_writes_the_new_caches(case, n_split):
     assert rel_err(out[0], plain[0]) < 1e-6 and rel_err(out[0], ref[0]) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("n_split", [1, 3])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_attention_chained_merges_in_its_partial_kernel(case, n_split):
+    """l4::attention_fused_chained's body: the in-place op's output, bit for bit, and its caches, with the split
+    merge and (S > 1) the cache write done by the partial kernel's last programs; over several row blocks
+    ("prompt-longer-than-ring", 3 of them at S = 3) the cache is written by the last of them to merge. Its
+    counters are left zeros and the next launch's block is zeroed (it came as garbage)."""
+    require_interpreter()
+    from l4compile.kernels.layout import SPLIT_K_LOCK_WORDS, AttentionBlocks
+    from l4compile.kernels.ops import fused_attention_inplace
+
+    args = _args(*CASES[case])
+    blocks = AttentionBlocks(16, 16, max(16, 1 << (CASES[case][5] - 1).bit_length()))
+    ref = attention_cached_impl(*args)
+    kc, vc = args[3].clone(), args[4].clone()
+    plain = attention_cached_impl(*args[:3], kc, vc, *args[5:], fused_attend=_fused(blocks, n_split, inplace=True),
+                                  fused_inplace=True)[0]
+    lock = torch.zeros(SPLIT_K_LOCK_WORDS, dtype=torch.int32)
+    nxt = torch.full((SPLIT_K_LOCK_WORDS,), -7, dtype=torch.int32)
+    kc, vc = args[3].clone(), args[4].clone()
+
+    def chained(*a):
+        out, next_lock = fused_attention_inplace(*a, blocks=blocks, n_split=n_split, lock=lock, next_lock=nxt)
+        assert next_lock is nxt
+        return out
+    out = attention_cached_impl(*args[:3], kc, vc, *args[5:], fused_attend=chained, fused_inplace=True)[0]
+    assert torch.equal(out, plain)
+    assert torch.equal(kc, ref[1]) and torch.equal(vc, ref[2])
+    assert not lock.any() and not nxt.any()
+
+
+def test_fused_attention_chained_refuses_a_bad_lock():
+    require_interpreter()
+    from l4compile.kernels.layout import AttentionBlocks
+    from l4compile.kernels.ops import fused_attention_inplace
+
+    args = list(_args(*CASES["decode"]))
+    q, k, v = (x.view(1, 1, -1, 16).transpose(1, 2) for x in args[:3])
+    rest = (*args[3:8], 4, 2, 16, 0.25, True, True, False, 4.0, 0.1, 1e-5)
+    with pytest.raises(ValueError, match=r"attention_fused_chained: lock must be \[4096\] int32 zeros on cpu, got "
+                                         r"\[16\] torch.int32"):
+        fused_attention_inplace(q, k, v, *rest, lock=torch.zeros(16, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"2 row blocks x 2048 \(batch, kv head\) pairs and 2 splits need 6144 "
+                                         r"counters, more than 4096"):
+        qb = torch.zeros(1024, 4, 9, 16)                            # B 1024, Hkv 2, R*T = 18 rows: 2 row blocks
+        kb, cache = torch.zeros(1024, 2, 9, 16), torch.zeros(1024, 2, 16, 16)
+        fused_attention_inplace(qb, kb, kb, cache, cache, *args[5:8], 4, 2, 16, 0.25, True, True, False, 4.0, 0.1,
+                                1e-5, blocks=AttentionBlocks(16, 16, 16), n_split=2,
+                                lock=torch.zeros(4096, dtype=torch.int32))
+
+
 def test_fused_attention_inplace_refuses_tables_of_another_head_dim():
     require_interpreter()
     from l4compile.kernels.ops import fused_attention_inplace
@@ -105,19 +157,29 @@ def test_fused_attention_inplace_refuses_tables_of_another_head_dim():
             fused_attention_inplace(q, k, v, *args[3:6], cos, sin, 4, 2, 16, 0.25, True, True, False, 4.0, 0.1, 1e-5)
 
 
+@pytest.mark.parametrize("chained", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_attention_cached_in_place(dtype):
+def test_attention_cached_in_place(dtype, chained):
     """What a CUDA engine's step runs for each layer (``dispatch.attention_cached_in_place``, default blocks and
     splits): the attention output alone, with the caches it is given updated to l4::attention_cached's new caches,
     by l4::attention_fused_inplace (float32, bfloat16: RoPE + qk-norm and NoPE temperature cases), or by copying the
-    reference's into them (float64, no kernel)."""
+    reference's into them (float64, no kernel). Chained (``attention_cached_chained``, l4::attention_fused_chained):
+    the same, and a block of zeroed counters for the next launch (without the kernel, the one it was given)."""
     require_interpreter()
-    from l4compile.kernels.dispatch import attention_cached_in_place
+    from l4compile.kernels.dispatch import attention_cached_chained, attention_cached_in_place
+    from l4compile.kernels.layout import SPLIT_K_LOCK_WORDS
 
-    for case in ("decode-wrapped-ring", "chunked-prefill", "prompt-longer-than-ring", "nope-decode-odd-dim"):
+    for case in ("decode-wrapped-ring", "chunked-prefill", "prompt-longer-than-ring", "nope-decode-odd-dim",
+                 "decode-two-blocks"):
         args = _args(*CASES[case], dtype=dtype)
         ref = attention_cached_impl(*args)
-        out = attention_cached_in_place(*args)
+        if chained:
+            lock = torch.zeros(SPLIT_K_LOCK_WORDS, dtype=torch.int32)
+            out, nxt = attention_cached_chained(*args, lock)
+            assert not lock.any() and not nxt.any() and nxt.shape == lock.shape
+            assert (nxt is lock) == (dtype == torch.float64)
+        else:
+            out = attention_cached_in_place(*args)
         assert isinstance(out, torch.Tensor) and out.dtype == dtype
         assert rel_err(out, ref[0]) < TOL.get(dtype, TOL[torch.float32]), case
         assert torch.equal(args[3], ref[1]) and torch.equal(args[4], ref[2]), case
@@ -246,10 +308,11 @@ def test_tiny_model_steps_with_fused_attention():
 def test_cuda_engine_step_writes_caches_in_place(tmp_path):
     """The step graph a --device cuda Inductor engine compiles (backends.inductor: ``caches_in_place`` with
     ``attention_cached_in_place``, exported and decomposed for CUDA): every layer attends with
-    l4::attention_fused_inplace and nothing else touches a cache. As AOTInductor and the jit runtime take it
+    l4::attention_fused_chained and nothing else touches a cache. As AOTInductor and the jit runtime take it
     (``mutations_in_place``; the jit runtime's ``in_place_module``), each of those calls writes its layer's cache
     inputs themselves and nothing copies a cache. In Int4, with every GEMM taken as one that may split K, the
-    l4::int4_mm_chained calls hand each other their zeroed split-K counters from one new_zeros block. As saved
+    l4::int4_mm_chained calls and the attention calls between them hand each other their zeroed counters from one
+    new_zeros block. As saved
     (program.pt2) and run here on CPU tensors under the interpreter, a 13-token prefill and 7 decode steps (batch 2,
     through the chunk-16 ring's wrap) give the step graph's logits and write its new caches into the caches given.
     Built in a process without the interpreter, which cannot trace the kernels."""
@@ -274,10 +337,11 @@ def test_cuda_engine_step_writes_caches_in_place(tmp_path):
         phs = [n.name for n in graph.nodes if n.op == "placeholder"]
         print([(str(n.target), [phs.index(a.name) if getattr(a, "op", "") == "placeholder" else None
                                 for a in n.args[3:5]]) for n in graph.nodes if n.op == "call_function"])
-        calls = [n for n in graph.nodes if n.target is torch.ops.l4.int4_mm_chained.default]
+        chained = (torch.ops.l4.int4_mm_chained.default, torch.ops.l4.attention_fused_chained.default)
+        calls = [n for n in graph.nodes if n.target in chained]           # each takes its counters last
         print([[str(u.target) for u in n.users] for n in calls])
-        print([(n.args[3].target is torch.ops.aten.new_zeros.default if i == 0 else n.args[3].args == (calls[i - 1], 1),
-                len(n.args[3].users)) for i, n in enumerate(calls)])
+        print([(n.args[-1].target is torch.ops.aten.new_zeros.default if i == 0 else n.args[-1].args == (calls[i - 1], 1),
+                len(n.args[-1].users), str(n.target)) for i, n in enumerate(calls)])
         """), str(tmp_path / "program.pt2")], capture_output=True, text=True, cwd=ROOT, timeout=600,
         env={**os.environ, "TRITON_INTERPRET": "0", "PYTHONWARNINGS": "ignore"})
     assert p.returncode == 0, p.stderr[-3000:]
@@ -285,17 +349,21 @@ def test_cuda_engine_step_writes_caches_in_place(tmp_path):
     n_layers = len(prog.kv_layout["layers"])
     *_, calls, chain_users, chain = p.stdout.strip().splitlines()
     calls = eval(calls)                                                             # (target, [cache inputs])
-    # 2 Int4 GEMMs a layer (the fused qkv, o_proj; the MoE runs its own kernels), each block of counters
-    # from the one before it and read once
-    assert chain.count("(True, 1)") == len(eval(chain)) == 2 * n_layers, chain
+    # 2 Int4 GEMMs a layer (the fused qkv, o_proj; the MoE runs its own kernels) and the attention between them,
+    # each block of counters from the one before it and read once
+    chain = eval(chain)
+    assert [(first, users) for first, users, _ in chain] == [(True, 1)] * 3 * n_layers, chain
+    assert [t for *_, t in chain] == ["l4.int4_mm_chained.default", "l4.attention_fused_chained.default",
+                                      "l4.int4_mm_chained.default"] * n_layers
     assert all(set(u) <= {"<built-in function getitem>"} for u in eval(chain_users))
     assert [t for t, _ in calls].count("aten.new_zeros.default") == 1
     assert "l4.int4_mm.default" not in [t for t, _ in calls]
     first_cache = len(prog.gm.graph.find_nodes(op="placeholder")) - 2 * n_layers
-    assert [c for t, c in calls if t == "l4.attention_fused_inplace.default"] == [
+    assert [c for t, c in calls if t == "l4.attention_fused_chained.default"] == [
         [first_cache + 2 * i, first_cache + 2 * i + 1] for i in range(n_layers)]
     assert not [t for t, _ in calls if t in ("aten.copy_.default", "aten.clone.default", "aten.index_copy.default",
-                                             "l4.attention_fused.default", "auto_functionalized_v2")]
+                                             "l4.attention_fused.default", "l4.attention_fused_inplace.default",
+                                             "auto_functionalized_v2")]
     # no input guards: the exported graph guards T != 1 (its example prompt's 0/1 specialisation, in CPU step graphs
     # too), which AOTInductor and the jit runtime's torch.compile do not enforce; they decode at T = 1
     step = torch.export.load(tmp_path / "program.pt2").module(check_guards=False)
@@ -341,3 +409,38 @@ def test_attention_fused_cuda_scout_decode():
         args = [a.cuda() if isinstance(a, torch.Tensor) else a
                 for a in _args(1, 1, 8192, 40, 8, 128, start, 0, False, dtype=torch.bfloat16)]
         assert rel_err(torch.ops.l4.attention_cached(*args)[0], attention_cached_impl(*args)[0]) < 2e-2
+
+
+def test_attention_merge_can_be_turned_off(monkeypatch):
+    """L4COMPILE_ATTENTION_MERGE=0 builds a CUDA engine whose attention merges its key splits in a second launch, as
+    before l4::attention_fused_chained (to time a decode step both ways: gpu_session.sh attnmerge)."""
+    from backends.inductor import attention_merge_enabled
+
+    assert attention_merge_enabled()
+    monkeypatch.setenv("L4COMPILE_ATTENTION_MERGE", "0")
+    assert not attention_merge_enabled()
+    monkeypatch.setenv("L4COMPILE_ATTENTION_MERGE", "1")
+    assert attention_merge_enabled()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,t,start", [(1, 1, 511), (1, 1, 8191), (8, 1, 4000), (1, 40, 300), (1, 200, 7000)])
+def test_attention_fused_chained_cuda_scout(batch, t, start):
+    """What a CUDA engine's chained step runs (l4::attention_fused_chained, default blocks and splits) at Scout's
+    widths: decode (32 and 4 key splits merged in the partial kernel), a 40-token step (4 row blocks, 8 splits) and
+    a 200-token one (16 row blocks, 2 splits): the cache written by the last row block merged, on a GPU's concurrent
+    programs: the reference's output and new caches, the counters left zeros and the next block zeroed, through
+    three launches on one block."""
+    require_cuda_kernels()
+    from l4compile.kernels.dispatch import attention_cached_chained
+    from l4compile.kernels.layout import SPLIT_K_LOCK_WORDS
+
+    lock = torch.zeros(SPLIT_K_LOCK_WORDS, dtype=torch.int32, device="cuda")
+    for seed in range(3):
+        args = [a.cuda() if isinstance(a, torch.Tensor) else a
+                for a in _args(batch, t, 8192, 40, 8, 128, start, 0, False, dtype=torch.bfloat16, seed=seed)]
+        ref = attention_cached_impl(*args)
+        out, nxt = attention_cached_chained(*args, lock)
+        assert rel_err(out, ref[0]) < 2e-2
+        assert torch.equal(args[3], ref[1]) and torch.equal(args[4], ref[2])
+        assert not lock.any().item() and not nxt.any().item()

@@ -466,7 +466,8 @@ def test_bench_kernels_script_checks_every_kernel(tmp_path, capsys):
     rows = report["rows"]
     assert report["device"] == ("cpu (interpreter)" if not torch.cuda.is_available() else torch.cuda.get_device_name())
     kernels = [r["kernel"] for r in rows]
-    assert kernels == ["attention_fused pos 7", "sdpa aten pos 7", "attention_fused pos 31", "sdpa aten pos 31",
+    assert kernels == [*["attention_fused pos 7"] * 2, "sdpa aten pos 7", *["attention_fused pos 31"] * 2,
+                       "sdpa aten pos 31",
                        *["moe_q_fused"] * 4, "moe_fused bf16", "add_rms_norm_router", "norm + router",
                        *["int4_mm q_proj"] * 4, "torch.mm bf16 q_proj", *["int4_mm kv_proj"] * 4,
                        "torch.mm bf16 kv_proj", *["int4_mm o_proj"] * 4, "torch.mm bf16 o_proj", "moe_fp8_fused",
@@ -474,7 +475,9 @@ def test_bench_kernels_script_checks_every_kernel(tmp_path, capsys):
     assert all(r["error"] is None and r["ms"] > 0 and r["rel_err"] < 5e-2 for r in rows)
     # what a decode step must read: k and v of the visible positions (2 sequences, 2 kv heads, head_dim 16, bf16)
     # plus q in and the output out (2 x 4 heads x 16)
-    assert [r["bytes"] for r in rows if r["kernel"].endswith("pos 7")] == [2 * 2 * 2 * 8 * 16 * 2 + 2 * 2 * 64 * 2] * 2
+    assert [r["bytes"] for r in rows if r["kernel"].endswith("pos 7")] == [2 * 2 * 2 * 8 * 16 * 2 + 2 * 2 * 64 * 2] * 3
+    # the chained launch (the engines') and the two-launch form it replaced, both checked
+    assert [r["config"] for r in rows if r["kernel"] == "attention_fused pos 31"] == ["BM16 BN16", "+ combine launch"]
     out = capsys.readouterr().out
     assert "| int4_mm q_proj | 2 | BN32 BK32 NS4 |" in out and "| moe_q_fused | 2 | BN32 BK32 NS4 |" in out
     assert "| int4_mm q_proj | 2 | BN32 BK32 SK2 |" in out                        # split: l4::int4_mm_chained's form

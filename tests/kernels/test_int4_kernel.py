@@ -203,8 +203,10 @@ def test_split_k_locks_chained(monkeypatch):
     from l4compile.kernels.layout import SPLIT_K_LOCK_WORDS
 
     gm = torch.fx.symbolic_trace(_ThreeInt4())
-    assert split_k_locks_chained(gm, linear_int4_chained, SPLIT_K_LOCK_WORDS, lambda w, s: False) is None
-    chained = split_k_locks_chained(gm, linear_int4_chained, SPLIT_K_LOCK_WORDS, lambda w, s: w is not gm.w1)
+    linear = torch.ops.l4.linear_int4.default
+    assert split_k_locks_chained(gm, {linear: (linear_int4_chained, lambda x, w, s: False)}, SPLIT_K_LOCK_WORDS) is None
+    chained = split_k_locks_chained(gm, {linear: (linear_int4_chained, lambda x, w, s: w is not gm.w1)},
+                                    SPLIT_K_LOCK_WORDS)
     nodes = [n for n in chained.graph.nodes if n.op == "call_function"]
     zeros = [n for n in nodes if n.target is torch.ops.aten.new_zeros.default]
     calls = [n for n in nodes if n.target is linear_int4_chained]

@@ -184,7 +184,9 @@ def test_decode_attention_tiles_and_loops(tmp_path):
     """A decode step's attention (Scout, bf16, T = 1): the partial kernel (BM 64) holds a 16-row tile (mma m16) for
     steps whose R*T rows fit 16, besides its 64-row one (wgmma m64), and no loop of either kernel waits on a load.
     The combine kernel's two passes did, one split at a time (sync loads 1 and 2), before its merge became one
-    pipelined pass."""
+    pipelined pass. As an engine chains it (l4::attention_fused_chained), the partial kernel merges the splits
+    itself: the combine launch is skipped, and the merge's loop in the partial kernel is pipelined too, with no
+    spill and no more shared memory than the partial kernel had (112 KiB, 2 programs an SM)."""
     _nvidia_backend()
     rows = {r["kernel"]: r for r in _rows(tmp_path, "--dtypes", "bfloat16", "--ops", "--cases",
                                           "attention_fused decode T=1")}
@@ -193,6 +195,9 @@ def test_decode_attention_tiles_and_loops(tmp_path):
     for r in (partial, combine):
         assert r["loop_loads"] and all(lp["sync"] == 0 for lp in r["loop_loads"]), (r["kernel"], r["loop_loads"])
         assert r["stack_bytes"] == 0, r
+    assert combine["fill"] == "no programs (the launch is skipped)"
+    assert partial["constexprs"]["MERGE"] is True and len(partial["loop_loads"]) >= 3      # 2 tile heights + merge
+    assert partial["shared_bytes"] == 114688 and partial["programs_per_sm"] == 2
 
 
 def test_int4_pipeline_depth_reaches_the_compiler(tmp_path):
