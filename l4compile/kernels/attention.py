@@ -56,7 +56,7 @@ def attention_partial_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                              PRECISION: tl.constexpr, DOT_F32: tl.constexpr, DECODE_M: tl.constexpr,
                              ROPE: tl.constexpr, QK_NORM: tl.constexpr, TEMP: tl.constexpr, MERGE: tl.constexpr,
-                             STAGES: tl.constexpr):
+                             BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
     """One (row block, batch x kv head, split) program. A step whose M = REP * T rows all fit DECODE_M (<= BLOCK_M;
     a decode step: 5 rows for Scout) runs them as one DECODE_M-row tile: the grid, sized for BLOCK_M, has one row
     block then, and at decode BM 16 beat BM 64 by 4-26% in every row timed on the 2026-12-04 H200.
@@ -90,10 +90,9 @@ def attention_partial_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o
                 b, g = (pid_bh // HKV).to(tl.int64), (pid_bh % HKV).to(tl.int64)
                 dd = tl.arange(0, BLOCK_D)
                 tile = DECODE_M if REP * T <= DECODE_M else BLOCK_M
-                for r0 in range(pid_m * tile, pid_m * tile + tile, DECODE_M):
-                    _merge_splits(o_ptr, lse_ptr, out_ptr, b, g, r0 + tl.arange(0, DECODE_M), dd, T, D, REP, N_SPLIT,
-                                  sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd, DECODE_M, BLOCK_D,
-                                  STAGES)
+                _merge_splits(o_ptr, lse_ptr, out_ptr, b, g, pid_m * tile, pid_m * tile + tile, dd, T, D, REP,
+                              N_SPLIT, sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd, BLOCK_S,
+                              STAGES)
                 blocks = tl.num_programs(0)
                 last = blocks == 1
                 if blocks > 1:          # the last row block of this (batch, kv head) to be merged
@@ -234,8 +233,8 @@ def _temperature_rows(x, pos, floor_scale, attn_scale):
 def attention_combine_kernel(o_ptr, lse_ptr, out_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, T, L, D, HKV, REP,
                              N_SPLIT, sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd,
                              snb, snh, snt, snd, svnb, svnh, svnt, svnd, scb, sch, scl, scd, svcb, svch, svcl, svcd,
-                             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
-                             WRITE: tl.constexpr):
+                             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                             STAGES: tl.constexpr, WRITE: tl.constexpr):
     """Program (pid_m, batch x kv head): with WRITE, writes new tokens pid_m * BLOCK_M .. + BLOCK_M - 1 into the
     caches (``_write_new_rows``); then, with S > 1, merges the S splits' partials of rows pid_m * BLOCK_M ..
     + BLOCK_M - 1 (``_merge_splits``). A chained launch (MERGE) does both in its partial kernel when S > 1, and this
@@ -245,10 +244,10 @@ def attention_combine_kernel(o_ptr, lse_ptr, out_ptr, kn_ptr, vn_ptr, kc_ptr, vc
     there, a new key could overwrite a ring slot that another program still reads. In a graph this replaces the two
     cache-write kernels an engine had.
 
-    The merge's loads are software-pipelined. Before, a max pass and then a sum pass waited out their loads one split
-    at a time: 3 S round trips to L2, 96 at S = 32, which at 0.1-0.15 us each would be most of the 15-19 us a decode
-    step's attention took on the H200 at position 511 (a count, not a profile). Every split stored its o: zeros
-    where it saw no key, with lse -inf (weight 0)."""
+    The merge takes a row's S splits in one load. Before (until 2026-12-07), a max pass and then a sum pass waited
+    out their loads one split at a time: 3 S round trips to L2, 96 at S = 32, which at 0.1-0.15 us each would be most
+    of the 15-19 us a decode step's attention took on the H200 at position 511 (a count, not a profile); then one
+    pipelined pass over the splits, ~11 round trips at S = 32."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, g = (pid_bh // HKV).to(tl.int64), (pid_bh % HKV).to(tl.int64)
     dd = tl.arange(0, BLOCK_D)
@@ -257,8 +256,8 @@ def attention_combine_kernel(o_ptr, lse_ptr, out_ptr, kn_ptr, vn_ptr, kc_ptr, vc
         _write_new_rows(kn_ptr, vn_ptr, kc_ptr, vc_ptr, b, g, rows, dd, tl.load(start_ptr).to(tl.int32), T, L, D,
                         snb, snh, snt, snd, svnb, svnh, svnt, svnd, scb, sch, scl, scd, svcb, svch, svcl, svcd)
     if N_SPLIT > 1:                   # else the partial kernel wrote the output
-        _merge_splits(o_ptr, lse_ptr, out_ptr, b, g, rows, dd, T, D, REP, N_SPLIT, sos, sob, soh, som, sod,
-                      sls, slb, slh, slm, syb, syt, syh, syd, BLOCK_M, BLOCK_D, STAGES)
+        _merge_splits(o_ptr, lse_ptr, out_ptr, b, g, pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M, dd, T, D, REP,
+                      N_SPLIT, sos, sob, soh, som, sod, sls, slb, slh, slm, syb, syt, syh, syd, BLOCK_S, STAGES)
 
 
 @triton.jit
@@ -277,32 +276,26 @@ def _write_new_rows(kn_ptr, vn_ptr, kc_ptr, vc_ptr, b, g, rows, dd, start, T, L,
 
 
 @triton.jit
-def _merge_splits(o_ptr, lse_ptr, out_ptr, b, g, rows, dd, T, D, REP, N_SPLIT, sos, sob, soh, som, sod,
-                  sls, slb, slh, slm, syb, syt, syh, syd, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                  STAGES: tl.constexpr):
-    """Rows ``rows`` [BM] of (batch b, kv head g): the S splits' partials merged into ``out``. One pass over the
-    splits with a running max of their log-sum-exps (as the partial kernel's softmax keeps one); a split's loads
-    depend on its index alone, so the loop is software-pipelined (STAGES - 1 splits ahead). The loads are ``.cg``
-    (L2): in the partial kernel (MERGE) the partials were stored by other programs of the same launch."""
+def _merge_splits(o_ptr, lse_ptr, out_ptr, b, g, row_lo, row_hi, dd, T, D, REP, N_SPLIT, sos, sob, soh, som, sod,
+                  sls, slb, slh, slm, syb, syt, syh, syd, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
+    """Rows row_lo .. row_hi - 1 of (batch b, kv head g): the S splits' partials merged into ``out``, a row at a time
+    with every split at once: the row's [S, D] partial outputs and [S] log-sum-exps in one load (BLOCK_S >= S), so a
+    row costs one round trip to L2, and the rows' loads depend on the row alone (the loop is software-pipelined,
+    STAGES - 1 rows ahead). A decode step's 5 rows (Scout) at S = 32 were 32 dependent split steps with the loop
+    over splits (3 in flight: ~11 round trips). The loads are ``.cg`` (L2): in the partial kernel (MERGE) the
+    partials were stored by other programs of the same launch. Every split stored its o: zeros where it saw no key,
+    with lse -inf (weight 0); a valid row always sees its own key, so some split has a finite lse."""
+    ss = tl.arange(0, BLOCK_S)
+    smask = ss < N_SPLIT
     dmask = dd < D
-    rmask = rows < REP * T
-    t = rows % T
-    head = g * REP + rows // T
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    den = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for s in tl.range(0, N_SPLIT, num_stages=STAGES):
-        lse = tl.load(lse_ptr + s * sls + b * slb + g * slh + rows * slm, mask=rmask, other=float("-inf"),
-                      cache_modifier=".cg")                                      # [BM]
-        o = tl.load(o_ptr + s * sos + b * sob + g * soh + rows[:, None] * som + dd[None, :] * sod,
-                    mask=rmask[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg")   # [BM, BD]
-        m_new = tl.maximum(m_i, lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)                    # rows no split has seen yet
-        alpha = tl.exp(m_i - m_safe)
-        w = tl.exp(lse - m_safe)                                                 # 0 for an empty split
-        den = den * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * o
-        m_i = m_new
-    out = acc / tl.where(den > 0.0, den, 1.0)[:, None]
-    tl.store(out_ptr + b * syb + t[:, None] * syt + head[:, None] * syh + dd[None, :] * syd,
-             out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+    for r in tl.range(row_lo, tl.minimum(row_hi, REP * T), num_stages=STAGES):
+        lse = tl.load(lse_ptr + ss * sls + b * slb + g * slh + r * slm, mask=smask, other=float("-inf"),
+                      cache_modifier=".cg")                                      # [S]
+        o = tl.load(o_ptr + ss[:, None] * sos + b * sob + g * soh + r * som + dd[None, :] * sod,
+                    mask=smask[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg")   # [S, D]
+        m = tl.max(lse, axis=0)
+        w = tl.exp(lse - tl.where(m == float("-inf"), 0.0, m))                  # [S], 0 for an empty split
+        den = tl.sum(w, axis=0)
+        out = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0.0, den, 1.0)     # [D]
+        t, head = r % T, g * REP + r // T
+        tl.store(out_ptr + b * syb + t * syt + head * syh + dd * syd, out.to(out_ptr.dtype.element_ty), mask=dmask)

@@ -234,8 +234,9 @@ ATTENTION_MAX_HEAD_DIM = 256
 # A step whose R*T rows per (batch, kv head) fit this many runs them as one tile of this height, whatever BM: at
 # decode (5 rows for Scout) BM 16 took 4-26% less time than BM 64 in every row of the 2026-12-04 H200 run.
 ATTENTION_DECODE_BLOCK_M = 16
-# Splits' partials the combine kernel keeps loading ahead (its loop's num_stages - 1 in flight): 25 KB of shared
-# memory at BM 16 x D 128, no spill in Triton 3.6 or 3.7 (sm_90a)
+# Rows the split merge keeps loading ahead (its loop's num_stages - 1 in flight), each row's [32 splits, D] partials at
+# once: 51 KB of shared memory at D 128 in the combine kernel (56 registers, no spill, Triton 3.7, sm_90a); in the
+# chained partial kernel the merge fits the 112 KiB its main loop has
 ATTENTION_COMBINE_STAGES = 4
 
 

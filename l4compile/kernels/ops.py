@@ -60,11 +60,11 @@ from l4compile.ops.moe import _route
 from . import access_memo, interpreting, tuned_blocks
 from .attention import attention_combine_kernel, attention_partial_kernel
 from .int4_mm import int4_mm_bf16x2_kernel, int4_mm_kernel
-from .layout import (ATTENTION_COMBINE_STAGES, ATTENTION_DECODE_BLOCK_M, MOE_ROUTE_DECODE_TOKENS,
+from .layout import (ATTENTION_COMBINE_STAGES, ATTENTION_DECODE_BLOCK_M, ATTENTION_MAX_SPLITS, MOE_ROUTE_DECODE_TOKENS,
                      NORM_ROUTER_BLOCK_H, NORM_ROUTER_BLOCK_HB, NORM_ROUTER_BLOCK_T, NORM_ROUTER_DECODE_TOKENS,
-                     NORM_ROUTER_EXPERTS, AttentionBlocks, SPLIT_K_LOCK_WORDS, Int4Blocks, MoeRows,
-                     attention_blocks, attention_splits, fma_unpack, int4_blocks, moe_blocks, moe_fp8_blocks,
-                     moe_int4_blocks, moe_rows, num_tiles, scale_words, split_k_plan)
+                     NORM_ROUTER_EXPERTS, AttentionBlocks, SPLIT_K_LOCK_WORDS, Int4Blocks, MoeRows, attention_blocks,
+                     attention_splits, fma_unpack, int4_blocks, moe_blocks, moe_fp8_blocks, moe_int4_blocks, moe_rows,
+                     num_tiles, scale_words, split_k_plan)
 from .moe_down import moe_down_kernel
 from .moe_fp8_down import moe_fp8_down_kernel
 from .moe_fp8_gate_up import moe_fp8_gate_up_kernel
@@ -472,6 +472,8 @@ def _fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
     out_strides = (out.stride(0), out.stride(1), head_dim, 1)                   # [B, T, Hq, D] view of out
     start = start_pos.reshape(1).to(torch.int64)
     decode_m = min(ATTENTION_DECODE_BLOCK_M, bl.block_m)
+    # the merge loads a row's splits at once: a block of at least S (the most a step may get when S is a SymInt)
+    block_s = triton.next_power_of_2(max(2, splits if isinstance(splits, int) else ATTENTION_MAX_SPLITS))
     if q_transform is None:                         # unused table pointers: q's own (never read)
         cos, sin, rope, qk_norm, temp, floor_scale, attn_scale, eps = q, q, False, False, False, 1.0, 0.0, 0.0
         table_strides = (0, 0, 0, 0)
@@ -484,7 +486,7 @@ def _fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
         *k_cache.stride(), *v_cache.stride(), *o_part.stride(), *lse.stride(), *out_strides, *table_strides,
         lock if merge else start, next_lock if merge else start, next_lock.numel() if merge else 0,
         BLOCK_M=bl.block_m, BLOCK_N=bl.block_n, BLOCK_D=bl.block_d, DECODE_M=decode_m, ROPE=rope,
-        QK_NORM=qk_norm, TEMP=temp, MERGE=merge, STAGES=ATTENTION_COMBINE_STAGES, **mode)
+        QK_NORM=qk_norm, TEMP=temp, MERGE=merge, BLOCK_S=block_s, STAGES=ATTENTION_COMBINE_STAGES, **mode)
     # with S > 1 the merge, DECODE_M rows a program; with one split (the partial kernel wrote ``out``) no programs,
     # or, writing the caches, the T new tokens, DECODE_M a program (the merge's R*T rows cover them when S > 1);
     # with MERGE the partial kernel merged and wrote when S > 1, and the caches are written here when S = 1
@@ -498,7 +500,7 @@ def _fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
     wrap_triton(attention_combine_kernel)[(tiles, batch * n_kv_heads)](
         o_part, lse, out, k_new, v_new, k_cache, v_cache, start, n_tok, slots, head_dim, n_kv_heads, rep, splits,
         *o_part.stride(), *lse.stride(), *out_strides, *k_new.stride(), *v_new.stride(), *k_cache.stride(),
-        *v_cache.stride(), BLOCK_M=decode_m, BLOCK_D=bl.block_d, STAGES=ATTENTION_COMBINE_STAGES,
+        *v_cache.stride(), BLOCK_M=decode_m, BLOCK_D=bl.block_d, BLOCK_S=block_s, STAGES=ATTENTION_COMBINE_STAGES,
         WRITE=write_caches)
     return (out, next_lock) if merge else out
 

@@ -71,7 +71,7 @@ def test_programs_per_sm_follows_the_occupancy_rules():
     256), shared memory (+1 KB a block) and warps, worked by hand for kernels of the table: the Int4 MoE gate_up at
     decode (180 registers, 4 warps, 100352 B) holds 2 programs an SM; at 8 warps (102 registers) still 2, by shared
     memory; at 2 stages (192 registers, 50176 B) still 2, by registers; int4_mm (115, 33280 B) 4; the attention
-    combine (64, 24960 B) 8; a small kernel without shared memory 16, by warps."""
+    combine as it was (64, 24960 B) 8; a small kernel without shared memory 16, by warps."""
     code = ("import sys; sys.path.insert(0, 'benchmarks'); from kernels_sm90 import programs_per_sm as f; "
             "print([f(180, 4, 100352), f(102, 8, 100352), f(192, 4, 50176), f(115, 4, 33280), f(64, 4, 24960), "
             "f(32, 4, 0), f(255, 4, 167936), f(170, 4, 0), f(32, 4, 58000)])")
