@@ -12,13 +12,16 @@ with (down_q, down_s) = ``down_q[e]``, ``down_s[e]`` ([E, H, I], [E, H]) for a r
 ``shared_down_q``, ``shared_down_s`` ([H, I], [H]) for the shared group E, both nn.Linear orientation. Rows stay in
 the grouped order; the caller adds each token's routed rows onto its shared row (``ops.combine_rows``).
 
+``MAP_IN_KERNEL`` as in ``moe_fp8_gate_up``: a 1-token step's tiles from its logits (``moe_route.tile_span``).
+
 Shapes: act [R, I]; down_q [E, H, I] float8_e4m3fn, down_s [E, H]; shared_down_q [H, I] float8, shared_down_s [H];
-tile_group/tile_row0/tile_row_end [NT] int32; y [R, H]. Grid: (NT, cdiv(H, BN)).
+tile_group/tile_row0/tile_row_end [NT] int32; y [R, H]; logits [T, E]. Grid: (NT, cdiv(H, BN)).
 """
 import triton
 import triton.language as tl
 
 from .fp8_rows import fp8_dot, quantize, rows_scale, scaled_rows, weight_tile
+from .moe_route import tile_span
 
 
 @triton.jit
@@ -37,18 +40,20 @@ def _fp8_down_tile(a_rows, stride_ai, ones, rmask, wq_ptr, stride_wn, stride_wk,
     return acc, s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])     # one variant eager or in an engine (moe_route.tile_span's T = 1)
 def moe_fp8_down_kernel(act_ptr, dq_ptr, ds_ptr, sdq_ptr, sds_ptr, y_ptr, tile_group_ptr, tile_row0_ptr,
                         tile_row_end_ptr, H, I, E,
                         stride_ar, stride_ai, stride_qe, stride_qn, stride_qk, stride_se, stride_sn,
-                        stride_shqn, stride_shqk, stride_shs, stride_yr, stride_yh,
+                        stride_shqn, stride_shqk, stride_shs, stride_yr, stride_yh, logits_ptr, T, stride_le,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        FP8_DOT: tl.constexpr, DOT_F32: tl.constexpr, EMULATE_FP8: tl.constexpr):
+                        FP8_DOT: tl.constexpr, DOT_F32: tl.constexpr, EMULATE_FP8: tl.constexpr,
+                        MAP_IN_KERNEL: tl.constexpr, BLOCK_G: tl.constexpr):
     tile = tl.program_id(0)
-    grp = tl.load(tile_group_ptr + tile)
+    grp, row0, row_end, _, _ = tile_span(tile, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr, logits_ptr, T, E,
+                                         stride_le, MAP_IN_KERNEL, BLOCK_G)
     if grp <= E:                                                                 # grp == E + 1: unused tile
-        rows = tl.load(tile_row0_ptr + tile) + tl.arange(0, BLOCK_M)            # [BM]
-        rmask = rows < tl.load(tile_row_end_ptr + tile)
+        rows = row0 + tl.arange(0, BLOCK_M)                                      # [BM]
+        rmask = rows < row_end
         a_rows = act_ptr + rows.to(tl.int64) * stride_ar                        # [BM] row pointers
         ones = tl.full((BLOCK_M,), 1.0, tl.float32)                             # act is already scaled
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)               # [BN] in [0, H)

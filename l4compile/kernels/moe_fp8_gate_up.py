@@ -14,15 +14,19 @@ For every row r of tile ``program_id(0)`` (layout: ``l4compile.kernels.layout.mo
 with (gate_q, up_q) = rows [0, I) and [I, 2I) of ``gate_up_q[e]`` ([E, 2I, H]; scales [E, 2I]) for a routed group
 e < E, and ``shared_gate_q``, ``shared_up_q`` ([I, H], same strides; scales [I]) for the shared group E.
 
+``MAP_IN_KERNEL`` (top-1): a 1-token step's tiles come from its router logits (``moe_route.tile_span``,
+``tile_tokens``), as in ``moe_gate_up``: a batch-1 decode step needs no route launch.
+
 Shapes: x [T, H]; gate_up_q [E, 2I, H] float8_e4m3fn, gate_up_s [E, 2I]; shared_gate_q/shared_up_q [I, H] float8,
 shared_gate_s/shared_up_s [I]; row_tok [R] int32; row_scale [R] f32; tile_group/tile_row0/tile_row_end [NT] int32;
-act [R, I] (x.dtype). Grid: (NT, cdiv(I, BN)).
+act [R, I] (x.dtype); logits [T, E], routed_row [T] int64. Grid: (NT, cdiv(I, BN)).
 """
 import triton
 import triton.language as tl
 
 from .fp8_rows import fp8_dot, quantize, rows_scale, scaled_rows, weight_tile
 from .moe_gate_up import swiglu_store
+from .moe_route import tile_span, tile_tokens
 
 
 @triton.jit
@@ -44,21 +48,23 @@ def _fp8_dot_pair(x_rows, stride_xh, scale, rmask, wg_ptr, wu_ptr, stride_wn, st
     return acc_g, acc_u, s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])     # one variant eager or in an engine (moe_route.tile_span's T = 1)
 def moe_fp8_gate_up_kernel(x_ptr, gu_q_ptr, gu_s_ptr, sg_q_ptr, sg_s_ptr, su_q_ptr, su_s_ptr, act_ptr,
                            row_tok_ptr, row_scale_ptr, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr,
                            H, I, E,
                            stride_xt, stride_xh, stride_qe, stride_qn, stride_qk, stride_se, stride_sn,
-                           stride_shqn, stride_shqk, stride_shs, stride_ar, stride_ai,
+                           stride_shqn, stride_shqk, stride_shs, stride_ar, stride_ai, logits_ptr, routed_row_ptr,
+                           T, stride_le,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           FP8_DOT: tl.constexpr, DOT_F32: tl.constexpr, EMULATE_FP8: tl.constexpr):
+                           FP8_DOT: tl.constexpr, DOT_F32: tl.constexpr, EMULATE_FP8: tl.constexpr,
+                           MAP_IN_KERNEL: tl.constexpr, BLOCK_G: tl.constexpr):
     tile = tl.program_id(0)
-    grp = tl.load(tile_group_ptr + tile)
+    grp, row0, row_end, mapped, score = tile_span(tile, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr, logits_ptr,
+                                                  T, E, stride_le, MAP_IN_KERNEL, BLOCK_G)
     if grp <= E:                                                                 # grp == E + 1: unused tile
-        rows = tl.load(tile_row0_ptr + tile) + tl.arange(0, BLOCK_M)            # [BM]
-        rmask = rows < tl.load(tile_row_end_ptr + tile)
-        tok = tl.load(row_tok_ptr + rows, mask=rmask, other=0)
-        scale = tl.load(row_scale_ptr + rows, mask=rmask, other=0.0)
+        rows = row0 + tl.arange(0, BLOCK_M)                                      # [BM]
+        rmask = rows < row_end
+        tok, scale = tile_tokens(row_tok_ptr, row_scale_ptr, routed_row_ptr, rows, rmask, mapped, score)
         x_rows = x_ptr + tok.to(tl.int64) * stride_xt                           # [BM] row pointers
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)               # [BN] in [0, I)
         cmask = cols < I

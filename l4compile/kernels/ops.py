@@ -10,10 +10,10 @@ code (plain aten) and the kernels themselves (``wrap_triton``) and compile both 
 data-dependent shapes (see ``layout.moe_rows``), so they trace with a symbolic token count and also serve as
 their own fake implementations. A top-1 MoE step is four launches: the router matmul, ``moe_route_kernel`` (the
 whole grouped-row map), the two grouped GEMMs; the combine of routed and shared rows is a gather Inductor fuses.
-The bf16 MoE, and the Int4 one with unsplit GEMMs (the default), run three at a 1-token step: their GEMMs map the
-step from the logits (``moe_route.tile_span``) and the route launch's grid is empty. In a CUDA engine's step the
-router matmul is gone too: ``add_rms_norm_router`` makes the logits in the launch that adds the residual and norms
-the MoE's input (``backends.norm_router_fused``), and the MoE op takes them.
+The bf16 and FP8 MoEs, and the Int4 one with unsplit GEMMs (the default), run three at a 1-token step: their GEMMs
+map the step from the logits (``moe_route.tile_span``) and the route launch's grid is empty. In a CUDA engine's step
+the router matmul is gone too: ``add_rms_norm_router`` makes the logits in the launch that adds the residual and
+norms the MoE's input (``backends.norm_router_fused``), and the MoE op takes them.
 Int4 GEMMs with ``split_k`` > 1 stay one launch each (``split_k.py``: the last program of a tile adds the
 partials), plus a memset of their tile counters where a step splits; chained (``int4_mm_chained``, what a CUDA
 engine's step runs), each launch zeroes the next one's counters and a step needs one memset in all.
@@ -277,7 +277,7 @@ def fused_moe_fp8(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Ten
     if bgu[0] != bdn[0]:
         raise ValueError("moe_fp8_fused: gate_up and down blocks must share BM (one tile map)")
     n_tok = x.shape[0]
-    rows = _rows(x, router_w, top_k, bgu[0], logits)
+    logits, rows, in_map, map_modes = _route_map(x, router_w, top_k, bgu[0], logits=logits)
     n_rows = n_tok * (top_k + 1)
     n_tiles = rows.tile_group.shape[0]
     mode = _fp8_mode(x)
@@ -286,14 +286,14 @@ def fused_moe_fp8(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Ten
         x, gate_up_q, gate_up_s, shared_gate_q, shared_gate_s, shared_up_q, shared_up_s, act, rows.row_tok,
         rows.row_scale, rows.tile_group, rows.tile_row0, rows.tile_row_end, hidden, i_dim, n_exp,
         x.stride(0), x.stride(1), *gate_up_q.stride(), *gate_up_s.stride(), *shared_gate_q.stride(),
-        shared_gate_s.stride(0), act.stride(0), act.stride(1),
-        BLOCK_M=bgu[0], BLOCK_N=bgu[1], BLOCK_K=bgu[2], **mode)
+        shared_gate_s.stride(0), act.stride(0), act.stride(1), logits, rows.routed_row, *in_map,
+        BLOCK_M=bgu[0], BLOCK_N=bgu[1], BLOCK_K=bgu[2], **mode, **map_modes)
     y = torch.empty((n_rows, hidden), device=x.device, dtype=x.dtype)            # [R, H]
     wrap_triton(moe_fp8_down_kernel)[(n_tiles, triton.cdiv(hidden, bdn[1]))](
         act, down_q, down_s, shared_down_q, shared_down_s, y, rows.tile_group, rows.tile_row0, rows.tile_row_end,
         hidden, i_dim, n_exp, act.stride(0), act.stride(1), *down_q.stride(), *down_s.stride(),
-        *shared_down_q.stride(), shared_down_s.stride(0), y.stride(0), y.stride(1),
-        BLOCK_M=bdn[0], BLOCK_N=bdn[1], BLOCK_K=bdn[2], **mode)
+        *shared_down_q.stride(), shared_down_s.stride(0), y.stride(0), y.stride(1), logits, *in_map,
+        BLOCK_M=bdn[0], BLOCK_N=bdn[1], BLOCK_K=bdn[2], **mode, **map_modes)
     return combine_rows(y, rows, n_tok, top_k)
 
 

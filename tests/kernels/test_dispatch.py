@@ -298,8 +298,9 @@ def test_cuda_decompositions_export_moe_q_with_symbolic_tokens():
         assert body == "['triton_kernel_wrapper_functional'" + ", 'triton_kernel_wrapper_functional'" * 2 + "]"
         route, gate_up, down = eval(body_grids)                                 # route (one program), gate_up, down
         assert "//16" in gate_up and "Min(" in down                         # NT = (2T + min(E+1, 2T) * 15) // 16
-        # the Int4 GEMMs map a 1-token step themselves: no route program then (moe_route.tile_span)
-        assert re.fullmatch(r"Min\(1, s\d+ - 1\)", route) if name == "int4" else route == "1", (name, route)
+        # the GEMMs (Int4 and, since 2026-12-07, FP8) map a 1-token step themselves: no route program then
+        # (moe_route.tile_span)
+        assert re.fullmatch(r"Min\(1, s\d+ - 1\)", route), (name, route)
         assert body_ranges == "['VR[1, 4096]'] False"                           # T symbolic, no host sync
 
 

@@ -63,6 +63,7 @@ def test_every_kernel_compiles_for_sm90(tmp_path, dtype):
     assert fills["int4_mm q_proj T=1", "int4_mm_kernel"] == "80 programs: 80 SMs run 1, 52 none"
     if dtype == "bfloat16":
         assert fills["moe_q_fused", "moe_route_kernel"] == "no programs (the launch is skipped)"
+        assert fills["moe_fp8_fused", "moe_route_kernel"] == "no programs (the launch is skipped)"
         assert fills["moe_q_fused", "moe_int4_gate_up_kernel"] == "256 programs: 124 SMs run 2"
 
 
