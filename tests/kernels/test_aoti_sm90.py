@@ -89,10 +89,25 @@ def test_split_int4_gemms_take_no_counter_fills(tmp_path):
     r = _generate(tmp_path, "int4", "--int4-split-k", "4", "--layers", "2", preset="bench-scout")
     assert r["problems"] == {"kernels": [], "opaque": [], "caches": [], "program": []}
     assert r["graph_ops"]["l4.int4_mm_chained.default"] == r["launches"]["int4_mm_kernel"] == 4
-    # unsplit: 7 (the embedding's norm, then k's RoPE + qk-norm and the two residual norms a layer), + the one fill;
-    # with a fill a GEMM it was 11
-    assert sum(n for k, n in r["launches"].items() if k.startswith("triton_")) == 7 + 1
+    # unsplit: 5 (the embedding's norm, then k's RoPE + qk-norm and the MoE's combine + residual + next norm a layer;
+    # the post-attention norm is in add_rms_norm_router), + the one fill; with a fill a GEMM it was 9
+    assert sum(n for k, n in r["launches"].items() if k.startswith("triton_")) == 5 + 1
     assert not [k for k in r["launches"] if "clone" in k or "fused_copy" in k]     # (_to_copy: a dtype cast)
+
+
+@pytest.mark.slow
+def test_attention_merge_can_be_turned_off(tmp_path, monkeypatch):
+    """L4COMPILE_ATTENTION_MERGE=0 (gpu_session.sh attnmerge's baseline) builds the engine whose attention merges its
+    key splits in the combine launch: l4::attention_fused_inplace, no counter chain, and a decode step that runs
+    every combine launch. In tiny that costs nothing at decode (36 launches with work either way): only its global
+    layer splits its keys (its chunked layers' 16-slot rings have one split, and their combine writes the caches),
+    and the chain's fill is one launch more (41 -> 40 launch sites without it) (~45 s)."""
+    monkeypatch.setenv("L4COMPILE_ATTENTION_MERGE", "0")
+    r = _generate(tmp_path, "int4")
+    assert r["problems"] == {"kernels": [], "opaque": [], "caches": [], "program": []}
+    assert r["graph_ops"]["l4.attention_fused_inplace.default"] == 4
+    assert "l4.attention_fused_chained.default" not in r["graph_ops"]
+    assert r["kernels_launched"] == 40 and r["launched_at"] == {"B=1 T=1": 36, "B=1 T=2048": 40}
 
 
 @pytest.mark.slow
@@ -158,7 +173,8 @@ def test_tiny_fp8_cuda_engine_has_no_opaque_op(tmp_path):
     assert r["problems"] == {"kernels": [], "opaque": [], "caches": [], "program": []}
     launches = r["launches"]
     assert launches["moe_route_kernel"] == launches["moe_fp8_gate_up_kernel"] == launches["moe_fp8_down_kernel"] == 4
-    assert r["extern_calls"] == {"_scaled_mm_out": 8, "mm_out": 5}          # qkv + o of 4 layers; routers, lm_head
+    # qkv + o of 4 layers; the lm_head (each router is in its layer's add_rms_norm_router launch)
+    assert r["extern_calls"] == {"_scaled_mm_out": 8, "mm_out": 1}
 
 
 RUN_IMPL = """void AOTInductorModel::run_impl(
