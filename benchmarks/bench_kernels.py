@@ -10,7 +10,9 @@ Kernels (bf16 activations; Int4 weights packed as the quantize pass packs them, 
                   row (SK) as a CUDA engine's step runs it, l4::int4_mm_chained: counters handed over zeroed,
                   no memset launch of their own, the next GEMM's block zeroed by the same launch; a "bytes" row
                   with the byte unpack the default FFMA unpack replaced (``Int4Blocks.fma_unpack``)
-    moe_q_fused   the Scout MoE block: 16 experts of width 8192, top-1, plus the shared expert (rows as int4_mm's)
+    moe_q_fused   the Scout MoE block: 16 experts of width 8192, top-1, plus the shared expert (rows as int4_mm's),
+                  given its router logits as a CUDA engine's step gives them (add_rms_norm_router makes them): no
+                  router matmul in the time (the 2026-12-04 rows had one); the same for the FP8 and bf16 MoEs
     moe_fp8_fused the same MoE on FP8 weights (per-channel scales; activations quantized per row in-kernel)
     moe_fused     the same MoE in bf16
     torch.mm      cuBLAS on the bf16 weight, the baseline the Int4 GEMV must beat (it streams 4x the bytes)
@@ -25,7 +27,7 @@ Kernels (bf16 activations; Int4 weights packed as the quantize pass packs them, 
                   kernel (torch.compile of the reference; aten on a CPU), then the router's cuBLAS matmul
 
 Bytes a call must move: every weight byte it reads (packed Int4 + scales, or bf16; for the MoE only the experts the
-routing touches, plus the shared expert and the router) and the activations in and out. Time: device time per call
+routing touches, plus the shared expert; its router logits come given) and the activations in and out. Time: device time per call
 replayed from a CUDA graph, L2 flushed before every call (``graph_timer``; eager ``do_bench``, marked "(eager)", where
 a call cannot be captured). Timed eagerly, every small kernel here cost 100-200 us on an H200 whatever its block
 configuration: the Python launch path, not the kernel (2026-12-04). The ceiling is a 1 GiB device-to-device
@@ -138,15 +140,15 @@ def fp8_configs(quick: bool, tiny: bool) -> list[tuple[int, int, int]]:
     return list(itertools.product((16, 64), (32, 64, 128), (128,)))
 
 
-def moe_bytes(x, qweights, fweights, touched: int, quant: bool) -> int:
-    """Weights of the touched experts + the shared expert + the router, activations in and out."""
-    router = qweights[0]
-    e = router.shape[0]
+def moe_bytes(x, qweights, fweights, touched: int, quant: bool, logits) -> int:
+    """Weights of the touched experts + the shared expert, activations in and out, and the router ``logits`` the MoE
+    is given (a CUDA engine's step makes them in add_rms_norm_router, so the MoE reads no router weight)."""
+    e = qweights[0].shape[0]
     if quant:
         expert, shared = nbytes(*qweights[1:5]) // e, nbytes(*qweights[5:])
     else:
         expert, shared = nbytes(*fweights[1:3]) // e, nbytes(*fweights[3:])
-    return touched * expert + shared + nbytes(router) + 2 * nbytes(x)
+    return touched * expert + shared + nbytes(logits) + 2 * nbytes(x)
 
 
 def attention_cases(dims: dict, batches: list[int], device, g: torch.Generator):
@@ -359,13 +361,14 @@ def main(argv: list[str] | None = None) -> int:
     for t in tokens:
         x = torch.randn(t, dims["H"], generator=g, device=device).to(torch.bfloat16)
         ref = _moe_impl(x, *fweights, 1)
+        logits = F.linear(x, qweights[0])                  # given, as an engine's step gives them: no router matmul
         touched = int(torch.unique(_route(x, qweights[0], 1)[0]).numel())
-        moved = moe_bytes(x, qweights, fweights, touched, quant=True)
+        moved = moe_bytes(x, qweights, fweights, touched, True, logits)
         for blocks in moe_int4_configs(a.quick, a.tiny):
             record("moe_q_fused", t, int4_label(*blocks), blocks == default,
-                   lambda blocks=blocks: fused_moe_int4(x, *qweights, 1, blocks=blocks), ref, moved)
-        record("moe_fused bf16", t, "default", True, lambda: fused_moe(x, *fweights, 1), ref,
-               moe_bytes(x, qweights, fweights, touched, quant=False))
+                   lambda blocks=blocks: fused_moe_int4(x, *qweights, 1, blocks=blocks, logits=logits), ref, moved)
+        record("moe_fused bf16", t, "default", True, lambda: fused_moe(x, *fweights, 1, logits=logits), ref,
+               moe_bytes(x, qweights, fweights, touched, False, logits))
     # a MoE layer's residual add + norm + router: one launch against the two an engine made before
     norm = torch.compile(_add_norm, dynamic=False) if device.type == "cuda" else _add_norm
     for t in tokens:
@@ -395,12 +398,13 @@ def main(argv: list[str] | None = None) -> int:
     for t in tokens:
         x = torch.randn(t, dims["H"], generator=g, device=device).to(torch.bfloat16)
         ref = _moe_q_impl(x, *f8weights, 1)               # its matmuls: l4::linear_fp8 (torch._scaled_mm on a GPU)
+        logits = F.linear(x, f8weights[0])
         touched = int(torch.unique(_route(x, f8weights[0], 1)[0]).numel())
-        moved = moe_bytes(x, f8weights, None, touched, quant=True)
+        moved = moe_bytes(x, f8weights, None, touched, True, logits)
         for bm, bn, bk in fp8_configs(a.quick, a.tiny):
             blocks = ((bm, bn, bk), (bm, bn, bk))
             record("moe_fp8_fused", t, f"BM{bm} BN{bn} BK{bk}", blocks == default_fp8,
-                   lambda blocks=blocks: fused_moe_fp8(x, *f8weights, 1, blocks=blocks), ref, moved)
+                   lambda blocks=blocks: fused_moe_fp8(x, *f8weights, 1, blocks=blocks, logits=logits), ref, moved)
         record("moe_q reference fp8", t, "per expert", False, lambda: _moe_q_impl(x, *f8weights, 1), ref, moved)
     if a.out:
         Path(a.out).write_text(json.dumps({"device": device_name, "torch": torch.__version__, "copy_bytes_per_s": peak,
