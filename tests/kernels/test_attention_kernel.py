@@ -312,10 +312,9 @@ def test_cuda_engine_step_writes_caches_in_place(tmp_path):
     (``mutations_in_place``; the jit runtime's ``in_place_module``), each of those calls writes its layer's cache
     inputs themselves and nothing copies a cache. In Int4, with every GEMM taken as one that may split K, the
     l4::int4_mm_chained calls and the attention calls between them hand each other their zeroed counters from one
-    new_zeros block. As saved
-    (program.pt2) and run here on CPU tensors under the interpreter, a 13-token prefill and 7 decode steps (batch 2,
-    through the chunk-16 ring's wrap) give the step graph's logits and write its new caches into the caches given.
-    Built in a process without the interpreter, which cannot trace the kernels."""
+    new_zeros block. As saved (program.pt2) and run here on CPU tensors under the interpreter, a 13-token prefill and
+    7 decode steps (batch 2, through the chunk-16 ring's wrap) give the step graph's logits and write its new caches
+    into the caches given. Built in a process without the interpreter, which cannot trace the kernels."""
     require_interpreter()
     from l4compile.compiler import lower
     from l4compile.config import CompileConfig
