@@ -13,8 +13,10 @@ Variants, measured in the same run on the same inputs:
     expanded  K/V copied to every query head before attention (transformers' ``repeat_kv``; l4compile before
               the grouped form): the cache is written once more and read 5 more times
     grouped   l4compile's op: the 5 query heads of a kv head folded into the query length, K/V read as they are
-    fused     (CUDA with Triton) the op as CUDA engines run it: ``l4::attention_fused``, which reads only the
-              visible keys (by position, in place; no cat of cache and new key, no mask)
+    fused     (CUDA with Triton) ``l4::attention_fused``, which reads only the visible keys (by position, in
+              place; no cat of cache and new key, no mask): the functional form of the kernels CUDA engines run
+              (their step's ``l4::attention_fused_chained`` also writes the caches and merges its key splits in
+              the same launch: ``bench_kernels.py`` times that one)
 Both run eagerly and, unless --eager-only, compiled by Inductor (``torch.compile``, static shapes) as the engine
 compiles them; the compiled step returns the output alone, so like an engine's it copies no cache (eager's
 out-of-place cache updates, the same for every variant, stay in its times). "read MB" is what the step cannot
