@@ -339,8 +339,9 @@ def test_cuda_engine_step_writes_caches_in_place(tmp_path):
         chained = (torch.ops.l4.int4_mm_chained.default, torch.ops.l4.attention_fused_chained.default)
         calls = [n for n in graph.nodes if n.target in chained]           # each takes its counters last
         print([[str(u.target) for u in n.users] for n in calls])
-        print([(n.args[-1].target is torch.ops.aten.new_zeros.default if i == 0 else n.args[-1].args == (calls[i - 1], 1),
-                len(n.args[-1].users), str(n.target)) for i, n in enumerate(calls)])
+        heads = lambda n: n.args[-1].target is torch.ops.aten.new_zeros.default        # the chain's fill
+        print([(heads(n) if i == 0 else n.args[-1].args == (calls[i - 1], 1), len(n.args[-1].users), str(n.target))
+               for i, n in enumerate(calls)])
         """), str(tmp_path / "program.pt2")], capture_output=True, text=True, cwd=ROOT, timeout=600,
         env={**os.environ, "TRITON_INTERPRET": "0", "PYTHONWARNINGS": "ignore"})
     assert p.returncode == 0, p.stderr[-3000:]
