@@ -27,9 +27,9 @@ Kernels (bf16 activations; Int4 weights packed as the quantize pass packs them, 
                   kernel (torch.compile of the reference; aten on a CPU), then the router's cuBLAS matmul
 
 Bytes a call must move: every weight byte it reads (packed Int4 + scales, or bf16; for the MoE only the experts the
-routing touches, plus the shared expert; its router logits come given) and the activations in and out. Time: device time per call
-replayed from a CUDA graph, L2 flushed before every call (``graph_timer``; eager ``do_bench``, marked "(eager)", where
-a call cannot be captured). Timed eagerly, every small kernel here cost 100-200 us on an H200 whatever its block
+routing touches, plus the shared expert; its router logits come given) and the activations in and out. Time: device
+time per call replayed from a CUDA graph, L2 flushed before every call (``graph_timer``; eager ``do_bench``, marked
+"(eager)", where a call cannot be captured). Timed eagerly, every small kernel here cost 100-200 us on an H200 whatever its block
 configuration: the Python launch path, not the kernel (2026-12-04). The ceiling is a 1 GiB device-to-device
 copy timed eagerly (bytes read + written; see ``copy_bandwidth``), so "of copy" is the achieved fraction of the
 bandwidth this GPU reaches at all. Every configuration is checked (max |out - ref| / max |ref|) before it is timed; one that is

@@ -465,7 +465,8 @@ def _fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
             next_lock = torch.empty(SPLIT_K_LOCK_WORDS, device=q.device, dtype=torch.int32)
     # partials only where there is more than one split (one split writes ``out`` itself): at an 8K-token prefill,
     # S = 1 and [S, B, Hkv, M, D] float32 would be 168 MB per layer for nothing; as a size, guard-free in T
-    n_part = splits * torch.sym_min(1, splits - 1)
+    split = torch.sym_min(1, splits - 1)                                        # 1 iff S > 1, guard-free in T
+    n_part = splits * split
     o_part = torch.empty((n_part, batch, n_kv_heads, n_rows, head_dim), device=q.device, dtype=torch.float32)
     lse = torch.empty((n_part, batch, n_kv_heads, n_rows), device=q.device, dtype=torch.float32)
     out = torch.empty((batch, n_tok, n_heads * head_dim), device=q.device, dtype=q.dtype)   # [B, T, Hq*D]
@@ -490,13 +491,12 @@ def _fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
     # with S > 1 the merge, DECODE_M rows a program; with one split (the partial kernel wrote ``out``) no programs,
     # or, writing the caches, the T new tokens, DECODE_M a program (the merge's R*T rows cover them when S > 1);
     # with MERGE the partial kernel merged and wrote when S > 1, and the caches are written here when S = 1
-    one_split = 1 - torch.sym_min(1, splits - 1)                                # guard-free in T: 1 iff S = 1
     if merge:
-        tiles = triton.cdiv(n_tok, decode_m) * one_split
+        tiles = triton.cdiv(n_tok, decode_m) * (1 - split)
     elif write_caches:
-        tiles = triton.cdiv(torch.sym_max(n_rows * (1 - one_split), n_tok), decode_m)
+        tiles = triton.cdiv(torch.sym_max(n_rows * split, n_tok), decode_m)
     else:
-        tiles = triton.cdiv(n_rows, decode_m) * (1 - one_split)
+        tiles = triton.cdiv(n_rows, decode_m) * split
     wrap_triton(attention_combine_kernel)[(tiles, batch * n_kv_heads)](
         o_part, lse, out, k_new, v_new, k_cache, v_cache, start, n_tok, slots, head_dim, n_kv_heads, rep, splits,
         *o_part.stride(), *lse.stride(), *out_strides, *k_new.stride(), *v_new.stride(), *k_cache.stride(),
