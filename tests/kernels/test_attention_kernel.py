@@ -212,7 +212,9 @@ def test_fused_attention_reads_only_visible_keys():
 @pytest.mark.parametrize("n_split", [1, 3])
 def test_decode_rows_take_the_short_tile(n_split, monkeypatch):
     """With BM 64, a step whose R*T rows fit ATTENTION_DECODE_BLOCK_M (16) runs them as one 16-row tile, and a taller
-    step keeps BM 64: the tile height each program used, and outputs equal to a BM 16 run's (rows are independent)."""
+    step keeps BM 64: the tile height each program used, and outputs a BM 16 run's (rows are independent), to float32
+    rounding: the interpreter's dot is numpy's matmul, whose BLAS may sum a row in another order at another tile
+    height (numpy 2.4.6 does for the 40-row prompt; bit for bit before)."""
     require_interpreter()
     from l4compile.kernels import attention
     from l4compile.kernels.layout import ATTENTION_DECODE_BLOCK_M, AttentionBlocks
@@ -235,7 +237,7 @@ def test_decode_rows_take_the_short_tile(n_split, monkeypatch):
         want = ATTENTION_DECODE_BLOCK_M if rows <= ATTENTION_DECODE_BLOCK_M else 64
         assert heights and set(heights) == {want}, case
         short = attention_cached_impl(*args, fused_attend=_fused(AttentionBlocks(16, 16, bd), n_split))[0]
-        assert torch.equal(tall, short), case
+        assert rel_err(tall, short) < 1e-6, (case, rel_err(tall, short))
         assert rel_err(tall, attention_cached_impl(*args)[0]) < TOL[torch.float32], case
 
 
