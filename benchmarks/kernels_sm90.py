@@ -26,6 +26,9 @@ engines, whose dots run IEEE fp32 on twice the shared memory):
     moe_fp8_fused    the same on float8 weights (float8 dot operands in bf16 engines; at BM 16 Triton 3.7 makes
                      them f16 MMAs, from BM 64 wgmma e4m3)
     moe_fused        the same in bf16
+    moe_*_fused_norm the three as a CUDA engine's step runs them: on the router logits (no route launch at 1
+                     token), the down kernel finishing each token's combine + residual add + next RMSNorm, and the
+                     longer steps' moe_norm_kernel
     attention_fused  partial + combine, decode (1 token, an 8192-slot cache; a RoPE + qk-norm layer and a NoPE
                      layer with temperature) and prefill (2048 tokens), as CUDA engines launch them
                      (l4::attention_fused_chained: the partial kernel transforms q and, with split keys, merges the
@@ -249,6 +252,12 @@ def cases(dims: dict, dtype: torch.dtype):
     yield "moe_fp8_fused", lambda: sm90_fp8(lambda: ops.fused_moe_fp8(m.act(1, h), *m.moe_fp8(), 1))
     yield "moe_fused", lambda: ops.fused_moe(m.act(1, h), m.act(e, h), m.act(e, h, 2 * i), m.act(e, i, h),
                                              m.act(i, h), m.act(i, h), m.act(h, i), 1)
+    # as a CUDA engine's step runs them: on the router logits, with the combine + residual + next norm (moe_norm.py)
+    step = lambda: {"logits": m.act(1, e), "norm": (m.act(1, h), m.act(h), 1e-5)}  # noqa: E731
+    yield "moe_q_fused_norm", lambda: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1, **step())
+    yield "moe_fp8_fused_norm", lambda: sm90_fp8(lambda: ops.fused_moe_fp8(m.act(1, h), *m.moe_fp8(), 1, **step()))
+    yield "moe_fused_norm", lambda: ops.fused_moe(m.act(1, h), m.act(e, h), m.act(e, h, 2 * i), m.act(e, i, h),
+                                                  m.act(i, h), m.act(i, h), m.act(h, i), 1, **step())
     # the engine's kernel serves any T (its row path and block path are one kernel); 2048 keeps both, as a symbolic T
     yield "add_rms_norm_router T=2048", lambda: ops.add_rms_norm_router(m.act(2048, h), m.act(2048, h), m.act(h),
                                                                         m.act(e, h), 1e-5)

@@ -51,6 +51,10 @@ NORM_ROUTER_BLOCK_HB = 128
 
 # moe_route_kernel: steps of at most this many tokens (decode) work in blocks of this many tokens and tiles
 MOE_ROUTE_DECODE_TOKENS = 16
+# moe_norm.py: steps of at most this many tokens (decode at batch <= 32) combine and norm in the MoE's down launch
+# (its token counters: this many int32); longer ones in a launch of their own; columns a step of a token's row
+MOE_NORM_DECODE_TOKENS = 32
+MOE_NORM_BLOCK_H = 1024
 
 
 def num_tiles(rows, groups: int, block_m: int):

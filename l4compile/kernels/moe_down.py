@@ -11,12 +11,17 @@ row (``ops.combine_rows``, a gather).
 
 ``MAP_IN_KERNEL`` as in ``moe_gate_up``: a 1-token step's tiles from its logits (``moe_route.tile_span``).
 
+``FUSE_NORM`` (top-1): the combine, the residual add after the MoE and the next RMSNorm in this launch at steps of up
+to NORM_T tokens (``moe_norm.py``: h_out / xo, from the residual res and the norm's weight nw; counters cnt zeroed by
+the gate_up launch).
+
 Shapes: act [R, I]; down [E, I, H]; shared_down [H, I]; tile_group/tile_row0/tile_row_end [NT] int32;
 y [R, H]; logits [T, E]. Grid: (NT, cdiv(H, BN)).
 """
 import triton
 import triton.language as tl
 
+from .moe_norm import down_epilogue
 from .moe_route import tile_span
 
 
@@ -44,11 +49,13 @@ def moe_down_kernel(act_ptr, down_ptr, sd_ptr, y_ptr, tile_group_ptr, tile_row0_
                     H, I, E,
                     stride_ar, stride_ai, stride_de, stride_di, stride_dh, stride_sh, stride_si,
                     stride_yr, stride_yh, logits_ptr, T, stride_le,
+                    cnt_ptr, row_tok_ptr, routed_row_ptr, res_ptr, nw_ptr, h_ptr, xo_ptr, eps, stride_rt, stride_ht,
+                    stride_xt,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     PRECISION: tl.constexpr, DOT_F32: tl.constexpr, MAP_IN_KERNEL: tl.constexpr,
-                    BLOCK_G: tl.constexpr):
+                    BLOCK_G: tl.constexpr, FUSE_NORM: tl.constexpr, NORM_T: tl.constexpr, HN: tl.constexpr, BLOCK_HN: tl.constexpr):
     tile = tl.program_id(0)
-    grp, row0, row_end, _, _ = tile_span(tile, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr, logits_ptr, T, E,
+    grp, row0, row_end, mapped, _ = tile_span(tile, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr, logits_ptr, T, E,
                                          stride_le, MAP_IN_KERNEL, BLOCK_G)
     if grp <= E:                                                                 # grp == E + 1: unused tile
         rows = row0 + tl.arange(0, BLOCK_M)                                      # [BM]
@@ -63,3 +70,7 @@ def moe_down_kernel(act_ptr, down_ptr, sd_ptr, y_ptr, tile_group_ptr, tile_row0_
                              stride_di, stride_dh, cols, cmask, I, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, DOT_F32)
         tl.store(y_ptr + rows[:, None] * stride_yr + cols[None, :] * stride_yh, acc.to(y_ptr.dtype.element_ty),
                  mask=rmask[:, None] & cmask[None, :])
+        if FUSE_NORM:
+            down_epilogue(cnt_ptr, row_tok_ptr, rows, rmask, row0, mapped, y_ptr, stride_yr, stride_yh, routed_row_ptr,
+                          res_ptr, stride_rt, nw_ptr, h_ptr, stride_ht, xo_ptr, stride_xt, T, eps, NORM_T, BLOCK_M,
+                          HN, BLOCK_HN)

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .fp8_rows import fp8_dot, quantize, rows_scale, scaled_rows, weight_tile
+from .moe_norm import down_epilogue
 from .moe_route import tile_span
 
 
@@ -45,11 +46,14 @@ def moe_fp8_down_kernel(act_ptr, dq_ptr, ds_ptr, sdq_ptr, sds_ptr, y_ptr, tile_g
                         tile_row_end_ptr, H, I, E,
                         stride_ar, stride_ai, stride_qe, stride_qn, stride_qk, stride_se, stride_sn,
                         stride_shqn, stride_shqk, stride_shs, stride_yr, stride_yh, logits_ptr, T, stride_le,
+                        cnt_ptr, row_tok_ptr, routed_row_ptr, res_ptr, nw_ptr, h_ptr, xo_ptr, eps, stride_rt,
+                        stride_ht, stride_xt,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         FP8_DOT: tl.constexpr, DOT_F32: tl.constexpr, EMULATE_FP8: tl.constexpr,
-                        MAP_IN_KERNEL: tl.constexpr, BLOCK_G: tl.constexpr):
+                        MAP_IN_KERNEL: tl.constexpr, BLOCK_G: tl.constexpr, FUSE_NORM: tl.constexpr,
+                        NORM_T: tl.constexpr, HN: tl.constexpr, BLOCK_HN: tl.constexpr):
     tile = tl.program_id(0)
-    grp, row0, row_end, _, _ = tile_span(tile, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr, logits_ptr, T, E,
+    grp, row0, row_end, mapped, _ = tile_span(tile, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr, logits_ptr, T, E,
                                          stride_le, MAP_IN_KERNEL, BLOCK_G)
     if grp <= E:                                                                 # grp == E + 1: unused tile
         rows = row0 + tl.arange(0, BLOCK_M)                                      # [BM]
@@ -70,3 +74,7 @@ def moe_fp8_down_kernel(act_ptr, dq_ptr, ds_ptr, sdq_ptr, sds_ptr, y_ptr, tile_g
             ws = ws.to(tl.float32)
         tl.store(y_ptr + rows[:, None] * stride_yr + cols[None, :] * stride_yh,
                  (acc * s[:, None] * ws[None, :]).to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+        if FUSE_NORM:
+            down_epilogue(cnt_ptr, row_tok_ptr, rows, rmask, row0, mapped, y_ptr, stride_yr, stride_yh, routed_row_ptr,
+                          res_ptr, stride_rt, nw_ptr, h_ptr, stride_ht, xo_ptr, stride_xt, T, eps, NORM_T, BLOCK_M,
+                          HN, BLOCK_HN)

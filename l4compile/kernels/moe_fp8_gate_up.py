@@ -27,6 +27,7 @@ import triton.language as tl
 from .fp8_rows import fp8_dot, quantize, rows_scale, scaled_rows, weight_tile
 from .moe_gate_up import swiglu_store
 from .moe_route import tile_span, tile_tokens
+from .split_k import zero_words
 
 
 @triton.jit
@@ -54,10 +55,10 @@ def moe_fp8_gate_up_kernel(x_ptr, gu_q_ptr, gu_s_ptr, sg_q_ptr, sg_s_ptr, su_q_p
                            H, I, E,
                            stride_xt, stride_xh, stride_qe, stride_qn, stride_qk, stride_se, stride_sn,
                            stride_shqn, stride_shqk, stride_shs, stride_ar, stride_ai, logits_ptr, routed_row_ptr,
-                           T, stride_le,
+                           T, stride_le, cnt_ptr, n_cnt,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            FP8_DOT: tl.constexpr, DOT_F32: tl.constexpr, EMULATE_FP8: tl.constexpr,
-                           MAP_IN_KERNEL: tl.constexpr, BLOCK_G: tl.constexpr):
+                           MAP_IN_KERNEL: tl.constexpr, BLOCK_G: tl.constexpr, FUSE_NORM: tl.constexpr):
     tile = tl.program_id(0)
     grp, row0, row_end, mapped, score = tile_span(tile, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr, logits_ptr,
                                                   T, E, stride_le, MAP_IN_KERNEL, BLOCK_G)
@@ -84,3 +85,5 @@ def moe_fp8_gate_up_kernel(x_ptr, gu_q_ptr, gu_s_ptr, sg_q_ptr, sg_s_ptr, su_q_p
             su = tl.load(ws + (I + cols) * stride_sn, mask=cmask, other=0.0).to(tl.float32)
         swiglu_store(acc_g * s[:, None] * sg[None, :], acc_u * s[:, None] * su[None, :], act_ptr, rows, cols, rmask,
                      cmask, stride_ar, stride_ai)
+    if FUSE_NORM:                            # the down launch's token counters (moe_norm.py), zeroed last
+        zero_words(cnt_ptr, n_cnt, 64)

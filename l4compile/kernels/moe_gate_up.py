@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .moe_route import tile_span, tile_tokens
+from .split_k import zero_words
 
 
 @triton.jit
@@ -86,10 +87,10 @@ def moe_gate_up_kernel(x_ptr, gate_up_ptr, sg_ptr, su_ptr, act_ptr,
                        row_tok_ptr, row_scale_ptr, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr,
                        H, I, E,
                        stride_xt, stride_xh, stride_ge, stride_gh, stride_gn, stride_si, stride_sh,
-                       stride_ar, stride_ai, logits_ptr, routed_row_ptr, T, stride_le,
+                       stride_ar, stride_ai, logits_ptr, routed_row_ptr, T, stride_le, cnt_ptr, n_cnt,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        PRECISION: tl.constexpr, DOT_F32: tl.constexpr, MAP_IN_KERNEL: tl.constexpr,
-                       BLOCK_G: tl.constexpr):
+                       BLOCK_G: tl.constexpr, FUSE_NORM: tl.constexpr):
     tile = tl.program_id(0)
     grp, row0, row_end, mapped, score = tile_span(tile, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr, logits_ptr,
                                                   T, E, stride_le, MAP_IN_KERNEL, BLOCK_G)
@@ -107,3 +108,5 @@ def moe_gate_up_kernel(x_ptr, gate_up_ptr, sg_ptr, su_ptr, act_ptr,
             acc_g, acc_u = _dot_pair(x_ptr, stride_xt, stride_xh, tok, scale, rmask, wg, wg + I * stride_gn,
                                      stride_gh, stride_gn, cols, cmask, H, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, DOT_F32)
         swiglu_store(acc_g, acc_u, act_ptr, rows, cols, rmask, cmask, stride_ar, stride_ai)
+    if FUSE_NORM:                            # the down launch's token counters (moe_norm.py), zeroed last
+        zero_words(cnt_ptr, n_cnt, 64)

@@ -22,6 +22,7 @@ Split-K as ``int4_mm`` (``split_k.py``): program (t, j, s) of S = ``n_split`` re
 rounds.
 
 ``MAP_IN_KERNEL`` as in ``moe_int4_gate_up``: a 1-token step's tiles from its logits (``moe_route.tile_span``).
+``FUSE_NORM`` as in ``moe_down``: the program that stores a tile of y (its split-K sum's, where it splits) counts it.
 
 Shapes: act [R, I]; down_q [E, H, I/2] uint8, down_s [E, H, I/Gi]; shared_down_q [H, I/2] uint8, shared_down_s
 [H, I/Gi]; tile_group/tile_row0/tile_row_end [NT] int32; y [R, H]; part [S, R, H] float32 and lock
@@ -32,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .int4_mm import int4_block_dot, int4_pairs_bf16, pick_scale, scale_pair, x_pairs
+from .moe_norm import down_epilogue
 from .moe_route import tile_span
 from .split_k import split_k_store
 
@@ -73,12 +75,15 @@ def moe_int4_down_kernel(act_ptr, dq_ptr, ds_ptr, sdq_ptr, sds_ptr, y_ptr, part_
                          stride_ar, stride_ai, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sg,
                          stride_shqn, stride_shqk, stride_shsn, stride_shsg, stride_yr, stride_yh,
                          stride_ps, stride_pr, stride_ph, logits_ptr, T, stride_le,
+                         cnt_ptr, row_tok_ptr, routed_row_ptr, res_ptr, nw_ptr, h_ptr, xo_ptr, eps, stride_rt,
+                         stride_ht, stride_xt,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          SCALE_PER_BLOCK: tl.constexpr, SCALE_WORDS: tl.constexpr, PRECISION: tl.constexpr,
                          DOT_F32: tl.constexpr, BF16X2: tl.constexpr, FMA_UNPACK: tl.constexpr,
-                         MAP_IN_KERNEL: tl.constexpr, BLOCK_G: tl.constexpr):
+                         MAP_IN_KERNEL: tl.constexpr, BLOCK_G: tl.constexpr, FUSE_NORM: tl.constexpr,
+                         NORM_T: tl.constexpr, HN: tl.constexpr, BLOCK_HN: tl.constexpr):
     tile = tl.program_id(0)
-    grp, row0, row_end, _, _ = tile_span(tile, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr, logits_ptr, T, E,
+    grp, row0, row_end, mapped, _ = tile_span(tile, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr, logits_ptr, T, E,
                                          stride_le, MAP_IN_KERNEL, BLOCK_G)
     if grp <= E:                                                                 # grp == E + 1: unused tile
         rows = row0 + tl.arange(0, BLOCK_M)                                      # [BM]
@@ -97,6 +102,12 @@ def moe_int4_down_kernel(act_ptr, dq_ptr, ds_ptr, sdq_ptr, sds_ptr, y_ptr, part_
                               ds_ptr + grp.to(tl.int64) * stride_se, stride_qn, stride_qk, stride_sn, stride_sg, cols,
                               cmask, I, G, k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K, SCALE_PER_BLOCK, SCALE_WORDS,
                               PRECISION, DOT_F32, BF16X2, FMA_UNPACK)
-        split_k_store(acc, y_ptr, rows[:, None] * stride_yr + cols[None, :] * stride_yh, part_ptr,
-                      rows[:, None] * stride_pr + cols[None, :] * stride_ph, stride_ps, rmask[:, None] & cmask[None, :],
-                      lock_ptr + tile * tl.num_programs(1) + tl.program_id(1), split, n_split, BLOCK_M, BLOCK_N)
+        stored = split_k_store(acc, y_ptr, rows[:, None] * stride_yr + cols[None, :] * stride_yh, part_ptr,
+                               rows[:, None] * stride_pr + cols[None, :] * stride_ph, stride_ps,
+                               rmask[:, None] & cmask[None, :], lock_ptr + tile * tl.num_programs(1) + tl.program_id(1),
+                               split, n_split, BLOCK_M, BLOCK_N)
+        if FUSE_NORM:
+            if stored:                                                           # this program stored the tile of y
+                down_epilogue(cnt_ptr, row_tok_ptr, rows, rmask, row0, mapped, y_ptr, stride_yr, stride_yh,
+                              routed_row_ptr, res_ptr, stride_rt, nw_ptr, h_ptr, stride_ht, xo_ptr, stride_xt, T, eps,
+                              NORM_T, BLOCK_M, HN, BLOCK_HN)

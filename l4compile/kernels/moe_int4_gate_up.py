@@ -36,7 +36,7 @@ import triton.language as tl
 from .int4_mm import int4_fma_dot, int4_pairs_bf16, int4_tile, pick_scale, scale_pair, x_pairs
 from .moe_gate_up import scale_rows, swiglu_store
 from .moe_route import tile_span, tile_tokens
-from .split_k import split_k_arrive, split_k_sum
+from .split_k import split_k_arrive, split_k_sum, zero_words
 
 
 @triton.jit
@@ -99,11 +99,11 @@ def moe_int4_gate_up_kernel(x_ptr, gu_q_ptr, gu_s_ptr, sg_q_ptr, sg_s_ptr, su_q_
                             H, I, E, G: tl.constexpr, K_SPLIT, n_split,
                             stride_xt, stride_xh, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sg,
                             stride_shqn, stride_shqk, stride_shsn, stride_shsg, stride_ar, stride_ai,
-                            stride_ps, stride_pr, stride_pi, logits_ptr, routed_row_ptr, T, stride_le,
+                            stride_ps, stride_pr, stride_pi, logits_ptr, routed_row_ptr, T, stride_le, cnt_ptr, n_cnt,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             SCALE_PER_BLOCK: tl.constexpr, SCALE_WORDS: tl.constexpr, PRECISION: tl.constexpr,
                             DOT_F32: tl.constexpr, BF16X2: tl.constexpr, FMA_UNPACK: tl.constexpr,
-                            MAP_IN_KERNEL: tl.constexpr, BLOCK_G: tl.constexpr):
+                            MAP_IN_KERNEL: tl.constexpr, BLOCK_G: tl.constexpr, FUSE_NORM: tl.constexpr):
     tile = tl.program_id(0)
     grp, row0, row_end, mapped, score = tile_span(tile, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr, logits_ptr,
                                                   T, E, stride_le, MAP_IN_KERNEL, BLOCK_G)
@@ -139,3 +139,5 @@ def moe_int4_gate_up_kernel(x_ptr, gu_q_ptr, gu_s_ptr, sg_q_ptr, sg_s_ptr, su_q_
                 gate = split_k_sum(part_ptr, stride_ps, offs, mask, n_split, BLOCK_M, BLOCK_N)
                 up = split_k_sum(part_ptr + I * stride_pi, stride_ps, offs, mask, n_split, BLOCK_M, BLOCK_N)
                 swiglu_store(gate, up, act_ptr, rows, cols, rmask, cmask, stride_ar, stride_ai)
+    if FUSE_NORM:                            # the down launch's token counters (moe_norm.py), zeroed last
+        zero_words(cnt_ptr, n_cnt, 64)

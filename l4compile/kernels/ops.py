@@ -1,8 +1,8 @@
 # T tokens, E experts, K top-k, H hidden, I expert width, A = T*K, R = A + T, N out features, Kin in features,
 # Gh / Gi Int4 scale groups over H / I; attention: B batch, Hq / Hkv heads, T new tokens, L cache slots, D head_dim
-"""``l4::moe_fused``, ``l4::moe_q_fused``, ``l4::moe_fp8_fused``, ``l4::int4_mm``, ``l4::attention_fused``,
-``l4::attention_fused_inplace`` / ``attention_fused_chained`` and ``l4::add_rms_norm_router``: the Triton kernels as
-``torch.library.triton_op`` operators.
+"""``l4::moe_fused``, ``l4::moe_q_fused``, ``l4::moe_fp8_fused`` (and their ``_norm`` forms), ``l4::int4_mm``,
+``l4::attention_fused``, ``l4::attention_fused_inplace`` / ``attention_fused_chained`` and
+``l4::add_rms_norm_router``: the Triton kernels as ``torch.library.triton_op`` operators.
 
 ``triton_op`` makes the bodies visible to torch.compile / torch.export: Inductor and AOTInductor see the host
 code (plain aten) and the kernels themselves (``wrap_triton``) and compile both into the engine, so a CUDA
@@ -26,6 +26,10 @@ Contracts (same as the reference ops, which the tests compare against):
     moe_fp8_fused(x, router_w, (q, scale) x 5 of float8 weights, top_k) -> [T, H]       == l4::moe_q on FP8
         (each of the three MoE ops takes, last, the router logits x @ router_w^T when the step has them: top-1,
         no router matmul of its own)
+    moe_fused_norm / moe_q_fused_norm / moe_fp8_fused_norm(the MoE op's arguments, top_k = 1, logits [T, E],
+                    residual [T, H], norm_w [H], eps) -> (h' = residual + the MoE's [T, H], x' = RMSNorm(h') * norm_w):
+                    the combine, the residual add and the next RMSNorm in the down launch at steps of up to
+                    MOE_NORM_DECODE_TOKENS tokens, in moe_norm_kernel's launch for longer ones (``moe_norm.py``)
     add_rms_norm_router(a [N, H], b [N, H], norm_w [H], router_w [E, H], eps) -> (h = a + b, x = RMSNorm(h) * norm_w,
                         logits = x @ router_w^T)            == the residual add, Llama4TextRMSNorm and F.linear
     int4_mm(x [M, Kin], w_packed [N, Kin/2] uint8, w_scale [N, Kin/G]) -> [M, N]
@@ -60,8 +64,8 @@ from l4compile.ops.moe import _route
 from . import access_memo, interpreting, tuned_blocks
 from .attention import attention_combine_kernel, attention_partial_kernel
 from .int4_mm import int4_mm_bf16x2_kernel, int4_mm_kernel
-from .layout import (ATTENTION_COMBINE_STAGES, ATTENTION_DECODE_BLOCK_M, ATTENTION_MAX_SPLITS, MOE_ROUTE_DECODE_TOKENS,
-                     NORM_ROUTER_BLOCK_H, NORM_ROUTER_BLOCK_HB, NORM_ROUTER_BLOCK_T, NORM_ROUTER_DECODE_TOKENS,
+from .layout import (ATTENTION_COMBINE_STAGES, ATTENTION_DECODE_BLOCK_M, ATTENTION_MAX_SPLITS, MOE_NORM_BLOCK_H,
+                     MOE_NORM_DECODE_TOKENS, MOE_ROUTE_DECODE_TOKENS, NORM_ROUTER_BLOCK_H, NORM_ROUTER_BLOCK_HB, NORM_ROUTER_BLOCK_T, NORM_ROUTER_DECODE_TOKENS,
                      NORM_ROUTER_EXPERTS, AttentionBlocks, SPLIT_K_LOCK_WORDS, Int4Blocks, MoeRows, attention_blocks,
                      attention_splits, fma_unpack, int4_blocks, moe_blocks, moe_fp8_blocks, moe_int4_blocks, moe_rows,
                      num_tiles, scale_words, split_k_plan)
@@ -71,6 +75,7 @@ from .moe_fp8_gate_up import moe_fp8_gate_up_kernel
 from .moe_gate_up import moe_gate_up_kernel
 from .moe_int4_down import moe_int4_down_kernel
 from .moe_int4_gate_up import moe_int4_gate_up_kernel
+from .moe_norm import moe_norm_kernel
 from .moe_route import moe_route_kernel
 from .norm_router import add_rms_norm_router_kernel
 from .tuned_blocks import int4_key, moe_key
@@ -157,11 +162,52 @@ def combine_rows(y: Tensor, rows: MoeRows, n_tok: int, top_k: int) -> Tensor:
     return out.to(y.dtype)
 
 
+class _NormLaunch:
+    """What the fused MoE's launches take for ``norm`` = (residual [T, H], norm_w [H], eps), or None (``moe_norm.py``):
+    ``gate_up`` / ``down`` the kernels' trailing arguments and constexprs; ``finish(y, rows)`` -> the op's result:
+    ``combine_rows``' [T, H], or (h' = residual + that, x' = RMSNorm(h') * norm_w), each [T, H]."""
+
+    def __init__(self, norm, x: Tensor, rows: MoeRows, top_k: int, hidden: int):
+        n_tok = x.shape[0]
+        self.n_tok, self.top_k, self.norm = n_tok, top_k, norm
+        block_h = min(MOE_NORM_BLOCK_H, triton.next_power_of_2(hidden))
+        if norm is None:        # unused pointers: inputs the kernels never write (no store under FUSE_NORM=False)
+            self.gate_up = ((rows.tile_group, 0), {"FUSE_NORM": False})
+            self.down = ((rows.tile_group, rows.row_tok, rows.routed_row, x, x, x, x, 0.0, 0, 0, 0),
+                         {"FUSE_NORM": False, "NORM_T": MOE_NORM_DECODE_TOKENS, "HN": hidden, "BLOCK_HN": block_h})
+            return
+        residual, norm_w, eps = norm
+        if top_k != 1:
+            raise ValueError("fused MoE: the combine + residual + norm epilogue takes top-1 routing only")
+        if residual.shape != x.shape or norm_w.shape != (hidden,) or not residual.dtype == norm_w.dtype == x.dtype:
+            raise ValueError(f"fused MoE: residual {tuple(residual.shape)} {residual.dtype} and norm weight "
+                             f"{tuple(norm_w.shape)} {norm_w.dtype} must be [T, H] and [H] of x's dtype {x.dtype}")
+        self.residual, self.norm_w, self.eps = residual.contiguous(), norm_w.contiguous(), eps
+        self.h = torch.empty((n_tok, hidden), device=x.device, dtype=x.dtype)
+        self.x = torch.empty_like(self.h)
+        counters = torch.empty(MOE_NORM_DECODE_TOKENS, device=x.device, dtype=torch.int32)
+        self.block_h = block_h
+        self.gate_up = ((counters, MOE_NORM_DECODE_TOKENS), {"FUSE_NORM": True})
+        self.down = ((counters, rows.row_tok, rows.routed_row, self.residual, self.norm_w, self.h, self.x, eps,
+                      self.residual.stride(0), self.h.stride(0), self.x.stride(0)),
+                     {"FUSE_NORM": True, "NORM_T": MOE_NORM_DECODE_TOKENS, "HN": hidden, "BLOCK_HN": block_h})
+
+    def finish(self, y: Tensor, rows: MoeRows):
+        if self.norm is None:
+            return combine_rows(y, rows, self.n_tok, self.top_k)
+        # steps longer than the down launch's epilogue takes: one program a token (grid 0 otherwise, guard-free in T)
+        longer = torch.sym_max(0, torch.sym_min(1, self.n_tok - MOE_NORM_DECODE_TOKENS))
+        wrap_triton(moe_norm_kernel)[(self.n_tok * longer,)](
+            y, rows.routed_row, self.residual, self.norm_w, self.h, self.x, self.n_tok, self.eps, y.stride(0),
+            y.stride(1), self.residual.stride(0), self.h.stride(0), self.x.stride(0), H=y.shape[1], BLOCK_H=self.block_h)
+        return self.h, self.x
+
+
 def fused_moe(x: Tensor, router_w: Tensor, gate_up: Tensor, down: Tensor, shared_gate: Tensor, shared_up: Tensor,
               shared_down: Tensor, top_k: int, blocks: tuple[int, int, int] | None = None,
-              logits: Tensor | None = None) -> Tensor:
-    """The body of ``l4::moe_fused``; ``blocks`` (BM, BN, BK) overrides the static choice (tests); ``logits``: see
-    ``_route_map``."""
+              logits: Tensor | None = None, norm: tuple | None = None):
+    """The body of ``l4::moe_fused`` (and, with ``norm``, of ``l4::moe_fused_norm``); ``blocks`` (BM, BN, BK)
+    overrides the static choice (tests); ``logits``: see ``_route_map``; ``norm``: see ``_NormLaunch``."""
     n_exp, i_dim, hidden = down.shape
     n_tok = x.shape[0]
     bm, bn, bk = blocks or moe_blocks(hidden, i_dim)
@@ -169,19 +215,21 @@ def fused_moe(x: Tensor, router_w: Tensor, gate_up: Tensor, down: Tensor, shared
     n_rows = n_tok * (top_k + 1)
     n_tiles = rows.tile_group.shape[0]
     mode = _dot_mode(x.dtype)
+    nl = _NormLaunch(norm, x, rows, top_k, hidden)
     act = torch.empty((n_rows, i_dim), device=x.device, dtype=x.dtype)           # [R, I]
     wrap_triton(moe_gate_up_kernel)[(n_tiles, triton.cdiv(i_dim, bn))](
         x, gate_up, shared_gate, shared_up, act, rows.row_tok, rows.row_scale, rows.tile_group, rows.tile_row0,
         rows.tile_row_end, hidden, i_dim, n_exp, x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1),
         gate_up.stride(2), shared_gate.stride(0), shared_gate.stride(1), act.stride(0), act.stride(1), logits,
-        rows.routed_row, *in_map, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **map_modes, **mode)
+        rows.routed_row, *in_map, *nl.gate_up[0], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **map_modes, **mode,
+        **nl.gate_up[1])
     y = torch.empty((n_rows, hidden), device=x.device, dtype=x.dtype)            # [R, H]
     wrap_triton(moe_down_kernel)[(n_tiles, triton.cdiv(hidden, bn))](
         act, down, shared_down, y, rows.tile_group, rows.tile_row0, rows.tile_row_end, hidden, i_dim, n_exp,
         act.stride(0), act.stride(1), down.stride(0), down.stride(1), down.stride(2), shared_down.stride(0),
-        shared_down.stride(1), y.stride(0), y.stride(1), logits, *in_map, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        **map_modes, **mode)
-    return combine_rows(y, rows, n_tok, top_k)
+        shared_down.stride(1), y.stride(0), y.stride(1), logits, *in_map, *nl.down[0], BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_K=bk, **map_modes, **mode, **nl.down[1])
+    return nl.finish(y, rows)
 
 
 def _route_map(x: Tensor, router_w: Tensor, top_k: int, block_m: int, locks: tuple[Tensor, ...] = (),
@@ -206,9 +254,10 @@ def _route_map(x: Tensor, router_w: Tensor, top_k: int, block_m: int, locks: tup
 def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tensor, down_q: Tensor, down_s: Tensor,
                    shared_gate_q: Tensor, shared_gate_s: Tensor, shared_up_q: Tensor, shared_up_s: Tensor,
                    shared_down_q: Tensor, shared_down_s: Tensor, top_k: int,
-                   blocks: tuple[Int4Blocks, Int4Blocks] | None = None, logits: Tensor | None = None) -> Tensor:
-    """The body of ``l4::moe_q_fused``; ``blocks`` (gate_up, down; same BM) overrides ``default_moe_int4_blocks``;
-    ``logits``: see ``_route_map``.
+                   blocks: tuple[Int4Blocks, Int4Blocks] | None = None, logits: Tensor | None = None,
+                   norm: tuple | None = None):
+    """The body of ``l4::moe_q_fused`` (with ``norm``: ``l4::moe_q_fused_norm``); ``blocks`` (gate_up, down; same BM)
+    overrides ``default_moe_int4_blocks``; ``logits``: see ``_route_map``; ``norm``: see ``_NormLaunch``.
     The shared gate/up weights share one set of strides and every scale group matches its routed counterpart
     (one Gh, one Gi per kernel), as the quantize pass produces them."""
     n_exp, hidden, i_dim = down_q.shape[0], down_q.shape[1], 2 * down_q.shape[2]
@@ -238,6 +287,7 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
     logits, rows, in_map, map_modes = _route_map(x, router_w, top_k, bgu.block_m,
                                                  () if top_k != 1 or unsplit else (gu[2], dn[2]), logits)
     mode = _dot_mode(x.dtype)
+    nl = _NormLaunch(norm, x, rows, top_k, hidden)
     act = torch.empty((n_rows, i_dim), device=x.device, dtype=x.dtype)           # [R, I]
     part, part_strides, lock, k_split, splits = gu
     wrap_triton(moe_int4_gate_up_kernel)[(*grid_gu, splits)](
@@ -245,30 +295,31 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
         rows.row_scale, rows.tile_group, rows.tile_row0, rows.tile_row_end, hidden, i_dim, n_exp, group_h, k_split,
         splits, x.stride(0), x.stride(1), *gate_up_q.stride(), *gate_up_s.stride(), *shared_gate_q.stride(),
         *shared_gate_s.stride(), act.stride(0), act.stride(1), *part_strides, logits, rows.routed_row, *in_map,
-        BLOCK_M=bgu.block_m, BLOCK_N=bgu.block_n, BLOCK_K=bgu.block_k, SCALE_PER_BLOCK=bgu.scale_per_block,
+        *nl.gate_up[0], BLOCK_M=bgu.block_m, BLOCK_N=bgu.block_n, BLOCK_K=bgu.block_k, SCALE_PER_BLOCK=bgu.scale_per_block,
         SCALE_WORDS=words_gu, BF16X2=bgu.bf16x2,
         FMA_UNPACK=fma_unpack(bgu, (gate_up_q, shared_gate_q, shared_up_q), (gate_up_s, shared_gate_s, shared_up_s)),
-        **map_modes, **mode, **_launch(bgu))
+        **map_modes, **mode, **nl.gate_up[1], **_launch(bgu))
     y = torch.empty((n_rows, hidden), device=x.device, dtype=x.dtype)            # [R, H]
     part, part_strides, lock, k_split, splits = dn
     wrap_triton(moe_int4_down_kernel)[(*grid_dn, splits)](
         act, down_q, down_s, shared_down_q, shared_down_s, y, part, lock, rows.tile_group, rows.tile_row0,
         rows.tile_row_end, hidden, i_dim, n_exp, group_i, k_split, splits, act.stride(0), act.stride(1),
         *down_q.stride(), *down_s.stride(), *shared_down_q.stride(), *shared_down_s.stride(), y.stride(0), y.stride(1),
-        *part_strides, logits, *in_map, BLOCK_M=bdn.block_m, BLOCK_N=bdn.block_n, BLOCK_K=bdn.block_k,
-        SCALE_PER_BLOCK=bdn.scale_per_block, SCALE_WORDS=words_dn, BF16X2=bdn.bf16x2,
+        *part_strides, logits, *in_map, *nl.down[0], BLOCK_M=bdn.block_m, BLOCK_N=bdn.block_n,
+        BLOCK_K=bdn.block_k, SCALE_PER_BLOCK=bdn.scale_per_block, SCALE_WORDS=words_dn, BF16X2=bdn.bf16x2,
         FMA_UNPACK=fma_unpack(bdn, (down_q, shared_down_q), (down_s, shared_down_s)), **map_modes, **mode,
-        **_launch(bdn))
-    return combine_rows(y, rows, n_tok, top_k)
+        **nl.down[1], **_launch(bdn))
+    return nl.finish(y, rows)
 
 
 def fused_moe_fp8(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tensor, down_q: Tensor, down_s: Tensor,
                   shared_gate_q: Tensor, shared_gate_s: Tensor, shared_up_q: Tensor, shared_up_s: Tensor,
                   shared_down_q: Tensor, shared_down_s: Tensor, top_k: int,
                   blocks: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
-                  logits: Tensor | None = None) -> Tensor:
-    """The body of ``l4::moe_fp8_fused``; ``blocks`` ((BM, BN, BK) of gate_up and down; same BM) overrides the static
-    choice (tests); ``logits``: see ``_route_map``. Float8 weights in nn.Linear orientation with one scale per output
+                  logits: Tensor | None = None, norm: tuple | None = None):
+    """The body of ``l4::moe_fp8_fused`` (with ``norm``: ``l4::moe_fp8_fused_norm``); ``blocks`` ((BM, BN, BK) of
+    gate_up and down; same BM) overrides the static choice (tests); ``logits``: see ``_route_map``; ``norm``: see
+    ``_NormLaunch``. Float8 weights in nn.Linear orientation with one scale per output
     channel (``quantize_fp8``); the shared gate/up weights share one set of strides."""
     n_exp, hidden, i_dim = down_q.shape
     if shared_gate_q.stride() != shared_up_q.stride() or shared_gate_s.stride() != shared_up_s.stride():
@@ -281,20 +332,21 @@ def fused_moe_fp8(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Ten
     n_rows = n_tok * (top_k + 1)
     n_tiles = rows.tile_group.shape[0]
     mode = _fp8_mode(x)
+    nl = _NormLaunch(norm, x, rows, top_k, hidden)
     act = torch.empty((n_rows, i_dim), device=x.device, dtype=x.dtype)           # [R, I]
     wrap_triton(moe_fp8_gate_up_kernel)[(n_tiles, triton.cdiv(i_dim, bgu[1]))](
         x, gate_up_q, gate_up_s, shared_gate_q, shared_gate_s, shared_up_q, shared_up_s, act, rows.row_tok,
         rows.row_scale, rows.tile_group, rows.tile_row0, rows.tile_row_end, hidden, i_dim, n_exp,
         x.stride(0), x.stride(1), *gate_up_q.stride(), *gate_up_s.stride(), *shared_gate_q.stride(),
-        shared_gate_s.stride(0), act.stride(0), act.stride(1), logits, rows.routed_row, *in_map,
-        BLOCK_M=bgu[0], BLOCK_N=bgu[1], BLOCK_K=bgu[2], **mode, **map_modes)
+        shared_gate_s.stride(0), act.stride(0), act.stride(1), logits, rows.routed_row, *in_map, *nl.gate_up[0],
+        BLOCK_M=bgu[0], BLOCK_N=bgu[1], BLOCK_K=bgu[2], **mode, **map_modes, **nl.gate_up[1])
     y = torch.empty((n_rows, hidden), device=x.device, dtype=x.dtype)            # [R, H]
     wrap_triton(moe_fp8_down_kernel)[(n_tiles, triton.cdiv(hidden, bdn[1]))](
         act, down_q, down_s, shared_down_q, shared_down_s, y, rows.tile_group, rows.tile_row0, rows.tile_row_end,
         hidden, i_dim, n_exp, act.stride(0), act.stride(1), *down_q.stride(), *down_s.stride(),
-        *shared_down_q.stride(), shared_down_s.stride(0), y.stride(0), y.stride(1), logits, *in_map,
-        BLOCK_M=bdn[0], BLOCK_N=bdn[1], BLOCK_K=bdn[2], **mode, **map_modes)
-    return combine_rows(y, rows, n_tok, top_k)
+        *shared_down_q.stride(), shared_down_s.stride(0), y.stride(0), y.stride(1), logits, *in_map, *nl.down[0],
+        BLOCK_M=bdn[0], BLOCK_N=bdn[1], BLOCK_K=bdn[2], **mode, **map_modes, **nl.down[1])
+    return nl.finish(y, rows)
 
 
 def _k_step(b: Int4Blocks, group: int, *scales: Tensor) -> tuple[bool, int]:
@@ -550,6 +602,34 @@ def moe_fp8_fused(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Ten
                   shared_down_q: Tensor, shared_down_s: Tensor, top_k: int, logits: Tensor | None = None) -> Tensor:
     return fused_moe_fp8(x, router_w, gate_up_q, gate_up_s, down_q, down_s, shared_gate_q, shared_gate_s,
                          shared_up_q, shared_up_s, shared_down_q, shared_down_s, top_k, logits=logits)
+
+
+@triton_op("l4::moe_fused_norm", mutates_args=())
+def moe_fused_norm(x: Tensor, router_w: Tensor, gate_up: Tensor, down: Tensor, shared_gate: Tensor, shared_up: Tensor,
+                   shared_down: Tensor, top_k: int, logits: Tensor, residual: Tensor, norm_w: Tensor,
+                   eps: float) -> tuple[Tensor, Tensor]:
+    return fused_moe(x, router_w, gate_up, down, shared_gate, shared_up, shared_down, top_k, logits=logits,
+                     norm=(residual, norm_w, eps))
+
+
+@triton_op("l4::moe_q_fused_norm", mutates_args=())
+def moe_q_fused_norm(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tensor, down_q: Tensor,
+                     down_s: Tensor, shared_gate_q: Tensor, shared_gate_s: Tensor, shared_up_q: Tensor,
+                     shared_up_s: Tensor, shared_down_q: Tensor, shared_down_s: Tensor, top_k: int, logits: Tensor,
+                     residual: Tensor, norm_w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return fused_moe_int4(x, router_w, gate_up_q, gate_up_s, down_q, down_s, shared_gate_q, shared_gate_s,
+                          shared_up_q, shared_up_s, shared_down_q, shared_down_s, top_k, logits=logits,
+                          norm=(residual, norm_w, eps))
+
+
+@triton_op("l4::moe_fp8_fused_norm", mutates_args=())
+def moe_fp8_fused_norm(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tensor, down_q: Tensor,
+                       down_s: Tensor, shared_gate_q: Tensor, shared_gate_s: Tensor, shared_up_q: Tensor,
+                       shared_up_s: Tensor, shared_down_q: Tensor, shared_down_s: Tensor, top_k: int, logits: Tensor,
+                       residual: Tensor, norm_w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return fused_moe_fp8(x, router_w, gate_up_q, gate_up_s, down_q, down_s, shared_gate_q, shared_gate_s,
+                         shared_up_q, shared_up_s, shared_down_q, shared_down_s, top_k, logits=logits,
+                         norm=(residual, norm_w, eps))
 
 
 def add_rms_norm_router(a: Tensor, b: Tensor, norm_w: Tensor, router_w: Tensor, eps: float

@@ -67,11 +67,14 @@ def split_k_store(acc, y_ptr, y_offs, part_ptr, part_offs, split_stride, mask, l
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The plain epilogue (round to y's dtype, store) of split ``split`` of ``n_split`` for one [BM, BN] tile:
     y[y_offs] = acc when S == 1, else the sum of the S partials (part[s * split_stride + part_offs]) once all are in.
-    ``lock_ptr``: the tile's counter."""
+    ``lock_ptr``: the tile's counter. -> whether this program stored the tile of y (every program when S == 1)."""
+    stored = n_split == 1
     if n_split == 1:
         tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(part_ptr + split * split_stride + part_offs, acc, mask=mask)
-        if split_k_arrive(lock_ptr, n_split):
+        stored = split_k_arrive(lock_ptr, n_split)
+        if stored:
             total = split_k_sum(part_ptr, split_stride, part_offs, mask, n_split, BLOCK_M, BLOCK_N)
             tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=mask)
+    return stored

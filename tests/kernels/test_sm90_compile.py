@@ -16,6 +16,10 @@ SCRIPT = ROOT / "benchmarks" / "kernels_sm90.py"
 LAUNCHED = ["int4_mm_kernel", "int4_mm_kernel", "moe_route_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel",
             "moe_route_kernel", "moe_fp8_gate_up_kernel", "moe_fp8_down_kernel",
             "moe_route_kernel", "moe_gate_up_kernel", "moe_down_kernel",
+            # as a CUDA engine's step: on the logits, the combine + residual + next norm in down (moe_norm.py)
+            "moe_route_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel", "moe_norm_kernel",
+            "moe_route_kernel", "moe_fp8_gate_up_kernel", "moe_fp8_down_kernel", "moe_norm_kernel",
+            "moe_route_kernel", "moe_gate_up_kernel", "moe_down_kernel", "moe_norm_kernel",
             "add_rms_norm_router_kernel",                                            # any T: row and block paths
             "attention_partial_kernel", "attention_combine_kernel",                  # decode: RoPE + qk-norm
             "attention_partial_kernel", "attention_combine_kernel",                  # decode: NoPE + temperature
@@ -51,7 +55,8 @@ def test_every_kernel_compiles_for_sm90(tmp_path, dtype):
                and r["programs_per_sm"] >= 1 for r in rows)
     if dtype == "bfloat16":
         assert all(r["stack_bytes"] == 0 for r in rows)                      # no spills where it serves
-        dots = [r for r in rows if r["kernel"] not in ("moe_route_kernel", "attention_combine_kernel")]
+        dots = [r for r in rows if r["kernel"] not in ("moe_route_kernel", "attention_combine_kernel",
+                                                       "moe_norm_kernel")]
         assert all(r["mma"] for r in dots), [r["kernel"] for r in dots if not r["mma"]]   # every dot on tensor cores
         # FP8 weights at decode (BM 16: Triton's MMAs take float8 as exact f16 there; wgmma e4m3 from BM 64)
         assert {r["kernel"]: r["mma"] for r in rows}["moe_fp8_down_kernel"] == ["mma m16n8k16 f16"]
@@ -111,6 +116,13 @@ def test_quantized_k_loops_wait_on_no_load(tmp_path):
     _nvidia_backend()
     rows = [r for r in _rows(tmp_path, "--dtypes", "bfloat16", "--ops", "--cases", "int4_mm,moe_q,moe_fp8")
             if r["kernel"] != "moe_route_kernel"]
+    # the _norm cases' down kernels: the same K loops, then the epilogue's loop over a tile's finished tokens, whose
+    # loads (a token's rows) each wait on the bit that says the token is finished (moe_norm.finish_tokens)
+    norm = {r["kernel"]: r["loop_loads"] for r in rows if r["case"].endswith("_norm")}
+    rows = [r for r in rows if not r["case"].endswith("_norm")]
+    plain = {r["kernel"]: r["loop_loads"] for r in rows}
+    for kernel in ("moe_int4_down_kernel", "moe_fp8_down_kernel"):
+        assert norm[kernel][:-1] == plain[kernel] and norm[kernel][-1]["async"] == 0, (kernel, norm[kernel])
     assert {r["kernel"] for r in rows} == {"int4_mm_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel",
                                            "moe_fp8_gate_up_kernel", "moe_fp8_down_kernel"}
     for r in rows:
