@@ -46,6 +46,7 @@ import torch
 from l4compile.backends import BuildResult
 from l4compile.errors import L4Error
 
+from .moe_norm_fused import moe_norm_fused
 from .norm_router_fused import norm_router_fused
 
 ARTIFACT = "model.pt2"
@@ -55,9 +56,12 @@ RUNNER_ENV = "L4COMPILE_INDUCTOR_RUNNER"
 RUNNERS = ("aoti", "jit")
 NORM_ROUTER_ENV = "L4COMPILE_NORM_ROUTER"
 ATTENTION_MERGE_ENV = "L4COMPILE_ATTENTION_MERGE"
-# what a CUDA engine's manifest counts in backend_info: the step's calls of each fused op
-FUSED_OPS = {"norm_router_fused": "l4.add_rms_norm_router.default",
-             "attention_merged": "l4.attention_fused_chained.default"}
+MOE_NORM_ENV = "L4COMPILE_MOE_NORM"
+# what a CUDA engine's manifest counts in backend_info: the step's calls of each fused op (of any of the ops named)
+FUSED_OPS = {"norm_router_fused": ("l4.add_rms_norm_router.default",),
+             "attention_merged": ("l4.attention_fused_chained.default",),
+             "moe_norm_fused": ("l4.moe_fused_norm.default", "l4.moe_q_fused_norm.default",
+                                "l4.moe_fp8_fused_norm.default")}
 
 
 def build(program, workdir: Path, config) -> BuildResult:
@@ -87,8 +91,10 @@ def build(program, workdir: Path, config) -> BuildResult:
 
 def _fusions(config, fused: dict[str, int]) -> dict:
     """backend_info of a CUDA engine: how many MoE layers run their residual add, norm and router as one kernel
-    (``norm_router_fused``; 0 with ``L4COMPILE_NORM_ROUTER=0``) and how many attention layers merge their key splits
-    in the partial kernel (``attention_merged``; 0 with ``L4COMPILE_ATTENTION_MERGE=0``)."""
+    (``norm_router_fused``; 0 with ``L4COMPILE_NORM_ROUTER=0``), how many attention layers merge their key splits
+    in the partial kernel (``attention_merged``; 0 with ``L4COMPILE_ATTENTION_MERGE=0``) and how many MoE layers
+    combine, add the residual and norm the next layer's input in their own launches (``moe_norm_fused``; 0 with
+    ``L4COMPILE_MOE_NORM=0``)."""
     return dict(fused) if config.device == "cuda" else {}
 
 
@@ -191,6 +197,13 @@ def attention_merge_enabled() -> bool:
     return os.environ.get(ATTENTION_MERGE_ENV, "1").strip() != "0"
 
 
+def moe_norm_enabled() -> bool:
+    """Whether CUDA engines fold each MoE layer's combine, the residual add after it and the next RMSNorm into the
+    fused MoE's launches (``moe_norm_fused``; it builds on ``norm_router_fused``): yes, unless
+    ``L4COMPILE_MOE_NORM=0`` (to measure a step without it; the manifest's ``backend_info`` says which)."""
+    return os.environ.get(MOE_NORM_ENV, "1").strip() != "0"
+
+
 def export_for_aoti(program, device: str = "cpu") -> tuple[torch.export.ExportedProgram, bool]:
     """The Program as AOTInductor compiles it: caches written in place (text step graphs), for CUDA the Int4 GEMMs
     that split K and the in-place attention chained by their counters (``split_k_locks_chained``) and each MoE
@@ -209,7 +222,8 @@ def export_for_aoti(program, device: str = "cpu") -> tuple[torch.export.Exported
         program = dataclasses.replace(program, gm=in_place)
     if device == "cuda":           # with Triton: the step's kernel-level rewrites
         from l4compile.kernels.dispatch import (attention_cached_chained, int4_mm_splits, linear_int4_chained,
-                                                load_triton_ops, moe_q_routed, moe_routed, residual_norm_router)
+                                                load_triton_ops, moe_q_routed, moe_q_routed_norm, moe_routed,
+                                                moe_routed_norm, residual_norm_router)
         from l4compile.kernels.layout import SPLIT_K_LOCK_WORDS
         if load_triton_ops():      # Int4 GEMMs that split K and the attention hand each other zeroed counters
             chains = {torch.ops.l4.linear_int4.default: (linear_int4_chained, lambda x, w, s: int4_mm_splits(w, s))}
@@ -221,6 +235,8 @@ def export_for_aoti(program, device: str = "cpu") -> tuple[torch.export.Exported
         if load_triton_ops() and norm_router_enabled():   # each MoE layer's residual add + norm + router: one launch
             routed = {torch.ops.l4.moe.default: moe_routed, torch.ops.l4.moe_q.default: moe_q_routed}
             fused, _ = norm_router_fused(program.gm, residual_norm_router, routed)
+            if moe_norm_enabled():      # and its combine, the residual add after it and the next norm: in its launches
+                fused, _ = moe_norm_fused(fused, {moe_routed: moe_routed_norm, moe_q_routed: moe_q_routed_norm})
             program = dataclasses.replace(program, gm=fused)
     decomps = dict(l4compile.ops.DECOMPOSITIONS)                             # attention becomes plain aten
     if device == "cuda":   # l4::moe / linear_int4 -> Triton triton_ops, linear_fp8 -> _scaled_mm (compiled in)
@@ -248,7 +264,7 @@ def _package(program, outdir: Path, device: str = "cpu",
         torch._inductor.aoti_compile_and_package(mutations_in_place(ep), package_path=str(outdir / ARTIFACT),
                                                  inductor_configs={**(extra_configs or {}), **AOTI_CONFIGS})
     targets = [str(n.target) for n in ep.graph.nodes]
-    return in_place, digest.hexdigest(), {key: targets.count(op) for key, op in FUSED_OPS.items()}
+    return in_place, digest.hexdigest(), {key: sum(map(targets.count, ops)) for key, ops in FUSED_OPS.items()}
 
 
 def mutations_in_place(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:

@@ -49,6 +49,12 @@ KERNELS = {"l4.attention_fused.default": ("attention_partial_kernel", "attention
            "l4.moe_fused.default": ("moe_route_kernel", "moe_gate_up_kernel", "moe_down_kernel"),
            "l4.moe_q_fused.default": ("moe_route_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel"),
            "l4.moe_fp8_fused.default": ("moe_route_kernel", "moe_fp8_gate_up_kernel", "moe_fp8_down_kernel"),
+           "l4.moe_fused_norm.default": ("moe_route_kernel", "moe_gate_up_kernel", "moe_down_kernel",
+                                         "moe_norm_kernel"),
+           "l4.moe_q_fused_norm.default": ("moe_route_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel",
+                                           "moe_norm_kernel"),
+           "l4.moe_fp8_fused_norm.default": ("moe_route_kernel", "moe_fp8_gate_up_kernel", "moe_fp8_down_kernel",
+                                             "moe_norm_kernel"),
            "l4.int4_mm.default": ("int4_mm_kernel",), "l4.int4_mm_chained.default": ("int4_mm_kernel",),
            "l4.add_rms_norm_router.default": ("add_rms_norm_router_kernel",)}
 

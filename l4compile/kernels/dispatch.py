@@ -22,6 +22,9 @@ Two routes, the same choices in both:
     a MoE layer's residual add + post-attention RMSNorm + router (aten, in a CUDA engine's step: backends
                        .norm_router_fused) -> l4::add_rms_norm_router (Triton, one launch), whose logits the fused
                        MoE takes (``moe_routed`` / ``moe_q_routed``: no router matmul of its own)
+    that MoE's combine + the residual add after it + the next RMSNorm (aten: backends.moe_norm_fused) ->
+                       l4::moe_fused_norm / moe_q_fused_norm / moe_fp8_fused_norm (``moe_routed_norm`` /
+                       ``moe_q_routed_norm``: in the MoE's down launch at decode)
     l4::attention_cached -> its projection in aten, then l4::attention_fused (Triton: attention over the visible
                        cache slots and new keys, addressed by position, no cat, no [T, L+T] mask); in a step that
                        updates its caches in place, l4::attention_fused_inplace (the same on q as projected, whose
@@ -169,6 +172,46 @@ def moe_q_routed(x: Tensor, logits: Tensor, router_w: Tensor, *weights_and_top_k
     *weights, top_k = weights_and_top_k
     out = _fused_moe_q(x, router_w, tuple(weights), top_k, logits) if top_k == 1 else None
     return out if out is not None else torch.ops.l4.moe_q(x, router_w, *weights, top_k)
+
+
+def _norm_fits(x: Tensor, residual: Tensor, norm_w: Tensor, shape) -> bool:
+    """Whether the fused MoE's combine + residual + norm epilogue takes these: the residual of the MoE output's
+    (viewed) shape, so the add does not broadcast, and all of x's dtype."""
+    return (tuple(residual.shape) == tuple(shape) and residual.dtype == norm_w.dtype == x.dtype
+            and norm_w.shape == (x.shape[-1],))
+
+
+def _add_norm(y: Tensor, residual: Tensor, norm_w: Tensor, eps: float, shape) -> tuple[Tensor, Tensor]:
+    """The reference of what follows a MoE layer: h' = residual + y.view(shape), x' = RMSNorm(h') * norm_w."""
+    h = residual + y.view(shape)
+    return h, attention_ops._rms(h, eps) * norm_w                            # Llama4TextRMSNorm
+
+
+def moe_routed_norm(x: Tensor, logits: Tensor, router_w: Tensor, gate_up: Tensor, down: Tensor, shared_gate: Tensor,
+                    shared_up: Tensor, shared_down: Tensor, top_k: int, residual: Tensor, norm_w: Tensor, eps: float,
+                    shape) -> tuple[Tensor, Tensor]:
+    """``moe_routed``, then the residual add after the MoE layer and the next RMSNorm, as a CUDA engine's step runs
+    them (``backends.moe_norm_fused``) -> (h' = residual + moe.view(shape), x' = RMSNorm(h') * norm_w), both of
+    ``shape``: ``l4::moe_fused_norm`` (the combine, add and norm in the MoE's down launch at decode), else the
+    reference."""
+    args = (x, router_w, gate_up, down, shared_gate, shared_up, shared_down)
+    if top_k == 1 and fused_moe_supported(*args) and _norm_fits(x, residual, norm_w, shape):
+        h, xo = torch.ops.l4.moe_fused_norm(*args, top_k, logits, residual.reshape(-1, x.shape[-1]), norm_w, eps)
+        return h.view(shape), xo.view(shape)
+    return _add_norm(moe_routed(x, logits, *args[1:], top_k), residual, norm_w, eps, shape)
+
+
+def moe_q_routed_norm(x: Tensor, logits: Tensor, router_w: Tensor, *weights_top_k_and_norm) -> tuple[Tensor, Tensor]:
+    """``moe_routed_norm`` for ``l4::moe_q`` (its arguments after x, logits, router_w; then residual, norm_w, eps,
+    shape): ``l4::moe_q_fused_norm`` / ``l4::moe_fp8_fused_norm``, else the reference."""
+    *weights, top_k, residual, norm_w, eps, shape = weights_top_k_and_norm
+    if top_k == 1 and _norm_fits(x, residual, norm_w, shape):
+        op = (torch.ops.l4.moe_q_fused_norm if fused_moe_int4_supported(x, router_w, *weights) else
+              torch.ops.l4.moe_fp8_fused_norm if fused_moe_fp8_supported(x, router_w, *weights) else None)
+        if op is not None:
+            h, xo = op(x, router_w, *weights, top_k, logits, residual.reshape(-1, x.shape[-1]), norm_w, eps)
+            return h.view(shape), xo.view(shape)
+    return _add_norm(moe_q_routed(x, logits, router_w, *weights, top_k), residual, norm_w, eps, shape)
 
 
 def fused_attention_supported(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:

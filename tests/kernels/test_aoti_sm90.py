@@ -52,17 +52,19 @@ def test_tiny_int4_cuda_engine_generates_and_passes_its_checks(tmp_path):
     launches = r["launches"]
     assert launches["attention_partial_kernel"] == launches["attention_combine_kernel"] == 4
     assert launches["moe_route_kernel"] == launches["moe_int4_gate_up_kernel"] == launches["moe_int4_down_kernel"] == 4
-    # Inductor's own: 8 for the 4 layers: the norm after each MoE (with its combine and the residual add; the last
-    # one the final norm), the first layer's input norm (with the embedding), and k's RoPE + qk-norm in the 3 RoPE
-    # layers; + 1, the zeroed counters that head the step's chain (l4::attention_fused_chained). The attention
-    # kernel transforms q and writes the caches, add_rms_norm_router does the post-attention norm (24 before both:
-    # + q's RoPE or temperature, a k and a v cache write and that norm a layer)
-    assert sum(n for k, n in launches.items() if k.startswith("triton_")) <= 2 * 4 + 1
+    assert launches["moe_norm_kernel"] == r["graph_ops"]["l4.moe_q_fused_norm.default"] == 4
+    # Inductor's own: 5: the first layer's input norm (with the embedding), k's RoPE + qk-norm in the 3 RoPE layers,
+    # and the zeroed counters that head the step's chain (l4::attention_fused_chained). The attention kernel
+    # transforms q and writes the caches, add_rms_norm_router does the post-attention norm, and each MoE op the
+    # combine, the residual add after it and the next norm (l4::moe_q_fused_norm; the last layer's: the final norm)
+    # (28 before the three: + q's RoPE or temperature, a k and a v cache write and both norms a layer)
+    assert sum(n for k, n in launches.items() if k.startswith("triton_")) <= 1 + 3 + 1
     assert r["graph_ops"]["l4.attention_fused_chained.default"] == 4
-    # 41 launch sites; a decode step skips the 4 route launches (the GEMMs map one token) and the global layer's
-    # combine (its splits merged in the partial kernel); the 3 chunked layers (16 slots: one split) keep theirs, which
-    # writes the caches. At 2048 tokens the route launches run and the global layer still splits (64 row blocks x 2)
-    assert r["kernels_launched"] == 41 and r["launched_at"] == {"B=1 T=1": 36, "B=1 T=2048": 40}
+    # 41 launch sites; a decode step skips the 4 route launches (the GEMMs map one token), the 4 moe_norm launches
+    # (the down launches finish each token) and the global layer's combine (its splits merged in the partial kernel);
+    # the 3 chunked layers (16 slots: one split) keep theirs, which writes the caches. At 2048 tokens the route and
+    # moe_norm launches run and the global layer still splits (64 row blocks x 2)
+    assert r["kernels_launched"] == 41 and r["launched_at"] == {"B=1 T=1": 32, "B=1 T=2048": 40}
     assert not [k for k in launches if "index_copy" in k or "index_put" in k]
     # the lm_head alone (cuBLAS): each layer's router is in its add_rms_norm_router launch, which also adds the
     # residual and norms the MoE's input (5 mm and 4 more Inductor norm kernels before)
@@ -89,9 +91,10 @@ def test_split_int4_gemms_take_no_counter_fills(tmp_path):
     r = _generate(tmp_path, "int4", "--int4-split-k", "4", "--layers", "2", preset="bench-scout")
     assert r["problems"] == {"kernels": [], "opaque": [], "caches": [], "program": []}
     assert r["graph_ops"]["l4.int4_mm_chained.default"] == r["launches"]["int4_mm_kernel"] == 4
-    # unsplit: 5 (the embedding's norm, then k's RoPE + qk-norm and the MoE's combine + residual + next norm a layer;
-    # the post-attention norm is in add_rms_norm_router), + the one fill; with a fill a GEMM it was 9
-    assert sum(n for k, n in r["launches"].items() if k.startswith("triton_")) == 5 + 1
+    # unsplit: 3 (the embedding's norm, then k's RoPE + qk-norm a layer; the post-attention norm is in
+    # add_rms_norm_router, the MoE's combine + residual + next norm in the MoE's launches), + the one fill; with a
+    # fill a GEMM (and the MoE norms as Inductor kernels) it was 9
+    assert sum(n for k, n in r["launches"].items() if k.startswith("triton_")) == 3 + 1
     assert not [k for k in r["launches"] if "clone" in k or "fused_copy" in k]     # (_to_copy: a dtype cast)
 
 
@@ -99,7 +102,7 @@ def test_split_int4_gemms_take_no_counter_fills(tmp_path):
 def test_attention_merge_can_be_turned_off(tmp_path, monkeypatch):
     """L4COMPILE_ATTENTION_MERGE=0 (gpu_session.sh attnmerge's baseline) builds the engine whose attention merges its
     key splits in the combine launch: l4::attention_fused_inplace, no counter chain, and a decode step that runs
-    every combine launch. In tiny that costs nothing at decode (36 launches with work either way): only its global
+    every combine launch. In tiny that costs nothing at decode (32 launches with work either way): only its global
     layer splits its keys (its chunked layers' 16-slot rings have one split, and their combine writes the caches),
     and the chain's fill is one launch more (41 -> 40 launch sites without it) (~45 s)."""
     monkeypatch.setenv("L4COMPILE_ATTENTION_MERGE", "0")
@@ -107,7 +110,7 @@ def test_attention_merge_can_be_turned_off(tmp_path, monkeypatch):
     assert r["problems"] == {"kernels": [], "opaque": [], "caches": [], "program": []}
     assert r["graph_ops"]["l4.attention_fused_inplace.default"] == 4
     assert "l4.attention_fused_chained.default" not in r["graph_ops"]
-    assert r["kernels_launched"] == 40 and r["launched_at"] == {"B=1 T=1": 36, "B=1 T=2048": 40}
+    assert r["kernels_launched"] == 40 and r["launched_at"] == {"B=1 T=1": 32, "B=1 T=2048": 40}
 
 
 @pytest.mark.slow
@@ -173,6 +176,7 @@ def test_tiny_fp8_cuda_engine_has_no_opaque_op(tmp_path):
     assert r["problems"] == {"kernels": [], "opaque": [], "caches": [], "program": []}
     launches = r["launches"]
     assert launches["moe_route_kernel"] == launches["moe_fp8_gate_up_kernel"] == launches["moe_fp8_down_kernel"] == 4
+    assert launches["moe_norm_kernel"] == r["graph_ops"]["l4.moe_fp8_fused_norm.default"] == 4
     # qkv + o of 4 layers; the lm_head (each router is in its layer's add_rms_norm_router launch)
     assert r["extern_calls"] == {"_scaled_mm_out": 8, "mm_out": 1}
 
