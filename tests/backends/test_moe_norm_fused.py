@@ -77,6 +77,30 @@ def test_what_does_not_match_is_left_alone():
     assert _targets(fused).count("moe_q_routed_norm") == len(moes) - 2
 
 
+def test_norms_that_fp8_linears_read_stay():
+    """In an FP8 step each layer's input norm feeds its qkv's l4::linear_fp8, whose per-token activation quantization
+    Inductor fuses with the norm: those stay, and only the last layer's MoE takes its norm (the final norm, which the
+    bf16 lm_head reads). The step still gives the graph's logits."""
+    require_interpreter()
+    from l4compile.kernels import dispatch
+
+    prog = _program("fp8")
+    gm, _ = _norm_router_fused(prog.gm)
+    fused, count = _fused(gm)
+    assert count == 1
+    after = _targets(fused)
+    assert after.count("moe_q_routed_norm") == 1 and after.count("moe_q_routed") == len(prog.kv_layout["layers"]) - 1
+    assert after.count("l4.linear_fp8.default") == _targets(gm).count("l4.linear_fp8.default")
+    moes = [n.target for n in fused.graph.nodes if n.target in (dispatch.moe_q_routed, dispatch.moe_q_routed_norm)]
+    assert moes[-1] is dispatch.moe_q_routed_norm                            # the last layer's
+    _, n_kv, _, d = prog.kv_layout["shape"]
+    caches = [torch.zeros(2, n_kv, layer["slots"], d) for layer in prog.kv_layout["layers"] for _ in (0, 1)]
+    ids = torch.randint(0, prog.model_config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref, got = gm(ids, torch.tensor([0]), *caches), fused(ids, torch.tensor([0]), *[c.clone() for c in caches])
+    assert rel_err(got[0], ref[0]) < 1e-5
+
+
 def test_moe_norm_can_be_turned_off(monkeypatch):
     """L4COMPILE_MOE_NORM=0 builds a CUDA engine without the fusion (to time a step both ways)."""
     from backends.inductor import moe_norm_enabled
