@@ -53,10 +53,11 @@ def moe_down_kernel(act_ptr, down_ptr, sd_ptr, y_ptr, tile_group_ptr, tile_row0_
                     stride_xt,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     PRECISION: tl.constexpr, DOT_F32: tl.constexpr, MAP_IN_KERNEL: tl.constexpr,
-                    BLOCK_G: tl.constexpr, FUSE_NORM: tl.constexpr, NORM_T: tl.constexpr, HN: tl.constexpr, BLOCK_HN: tl.constexpr):
+                    BLOCK_G: tl.constexpr, FUSE_NORM: tl.constexpr, NORM_T: tl.constexpr, HN: tl.constexpr,
+                    BLOCK_HN: tl.constexpr):
     tile = tl.program_id(0)
-    grp, row0, row_end, mapped, _ = tile_span(tile, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr, logits_ptr, T, E,
-                                         stride_le, MAP_IN_KERNEL, BLOCK_G)
+    grp, row0, row_end, mapped, _ = tile_span(tile, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr, logits_ptr,
+                                              T, E, stride_le, MAP_IN_KERNEL, BLOCK_G)
     if grp <= E:                                                                 # grp == E + 1: unused tile
         rows = row0 + tl.arange(0, BLOCK_M)                                      # [BM]
         rmask = rows < row_end

@@ -53,8 +53,8 @@ def moe_fp8_down_kernel(act_ptr, dq_ptr, ds_ptr, sdq_ptr, sds_ptr, y_ptr, tile_g
                         MAP_IN_KERNEL: tl.constexpr, BLOCK_G: tl.constexpr, FUSE_NORM: tl.constexpr,
                         NORM_T: tl.constexpr, HN: tl.constexpr, BLOCK_HN: tl.constexpr):
     tile = tl.program_id(0)
-    grp, row0, row_end, mapped, _ = tile_span(tile, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr, logits_ptr, T, E,
-                                         stride_le, MAP_IN_KERNEL, BLOCK_G)
+    grp, row0, row_end, mapped, _ = tile_span(tile, tile_group_ptr, tile_row0_ptr, tile_row_end_ptr, logits_ptr,
+                                              T, E, stride_le, MAP_IN_KERNEL, BLOCK_G)
     if grp <= E:                                                                 # grp == E + 1: unused tile
         rows = row0 + tl.arange(0, BLOCK_M)                                      # [BM]
         rmask = rows < row_end

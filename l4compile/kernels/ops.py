@@ -13,7 +13,9 @@ whole grouped-row map), the two grouped GEMMs; the combine of routed and shared 
 The bf16 and FP8 MoEs, and the Int4 one with unsplit GEMMs (the default), run three at a 1-token step: their GEMMs
 map the step from the logits (``moe_route.tile_span``) and the route launch's grid is empty. In a CUDA engine's step
 the router matmul is gone too: ``add_rms_norm_router`` makes the logits in the launch that adds the residual and
-norms the MoE's input (``backends.norm_router_fused``), and the MoE op takes them.
+norms the MoE's input (``backends.norm_router_fused``), and the MoE op takes them; and so is the combine, which the
+``_norm`` form of the op does with the residual add after it and the next layer's input norm, in its down launch at
+decode (``moe_norm.py``, ``backends.moe_norm_fused``): a batch-1 decode step's MoE layer is two launches.
 Int4 GEMMs with ``split_k`` > 1 stay one launch each (``split_k.py``: the last program of a tile adds the
 partials), plus a memset of their tile counters where a step splits; chained (``int4_mm_chained``, what a CUDA
 engine's step runs), each launch zeroes the next one's counters and a step needs one memset in all.
@@ -65,10 +67,11 @@ from . import access_memo, interpreting, tuned_blocks
 from .attention import attention_combine_kernel, attention_partial_kernel
 from .int4_mm import int4_mm_bf16x2_kernel, int4_mm_kernel
 from .layout import (ATTENTION_COMBINE_STAGES, ATTENTION_DECODE_BLOCK_M, ATTENTION_MAX_SPLITS, MOE_NORM_BLOCK_H,
-                     MOE_NORM_DECODE_TOKENS, MOE_ROUTE_DECODE_TOKENS, NORM_ROUTER_BLOCK_H, NORM_ROUTER_BLOCK_HB, NORM_ROUTER_BLOCK_T, NORM_ROUTER_DECODE_TOKENS,
-                     NORM_ROUTER_EXPERTS, AttentionBlocks, SPLIT_K_LOCK_WORDS, Int4Blocks, MoeRows, attention_blocks,
-                     attention_splits, fma_unpack, int4_blocks, moe_blocks, moe_fp8_blocks, moe_int4_blocks, moe_rows,
-                     num_tiles, scale_words, split_k_plan)
+                     MOE_NORM_DECODE_TOKENS, MOE_ROUTE_DECODE_TOKENS, NORM_ROUTER_BLOCK_H, NORM_ROUTER_BLOCK_HB,
+                     NORM_ROUTER_BLOCK_T, NORM_ROUTER_DECODE_TOKENS, NORM_ROUTER_EXPERTS, AttentionBlocks,
+                     SPLIT_K_LOCK_WORDS, Int4Blocks, MoeRows, attention_blocks, attention_splits, fma_unpack,
+                     int4_blocks, moe_blocks, moe_fp8_blocks, moe_int4_blocks, moe_rows, num_tiles, scale_words,
+                     split_k_plan)
 from .moe_down import moe_down_kernel
 from .moe_fp8_down import moe_fp8_down_kernel
 from .moe_fp8_gate_up import moe_fp8_gate_up_kernel
@@ -199,7 +202,8 @@ class _NormLaunch:
         longer = torch.sym_max(0, torch.sym_min(1, self.n_tok - MOE_NORM_DECODE_TOKENS))
         wrap_triton(moe_norm_kernel)[(self.n_tok * longer,)](
             y, rows.routed_row, self.residual, self.norm_w, self.h, self.x, self.n_tok, self.eps, y.stride(0),
-            y.stride(1), self.residual.stride(0), self.h.stride(0), self.x.stride(0), H=y.shape[1], BLOCK_H=self.block_h)
+            y.stride(1), self.residual.stride(0), self.h.stride(0), self.x.stride(0), H=y.shape[1],
+            BLOCK_H=self.block_h)
         return self.h, self.x
 
 
@@ -295,8 +299,8 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
         rows.row_scale, rows.tile_group, rows.tile_row0, rows.tile_row_end, hidden, i_dim, n_exp, group_h, k_split,
         splits, x.stride(0), x.stride(1), *gate_up_q.stride(), *gate_up_s.stride(), *shared_gate_q.stride(),
         *shared_gate_s.stride(), act.stride(0), act.stride(1), *part_strides, logits, rows.routed_row, *in_map,
-        *nl.gate_up[0], BLOCK_M=bgu.block_m, BLOCK_N=bgu.block_n, BLOCK_K=bgu.block_k, SCALE_PER_BLOCK=bgu.scale_per_block,
-        SCALE_WORDS=words_gu, BF16X2=bgu.bf16x2,
+        *nl.gate_up[0], BLOCK_M=bgu.block_m, BLOCK_N=bgu.block_n, BLOCK_K=bgu.block_k,
+        SCALE_PER_BLOCK=bgu.scale_per_block, SCALE_WORDS=words_gu, BF16X2=bgu.bf16x2,
         FMA_UNPACK=fma_unpack(bgu, (gate_up_q, shared_gate_q, shared_up_q), (gate_up_s, shared_gate_s, shared_up_s)),
         **map_modes, **mode, **nl.gate_up[1], **_launch(bgu))
     y = torch.empty((n_rows, hidden), device=x.device, dtype=x.dtype)            # [R, H]
