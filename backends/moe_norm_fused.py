@@ -27,7 +27,7 @@ import operator
 
 import torch
 
-from .norm_router_fused import _call, _dtype, rms_norm_input
+from .norm_router_fused import _call, norm_readers, rebuilt, rms_norm_input
 
 aten = torch.ops.aten
 
@@ -69,14 +69,8 @@ def moe_norm_fused(gm: torch.fx.GraphModule, fused: dict) -> tuple[torch.fx.Grap
             continue
         if any(_reads_fp8(u) for u in x_new.users):
             continue
-        hf = next(n for n in chain if n.target is aten.to.dtype)
-        if any(u not in chain for n in chain - {x_new, hf} for u in n.users):     # the norm's steps read elsewhere
-            continue
-        # readers of h', and of its float32 cast where that is h' itself (a float32 graph), outside the norm
-        others = [(u, v) for v in (add, hf) for u in v.users if u not in chain]
-        if any(v is hf and _dtype(add) != torch.float32 for _, v in others):
-            continue
-        if isinstance(w, torch.fx.Node) and order[w] > order[add]:               # the call goes before the add
+        others = norm_readers(add, x_new, chain)                               # to read the new h'
+        if others is None or isinstance(w, torch.fx.Node) and order[w] > order[add]:   # the call goes before the add
             continue
         with graph.inserting_before(add):
             call = graph.call_function(fused[moe.target], (*moe.args, h, w, eps, view.args[1]))
@@ -85,7 +79,4 @@ def moe_norm_fused(gm: torch.fx.GraphModule, fused: dict) -> tuple[torch.fx.Grap
             u.replace_input_with(v, new_h)
         x_new.replace_all_uses_with(new_x)
         count += 1
-    graph.eliminate_dead_code()
-    out = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    out.meta.update(gm.meta)
-    return out, count
+    return rebuilt(gm, graph), count

@@ -63,6 +63,29 @@ def rms_norm_input(x) -> tuple | None:
     return h, w, add_eps.args[1], {x, typed, normed, hf, rsqrt, add_eps, mean, sq}
 
 
+def norm_readers(h, norm_out, chain: set) -> list[tuple] | None:
+    """The readers of h outside its norm (``chain``, as ``rms_norm_input`` gives it, ending at ``norm_out``): pairs
+    (reader, the node it reads: h, or h's float32 cast where that is h itself, in a float32 graph), which a rewrite
+    that makes h anew points at the new h. None where the norm's inner steps, or a 16-bit graph's cast, are read
+    elsewhere."""
+    hf = next(n for n in chain if n.target is aten.to.dtype)
+    if any(u not in chain for n in chain - {norm_out, hf} for u in n.users):
+        return None
+    others = [(u, v) for v in (h, hf) for u in v.users if u not in chain]
+    if any(v is hf and _dtype(h) != torch.float32 for _, v in others):
+        return None
+    return others
+
+
+def rebuilt(gm: torch.fx.GraphModule, graph: torch.fx.Graph) -> torch.fx.GraphModule:
+    """``graph`` (a rewritten copy of ``gm``'s) without its dead nodes, as a GraphModule sharing ``gm``'s parameters
+    and meta."""
+    graph.eliminate_dead_code()
+    out = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    out.meta.update(gm.meta)
+    return out
+
+
 def _dtype(node):
     val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
     return getattr(val, "dtype", None)
@@ -93,14 +116,8 @@ def norm_router_fused(gm: torch.fx.GraphModule, norm_router: Callable,
         h, w, eps, chain = match
         if not _call(h, aten.add.Tensor, 2) or not all(isinstance(v, torch.fx.Node) for v in h.args):
             continue
-        hf = next(n for n in chain if n.target is aten.to.dtype)
-        if any(u not in chain for n in chain - {norm_out, hf} for u in n.users):  # the norm's steps read elsewhere
-            continue
-        # readers of h, and of its float32 cast where that is h itself (a float32 graph), outside the norm
-        others = [(u, v) for v in (h, hf) for u in v.users if u not in chain]
-        if any(v is hf and _dtype(h) != torch.float32 for _, v in others):
-            continue
-        if any(order[u] < order[moe] for u, _ in others):        # the new h is made just before the MoE
+        others = norm_readers(h, norm_out, chain)
+        if others is None or any(order[u] < order[moe] for u, _ in others):   # the new h is made just before the MoE
             continue
         with graph.inserting_before(moe):
             call = graph.call_function(norm_router, (*h.args, w, router_w, eps))
@@ -110,8 +127,5 @@ def norm_router_fused(gm: torch.fx.GraphModule, norm_router: Callable,
             u.replace_input_with(v, new_h)
         moe.replace_all_uses_with(out)
         count += 1
-    graph.eliminate_dead_code()
-    out = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    out.meta.update(gm.meta)
-    return out, count
+    return rebuilt(gm, graph), count
 
