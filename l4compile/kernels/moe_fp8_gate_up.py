@@ -20,6 +20,8 @@ e < E, and ``shared_gate_q``, ``shared_up_q`` ([I, H], same strides; scales [I])
 Shapes: x [T, H]; gate_up_q [E, 2I, H] float8_e4m3fn, gate_up_s [E, 2I]; shared_gate_q/shared_up_q [I, H] float8,
 shared_gate_s/shared_up_s [I]; row_tok [R] int32; row_scale [R] f32; tile_group/tile_row0/tile_row_end [NT] int32;
 act [R, I] (x.dtype); logits [T, E], routed_row [T] int64. Grid: (NT, cdiv(I, BN)).
+``FUSE_NORM``: every program also zeroes its share of the n_cnt int32 counters at cnt, which the down launch
+after it counts tokens on (``moe_norm.py``).
 """
 import triton
 import triton.language as tl

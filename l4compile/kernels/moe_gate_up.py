@@ -22,6 +22,8 @@ never specialised (``do_not_specialize``), so an eager launch compiles what an e
 Shapes: x [T, H]; gate_up [E, H, 2I]; shared_gate, shared_up [I, H]; row_tok [R] int32; row_scale [R] f32;
 tile_group/tile_row0/tile_row_end [NT] int32; act [R, I] (x.dtype); logits [T, E], routed_row [T] int64.
 Grid: (NT, cdiv(I, BN)).
+``FUSE_NORM``: every program also zeroes its share of the n_cnt int32 counters at cnt, which the down launch
+after it counts tokens on (``moe_norm.py``).
 """
 import triton
 import triton.language as tl

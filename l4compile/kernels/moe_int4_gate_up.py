@@ -29,6 +29,8 @@ Shapes: x [T, H]; gate_up_q [E, 2I, H/2] uint8, gate_up_s [E, 2I, H/Gh]; shared_
 shared_gate_s/shared_up_s [I, H/Gh]; row_tok [R] int32; row_scale [R] f32; tile_group/tile_row0/tile_row_end [NT]
 int32; act [R, I] (x.dtype); part [S, R, 2I] float32 (gate sums, then up sums) and lock [NT * cdiv(I, BN)] int32
 zeros (both flat, unused when S = 1); logits [T, E], routed_row [T] int64. Grid: (NT, cdiv(I, BN), S).
+``FUSE_NORM``: every program also zeroes its share of the n_cnt int32 counters at cnt, which the down launch
+after it counts tokens on (``moe_norm.py``).
 """
 import triton
 import triton.language as tl
