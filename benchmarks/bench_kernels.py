@@ -16,8 +16,9 @@ Kernels (bf16 activations; Int4 weights packed as the quantize pass packs them, 
     moe_fp8_fused the same MoE on FP8 weights (per-channel scales; activations quantized per row in-kernel)
     moe_fused     the same MoE in bf16
     moe_q_fused + add + norm  the Int4 MoE with what follows it in a CUDA engine's step: the combine of each token's
-                  rows, the residual add and the next layer's input RMSNorm, in the MoE's down launch
-                  (l4::moe_q_fused_norm, as engines run it) and as the MoE then one Inductor kernel (as they did)
+                  rows, the residual add and the next layer's input RMSNorm, as l4::moe_q_fused_norm (as engines run
+                  it: in the MoE's down launch at one token, a launch of its own past that) and as the MoE then one
+                  Inductor kernel (as they did)
     torch.mm      cuBLAS on the bf16 weight, the baseline the Int4 GEMV must beat (it streams 4x the bytes)
     attention_fused  one decode step of a global layer's attention (40/8 heads x 128) in an 8192-slot bf16 cache,
                   at positions 511 and 8191, batch = tokens: it must read only the visible keys (timed as engines
@@ -372,14 +373,14 @@ def main(argv: list[str] | None = None) -> int:
                    lambda blocks=blocks: fused_moe_int4(x, *qweights, 1, blocks=blocks, logits=logits), ref, moved)
         record("moe_fused bf16", t, "default", True, lambda: fused_moe(x, *fweights, 1, logits=logits), ref,
                moe_bytes(x, qweights, fweights, touched, False, logits))
-        # and what follows it in an engine's step: the combine, the residual add and the next layer's input norm, in
-        # the MoE's down launch (l4::moe_q_fused_norm) against the MoE then one Inductor kernel (as engines did)
+        # and what follows it in an engine's step: the combine, the residual add and the next layer's input norm, as
+        # l4::moe_q_fused_norm runs them against the MoE then one Inductor kernel (as engines did)
         res = torch.randn(t, dims["H"], generator=g, device=device).to(torch.bfloat16)
         norm_w = (1 + 0.1 * torch.randn(dims["H"], generator=g, device=device)).to(torch.bfloat16)
         x_ref = _add_norm(res, ref, norm_w)[1]
         moved_norm = moved + nbytes(res, norm_w, res, x_ref)              # + h' and x' out
         add_norm = torch.compile(_add_norm, dynamic=False) if device.type == "cuda" else _add_norm
-        record("moe_q_fused + add + norm", t, "in the down launch", True,
+        record("moe_q_fused + add + norm", t, "l4::moe_q_fused_norm", True,
                lambda: fused_moe_int4(x, *qweights, 1, logits=logits, norm=(res, norm_w, 1e-5))[1], x_ref, moved_norm)
         record("moe_q_fused + add + norm", t, "+ Inductor launch" if device.type == "cuda" else "+ aten", False,
                lambda: add_norm(res, fused_moe_int4(x, *qweights, 1, logits=logits), norm_w)[1], x_ref, moved_norm)

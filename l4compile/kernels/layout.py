@@ -51,10 +51,13 @@ NORM_ROUTER_BLOCK_HB = 128
 
 # moe_route_kernel: steps of at most this many tokens (decode) work in blocks of this many tokens and tiles
 MOE_ROUTE_DECODE_TOKENS = 16
-# moe_norm.py: steps of at most this many tokens (decode at batch <= 32) combine and norm in the MoE's down launch
-# (its token counters: this many int32); longer ones in a launch of their own; columns a step of a token's row
-MOE_NORM_DECODE_TOKENS = 32
-MOE_NORM_BLOCK_H = 1024
+# moe_norm.py: steps of at most this many tokens combine and norm in the MoE's down launch (its token counters: this
+# many int32); longer ones in a launch of their own, one program a token. 1: batch-1 decode. The kernels take any
+# count, but the program that completes a tile's tokens finishes them one after another (~1.5 us each, a few L2
+# round trips), so a 16-row shared tile finishing last at batch 16 would add ~24 us to the down launch, where the
+# launch of their own runs them side by side; raise it once a GPU has timed both (gpu_session.sh moenorm)
+MOE_NORM_DECODE_TOKENS = 1
+MOE_NORM_BLOCK_H = 1024                  # columns a step of a token's row
 
 
 def num_tiles(rows, groups: int, block_m: int):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from l4compile.kernels.layout import MOE_NORM_DECODE_TOKENS, Int4Blocks
+from l4compile.kernels.layout import Int4Blocks
 from l4compile.ops.attention import _rms
 
 from .conftest import rel_err, require_cuda_kernels, require_interpreter
@@ -19,9 +19,21 @@ from .test_moe_kernel import make_moe
 EPS = 1e-5
 OPS = {"bf16": ("moe_fused", "moe_fused_norm"), "int4": ("moe_q_fused", "moe_q_fused_norm"),
        "fp8": ("moe_fp8_fused", "moe_fp8_fused_norm")}
-# T: a 1-token step (tiles from the logits), steps the down launch finishes (counted rows of several tiles), the
-# largest it takes, and one past it (the launch of its own)
-STEPS = [1, 5, MOE_NORM_DECODE_TOKENS, MOE_NORM_DECODE_TOKENS + 3]
+# (T, the most tokens the down launch finishes: layout's when None): a 1-token step (tiles from the logits) in the
+# down launch; 5 tokens in the launch of their own; then, with the down launch taking up to 32, steps it finishes
+# (counted rows of several tiles, several tokens a tile), the largest it takes and one past it
+STEPS = [(1, None), (5, None), (5, 32), (32, 32), (35, 32)]
+
+
+@pytest.fixture
+def norm_tokens(monkeypatch):
+    """Set how many tokens the down launch finishes (``ops.MOE_NORM_DECODE_TOKENS``; None: layout's)."""
+    from l4compile.kernels import ops
+
+    def use(n):
+        if n is not None:
+            monkeypatch.setattr(ops, "MOE_NORM_DECODE_TOKENS", n)
+    return use
 
 
 def _args(kind: str, n_tok: int, dtype=torch.float32, device="cpu", hidden=40, inter=24, n_exp=3):
@@ -54,12 +66,13 @@ def _fused(kind: str, args, residual, norm_w):
     return getattr(torch.ops.l4, OPS[kind][1])(*args, 1, logits, residual, norm_w, EPS)
 
 
-@pytest.mark.parametrize("n_tok", STEPS)
+@pytest.mark.parametrize("n_tok,in_down", STEPS)
 @pytest.mark.parametrize("kind", list(OPS))
-def test_fused_norm_matches_plain_op_then_add_and_norm(kind, n_tok):
+def test_fused_norm_matches_plain_op_then_add_and_norm(kind, n_tok, in_down, norm_tokens):
     """h' bit for bit (the same float32 sums, rounded where aten rounds), x' to float32 rounding (the norm's mean
     is summed in another order)."""
     require_interpreter()
+    norm_tokens(in_down)
     args = _args(kind, n_tok)
     residual, norm_w = _norm_inputs(args)
     h_ref, x_ref = _reference(kind, args, residual, norm_w)
@@ -69,10 +82,11 @@ def test_fused_norm_matches_plain_op_then_add_and_norm(kind, n_tok):
     assert rel_err(x, x_ref) < 1e-6
 
 
-@pytest.mark.parametrize("n_tok", [1, 7, MOE_NORM_DECODE_TOKENS + 3])
+@pytest.mark.parametrize("n_tok,in_down", [(1, None), (7, None), (7, 32)])
 @pytest.mark.parametrize("kind", list(OPS))
-def test_fused_norm_rounds_like_reference_bf16(kind, n_tok, rne_bf16):
+def test_fused_norm_rounds_like_reference_bf16(kind, n_tok, in_down, rne_bf16, norm_tokens):
     """In bf16 the combine rounds once, the residual add once and the norm twice, as the graph's aten ops do."""
+    norm_tokens(in_down)
     args = _args(kind, n_tok, torch.bfloat16)
     residual, norm_w = _norm_inputs(args)
     h_ref, x_ref = _reference(kind, args, residual, norm_w)
@@ -84,11 +98,13 @@ def test_fused_norm_rounds_like_reference_bf16(kind, n_tok, rne_bf16):
 
 
 @pytest.mark.parametrize("n_tok", [1, 6])
-def test_split_down_counts_each_tile_once(n_tok):
+def test_split_down_counts_each_tile_once(n_tok, norm_tokens):
     """Int4 down split 3 ways over I: only the program that adds a tile's partials counts it (else a token would be
     finished before its last tile was stored, or twice)."""
     require_interpreter()
     from l4compile.kernels import ops
+
+    norm_tokens(32)
 
     args = make_moe_q(n_tok, 40, 96, 3, 8, seed=n_tok)
     residual, norm_w = _norm_inputs(args)
@@ -143,12 +159,15 @@ def _scout_weights(kind: str):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("in_down", [None, 32])
 @pytest.mark.parametrize("kind", list(OPS))
-def test_fused_norm_cuda_scout_width(kind):
+def test_fused_norm_cuda_scout_width(kind, in_down, norm_tokens):
     """Scout widths on a GPU, at decode batches 1 / 8 / 32 (the counters, the .cg reads of the rows other programs
     stored, the barrier between the passes) and at 40 / 300 tokens (the launch of its own): h' bit for bit, x'
-    within bf16 rounding; three calls each (every gate_up launch zeroes the counters: no state between calls)."""
+    within bf16 rounding; three calls each (every gate_up launch zeroes the counters: no state between calls). With
+    layout's threshold (batch 1 in the down launch) and with the down launch taking up to 32 tokens."""
     require_cuda_kernels()
+    norm_tokens(in_down)
     router_w, weights = _scout_weights(kind)
     g = torch.Generator(device="cuda").manual_seed(1)
     for n_tok in (1, 8, 32, 40, 300):
