@@ -206,8 +206,9 @@ def moe_norm_enabled() -> bool:
 
 def export_for_aoti(program, device: str = "cpu") -> tuple[torch.export.ExportedProgram, bool]:
     """The Program as AOTInductor compiles it: caches written in place (text step graphs), for CUDA the Int4 GEMMs
-    that split K and the in-place attention chained by their counters (``split_k_locks_chained``) and each MoE
-    layer's residual add, norm and router in one kernel (``norm_router_fused``), l4 ops decomposed (plain aten, and
+    that split K and the in-place attention chained by their counters (``split_k_locks_chained``), each MoE
+    layer's residual add, norm and router in one kernel (``norm_router_fused``) and its combine, the residual add
+    after it and the next norm in the MoE's own launches (``moe_norm_fused``), l4 ops decomposed (plain aten, and
     for CUDA the Triton kernel ops and ``_scaled_mm``). Returns (the exported program, whether its caches are updated
     in place)."""
     import dataclasses
