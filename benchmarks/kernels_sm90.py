@@ -20,6 +20,7 @@ failed, when they spill).
 Cases (at Scout dimensions: H 5120, I 8192, 16 experts, 40/8 heads x 128, Int4 group 128; bf16 and float32
 engines, whose dots run IEEE fp32 on twice the shared memory):
     int4_mm          q_proj at 1 and 2048 tokens
+    int4_mm_rope     a RoPE layer's qkv at decode, chained, k's RoPE + qk-norm in its epilogue (k_rope.py)
     moe_q_fused      routing + gate_up + down kernels at 1 token (the GEMMs never specialise T, so they compile
                      as in an engine: both ways of mapping a tile, ``moe_route.tile_span``; the route kernel is
                      the 1-token one, an engine's serves any T)
@@ -248,6 +249,12 @@ def cases(dims: dict, dtype: torch.dtype):
     h, i, e, hq, hkv, d = (dims[k] for k in ("H", "I", "E", "heads", "kv_heads", "head_dim"))
     for t in (1, 2048):
         yield f"int4_mm q_proj T={t}", lambda t=t: ops.int4_matmul(m.act(t, h), *m.int4(hq * d, h))
+    lock = torch.empty(SPLIT_K_LOCK_WORDS, dtype=torch.int32, device="meta")      # a chained step's counters
+    tables = [torch.empty(dims["slots"], d // 2, device="meta") for _ in "cs"]        # cos, sin [P, D/2]
+    start = torch.empty(1, dtype=torch.int64, device="meta")
+    # a RoPE layer's qkv as a CUDA engine's step runs it: k's RoPE + qk-norm in the epilogue (k_rope.py), chained
+    yield "int4_mm_rope qkv T=1", lambda: ops._int4_rope(m.act(1, 1, h), *m.int4((hq + 2 * hkv) * d, h), start,
+                                                          *tables, hq * d, hkv * d, d, True, 1e-5, lock)
     yield "moe_q_fused", lambda: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1)
     yield "moe_fp8_fused", lambda: sm90_fp8(lambda: ops.fused_moe_fp8(m.act(1, h), *m.moe_fp8(), 1))
     yield "moe_fused", lambda: ops.fused_moe(m.act(1, h), m.act(e, h), m.act(e, h, 2 * i), m.act(e, i, h),
@@ -261,10 +268,8 @@ def cases(dims: dict, dtype: torch.dtype):
     # the engine's kernel serves any T (its row path and block path are one kernel); 2048 keeps both, as a symbolic T
     yield "add_rms_norm_router T=2048", lambda: ops.add_rms_norm_router(m.act(2048, h), m.act(2048, h), m.act(h),
                                                                         m.act(e, h), 1e-5)
-    tables = [torch.empty(dims["slots"], d // 2, device="meta") for _ in "cs"]        # cos, sin [P, D/2]
     rope = (*tables, hq, hkv, 0, d ** -0.5, True, True, False, 8192.0, 0.1, 1e-5)   # RoPE + qk-norm (3 of 4 layers)
     nope = (*tables, hq, hkv, 0, d ** -0.5, False, False, True, 8192.0, 0.1, 1e-5)  # NoPE + temperature
-    lock = torch.empty(SPLIT_K_LOCK_WORDS, dtype=torch.int32, device="meta")      # a chained step's counters
     for t, label, layer in ((1, "decode", rope), (1, "decode nope", nope), (2048, "prefill", rope)):
         yield f"attention_fused {label} T={t}", lambda t=t, layer=layer: ops.fused_attention_inplace(
             *m.attention(t), *layer, lock=lock)

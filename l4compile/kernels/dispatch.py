@@ -17,7 +17,9 @@ Two routes, the same choices in both:
                        float8 in-kernel as linear_fp8 does; float8 dot operands on sm_89+)
     l4::linear_int4 -> l4::int4_mm   (Triton: packed-int4 GEMM/GEMV, x flattened to [M, K]); in a step whose Int4
                        GEMMs are chained by their split-K counters, l4::int4_mm_chained (the same, each launch zeroing
-                       the next one's counters: backends.inductor.split_k_locks_chained)
+                       the next one's counters: backends.inductor.split_k_locks_chained); a RoPE layer's fused qkv
+                       (backends.qkv_rope_fused) -> l4::int4_mm_rope (_chained): the keys' RoPE + qk-norm in its
+                       epilogue, the attention taking k as it comes (``linear_int4_rope``, ``k_ready``)
     l4::linear_fp8  -> torch._scaled_mm with row-wise scales (sm89+, K and N multiples of 16), else reference
     a MoE layer's residual add + post-attention RMSNorm + router (aten, in a CUDA engine's step: backends
                        .norm_router_fused) -> l4::add_rms_norm_router (Triton, one launch), whose logits the fused
@@ -229,37 +231,42 @@ def attention_cached_cuda(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_ca
     return attention_ops.attention_cached_impl(q, k, v, k_cache, v_cache, *rest)
 
 
-def attention_cached_in_place(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, *rest) -> Tensor:
+def attention_cached_in_place(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, *rest,
+                              k_ready: bool = False) -> Tensor:
     """``l4::attention_cached`` (same arguments) with its caches updated in place -> the attention output alone. What
     a CUDA engine's step runs (``backends.inductor.caches_in_place``): ``l4::attention_fused_inplace`` applies q's
     RoPE and qk-norm (or temperature) in its partial kernel and writes the T new rows into the caches from its
     combine launch, so the step has no q-transform or cache-write kernels and copies no cache.
     Without the kernel, the reference's new caches are copied into the given ones (which an engine folds into a
-    write of the new rows)."""
+    write of the new rows). ``k_ready``: k comes with its RoPE / qk-norm applied (``linear_int4_rope``)."""
     if fused_attention_supported(q, k_cache, v_cache):
         return attention_ops.attention_cached_impl(q, k, v, k_cache, v_cache, *rest, fused_inplace=True,
-                                                   fused_attend=torch.ops.l4.attention_fused_inplace)[0]
-    out, k_new, v_new = torch.ops.l4.attention_cached(q, k, v, k_cache, v_cache, *rest)
+                                                   fused_attend=torch.ops.l4.attention_fused_inplace,
+                                                   k_ready=k_ready)[0]
+    if k_ready:
+        out, k_new, v_new = attention_ops.attention_cached_impl(q, k, v, k_cache, v_cache, *rest, k_ready=True)
+    else:
+        out, k_new, v_new = torch.ops.l4.attention_cached(q, k, v, k_cache, v_cache, *rest)
     k_cache.copy_(k_new)
     v_cache.copy_(v_new)
     return out
 
 
-def attention_cached_chained(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, *rest_and_lock
-                             ) -> tuple[Tensor, Tensor]:
+def attention_cached_chained(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, *rest_and_lock,
+                             k_ready: bool = False) -> tuple[Tensor, Tensor]:
     """``attention_cached_in_place`` (``l4::attention_cached``'s arguments, then ``lock``: [SPLIT_K_LOCK_WORDS] int32
     zeros) as a CUDA engine's chained step runs it (``backends.inductor.split_k_locks_chained``) -> (the attention
     output, a block of zeroed counters for the next chained launch). ``l4::attention_fused_chained`` merges the key
     splits and writes the caches in its partial kernel, so that a decode step's attention is one launch. Without
-    the kernel, ``attention_cached_in_place``, and ``lock`` is handed on as it came (zeros)."""
+    the kernel, ``attention_cached_in_place``, and ``lock`` is handed on as it came (zeros). ``k_ready``: as there."""
     *rest, lock = rest_and_lock
     if not fused_attention_supported(q, k_cache, v_cache):
-        return attention_cached_in_place(q, k, v, k_cache, v_cache, *rest), lock
+        return attention_cached_in_place(q, k, v, k_cache, v_cache, *rest, k_ready=k_ready), lock
 
     def attend(*args):
         return torch.ops.l4.attention_fused_chained(*args, lock)
     return attention_ops.attention_cached_impl(q, k, v, k_cache, v_cache, *rest, fused_inplace=True,
-                                               fused_attend=attend)[0]
+                                               fused_attend=attend, k_ready=k_ready)[0]
 
 
 def linear_int4_cuda(x: Tensor, w_packed: Tensor, w_scale: Tensor) -> Tensor:
@@ -287,6 +294,65 @@ def linear_int4_chained(x: Tensor, w_packed: Tensor, w_scale: Tensor, lock: Tens
     n, k = w_packed.shape[0], 2 * w_packed.shape[1]
     y, next_lock = torch.ops.l4.int4_mm_chained(x.reshape(-1, k), w_packed, w_scale, lock)    # [M, N]
     return y.reshape(*x.shape[:-1], n), next_lock
+
+
+def k_rope_reference(y: Tensor, start_pos: Tensor, cos: Tensor, sin: Tensor, k_col0: int, k_cols: int,
+                     head_dim: int, qk_norm: bool, eps: float) -> Tensor:
+    """y [B, T, N] (a fused qkv output) with its keys' columns [k_col0, k_col0 + k_cols) RoPE-rotated at positions
+    start + t and, with ``qk_norm``, RMS-normed per head: ``l4::attention_cached``'s k transform, in aten."""
+    b, t = y.shape[0], y.shape[1]
+    pos = start_pos.reshape(1).to(torch.int64) + torch.arange(t, device=y.device)          # [T]
+    k = y[..., k_col0:k_col0 + k_cols].reshape(b, t, k_cols // head_dim, head_dim)          # [B, T, Hkv, D]
+    k = attention_ops._rope(k, cos.index_select(0, pos), sin.index_select(0, pos))
+    if qk_norm:
+        k = attention_ops._rms(k, eps)
+    return torch.cat([y[..., :k_col0], k.flatten(-2), y[..., k_col0 + k_cols:]], dim=-1)
+
+
+def linear_int4_rope_supported(x: Tensor, w_packed: Tensor | None, w_scale: Tensor | None, head_dim: int,
+                               k_col0: int, k_cols: int) -> bool:
+    """Whether ``l4::int4_mm_rope`` takes this qkv GEMM: Triton, x [B, T, K] of a kernel dtype, and a tile width
+    that holds whole heads (``ops.rope_blocks_fit``; unknown weights: the shapes alone cannot tell, so False)."""
+    if x.dim() != 3 or x.dtype not in KERNEL_DTYPES or w_packed is None or w_scale is None or not load_triton_ops():
+        return False
+    from . import ops
+    return ops.rope_blocks_fit(w_packed, w_scale, head_dim, k_col0, k_cols)
+
+
+def linear_int4_rope(x: Tensor, w_packed: Tensor, w_scale: Tensor, start_pos: Tensor, cos: Tensor, sin: Tensor,
+                     k_col0: int, k_cols: int, head_dim: int, qk_norm: bool, eps: float) -> Tensor:
+    """A RoPE layer's fused qkv projection as a CUDA engine's step runs it (``backends.qkv_rope_fused``): x [B, T, K]
+    -> ``l4::linear_int4``'s [B, T, N] with the keys' columns [k_col0, k_col0 + k_cols) transformed as
+    ``l4::attention_cached`` transforms k (RoPE at positions start + t, then with ``qk_norm`` each head's RMS norm),
+    through ``l4::int4_mm_rope`` (in the GEMM's epilogue); ``k_rope_reference`` after the plain product where it
+    does not apply."""
+    if linear_int4_rope_supported(x, w_packed, w_scale, head_dim, k_col0, k_cols):
+        return torch.ops.l4.int4_mm_rope(x, w_packed, w_scale, start_pos, cos, sin, k_col0, k_cols, head_dim,
+                                         qk_norm, eps)
+    return k_rope_reference(torch.ops.l4.linear_int4(x, w_packed, w_scale), start_pos, cos, sin, k_col0, k_cols,
+                            head_dim, qk_norm, eps)
+
+
+def linear_int4_rope_chained(x: Tensor, w_packed: Tensor, w_scale: Tensor, start_pos: Tensor, cos: Tensor,
+                             sin: Tensor, k_col0: int, k_cols: int, head_dim: int, qk_norm: bool, eps: float,
+                             lock: Tensor) -> tuple[Tensor, Tensor]:
+    """``linear_int4_rope`` with split-K counters chained (``backends.inductor.split_k_locks_chained``) -> (y, the
+    next launch's zeroed block): ``l4::int4_mm_rope_chained``; where it does not apply, ``linear_int4_rope`` and
+    ``lock`` handed on as it came (zeros)."""
+    if linear_int4_rope_supported(x, w_packed, w_scale, head_dim, k_col0, k_cols):
+        return torch.ops.l4.int4_mm_rope_chained(x, w_packed, w_scale, start_pos, cos, sin, k_col0, k_cols, head_dim,
+                                                 qk_norm, eps, lock)
+    return linear_int4_rope(x, w_packed, w_scale, start_pos, cos, sin, k_col0, k_cols, head_dim, qk_norm, eps), lock
+
+
+def int4_rope_splits(w_packed: Tensor | None, w_scale: Tensor | None, head_dim: int, k_col0: int,
+                     k_cols: int) -> bool:
+    """Whether ``linear_int4_rope`` splits K over these weights, so that a CUDA engine's step chains its counters
+    (``linear_int4_rope_chained``). Needs Triton."""
+    if w_packed is None or w_scale is None:
+        return True
+    from . import ops
+    return ops.int4_rope_splits(w_packed, w_scale, head_dim, k_col0, k_cols)
 
 
 def linear_fp8_cuda(x: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:

@@ -61,6 +61,11 @@ checks every result before timing it; the GPU tests compare it too).
 ``CHAIN`` (``l4::int4_mm_chained``): the launch also zeroes ``next`` [next_words] int32, the counters of the next
 split GEMM of a step (``split_k.zero_words``), and its own counters are a block it was given zeroed the same way.
 
+``K_ROPE`` (``l4::int4_mm_rope``, a RoPE layer's fused qkv): the program that stores a tile of the keys' columns
+[k_col0, k_col0 + k_cols) applies their RoPE at positions start + (row mod T) and, with ``QK_NORM``, each head's
+RMS norm first (``k_rope.py``); BN is then a multiple of HEAD_D and k_col0, k_cols multiples of BN
+(``layout.rope_int4_blocks``), so a tile holds whole heads. Tables cos / sin [P, D/2] float32, start [1].
+
 Shapes: x [M, K]; w_packed [N, K/2] uint8; w_scale [N, K/G]; y [M, N] (x.dtype); part [S, M, N] float32 and lock
 [>= cdiv(M, BM) * cdiv(N, BN)] int32 zeros, left zeros (both flat, unused when S = 1); next [next_words] int32
 (CHAIN). Grid: (cdiv(M, BM), cdiv(N, BN), S).
@@ -68,7 +73,8 @@ Shapes: x [M, K]; w_packed [N, K/2] uint8; w_scale [N, K/G]; y [M, N] (x.dtype);
 import triton
 import triton.language as tl
 
-from .split_k import split_k_store, zero_words
+from .k_rope import k_rope_tile
+from .split_k import split_k_reduce, split_k_store, zero_words
 
 
 @triton.jit
@@ -271,9 +277,11 @@ def x_pairs(x_ptr, rows, rmask, k0, stride_xr, stride_xk, BLOCK_K: tl.constexpr)
 @triton.jit
 def int4_mm_bf16x2_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, G: tl.constexpr, K_SPLIT, n_split,
                           stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_ym, stride_yn,
-                          stride_ps, stride_pm, stride_pn, next_ptr, next_words,
+                          stride_ps, stride_pm, stride_pn, next_ptr, next_words, start_ptr, cos_ptr, sin_ptr, T,
+                          k_col0, k_cols, eps, sc0, sc1, ss0, ss1,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          SCALE_WORDS: tl.constexpr, CHAIN: tl.constexpr):
+                          SCALE_WORDS: tl.constexpr, CHAIN: tl.constexpr, K_ROPE: tl.constexpr,
+                          QK_NORM: tl.constexpr, HEAD_D: tl.constexpr):
     """``int4_mm_kernel`` for bf16 x and scales on sm_90, N % BN == K % BK == 0 and BK dividing G: each K block's
     weights as even and odd bf16 tiles (``int4_pairs_bf16``) dotted with x's even and odd inputs (``x_pairs``).
     G is a compile-time constant: the scale column k0 // G is then a shift, not a division in the loop."""
@@ -293,10 +301,9 @@ def int4_mm_bf16x2_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, 
                                      BLOCK_N, BLOCK_K)                           # [BN, BK/2] bf16 each
             acc = tl.dot(xe, tl.trans(we), acc)
             acc = tl.dot(xo, tl.trans(wo), acc)
-    split_k_store(acc, y_ptr, rm[:, None] * stride_ym + rn[None, :] * stride_yn, part_ptr,
-                  rm[:, None] * stride_pm + rn[None, :] * stride_pn, stride_ps, mmask[:, None],
-                  lock_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), split, n_split,
-                  BLOCK_M, BLOCK_N)
+    int4_mm_store(acc, y_ptr, rm, rn, mmask, mmask[:, None], stride_ym, stride_yn, part_ptr, stride_ps, stride_pm,
+                  stride_pn, lock_ptr, split, n_split, start_ptr, cos_ptr, sin_ptr, T, k_col0, k_cols, eps,
+                  sc0, sc1, ss0, ss1, BLOCK_M, BLOCK_N, K_ROPE, QK_NORM, HEAD_D)
     if CHAIN:                                                                    # the next GEMM's zeroed counters
         zero_words(next_ptr, next_words, 128)
 
@@ -304,10 +311,12 @@ def int4_mm_bf16x2_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, 
 @triton.jit
 def int4_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, G: tl.constexpr, K_SPLIT, n_split,
                    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_ym, stride_yn,
-                   stride_ps, stride_pm, stride_pn, next_ptr, next_words,
+                   stride_ps, stride_pm, stride_pn, next_ptr, next_words, start_ptr, cos_ptr, sin_ptr, T,
+                   k_col0, k_cols, eps, sc0, sc1, ss0, ss1,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    SCALE_PER_BLOCK: tl.constexpr, SCALE_WORDS: tl.constexpr, PRECISION: tl.constexpr,
-                   DOT_F32: tl.constexpr, CHAIN: tl.constexpr, FMA_UNPACK: tl.constexpr):
+                   DOT_F32: tl.constexpr, CHAIN: tl.constexpr, FMA_UNPACK: tl.constexpr, K_ROPE: tl.constexpr,
+                   QK_NORM: tl.constexpr, HEAD_D: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)                     # [BM]
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)                     # [BN]
     split = tl.program_id(2)
@@ -327,9 +336,32 @@ def int4_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, G: t
             acc = int4_block_dot(acc, xt, w_ptr, s_ptr, rn, nmask, k0, K, G, stride_wn, stride_wk, stride_sn,
                                  stride_sg, pick_scale(s_even, s_odd, u, G, BLOCK_K), BLOCK_N, BLOCK_K,
                                  SCALE_PER_BLOCK, PRECISION, DOT_F32, FMA_UNPACK)
-    split_k_store(acc, y_ptr, rm[:, None] * stride_ym + rn[None, :] * stride_yn, part_ptr,
-                  rm[:, None] * stride_pm + rn[None, :] * stride_pn, stride_ps, mmask[:, None] & nmask[None, :],
-                  lock_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), split, n_split,
-                  BLOCK_M, BLOCK_N)
+    int4_mm_store(acc, y_ptr, rm, rn, mmask, mmask[:, None] & nmask[None, :], stride_ym, stride_yn, part_ptr,
+                  stride_ps, stride_pm, stride_pn, lock_ptr, split, n_split, start_ptr, cos_ptr, sin_ptr, T, k_col0,
+                  k_cols, eps, sc0, sc1, ss0, ss1, BLOCK_M, BLOCK_N, K_ROPE, QK_NORM, HEAD_D)
     if CHAIN:                                                                    # the next GEMM's zeroed counters
         zero_words(next_ptr, next_words, 128)
+
+
+@triton.jit
+def int4_mm_store(acc, y_ptr, rm, rn, mmask, mask, stride_ym, stride_yn, part_ptr, stride_ps, stride_pm, stride_pn,
+                  lock_ptr, split, n_split, start_ptr, cos_ptr, sin_ptr, T, k_col0, k_cols, eps, sc0, sc1, ss0, ss1,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_ROPE: tl.constexpr, QK_NORM: tl.constexpr,
+                  HEAD_D: tl.constexpr):
+    """The Int4 GEMMs' epilogue for the tile of rows ``rm`` [BM] (valid where ``mmask``) and columns ``rn`` [BN]
+    (``mask``: the tile's valid elements, [BM, BN] or [BM, 1]): split-K's (``split_k.py``; the tile's counter is
+    lock[pid_m * grid_n + pid_n]), then, with K_ROPE (``l4::int4_mm_rope``), the keys' RoPE / qk-norm on the tile
+    before it is stored (``k_rope.k_rope_tile``)."""
+    y_offs = rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    part_offs = rm[:, None] * stride_pm + rn[None, :] * stride_pn
+    lock = lock_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    if K_ROPE:
+        stored, total = split_k_reduce(acc, part_ptr, part_offs, stride_ps, mask, lock, split, n_split,
+                                       BLOCK_M, BLOCK_N)
+        if stored:
+            out = k_rope_tile(total.to(y_ptr.dtype.element_ty), rm, mmask, tl.program_id(1) * BLOCK_N, T, start_ptr,
+                              cos_ptr, sin_ptr, k_col0, k_cols, eps, sc0, sc1, ss0, ss1, HEAD_D, QK_NORM, BLOCK_M,
+                              BLOCK_N)
+            tl.store(y_ptr + y_offs, out, mask=mask)
+    else:
+        split_k_store(acc, y_ptr, y_offs, part_ptr, part_offs, stride_ps, mask, lock, split, n_split, BLOCK_M, BLOCK_N)

@@ -19,7 +19,7 @@ build the same map with one kernel (``kernels/moe_route.py``), which the tests h
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -146,6 +146,26 @@ def int4_blocks(n_out: int, k_in: int, group: int) -> Int4Blocks:
         bk = 32
     bn = max(16, min(64, _pow2_floor(n_out)))
     return Int4Blocks(16, bn, bk, per_block)
+
+
+def rope_int4_blocks(b: Int4Blocks, n_out: int, head_dim: int, k_col0: int, k_cols: int) -> Int4Blocks | None:
+    """The blocks of a qkv GEMM whose epilogue transforms its keys (``l4::int4_mm_rope``, ``k_rope.py``), from the
+    blocks ``b`` it would launch with: a k tile must hold whole heads, so BN becomes the largest power-of-two
+    multiple of ``head_dim`` up to max(BN, head_dim) that divides the keys' first column ``k_col0`` and their width
+    ``k_cols`` (Scout: BN 64 -> 128, one head a tile). Where BN grows, ``split_k`` grows by as much (up to the K
+    blocks' count, which ``split_k_plan`` caps anyway), so that a decode step keeps its programs (Scout's qkv: 112
+    tiles of 64 -> 56 tiles of 128, 2 splits each); the bf16x2 unpack stays only where BN still divides the
+    ``n_out`` outputs. None where no BN fits (a head_dim that is not a power of two >= 16)."""
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return None
+    bn = max(b.block_n, head_dim)
+    bn = 1 << (bn.bit_length() - 1)                        # a power of two >= head_dim
+    while bn > head_dim and (k_col0 % bn or k_cols % bn):
+        bn //= 2
+    if k_col0 % bn or k_cols % bn:
+        return None
+    split = b.split_k * bn // b.block_n if bn > b.block_n else b.split_k
+    return replace(b, block_n=bn, split_k=split, bf16x2=b.bf16x2 and n_out % bn == 0)
 
 
 # float32 partials a split-K GEMM may hold ([S, rows, cols]): they stay in L2 (50 MB on H100) and cost a small

@@ -1,7 +1,7 @@
 # T tokens, E experts, K top-k, H hidden, I expert width, A = T*K, R = A + T, N out features, Kin in features,
 # Gh / Gi Int4 scale groups over H / I; attention: B batch, Hq / Hkv heads, T new tokens, L cache slots, D head_dim
-"""``l4::moe_fused``, ``l4::moe_q_fused``, ``l4::moe_fp8_fused`` (and their ``_norm`` forms), ``l4::int4_mm``,
-``l4::attention_fused``, ``l4::attention_fused_inplace`` / ``attention_fused_chained`` and
+"""``l4::moe_fused``, ``l4::moe_q_fused``, ``l4::moe_fp8_fused`` (and their ``_norm`` forms), ``l4::int4_mm`` (and
+``_rope``), ``l4::attention_fused``, ``l4::attention_fused_inplace`` / ``attention_fused_chained`` and
 ``l4::add_rms_norm_router``: the Triton kernels as ``torch.library.triton_op`` operators.
 
 ``triton_op`` makes the bodies visible to torch.compile / torch.export: Inductor and AOTInductor see the host
@@ -39,6 +39,10 @@ Contracts (same as the reference ops, which the tests compare against):
     int4_mm_chained(x, w_packed, w_scale, lock [SPLIT_K_LOCK_WORDS] int32 zeros) -> ([M, N], zeros like lock)
                                        the same product; lock (its split-K counters) left zeros, and a fresh block
                                        of zeros for the next GEMM's (``backends.inductor.split_k_locks_chained``)
+    int4_mm_rope(x [B, T, Kin], w_packed, w_scale, start_pos [1], cos [P, D/2], sin, k_col0, k_cols, head_dim,
+                 qk_norm, eps) -> [B, T, N]: the same product with the keys' columns [k_col0, k_col0 + k_cols)
+                 transformed as l4::attention_cached transforms k (RoPE at start + t, then qk-norm), in the
+                 epilogue (``k_rope.py``); int4_mm_rope_chained(.., lock) -> (that, zeros like lock), chained
     attention_fused(q [B, Hq, T, D], k_new [B, Hkv, T, D], v_new, k_cache [B, Hkv, L, D], v_cache, start_pos [1],
                     n_heads, n_kv_heads, chunk, scaling) -> [B, T, Hq*D]
                                                == l4::attention_cached's attention over cat(cache, new keys)
@@ -55,6 +59,8 @@ Importing this module imports Triton (``l4compile.kernels.dispatch`` does it onl
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -70,8 +76,8 @@ from .layout import (ATTENTION_COMBINE_STAGES, ATTENTION_DECODE_BLOCK_M, ATTENTI
                      MOE_NORM_DECODE_TOKENS, MOE_ROUTE_DECODE_TOKENS, NORM_ROUTER_BLOCK_H, NORM_ROUTER_BLOCK_HB,
                      NORM_ROUTER_BLOCK_T, NORM_ROUTER_DECODE_TOKENS, NORM_ROUTER_EXPERTS, AttentionBlocks,
                      SPLIT_K_LOCK_WORDS, Int4Blocks, MoeRows, attention_blocks, attention_splits, fma_unpack,
-                     int4_blocks, moe_blocks, moe_fp8_blocks, moe_int4_blocks, moe_rows, num_tiles, scale_words,
-                     split_k_plan)
+                     int4_blocks, moe_blocks, moe_fp8_blocks, moe_int4_blocks, moe_rows, num_tiles,
+                     rope_int4_blocks, scale_words, split_k_plan)
 from .moe_down import moe_down_kernel
 from .moe_fp8_down import moe_fp8_down_kernel
 from .moe_fp8_gate_up import moe_fp8_gate_up_kernel
@@ -427,15 +433,38 @@ def default_moe_int4_blocks(down_q: Tensor, gate_up_s: Tensor, down_s: Tensor) -
             or moe_int4_blocks(hidden, i_dim, group_h, group_i))
 
 
+@dataclass(frozen=True)
+class KRope:
+    """The keys' transform an Int4 qkv GEMM applies in its epilogue (``l4::int4_mm_rope``, ``k_rope.py``): RoPE at
+    positions start + t (token t of each of the GEMM's sequences of ``tokens`` rows), then with ``qk_norm`` the RMS
+    norm over each head, on output columns [k_col0, k_col0 + k_cols)."""
+    start: Tensor          # [1] int64
+    cos: Tensor            # [P, D/2] float32
+    sin: Tensor
+    tokens: int            # T (int or SymInt): the GEMM's rows are B sequences of T tokens
+    k_col0: int
+    k_cols: int
+    head_dim: int
+    qk_norm: bool
+    eps: float
+
+
 def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None, lock: Tensor | None = None,
-                next_lock: Tensor | None = None):
+                next_lock: Tensor | None = None, rope: KRope | None = None):
     """The body of ``l4::int4_mm`` (x [M, Kin] -> [M, N]); ``blocks`` (an ``Int4Blocks``) overrides (tests). With
     ``split_k`` > 1, up to that many programs share an output tile (``split_k.py``, ``layout.split_k_plan``).
     ``lock`` (the body of ``l4::int4_mm_chained``): [SPLIT_K_LOCK_WORDS] int32 zeros, the tile counters, left zeros;
-    the launch then also zeroes a fresh block (``next_lock``, given or allocated) and returns (y, that block)."""
+    the launch then also zeroes a fresh block (``next_lock``, given or allocated) and returns (y, that block).
+    ``rope`` (``l4::int4_mm_rope``): the epilogue transforms the keys' columns, with the blocks made to fit heads
+    (``layout.rope_int4_blocks``; ValueError where none do: ``rope_blocks_fit``)."""
     n_out, k_in = w_packed.shape[0], 2 * w_packed.shape[1]
     group = k_in // w_scale.shape[1]
     b = blocks or default_int4_blocks(w_packed, w_scale)
+    if rope is not None:
+        b = rope_int4_blocks(b, n_out, rope.head_dim, rope.k_col0, rope.k_cols)
+        if b is None:
+            raise ValueError(f"int4_mm_rope: no tile width fits heads of {rope.head_dim} at columns "
+                             f"[{rope.k_col0}, {rope.k_col0 + rope.k_cols})")
     if b.bf16x2:
         _check_bf16x2(x, n_out, k_in, w_scale, b)
     chain = lock is not None
@@ -451,17 +480,52 @@ def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None, lock:
     y = torch.empty((x.shape[0], n_out), device=x.device, dtype=x.dtype)
     args = (x, w_packed, w_scale, y, part, lock, x.shape[0], n_out, k_in, group, k_split, splits, x.stride(0),
             x.stride(1), w_packed.stride(0), w_packed.stride(1), w_scale.stride(0), w_scale.stride(1), y.stride(0),
-            y.stride(1), *part_strides, nxt, nxt.numel() if chain else 0)
+            y.stride(1), *part_strides, nxt, nxt.numel() if chain else 0, *_rope_args(rope, y))
+    epilogue = dict(K_ROPE=rope is not None, QK_NORM=rope is not None and rope.qk_norm,
+                    HEAD_D=rope.head_dim if rope is not None else 16)
     if b.bf16x2:
         wrap_triton(int4_mm_bf16x2_kernel)[(grid_m, grid_n, splits)](
             *args, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SCALE_WORDS=words, CHAIN=chain,
-            **_launch(b))
+            **epilogue, **_launch(b))
     else:
         wrap_triton(int4_mm_kernel)[(grid_m, grid_n, splits)](
             *args, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SCALE_PER_BLOCK=b.scale_per_block,
             SCALE_WORDS=words, CHAIN=chain, FMA_UNPACK=fma_unpack(b, (w_packed,), (w_scale,)), **_dot_mode(x.dtype),
-            **_launch(b))
+            **epilogue, **_launch(b))
     return (y, next_lock) if chain else y
+
+
+def _rope_args(rope: KRope | None, y: Tensor) -> tuple:
+    """The Int4 GEMM kernels' epilogue arguments (start, cos, sin, T, k_col0, k_cols, eps and the tables' strides);
+    unused placeholders (y's pointer, zeros) without ``rope``."""
+    if rope is None:
+        return (y, y, y, 1, 0, 0, 0.0, 0, 0, 0, 0)
+    return (rope.start, rope.cos, rope.sin, rope.tokens, rope.k_col0, rope.k_cols, rope.eps, rope.cos.stride(0),
+            rope.cos.stride(1), rope.sin.stride(0), rope.sin.stride(1))
+
+
+def rope_blocks_fit(w_packed: Tensor, w_scale: Tensor, head_dim: int, k_col0: int, k_cols: int) -> bool:
+    """Whether ``l4::int4_mm_rope`` can launch on these weights: some tile width holds whole heads of ``head_dim``
+    from column ``k_col0`` (``layout.rope_int4_blocks``)."""
+    return rope_int4_blocks(default_int4_blocks(w_packed, w_scale), w_packed.shape[0], head_dim, k_col0,
+                            k_cols) is not None
+
+
+def int4_rope_splits(w_packed: Tensor, w_scale: Tensor, head_dim: int, k_col0: int, k_cols: int) -> bool:
+    """Whether ``l4::int4_mm_rope`` splits K on these weights (its blocks' ``split_k`` > 1), so that a CUDA engine's
+    step chains its counters (``int4_mm_rope_chained``)."""
+    b = rope_int4_blocks(default_int4_blocks(w_packed, w_scale), w_packed.shape[0], head_dim, k_col0, k_cols)
+    return b is not None and b.split_k > 1
+
+
+def _int4_rope(x: Tensor, w_packed: Tensor, w_scale: Tensor, start_pos: Tensor, cos: Tensor, sin: Tensor,
+               k_col0: int, k_cols: int, head_dim: int, qk_norm: bool, eps: float, lock: Tensor | None = None):
+    """The bodies of ``l4::int4_mm_rope`` / ``_chained``: x [B, T, Kin] -> y [B, T, N] (and the next block)."""
+    rope = KRope(start_pos.reshape(1), cos, sin, x.shape[1], k_col0, k_cols, head_dim, qk_norm, eps)
+    out = int4_matmul(x.reshape(-1, x.shape[-1]), w_packed, w_scale, lock=lock, rope=rope)
+    y, nxt = out if lock is not None else (out, None)
+    y = y.view(*x.shape[:-1], w_packed.shape[0])
+    return (y, nxt) if lock is not None else y
 
 
 def fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor,
@@ -678,3 +742,16 @@ def int4_mm(x: Tensor, w_packed: Tensor, w_scale: Tensor) -> Tensor:
 @triton_op("l4::int4_mm_chained", mutates_args=())
 def int4_mm_chained(x: Tensor, w_packed: Tensor, w_scale: Tensor, lock: Tensor) -> tuple[Tensor, Tensor]:
     return int4_matmul(x, w_packed, w_scale, lock=lock)
+
+
+@triton_op("l4::int4_mm_rope", mutates_args=())
+def int4_mm_rope(x: Tensor, w_packed: Tensor, w_scale: Tensor, start_pos: Tensor, cos: Tensor, sin: Tensor,
+                 k_col0: int, k_cols: int, head_dim: int, qk_norm: bool, eps: float) -> Tensor:
+    return _int4_rope(x, w_packed, w_scale, start_pos, cos, sin, k_col0, k_cols, head_dim, qk_norm, eps)
+
+
+@triton_op("l4::int4_mm_rope_chained", mutates_args=())
+def int4_mm_rope_chained(x: Tensor, w_packed: Tensor, w_scale: Tensor, start_pos: Tensor, cos: Tensor, sin: Tensor,
+                         k_col0: int, k_cols: int, head_dim: int, qk_norm: bool, eps: float, lock: Tensor
+                         ) -> tuple[Tensor, Tensor]:
+    return _int4_rope(x, w_packed, w_scale, start_pos, cos, sin, k_col0, k_cols, head_dim, qk_norm, eps, lock)

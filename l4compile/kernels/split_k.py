@@ -63,18 +63,30 @@ def split_k_sum(part_ptr, split_stride, offs, mask, n_split, BLOCK_M: tl.constex
 
 
 @triton.jit
+def split_k_reduce(acc, part_ptr, part_offs, split_stride, mask, lock_ptr, split, n_split,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split ``split`` of ``n_split`` for one [BM, BN] tile, its float32 sum ``acc`` -> (whether this program holds
+    the tile's full sum, that sum): ``acc`` itself when S == 1; else ``acc`` goes to part[split * split_stride +
+    part_offs] and the last of the tile's S programs (``lock_ptr``: the tile's counter) gets the S partials' sum,
+    the others ``acc`` and False. The caller runs its epilogue where it holds the sum."""
+    stored = n_split == 1
+    total = acc
+    if n_split > 1:
+        tl.store(part_ptr + split * split_stride + part_offs, acc, mask=mask)
+        stored = split_k_arrive(lock_ptr, n_split)
+        if stored:
+            total = split_k_sum(part_ptr, split_stride, part_offs, mask, n_split, BLOCK_M, BLOCK_N)
+    return stored, total
+
+
+@triton.jit
 def split_k_store(acc, y_ptr, y_offs, part_ptr, part_offs, split_stride, mask, lock_ptr, split, n_split,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The plain epilogue (round to y's dtype, store) of split ``split`` of ``n_split`` for one [BM, BN] tile:
     y[y_offs] = acc when S == 1, else the sum of the S partials (part[s * split_stride + part_offs]) once all are in.
     ``lock_ptr``: the tile's counter. -> whether this program stored the tile of y (every program when S == 1)."""
-    stored = n_split == 1
-    if n_split == 1:
-        tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(part_ptr + split * split_stride + part_offs, acc, mask=mask)
-        stored = split_k_arrive(lock_ptr, n_split)
-        if stored:
-            total = split_k_sum(part_ptr, split_stride, part_offs, mask, n_split, BLOCK_M, BLOCK_N)
-            tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=mask)
+    stored, total = split_k_reduce(acc, part_ptr, part_offs, split_stride, mask, lock_ptr, split, n_split,
+                                   BLOCK_M, BLOCK_N)
+    if stored:
+        tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=mask)
     return stored

@@ -47,19 +47,19 @@ def _rms(x: Tensor, eps: float) -> Tensor:
 
 def _project(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, cos: Tensor, sin: Tensor, n_heads: int,
              n_kv_heads: int, head_dim: int, use_rope: bool, qk_norm: bool, temp_tuning: bool, floor_scale: float,
-             attn_scale: float, eps: float, raw_q: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+             attn_scale: float, eps: float, raw_q: bool = False, raw_k: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """-> q [B, Hq, T, D], k and v [B, Hkv, T, D] with RoPE / qk-norm / temperature applied (``raw_q``: to k alone,
-    q left for a kernel that applies them itself)."""
+    q left for a kernel that applies them itself; ``raw_k``: not to k, which came transformed)."""
     b, t = q.shape[0], q.shape[1]
     q = q.view(b, t, n_heads, head_dim)                          # [B, T, Hq, D]
     k = k.view(b, t, n_kv_heads, head_dim)                       # [B, T, Hkv, D]
     v = v.view(b, t, n_kv_heads, head_dim)
     if use_rope:
         c, s = cos.index_select(0, pos), sin.index_select(0, pos)   # [T, D/2]
-        k = _rope(k, c, s)
+        k = k if raw_k else _rope(k, c, s)
         q = q if raw_q else _rope(q, c, s)
         if qk_norm:
-            k = _rms(k, eps)
+            k = k if raw_k else _rms(k, eps)
             q = q if raw_q else _rms(q, eps)
     elif temp_tuning and not raw_q:
         scale = torch.log1p(torch.floor((pos.float() + 1.0) / floor_scale)) * attn_scale + 1.0   # [T]
@@ -104,20 +104,21 @@ def attention_impl(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, n_
 def attention_cached_impl(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor,
                           cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int, head_dim: int, use_rope: bool,
                           qk_norm: bool, chunk: int, temp_tuning: bool, floor_scale: float, attn_scale: float,
-                          scaling: float, eps: float, fused_attend=None,
-                          fused_inplace: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                          scaling: float, eps: float, fused_attend=None, fused_inplace: bool = False,
+                          k_ready: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``fused_attend``: None for the plain-aten attention over ``cat(cache, new keys)``; CUDA passes
     ``l4::attention_fused`` (l4compile.kernels), which reads the visible keys in place: same arguments and result
     as ``_attend`` here, ``(q, k_new, v_new, k_cache, v_cache, start_pos, n_heads, n_kv_heads, chunk, scaling)``.
     ``fused_inplace``: ``fused_attend`` is ``l4::attention_fused_inplace``: it takes q untransformed with the
     layer's transform arguments ``(q, k_new, v_new, k_cache, v_cache, start_pos, cos, sin, n_heads, n_kv_heads,
     chunk, scaling, use_rope, qk_norm, temp_tuning, floor_scale, attn_scale, eps)``, and writes the new keys into
-    the caches it is given, which are then returned as the new caches (no index_copy here)."""
+    the caches it is given, which are then returned as the new caches (no index_copy here). ``k_ready``: k comes
+    with its RoPE / qk-norm applied (a CUDA engine's qkv GEMM does it in its epilogue: ``l4::int4_mm_rope``)."""
     t, slots = q.shape[1], k_cache.shape[2]
     start = start_pos.reshape(1).to(torch.int64)                                 # [1]
     pos = start + torch.arange(t, device=q.device)                               # [T] absolute positions
     qh, kh, vh = _project(q, k, v, pos, cos, sin, n_heads, n_kv_heads, head_dim, use_rope, qk_norm, temp_tuning,
-                          floor_scale, attn_scale, eps, raw_q=fused_inplace)
+                          floor_scale, attn_scale, eps, raw_q=fused_inplace, raw_k=k_ready)
     if fused_inplace:
         return (fused_attend(qh, kh, vh, k_cache, v_cache, start, cos, sin, n_heads, n_kv_heads, chunk, scaling,
                              use_rope, qk_norm, temp_tuning, floor_scale, attn_scale, eps), k_cache, v_cache)

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "kernels_sm90.py"
-LAUNCHED = ["int4_mm_kernel", "int4_mm_kernel", "moe_route_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel",
+LAUNCHED = ["int4_mm_kernel", "int4_mm_kernel", "int4_mm_kernel", "moe_route_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel",
             "moe_route_kernel", "moe_fp8_gate_up_kernel", "moe_fp8_down_kernel",
             "moe_route_kernel", "moe_gate_up_kernel", "moe_down_kernel",
             # as a CUDA engine's step: on the logits, the combine + residual + next norm in down (moe_norm.py)
