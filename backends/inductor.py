@@ -48,6 +48,7 @@ from l4compile.errors import L4Error
 
 from .moe_norm_fused import moe_norm_fused
 from .norm_router_fused import norm_router_fused
+from .qkv_rope_fused import qkv_rope_fused
 
 ARTIFACT = "model.pt2"
 WEIGHTS = "weights.safetensors"
@@ -57,11 +58,13 @@ RUNNERS = ("aoti", "jit")
 NORM_ROUTER_ENV = "L4COMPILE_NORM_ROUTER"
 ATTENTION_MERGE_ENV = "L4COMPILE_ATTENTION_MERGE"
 MOE_NORM_ENV = "L4COMPILE_MOE_NORM"
+QKV_ROPE_ENV = "L4COMPILE_QKV_ROPE"
 # what a CUDA engine's manifest counts in backend_info: the step's calls of each fused op (of any of the ops named)
 FUSED_OPS = {"norm_router_fused": ("l4.add_rms_norm_router.default",),
              "attention_merged": ("l4.attention_fused_chained.default",),
              "moe_norm_fused": ("l4.moe_fused_norm.default", "l4.moe_q_fused_norm.default",
-                                "l4.moe_fp8_fused_norm.default")}
+                                "l4.moe_fp8_fused_norm.default"),
+             "qkv_rope_fused": ("l4.int4_mm_rope.default", "l4.int4_mm_rope_chained.default")}
 
 
 def build(program, workdir: Path, config) -> BuildResult:
@@ -94,7 +97,8 @@ def _fusions(config, fused: dict[str, int]) -> dict:
     (``norm_router_fused``; 0 with ``L4COMPILE_NORM_ROUTER=0``), how many attention layers merge their key splits
     in the partial kernel (``attention_merged``; 0 with ``L4COMPILE_ATTENTION_MERGE=0``) and how many MoE layers
     combine, add the residual and norm the next layer's input in their own launches (``moe_norm_fused``; 0 with
-    ``L4COMPILE_MOE_NORM=0``)."""
+    ``L4COMPILE_MOE_NORM=0``) and how many RoPE layers transform their keys in their qkv GEMM's epilogue
+    (``qkv_rope_fused``; 0 with ``L4COMPILE_QKV_ROPE=0``)."""
     return dict(fused) if config.device == "cuda" else {}
 
 
@@ -147,13 +151,17 @@ def split_k_locks_chained(gm: torch.fx.GraphModule, chains: dict, words: int) ->
     """``gm`` with the calls that take zeroed counters chained, in graph order: the first takes a block of ``words``
     int32 zeros (the graph's one fill), and each returns, beside its output, the zeroed block the next one takes.
     ``chains``: call target -> (its chained form: the call's arguments and the block -> (its output, the next block),
-    whether a call joins: ``joins(*args)``, each argument the tensor where it is a ``get_attr``, else None). CUDA:
-    ``l4::linear_int4`` whose weights may split K -> ``kernels.dispatch.linear_int4_chained``, and the in-place
-    attention -> ``attention_cached_chained``; each launch leaves its own block zeros and zeroes the next. Counters
+    whether a call joins: ``joins(*args)``, each argument the tensor where it is a ``get_attr``, None where it is
+    another node, else the constant itself). CUDA: ``l4::linear_int4`` whose weights may split K ->
+    ``kernels.dispatch.linear_int4_chained`` (``linear_int4_rope`` -> ``linear_int4_rope_chained`` alike), and the
+    in-place attention -> ``attention_cached_chained``; each launch leaves its own block zeros and zeroes the next.
+    Counters
     then cost no memset launch of their own; each block has one reader, so Inductor writes the counters in place
     and copies nothing. None where no call joins; ``gm`` is left as it is."""
-    def attr(node):
-        return operator.attrgetter(node.target)(gm) if getattr(node, "op", None) == "get_attr" else None
+    def attr(arg):
+        if not isinstance(arg, torch.fx.Node):
+            return arg
+        return operator.attrgetter(arg.target)(gm) if arg.op == "get_attr" else None
 
     graph = torch.fx.Graph()
     env: dict = {}
@@ -204,9 +212,17 @@ def moe_norm_enabled() -> bool:
     return os.environ.get(MOE_NORM_ENV, "1").strip() != "0"
 
 
+def qkv_rope_enabled() -> bool:
+    """Whether CUDA engines transform each RoPE layer's keys in the epilogue of its Int4 qkv GEMM
+    (``qkv_rope_fused``): yes, unless ``L4COMPILE_QKV_ROPE=0`` (to measure a step without it; the manifest's
+    ``backend_info`` says which)."""
+    return os.environ.get(QKV_ROPE_ENV, "1").strip() != "0"
+
+
 def export_for_aoti(program, device: str = "cpu") -> tuple[torch.export.ExportedProgram, bool]:
-    """The Program as AOTInductor compiles it: caches written in place (text step graphs), for CUDA the Int4 GEMMs
-    that split K and the in-place attention chained by their counters (``split_k_locks_chained``), each MoE
+    """The Program as AOTInductor compiles it: caches written in place (text step graphs), for CUDA each RoPE
+    layer's key transform in its Int4 qkv GEMM's epilogue (``qkv_rope_fused``), the Int4 GEMMs that split K and
+    the in-place attention chained by their counters (``split_k_locks_chained``), each MoE
     layer's residual add, norm and router in one kernel (``norm_router_fused``) and its combine, the residual add
     after it and the next norm in the MoE's own launches (``moe_norm_fused``), l4 ops decomposed (plain aten, and
     for CUDA the Triton kernel ops and ``_scaled_mm``). Returns (the exported program, whether its caches are updated
@@ -222,12 +238,19 @@ def export_for_aoti(program, device: str = "cpu") -> tuple[torch.export.Exported
     if in_place is not None:
         program = dataclasses.replace(program, gm=in_place)
     if device == "cuda":           # with Triton: the step's kernel-level rewrites
-        from l4compile.kernels.dispatch import (attention_cached_chained, int4_mm_splits, linear_int4_chained,
+        from l4compile.kernels.dispatch import (attention_cached_chained, int4_mm_splits, int4_rope_splits,
+                                                linear_int4_chained, linear_int4_rope, linear_int4_rope_chained,
                                                 load_triton_ops, moe_q_routed, moe_q_routed_norm, moe_routed,
                                                 moe_routed_norm, residual_norm_router)
         from l4compile.kernels.layout import SPLIT_K_LOCK_WORDS
+        if load_triton_ops() and attention_in_place is not None and qkv_rope_enabled():   # k RoPE in the qkv GEMM
+            fused, _ = qkv_rope_fused(program.gm, {attention_in_place}, linear_int4_rope)
+            program = dataclasses.replace(program, gm=fused)
         if load_triton_ops():      # Int4 GEMMs that split K and the attention hand each other zeroed counters
-            chains = {torch.ops.l4.linear_int4.default: (linear_int4_chained, lambda x, w, s: int4_mm_splits(w, s))}
+            chains = {torch.ops.l4.linear_int4.default: (linear_int4_chained, lambda x, w, s: int4_mm_splits(w, s)),
+                      linear_int4_rope: (linear_int4_rope_chained,
+                                         lambda x, w, s, start, cos, sin, k0, kn, d, *rest:
+                                         int4_rope_splits(w, s, d, k0, kn))}
             if attention_in_place is not None and attention_merge_enabled():
                 chains[attention_in_place] = (attention_cached_chained, lambda *args: True)
             chained = split_k_locks_chained(program.gm, chains, SPLIT_K_LOCK_WORDS)

@@ -17,7 +17,7 @@ compile (no CUDA toolkit here); ``--out`` keeps the wrapper.
 Checks (exit 1 when one fails; a GPU session would fail on them, or lose its bandwidth):
   kernels    every l4 kernel op of the exported graph is launched from the wrapper: attention_fused as its partial
              and combine kernels, moe_fused / moe_q_fused / moe_fp8_fused as their routing, gate_up and down kernels,
-             int4_mm as its kernel, add_rms_norm_router (each MoE layer's residual add, norm and router) as its kernel
+             int4_mm (and int4_mm_rope, a RoPE layer's qkv) as its kernel, add_rms_norm_router (each MoE layer's residual add, norm and router) as its kernel
   opaque     no op runs through the proxy executor (an opaque op would be an eager kernel outside the engine)
   caches     each KV cache input is first read by its layer's attention kernel (one), written after that read, and
              never cloned or copied whole; with l4::attention_fused_inplace / _chained, written by that op's own
@@ -56,6 +56,7 @@ KERNELS = {"l4.attention_fused.default": ("attention_partial_kernel", "attention
            "l4.moe_fp8_fused_norm.default": ("moe_route_kernel", "moe_fp8_gate_up_kernel", "moe_fp8_down_kernel",
                                              "moe_norm_kernel"),
            "l4.int4_mm.default": ("int4_mm_kernel",), "l4.int4_mm_chained.default": ("int4_mm_kernel",),
+           "l4.int4_mm_rope.default": ("int4_mm_kernel",), "l4.int4_mm_rope_chained.default": ("int4_mm_kernel",),
            "l4.add_rms_norm_router.default": ("add_rms_norm_router_kernel",)}
 
 

@@ -26,7 +26,8 @@ loads (ROPE: RoPE of interleaved pairs from the cos / sin tables at each row's p
 weightless RMS norm; TEMP: the NoPE temperature), as ``ops.attention._project`` does, and ``attention_combine_kernel``
 (WRITE) writes the T new keys and values into the caches, in place (slot = position mod L), once the partial kernel
 has read the cache: neither the query transform nor the cache update costs a launch of its own. k comes
-transformed: each program reads new keys, and transforming them there would redo it per row block and split.
+transformed: each program reads new keys, and transforming them there would redo it per row block and split (a CUDA
+engine's Int4 qkv GEMM transforms them in its epilogue: ``k_rope.py``).
 ``l4::attention_fused_chained`` (MERGE: a CUDA engine's step, its launches chained by zeroed counters) also moves
 the merge and the cache write into the partial kernel when S > 1, so that a decode step's attention is one launch
 (the combine's grid is then empty; with one split the combine launch writes the caches, as before).

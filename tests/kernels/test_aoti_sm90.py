@@ -53,18 +53,20 @@ def test_tiny_int4_cuda_engine_generates_and_passes_its_checks(tmp_path):
     assert launches["attention_partial_kernel"] == launches["attention_combine_kernel"] == 4
     assert launches["moe_route_kernel"] == launches["moe_int4_gate_up_kernel"] == launches["moe_int4_down_kernel"] == 4
     assert launches["moe_norm_kernel"] == r["graph_ops"]["l4.moe_q_fused_norm.default"] == 4
-    # Inductor's own: 5: the first layer's input norm (with the embedding), k's RoPE + qk-norm in the 3 RoPE layers,
-    # and the zeroed counters that head the step's chain (l4::attention_fused_chained). The attention kernel
-    # transforms q and writes the caches, add_rms_norm_router does the post-attention norm, and each MoE op the
-    # combine, the residual add after it and the next norm (l4::moe_q_fused_norm; the last layer's: the final norm)
-    # (28 before the three: + q's RoPE or temperature, a k and a v cache write and both norms a layer)
-    assert sum(n for k, n in launches.items() if k.startswith("triton_")) <= 1 + 3 + 1
+    # Inductor's own: 2: the first layer's input norm (with the embedding) and the zeroed counters that head the
+    # step's chain (l4::attention_fused_chained). The attention kernel transforms q and writes the caches, each RoPE
+    # layer's qkv GEMM transforms k (l4::int4_mm_rope; 3 launches of k's RoPE + qk-norm before),
+    # add_rms_norm_router does the post-attention norm, and each MoE op the combine, the residual add after it and
+    # the next norm (l4::moe_q_fused_norm; the last layer's: the final norm) (28 before the four: + q's RoPE or
+    # temperature, a k and a v cache write and both norms a layer)
+    assert sum(n for k, n in launches.items() if k.startswith("triton_")) <= 1 + 1
+    assert r["graph_ops"]["l4.int4_mm_rope.default"] == 3                # the RoPE layers' qkv
     assert r["graph_ops"]["l4.attention_fused_chained.default"] == 4
-    # 41 launch sites; a decode step skips the 4 route launches (the GEMMs map one token), the 4 moe_norm launches
+    # 38 launch sites; a decode step skips the 4 route launches (the GEMMs map one token), the 4 moe_norm launches
     # (the down launches finish each token) and the global layer's combine (its splits merged in the partial kernel);
     # the 3 chunked layers (16 slots: one split) keep theirs, which writes the caches. At 2048 tokens the route and
     # moe_norm launches run and the global layer still splits (64 row blocks x 2)
-    assert r["kernels_launched"] == 41 and r["launched_at"] == {"B=1 T=1": 32, "B=1 T=2048": 40}
+    assert r["kernels_launched"] == 38 and r["launched_at"] == {"B=1 T=1": 29, "B=1 T=2048": 37}
     assert not [k for k in launches if "index_copy" in k or "index_put" in k]
     # the lm_head alone (cuBLAS): each layer's router is in its add_rms_norm_router launch, which also adds the
     # residual and norms the MoE's input (5 mm and 4 more Inductor norm kernels before)
@@ -90,11 +92,13 @@ def test_split_int4_gemms_take_no_counter_fills(tmp_path):
     GEMM (the unchained engine had 2 more Inductor kernels a layer), and no copy of a counter block (~60 s)."""
     r = _generate(tmp_path, "int4", "--int4-split-k", "4", "--layers", "2", preset="bench-scout")
     assert r["problems"] == {"kernels": [], "opaque": [], "caches": [], "program": []}
-    assert r["graph_ops"]["l4.int4_mm_chained.default"] == r["launches"]["int4_mm_kernel"] == 4
-    # unsplit: 3 (the embedding's norm, then k's RoPE + qk-norm a layer; the post-attention norm is in
+    ops = r["graph_ops"]                          # o_proj, and the qkv that transforms k (both layers are RoPE)
+    assert ops["l4.int4_mm_chained.default"] == ops["l4.int4_mm_rope_chained.default"] == 2
+    assert r["launches"]["int4_mm_kernel"] == 4
+    # unsplit: 1 (the embedding's norm; k's RoPE + qk-norm is in the qkv GEMM, the post-attention norm in
     # add_rms_norm_router, the MoE's combine + residual + next norm in the MoE's launches), + the one fill; with a
-    # fill a GEMM (and the MoE norms as Inductor kernels) it was 9
-    assert sum(n for k, n in r["launches"].items() if k.startswith("triton_")) == 3 + 1
+    # fill a GEMM (and the MoE norms and k's transform as Inductor kernels) it was 9
+    assert sum(n for k, n in r["launches"].items() if k.startswith("triton_")) == 1 + 1
     assert not [k for k in r["launches"] if "clone" in k or "fused_copy" in k]     # (_to_copy: a dtype cast)
 
 
@@ -102,22 +106,23 @@ def test_split_int4_gemms_take_no_counter_fills(tmp_path):
 def test_attention_merge_can_be_turned_off(tmp_path, monkeypatch):
     """L4COMPILE_ATTENTION_MERGE=0 (gpu_session.sh attnmerge's baseline) builds the engine whose attention merges its
     key splits in the combine launch: l4::attention_fused_inplace, no counter chain, and a decode step that runs
-    every combine launch. In tiny that costs nothing at decode (32 launches with work either way): only its global
+    every combine launch. In tiny that costs nothing at decode (29 launches with work either way): only its global
     layer splits its keys (its chunked layers' 16-slot rings have one split, and their combine writes the caches),
-    and the chain's fill is one launch more (41 -> 40 launch sites without it) (~45 s)."""
+    and the chain's fill is one launch more (38 -> 37 launch sites without it) (~45 s)."""
     monkeypatch.setenv("L4COMPILE_ATTENTION_MERGE", "0")
     r = _generate(tmp_path, "int4")
     assert r["problems"] == {"kernels": [], "opaque": [], "caches": [], "program": []}
     assert r["graph_ops"]["l4.attention_fused_inplace.default"] == 4
     assert "l4.attention_fused_chained.default" not in r["graph_ops"]
-    assert r["kernels_launched"] == 40 and r["launched_at"] == {"B=1 T=1": 32, "B=1 T=2048": 40}
+    assert r["kernels_launched"] == 37 and r["launched_at"] == {"B=1 T=1": 29, "B=1 T=2048": 37}
 
 
 @pytest.mark.slow
 def test_tuned_kernel_blocks_are_the_engines(tmp_path):
     """A manifest's kernel_blocks (compile --tune-kernels on a GPU) generate the engine the compile would: the tuned
-    qkv GEMM splits K and is chained (l4::int4_mm_chained), o_proj, not in the table, keeps layout's unsplit blocks;
-    the MoE's split down GEMM has its counters zeroed by the route kernel; every check stays ok (~60 s)."""
+    qkv GEMM splits K and is chained (l4::int4_mm_rope_chained: its tiles widened to a head, its splits with them),
+    o_proj, not in the table, keeps layout's unsplit blocks; the MoE's split down GEMM has its counters zeroed by
+    the route kernel; every check stays ok (~60 s)."""
     import dataclasses
 
     from l4compile.kernels.layout import int4_blocks, moe_int4_blocks
@@ -133,7 +138,8 @@ def test_tuned_kernel_blocks_are_the_engines(tmp_path):
     manifest.write_text(json.dumps({"kernel_blocks": record}))
     r = _generate(tmp_path, "int4", "--kernel-blocks", str(manifest), "--layers", "2", preset="bench-scout")
     assert r["problems"] == {"kernels": [], "opaque": [], "caches": [], "program": []}
-    assert r["graph_ops"]["l4.int4_mm_chained.default"] == r["graph_ops"]["l4.int4_mm.default"] == 2
+    assert r["graph_ops"]["l4.int4_mm_rope_chained.default"] == r["graph_ops"]["l4.int4_mm.default"] == 2
+    assert "l4.int4_mm_chained.default" not in r["graph_ops"]
     assert r["launches"]["int4_mm_kernel"] == 4 and r["launches"]["moe_int4_down_kernel"] == 2
     assert r["kernel_blocks"] == {"int4_mm 768 512 128 bfloat16": "BN64 BK128 SK4 NW8",
                                   "moe_q 16 512 1024 128 128 bfloat16": "BN64 BK128 SK1/2"}

@@ -313,10 +313,11 @@ def test_cuda_engine_step_writes_caches_in_place(tmp_path):
     l4::attention_fused_chained and nothing else touches a cache. As AOTInductor and the jit runtime take it
     (``mutations_in_place``; the jit runtime's ``in_place_module``), each of those calls writes its layer's cache
     inputs themselves and nothing copies a cache. In Int4, with every GEMM taken as one that may split K, the
-    l4::int4_mm_chained calls and the attention calls between them hand each other their zeroed counters from one
-    new_zeros block. As saved (program.pt2) and run here on CPU tensors under the interpreter, a 13-token prefill and
-    7 decode steps (batch 2, through the chunk-16 ring's wrap) give the step graph's logits and write its new caches
-    into the caches given. Built in a process without the interpreter, which cannot trace the kernels."""
+    l4::int4_mm_chained calls (l4::int4_mm_rope_chained for a RoPE layer's qkv, which transforms k) and the
+    attention calls between them hand each other their zeroed counters from one new_zeros block. As saved
+    (program.pt2) and run here on CPU tensors under the interpreter, a 13-token prefill and 7 decode steps (batch 2,
+    through the chunk-16 ring's wrap) give the step graph's logits and write its new caches into the caches given.
+    Built in a process without the interpreter, which cannot trace the kernels."""
     require_interpreter()
     from l4compile.compiler import lower
     from l4compile.config import CompileConfig
@@ -331,6 +332,7 @@ def test_cuda_engine_step_writes_caches_in_place(tmp_path):
         from l4compile.kernels import dispatch
         from l4compile.progress import Progress
         dispatch.int4_mm_splits = lambda w, s: True            # chain every Int4 GEMM (tiny's do not split)
+        dispatch.int4_rope_splits = lambda *args: True         # the RoPE layers' qkv (l4::int4_mm_rope) too
         ep, in_place = export_for_aoti(lower("tiny", {config}, progress=Progress()).program, "cuda")
         assert in_place
         torch.export.save(ep, sys.argv[1])
@@ -338,7 +340,8 @@ def test_cuda_engine_step_writes_caches_in_place(tmp_path):
         phs = [n.name for n in graph.nodes if n.op == "placeholder"]
         print([(str(n.target), [phs.index(a.name) if getattr(a, "op", "") == "placeholder" else None
                                 for a in n.args[3:5]]) for n in graph.nodes if n.op == "call_function"])
-        chained = (torch.ops.l4.int4_mm_chained.default, torch.ops.l4.attention_fused_chained.default)
+        chained = (torch.ops.l4.int4_mm_chained.default, torch.ops.l4.int4_mm_rope_chained.default,
+                   torch.ops.l4.attention_fused_chained.default)
         calls = [n for n in graph.nodes if n.target in chained]           # each takes its counters last
         print([[str(u.target) for u in n.users] for n in calls])
         heads = lambda n: n.args[-1].target is torch.ops.aten.new_zeros.default        # the chain's fill
@@ -355,11 +358,13 @@ def test_cuda_engine_step_writes_caches_in_place(tmp_path):
     # each block of counters from the one before it and read once
     chain = eval(chain)
     assert [(first, users) for first, users, _ in chain] == [(True, 1)] * 3 * n_layers, chain
-    assert [t for *_, t in chain] == ["l4.int4_mm_chained.default", "l4.attention_fused_chained.default",
-                                      "l4.int4_mm_chained.default"] * n_layers
+    # the 3 RoPE layers' qkv transforms k in its epilogue (backends.qkv_rope_fused), the NoPE layer's does not
+    qkv = ["l4.int4_mm_rope_chained.default"] * (n_layers - 1) + ["l4.int4_mm_chained.default"]
+    assert [t for *_, t in chain] == [t for q in qkv for t in (q, "l4.attention_fused_chained.default",
+                                                               "l4.int4_mm_chained.default")]
     assert all(set(u) <= {"<built-in function getitem>"} for u in eval(chain_users))
     assert [t for t, _ in calls].count("aten.new_zeros.default") == 1
-    assert "l4.int4_mm.default" not in [t for t, _ in calls]
+    assert not {"l4.int4_mm.default", "l4.int4_mm_rope.default"} & {t for t, _ in calls}
     first_cache = len(prog.gm.graph.find_nodes(op="placeholder")) - 2 * n_layers
     assert [c for t, c in calls if t == "l4.attention_fused_chained.default"] == [
         [first_cache + 2 * i, first_cache + 2 * i + 1] for i in range(n_layers)]

@@ -1,0 +1,85 @@
+# B batch, T new tokens, K hidden, Nq / Nk / Nv the q / k / v columns of a fused qkv projection
+"""A CUDA engine's step graph with each RoPE layer's key transform in the epilogue of its qkv GEMM.
+
+After ``fuse_qkv`` and ``caches_in_place`` a RoPE layer's attention reads::
+
+    qkv  = l4.linear_int4(x, w, s)                                         # [B, T, Nq + Nk + Nv]
+    out  = attention(slice(qkv, -1, 0, Nq), slice(qkv, -1, Nq, Nq + Nk), slice(qkv, -1, Nq + Nk, ..), k_cache,
+                     v_cache, start_pos, cos, sin, Hq, Hkv, D, use_rope=True, qk_norm, .., eps)
+
+and the attention's body rotates and norms k in aten (a kernel of its own in the engine; q is transformed by the
+attention kernel itself). ``qkv_rope_fused`` rewrites each such layer to::
+
+    qkv  = linear_rope(x, w, s, start_pos, cos, sin, Nq, Nk, D, qk_norm, eps)   # keys transformed in the epilogue
+    out  = attention(<the same slices>, .., k_ready=True)                       # k taken as it comes
+
+``linear_rope`` is given (``l4compile.kernels.dispatch.linear_int4_rope`` on CUDA: ``l4::int4_mm_rope``, or the
+plain product followed by the aten transform where the kernel does not apply), so the rewrite keeps the graph's
+values whatever it is given. Only where the qkv output is read by that attention's three slices alone, with k the
+slice [Nq, Nq + Hkv * D) of the last dimension, and the rope tables are graph constants; everything else is left as
+it is. NoPE layers have no key transform and are not touched.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .norm_router_fused import rebuilt
+
+aten = torch.ops.aten
+# l4::attention_cached's arguments: (q, k, v, k_cache, v_cache, start_pos, cos, sin, n_heads, n_kv_heads, head_dim,
+# use_rope, qk_norm, chunk, temp_tuning, floor_scale, attn_scale, scaling, eps)
+_Q, _K, _V, _START, _COS, _SIN, _KV_HEADS, _HEAD_DIM, _ROPE, _QK_NORM, _EPS = 0, 1, 2, 5, 6, 7, 9, 10, 11, 12, 18
+
+
+def _last_dim_slice(node, source) -> tuple[int, int] | None:
+    """(start, end) where ``node`` is ``aten.slice(source, -1 or the last dim, start, end[, 1])``, else None."""
+    if getattr(node, "op", None) != "call_function" or node.target is not aten.slice.Tensor or node.kwargs:
+        return None
+    args = node.args
+    if len(args) not in (4, 5) or args[0] is not source or (len(args) == 5 and args[4] != 1):
+        return None
+    val = source.meta.get("val")
+    last = val.dim() - 1 if val is not None else None
+    if args[1] not in (-1, last) or not all(isinstance(a, int) for a in args[2:4]):
+        return None
+    return args[2], args[3]
+
+
+def qkv_rope_fused(gm: torch.fx.GraphModule, attentions: set, linear_rope: Callable) -> tuple[torch.fx.GraphModule,
+                                                                                               int]:
+    """-> (``gm`` rewritten as the module docstring says, the number of layers rewritten); ``gm`` itself is left as
+    it is. ``attentions``: the call targets with ``l4::attention_cached``'s arguments that take ``k_ready=True``
+    (``dispatch.attention_cached_in_place``); ``linear_rope(x, w, s, start_pos, cos, sin, k_col0, k_cols, head_dim,
+    qk_norm, eps) -> [B, T, N]``."""
+    graph = torch.fx.Graph()
+    env: dict = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    count = 0
+    for attn in [n for n in graph.nodes if n.op == "call_function" and n.target in attentions]:
+        args = attn.args
+        if attn.kwargs or len(args) != 19 or args[_ROPE] is not True:
+            continue
+        qkv = args[_K].args[0] if isinstance(args[_K], torch.fx.Node) and args[_K].args else None
+        if not (getattr(qkv, "op", None) == "call_function" and qkv.target is torch.ops.l4.linear_int4.default
+                and not qkv.kwargs and len(qkv.args) == 3):
+            continue
+        spans = [_last_dim_slice(p, qkv) for p in args[:3]]
+        if None in spans or set(qkv.users) != set(args[:3]) or any(set(p.users) != {attn} for p in args[:3]):
+            continue
+        cos, sin = args[_COS], args[_SIN]
+        if not all(getattr(t, "op", None) == "get_attr" for t in (cos, sin)):
+            continue
+        (k0, k1), head_dim = spans[_K], args[_HEAD_DIM]
+        if k1 - k0 != args[_KV_HEADS] * head_dim:
+            continue
+        with graph.inserting_before(qkv):     # the tables' own nodes may come after the GEMM
+            tables = [graph.get_attr(t.target) for t in (cos, sin)]
+            new = graph.call_function(linear_rope, (*qkv.args, args[_START], *tables, k0, k1 - k0, head_dim,
+                                                    args[_QK_NORM], args[_EPS]))
+        new.meta.update(qkv.meta)
+        qkv.replace_all_uses_with(new)
+        attn.kwargs = {"k_ready": True}
+        count += 1
+    return rebuilt(gm, graph), count
