@@ -19,6 +19,9 @@ Kernels (bf16 activations; Int4 weights packed as the quantize pass packs them, 
                   rows, the residual add and the next layer's input RMSNorm, as l4::moe_q_fused_norm (as engines run
                   it: in the MoE's down launch at one token, a launch of its own past that) and as the MoE then one
                   Inductor kernel (as they did)
+    int4_mm qkv + k rope  a RoPE layer's fused qkv (56 heads x 128) at a decode step, its keys RoPE-rotated and
+                  RMS-normed: as l4::int4_mm_rope runs it (in the GEMM's epilogue, tiles of one head: BN 128, split 2,
+                  chained as engines run it) and as the GEMM at its own blocks then one Inductor kernel (as they did)
     torch.mm      cuBLAS on the bf16 weight, the baseline the Int4 GEMV must beat (it streams 4x the bytes)
     attention_fused  one decode step of a global layer's attention (40/8 heads x 128) in an 8192-slot bf16 cache,
                   at positions 511 and 8191, batch = tokens: it must read only the visible keys (timed as engines
@@ -105,6 +108,23 @@ def int4_cases(dims: dict, tokens: list[int], device, g: torch.Generator):
         w_bf16 = dequant_int4(wp, ws).to(torch.bfloat16)
         for t in tokens:
             yield name, t, torch.randn(t, k, generator=g, device=device).to(torch.bfloat16), wp, ws, w_bf16
+
+
+def qkv_weight(dims: dict, device, g: torch.Generator):
+    """(w_packed, w_scale, w_bf16) of one layer's fused qkv projection [(Hq + 2 Hkv) * D, H]."""
+    from l4compile.ops.quant import dequant_int4
+    from l4compile.quant import quantize_int4
+
+    n = (dims["heads"] + 2 * dims["kv_heads"]) * dims["head_dim"]
+    wp, ws = quantize_int4(torch.randn(n, dims["H"], generator=g, device=device) * 0.02, GROUP)
+    return wp, ws, dequant_int4(wp, ws).to(torch.bfloat16)
+
+
+def rope_tables_for(d: int, positions: int, device):
+    """cos / sin [P, D/2] float32 of plain RoPE frequencies (theta 500000, Llama 4's)."""
+    inv = 1.0 / (500000.0 ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+    ang = torch.arange(positions, dtype=torch.float32, device=device)[:, None] * inv[None, :]
+    return ang.cos(), ang.sin()
 
 
 def moe_weights(dims: dict, device, g: torch.Generator):
@@ -289,11 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"error: --tokens '{a.tokens}' is not a comma-separated list of positive integers", file=sys.stderr)
         return 2
-    from l4compile.kernels.dispatch import load_triton_ops
+    from l4compile.kernels.dispatch import k_rope_reference, load_triton_ops
     from l4compile.kernels.layout import (SPLIT_K_LOCK_WORDS, AttentionBlocks, attention_blocks, int4_blocks,
                                           moe_fp8_blocks, moe_int4_blocks)
     from l4compile.kernels.ops import (add_rms_norm_router, fused_attention_inplace, fused_moe, fused_moe_fp8,
-                                       fused_moe_int4, int4_matmul)
+                                       fused_moe_int4, int4_matmul, int4_mm_rope_chained)
     from l4compile.ops.attention import attention_cached_impl
     from l4compile.ops.moe import _moe_impl, _route
     from l4compile.ops.quant import _moe_q_impl
@@ -399,6 +419,22 @@ def main(argv: list[str] | None = None) -> int:
         record("norm + router", t, "Inductor + cuBLAS" if device.type == "cuda" else "aten", False,
                lambda: F.linear(norm(a_in, b_in, norm_w)[1], router_w), ref, moved)
     lock = torch.zeros(SPLIT_K_LOCK_WORDS, device=device, dtype=torch.int32)   # every chained call leaves it zeros
+    # a RoPE layer's qkv with its keys' RoPE + qk-norm: in the GEMM's epilogue against the GEMM then one Inductor
+    # kernel (as engines did), at a decode step of `tokens` sequences at position 4000
+    wp, ws, w_bf16 = qkv_weight(dims, device, g)
+    hq, hkv, d = dims["heads"], dims["kv_heads"], dims["head_dim"]
+    cos, sin = rope_tables_for(d, 4096, device)
+    start = torch.tensor([4000 if device.type == "cuda" else 7], device=device)
+    k_args = (start, cos, sin, hq * d, hkv * d, d, True, 1e-5)
+    k_rope = torch.compile(k_rope_reference, dynamic=False) if device.type == "cuda" else k_rope_reference
+    for t in tokens:
+        x = torch.randn(t, 1, dims["H"], generator=g, device=device).to(torch.bfloat16)
+        ref = k_rope_reference(F.linear(x, w_bf16), *k_args)
+        moved = nbytes(wp, ws, x, ref)
+        record("int4_mm qkv + k rope", t, "l4::int4_mm_rope", True,
+               lambda: int4_mm_rope_chained(x, wp, ws, *k_args, lock)[0], ref, moved)
+        record("int4_mm qkv + k rope", t, "+ Inductor launch" if device.type == "cuda" else "+ aten", False,
+               lambda: k_rope(int4_matmul(x.view(t, -1), wp, ws).view(t, 1, -1), *k_args), ref, moved)
     for name, t, x, wp, ws, w_bf16 in int4_cases(dims, tokens, device, g):
         ref = F.linear(x, w_bf16)
         n, k = wp.shape[0], 2 * wp.shape[1]

@@ -48,6 +48,9 @@
 #   moenorm  the same bench twice: as engines are built, and with L4COMPILE_MOE_NORM=0 (each MoE layer's combine,
 #            the residual add after it and the next norm as an Inductor kernel, not in the MoE's down launch): what
 #            that launch a layer saves in a decode step                                      (box 200 s each variant)
+#   qkvrope  the same bench twice: as engines are built, and with L4COMPILE_QKV_ROPE=0 (each RoPE layer's k RoPE +
+#            qk-norm as an Inductor kernel, not in its qkv GEMM's epilogue, whose tiles are then BN 64, not 128):
+#            what that launch a layer saves in a decode step                                 (box 200 s each variant)
 #   context  benchmarks/bench_gpu.py --parts context --layers 2: Int4 decode at batch 1/8 in 8K-slot caches, at
 #            positions 128 and 4096 (the attention kernel reads only the visible positions)            (box 300 s)
 #   decode   benchmarks/bench_gpu.py --parts decode --layers 2: decode at batch 1/8/32, HBM roofline per layer,
@@ -150,7 +153,7 @@ for spec in ${PARTS//,/ }; do
         boxed $(box 200) modes $PY benchmarks/bench_decode_modes.py --model scout --layers 2 --quant int4 \
             --dtype bfloat16 --device cuda --batch-sizes 1,8 --prompt 128 --new 64 --repeats 5 \
             --out "$RES/modes-int4.json" ;;
-    knobs | normrouter | attnmerge | moenorm)
+    knobs | normrouter | attnmerge | moenorm | qkvrope)
         # PDL takes effect under the jit runtime only: when engines run under aoti here, jit gets a baseline of its own
         variants="default combo_kernels=true"
         [ "${L4COMPILE_INDUCTOR_RUNNER:-aoti}" = jit ] || variants="$variants jit"
@@ -158,6 +161,7 @@ for spec in ${PARTS//,/ }; do
         [ $part = normrouter ] && variants="default norm_router=0"
         [ $part = attnmerge ] && variants="default attention_merge=0"
         [ $part = moenorm ] && variants="default moe_norm=0"
+        [ $part = qkvrope ] && variants="default qkv_rope=0"
         for knob in $variants; do
             runner=(); setting=(); cfg=$knob
             case $knob in
@@ -165,6 +169,7 @@ for spec in ${PARTS//,/ }; do
                 norm_router=0) runner=(L4COMPILE_NORM_ROUTER=0); cfg=default ;;
                 attention_merge=0) runner=(L4COMPILE_ATTENTION_MERGE=0); cfg=default ;;
                 moe_norm=0) runner=(L4COMPILE_MOE_NORM=0); cfg=default ;;
+                qkv_rope=0) runner=(L4COMPILE_QKV_ROPE=0); cfg=default ;;
             esac
             [ -z "$cfg" ] || [ "$cfg" = default ] || setting=(--inductor-config "$cfg")
             boxed $(box 200) "$part $knob" env ${runner[@]+"${runner[@]}"} $PY -m l4compile bench scout --layers 2 \
@@ -193,7 +198,7 @@ for spec in ${PARTS//,/ }; do
         boxed $(box 580) $part $PY benchmarks/bench_gpu.py --parts full-bench --repeats 3 \
             --engine-dir "$ENGINES/$name" --out "$RES/$part" ;;
     *)
-        log "unknown part '$part' (probe, kernels, sweep, tests, engines, attention, decode1, modes, knobs, normrouter, attnmerge, moenorm, context, decode, prefill, full, fullq, fullc, fullb, fullqc, fullqb)" ;;
+        log "unknown part '$part' (probe, kernels, sweep, tests, engines, attention, decode1, modes, knobs, normrouter, attnmerge, moenorm, qkvrope, context, decode, prefill, full, fullq, fullc, fullb, fullqc, fullqb)" ;;
     esac
 done
 
