@@ -201,9 +201,10 @@ def build(model: str, backend: str = "inductor", out: str | os.PathLike = "engin
                             "shape": kv_layout["shape"]}]
     kernel_blocks = None
     if config.tune_kernels:
+        from l4compile.backends.inductor import qkv_rope_enabled
         from l4compile.kernels.autotune import tune_program
-        with progress.stage("tune kernels"):
-            kernel_blocks = tune_program(program, config.dtype, log=progress.note)
+        with progress.stage("tune kernels"):      # the qkv of RoPE layers timed as int4_mm_rope, as the engine runs it
+            kernel_blocks = tune_program(program, config.dtype, log=progress.note, rope_qkv=qkv_rope_enabled())
     with engine_writer(out, force) as work, tuned_blocks.use(tuned_blocks.table_of(kernel_blocks)):
         with progress.stage(f"backend {config.backend}"):
             result = be.build(program, work, config)

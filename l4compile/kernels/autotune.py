@@ -49,11 +49,16 @@ class Problem:
     key: Key                 # tuned_blocks key: ("int4_mm", N, K, G, scale dtype) or ("moe_q", E, H, I, Gh, Gi, ..)
     count: int = 1           # nodes of the graph that run it (a step launches it this many times)
     top_k: int = 1           # moe_q: experts a token
+    rope: tuple | None = None   # int4_mm that is a RoPE layer's fused qkv, which a CUDA engine runs as
+                             # l4::int4_mm_rope (its tiles widened to heads, the keys transformed in its epilogue):
+                             # (head_dim, k_col0, k_cols, qk_norm); timed in that form (``_runs``)
 
 
-def problems(gm: torch.fx.GraphModule) -> list[Problem]:
+def problems(gm: torch.fx.GraphModule, rope_qkv: bool = False) -> list[Problem]:
     """The distinct Int4 problems of ``gm`` (a Program's graph, before the backend's decompositions), in graph
-    order, with how many nodes run each."""
+    order, with how many nodes run each. ``rope_qkv`` (a CUDA engine that transforms k in its qkv GEMMs,
+    ``backends.qkv_rope_fused``): a problem that some RoPE layer's qkv runs is marked (``Problem.rope``) and timed
+    as that layer runs it; NoPE layers' qkv, of the same shape, then take the blocks chosen for it."""
     found: dict[Key, Problem] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -64,6 +69,7 @@ def problems(gm: torch.fx.GraphModule) -> list[Problem]:
                 continue
             k_in = 2 * wp.shape[-1]
             key, top_k = int4_key(wp.shape[0], k_in, k_in // ws.shape[-1], ws.dtype), 1
+            rope = _rope_qkv(node, key) if rope_qkv else None
         elif node.target is torch.ops.l4.moe_q.default:
             w = [_value(gm, a) for a in node.args[2:12]]
             if any(t is None for t in w) or w[0].dtype != torch.uint8:
@@ -71,12 +77,36 @@ def problems(gm: torch.fx.GraphModule) -> list[Problem]:
             gate_up_s, down_q, down_s = w[1], w[2], w[3]
             n_exp, hidden, i_dim = down_q.shape[0], down_q.shape[1], 2 * down_q.shape[2]
             key = moe_key(n_exp, hidden, i_dim, hidden // gate_up_s.shape[-1], i_dim // down_s.shape[-1], down_s.dtype)
-            top_k = int(node.args[12])
+            top_k, rope = int(node.args[12]), None
         else:
             continue
         old = found.get(key)
-        found[key] = Problem(key, 1 + (old.count if old else 0), top_k)
+        found[key] = Problem(key, 1 + (old.count if old else 0), top_k, (old.rope if old else None) or rope)
     return list(found.values())
+
+
+def _rope_qkv(node: torch.fx.Node, key: Key) -> tuple | None:
+    """(head_dim, k_col0, k_cols, qk_norm) where ``node`` (an l4::linear_int4) is a RoPE layer's fused qkv whose
+    keys the GEMM can transform (``layout.rope_int4_blocks`` fits their heads): read by its three last-dimension
+    slices alone, each by one ``l4::attention_cached`` with use_rope; else None. The backend's rewrite
+    (``backends.qkv_rope_fused``) asks more of the graph; a problem marked here and not rewritten there is timed in
+    the form most of its nodes run."""
+    from .layout import rope_int4_blocks
+
+    users = list(node.users)
+    attn = {a for u in users for a in u.users}
+    if (len(users) != 3 or any(u.target is not torch.ops.aten.slice.Tensor for u in users) or len(attn) != 1):
+        return None
+    (a,) = attn
+    if a.target is not torch.ops.l4.attention_cached.default or len(a.args) != 19 or a.args[11] is not True:
+        return None
+    k, head_dim, n_kv = a.args[1], a.args[10], a.args[9]
+    if k not in users or len(k.args) < 4 or not isinstance(k.args[2], int):
+        return None
+    _, n_out, k_in, group, _ = key
+    if rope_int4_blocks(int4_blocks(n_out, k_in, group), n_out, head_dim, k.args[2], n_kv * head_dim) is None:
+        return None
+    return head_dim, k.args[2], n_kv * head_dim, bool(a.args[12])
 
 
 def _value(gm: torch.fx.GraphModule, arg) -> Tensor | None:
@@ -188,6 +218,9 @@ def _runs(problem: Problem, dtype: torch.dtype, tokens: int, device, g: torch.Ge
         x = torch.randn(tokens, k_in, generator=g, device=device).to(dtype)
         lock = torch.zeros(SPLIT_K_LOCK_WORDS, device=device, dtype=torch.int32)   # chained calls leave it zeros
 
+        if problem.rope is not None:        # each token a sequence at position ROPE_START, as a decode batch
+            return _rope_runs(problem, x, wp, ws, lock)
+
         def call(b: Int4Blocks):            # split: chained, as a CUDA engine's step runs it
             return (lambda: int4_matmul(x, wp, ws, blocks=b, lock=lock)[0]) if b.split_k > 1 else \
                 (lambda: int4_matmul(x, wp, ws, blocks=b))
@@ -207,6 +240,32 @@ def _runs(problem: Problem, dtype: torch.dtype, tokens: int, device, g: torch.Ge
     return _moe_q_impl(x, router, *weights, problem.top_k), call_moe
 
 
+ROPE_START = 1000           # the position a RoPE qkv problem's decode tokens are at (its tables: ROPE_START + 1 rows)
+
+
+def _rope_runs(problem: Problem, x: Tensor, wp: Tensor, ws: Tensor, lock: Tensor):
+    """(reference, candidate -> call) of a RoPE layer's qkv (``Problem.rope``) as ``l4::int4_mm_rope`` runs it: each
+    row of x a sequence's token at ``ROPE_START``, the keys RoPE-rotated (and normed) in the epilogue, chained where
+    the widened blocks split K."""
+    from .dispatch import k_rope_reference
+    from .layout import rope_int4_blocks
+    from .ops import KRope, int4_matmul
+
+    head_dim, k_col0, k_cols, qk_norm = problem.rope
+    inv = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=x.device) / head_dim))
+    ang = torch.arange(ROPE_START + 1, dtype=torch.float32, device=x.device)[:, None] * inv[None, :]
+    cos, sin, start = ang.cos(), ang.sin(), torch.tensor([ROPE_START], device=x.device)
+    rope = KRope(start, cos, sin, 1, k_col0, k_cols, head_dim, qk_norm, 1e-5)
+    ref = k_rope_reference(_linear_reference(x, wp, ws)[:, None], start, cos, sin, k_col0, k_cols, head_dim, qk_norm,
+                           1e-5)[:, 0]
+
+    def call(b: Int4Blocks):
+        if rope_int4_blocks(b, wp.shape[0], head_dim, k_col0, k_cols).split_k > 1:
+            return lambda: int4_matmul(x, wp, ws, blocks=b, lock=lock, rope=rope)[0]
+        return lambda: int4_matmul(x, wp, ws, blocks=b, rope=rope)
+    return ref, call
+
+
 def _rel_err(out: Tensor, ref: Tensor) -> float:
     return float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
 
@@ -214,7 +273,19 @@ def _rel_err(out: Tensor, ref: Tensor) -> float:
 # ---- tuning ---------------------------------------------------------------------------------------------------
 
 def candidates(problem: Problem, dtype: torch.dtype) -> list[Choice]:
-    return (int4_candidates if problem.key[0] == "int4_mm" else moe_candidates)(problem.key, dtype)
+    """The problem's candidates, layout's choice first; for a RoPE qkv (``Problem.rope``) one of each set that
+    ``layout.rope_int4_blocks`` widens to the same launch (BN 64 split 2 and BN 32 unsplit are both BN 128 split
+    4 at Scout's head_dim: timed once)."""
+    cands = (int4_candidates if problem.key[0] == "int4_mm" else moe_candidates)(problem.key, dtype)
+    if problem.rope is None:
+        return cands
+    from .layout import rope_int4_blocks
+
+    head_dim, k_col0, k_cols, _ = problem.rope
+    launched = {}
+    for c in cands:
+        launched.setdefault(rope_int4_blocks(c, problem.key[1], head_dim, k_col0, k_cols), c)
+    return list(launched.values())
 
 
 class ContextLost(RuntimeError):
@@ -285,6 +356,7 @@ def tune_problem(problem: Problem, device, dtype: torch.dtype, tokens: tuple[int
     if best is not None and static_us is not None and rows[best]["us"] > (1 - MIN_GAIN) * static_us:
         best = 0                                                  # within the noise of layout's choice
     return {"key": list(problem.key), "count": problem.count, "tokens": list(tokens),
+            **({"rope": list(problem.rope)} if problem.rope else {}),
             "blocks": None if best is None else choice_to_json(cands[best]),
             "label": None if best is None else rows[best]["label"], "us": None if best is None else rows[best]["us"],
             "static_us": static_us, "candidates": rows}
@@ -338,7 +410,7 @@ def problem_name(key: Key | list) -> str:
 
 def summary(rec: dict[str, Any]) -> str:
     """One line of a ``tune`` record: the choice, its time and its speed-up over layout's choice."""
-    name = problem_name(rec["key"])
+    name = problem_name(rec["key"]) + (" (k rope)" if rec.get("rope") else "")
     if rec["blocks"] is None:
         why = f"not measured ({rec['error']})" if rec.get("error") else "no candidate ran correctly"
         return f"{name}: {why}; layout's blocks stay"
@@ -347,10 +419,12 @@ def summary(rec: dict[str, Any]) -> str:
             + (", cached" if rec.get("cached") else ""))
 
 
-def tune_program(program, dtype: str, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def tune_program(program, dtype: str, log: Callable[[str], None] | None = None,
+                 rope_qkv: bool = False) -> dict[str, Any]:
     """``tune`` the Int4 problems of a Program (every rank's graph, for a sharded one) at activations of the
     engine's ``dtype`` on the current CUDA device, in a child process (``tune_process``: a candidate that faults
-    cannot take the compile with it) -> the result the manifest keeps as ``kernel_blocks``."""
+    cannot take the compile with it) -> the result the manifest keeps as ``kernel_blocks``. ``rope_qkv``: as
+    ``problems``' (the engine transforms k in its qkv GEMMs)."""
     from l4compile.errors import L4Error
 
     from . import why_unavailable
@@ -362,9 +436,10 @@ def tune_program(program, dtype: str, log: Callable[[str], None] | None = None) 
         raise L4Error(f"--tune-kernels needs the Triton kernels: {why_unavailable() or 'triton failed to load'}")
     found: dict[Key, Problem] = {}
     for gm in program.gm.meta.get("l4_shards") or [program.gm]:
-        for p in problems(gm):
+        for p in problems(gm, rope_qkv):
             old = found.get(p.key)
-            found[p.key] = dataclasses.replace(p, count=p.count + (old.count if old else 0))
+            found[p.key] = dataclasses.replace(p, count=p.count + (old.count if old else 0),
+                                               rope=p.rope or (old.rope if old else None))
     if not found and log:
         log("tune kernels: no Int4 GEMM or Int4 MoE in this graph (--quant int4 has them); nothing to tune")
     from .tune_process import tune_isolated
@@ -415,7 +490,7 @@ def _cache_key(p: Problem, device: torch.device, dtype: torch.dtype, tokens: tup
     cands = [choice_to_json(c) for c in candidates(p, dtype)]
     fingerprint = hashlib.sha256(json.dumps(cands, sort_keys=True).encode()).hexdigest()[:16]
     return json.dumps([_device_name(device), torch.__version__, triton.__version__, list(p.key), p.top_k,
-                       str(dtype), list(tokens), fingerprint, MIN_GAIN])
+                       str(dtype), list(tokens), fingerprint, MIN_GAIN] + ([list(p.rope)] if p.rope else []))
 
 
 def _read_cache(path: Path) -> dict[str, Any]:

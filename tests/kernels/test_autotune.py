@@ -54,6 +54,40 @@ def test_problems_of_a_lowered_int4_program():
     assert found[moe_key(e, h, i, h, i, torch.bfloat16)].top_k == 1
 
 
+def test_rope_qkv_problems_are_marked_and_timed_as_engines_run_them():
+    """With ``rope_qkv`` (a CUDA engine that transforms k in its qkv GEMMs), the qkv problem of tiny's RoPE layers
+    carries (head_dim, the keys' columns, qk_norm); o_proj and the MoE do not. Its candidates are one per launch
+    the widening makes (at D 16 layout's BN 64 narrows to 32, which the BN 32 candidate is already: timed once),
+    each checked against the plain GEMM followed by the aten k transform, then timed; the record and its summary
+    say so."""
+    require_interpreter()
+    from l4compile.compiler import lower
+    from l4compile.config import CompileConfig
+    from l4compile.progress import Progress
+
+    low = lower("tiny", CompileConfig(quant="int4", dtype="bfloat16", layers=2, text_only=True),
+                progress=Progress(enabled=False))
+    plain = autotune.problems(low.program.gm)
+    marked = autotune.problems(low.program.gm, rope_qkv=True)
+    assert all(p.rope is None for p in plain)
+    (qkv,) = [p for p in marked if p.rope is not None]
+    assert qkv.rope == (16, 64, 32, True) and qkv.count == 2 and qkv.key == int4_key(128, 64, 64, torch.bfloat16)
+    assert [p.key for p in marked] == [p.key for p in plain]
+    # Scout's qkv: BN 64 split 2 and BN 32 unsplit are both BN 128 split 4, timed once
+    scout = autotune.Problem(int4_key(7168, 5120, 128, torch.bfloat16), rope=(128, 5120, 1024, True))
+    widened = autotune.candidates(scout, torch.float32)
+    assert len(widened) == len(autotune.int4_candidates(scout.key, torch.float32)) - 1
+    assert Int4Blocks(16, 32, 128, True) not in widened
+    cands = autotune.candidates(qkv, torch.float32)
+    assert len(cands) == len(autotune.int4_candidates(qkv.key, torch.float32)) - 1
+    assert Int4Blocks(16, 32, 64, True) not in cands
+    res = autotune.tune([qkv], "cpu", torch.float32, timer=scripted([3.0, 1.0, 2.0, 2.0, 2.0]), cache=False)
+    (rec,) = res["problems"]
+    assert rec["rope"] == [16, 64, 32, True] and rec["label"] == "BN64 BK64 SK2"
+    assert all(c["error"] is None and c["rel_err"] < 1e-3 for c in rec["candidates"]), rec["candidates"]
+    assert autotune.summary(rec).startswith("int4_mm 128x64 G64 (k rope): ")
+
+
 def test_candidates_start_with_layouts_choice_and_are_distinct():
     cands = autotune.int4_candidates(KEY, torch.bfloat16)
     assert cands[0] == int4_blocks(48, 256, 128) and len(set(cands)) == len(cands) >= 5
