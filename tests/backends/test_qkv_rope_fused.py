@@ -23,6 +23,19 @@ def step():
     return caches_in_place(prog.gm, attention_cached_in_place), prog
 
 
+@pytest.fixture(scope="module")
+def maverick_step():
+    """tiny-maverick's (no qk-norm, plain RoPE, dense/MoE interleave 2), as ``step``."""
+    from l4compile.compiler import lower
+    from l4compile.config import CompileConfig
+    from l4compile.kernels.dispatch import attention_cached_in_place
+    from l4compile.progress import Progress
+
+    prog = lower("tiny-maverick", CompileConfig(max_seq_len=40, max_batch_size=2, quant="int4"),
+                 progress=Progress()).program
+    return caches_in_place(prog.gm, attention_cached_in_place), prog
+
+
 def _fused(gm):
     from l4compile.kernels import dispatch
 
@@ -38,14 +51,16 @@ def _run(gm, prog, caches, ids, start):
         return gm(ids, torch.tensor([start]), *caches)
 
 
-def test_step_graph_with_qkv_rope_fused_gives_the_same_logits(step):
-    """tiny's 3 RoPE layers are rewritten (its NoPE layer is not): their qkv GEMMs became ``linear_int4_rope`` and
-    their attention calls take k as it comes; the k transform's aten ops left the graph. A 13-token prefill and two
-    decode steps of a batch of 2 give the graph's logits (and caches)."""
+@pytest.mark.parametrize("model", ["tiny", "tiny-maverick"])
+def test_step_graph_with_qkv_rope_fused_gives_the_same_logits(model, request):
+    """The 3 RoPE layers of tiny (qk-norm) and of tiny-maverick (RoPE alone) are rewritten (the NoPE layer is not):
+    their qkv GEMMs became ``linear_int4_rope`` and their attention calls take k as it comes; the k transform's aten
+    ops left the graph. A 13-token prefill and two decode steps of a batch of 2 give the graph's logits (and
+    caches)."""
     require_interpreter()
     from l4compile.kernels.dispatch import attention_cached_in_place
 
-    gm, prog = step
+    gm, prog = request.getfixturevalue("step" if model == "tiny" else "maverick_step")
     fused, count = _fused(gm)
     n_rope = _rope_layers(prog)
     assert count == n_rope == 3
