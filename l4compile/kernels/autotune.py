@@ -52,13 +52,15 @@ class Problem:
     rope: tuple | None = None   # int4_mm that is a RoPE layer's fused qkv, which a CUDA engine runs as
                              # l4::int4_mm_rope (its tiles widened to heads, the keys transformed in its epilogue):
                              # (head_dim, k_col0, k_cols, qk_norm); timed in that form (``_runs``)
+    rope_count: int | None = None   # of ``count``, the nodes that run the rope form (None: all); the others (NoPE
+                             # layers' qkv, the same shape) run the plain GEMM: ``tune_problem`` weighs the two
 
 
 def problems(gm: torch.fx.GraphModule, rope_qkv: bool = False) -> list[Problem]:
     """The distinct Int4 problems of ``gm`` (a Program's graph, before the backend's decompositions), in graph
     order, with how many nodes run each. ``rope_qkv`` (a CUDA engine that transforms k in its qkv GEMMs,
-    ``backends.qkv_rope_fused``): a problem that some RoPE layer's qkv runs is marked (``Problem.rope``) and timed
-    as that layer runs it; NoPE layers' qkv, of the same shape, then take the blocks chosen for it."""
+    ``backends.qkv_rope_fused``): a problem that some RoPE layer's qkv runs is marked (``Problem.rope``, with how
+    many of its nodes do: ``rope_count``), and timed as the engine runs each of its nodes."""
     found: dict[Key, Problem] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -81,8 +83,10 @@ def problems(gm: torch.fx.GraphModule, rope_qkv: bool = False) -> list[Problem]:
         else:
             continue
         old = found.get(key)
-        found[key] = Problem(key, 1 + (old.count if old else 0), top_k, (old.rope if old else None) or rope)
-    return list(found.values())
+        rope_nodes = (old.rope_count or 0 if old else 0) + (rope is not None)   # rope_count: an int until the end
+        found[key] = Problem(key, 1 + (old.count if old else 0), top_k, (old.rope if old else None) or rope,
+                             rope_nodes)
+    return [p if p.rope else dataclasses.replace(p, rope_count=None) for p in found.values()]
 
 
 def _rope_qkv(node: torch.fx.Node, key: Key) -> tuple | None:
@@ -266,6 +270,16 @@ def _rope_runs(problem: Problem, x: Tensor, wp: Tensor, ws: Tensor, lock: Tensor
     return ref, call
 
 
+def _forms(problem: Problem) -> list[tuple[Problem, float]]:
+    """(problem as ``_runs`` makes it, weight) for each form its nodes run: a RoPE qkv's rope form and, where NoPE
+    layers share its shape, the plain GEMM (weighted by how many nodes run each; a weight may be 0)."""
+    if problem.rope is None:
+        return [(problem, 1.0)]
+    rope = problem.count if problem.rope_count is None else problem.rope_count
+    plain = dataclasses.replace(problem, rope=None, rope_count=None)
+    return [(problem, rope / problem.count), (plain, (problem.count - rope) / problem.count)]
+
+
 def _rel_err(out: Tensor, ref: Tensor) -> float:
     return float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
 
@@ -273,11 +287,11 @@ def _rel_err(out: Tensor, ref: Tensor) -> float:
 # ---- tuning ---------------------------------------------------------------------------------------------------
 
 def candidates(problem: Problem, dtype: torch.dtype) -> list[Choice]:
-    """The problem's candidates, layout's choice first; for a RoPE qkv (``Problem.rope``) one of each set that
-    ``layout.rope_int4_blocks`` widens to the same launch (BN 64 split 2 and BN 32 unsplit are both BN 128 split
-    4 at Scout's head_dim: timed once)."""
+    """The problem's candidates, layout's choice first; for a RoPE qkv that only RoPE layers run (``Problem.rope``,
+    every node) one of each set that ``layout.rope_int4_blocks`` widens to the same launch (BN 64 split 2 and BN
+    32 unsplit are both BN 128 split 4 at Scout's head_dim: timed once)."""
     cands = (int4_candidates if problem.key[0] == "int4_mm" else moe_candidates)(problem.key, dtype)
-    if problem.rope is None:
+    if problem.rope is None or _forms(problem)[1][1] > 0:
         return cands
     from .layout import rope_int4_blocks
 
@@ -325,9 +339,9 @@ def tune_problem(problem: Problem, device, dtype: torch.dtype, tokens: tuple[int
     rows = [{"label": choice_label(c), "us": 0.0, "rel_err": 0.0, "error": excluded.get(choice_label(c))}
             for c in cands]
     progress = progress or (lambda label: None)
-    for t in tokens:
+    for t, (form, weight) in ((t, f) for t in tokens for f in _forms(problem) if f[1] > 0):
         progress(None)
-        ref, call = _runs(problem, dtype, t, device, g)
+        ref, call = _runs(form, dtype, t, device, g)
         for c, row in zip(cands, rows):
             if row["error"]:
                 continue
@@ -339,7 +353,7 @@ def tune_problem(problem: Problem, device, dtype: torch.dtype, tokens: tuple[int
                 if not err <= tol:                            # NaN too
                     row["error"] = f"wrong result at {t} tokens: rel err {err:.1e} > {tol:.0e}"
                     continue
-                row["us"] += 1e3 * timer(fn)
+                row["us"] += weight * 1e3 * timer(fn)
             except Exception as e:      # a configuration the compiler or this GPU refuses (registers, PTX, ...)
                 row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
                 if _context_broken(device):
@@ -356,7 +370,7 @@ def tune_problem(problem: Problem, device, dtype: torch.dtype, tokens: tuple[int
     if best is not None and static_us is not None and rows[best]["us"] > (1 - MIN_GAIN) * static_us:
         best = 0                                                  # within the noise of layout's choice
     return {"key": list(problem.key), "count": problem.count, "tokens": list(tokens),
-            **({"rope": list(problem.rope)} if problem.rope else {}),
+            **({"rope": list(problem.rope), "rope_count": _rope_nodes(problem)} if problem.rope else {}),
             "blocks": None if best is None else choice_to_json(cands[best]),
             "label": None if best is None else rows[best]["label"], "us": None if best is None else rows[best]["us"],
             "static_us": static_us, "candidates": rows}
@@ -438,14 +452,21 @@ def tune_program(program, dtype: str, log: Callable[[str], None] | None = None,
     for gm in program.gm.meta.get("l4_shards") or [program.gm]:
         for p in problems(gm, rope_qkv):
             old = found.get(p.key)
-            found[p.key] = dataclasses.replace(p, count=p.count + (old.count if old else 0),
-                                               rope=p.rope or (old.rope if old else None))
+            rope = p.rope or (old.rope if old else None)
+            found[p.key] = dataclasses.replace(p, count=p.count + (old.count if old else 0), rope=rope,
+                                               rope_count=None if rope is None else
+                                               _rope_nodes(p) + (_rope_nodes(old) if old else 0))
     if not found and log:
         log("tune kernels: no Int4 GEMM or Int4 MoE in this graph (--quant int4 has them); nothing to tune")
     from .tune_process import tune_isolated
 
     torch.cuda.empty_cache()           # the compile's freed blocks, for the tuning process beside its weights
     return tune_isolated(list(found.values()), "cuda", getattr(torch, dtype), log=log)
+
+
+def _rope_nodes(p: Problem) -> int:
+    """How many of ``p``'s nodes run the rope form."""
+    return 0 if p.rope is None else p.count if p.rope_count is None else p.rope_count
 
 
 # ---- cache ----------------------------------------------------------------------------------------------------
@@ -490,7 +511,8 @@ def _cache_key(p: Problem, device: torch.device, dtype: torch.dtype, tokens: tup
     cands = [choice_to_json(c) for c in candidates(p, dtype)]
     fingerprint = hashlib.sha256(json.dumps(cands, sort_keys=True).encode()).hexdigest()[:16]
     return json.dumps([_device_name(device), torch.__version__, triton.__version__, list(p.key), p.top_k,
-                       str(dtype), list(tokens), fingerprint, MIN_GAIN] + ([list(p.rope)] if p.rope else []))
+                       str(dtype), list(tokens), fingerprint, MIN_GAIN]
+                      + ([list(p.rope), _rope_nodes(p), p.count] if p.rope else []))
 
 
 def _read_cache(path: Path) -> dict[str, Any]:

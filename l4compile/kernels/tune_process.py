@@ -117,7 +117,7 @@ class _Child:
         work.mkdir()
         self.progress, self.out, self.log = work / "progress.jsonl", work / "records.jsonl", work / "output.txt"
         job = {"problems": [{"key": list(p.key), "count": p.count, "top_k": p.top_k,
-                             "rope": list(p.rope) if p.rope else None} for p in probs],
+                             "rope": list(p.rope) if p.rope else None, "rope_count": p.rope_count} for p in probs],
                "device": str(device), "dtype": str(dtype).removeprefix("torch."), "tokens": list(tokens),
                "cache": str(cache) if cache else None, "progress": str(self.progress), "records": str(self.out),
                "excluded": [[list(k), label, why] for (k, label), why in excluded.items()], "parent": os.getpid()}
@@ -209,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     load_triton_ops()
     progress = Path(job["progress"])
     _append(progress, {"started": os.getpid()})
-    probs = [Problem(tuple(p["key"]), p["count"], p["top_k"], tuple(p["rope"]) if p.get("rope") else None)
-             for p in job["problems"]]
+    probs = [Problem(tuple(p["key"]), p["count"], p["top_k"], tuple(p["rope"]) if p.get("rope") else None,
+                     p.get("rope_count")) for p in job["problems"]]
     excluded = {(tuple(k), label): why for k, label, why in job["excluded"]}
     try:
         tune(probs, job["device"], getattr(torch, job["dtype"]), tuple(job["tokens"]),

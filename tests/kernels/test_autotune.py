@@ -71,7 +71,8 @@ def test_rope_qkv_problems_are_marked_and_timed_as_engines_run_them():
     marked = autotune.problems(low.program.gm, rope_qkv=True)
     assert all(p.rope is None for p in plain)
     (qkv,) = [p for p in marked if p.rope is not None]
-    assert qkv.rope == (16, 64, 32, True) and qkv.count == 2 and qkv.key == int4_key(128, 64, 64, torch.bfloat16)
+    assert qkv.rope == (16, 64, 32, True) and qkv.count == qkv.rope_count == 2
+    assert qkv.key == int4_key(128, 64, 64, torch.bfloat16)
     assert [p.key for p in marked] == [p.key for p in plain]
     # Scout's qkv: BN 64 split 2 and BN 32 unsplit are both BN 128 split 4, timed once
     scout = autotune.Problem(int4_key(7168, 5120, 128, torch.bfloat16), rope=(128, 5120, 1024, True))
@@ -83,9 +84,32 @@ def test_rope_qkv_problems_are_marked_and_timed_as_engines_run_them():
     assert Int4Blocks(16, 32, 64, True) not in cands
     res = autotune.tune([qkv], "cpu", torch.float32, timer=scripted([3.0, 1.0, 2.0, 2.0, 2.0]), cache=False)
     (rec,) = res["problems"]
-    assert rec["rope"] == [16, 64, 32, True] and rec["label"] == "BN64 BK64 SK2"
+    assert rec["rope"] == [16, 64, 32, True] and rec["rope_count"] == 2 and rec["label"] == "BN64 BK64 SK2"
     assert all(c["error"] is None and c["rel_err"] < 1e-3 for c in rec["candidates"]), rec["candidates"]
     assert autotune.summary(rec).startswith("int4_mm 128x64 G64 (k rope): ")
+
+
+def test_a_qkv_shape_that_nope_layers_share_is_timed_in_both_forms(monkeypatch):
+    """tiny's 4 layers: 3 RoPE and 1 NoPE qkv of one shape. Each candidate is timed as int4_mm_rope and as the plain
+    GEMM, weighted 3 : 1 (no candidate is dropped as a duplicate launch: the plain form tells them apart), and the
+    count of rope nodes reaches the tuning process."""
+    require_interpreter()
+    from l4compile.compiler import lower
+    from l4compile.config import CompileConfig
+    from l4compile.progress import Progress
+
+    low = lower("tiny", CompileConfig(quant="int4", dtype="bfloat16", text_only=True), progress=Progress(enabled=False))
+    (qkv,) = [p for p in autotune.problems(low.program.gm, rope_qkv=True) if p.rope is not None]
+    assert (qkv.count, qkv.rope_count) == (4, 3)
+    assert autotune.candidates(qkv, torch.float32) == autotune.int4_candidates(qkv.key, torch.float32)
+    static = autotune.int4_candidates(qkv.key, torch.float32)[0]
+    monkeypatch.setattr(autotune, "int4_candidates", lambda key, dtype: [static, dataclasses.replace(static,
+                                                                                                     split_k=2)])
+    timer = scripted([4.0, 1.0, 2.0, 3.0])             # rope form: static, SK2; then the plain GEMM: static, SK2
+    (rec,) = autotune.tune([qkv], "cpu", torch.float32, timer=timer, cache=False)["problems"]
+    assert timer.calls == 4 and rec["rope_count"] == 3
+    assert [c["us"] for c in rec["candidates"]] == [3500.0, 1500.0]            # 0.75 rope + 0.25 plain
+    assert rec["label"] == "BN64 BK64 SK2" and rec["static_us"] == 3500.0
 
 
 def test_candidates_start_with_layouts_choice_and_are_distinct():

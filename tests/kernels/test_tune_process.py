@@ -73,9 +73,10 @@ def test_the_default_child_measures_every_candidate():
                                                        for c in autotune.int4_candidates(KEY, torch.float32)]
     assert all(c["error"] is None and c["us"] > 0 for c in rec["candidates"])
     # a RoPE layer's qkv crosses to the child with its rope form (tiny's: 4 + 2 + 2 heads of 16)
-    qkv = autotune.Problem(int4_key(128, 256, 128, torch.bfloat16), rope=(16, 64, 32, True))
+    qkv = autotune.Problem(int4_key(128, 256, 128, torch.bfloat16), count=4, rope=(16, 64, 32, True), rope_count=3)
     (rec,) = tune_isolated([qkv], "cpu", torch.float32, cache=False)["problems"]
-    assert rec["rope"] == [16, 64, 32, True] and all(c["error"] is None for c in rec["candidates"])
+    assert rec["rope"] == [16, 64, 32, True] and rec["rope_count"] == 3
+    assert all(c["error"] is None for c in rec["candidates"])
 
 
 def test_a_child_that_never_reaches_a_problem_hands_the_tuning_back(tmp_path):
