@@ -330,11 +330,11 @@ def sweep_cases(dims: dict, dtype: torch.dtype):
 
 def tuning_cases(dims: dict, dtype: torch.dtype):
     """Every candidate ``compile --tune-kernels`` times (``l4compile.kernels.autotune``), for each Int4 problem of an
-    Int4 engine at ``dims`` (the fused qkv, o_proj, the Int4 lm_head, the MoE), at a decode step: which of them
-    compile, fit and do not spill before a GPU session spends its minutes on them, and how long their compiles take
-    (a fresh GPU host compiles each once, in the tuning process)."""
+    Int4 engine at ``dims`` (the fused qkv, plain and as RoPE layers run it, o_proj, the Int4 lm_head, the MoE), at a
+    decode step: which of them compile, fit and do not spill before a GPU session spends its minutes on them, and how
+    long their compiles take (a fresh GPU host compiles each once, in the tuning process)."""
     from l4compile.kernels import autotune, ops
-    from l4compile.kernels.layout import SPLIT_K_LOCK_WORDS
+    from l4compile.kernels.layout import SPLIT_K_LOCK_WORDS, rope_int4_blocks
     from l4compile.kernels.tuned_blocks import choice_label, int4_key, moe_key
 
     m = MetaInputs(dims, dtype)
@@ -346,6 +346,17 @@ def tuning_cases(dims: dict, dtype: torch.dtype):
             yield (f"tune {autotune.problem_name(key)} {choice_label(b)}",
                    lambda n_out=n_out, k_in=k_in, b=b: ops.int4_matmul(m.act(1, k_in), *m.int4(n_out, k_in), blocks=b,
                                                                        lock=lock if b.split_k > 1 else None))
+    # the qkv of RoPE layers as the tuning times it and engines run it: l4::int4_mm_rope, its blocks widened to heads
+    key = int4_key((hq + 2 * hkv) * d, h, m.group, torch.bfloat16)
+    qkv = autotune.Problem(key, 48, rope=(d, hq * d, hkv * d, True), rope_count=36)
+    tables = [torch.empty(dims["slots"], d // 2, device="meta") for _ in "cs"]
+    rope = ops.KRope(torch.empty(1, dtype=torch.int64, device="meta"), *tables, 1, hq * d, hkv * d, d, True, 1e-5)
+    n_qkv = key[1]
+    for b in autotune.candidates(qkv, dtype):
+        split = rope_int4_blocks(b, n_qkv, d, hq * d, hkv * d).split_k > 1
+        yield (f"tune {autotune.problem_name(key)} (k rope) {choice_label(b)}",
+               lambda b=b, split=split: ops.int4_matmul(m.act(1, h), *m.int4(n_qkv, h), blocks=b, rope=rope,
+                                                        lock=lock if split else None))
     key = moe_key(e, h, i, m.group, m.group, torch.bfloat16)
     for pair in autotune.candidates(autotune.Problem(key), dtype):
         yield (f"tune {autotune.problem_name(key)} {choice_label(pair)}",

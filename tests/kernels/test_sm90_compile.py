@@ -227,15 +227,18 @@ def test_int4_pipeline_depth_reaches_the_compiler(tmp_path):
 
 def test_every_tuning_candidate_compiles_for_sm90(tmp_path):
     """Each candidate ``compile --tune-kernels`` times on a GPU (``kernels.autotune``), at Scout's four Int4 problems
-    in a bf16 engine, compiles for sm_90a and fits a block's shared memory, so none of a GPU session's tuning goes
+    in a bf16 engine (the fused qkv also in its RoPE-layer form), compiles for sm_90a and fits a block's shared memory, so none of a GPU session's tuning goes
     to a configuration that cannot run; a decode step's split MoE down needs the route launch (1 program) to map
     its tiles, the unsplit ones skip it."""
     _nvidia_backend()
     rows = _rows(tmp_path, "--dtypes", "bfloat16", "--tuning", "--cases", "tune ")
     names = {r["case"] for r in rows}        # 7 candidates a problem (the bf16x2 unpack among them: not interpreted)
-    assert len(names) == 28 and {n.split(" B")[0] for n in names} == {
+    assert len(names) == 35 and {n.split(" B")[0] for n in names} == {
         "tune int4_mm 7168x5120 G128", "tune int4_mm 5120x5120 G128", "tune int4_mm 202048x5120 G128",
-        "tune moe_q E16 H5120 I8192"}
+        "tune moe_q E16 H5120 I8192", "tune int4_mm 7168x5120 G128 (k rope)"}
+    # the qkv of RoPE layers as l4::int4_mm_rope: every candidate widened to one head a tile (BN 128)
+    rope = [r for r in rows if "(k rope)" in r["case"]]
+    assert len(rope) == 7 and all(r["constexprs"]["BLOCK_N"] == 128 and r["constexprs"]["K_ROPE"] for r in rope)
     assert {"tune int4_mm 5120x5120 G128 BN64 BK128 SK4 bf16x2", "tune moe_q E16 H5120 I8192 BN64 BK128 NS2"} <= names
     assert all(r["error"] is None and r["shared_bytes"] <= 227 * 1024 and r["programs_per_sm"] >= 1 for r in rows)
     route = {r["case"].split("I8192 ")[1]: r["fill"] for r in rows if r["kernel"] == "moe_route_kernel"}
