@@ -13,7 +13,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "kernels_sm90.py"
-LAUNCHED = ["int4_mm_kernel", "int4_mm_kernel", "int4_mm_kernel", "moe_route_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel",
+LAUNCHED = ["int4_mm_kernel", "int4_mm_kernel",
+            "int4_mm_kernel",                                                        # qkv: k RoPE in the epilogue
+            "moe_route_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel",
             "moe_route_kernel", "moe_fp8_gate_up_kernel", "moe_fp8_down_kernel",
             "moe_route_kernel", "moe_gate_up_kernel", "moe_down_kernel",
             # as a CUDA engine's step: on the logits, the combine + residual + next norm in down (moe_norm.py)
@@ -227,9 +229,9 @@ def test_int4_pipeline_depth_reaches_the_compiler(tmp_path):
 
 def test_every_tuning_candidate_compiles_for_sm90(tmp_path):
     """Each candidate ``compile --tune-kernels`` times on a GPU (``kernels.autotune``), at Scout's four Int4 problems
-    in a bf16 engine (the fused qkv also in its RoPE-layer form), compiles for sm_90a and fits a block's shared memory, so none of a GPU session's tuning goes
-    to a configuration that cannot run; a decode step's split MoE down needs the route launch (1 program) to map
-    its tiles, the unsplit ones skip it."""
+    in a bf16 engine (the fused qkv also in its RoPE-layer form), compiles for sm_90a and fits a block's shared
+    memory, so none of a GPU session's tuning goes to a configuration that cannot run; a decode step's split MoE
+    down needs the route launch (1 program) to map its tiles, the unsplit ones skip it."""
     _nvidia_backend()
     rows = _rows(tmp_path, "--dtypes", "bfloat16", "--tuning", "--cases", "tune ")
     names = {r["case"] for r in rows}        # 7 candidates a problem (the bf16x2 unpack among them: not interpreted)
