@@ -155,9 +155,8 @@ def split_k_locks_chained(gm: torch.fx.GraphModule, chains: dict, words: int) ->
     another node, else the constant itself). CUDA: ``l4::linear_int4`` whose weights may split K ->
     ``kernels.dispatch.linear_int4_chained`` (``linear_int4_rope`` -> ``linear_int4_rope_chained`` alike), and the
     in-place attention -> ``attention_cached_chained``; each launch leaves its own block zeros and zeroes the next.
-    Counters
-    then cost no memset launch of their own; each block has one reader, so Inductor writes the counters in place
-    and copies nothing. None where no call joins; ``gm`` is left as it is."""
+    Counters then cost no memset launch of their own; each block has one reader, so Inductor writes the counters in
+    place and copies nothing. None where no call joins; ``gm`` is left as it is."""
     def attr(arg):
         if not isinstance(arg, torch.fx.Node):
             return arg

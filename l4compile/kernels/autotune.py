@@ -15,6 +15,10 @@ weights, keyed as ``tuned_blocks`` keys them), ``tune``:
        GEMMs chained as a step chains them) and keeps the fastest over ``tokens`` (summed), unless it beats layout's
        choice by less than ``MIN_GAIN``: timing noise does not change an engine.
 
+A RoPE layer's fused qkv, which a CUDA engine runs as ``l4::int4_mm_rope`` (its blocks widened to whole heads,
+``layout.rope_int4_blocks``), is timed in that form, and NoPE layers' qkv of the same shape as the plain GEMM, the two
+weighted by how many layers run each (``Problem.rope``, ``_forms``).
+
 The result is a table (``tuned_blocks``) the backend activates while it traces the engine, and records for the
 manifest (``kernel_blocks``: each candidate's microseconds). Results are cached per GPU, library versions, problem,
 tokens and candidate list (``cache_path``), so a second engine of the same model on the same host (another layer
@@ -93,8 +97,8 @@ def _rope_qkv(node: torch.fx.Node, key: Key) -> tuple | None:
     """(head_dim, k_col0, k_cols, qk_norm) where ``node`` (an l4::linear_int4) is a RoPE layer's fused qkv whose
     keys the GEMM can transform (``layout.rope_int4_blocks`` fits their heads): read by its three last-dimension
     slices alone, each by one ``l4::attention_cached`` with use_rope; else None. The backend's rewrite
-    (``backends.qkv_rope_fused``) asks more of the graph; a problem marked here and not rewritten there is timed in
-    the form most of its nodes run."""
+    (``backends.qkv_rope_fused``) matches the same nodes in the graphs l4compile makes (after ``caches_in_place``);
+    a node marked here that it left alone would be timed in the wrong form."""
     from .layout import rope_int4_blocks
 
     users = list(node.users)
