@@ -120,13 +120,6 @@ def qkv_weight(dims: dict, device, g: torch.Generator):
     return wp, ws, dequant_int4(wp, ws).to(torch.bfloat16)
 
 
-def rope_tables_for(d: int, positions: int, device):
-    """cos / sin [P, D/2] float32 of plain RoPE frequencies (theta 500000, Llama 4's)."""
-    inv = 1.0 / (500000.0 ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
-    ang = torch.arange(positions, dtype=torch.float32, device=device)[:, None] * inv[None, :]
-    return ang.cos(), ang.sin()
-
-
 def moe_weights(dims: dict, device, g: torch.Generator):
     """Int4 MoE weights as l4::moe_q takes them (router bf16, then (q, scale) for gate_up, down, shared gate, up,
     down), and the dequantized bf16 weights in l4::moe's layout (router, gate_up [E, H, 2I], down [E, I, H], shared)."""
@@ -314,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                                           moe_fp8_blocks, moe_int4_blocks)
     from l4compile.kernels.ops import (add_rms_norm_router, fused_attention_inplace, fused_moe, fused_moe_fp8,
                                        fused_moe_int4, int4_matmul, int4_mm_rope_chained)
-    from l4compile.ops.attention import attention_cached_impl
+    from l4compile.ops.attention import attention_cached_impl, plain_rope_tables
     from l4compile.ops.moe import _moe_impl, _route
     from l4compile.ops.quant import _moe_q_impl
 
@@ -423,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     # kernel (as engines did), at a decode step of `tokens` sequences at position 4000
     wp, ws, w_bf16 = qkv_weight(dims, device, g)
     hq, hkv, d = dims["heads"], dims["kv_heads"], dims["head_dim"]
-    cos, sin = rope_tables_for(d, 4096, device)
+    cos, sin = plain_rope_tables(d, 4096, device)
     start = torch.tensor([4000 if device.type == "cuda" else 7], device=device)
     k_args = (start, cos, sin, hq * d, hkv * d, d, True, 1e-5)
     k_rope = torch.compile(k_rope_reference, dynamic=False) if device.type == "cuda" else k_rope_reference

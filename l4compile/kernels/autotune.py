@@ -255,14 +255,15 @@ def _rope_runs(problem: Problem, x: Tensor, wp: Tensor, ws: Tensor, lock: Tensor
     """(reference, candidate -> call) of a RoPE layer's qkv (``Problem.rope``) as ``l4::int4_mm_rope`` runs it: each
     row of x a sequence's token at ``ROPE_START``, the keys RoPE-rotated (and normed) in the epilogue, chained where
     the widened blocks split K."""
+    from l4compile.ops.attention import plain_rope_tables
+
     from .dispatch import k_rope_reference
     from .layout import rope_int4_blocks
     from .ops import KRope, int4_matmul
 
     head_dim, k_col0, k_cols, qk_norm = problem.rope
-    inv = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=x.device) / head_dim))
-    ang = torch.arange(ROPE_START + 1, dtype=torch.float32, device=x.device)[:, None] * inv[None, :]
-    cos, sin, start = ang.cos(), ang.sin(), torch.tensor([ROPE_START], device=x.device)
+    cos, sin = plain_rope_tables(head_dim, ROPE_START + 1, x.device)
+    start = torch.tensor([ROPE_START], device=x.device)
     rope = KRope(start, cos, sin, 1, k_col0, k_cols, head_dim, qk_norm, 1e-5)
     ref = k_rope_reference(_linear_reference(x, wp, ws)[:, None], start, cos, sin, k_col0, k_cols, head_dim, qk_norm,
                            1e-5)[:, 0]

@@ -178,6 +178,14 @@ DECOMPOSITIONS = {torch.ops.l4.attention.default: attention_impl,
                   torch.ops.l4.attention_cached.default: attention_cached_impl}
 
 
+def plain_rope_tables(head_dim: int, positions: int, device=None, theta: float = 500000.0) -> tuple[Tensor, Tensor]:
+    """float32 cos/sin [positions, D/2] of unscaled RoPE frequencies theta^(-2j/D) (Llama 4's theta): tables of the
+    right shape and range for kernel tests, benchmarks and tuning, where no model config is at hand."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = torch.arange(positions, dtype=torch.float32, device=device)[:, None] * inv[None, :]   # [P, D/2]
+    return torch.cos(freqs), torch.sin(freqs)
+
+
 def rope_tables(config, positions: int) -> tuple[Tensor, Tensor]:
     """float32 cos/sin [positions, D/2] exactly as transformers computes them (llama3 scaling included)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

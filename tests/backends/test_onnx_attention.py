@@ -18,7 +18,7 @@ pytest.importorskip("onnxscript", reason="needs onnxscript (pip install 'l4compi
 import onnxruntime as ort  # noqa: E402
 
 from l4compile.onnx import ONNX_OPSET, TRANSLATIONS  # noqa: E402
-from l4compile.ops.attention import attention_cached_impl, attention_impl  # noqa: E402
+from l4compile.ops.attention import attention_cached_impl, attention_impl, plain_rope_tables  # noqa: E402
 
 P = 64            # table positions
 # (name, n_heads, n_kv_heads, head_dim, use_rope, qk_norm, chunk, temp_tuning, slots)
@@ -29,9 +29,7 @@ LAYERS = [("rope-norm-chunked-gqa", 4, 2, 8, True, True, 4, False, 4),
 
 
 def _tables(head_dim: int):
-    inv = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    f = torch.arange(P, dtype=torch.float32)[:, None] * inv[None, :]
-    return torch.cos(f), torch.sin(f)
+    return plain_rope_tables(head_dim, P)
 
 
 class _Op(torch.nn.Module):

@@ -7,18 +7,12 @@ import pytest
 import torch
 
 from l4compile.kernels.layout import Int4Blocks, rope_int4_blocks
+from l4compile.ops.attention import plain_rope_tables
 from l4compile.quant import quantize_int4
 
 from .conftest import rel_err, require_cuda_kernels, require_interpreter
 
 EPS = 1e-5
-
-
-def _tables(positions: int, d: int, device="cpu"):
-    """cos / sin [P, D/2] float32 as ``rope_tables`` makes them (plain frequencies here)."""
-    inv = 1.0 / (500000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    ang = torch.arange(positions, dtype=torch.float32)[:, None] * inv[None, :]
-    return ang.cos().to(device), ang.sin().to(device)
 
 
 def _qkv(b, t, k, hq, hkv, d, dtype=torch.float32, device="cpu", seed=0):
@@ -36,7 +30,7 @@ def _both(x, w_packed, w_scale, start, hq, hkv, d, qk_norm, blocks=None, lock=No
     from l4compile.kernels import ops
     from l4compile.kernels.dispatch import k_rope_reference
 
-    cos, sin = _tables(64, d, x.device)
+    cos, sin = plain_rope_tables(d, 64, x.device)
     start_pos = torch.tensor([start], device=x.device)
     blocks = rope_int4_blocks(blocks or ops.default_int4_blocks(w_packed, w_scale), w_packed.shape[0], d, hq * d,
                               hkv * d)                              # the plain GEMM at the blocks the kernel takes
@@ -88,8 +82,8 @@ def test_chained_rope_leaves_its_counters_zero():
     hq, hkv, d = 4, 2, 32
     x, w_packed, w_scale = _qkv(1, 1, 256, hq, hkv, d)
     lock = torch.zeros(SPLIT_K_LOCK_WORDS, dtype=torch.int32)
-    y, nxt_out = torch.ops.l4.int4_mm_rope_chained(x, w_packed, w_scale, torch.tensor([5]), *_tables(64, d), hq * d,
-                                                   hkv * d, d, True, EPS, lock)
+    y, nxt_out = torch.ops.l4.int4_mm_rope_chained(x, w_packed, w_scale, torch.tensor([5]), *plain_rope_tables(d, 64),
+                                                   hq * d, hkv * d, d, True, EPS, lock)
     ref = _both(x, w_packed, w_scale, 5, hq, hkv, d, True)[1]
     assert rel_err(y, ref) < 1e-6
     assert not lock.any() and not nxt_out.any() and nxt_out.shape == lock.shape
@@ -116,7 +110,7 @@ def test_rope_gemm_refuses_heads_no_tile_holds():
     from l4compile.kernels import ops
 
     x, w_packed, w_scale = _qkv(1, 1, 64, 4, 2, 24)
-    rope = ops.KRope(torch.tensor([0]), *_tables(8, 24), 1, 96, 48, 24, True, EPS)
+    rope = ops.KRope(torch.tensor([0]), *plain_rope_tables(24, 8), 1, 96, 48, 24, True, EPS)
     with pytest.raises(ValueError, match="no tile width fits heads of 24"):
         ops.int4_matmul(x[0], w_packed, w_scale, rope=rope)
 
@@ -127,7 +121,7 @@ def test_dispatch_falls_back_to_the_reference_transform():
     from l4compile.kernels.dispatch import k_rope_reference, linear_int4_rope
 
     x, w_packed, w_scale = _qkv(1, 2, 64, 4, 2, 24)
-    cos, sin = _tables(8, 24)
+    cos, sin = plain_rope_tables(24, 8)
     start = torch.tensor([3])
     y = linear_int4_rope(x, w_packed, w_scale, start, cos, sin, 96, 48, 24, True, EPS)
     ref = k_rope_reference(torch.ops.l4.linear_int4(x, w_packed, w_scale), start, cos, sin, 96, 48, 24, True, EPS)
@@ -147,7 +141,7 @@ def test_int4_mm_rope_cuda_scout_width(split):
     g = torch.Generator(device="cuda").manual_seed(0)
     w_packed, w_scale = quantize_int4(torch.randn((hq + 2 * hkv) * d, k, generator=g, device="cuda") * 0.02, 128)
     w_scale = w_scale.bfloat16()
-    cos, sin = _tables(8192, d, "cuda")
+    cos, sin = plain_rope_tables(d, 8192, "cuda")
     blocks = rope_int4_blocks(Int4Blocks(16, 64, 128, True, split), w_packed.shape[0], d, hq * d, hkv * d)
     for b, t, start in ((1, 1, 4000), (4, 1, 517), (1, 300, 0)):
         x = torch.randn(b, t, k, generator=g, device="cuda").bfloat16()

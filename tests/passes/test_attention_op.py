@@ -12,15 +12,13 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from l4compile.ops.attention import attention_cached_impl
+from l4compile.ops.attention import attention_cached_impl, plain_rope_tables
 
 D = 16
 
 
 def _tables(positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
-    freqs = torch.arange(positions, dtype=torch.float32)[:, None] * inv[None, :]
-    return torch.cos(freqs), torch.sin(freqs)
+    return plain_rope_tables(D, positions)
 
 
 def _args(n_heads, n_kv, use_rope, chunk, scaling):
