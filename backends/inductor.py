@@ -247,9 +247,7 @@ def export_for_aoti(program, device: str = "cpu") -> tuple[torch.export.Exported
             program = dataclasses.replace(program, gm=fused)
         if load_triton_ops():      # Int4 GEMMs that split K and the attention hand each other zeroed counters
             chains = {torch.ops.l4.linear_int4.default: (linear_int4_chained, lambda x, w, s: int4_mm_splits(w, s)),
-                      linear_int4_rope: (linear_int4_rope_chained,
-                                         lambda x, w, s, start, cos, sin, k0, kn, d, *rest:
-                                         int4_rope_splits(w, s, d, k0, kn))}
+                      linear_int4_rope: (linear_int4_rope_chained, int4_rope_splits)}
             if attention_in_place is not None and attention_merge_enabled():
                 chains[attention_in_place] = (attention_cached_chained, lambda *args: True)
             chained = split_k_locks_chained(program.gm, chains, SPLIT_K_LOCK_WORDS)

@@ -312,11 +312,11 @@ def k_rope_reference(y: Tensor, start_pos: Tensor, cos: Tensor, sin: Tensor, k_c
 def linear_int4_rope_supported(x: Tensor, w_packed: Tensor | None, w_scale: Tensor | None, head_dim: int,
                                k_col0: int, k_cols: int) -> bool:
     """Whether ``l4::int4_mm_rope`` takes this qkv GEMM: Triton, x [B, T, K] of a kernel dtype, and a tile width
-    that holds whole heads (``ops.rope_blocks_fit``; unknown weights: the shapes alone cannot tell, so False)."""
+    that holds whole heads (``ops.default_rope_blocks``; unknown weights: the shapes alone cannot tell, so False)."""
     if x.dim() != 3 or x.dtype not in KERNEL_DTYPES or w_packed is None or w_scale is None or not load_triton_ops():
         return False
     from . import ops
-    return ops.rope_blocks_fit(w_packed, w_scale, head_dim, k_col0, k_cols)
+    return ops.default_rope_blocks(w_packed, w_scale, head_dim, k_col0, k_cols) is not None
 
 
 def linear_int4_rope(x: Tensor, w_packed: Tensor, w_scale: Tensor, start_pos: Tensor, cos: Tensor, sin: Tensor,
@@ -345,14 +345,16 @@ def linear_int4_rope_chained(x: Tensor, w_packed: Tensor, w_scale: Tensor, start
     return linear_int4_rope(x, w_packed, w_scale, start_pos, cos, sin, k_col0, k_cols, head_dim, qk_norm, eps), lock
 
 
-def int4_rope_splits(w_packed: Tensor | None, w_scale: Tensor | None, head_dim: int, k_col0: int,
-                     k_cols: int) -> bool:
-    """Whether ``linear_int4_rope`` splits K over these weights, so that a CUDA engine's step chains its counters
+def int4_rope_splits(x, w_packed: Tensor | None, w_scale: Tensor | None, start_pos, cos, sin, k_col0: int,
+                     k_cols: int, head_dim: int, *rest) -> bool:
+    """Whether a ``linear_int4_rope`` call (its arguments; as ``split_k_locks_chained`` passes them: the weights as
+    tensors, None where unknown) splits K, so that a CUDA engine's step chains its counters
     (``linear_int4_rope_chained``). Needs Triton."""
     if w_packed is None or w_scale is None:
         return True
     from . import ops
-    return ops.int4_rope_splits(w_packed, w_scale, head_dim, k_col0, k_cols)
+    b = ops.default_rope_blocks(w_packed, w_scale, head_dim, k_col0, k_cols)
+    return b is not None and b.split_k > 1
 
 
 def linear_fp8_cuda(x: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:

@@ -456,7 +456,7 @@ def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None, lock:
     ``lock`` (the body of ``l4::int4_mm_chained``): [SPLIT_K_LOCK_WORDS] int32 zeros, the tile counters, left zeros;
     the launch then also zeroes a fresh block (``next_lock``, given or allocated) and returns (y, that block).
     ``rope`` (``l4::int4_mm_rope``): the epilogue transforms the keys' columns, with the blocks made to fit heads
-    (``layout.rope_int4_blocks``; ValueError where none do: ``rope_blocks_fit``)."""
+    (``layout.rope_int4_blocks``; ValueError where none do: ``default_rope_blocks`` is None)."""
     n_out, k_in = w_packed.shape[0], 2 * w_packed.shape[1]
     group = k_in // w_scale.shape[1]
     b = blocks or default_int4_blocks(w_packed, w_scale)
@@ -504,18 +504,11 @@ def _rope_args(rope: KRope | None, y: Tensor) -> tuple:
             rope.cos.stride(1), rope.sin.stride(0), rope.sin.stride(1))
 
 
-def rope_blocks_fit(w_packed: Tensor, w_scale: Tensor, head_dim: int, k_col0: int, k_cols: int) -> bool:
-    """Whether ``l4::int4_mm_rope`` can launch on these weights: some tile width holds whole heads of ``head_dim``
-    from column ``k_col0`` (``layout.rope_int4_blocks``)."""
-    return rope_int4_blocks(default_int4_blocks(w_packed, w_scale), w_packed.shape[0], head_dim, k_col0,
-                            k_cols) is not None
-
-
-def int4_rope_splits(w_packed: Tensor, w_scale: Tensor, head_dim: int, k_col0: int, k_cols: int) -> bool:
-    """Whether ``l4::int4_mm_rope`` splits K on these weights (its blocks' ``split_k`` > 1), so that a CUDA engine's
-    step chains its counters (``int4_mm_rope_chained``)."""
-    b = rope_int4_blocks(default_int4_blocks(w_packed, w_scale), w_packed.shape[0], head_dim, k_col0, k_cols)
-    return b is not None and b.split_k > 1
+def default_rope_blocks(w_packed: Tensor, w_scale: Tensor, head_dim: int, k_col0: int,
+                        k_cols: int) -> Int4Blocks | None:
+    """The blocks ``l4::int4_mm_rope`` launches with on these weights (``default_int4_blocks`` widened to whole
+    heads, ``layout.rope_int4_blocks``); None where no tile width holds whole heads."""
+    return rope_int4_blocks(default_int4_blocks(w_packed, w_scale), w_packed.shape[0], head_dim, k_col0, k_cols)
 
 
 def _int4_rope(x: Tensor, w_packed: Tensor, w_scale: Tensor, start_pos: Tensor, cos: Tensor, sin: Tensor,
@@ -523,9 +516,8 @@ def _int4_rope(x: Tensor, w_packed: Tensor, w_scale: Tensor, start_pos: Tensor, 
     """The bodies of ``l4::int4_mm_rope`` / ``_chained``: x [B, T, Kin] -> y [B, T, N] (and the next block)."""
     rope = KRope(start_pos.reshape(1), cos, sin, x.shape[1], k_col0, k_cols, head_dim, qk_norm, eps)
     out = int4_matmul(x.reshape(-1, x.shape[-1]), w_packed, w_scale, lock=lock, rope=rope)
-    y, nxt = out if lock is not None else (out, None)
-    y = y.view(*x.shape[:-1], w_packed.shape[0])
-    return (y, nxt) if lock is not None else y
+    shape = (*x.shape[:-1], w_packed.shape[0])
+    return out.view(shape) if lock is None else (out[0].view(shape), out[1])
 
 
 def fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor,

@@ -92,9 +92,7 @@ def test_rope_gemm_joins_the_counter_chain(step, monkeypatch):
     gm, prog = step
     fused, _ = _fused(gm)
     monkeypatch.setattr(ops, "default_int4_blocks", lambda w, s: Int4Blocks(16, 16, 16, True, 2))
-    chains = {dispatch.linear_int4_rope: (dispatch.linear_int4_rope_chained,
-                                          lambda x, w, s, start, cos, sin, k0, kn, d, *rest:
-                                          dispatch.int4_rope_splits(w, s, d, k0, kn))}
+    chains = {dispatch.linear_int4_rope: (dispatch.linear_int4_rope_chained, dispatch.int4_rope_splits)}
     chained = split_k_locks_chained(fused, chains, SPLIT_K_LOCK_WORDS)
     assert _targets(chained).count("linear_int4_rope_chained") == _rope_layers(prog)
     _, n_kv, _, d = prog.kv_layout["shape"]
