@@ -47,6 +47,30 @@ def _last_dim_slice(node, source) -> tuple[int, int] | None:
     return args[2], args[3]
 
 
+def rope_qkv_match(attn: torch.fx.Node) -> tuple[torch.fx.Node, int, int] | None:
+    """(the qkv ``l4.linear_int4`` node, the keys' first column, their width) where ``attn`` (a call with
+    ``l4::attention_cached``'s arguments, no keyword arguments: the op itself, or its in-place form) is a RoPE layer
+    whose key transform this rewrite moves into the qkv GEMM, as the module docstring says; else None. Also what
+    ``compile --tune-kernels`` asks of a Program's graph (``kernels.autotune.problems``), so that it times a qkv GEMM
+    in the form the engine will run."""
+    args = attn.args
+    if attn.kwargs or len(args) != 19 or args[_ROPE] is not True:
+        return None
+    qkv = args[_K].args[0] if isinstance(args[_K], torch.fx.Node) and args[_K].args else None
+    if not (getattr(qkv, "op", None) == "call_function" and qkv.target is torch.ops.l4.linear_int4.default
+            and not qkv.kwargs and len(qkv.args) == 3):
+        return None
+    spans = [_last_dim_slice(p, qkv) for p in args[:3]]
+    if None in spans or set(qkv.users) != set(args[:3]) or any(set(p.users) != {attn} for p in args[:3]):
+        return None
+    if not all(getattr(t, "op", None) == "get_attr" for t in (args[_COS], args[_SIN])):
+        return None
+    k0, k1 = spans[_K]
+    if k1 - k0 != args[_KV_HEADS] * args[_HEAD_DIM]:
+        return None
+    return qkv, k0, k1 - k0
+
+
 def qkv_rope_fused(gm: torch.fx.GraphModule, attentions: set, linear_rope: Callable) -> tuple[torch.fx.GraphModule,
                                                                                                int]:
     """-> (``gm`` rewritten as the module docstring says, the number of layers rewritten); ``gm`` itself is left as
@@ -58,25 +82,14 @@ def qkv_rope_fused(gm: torch.fx.GraphModule, attentions: set, linear_rope: Calla
     graph.output(graph.graph_copy(gm.graph, env))
     count = 0
     for attn in [n for n in graph.nodes if n.op == "call_function" and n.target in attentions]:
+        match = rope_qkv_match(attn)
+        if match is None:
+            continue
+        qkv, k0, k_cols = match
         args = attn.args
-        if attn.kwargs or len(args) != 19 or args[_ROPE] is not True:
-            continue
-        qkv = args[_K].args[0] if isinstance(args[_K], torch.fx.Node) and args[_K].args else None
-        if not (getattr(qkv, "op", None) == "call_function" and qkv.target is torch.ops.l4.linear_int4.default
-                and not qkv.kwargs and len(qkv.args) == 3):
-            continue
-        spans = [_last_dim_slice(p, qkv) for p in args[:3]]
-        if None in spans or set(qkv.users) != set(args[:3]) or any(set(p.users) != {attn} for p in args[:3]):
-            continue
-        cos, sin = args[_COS], args[_SIN]
-        if not all(getattr(t, "op", None) == "get_attr" for t in (cos, sin)):
-            continue
-        (k0, k1), head_dim = spans[_K], args[_HEAD_DIM]
-        if k1 - k0 != args[_KV_HEADS] * head_dim:
-            continue
         with graph.inserting_before(qkv):     # the tables' own nodes may come after the GEMM
-            tables = [graph.get_attr(t.target) for t in (cos, sin)]
-            new = graph.call_function(linear_rope, (*qkv.args, args[_START], *tables, k0, k1 - k0, head_dim,
+            tables = [graph.get_attr(t.target) for t in (args[_COS], args[_SIN])]
+            new = graph.call_function(linear_rope, (*qkv.args, args[_START], *tables, k0, k_cols, args[_HEAD_DIM],
                                                     args[_QK_NORM], args[_EPS]))
         new.meta.update(qkv.meta)
         qkv.replace_all_uses_with(new)

@@ -202,9 +202,11 @@ def build(model: str, backend: str = "inductor", out: str | os.PathLike = "engin
     kernel_blocks = None
     if config.tune_kernels:
         from l4compile.backends.inductor import qkv_rope_enabled
+        from l4compile.backends.qkv_rope_fused import rope_qkv_match
         from l4compile.kernels.autotune import tune_program
         with progress.stage("tune kernels"):      # the qkv of RoPE layers timed as int4_mm_rope, as the engine runs it
-            kernel_blocks = tune_program(program, config.dtype, log=progress.note, rope_qkv=qkv_rope_enabled())
+            kernel_blocks = tune_program(program, config.dtype, log=progress.note,
+                                         rope_qkv=rope_qkv_match if qkv_rope_enabled() else None)
     with engine_writer(out, force) as work, tuned_blocks.use(tuned_blocks.table_of(kernel_blocks)):
         with progress.stage(f"backend {config.backend}"):
             result = be.build(program, work, config)

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from . import interpreting
-from .layout import Int4Blocks, int4_blocks, moe_int4_blocks
+from .layout import Int4Blocks, int4_blocks, moe_int4_blocks, rope_int4_blocks
 from .tuned_blocks import Choice, Key, choice_label, choice_to_json, int4_key, moe_key
 
 MIN_GAIN = 0.03            # the fastest replaces layout's choice only when it takes at least 3% less time
@@ -60,12 +60,14 @@ class Problem:
                              # layers' qkv, the same shape) run the plain GEMM: ``tune_problem`` weighs the two
 
 
-def problems(gm: torch.fx.GraphModule, rope_qkv: bool = False) -> list[Problem]:
+def problems(gm: torch.fx.GraphModule, rope_qkv: Callable | None = None) -> list[Problem]:
     """The distinct Int4 problems of ``gm`` (a Program's graph, before the backend's decompositions), in graph
-    order, with how many nodes run each. ``rope_qkv`` (a CUDA engine that transforms k in its qkv GEMMs,
-    ``backends.qkv_rope_fused``): a problem that some RoPE layer's qkv runs is marked (``Problem.rope``, with how
-    many of its nodes do: ``rope_count``), and timed as the engine runs each of its nodes."""
+    order, with how many nodes run each. ``rope_qkv`` (a CUDA engine that transforms k in its qkv GEMMs: the
+    rewrite's own matcher, ``backends.qkv_rope_fused.rope_qkv_match``): a problem that some RoPE layer's qkv runs is
+    marked (``Problem.rope``, with how many of its nodes do: ``rope_count``), and timed as the engine runs each of
+    its nodes."""
     found: dict[Key, Problem] = {}
+    ropes = _rope_qkvs(gm, rope_qkv) if rope_qkv else {}
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -75,7 +77,9 @@ def problems(gm: torch.fx.GraphModule, rope_qkv: bool = False) -> list[Problem]:
                 continue
             k_in = 2 * wp.shape[-1]
             key, top_k = int4_key(wp.shape[0], k_in, k_in // ws.shape[-1], ws.dtype), 1
-            rope = _rope_qkv(node, key) if rope_qkv else None
+            rope = ropes.get(node)
+            if rope is not None and rope_int4_blocks(int4_blocks(*key[1:4]), key[1], *rope[:3]) is None:
+                rope = None                                # no tile holds its heads: the engine runs the plain GEMM
         elif node.target is torch.ops.l4.moe_q.default:
             w = [_value(gm, a) for a in node.args[2:12]]
             if any(t is None for t in w) or w[0].dtype != torch.uint8:
@@ -93,28 +97,17 @@ def problems(gm: torch.fx.GraphModule, rope_qkv: bool = False) -> list[Problem]:
     return [p if p.rope else dataclasses.replace(p, rope_count=None) for p in found.values()]
 
 
-def _rope_qkv(node: torch.fx.Node, key: Key) -> tuple | None:
-    """(head_dim, k_col0, k_cols, qk_norm) where ``node`` (an l4::linear_int4) is a RoPE layer's fused qkv whose
-    keys the GEMM can transform (``layout.rope_int4_blocks`` fits their heads): read by its three last-dimension
-    slices alone, each by one ``l4::attention_cached`` with use_rope; else None. The backend's rewrite
-    (``backends.qkv_rope_fused``) matches the same nodes in the graphs l4compile makes (after ``caches_in_place``);
-    a node marked here that it left alone would be timed in the wrong form."""
-    from .layout import rope_int4_blocks
-
-    users = list(node.users)
-    attn = {a for u in users for a in u.users}
-    if (len(users) != 3 or any(u.target is not torch.ops.aten.slice.Tensor for u in users) or len(attn) != 1):
-        return None
-    (a,) = attn
-    if a.target is not torch.ops.l4.attention_cached.default or len(a.args) != 19 or a.args[11] is not True:
-        return None
-    k, head_dim, n_kv = a.args[1], a.args[10], a.args[9]
-    if k not in users or len(k.args) < 4 or not isinstance(k.args[2], int):
-        return None
-    _, n_out, k_in, group, _ = key
-    if rope_int4_blocks(int4_blocks(n_out, k_in, group), n_out, head_dim, k.args[2], n_kv * head_dim) is None:
-        return None
-    return head_dim, k.args[2], n_kv * head_dim, bool(a.args[12])
+def _rope_qkvs(gm: torch.fx.GraphModule, match: Callable) -> dict:
+    """qkv node -> (head_dim, k_col0, k_cols, qk_norm) for each ``l4::attention_cached`` of ``gm`` that ``match``
+    (``rope_qkv_match``: the same test the backend's rewrite applies after ``caches_in_place``, whose calls keep the
+    op's arguments) takes."""
+    out = {}
+    for attn in gm.graph.find_nodes(op="call_function", target=torch.ops.l4.attention_cached.default):
+        m = match(attn)
+        if m is not None:
+            qkv, k_col0, k_cols = m
+            out[qkv] = (attn.args[10], k_col0, k_cols, bool(attn.args[12]))
+    return out
 
 
 def _value(gm: torch.fx.GraphModule, arg) -> Tensor | None:
@@ -258,7 +251,6 @@ def _rope_runs(problem: Problem, x: Tensor, wp: Tensor, ws: Tensor, lock: Tensor
     from l4compile.ops.attention import plain_rope_tables
 
     from .dispatch import k_rope_reference
-    from .layout import rope_int4_blocks
     from .ops import KRope, int4_matmul
 
     head_dim, k_col0, k_cols, qk_norm = problem.rope
@@ -298,8 +290,6 @@ def candidates(problem: Problem, dtype: torch.dtype) -> list[Choice]:
     cands = (int4_candidates if problem.key[0] == "int4_mm" else moe_candidates)(problem.key, dtype)
     if problem.rope is None or _forms(problem)[1][1] > 0:
         return cands
-    from .layout import rope_int4_blocks
-
     head_dim, k_col0, k_cols, _ = problem.rope
     launched = {}
     for c in cands:
@@ -439,7 +429,7 @@ def summary(rec: dict[str, Any]) -> str:
 
 
 def tune_program(program, dtype: str, log: Callable[[str], None] | None = None,
-                 rope_qkv: bool = False) -> dict[str, Any]:
+                 rope_qkv: Callable | None = None) -> dict[str, Any]:
     """``tune`` the Int4 problems of a Program (every rank's graph, for a sharded one) at activations of the
     engine's ``dtype`` on the current CUDA device, in a child process (``tune_process``: a candidate that faults
     cannot take the compile with it) -> the result the manifest keeps as ``kernel_blocks``. ``rope_qkv``: as

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from backends.qkv_rope_fused import rope_qkv_match
 from l4compile.errors import L4Error
 from l4compile.kernels import autotune, tuned_blocks
 from l4compile.kernels.layout import Int4Blocks, int4_blocks, moe_int4_blocks
@@ -68,7 +69,7 @@ def test_rope_qkv_problems_are_marked_and_timed_as_engines_run_them():
     low = lower("tiny", CompileConfig(quant="int4", dtype="bfloat16", layers=2, text_only=True),
                 progress=Progress(enabled=False))
     plain = autotune.problems(low.program.gm)
-    marked = autotune.problems(low.program.gm, rope_qkv=True)
+    marked = autotune.problems(low.program.gm, rope_qkv=rope_qkv_match)
     assert all(p.rope is None for p in plain)
     (qkv,) = [p for p in marked if p.rope is not None]
     assert qkv.rope == (16, 64, 32, True) and qkv.count == qkv.rope_count == 2
@@ -99,7 +100,7 @@ def test_a_qkv_shape_that_nope_layers_share_is_timed_in_both_forms(monkeypatch):
     from l4compile.progress import Progress
 
     low = lower("tiny", CompileConfig(quant="int4", dtype="bfloat16", text_only=True), progress=Progress(enabled=False))
-    (qkv,) = [p for p in autotune.problems(low.program.gm, rope_qkv=True) if p.rope is not None]
+    (qkv,) = [p for p in autotune.problems(low.program.gm, rope_qkv=rope_qkv_match) if p.rope is not None]
     assert (qkv.count, qkv.rope_count) == (4, 3)
     assert autotune.candidates(qkv, torch.float32) == autotune.int4_candidates(qkv.key, torch.float32)
     static = autotune.int4_candidates(qkv.key, torch.float32)[0]
