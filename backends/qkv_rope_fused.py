@@ -30,7 +30,7 @@ from .norm_router_fused import rebuilt
 aten = torch.ops.aten
 # l4::attention_cached's arguments: (q, k, v, k_cache, v_cache, start_pos, cos, sin, n_heads, n_kv_heads, head_dim,
 # use_rope, qk_norm, chunk, temp_tuning, floor_scale, attn_scale, scaling, eps)
-_Q, _K, _V, _START, _COS, _SIN, _KV_HEADS, _HEAD_DIM, _ROPE, _QK_NORM, _EPS = 0, 1, 2, 5, 6, 7, 9, 10, 11, 12, 18
+_K, _START, _COS, _SIN, _KV_HEADS, _HEAD_DIM, _ROPE, _QK_NORM, _EPS = 1, 5, 6, 7, 9, 10, 11, 12, 18
 
 
 def _last_dim_slice(node, source) -> tuple[int, int] | None:
@@ -47,8 +47,9 @@ def _last_dim_slice(node, source) -> tuple[int, int] | None:
     return args[2], args[3]
 
 
-def rope_qkv_match(attn: torch.fx.Node) -> tuple[torch.fx.Node, int, int] | None:
-    """(the qkv ``l4.linear_int4`` node, the keys' first column, their width) where ``attn`` (a call with
+def rope_qkv_match(attn: torch.fx.Node) -> tuple[torch.fx.Node, int, int, int, bool] | None:
+    """(the qkv ``l4.linear_int4`` node, the keys' first column, their width, head_dim, qk_norm) where ``attn`` (a
+    call with
     ``l4::attention_cached``'s arguments, no keyword arguments: the op itself, or its in-place form) is a RoPE layer
     whose key transform this rewrite moves into the qkv GEMM, as the module docstring says; else None. Also what
     ``compile --tune-kernels`` asks of a Program's graph (``kernels.autotune.problems``), so that it times a qkv GEMM
@@ -68,7 +69,7 @@ def rope_qkv_match(attn: torch.fx.Node) -> tuple[torch.fx.Node, int, int] | None
     k0, k1 = spans[_K]
     if k1 - k0 != args[_KV_HEADS] * args[_HEAD_DIM]:
         return None
-    return qkv, k0, k1 - k0
+    return qkv, k0, k1 - k0, args[_HEAD_DIM], args[_QK_NORM]
 
 
 def qkv_rope_fused(gm: torch.fx.GraphModule, attentions: set, linear_rope: Callable) -> tuple[torch.fx.GraphModule,
@@ -85,12 +86,11 @@ def qkv_rope_fused(gm: torch.fx.GraphModule, attentions: set, linear_rope: Calla
         match = rope_qkv_match(attn)
         if match is None:
             continue
-        qkv, k0, k_cols = match
+        qkv, *rope = match                    # rope: k_col0, k_cols, head_dim, qk_norm
         args = attn.args
         with graph.inserting_before(qkv):     # the tables' own nodes may come after the GEMM
             tables = [graph.get_attr(t.target) for t in (args[_COS], args[_SIN])]
-            new = graph.call_function(linear_rope, (*qkv.args, args[_START], *tables, k0, k_cols, args[_HEAD_DIM],
-                                                    args[_QK_NORM], args[_EPS]))
+            new = graph.call_function(linear_rope, (*qkv.args, args[_START], *tables, *rope, args[_EPS]))
         new.meta.update(qkv.meta)
         qkv.replace_all_uses_with(new)
         attn.kwargs = {"k_ready": True}

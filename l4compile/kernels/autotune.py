@@ -105,8 +105,8 @@ def _rope_qkvs(gm: torch.fx.GraphModule, match: Callable) -> dict:
     for attn in gm.graph.find_nodes(op="call_function", target=torch.ops.l4.attention_cached.default):
         m = match(attn)
         if m is not None:
-            qkv, k_col0, k_cols = m
-            out[qkv] = (attn.args[10], k_col0, k_cols, bool(attn.args[12]))
+            qkv, k_col0, k_cols, head_dim, qk_norm = m
+            out[qkv] = (head_dim, k_col0, k_cols, bool(qk_norm))
     return out
 
 
