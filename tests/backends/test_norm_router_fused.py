@@ -15,12 +15,12 @@ from tests.kernels.conftest import rel_err, require_interpreter
 MOE_OPS = ("l4.moe.default", "l4.moe_q.default")
 
 
-def _program(quant: str):
+def _program(quant: str, preset: str = "tiny"):
     from l4compile.compiler import lower
     from l4compile.config import CompileConfig
     from l4compile.progress import Progress
 
-    return lower("tiny", CompileConfig(max_seq_len=40, max_batch_size=2, quant=quant), progress=Progress()).program
+    return lower(preset, CompileConfig(max_seq_len=40, max_batch_size=2, quant=quant), progress=Progress()).program
 
 
 def _fused(gm):

@@ -26,13 +26,9 @@ def step():
 @pytest.fixture(scope="module")
 def maverick_step():
     """tiny-maverick's (no qk-norm, plain RoPE, dense/MoE interleave 2), as ``step``."""
-    from l4compile.compiler import lower
-    from l4compile.config import CompileConfig
     from l4compile.kernels.dispatch import attention_cached_in_place
-    from l4compile.progress import Progress
 
-    prog = lower("tiny-maverick", CompileConfig(max_seq_len=40, max_batch_size=2, quant="int4"),
-                 progress=Progress()).program
+    prog = _program("int4", "tiny-maverick")
     return caches_in_place(prog.gm, attention_cached_in_place), prog
 
 
