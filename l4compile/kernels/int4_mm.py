@@ -225,30 +225,32 @@ def int4_block_dot(acc, xt, w_ptr, s_ptr, rn, nmask, k0, K, G, stride_wn, stride
 
 # $4: four packed bytes b0..b3 (weights k0..k7, low nibble first); $5, $6: their scales as bf16 pairs (e0, e1),
 # (e2, e3). Out: $0, $1 = the even weights (k0, k2), (k4, k6); $2, $3 = the odd ones (k1, k3), (k5, k7), bf16 pairs.
-_UNPACK_BF16X2 = tl.constexpr("""
-{
-.reg .b32 t0, t1, s0, s1, m, c, d;
-mov.b32 m, 0x000F000F;
-mov.b32 c, 0x43004300;
-mov.b32 d, 0x43084308;
-prmt.b32 t0, $4, 0, 0x4140;
-prmt.b32 t1, $4, 0, 0x4342;
-shr.u32 s0, t0, 4;
-shr.u32 s1, t1, 4;
-lop3.b32 $0, t0, m, c, 0xea;
-lop3.b32 $1, t1, m, c, 0xea;
-lop3.b32 $2, s0, m, c, 0xea;
-lop3.b32 $3, s1, m, c, 0xea;
-sub.rn.bf16x2 $0, $0, d;
-sub.rn.bf16x2 $1, $1, d;
-sub.rn.bf16x2 $2, $2, d;
-sub.rn.bf16x2 $3, $3, d;
-mul.rn.bf16x2 $0, $0, $5;
-mul.rn.bf16x2 $1, $1, $6;
-mul.rn.bf16x2 $2, $2, $5;
-mul.rn.bf16x2 $3, $3, $6;
-}
-""")
+# One line: Inductor copies this value's repr into the kernel source it embeds in a ''' string, which torch 2.11
+# does not escape (a newline there ends the engine's compile with a SyntaxError).
+_UNPACK_BF16X2 = tl.constexpr(" ".join([
+    "{",
+    ".reg .b32 t0, t1, s0, s1, m, c, d;",
+    "mov.b32 m, 0x000F000F;",
+    "mov.b32 c, 0x43004300;",
+    "mov.b32 d, 0x43084308;",
+    "prmt.b32 t0, $4, 0, 0x4140;",
+    "prmt.b32 t1, $4, 0, 0x4342;",
+    "shr.u32 s0, t0, 4;",
+    "shr.u32 s1, t1, 4;",
+    "lop3.b32 $0, t0, m, c, 0xea;",
+    "lop3.b32 $1, t1, m, c, 0xea;",
+    "lop3.b32 $2, s0, m, c, 0xea;",
+    "lop3.b32 $3, s1, m, c, 0xea;",
+    "sub.rn.bf16x2 $0, $0, d;",
+    "sub.rn.bf16x2 $1, $1, d;",
+    "sub.rn.bf16x2 $2, $2, d;",
+    "sub.rn.bf16x2 $3, $3, d;",
+    "mul.rn.bf16x2 $0, $0, $5;",
+    "mul.rn.bf16x2 $1, $1, $6;",
+    "mul.rn.bf16x2 $2, $2, $5;",
+    "mul.rn.bf16x2 $3, $3, $6;",
+    "}",
+]))
 
 
 @triton.jit
