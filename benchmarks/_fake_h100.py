@@ -11,7 +11,8 @@ and Triton to compile a CUDA engine on a machine without a GPU (a CPU build of t
   * Python indexing of (fake) CUDA tensors goes through aten ops (the C++ path takes a device guard a CPU build lacks);
   * the pattern matcher and the joint-graph constant folding stay off: their tables and folds build real CUDA
     tensors.
-Tested against torch 2.13 / triton 3.7 (they patch private interfaces and may need updating with either).
+Tested against torch 2.13 / triton 3.7 and torch 2.11 / triton 3.6, the lent GPU hosts' (they patch private
+interfaces and may need updating with either).
 """
 from __future__ import annotations
 
@@ -99,6 +100,8 @@ def install(include_dir: Path) -> None:
                      ("_DeviceGuard", lambda idx: contextlib.nullcontext())):
         setattr(torch.cuda, name, fn)
     torch._C._cuda_getCurrentRawStream = lambda idx=None: 0
+    import torch._subclasses.fake_tensor as fake_tensor
+    fake_tensor.init_gpu_context = lambda device: None   # torch 2.11 makes a real CUDA tensor once it sees is_available
 
     if not _installed:
         install_triton()
