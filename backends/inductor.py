@@ -46,6 +46,7 @@ import torch
 from l4compile.backends import BuildResult
 from l4compile.errors import L4Error
 
+from .aoti_fp8_header import install as install_fp8_header
 from .moe_norm_fused import moe_norm_fused
 from .norm_router_fused import norm_router_fused
 from .qkv_rope_fused import qkv_rope_fused
@@ -276,6 +277,7 @@ def _package(program, outdir: Path, device: str = "cpu",
 
     from l4compile import tensorfile
 
+    install_fp8_header()                                    # torch 2.11's CPU wrapper lacks the float8 type
     ep, in_place = export_for_aoti(program, device)
     save_program(ep, outdir / PROGRAM)                      # functional: before mutations_in_place changes ep
     constants = {k: v for k, v in {**ep.state_dict, **ep.constants}.items() if isinstance(v, torch.Tensor)}
