@@ -11,6 +11,10 @@ import time
 import warnings
 from pathlib import Path
 
+# Before torch is imported: a CUDA build of torch on a machine without a GPU driver logs "No CUDA runtime is found"
+# when Inductor loads cpp_extension, a line that would precede a user error's one line on stderr
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
 from l4compile.bench import cli as bench_cli
 from l4compile.config import DECODE_MODES
 from l4compile.engine_options import check_build_options

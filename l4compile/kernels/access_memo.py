@@ -24,7 +24,7 @@ from typing import Any
 
 LIMIT = 4096
 _tables: list[dict[tuple, Any]] = []                                    # one memo a wrapped function
-_NAMES = ("identify_accessed_tensors", "identify_mutated_tensors")     # torch >= 2.6 / before
+_NAMES = ("identify_accessed_tensors", "identify_mutated_tensors")     # torch 2.13 / 2.11 and before
 _stats = {"hits": 0, "misses": 0}
 
 

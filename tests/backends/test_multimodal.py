@@ -68,7 +68,7 @@ def _image(h: int, w: int) -> Image.Image:
 def hf_reference(m, ids: torch.Tensor, pixel_values: torch.Tensor, steps: int):
     with torch.no_grad():
         emb = m.get_input_embeddings()(ids)
-        feats = m.get_image_features(pixel_values=pixel_values).last_hidden_state
+        feats = m.vision_model(pixel_values).last_hidden_state    # get_image_features' signature varies in 5.x
         proj = m.multi_modal_projector(feats.view(-1, feats.size(-1)))
         mask = m.get_placeholder_mask(ids, inputs_embeds=emb, image_features=proj)
         emb = emb.masked_scatter(mask, proj)

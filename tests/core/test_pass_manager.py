@@ -93,7 +93,9 @@ def test_user_pass_runs_last_with_stats(program, user_module):
     assert [r.name for r in records] == ["fuse_moe", "lower_irope", "eliminate_dead_code", "kv_cache",
                                          "quantize", "fuse_qkv", "count_linears"]
     assert records[-1].stats["linears"] == 4 * 2 + 1
-    assert all(r.drift is not None and r.drift < 1e-6 for r in records)
+    # float32 rounding only (~1e-6 of the logits' range after 4 layers; torch 2.11 and 2.13 differ there); the
+    # scale_logits_test pass below drifts 1e-2
+    assert all(r.drift is not None and r.drift < 1e-5 for r in records)
 
 
 def test_verify_names_the_pass_that_drifted(program, user_module):

@@ -119,6 +119,9 @@ def test_install_wraps_torch_once():
 
     from l4compile.kernels import access_memo, ops  # noqa: F401  (importing ops installs it)
 
-    fn = wrap.identify_accessed_tensors
-    assert fn._l4_memo and not getattr(fn.__wrapped__, "_l4_memo", False)
-    assert access_memo.install() and wrap.identify_accessed_tensors is fn
+    names = [n for n in access_memo._NAMES if hasattr(wrap, n)]     # 2.13: identify_accessed_tensors; 2.11: ..._mutated_
+    assert names
+    for name in names:
+        fn = getattr(wrap, name)
+        assert fn._l4_memo and not getattr(fn.__wrapped__, "_l4_memo", False)
+        assert access_memo.install() and getattr(wrap, name) is fn
