@@ -5,7 +5,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup demo test test-kernels test-slow bench clean
+.PHONY: setup demo test test-kernels test-slow test-host-torch bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,21 @@ test-kernels: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# The suite, and the sm_90a engine generation (slow), under the lent GPU hosts' packages, on this CPU machine: torch
+# 2.11.0 (a CUDA build: ~5 GB with its nvidia-* wheels, so never in .venv), triton 3.6.0 and transformers 5.17.0, as
+# read off the H200 of 2026-12-04. Not in CI (~15 minutes and the download). Run it before a GPU session when the
+# kernels or the backend changed: torch 2.11 broke every Int4 CUDA engine's compile once (tests/kernels/
+# test_kernel_sources.py says how), and nothing on a 2.13 machine showed it.
+HOST_VENV ?= .venv-host
+HOST_PKGS ?= torch==2.11.0 triton==3.6.0 transformers==5.17.0
+test-host-torch:
+	test -x $(HOST_VENV)/bin/python || $(PY) -m venv $(HOST_VENV)
+	$(HOST_VENV)/bin/pip install -q --upgrade pip "setuptools>=70.1,<82" wheel
+	$(HOST_VENV)/bin/pip install -q $(HOST_PKGS)
+	$(HOST_VENV)/bin/pip install -q -e ".[test,onnx]" $(HOST_PKGS)
+	$(HOST_VENV)/bin/python -m pytest -q -n $(WORKERS)
+	$(HOST_VENV)/bin/python -m pytest -q -n $(WORKERS) -m slow tests/kernels/test_aoti_sm90.py
 
 # Benchmarks (not tests): ratios against transformers eager / torch.compile measured in one run.
 bench: setup
