@@ -152,8 +152,8 @@ def rope_int4_blocks(b: Int4Blocks, n_out: int, head_dim: int, k_col0: int, k_co
     """The blocks of a qkv GEMM whose epilogue transforms its keys (``l4::int4_mm_rope``, ``k_rope.py``), from the
     blocks ``b`` it would launch with: a k tile must hold whole heads, so BN becomes the largest power-of-two
     multiple of ``head_dim`` up to max(BN, head_dim) that divides the keys' first column ``k_col0`` and their width
-    ``k_cols`` (Scout: BN 64 -> 128, one head a tile). Where BN grows, ``split_k`` grows by as much (up to the K
-    blocks' count, which ``split_k_plan`` caps anyway), so that a decode step keeps its programs (Scout's qkv: 112
+    ``k_cols`` (Scout: BN 64 -> 128, one head a tile). Where BN grows, ``split_k`` grows by as much (``split_k_plan``
+    then keeps the slices that hold K blocks), so that a decode step keeps its programs (Scout's qkv: 112
     tiles of 64 -> 56 tiles of 128, 2 splits each); the bf16x2 unpack stays only where BN still divides the
     ``n_out`` outputs. None where no BN fits (a head_dim that is not a power of two >= 16)."""
     if head_dim < 16 or head_dim & (head_dim - 1):
@@ -183,15 +183,17 @@ def split_k_plan(rows, n_out: int, k_in: int, block_k: int, split_k: int, tiles=
     groups stay aligned), and as many as the float32 partials [S, rows, n_out] allow within
     ``SPLIT_K_PARTIAL_BYTES``. Guard-free in a symbolic ``rows``: S = Max(1, Min(split_k, bytes // rows ..)) has a
     known range [1, split_k], so sizes built from it need no guard (S recomputed from K_SPLIT would divide by a
-    symbol, and export then guards on T). The price: when S does not divide the K blocks evenly, trailing splits
-    can be empty (8 blocks in 6 splits of 2: the last program adds zeros); Scout's 20 and 32 steps of 2G = 256
-    inputs split evenly at S = 2 and 4 (at S = 8, 20 steps become six slices of 3, one of 2 and an empty one).
-    One engine so splits a decode step and not an 8K-token prefill. ``max_tiles``: the counters there are (a chained
-    GEMM's block): S = 1 where the ``tiles`` output tiles (int or SymInt) outnumber them."""
+    symbol, and export then guards on T). ``split_k`` itself is first lowered to the fewest slices of the same
+    length (8 blocks asked in 6 splits: 4 slices of 2, not 6 with two empty; Scout's 20 steps of 2G = 256 inputs
+    at S = 8: 7 slices of 3 or 2, at 16: 10 of 2), so a decode split has no empty program; where the partials'
+    bytes lower S further (a long prefill), trailing splits can still be empty and add zeros. One engine so splits
+    a decode step and not an 8K-token prefill. ``max_tiles``: the counters there are (a chained GEMM's block):
+    S = 1 where the ``tiles`` output tiles (int or SymInt) outnumber them."""
     k_blocks = (k_in + block_k - 1) // block_k
     if split_k <= 1 or k_blocks <= 1:
         return 1, k_blocks * block_k
-    cap = min(split_k, k_blocks)
+    per = -(-k_blocks // min(split_k, k_blocks))    # K blocks a slice at split_k
+    cap = -(-k_blocks // per)                       # the fewest slices of that length: none empty
     if max_tiles is not None:                       # 0 where the tiles outnumber the counters, else cap
         cap = torch.sym_min(1, max_tiles // torch.sym_max(1, tiles)) * cap
     splits = torch.sym_max(1, torch.sym_min(cap, SPLIT_K_PARTIAL_BYTES // (4 * n_out * torch.sym_max(1, rows))))

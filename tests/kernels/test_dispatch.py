@@ -91,7 +91,9 @@ def test_split_k_plan_splits_decode_and_not_prefill():
     assert split_k_plan(1, 5120, 5120, 128, 1) == (1, 5120)                 # the default: never split
     assert split_k_plan(1, 5120, 5120, 128, 3) == (3, 14 * 128)             # 40 blocks as 14 + 14 + 12
     assert split_k_plan(1, 96, 96, 32, 8) == (3, 32)                        # at most one split per K block
-    assert split_k_plan(1, 256, 256, 32, 6) == (6, 64)                      # 8 blocks as 2+2+2+2: 2 splits empty
+    assert split_k_plan(1, 256, 256, 32, 6) == (4, 64)                      # 8 blocks as 2+2+2+2, no split empty
+    assert split_k_plan(1, 5120, 5120, 256, 8) == (7, 3 * 256)              # Scout's 20 word steps: 6 x 3 + 2
+    assert split_k_plan(1, 5120, 5120, 256, 16) == (10, 2 * 256)            # a widened SK16: 10 x 2, not 16
     assert split_k_plan(8192, 5120, 5120, 128, 8) == (1, 5120)              # prefill: 160 MiB a split
     assert split_k_plan(64, 16384, 5120, 128, 8) == (4, 10 * 128)           # 4 MiB a split: 4 fit 16 MiB
     assert split_k_plan(0, 5120, 5120, 128, 8) == (8, 5 * 128)              # no rows: nothing to hold
@@ -99,7 +101,7 @@ def test_split_k_plan_splits_decode_and_not_prefill():
         for n_out, k_in, split in ((5120, 5120, 8), (16384, 5120, 4), (5120, 8192, 8), (1024, 5120, 6)):
             s, k_split = split_k_plan(rows, n_out, k_in, 128, split)
             assert 1 <= s <= split and k_split == -(-(k_in // 128) // s) * 128              # cdiv(K blocks, S)
-            assert s not in (2, 4, 8) or (s - 1) * k_split < k_in                          # Scout: none empty
+            assert rows > 64 or (s - 1) * k_split < k_in                                   # decode: none empty
             assert s == 1 or s * rows * n_out * 4 <= SPLIT_K_PARTIAL_BYTES
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
     from torch._dynamo.source import ConstantSource
