@@ -310,10 +310,14 @@ def mutations_in_place(ep: torch.export.ExportedProgram) -> torch.export.Exporte
 
 def in_place_module(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     """``mutations_in_place(ep).module()`` (``ep`` changed in place) without the ``copy_(cache, cache)`` that
-    unlifting writes for each mutated input: what the jit runtime compiles."""
+    unlifting writes for each mutated input, and without export's shape guards: what the jit runtime compiles.
+    Tracing a CUDA step graph's decompositions (``export_for_aoti``: stride comparisons in ``_to_copy``, a
+    contiguity check) records guards from its example step: T > 1 and B != 1. ``module()`` asserts them on every
+    call, and torch.compile keeps the assert, so every decode step (T = 1) and every batch of one would fail there;
+    AOTInductor never checks them. The input ranges (``range_constraints``: T, B >= 1) are still checked."""
     from torch.export._remove_auto_functionalized_pass import remove_self_clone
 
-    module = mutations_in_place(ep).module()
+    module = mutations_in_place(ep).module(check_guards=False)
     remove_self_clone(module.graph)
     module.recompile()
     return module
