@@ -1,6 +1,7 @@
 """The AOTInductor engine ``--device cuda`` builds, generated here for an H100 without a GPU
 (benchmarks/aoti_sm90.py): every l4 kernel compiles and is launched from the C++ wrapper, nothing runs through the
-proxy executor, and each KV cache is read by its attention kernel before it is written in place, never copied."""
+proxy executor, and each KV cache is read by its attention kernel before it is written in place, never copied. And
+what the jit runtime compiles for CUDA instead (benchmarks/jit_sm90.py), where torch is a CUDA build."""
 from __future__ import annotations
 
 import importlib.util
@@ -288,3 +289,31 @@ def test_inductor_config_overrides_are_parsed_or_refused_in_one_line(capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error: --inductor-config ") and needle in err, err
         assert err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_tiny_int4_jit_runtime_generates_for_sm90(tmp_path):
+    """What the jit runtime compiles for CUDA (benchmarks/jit_sm90.py: program.pt2's module through Inductor, Python
+    wrapper), generated for sm_90a at a decode step of one sequence (B 1, T 1): every kernel module imports, every
+    l4 kernel op launches its kernels, none runs opaque. Before in_place_module dropped export's guards, this step
+    failed them (T > 1, B != 1). Needs a CUDA build of torch: make test-host-torch (torch 2.11)."""
+    import torch
+
+    from l4compile.kernels import why_unavailable
+
+    if why_unavailable():
+        pytest.skip(why_unavailable())
+    if torch.cuda.is_available() or torch.version.cuda is None:
+        pytest.skip("needs a CUDA build of torch without a GPU (make test-host-torch)")
+    out = tmp_path / "jit.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "jit_sm90.py"), "--preset", "tiny", "--quant",
+                        "int4", "--json", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert (r["batch"], r["tokens"]) == (1, 1) and not any(r["problems"].values()), r["problems"]
+    launches = r["launches"]
+    # 4 layers: qkv + o_proj each (int4_mm_kernel, the RoPE layers' with the k epilogue), one fused MoE each
+    assert launches["int4_mm_kernel"] == 8 and launches["moe_int4_gate_up_kernel"] == 4, launches
+    assert launches["attention_partial_kernel"] == launches["add_rms_norm_router_kernel"] == 4, launches
+    assert launches.get("triton_*", 0) <= 2, launches                # Inductor's own: the embedding's norm, a fill
