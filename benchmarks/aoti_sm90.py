@@ -285,13 +285,31 @@ def check_program(ep, graph_ops: dict[str, int], path: Path) -> tuple[int, list[
     return path.stat().st_size, problems
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def engine_args(doc: str) -> argparse.ArgumentParser:
+    """The options of the engine to generate, as this tool and ``jit_sm90.py`` take them."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--quant", choices=("none", "int4", "fp8"), default="int4")
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     ap.add_argument("--max-seq-len", type=int, default=256)
     ap.add_argument("--layers", type=int, default=None)
+    return ap
+
+
+def in_fresh_cache(prefix: str, run) -> int:
+    """``run(cache)`` with Triton compiling (never interpreting) and Inductor writing into a new directory ``cache``
+    (this run's generated code alone), removed afterwards. Before torch and triton are imported."""
+    os.environ["TRITON_INTERPRET"] = "0"
+    cache = Path(tempfile.mkdtemp(prefix=prefix))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    try:
+        return run(cache)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = engine_args(__doc__)
     ap.add_argument("--inductor-config", action="append", default=[], metavar="KEY=VALUE",
                     help="an Inductor config over the engine's own (as `l4compile compile --inductor-config`; "
                          "repeatable), to see what a setting would change before a GPU measures it, e.g. "
@@ -308,13 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.int4_split_k is not None and a.int4_split_k < 1:
         ap.error(f"--int4-split-k must be >= 1, got {a.int4_split_k}")
-    os.environ["TRITON_INTERPRET"] = "0"                 # before triton is imported: compile, never interpret
-    cache = Path(tempfile.mkdtemp(prefix="aoti_sm90_"))   # before torch is imported: this run's wrapper, alone
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
-    try:
-        return run(a, cache)
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
+    return in_fresh_cache("aoti_sm90_", lambda cache: run(a, cache))
 
 
 def inductor_configs(items: list[str]) -> dict:
@@ -415,7 +427,6 @@ def _run(a: argparse.Namespace, cache: Path, table: dict | None) -> int:
               "program_bytes": program_bytes, "kernel_access_analyses": access_memo.stats(),
               **analyze(run_impl(cpp), graph_ops, caches)}
     report["problems"]["program"] = program_problems
-    bad = {k: v for k, v in report["problems"].items() if v}
     print(f"{a.preset} {a.quant} {a.dtype}, {len(caches)} caches: AOTInductor CUDA wrapper generated in "
           f"{report['seconds']} s (torch {torch.__version__}, triton {triton.__version__}, sm_90a)")
     print("| kernel | launches a step |\n|---|---|")
@@ -430,10 +441,17 @@ def _run(a: argparse.Namespace, cache: Path, table: dict | None) -> int:
     print("launches with work in a step: " + ", ".join(f"{shape} {n}" for shape, n in report["launched_at"].items()))
     memo = report["kernel_access_analyses"]
     print(f"kernel access analyses (TTIR): {memo['misses']} run, {memo['hits']} answered from access_memo")
-    for check in ("kernels", "opaque", "caches", "program"):
+    return finish(report, ("kernels", "opaque", "caches", "program"), a.json)
+
+
+def finish(report: dict, checks: tuple[str, ...], json_path: str | None) -> int:
+    """Print each check of ``report["problems"]`` (ok, or its count and first problem), write the report to
+    ``json_path`` if given; the exit status: 1 when a check failed."""
+    bad = {k: v for k, v in report["problems"].items() if v}
+    for check in checks:
         print(f"check {check}: " + ("ok" if check not in bad else f"FAILED ({len(bad[check])}): {bad[check][0]}"))
-    if a.json:
-        Path(a.json).write_text(json.dumps(report, indent=2))
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2))
     return 1 if bad else 0
 
 

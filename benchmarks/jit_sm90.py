@@ -25,18 +25,16 @@ Checks (exit 1 when one fails):
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import aoti_sm90  # noqa: E402  (imports no torch: the options, the export and the checks' tables)
 
 
 def step_inputs(ep, batch: int, tokens: int) -> list:
@@ -65,8 +63,6 @@ def wrapper_source(cache: Path) -> str:
 
 def analyze(src: str, graph_ops: dict[str, int]) -> dict:
     """Launch counts and the checks of the module docstring, from the wrapper's source."""
-    from aoti_sm90 import KERNELS
-
     names = dict(re.findall(r"^(\w+) = async_compile\.triton\('(\w+)'", src, re.M))   # variable -> kernel name
     body = src[src.index("def call("):]
     launched = [names.get(v, v) for v in re.findall(r"^\s+(\w+)\.run\(", body, re.M)]
@@ -77,7 +73,7 @@ def analyze(src: str, graph_ops: dict[str, int]) -> dict:
     problems = {"kernels": [], "opaque": []}
     expected: dict[str, int] = {}
     for op, n in graph_ops.items():
-        for kernel in KERNELS[op]:
+        for kernel in aoti_sm90.KERNELS[op]:
             expected[kernel] = expected.get(kernel, 0) + n
     problems["kernels"] = [f"{k}: {n} launches expected from the graph's ops, {counts.get(k, 0)} in the wrapper"
                            for k, n in expected.items() if counts.get(k, 0) != n]
@@ -90,25 +86,14 @@ def analyze(src: str, graph_ops: dict[str, int]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--quant", choices=("none", "int4", "fp8"), default="int4")
-    ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    ap.add_argument("--max-seq-len", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=None)
+    ap = aoti_sm90.engine_args(__doc__)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=1)
     ap.add_argument("--json", default=None, metavar="FILE")
     a = ap.parse_args(argv)
     if a.batch < 1 or a.tokens < 1:
         ap.error(f"--batch and --tokens must be >= 1, got {a.batch} and {a.tokens}")
-    os.environ["TRITON_INTERPRET"] = "0"                 # before triton is imported: compile, never interpret
-    cache = Path(tempfile.mkdtemp(prefix="jit_sm90_"))    # before torch is imported: this run's wrapper, alone
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
-    try:
-        return run(a, cache)
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
+    return aoti_sm90.in_fresh_cache("jit_sm90_", lambda cache: run(a, cache))
 
 
 def run(a: argparse.Namespace, cache: Path) -> int:
@@ -130,7 +115,6 @@ def run(a: argparse.Namespace, cache: Path) -> int:
         return 2
     import _fake_h100
     import triton
-    from aoti_sm90 import export_cuda, kernel_ops, to_fake_cuda
     from torch._inductor.compile_fx import compile_fx
 
     from backends.inductor import in_place_module
@@ -138,13 +122,13 @@ def run(a: argparse.Namespace, cache: Path) -> int:
     _fake_h100.install_triton()
     t0 = time.perf_counter()
     try:
-        ep, caches = export_cuda(a.preset, a.quant, a.dtype, a.max_seq_len, a.layers)
+        ep, caches = aoti_sm90.export_cuda(a.preset, a.quant, a.dtype, a.max_seq_len, a.layers)
     except L4Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    graph_ops = kernel_ops(ep.graph)
+    graph_ops = aoti_sm90.kernel_ops(ep.graph)
     _fake_h100.install(Path(triton.__file__).parent / "backends" / "nvidia" / "include")
-    to_fake_cuda(ep)
+    aoti_sm90.to_fake_cuda(ep)
     inputs = step_inputs(ep, a.batch, a.tokens)
     problems_source = []
     try:
@@ -163,7 +147,6 @@ def run(a: argparse.Namespace, cache: Path) -> int:
     else:
         report.update(analyze(src, graph_ops))
         report["problems"]["source"] = []
-    bad = {k: v for k, v in report["problems"].items() if v}
     print(f"{a.preset} {a.quant} {a.dtype}, B={a.batch} T={a.tokens}: jit runtime's wrapper generated in "
           f"{report['seconds']} s (torch {torch.__version__}, triton {triton.__version__}, sm_90a)")
     if src is not None:
@@ -172,11 +155,7 @@ def run(a: argparse.Namespace, cache: Path) -> int:
             print(f"| {k} | {n} |")
         for op, n in report["extern_calls"].items():
             print(f"| extern {op} | {n} |")
-    for check in ("source", "kernels", "opaque"):
-        print(f"check {check}: " + ("ok" if check not in bad else f"FAILED ({len(bad[check])}): {bad[check][0]}"))
-    if a.json:
-        Path(a.json).write_text(json.dumps(report, indent=2))
-    return 1 if bad else 0
+    return aoti_sm90.finish(report, ("source", "kernels", "opaque"), a.json)
 
 
 if __name__ == "__main__":
