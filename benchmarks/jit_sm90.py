@@ -136,7 +136,8 @@ def run(a: argparse.Namespace, cache: Path) -> int:
             compile_fx(in_place_module(ep), inputs)
         src = wrapper_source(cache)
     except Exception as e:                  # the compile itself is what this checks
-        problems_source.append(f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}")
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [""]
+        problems_source.append(f"{type(e).__name__}: " + " | ".join(dict.fromkeys((lines[0], lines[-1])))[:400])
         src = None
     report = {"preset": a.preset, "quant": a.quant, "dtype": a.dtype, "max_seq_len": a.max_seq_len,
               "batch": a.batch, "tokens": a.tokens, "torch": torch.__version__, "triton": triton.__version__,
@@ -147,15 +148,16 @@ def run(a: argparse.Namespace, cache: Path) -> int:
     else:
         report.update(analyze(src, graph_ops))
         report["problems"]["source"] = []
-    print(f"{a.preset} {a.quant} {a.dtype}, B={a.batch} T={a.tokens}: jit runtime's wrapper generated in "
-          f"{report['seconds']} s (torch {torch.__version__}, triton {triton.__version__}, sm_90a)")
+    print(f"{a.preset} {a.quant} {a.dtype}, B={a.batch} T={a.tokens}: jit runtime's compile "
+          f"{'failed after' if src is None else 'generated its wrapper in'} {report['seconds']} s "
+          f"(torch {torch.__version__}, triton {triton.__version__}, sm_90a)")
     if src is not None:
         print("| kernel | launches a step |\n|---|---|")
         for k, n in report["launches"].items():
             print(f"| {k} | {n} |")
         for op, n in report["extern_calls"].items():
             print(f"| extern {op} | {n} |")
-    return aoti_sm90.finish(report, ("source", "kernels", "opaque"), a.json)
+    return aoti_sm90.finish(report, ("source",) if src is None else ("source", "kernels", "opaque"), a.json)
 
 
 if __name__ == "__main__":
