@@ -192,7 +192,7 @@ def split_k_plan(rows, n_out: int, k_in: int, block_k: int, split_k: int, tiles=
     k_blocks = (k_in + block_k - 1) // block_k
     if split_k <= 1 or k_blocks <= 1:
         return 1, k_blocks * block_k
-    per = -(-k_blocks // min(split_k, k_blocks))    # K blocks a slice at split_k
+    per = -(-k_blocks // split_k)                   # K blocks a slice at split_k (1 where split_k >= K blocks)
     cap = -(-k_blocks // per)                       # the fewest slices of that length: none empty
     if max_tiles is not None:                       # 0 where the tiles outnumber the counters, else cap
         cap = torch.sym_min(1, max_tiles // torch.sym_max(1, tiles)) * cap
