@@ -44,7 +44,6 @@ HOST_PKGS ?= torch==2.11.0 triton==3.6.0 transformers==5.17.0
 test-host-torch:
 	test -x $(HOST_VENV)/bin/python || $(PY) -m venv $(HOST_VENV)
 	$(HOST_VENV)/bin/pip install -q --upgrade pip "setuptools>=70.1,<82" wheel
-	$(HOST_VENV)/bin/pip install -q $(HOST_PKGS)
 	$(HOST_VENV)/bin/pip install -q -e ".[test,onnx]" $(HOST_PKGS)
 	$(HOST_VENV)/bin/python -m pytest -q -n $(WORKERS)
 	$(HOST_VENV)/bin/python -m pytest -q -n $(WORKERS) -m slow tests/kernels/test_aoti_sm90.py
