@@ -27,9 +27,10 @@ Two runtimes load the same engine (``L4COMPILE_INDUCTOR_RUNNER``):
   aoti  (default) the AOTInductor package, C++ launches, no Python in the step;
   jit   ``program.pt2``: the exported program the package was compiled from, saved without its weights (meta
         tensors; 1-2 MB for the test models, the graph alone), given weights.safetensors and compiled in-process
-        by ``torch.compile`` with the engine's Inductor settings on first use of each shape. Same graph, same
-        kernels (the Triton ops on CUDA), same numerics up to Inductor's fusion choices; Python launches every
-        kernel, so decode wants CUDA graphs (decode mode "graph", the default on CUDA). For hosts whose
+        by ``torch.compile`` with the engine's Inductor settings on first use of each shape class (B, T = 1 or
+        > 1; ``_with_dynamic_dims``). Same graph, same kernels (the Triton ops on CUDA), same numerics up to
+        Inductor's fusion choices; Python launches every kernel, so decode wants CUDA graphs (decode mode "graph",
+        the default on CUDA). For hosts whose
         AOTInductor cannot load a CUDA package (the lent H200 image of 2026-12-04 segfaulted in
         ``aoti_load_package`` even for an nn.Linear), and for comparing the two runtimes. Engines from before it
         have no ``program.pt2`` and load with aoti only."""
@@ -414,7 +415,7 @@ def _step_runner(fn, n_caches: int):
 
 def _load_jit(rank_dir: Path, manifest: dict[str, Any], n_caches: int):
     """The jit runtime: program.pt2 with weights.safetensors' tensors (no copy), compiled by ``torch.compile`` with
-    the engine's Inductor settings (lazily: each new input shape compiles on its first call)."""
+    the engine's Inductor settings (lazily: each shape class compiles on its first call)."""
     info = manifest.get("backend_info") or {}
     if not info.get("program") or not info.get("weights"):
         raise L4Error(f"engine {rank_dir} has no {PROGRAM} (compiled before the jit runtime existed): recompile it, "
@@ -425,10 +426,42 @@ def _load_jit(rank_dir: Path, manifest: dict[str, Any], n_caches: int):
     module = in_place_module(_with_tensors(ep, lambda name, t: weights[name]))
     configs = {k: v for k, v in (manifest.get("compile_config") or {}).get("inductor_configs") or ()
                if not k.startswith("aot_inductor.")}
-    run = _step_runner(_with_kernel_blocks(torch.compile(module, options=configs or None), manifest), n_caches)
+    compiled = _with_dynamic_dims(torch.compile(module, options=configs or None), dynamic_dims(ep))
+    run = _step_runner(_with_kernel_blocks(compiled, manifest), n_caches)
     run.weights = weights
     run.runtime = "jit"
     return run
+
+
+def dynamic_dims(ep: torch.export.ExportedProgram) -> tuple[tuple[int, int], ...]:
+    """(user input position, dim) of every input size the exported step left symbolic: B and T of ``input_ids``,
+    B of each cache (one graph serves them, as in the AOTInductor package)."""
+    from torch.export.graph_signature import InputKind
+
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    users = [vals[s.arg.name] for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    return tuple((i, d) for i, v in enumerate(users) if isinstance(v, torch.Tensor)
+                 for d, size in enumerate(v.shape) if isinstance(size, torch.SymInt))
+
+
+def _with_dynamic_dims(fn, dims: tuple[tuple[int, int], ...]):
+    """``fn`` (torch.compile'd) compiling once per shape class: which of the sizes ``dims`` are > 1. A class's first
+    call marks its sizes > 1 dynamic before torch.compile sees them, so its one graph serves every later prompt
+    length and batch of the class. Left to automatic dynamic, a class's first size compiles static and its second
+    compiles again (48 Scout layers: ~100 s each on a 2-core CPU). Sizes of 1 stay specialised (torch.compile's
+    rule), so decode (T = 1) and a batch of one get graphs of their own: four at most. Only a class's first call
+    marks; later calls pay nothing."""
+    seen: set[tuple[bool, ...]] = set()
+
+    def call(*inputs):
+        cls = tuple(inputs[i].shape[d] > 1 for i, d in dims)
+        if cls not in seen:
+            seen.add(cls)
+            for i, d in dims:
+                if inputs[i].shape[d] > 1:
+                    torch._dynamo.maybe_mark_dynamic(inputs[i], d)
+        return fn(*inputs)
+    return call
 
 
 def _with_kernel_blocks(fn, manifest: dict[str, Any]):

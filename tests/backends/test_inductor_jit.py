@@ -35,6 +35,24 @@ def test_jit_runtime_matches_the_package(both):
     assert jit.generate(prompt, max_new_tokens=8).tolist() == want.tolist()
 
 
+def test_jit_runtime_compiles_a_prompt_length_once(both):
+    """The prefill graph is dynamic in T from its first compile, as the package is: later prompt lengths reuse it
+    (and the decode graph). Left to automatic dynamic, the first prompt length's graph would be static and the next
+    length would compile again."""
+    from torch._dynamo.utils import counters
+
+    aoti, jit = both
+    gen = torch.Generator().manual_seed(6)
+    first = torch.randint(0, aoti.vocab_size, (2, 7), generator=gen)
+    assert jit.generate(first, max_new_tokens=2).tolist() == aoti.generate(first, max_new_tokens=2).tolist()
+    graphs = counters["stats"]["unique_graphs"]
+    for shape in ((2, 12), (2, 3)):
+        prompt = torch.randint(0, aoti.vocab_size, shape, generator=gen)
+        assert rel_err(jit.prefill(prompt), aoti.prefill(prompt)) < 1e-5
+        assert jit.generate(prompt, max_new_tokens=3).tolist() == aoti.generate(prompt, max_new_tokens=3).tolist()
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_jit_weights_are_the_engine_file_tensors(both):
     """The compiled program reads weights.safetensors' tensors, loaded once; program.pt2 holds no weights."""
     _, jit = both
