@@ -317,3 +317,28 @@ def test_tiny_int4_jit_runtime_generates_for_sm90(tmp_path):
     assert launches["int4_mm_kernel"] == 8 and launches["moe_int4_gate_up_kernel"] == 4, launches
     assert launches["attention_partial_kernel"] == launches["add_rms_norm_router_kernel"] == 4, launches
     assert launches.get("triton_*", 0) <= 2, launches                # Inductor's own: the embedding's norm, a fill
+
+
+@pytest.mark.slow
+def test_tiny_int4_jit_runtime_generates_a_dynamic_prefill_for_sm90(tmp_path):
+    """The jit runtime's prefill graph of a batch (B and T symbolic, as its torch.compile sees them: sizes > 1 marked
+    dynamic on a shape class's first call) generated for sm_90a: the wrapper reads both sizes from its inputs and
+    launches the same kernels as a static step. Needs a CUDA build of torch: make test-host-torch."""
+    import torch
+
+    from l4compile.kernels import why_unavailable
+
+    if why_unavailable():
+        pytest.skip(why_unavailable())
+    if torch.cuda.is_available() or torch.version.cuda is None:
+        pytest.skip("needs a CUDA build of torch without a GPU (make test-host-torch)")
+    out = tmp_path / "jit.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "jit_sm90.py"), "--preset", "tiny", "--quant",
+                        "int4", "--batch", "2", "--tokens", "64", "--dynamic", "--json", str(out)],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["dynamic"] and not any(r["problems"].values()), r["problems"]
+    assert len(r["symbolic_sizes"]) == 2, r["symbolic_sizes"]
+    assert r["launches"]["int4_mm_kernel"] == 8 and r["launches"]["moe_int4_down_kernel"] == 4, r["launches"]
