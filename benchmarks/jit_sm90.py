@@ -13,8 +13,8 @@ How: as ``aoti_sm90.py`` (the preset lowered and exported by ``backends/inductor
 fake CUDA tensors under ``_fake_h100``'s stand-in runtime), then ``backends.inductor.in_place_module`` (the module
 the jit runtime compiles) given to Inductor's ``compile_fx`` at one step's shapes (``--batch`` x ``--tokens``). The
 runtime compiles once per shape class, with B and T symbolic where > 1: ``--dynamic`` generates that graph, a
-prefill's or a batch's; without it the sizes are static. Inductor writes the Python wrapper and compiles every kernel for
-sm_90a; nothing runs.
+prefill's or a batch's; without it the sizes are static. Inductor writes the Python wrapper and compiles every kernel
+for sm_90a; nothing runs.
 
 Checks (exit 1 when one fails):
   source   the wrapper and every kernel module it loads were generated and imported (a SyntaxError in copied kernel
@@ -163,9 +163,9 @@ def run(a: argparse.Namespace, cache: Path) -> int:
         problems_source.append(f"{type(e).__name__}: " + " | ".join(dict.fromkeys((lines[0], lines[-1])))[:400])
         src = None
     report = {"preset": a.preset, "quant": a.quant, "dtype": a.dtype, "max_seq_len": a.max_seq_len,
-              "batch": a.batch, "tokens": a.tokens, "dynamic": a.dynamic, "torch": torch.__version__, "triton": triton.__version__,
-              "target": "sm_90a", "runtime": "jit", "graph_ops": graph_ops, "caches": len(caches),
-              "seconds": round(time.perf_counter() - t0, 1)}
+              "batch": a.batch, "tokens": a.tokens, "dynamic": a.dynamic, "torch": torch.__version__,
+              "triton": triton.__version__, "target": "sm_90a", "runtime": "jit", "graph_ops": graph_ops,
+              "caches": len(caches), "seconds": round(time.perf_counter() - t0, 1)}
     if src is None:
         report["problems"] = {"source": problems_source}
     else:
