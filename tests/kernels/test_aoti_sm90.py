@@ -291,12 +291,9 @@ def test_inductor_config_overrides_are_parsed_or_refused_in_one_line(capsys):
         assert err.count("\n") == 1
 
 
-@pytest.mark.slow
-def test_tiny_int4_jit_runtime_generates_for_sm90(tmp_path):
-    """What the jit runtime compiles for CUDA (benchmarks/jit_sm90.py: program.pt2's module through Inductor, Python
-    wrapper), generated for sm_90a at a decode step of one sequence (B 1, T 1): every kernel module imports, every
-    l4 kernel op launches its kernels, none runs opaque. Before in_place_module dropped export's guards, this step
-    failed them (T > 1, B != 1). Needs a CUDA build of torch: make test-host-torch (torch 2.11)."""
+def _jit_sm90(tmp_path, *args: str) -> dict:
+    """benchmarks/jit_sm90.py's report for the tiny Int4 engine (``args`` after its preset and quant); skips where
+    it cannot run (Triton missing; a GPU, or a CPU build of torch: it needs ``make test-host-torch``'s)."""
     import torch
 
     from l4compile.kernels import why_unavailable
@@ -307,11 +304,21 @@ def test_tiny_int4_jit_runtime_generates_for_sm90(tmp_path):
         pytest.skip("needs a CUDA build of torch without a GPU (make test-host-torch)")
     out = tmp_path / "jit.json"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "jit_sm90.py"), "--preset", "tiny", "--quant",
-                        "int4", "--json", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT,
+                        "int4", *args, "--json", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT,
                        env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    r = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_tiny_int4_jit_runtime_generates_for_sm90(tmp_path):
+    """What the jit runtime compiles for CUDA (benchmarks/jit_sm90.py: program.pt2's module through Inductor, Python
+    wrapper), generated for sm_90a at a decode step of one sequence (B 1, T 1): every kernel module imports, every
+    l4 kernel op launches its kernels, none runs opaque. Before in_place_module dropped export's guards, this step
+    failed them (T > 1, B != 1). Needs a CUDA build of torch: make test-host-torch (torch 2.11)."""
+    r = _jit_sm90(tmp_path)
     assert (r["batch"], r["tokens"]) == (1, 1) and not any(r["problems"].values()), r["problems"]
+    assert r["symbolic_sizes"] == [], r["symbolic_sizes"]            # decode at a batch of one: static
     launches = r["launches"]
     # 4 layers: qkv + o_proj each (int4_mm_kernel, the RoPE layers' with the k epilogue), one fused MoE each
     assert launches["int4_mm_kernel"] == 8 and launches["moe_int4_gate_up_kernel"] == 4, launches
@@ -324,21 +331,7 @@ def test_tiny_int4_jit_runtime_generates_a_dynamic_prefill_for_sm90(tmp_path):
     """The jit runtime's prefill graph of a batch (B and T symbolic, as its torch.compile sees them: sizes > 1 marked
     dynamic on a shape class's first call) generated for sm_90a: the wrapper reads both sizes from its inputs and
     launches the same kernels as a static step. Needs a CUDA build of torch: make test-host-torch."""
-    import torch
-
-    from l4compile.kernels import why_unavailable
-
-    if why_unavailable():
-        pytest.skip(why_unavailable())
-    if torch.cuda.is_available() or torch.version.cuda is None:
-        pytest.skip("needs a CUDA build of torch without a GPU (make test-host-torch)")
-    out = tmp_path / "jit.json"
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "jit_sm90.py"), "--preset", "tiny", "--quant",
-                        "int4", "--batch", "2", "--tokens", "64", "--dynamic", "--json", str(out)],
-                       capture_output=True, text=True, timeout=900, cwd=ROOT,
-                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    r = json.loads(out.read_text())
+    r = _jit_sm90(tmp_path, "--batch", "2", "--tokens", "64", "--dynamic")
     assert r["dynamic"] and not any(r["problems"].values()), r["problems"]
     assert len(r["symbolic_sizes"]) == 2, r["symbolic_sizes"]
     assert r["launches"]["int4_mm_kernel"] == 8 and r["launches"]["moe_int4_down_kernel"] == 4, r["launches"]
