@@ -176,8 +176,8 @@ def run(a: argparse.Namespace, cache: Path) -> int:
         report["problems"]["dynamic"] = [] if got == want else [
             f"the wrapper reads {got} symbolic sizes from its inputs, {want} expected (B and T where > 1)"]
     print(f"{a.preset} {a.quant} {a.dtype}, B={a.batch} T={a.tokens}{' (dynamic)' if a.dynamic else ''}: "
-          f"jit runtime's compile "
-          f"{'failed after' if src is None else 'generated its wrapper in'} {report['seconds']} s "
+          f"jit runtime's compile {'failed after' if src is None else 'generated its wrapper in'} "
+          f"{report['seconds']} s "
           f"(torch {torch.__version__}, triton {triton.__version__}, sm_90a)")
     if src is not None:
         print("| kernel | launches a step |\n|---|---|")
