@@ -432,33 +432,39 @@ def _load_jit(rank_dir: Path, manifest: dict[str, Any], n_caches: int):
     return run
 
 
-def dynamic_dims(ep: torch.export.ExportedProgram) -> tuple[tuple[int, int], ...]:
-    """(user input position, dim) of every input size the exported step left symbolic: B and T of ``input_ids``,
-    B of each cache (one graph serves them, as in the AOTInductor package)."""
+def dynamic_dims(ep: torch.export.ExportedProgram) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """The input sizes the exported step left symbolic, one group per symbol: each a tuple of (user input position,
+    dim) that share it. Here B (``input_ids`` dim 0 and each cache's dim 0) and T (``input_ids`` dim 1); one graph
+    serves them in the AOTInductor package."""
     from torch.export.graph_signature import InputKind
 
     vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
     users = [vals[s.arg.name] for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
-    return tuple((i, d) for i, v in enumerate(users) if isinstance(v, torch.Tensor)
-                 for d, size in enumerate(v.shape) if isinstance(size, torch.SymInt))
+    groups: dict[str, list[tuple[int, int]]] = {}
+    for i, v in enumerate(users):
+        for d, size in enumerate(v.shape if isinstance(v, torch.Tensor) else ()):
+            if isinstance(size, torch.SymInt):
+                groups.setdefault(str(size), []).append((i, d))
+    return tuple(tuple(g) for g in groups.values())
 
 
-def _with_dynamic_dims(fn, dims: tuple[tuple[int, int], ...]):
-    """``fn`` (torch.compile'd) compiling once per shape class: which of the sizes ``dims`` are > 1. A class's first
-    call marks its sizes > 1 dynamic before torch.compile sees them, so its one graph serves every later prompt
-    length and batch of the class. Left to automatic dynamic, a class's first size compiles static and its second
-    compiles again. The symbolic compile costs more (48 Scout layers' prefill for sm_90a on a 2-core CPU: 138 s,
-    static 117 s) but is the only one the class pays. Sizes of 1 stay specialised (torch.compile's rule), so
-    decode (T = 1) and a batch of one get graphs of their own, static at batch 1: four at most. Only a class's
-    first call marks; later calls pay nothing."""
+def _with_dynamic_dims(fn, groups: tuple[tuple[tuple[int, int], ...], ...]):
+    """``fn`` (torch.compile'd) compiling once per shape class: which of the symbolic sizes (``dynamic_dims``'
+    ``groups``) are > 1. A class's first call marks its sizes > 1 dynamic before torch.compile sees them, so its
+    one graph serves every later prompt length and batch of the class. Left to automatic dynamic, a class's first
+    size compiles static and its second compiles again. The symbolic compile costs more (48 Scout layers' prefill
+    for sm_90a on a 2-core CPU: 138 s, static 117 s) but is the only one the class pays. Sizes of 1 stay
+    specialised (torch.compile's rule), so decode (T = 1) and a batch of one get graphs of their own, static at
+    batch 1: four at most. A call reads one size a symbol (2 for Scout's 98 inputs); only a class's first call
+    marks."""
     seen: set[tuple[bool, ...]] = set()
 
     def call(*inputs):
-        cls = tuple(inputs[i].shape[d] > 1 for i, d in dims)
+        cls = tuple(inputs[g[0][0]].shape[g[0][1]] > 1 for g in groups)
         if cls not in seen:
             seen.add(cls)
-            for i, d in dims:
-                if inputs[i].shape[d] > 1:
+            for wide, g in zip(cls, groups):
+                for i, d in g if wide else ():
                     torch._dynamo.maybe_mark_dynamic(inputs[i], d)
         return fn(*inputs)
     return call

@@ -53,7 +53,7 @@ def step_inputs(ep, batch: int, tokens: int, dynamic: bool = False) -> list:
 
     args, _ = ep.example_inputs
     mode = detect_fake_mode(args)
-    symbolic = set(dynamic_dims(ep)) if dynamic else set()
+    symbolic = {dim for group in dynamic_dims(ep) for dim in group} if dynamic else set()
     sizes: dict[int, object] = {}
 
     def size(i: int, d: int, n: int):
