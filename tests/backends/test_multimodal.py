@@ -111,6 +111,27 @@ def test_text_prompts_and_manifest(mm_engines, hf_model):
         eng.prepare_prompt(torch.tensor([PROMPT, PROMPT]), [_image(50, 50)])
 
 
+def test_image_prompt_under_the_jit_runtime(mm_engines, monkeypatch):
+    """The vision engine and the image-aware text engine through the jit runtime (program.pt2 + torch.compile) give
+    the package's logits and tokens; a text prompt of another length then compiles nothing (the image prompt's
+    prefill graph is dynamic in T, its image_embeds / image_mask inputs included)."""
+    import l4compile
+    from torch._dynamo.utils import counters
+
+    aoti = mm_engines["inductor"]
+    monkeypatch.setenv("L4COMPILE_INDUCTOR_RUNNER", "jit")
+    jit = l4compile.load_engine(aoti.path)
+    assert jit.runtime == "jit"
+    img, ids = _image(*IMAGES["two-tiles"]), torch.tensor([PROMPT])
+    assert rel_err(jit.prefill(ids, images=[img]), aoti.prefill(ids, images=[img])) < 1e-5
+    want = aoti.generate(ids, max_new_tokens=4, images=[img])
+    assert jit.generate(ids, max_new_tokens=4, images=[img]).tolist() == want.tolist()
+    graphs = counters["stats"]["unique_graphs"]
+    text = torch.tensor([[1, 7, 300, 42, 9, 11, 12]])
+    assert rel_err(jit.prefill(text), aoti.prefill(text)) < 1e-5
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_cli_run_with_image(mm_engines, tmp_path):
     from tests.conftest import run_cli
 
