@@ -464,8 +464,9 @@ def _with_dynamic_dims(fn, groups: tuple[tuple[tuple[int, int], ...], ...]):
         if cls not in seen:
             seen.add(cls)
             for wide, g in zip(cls, groups):
-                for i, d in g if wide else ():
-                    torch._dynamo.maybe_mark_dynamic(inputs[i], d)
+                if wide:
+                    for i, d in g:
+                        torch._dynamo.maybe_mark_dynamic(inputs[i], d)
         return fn(*inputs)
     return call
 

@@ -203,6 +203,17 @@ def run_impl(cpp: str) -> list[str]:
     return cpp[start:cpp.index("} // AOTInductorModel::run_impl", start)].splitlines()
 
 
+def kernel_problems(counts: dict[str, int], graph_ops: dict[str, int]) -> list[str]:
+    """The ``kernels`` check: each kernel of ``KERNELS`` launched (``counts``: kernel -> launches in a step) as often
+    as the graph's l4 ops (``graph_ops``: op -> count) launch it."""
+    expected: dict[str, list[tuple[str, int]]] = {}       # kernel -> the ops that launch it (int4_mm and its chained
+    for op, n in graph_ops.items():                       # form share int4_mm_kernel), with their counts
+        for kernel in KERNELS[op]:
+            expected.setdefault(kernel, []).append((op, n))
+    return [f"{' + '.join(f'{op} x{n}' for op, n in ops)} in the graph, {kernel} launched {counts.get(kernel, 0)}x"
+            for kernel, ops in expected.items() if counts.get(kernel, 0) != sum(n for _, n in ops)]
+
+
 def analyze(lines: list[str], graph_ops: dict[str, int], caches: list[str]) -> dict:
     """Launch counts and the three checks of the module docstring, from ``run_impl``'s lines. ``graph_ops``: l4 kernel
     op -> count in the exported graph; ``caches``: the cache inputs' names in the graph's order."""
@@ -217,15 +228,7 @@ def analyze(lines: list[str], graph_ops: dict[str, int], caches: list[str]) -> d
     counts: dict[str, int] = {}
     for _, k, _ in launches:
         counts[k] = counts.get(k, 0) + 1
-    problems = {"kernels": [], "opaque": [], "caches": []}
-    expected: dict[str, list[tuple[str, int]]] = {}       # kernel -> the ops that launch it (int4_mm and its chained
-    for op, n in graph_ops.items():                       # form share int4_mm_kernel), with their counts
-        for kernel in KERNELS[op]:
-            expected.setdefault(kernel, []).append((op, n))
-    for kernel, ops in expected.items():
-        if counts.get(kernel, 0) != sum(n for _, n in ops):
-            problems["kernels"].append(f"{' + '.join(f'{op} x{n}' for op, n in ops)} in the graph, {kernel} launched "
-                                       f"{counts.get(kernel, 0)}x")
+    problems = {"kernels": kernel_problems(counts, graph_ops), "opaque": [], "caches": []}
     problems["opaque"] = [ln.strip()[:160] for ln in lines if "proxy_executor_call_function" in ln]
     skip = ("std::move(inputs", "_aligned", "assert_size_stride", ".reset()", "data_ptr()")
     for name, var in zip(caches, cache_vars):

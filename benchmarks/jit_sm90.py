@@ -90,14 +90,8 @@ def analyze(src: str, graph_ops: dict[str, int]) -> dict:
     for k in launched:
         key = "triton_*" if k.startswith("triton_") else k
         counts[key] = counts.get(key, 0) + 1
-    problems = {"kernels": [], "opaque": []}
-    expected: dict[str, int] = {}
-    for op, n in graph_ops.items():
-        for kernel in aoti_sm90.KERNELS[op]:
-            expected[kernel] = expected.get(kernel, 0) + n
-    problems["kernels"] = [f"{k}: {n} launches expected from the graph's ops, {counts.get(k, 0)} in the wrapper"
-                           for k, n in expected.items() if counts.get(k, 0) != n]
-    problems["opaque"] = sorted(set(re.findall(r"torch\.ops\.l4\.\w+", body)))
+    problems = {"kernels": aoti_sm90.kernel_problems(counts, graph_ops),
+                "opaque": sorted(set(re.findall(r"torch\.ops\.l4\.\w+", body)))}
     externs: dict[str, int] = {}
     for op in re.findall(r"extern_kernels\.(\w+)\(", body):
         externs[op] = externs.get(op, 0) + 1
