@@ -125,7 +125,8 @@ class Int4Blocks:
     split_k: int = 1        # the most programs per output tile, each reducing a K slice (``split_k_plan``)
     bf16x2: bool = False    # the inline-PTX unpack (int4_mm.int4_pairs_bf16; bf16 on sm_90): a sweep candidate
     num_stages: int | None = None   # the K loop's software-pipeline depth (Triton's launch option; None: its
-                                    # default, 3: with a K step of two blocks, 4 blocks in flight): a sweep candidate
+                                    # default, 3: with a K step of two blocks, 4 blocks in flight): a sweep
+                                    # candidate, and 2 in the prefill blocks (what lets their tiles fit)
     num_warps: int | None = None    # warps a program (Triton's launch option; None: its default, 4): a sweep
                                     # candidate. A decode step keeps few programs an SM (the MoE's gate_up: 2, by
                                     # shared memory), so its unpack work has 8 warps an SM to hide latency with
@@ -146,6 +147,46 @@ def int4_blocks(n_out: int, k_in: int, group: int) -> Int4Blocks:
         bk = 32
     bn = max(16, min(64, _pow2_floor(n_out)))
     return Int4Blocks(16, bn, bk, per_block)
+
+
+# Int4 GEMM steps of more rows than this (``int4_matmul``: M; ``fused_moe_int4``: T tokens) run the prefill blocks
+# below, shorter ones the decode blocks. An engine's step holds both launches, the other's grid empty (a guard-free
+# expression of its symbolic T). Above it the tall tiles fill an H100 (q_proj at BM 128: 2 x 40 programs at 256 rows)
+INT4_PREFILL_ROWS = 256
+
+
+def _prefill_applies(k_in: int, group: int, x_dtype: torch.dtype, scale_dtype: torch.dtype) -> bool:
+    """Whether an Int4 GEMM over ``k_in`` inputs in groups of ``group`` has prefill blocks: bf16 activations and
+    scales (the FMA unpack's, ``fma_unpack``; fp16 and float32 engines keep their decode blocks, not compiled for
+    sm_90a at these tiles) and whole 128-input K blocks inside one group."""
+    return x_dtype == scale_dtype == torch.bfloat16 and group % 128 == 0 and k_in % 128 == 0
+
+
+def int4_prefill_blocks(n_out: int, k_in: int, group: int, x_dtype: torch.dtype,
+                        scale_dtype: torch.dtype) -> Int4Blocks | None:
+    """``int4_mm``'s blocks at a step of more than ``INT4_PREFILL_ROWS`` rows, or None where the decode blocks serve
+    every step. BM 16 (``int4_blocks``) unpacks each weight once per 16 rows: at Scout's q_proj the K loop issues
+    ~5.2 instructions a weight a 16-row tile, against ~0.25 of its MMAs, so a prefill is bound by the unpack
+    (~190 TFLOP/s by issue rate). BM 128 x BN 128 (8 warps, 2 stages) unpacks once per 128 rows, ~0.9 instructions a
+    weight per 16 rows, and its dots become wgmma m64n128k16 (``benchmarks/kernels_sm90.py --ops``: 215 registers,
+    no spill, 86.5 KiB of shared memory). Unsplit: a prefill's output tiles fill the GPU."""
+    if not _prefill_applies(k_in, group, x_dtype, scale_dtype) or n_out < 128:
+        return None
+    return Int4Blocks(128, 128, 128, True, num_stages=2, num_warps=8)
+
+
+def moe_int4_prefill_blocks(hidden: int, inter: int, group_h: int, group_i: int, x_dtype: torch.dtype,
+                            scale_dtype: torch.dtype) -> tuple[Int4Blocks, Int4Blocks] | None:
+    """The fused Int4 MoE's (gate_up, down) blocks at a step of more than ``INT4_PREFILL_ROWS`` tokens (its own tile
+    map at their BM), or None where the decode blocks serve every step. BM 64 x BN 64 (4 warps, 2 stages): gate_up
+    issues ~1.6 instructions a weight per 16 rows against ~4.8 at BM 16, down ~1.8 against ~5.2, on wgmma
+    m64n64k16, 2 programs an SM, no spill (225 / 171 registers, 97 / 80.5 KiB). BM 128 (8 warps) would unpack less
+    (~1.1 / 1.3) but holds one program an SM, and its 3-stage or BN 128 forms overflow shared memory or spill."""
+    if not (_prefill_applies(hidden, group_h, x_dtype, scale_dtype)
+            and _prefill_applies(inter, group_i, x_dtype, scale_dtype)):
+        return None
+    b = Int4Blocks(64, 64, 128, True, num_stages=2, num_warps=4)
+    return b, b
 
 
 def rope_int4_blocks(b: Int4Blocks, n_out: int, head_dim: int, k_col0: int, k_cols: int) -> Int4Blocks | None:

@@ -75,9 +75,9 @@ from .int4_mm import int4_mm_bf16x2_kernel, int4_mm_kernel
 from .layout import (ATTENTION_COMBINE_STAGES, ATTENTION_DECODE_BLOCK_M, ATTENTION_MAX_SPLITS, MOE_NORM_BLOCK_H,
                      MOE_NORM_DECODE_TOKENS, MOE_ROUTE_DECODE_TOKENS, NORM_ROUTER_BLOCK_H, NORM_ROUTER_BLOCK_HB,
                      NORM_ROUTER_BLOCK_T, NORM_ROUTER_DECODE_TOKENS, NORM_ROUTER_EXPERTS, AttentionBlocks,
-                     SPLIT_K_LOCK_WORDS, Int4Blocks, MoeRows, attention_blocks, attention_splits, fma_unpack,
-                     int4_blocks, moe_blocks, moe_fp8_blocks, moe_int4_blocks, moe_rows, num_tiles,
-                     rope_int4_blocks, scale_words, split_k_plan)
+                     INT4_PREFILL_ROWS, SPLIT_K_LOCK_WORDS, Int4Blocks, MoeRows, attention_blocks, attention_splits,
+                     fma_unpack, int4_blocks, int4_prefill_blocks, moe_blocks, moe_fp8_blocks, moe_int4_blocks,
+                     moe_int4_prefill_blocks, moe_rows, num_tiles, rope_int4_blocks, scale_words, split_k_plan)
 from .moe_down import moe_down_kernel
 from .moe_fp8_down import moe_fp8_down_kernel
 from .moe_fp8_gate_up import moe_fp8_gate_up_kernel
@@ -115,13 +115,17 @@ def _group_block(n_exp: int) -> int:
     return max(2, triton.next_power_of_2(n_exp + 1))
 
 
-def moe_route(logits: Tensor, block_m: int, zero: tuple[Tensor, ...] = (), in_kernel: bool = False) -> MoeRows:
+def moe_route(logits: Tensor, block_m: int, zero: tuple[Tensor, ...] = (), in_kernel: bool = False, on=1,
+              rows_of: MoeRows | None = None) -> MoeRows:
     """Top-1 routing of router logits [T, E] -> the grouped-row map for tiles of ``block_m`` rows, in one launch
     (``moe_route_kernel``); equal to ``moe_rows(*top-1 of logits, E, block_m)`` (equal maxima: the first expert).
     ``zero``: up to two flat int32 tensors the same launch fills with zeros (split-K counters of the GEMMs after it).
     ``in_kernel``: the grouped GEMMs build the tiles of a 1-token step from its logits themselves
     (``moe_route.tile_span``), so the launch has an empty grid then (a guard-free expression of a symbolic T: an
-    engine skips it at batch-1 decode); nothing to zero then."""
+    engine skips it at batch-1 decode); nothing to zero then. ``on`` (0 or 1, an int or a SymInt) multiplies the
+    grid: 0 where another tile size's map serves the step (``fused_moe_int4``'s prefill blocks). ``rows_of``: that
+    other map, whose row arrays (row_tok, row_scale, routed_row: the same for any BM) this launch writes, so that
+    what reads them after both launches reads the step's; the tile arrays are this map's own."""
     if len(zero) > 2 or any(z.dtype != torch.int32 or z.dim() != 1 for z in zero):
         raise ValueError("moe_route: zero takes up to two flat int32 tensors")
     if in_kernel and zero:
@@ -131,14 +135,17 @@ def moe_route(logits: Tensor, block_m: int, zero: tuple[Tensor, ...] = (), in_ke
     block_g = _group_block(n_exp)
     block_t = max(16, min(256, 8192 // block_g))
     n_tiles = num_tiles(2 * n_tok, n_exp + 1, block_m)
-    rows = MoeRows(torch.empty(2 * n_tok, device=dev, dtype=torch.int32),
-                   torch.empty(2 * n_tok, device=dev, dtype=torch.float32),
-                   torch.empty(n_tok, device=dev, dtype=torch.int64),
-                   *(torch.empty(n_tiles, device=dev, dtype=torch.int32) for _ in range(3)))
+    shared = ((rows_of.row_tok, rows_of.row_scale, rows_of.routed_row) if rows_of is not None else
+              (torch.empty(2 * n_tok, device=dev, dtype=torch.int32),
+               torch.empty(2 * n_tok, device=dev, dtype=torch.float32),
+               torch.empty(n_tok, device=dev, dtype=torch.int64)))
+    rows = MoeRows(*shared, *(torch.empty(n_tiles, device=dev, dtype=torch.int32) for _ in range(3)))
     # unused counter pointers (0 ints to zero) get buffers of their own: an output passed again there would alias
     # the kernel's mutated arguments, which Inductor resolves with a copy kernel per MoE layer (bf16 and FP8 steps)
     za, zb = (*zero, *(torch.empty(1, device=dev, dtype=torch.int32) for _ in range(2 - len(zero))))
-    grid = torch.sym_max(0, torch.sym_min(1, n_tok - 1)) if in_kernel else 1                  # 0 at T = 1
+    if isinstance(on, int) and on == 0:                 # the other map serves this step: no launch at all
+        return rows
+    grid = (torch.sym_max(0, torch.sym_min(1, n_tok - 1)) if in_kernel else 1) * on           # 0 at T = 1
     wrap_triton(moe_route_kernel)[(grid,)](
         logits, rows.row_tok, rows.row_scale, rows.routed_row, rows.tile_group, rows.tile_row0, rows.tile_row_end,
         za, zb, n_tok, n_exp, n_tiles, za.numel() if zero else 0, zb.numel() if len(zero) > 1 else 0,
@@ -243,82 +250,126 @@ def fused_moe(x: Tensor, router_w: Tensor, gate_up: Tensor, down: Tensor, shared
 
 
 def _route_map(x: Tensor, router_w: Tensor, top_k: int, block_m: int, locks: tuple[Tensor, ...] = (),
-               logits: Tensor | None = None):
+               logits: Tensor | None = None, on=1):
     """The routing of a fused MoE whose grouped GEMMs take ``moe_route.tile_span``'s arguments -> (logits, map,
     (T, logits' expert stride), the GEMMs' constexprs MAP_IN_KERNEL / BLOCK_G). Top-1 without split-K ``locks`` to
     zero: the GEMMs map a 1-token step from the logits themselves and the route launch's grid is empty then; top-1
     with locks: the route kernel maps every step and zeroes them; top-k: ``moe_rows`` (x stands in for the logits,
     a pointer never read). ``logits`` [T, E]: x @ router_w^T as computed already (``l4::add_rms_norm_router``, in a
-    CUDA engine's step), so the MoE launches no router matmul of its own; top-1 only."""
+    CUDA engine's step), so the MoE launches no router matmul of its own; top-1 only. ``on``: ``moe_route``'s."""
     n_exp = router_w.shape[0]
     in_kernel = top_k == 1 and not locks
     if top_k == 1:
         logits = F.linear(x, router_w) if logits is None else logits             # [T, E]
-        rows = moe_route(logits, block_m, locks, in_kernel)
+        rows = moe_route(logits, block_m, locks, in_kernel, on)
     else:
         logits, rows = x, _rows(x, router_w, top_k, block_m, logits)             # given logits: refused
     return logits, rows, (x.shape[0], logits.stride(-1)), {"MAP_IN_KERNEL": in_kernel,
                                                             "BLOCK_G": _group_block(n_exp)}
 
 
+@dataclass(frozen=True)
+class _MoeTiling:
+    """One tile size's launches of the fused Int4 MoE: ``on`` (0 or 1, an int or a SymInt) multiplies their row
+    tiles; ``rows`` is its map, ``gate_up`` / ``down`` its blocks, ``*_split`` their ``_split_k_buffers``, ``grid_*``
+    the grids' first two axes, ``modes`` the map constexprs (``_route_map``'s)."""
+    on: object
+    rows: MoeRows
+    gate_up: Int4Blocks
+    down: Int4Blocks
+    gate_up_split: tuple
+    down_split: tuple
+    grid_gate_up: tuple
+    grid_down: tuple
+    modes: dict
+
+
 def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tensor, down_q: Tensor, down_s: Tensor,
                    shared_gate_q: Tensor, shared_gate_s: Tensor, shared_up_q: Tensor, shared_up_s: Tensor,
                    shared_down_q: Tensor, shared_down_s: Tensor, top_k: int,
                    blocks: tuple[Int4Blocks, Int4Blocks] | None = None, logits: Tensor | None = None,
-                   norm: tuple | None = None):
+                   norm: tuple | None = None, prefill: tuple[Int4Blocks, Int4Blocks] | None = None):
     """The body of ``l4::moe_q_fused`` (with ``norm``: ``l4::moe_q_fused_norm``); ``blocks`` (gate_up, down; same BM)
     overrides ``default_moe_int4_blocks``; ``logits``: see ``_route_map``; ``norm``: see ``_NormLaunch``.
     The shared gate/up weights share one set of strides and every scale group matches its routed counterpart
-    (one Gh, one Gi per kernel), as the quantize pass produces them."""
+    (one Gh, one Gi per kernel), as the quantize pass produces them. ``prefill`` (gate_up, down; same BM, unsplit):
+    the blocks of top-1 steps of more than ``INT4_PREFILL_ROWS`` tokens, on a tile map of their own BM, launched
+    beside the decode blocks' route, gate_up and down (each with an empty grid where the other runs; both write the
+    same row map, activations and output); by default ``default_moe_int4_prefill_blocks``, none where only
+    ``blocks`` is given."""
     n_exp, hidden, i_dim = down_q.shape[0], down_q.shape[1], 2 * down_q.shape[2]
     group_h, group_i = hidden // gate_up_s.shape[2], i_dim // down_s.shape[2]
     if (shared_gate_q.stride() != shared_up_q.stride() or shared_gate_s.stride() != shared_up_s.stride()
             or shared_gate_s.shape[1] != gate_up_s.shape[2] or shared_down_s.shape[1] != down_s.shape[2]):
         raise ValueError("moe_q_fused: shared gate/up strides or shared scale groups differ from the routed ones")
     bgu, bdn = blocks or default_moe_int4_blocks(down_q, gate_up_s, down_s)
-    if bgu.block_m != bdn.block_m:
-        raise ValueError("moe_q_fused: gate_up and down blocks must share BM (one tile map)")
-    if bgu.bf16x2:                                                               # gate_up: N = I, K = H
-        _check_bf16x2(x, i_dim, hidden, gate_up_s, bgu)
-    if bdn.bf16x2:                                                               # down: N = H, K = I
-        _check_bf16x2(x, hidden, i_dim, down_s, bdn)
+    if prefill is None and blocks is None and top_k == 1:
+        prefill = default_moe_int4_prefill_blocks(down_q, gate_up_s, down_s, x.dtype)
+    for gu_b, dn_b in (bgu, bdn), *((prefill,) if prefill is not None else ()):
+        if gu_b.block_m != dn_b.block_m:
+            raise ValueError("moe_q_fused: gate_up and down blocks must share BM (one tile map)")
+        if gu_b.bf16x2:                                                          # gate_up: N = I, K = H
+            _check_bf16x2(x, i_dim, hidden, gate_up_s, gu_b)
+        if dn_b.bf16x2:                                                          # down: N = H, K = I
+            _check_bf16x2(x, hidden, i_dim, down_s, dn_b)
+    if prefill is not None and (top_k != 1 or max(prefill[0].split_k, prefill[1].split_k) > 1):
+        raise ValueError("moe_q_fused: prefill blocks take top-1 routing and do not split K")
     n_tok = x.shape[0]
     n_rows = n_tok * (top_k + 1)
+    # 1 iff T <= INT4_PREFILL_ROWS (guard-free in a symbolic T): the decode blocks' launches, else the prefill ones'
+    short = 1 if prefill is None else torch.sym_max(0, torch.sym_min(1, INT4_PREFILL_ROWS + 1 - n_tok))
     n_tiles = num_tiles(n_rows, n_exp + 1, bgu.block_m)                         # the map's tiles (moe_route, moe_rows)
-    grid_gu = (n_tiles, triton.cdiv(i_dim, bgu.block_n))
-    grid_dn = (n_tiles, triton.cdiv(hidden, bdn.block_n))
-    words_gu, step_gu = _k_step(bgu, group_h, gate_up_s, shared_gate_s, shared_up_s)
-    words_dn, step_dn = _k_step(bdn, group_i, down_s, shared_down_s)
+    grid_gu = (n_tiles * short, triton.cdiv(i_dim, bgu.block_n))
+    grid_dn = (n_tiles * short, triton.cdiv(hidden, bdn.block_n))
+    step_gu = _k_step(bgu, group_h, gate_up_s, shared_gate_s, shared_up_s)[1]
+    step_dn = _k_step(bdn, group_i, down_s, shared_down_s)[1]
     # split-K counters of both GEMMs: zeroed by the top-1 route kernel, no fill kernels of their own
     gu = _split_k_buffers(n_rows, 2 * i_dim, hidden, bgu, x, grid_gu[0] * grid_gu[1], step_gu, top_k != 1)
     dn = _split_k_buffers(n_rows, hidden, i_dim, bdn, x, grid_dn[0] * grid_dn[1], step_dn, top_k != 1)
     # both GEMMs unsplit (nothing to zero): a 1-token top-1 step's tiles come from its logits in the GEMMs
     unsplit = all(isinstance(p[4], int) and p[4] == 1 for p in (gu, dn))
     logits, rows, in_map, map_modes = _route_map(x, router_w, top_k, bgu.block_m,
-                                                 () if top_k != 1 or unsplit else (gu[2], dn[2]), logits)
-    mode = _dot_mode(x.dtype)
+                                                 () if top_k != 1 or unsplit else (gu[2], dn[2]), logits, short)
     nl = _NormLaunch(norm, x, rows, top_k, hidden)
     act = torch.empty((n_rows, i_dim), device=x.device, dtype=x.dtype)           # [R, I]
-    part, part_strides, lock, k_split, splits = gu
-    wrap_triton(moe_int4_gate_up_kernel)[(*grid_gu, splits)](
-        x, gate_up_q, gate_up_s, shared_gate_q, shared_gate_s, shared_up_q, shared_up_s, act, part, lock, rows.row_tok,
-        rows.row_scale, rows.tile_group, rows.tile_row0, rows.tile_row_end, hidden, i_dim, n_exp, group_h, k_split,
-        splits, x.stride(0), x.stride(1), *gate_up_q.stride(), *gate_up_s.stride(), *shared_gate_q.stride(),
-        *shared_gate_s.stride(), act.stride(0), act.stride(1), *part_strides, logits, rows.routed_row, *in_map,
-        *nl.gate_up[0], BLOCK_M=bgu.block_m, BLOCK_N=bgu.block_n, BLOCK_K=bgu.block_k,
-        SCALE_PER_BLOCK=bgu.scale_per_block, SCALE_WORDS=words_gu, BF16X2=bgu.bf16x2,
-        FMA_UNPACK=fma_unpack(bgu, (gate_up_q, shared_gate_q, shared_up_q), (gate_up_s, shared_gate_s, shared_up_s)),
-        **map_modes, **mode, **nl.gate_up[1], **_launch(bgu))
     y = torch.empty((n_rows, hidden), device=x.device, dtype=x.dtype)            # [R, H]
-    part, part_strides, lock, k_split, splits = dn
-    wrap_triton(moe_int4_down_kernel)[(*grid_dn, splits)](
-        act, down_q, down_s, shared_down_q, shared_down_s, y, part, lock, rows.tile_group, rows.tile_row0,
-        rows.tile_row_end, hidden, i_dim, n_exp, group_i, k_split, splits, act.stride(0), act.stride(1),
-        *down_q.stride(), *down_s.stride(), *shared_down_q.stride(), *shared_down_s.stride(), y.stride(0), y.stride(1),
-        *part_strides, logits, *in_map, *nl.down[0], BLOCK_M=bdn.block_m, BLOCK_N=bdn.block_n,
-        BLOCK_K=bdn.block_k, SCALE_PER_BLOCK=bdn.scale_per_block, SCALE_WORDS=words_dn, BF16X2=bdn.bf16x2,
-        FMA_UNPACK=fma_unpack(bdn, (down_q, shared_down_q), (down_s, shared_down_s)), **map_modes, **mode,
-        **nl.down[1], **_launch(bdn))
+    tilings = [_MoeTiling(short, rows, bgu, bdn, gu, dn, grid_gu, grid_dn, map_modes)]
+    if prefill is not None:     # the prefill map: its own tiles, the row arrays above; unsplit, so nothing to zero
+        pgu, pdn = prefill
+        p_tiles = num_tiles(n_rows, n_exp + 1, pgu.block_m) * (1 - short)
+        tilings.append(_MoeTiling(
+            1 - short, moe_route(logits, pgu.block_m, on=1 - short, rows_of=rows), pgu, pdn,
+            _split_k_buffers(n_rows, 2 * i_dim, hidden, pgu, x, 0,
+                             _k_step(pgu, group_h, gate_up_s, shared_gate_s, shared_up_s)[1]),
+            _split_k_buffers(n_rows, hidden, i_dim, pdn, x, 0, _k_step(pdn, group_i, down_s, shared_down_s)[1]),
+            (p_tiles, triton.cdiv(i_dim, pgu.block_n)), (p_tiles, triton.cdiv(hidden, pdn.block_n)),
+            {**map_modes, "MAP_IN_KERNEL": False}))
+    tilings = [t for t in tilings if not (isinstance(t.on, int) and t.on == 0)]        # a constant 0: no launches
+    mode = _dot_mode(x.dtype)
+    for t in tilings:
+        part, part_strides, lock, k_split, splits = t.gate_up_split
+        wrap_triton(moe_int4_gate_up_kernel)[(*t.grid_gate_up, splits)](
+            x, gate_up_q, gate_up_s, shared_gate_q, shared_gate_s, shared_up_q, shared_up_s, act, part, lock,
+            t.rows.row_tok, t.rows.row_scale, t.rows.tile_group, t.rows.tile_row0, t.rows.tile_row_end, hidden,
+            i_dim, n_exp, group_h, k_split, splits, x.stride(0), x.stride(1), *gate_up_q.stride(),
+            *gate_up_s.stride(), *shared_gate_q.stride(), *shared_gate_s.stride(), act.stride(0), act.stride(1),
+            *part_strides, logits, t.rows.routed_row, *in_map, *nl.gate_up[0], BLOCK_M=t.gate_up.block_m,
+            BLOCK_N=t.gate_up.block_n, BLOCK_K=t.gate_up.block_k, SCALE_PER_BLOCK=t.gate_up.scale_per_block,
+            SCALE_WORDS=_k_step(t.gate_up, group_h, gate_up_s, shared_gate_s, shared_up_s)[0],
+            BF16X2=t.gate_up.bf16x2, FMA_UNPACK=fma_unpack(t.gate_up, (gate_up_q, shared_gate_q, shared_up_q),
+                                                           (gate_up_s, shared_gate_s, shared_up_s)),
+            **t.modes, **mode, **nl.gate_up[1], **_launch(t.gate_up))
+    for t in tilings:
+        part, part_strides, lock, k_split, splits = t.down_split
+        wrap_triton(moe_int4_down_kernel)[(*t.grid_down, splits)](
+            act, down_q, down_s, shared_down_q, shared_down_s, y, part, lock, t.rows.tile_group, t.rows.tile_row0,
+            t.rows.tile_row_end, hidden, i_dim, n_exp, group_i, k_split, splits, act.stride(0), act.stride(1),
+            *down_q.stride(), *down_s.stride(), *shared_down_q.stride(), *shared_down_s.stride(), y.stride(0),
+            y.stride(1), *part_strides, logits, *in_map, *nl.down[0], BLOCK_M=t.down.block_m,
+            BLOCK_N=t.down.block_n, BLOCK_K=t.down.block_k, SCALE_PER_BLOCK=t.down.scale_per_block,
+            SCALE_WORDS=_k_step(t.down, group_i, down_s, shared_down_s)[0], BF16X2=t.down.bf16x2,
+            FMA_UNPACK=fma_unpack(t.down, (down_q, shared_down_q), (down_s, shared_down_s)), **t.modes, **mode,
+            **nl.down[1], **_launch(t.down))
     return nl.finish(y, rows)
 
 
@@ -424,6 +475,22 @@ def default_int4_blocks(w_packed: Tensor, w_scale: Tensor) -> Int4Blocks:
     return tuned_blocks.lookup(int4_key(n_out, k_in, group, w_scale.dtype)) or int4_blocks(n_out, k_in, group)
 
 
+def default_int4_prefill_blocks(w_packed: Tensor, w_scale: Tensor, x_dtype: torch.dtype) -> Int4Blocks | None:
+    """The blocks ``l4::int4_mm`` launches with at a step of more than ``INT4_PREFILL_ROWS`` rows of ``x_dtype``
+    (``layout.int4_prefill_blocks``), or None where its decode blocks serve every step."""
+    n_out, k_in = w_packed.shape[0], 2 * w_packed.shape[1]
+    return int4_prefill_blocks(n_out, k_in, k_in // w_scale.shape[1], x_dtype, w_scale.dtype)
+
+
+def default_moe_int4_prefill_blocks(down_q: Tensor, gate_up_s: Tensor, down_s: Tensor,
+                                    x_dtype: torch.dtype) -> tuple[Int4Blocks, Int4Blocks] | None:
+    """The (gate_up, down) blocks ``l4::moe_q_fused`` launches with at a step of more than ``INT4_PREFILL_ROWS``
+    tokens of ``x_dtype`` (``layout.moe_int4_prefill_blocks``), or None where its decode blocks serve every step."""
+    hidden, i_dim = down_q.shape[1], 2 * down_q.shape[2]
+    return moe_int4_prefill_blocks(hidden, i_dim, hidden // gate_up_s.shape[2], i_dim // down_s.shape[2], x_dtype,
+                                   down_s.dtype)
+
+
 def default_moe_int4_blocks(down_q: Tensor, gate_up_s: Tensor, down_s: Tensor) -> tuple[Int4Blocks, Int4Blocks]:
     """(gate_up, down) blocks ``l4::moe_q_fused`` launches with on these weights (down_q [E, H, I/2], scales
     [E, 2I, H/Gh] and [E, H, I/Gi]): the active tuned table's, else ``layout.moe_int4_blocks``."""
@@ -450,34 +517,59 @@ class KRope:
 
 
 def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None, lock: Tensor | None = None,
-                next_lock: Tensor | None = None, rope: KRope | None = None):
+                next_lock: Tensor | None = None, rope: KRope | None = None, prefill=None):
     """The body of ``l4::int4_mm`` (x [M, Kin] -> [M, N]); ``blocks`` (an ``Int4Blocks``) overrides (tests). With
     ``split_k`` > 1, up to that many programs share an output tile (``split_k.py``, ``layout.split_k_plan``).
     ``lock`` (the body of ``l4::int4_mm_chained``): [SPLIT_K_LOCK_WORDS] int32 zeros, the tile counters, left zeros;
     the launch then also zeroes a fresh block (``next_lock``, given or allocated) and returns (y, that block).
     ``rope`` (``l4::int4_mm_rope``): the epilogue transforms the keys' columns, with the blocks made to fit heads
-    (``layout.rope_int4_blocks``; ValueError where none do: ``default_rope_blocks`` is None)."""
+    (``layout.rope_int4_blocks``; ValueError where none do: ``default_rope_blocks`` is None).
+    ``prefill``: the blocks of steps of more than ``INT4_PREFILL_ROWS`` rows, launched beside the decode blocks'
+    (each with an empty grid where the other runs); by default ``default_int4_prefill_blocks``, none (one launch for
+    every M) where only ``blocks`` is given."""
     n_out, k_in = w_packed.shape[0], 2 * w_packed.shape[1]
     group = k_in // w_scale.shape[1]
     b = blocks or default_int4_blocks(w_packed, w_scale)
+    if prefill is None and blocks is None:
+        prefill = default_int4_prefill_blocks(w_packed, w_scale, x.dtype)
     if rope is not None:
         b = rope_int4_blocks(b, n_out, rope.head_dim, rope.k_col0, rope.k_cols)
         if b is None:
             raise ValueError(f"int4_mm_rope: no tile width fits heads of {rope.head_dim} at columns "
                              f"[{rope.k_col0}, {rope.k_col0 + rope.k_cols})")
-    if b.bf16x2:
-        _check_bf16x2(x, n_out, k_in, w_scale, b)
+        if prefill is not None:
+            prefill = rope_int4_blocks(prefill, n_out, rope.head_dim, rope.k_col0, rope.k_cols)
     chain = lock is not None
     if chain:
         _check_lock("int4_mm_chained", lock, x.device)
-    grid_m, grid_n = triton.cdiv(x.shape[0], b.block_m), triton.cdiv(n_out, b.block_n)
+        if next_lock is None:
+            next_lock = torch.empty(SPLIT_K_LOCK_WORDS, device=x.device, dtype=torch.int32)
+    y = torch.empty((x.shape[0], n_out), device=x.device, dtype=x.dtype)
+    launch = (x, w_packed, w_scale, y, group, lock, next_lock, rope)
+    if prefill is None:
+        _int4_launch(*launch, b, 1)
+    else:                  # 1 iff M <= INT4_PREFILL_ROWS, guard-free in a symbolic M: one of the two grids is empty
+        short = torch.sym_max(0, torch.sym_min(1, INT4_PREFILL_ROWS + 1 - x.shape[0]))
+        _int4_launch(*launch, b, short)
+        _int4_launch(*launch, prefill, 1 - short)
+    return (y, next_lock) if chain else y
+
+
+def _int4_launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, y: Tensor, group: int, lock: Tensor | None,
+                 next_lock: Tensor | None, rope: KRope | None, b: Int4Blocks, on) -> None:
+    """One launch of ``int4_matmul``'s kernel with blocks ``b`` into y, its row tiles times ``on`` (0 or 1, an int or
+    a SymInt); none at all where ``on`` is a constant 0. A chained launch (``lock``) zeroes ``next_lock``."""
+    if isinstance(on, int) and on == 0:
+        return
+    n_out, k_in = y.shape[1], x.shape[1]
+    if b.bf16x2:
+        _check_bf16x2(x, n_out, k_in, w_scale, b)
+    chain = lock is not None
+    grid_m, grid_n = triton.cdiv(x.shape[0], b.block_m) * on, triton.cdiv(n_out, b.block_n)
     words, step = _k_step(b, group, w_scale)
     part, part_strides, lock, k_split, splits = _split_k_buffers(x.shape[0], n_out, k_in, b, x, grid_m * grid_n, step,
                                                                  lock=lock)
-    if chain and next_lock is None:
-        next_lock = torch.empty(SPLIT_K_LOCK_WORDS, device=x.device, dtype=torch.int32)
     nxt = next_lock if chain else lock                                          # unused pointer when not chained
-    y = torch.empty((x.shape[0], n_out), device=x.device, dtype=x.dtype)
     args = (x, w_packed, w_scale, y, part, lock, x.shape[0], n_out, k_in, group, k_split, splits, x.stride(0),
             x.stride(1), w_packed.stride(0), w_packed.stride(1), w_scale.stride(0), w_scale.stride(1), y.stride(0),
             y.stride(1), *part_strides, nxt, nxt.numel() if chain else 0, *_rope_args(rope, y))
@@ -492,7 +584,6 @@ def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None, lock:
             *args, BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SCALE_PER_BLOCK=b.scale_per_block,
             SCALE_WORDS=words, CHAIN=chain, FMA_UNPACK=fma_unpack(b, (w_packed,), (w_scale,)), **_dot_mode(x.dtype),
             **epilogue, **_launch(b))
-    return (y, next_lock) if chain else y
 
 
 def _rope_args(rope: KRope | None, y: Tensor) -> tuple:

@@ -76,6 +76,29 @@ TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 4e-2}
 
 
 @pytest.fixture
+def launches(monkeypatch) -> list[tuple[str, tuple, dict]]:
+    """Every launch ``l4compile.kernels.ops`` makes from here on, as (kernel name, grid, constexprs and other
+    keywords); each still runs."""
+    from l4compile.kernels import ops
+
+    seen, real = [], ops.wrap_triton
+
+    def recording(kernel):
+        launcher = real(kernel)
+
+        class At:
+            def __getitem__(self, grid):
+                def launch(*args, **kw):
+                    seen.append((kernel.__name__, tuple(grid), kw))
+                    return launcher[grid](*args, **kw)
+                return launch
+        return At()
+
+    monkeypatch.setattr(ops, "wrap_triton", recording)
+    return seen
+
+
+@pytest.fixture
 def rne_bf16(monkeypatch):
     """Make the interpreter's float32 -> bf16 cast round to nearest even, as GPUs do (Triton 3.7's interpreter
     truncates; float16 casts already round), so a kernel's rounding steps can be compared with the reference's."""

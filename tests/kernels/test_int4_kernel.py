@@ -173,6 +173,59 @@ def test_int4_mm_chained(m, n, k, group, blocks):
         int4_matmul(x, w_packed, w_scale, lock=torch.zeros(16, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("chained", [False, True])
+def test_int4_mm_prefill_blocks_take_the_long_steps(chained, monkeypatch, launches):
+    """Steps of more than INT4_PREFILL_ROWS rows run the prefill blocks, shorter ones the decode blocks, one launch
+    each (the other's grid is a constant 0 here, so it is not launched at all); either way the reference's product.
+    Chained (l4::int4_mm_chained), the decode blocks split K on the counters given and leave them zeros, and the
+    launch that runs, whichever, zeroes the next block."""
+    require_interpreter()
+    from l4compile.kernels import ops
+    from l4compile.kernels.layout import SPLIT_K_LOCK_WORDS, Int4Blocks
+
+    monkeypatch.setattr(ops, "INT4_PREFILL_ROWS", 4)
+    decode, prefill = Int4Blocks(16, 16, 64, True, 2 if chained else 1), Int4Blocks(32, 32, 128, True)
+    _, w_packed, w_scale = _data(1, 48, 256, 128)
+    for m, bm in ((1, 16), (4, 16), (5, 32), (40, 32)):
+        x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m))
+        ref = _linear_int4_impl(x, w_packed, w_scale)
+        launches.clear()
+        if chained:
+            lock = torch.zeros(SPLIT_K_LOCK_WORDS, dtype=torch.int32)
+            garbage = torch.arange(SPLIT_K_LOCK_WORDS, dtype=torch.int32) + 7
+            y, nxt = ops.int4_matmul(x, w_packed, w_scale, blocks=decode, lock=lock, next_lock=garbage,
+                                     prefill=prefill)
+            assert nxt is garbage and not nxt.any() and not lock.any(), m
+        else:
+            y = ops.int4_matmul(x, w_packed, w_scale, blocks=decode, prefill=prefill)
+        assert [kw["BLOCK_M"] for *_, kw in launches] == [bm] and rel_err(y, ref) < TOL[torch.float32], m
+    launches.clear()
+    ops.int4_matmul(torch.randn(40, 256), w_packed, w_scale, blocks=decode)     # blocks alone: one launch for any M
+    assert [kw["BLOCK_M"] for *_, kw in launches] == [16]
+
+
+def test_int4_prefill_blocks():
+    """The prefill blocks: BM 128 x BN 128 x BK 128, 2 stages, 8 warps, unsplit, for bf16 activations and scales on
+    128-input groups of an N of at least 128; elsewhere (fp16, float32, group 64, N 64) none, and the decode blocks
+    serve every step. ``default_int4_prefill_blocks`` reads the scales' dtype and group from the weights."""
+    from l4compile.kernels.layout import Int4Blocks, int4_prefill_blocks
+
+    bf16 = torch.bfloat16
+    assert int4_prefill_blocks(5120, 5120, 128, bf16, bf16) == Int4Blocks(128, 128, 128, True, num_stages=2,
+                                                                          num_warps=8)
+    assert int4_prefill_blocks(1024, 5120, 256, bf16, bf16).block_m == 128
+    for args in ((5120, 5120, 128, torch.float16, torch.float16), (5120, 5120, 128, torch.float32, bf16),
+                 (5120, 5120, 128, bf16, torch.float32), (5120, 5120, 64, bf16, bf16), (64, 5120, 128, bf16, bf16)):
+        assert int4_prefill_blocks(*args) is None, args
+    try:
+        from l4compile.kernels.ops import default_int4_prefill_blocks
+    except ImportError:
+        return                                                   # no triton: the layout's choice is what matters
+    w_packed, w_scale = quantize_int4(torch.randn(256, 512), 128)
+    assert default_int4_prefill_blocks(w_packed, w_scale.to(bf16), bf16).block_m == 128
+    assert default_int4_prefill_blocks(w_packed, w_scale.to(torch.float32), bf16) is None
+
+
 class _ThreeInt4(torch.nn.Module):
     """Three Int4 linears in a row, the middle one on a weight that ``splits`` in the pass test says cannot split."""
 

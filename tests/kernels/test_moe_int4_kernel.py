@@ -202,6 +202,60 @@ def test_decode_steps_build_their_tiles_in_the_gemms(monkeypatch):
         assert [g for name, g in grids if name == "moe_route_kernel"] == [(route_grid,)], (n_tok, grids)
 
 
+@pytest.mark.parametrize("norm", [False, True])
+def test_moe_prefill_blocks_take_the_long_steps(norm, monkeypatch, launches):
+    """Top-1 steps of more than INT4_PREFILL_ROWS tokens run the prefill blocks: a route launch of their own BM (the
+    decode map's launch is not made) and their gate_up and down launches; shorter steps the decode blocks' (at one
+    token too, where it zeroes the split down's counters). Both tilings write the same row map, activations and
+    output, so the combine (or, with ``norm``, l4::moe_q_fused_norm's combine + residual add + RMSNorm, in the
+    down launch at one token and in moe_norm_kernel's launch past it) reads the step's. Every way gives the
+    reference's output."""
+    require_interpreter()
+    from l4compile.kernels import ops
+
+    monkeypatch.setattr(ops, "INT4_PREFILL_ROWS", 4)
+    decode = (Int4Blocks(16, 16, 32, True), Int4Blocks(16, 16, 32, True, 2))     # down split: counters zeroed
+    prefill = (Int4Blocks(32, 32, 64, True), Int4Blocks(32, 16, 128, True))
+    for n_tok, bm in ((1, 16), (4, 16), (5, 32), (23, 32)):
+        args = make_moe_q(n_tok, 128, 128, 3, 128, seed=n_tok)
+        ref = _moe_q_impl(*args, 1)
+        launches.clear()
+        if norm:
+            residual = torch.randn(n_tok, 128, generator=torch.Generator().manual_seed(n_tok))
+            norm_w = 1 + 0.1 * torch.randn(128, generator=torch.Generator().manual_seed(0))
+            h, xn = ops.fused_moe_int4(*args, 1, blocks=decode, prefill=prefill, norm=(residual, norm_w, 1e-5))
+            h_ref = residual + ref
+            x_ref = h_ref * torch.rsqrt(h_ref.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_w
+            assert rel_err(h, h_ref) < TOL[torch.float32] and rel_err(xn, x_ref) < TOL[torch.float32], n_tok
+        else:
+            out = ops.fused_moe_int4(*args, 1, blocks=decode, prefill=prefill)
+            assert rel_err(out, ref) < TOL[torch.float32], n_tok
+        gemms = [(name, kw["BLOCK_M"]) for name, _, kw in launches if name != "moe_norm_kernel"]
+        assert gemms == [("moe_route_kernel", bm), ("moe_int4_gate_up_kernel", bm), ("moe_int4_down_kernel", bm)], \
+            (n_tok, launches)
+        assert launches[0][1] == (1,)         # the route runs at one token too: it zeroes the split down's counters
+    args = make_moe_q(5, 128, 128, 3, 128)
+    with pytest.raises(ValueError, match="prefill blocks take top-1 routing and do not split K"):
+        ops.fused_moe_int4(*args, 2, blocks=decode, prefill=prefill)
+    with pytest.raises(ValueError, match="prefill blocks take top-1 routing and do not split K"):
+        ops.fused_moe_int4(*args, 1, blocks=decode, prefill=(prefill[0], Int4Blocks(32, 16, 128, True, 2)))
+    with pytest.raises(ValueError, match="must share BM"):
+        ops.fused_moe_int4(*args, 1, blocks=decode, prefill=(prefill[0], Int4Blocks(64, 16, 128, True)))
+
+
+def test_moe_int4_prefill_blocks():
+    """BM 64 x BN 64 x BK 128, 2 stages, 4 warps for both GEMMs, bf16 activations and scales on 128-input groups;
+    none elsewhere (the decode blocks serve every step)."""
+    from l4compile.kernels.layout import moe_int4_prefill_blocks
+
+    bf16 = torch.bfloat16
+    gate_up, down = moe_int4_prefill_blocks(5120, 8192, 128, 128, bf16, bf16)
+    assert gate_up == down == Int4Blocks(64, 64, 128, True, num_stages=2, num_warps=4)
+    assert moe_int4_prefill_blocks(5120, 8192, 128, 64, bf16, bf16) is None
+    assert moe_int4_prefill_blocks(5120, 8192, 128, 128, torch.float16, torch.float16) is None
+    assert moe_int4_prefill_blocks(64, 128, 64, 128, bf16, bf16) is None
+
+
 def test_moe_q_fused_no_tokens():
     require_interpreter()
     args = make_moe_q(0, 32, 16, 4, 128)
