@@ -19,8 +19,8 @@ failed, when they spill).
 
 Cases (at Scout dimensions: H 5120, I 8192, 16 experts, 40/8 heads x 128, Int4 group 128; bf16 and float32
 engines, whose dots run IEEE fp32 on twice the shared memory):
-    int4_mm          q_proj at 1 and 2048 tokens
-    int4_mm_rope     a RoPE layer's qkv at decode, chained, k's RoPE + qk-norm in its epilogue (k_rope.py)
+    int4_mm          q_proj at 1 and 2048 tokens (bf16 at 2048: the prefill blocks, layout.int4_prefill_blocks)
+    int4_mm_rope     a RoPE layer's qkv at 1 and 2048 tokens, chained, k's RoPE + qk-norm in its epilogue (k_rope.py)
     moe_q_fused      routing + gate_up + down kernels at 1 token (the GEMMs never specialise T, so they compile
                      as in an engine: both ways of mapping a tile, ``moe_route.tile_span``; the route kernel is
                      the 1-token one, an engine's serves any T)
@@ -29,7 +29,8 @@ engines, whose dots run IEEE fp32 on twice the shared memory):
     moe_fused        the same in bf16
     moe_*_fused_norm the three as a CUDA engine's step runs them: on the router logits (no route launch at 1
                      token), the down kernel finishing each token's combine + residual add + next RMSNorm, and the
-                     longer steps' moe_norm_kernel
+                     longer steps' moe_norm_kernel; the Int4 one also at 2048 tokens (bf16: the prefill blocks'
+                     own route, gate_up and down launches, layout.moe_int4_prefill_blocks)
     attention_fused  partial + combine, decode (1 token, an 8192-slot cache; a RoPE + qk-norm layer and a NoPE
                      layer with temperature) and prefill (2048 tokens), as CUDA engines launch them
                      (l4::attention_fused_chained: the partial kernel transforms q and, with split keys, merges the
@@ -253,8 +254,9 @@ def cases(dims: dict, dtype: torch.dtype):
     tables = [torch.empty(dims["slots"], d // 2, device="meta") for _ in "cs"]        # cos, sin [P, D/2]
     start = torch.empty(1, dtype=torch.int64, device="meta")
     # a RoPE layer's qkv as a CUDA engine's step runs it: k's RoPE + qk-norm in the epilogue (k_rope.py), chained
-    yield "int4_mm_rope qkv T=1", lambda: ops._int4_rope(m.act(1, 1, h), *m.int4((hq + 2 * hkv) * d, h), start,
-                                                          *tables, hq * d, hkv * d, d, True, 1e-5, lock)
+    for t in (1, 2048):        # at 2048 tokens (bf16) the prefill blocks' launch, BM 128 (layout.INT4_PREFILL_ROWS)
+        yield f"int4_mm_rope qkv T={t}", lambda t=t: ops._int4_rope(
+            m.act(1, t, h), *m.int4((hq + 2 * hkv) * d, h), start, *tables, hq * d, hkv * d, d, True, 1e-5, lock)
     yield "moe_q_fused", lambda: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1)
     yield "moe_fp8_fused", lambda: sm90_fp8(lambda: ops.fused_moe_fp8(m.act(1, h), *m.moe_fp8(), 1))
     yield "moe_fused", lambda: ops.fused_moe(m.act(1, h), m.act(e, h), m.act(e, h, 2 * i), m.act(e, i, h),
@@ -262,6 +264,9 @@ def cases(dims: dict, dtype: torch.dtype):
     # as a CUDA engine's step runs them: on the router logits, with the combine + residual + next norm (moe_norm.py)
     step = lambda: {"logits": m.act(1, e), "norm": (m.act(1, h), m.act(h), 1e-5)}  # noqa: E731
     yield "moe_q_fused_norm", lambda: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1, **step())
+    # a 2048-token step: in bf16 the prefill blocks' route, gate_up and down launches (BM 64), then moe_norm_kernel
+    prefill = lambda: {"logits": m.act(2048, e), "norm": (m.act(2048, h), m.act(h), 1e-5)}  # noqa: E731
+    yield "moe_q_fused_norm T=2048", lambda: ops.fused_moe_int4(m.act(2048, h), *m.moe_q(), 1, **prefill())
     yield "moe_fp8_fused_norm", lambda: sm90_fp8(lambda: ops.fused_moe_fp8(m.act(1, h), *m.moe_fp8(), 1, **step()))
     yield "moe_fused_norm", lambda: ops.fused_moe(m.act(1, h), m.act(e, h), m.act(e, h, 2 * i), m.act(e, i, h),
                                                   m.act(i, h), m.act(i, h), m.act(h, i), 1, **step())

@@ -118,6 +118,29 @@ def test_attention_merge_can_be_turned_off(tmp_path, monkeypatch):
     assert r["kernels_launched"] == 37 and r["launched_at"] == {"B=1 T=1": 29, "B=1 T=2048": 37}
 
 
+def test_int4_gemms_launch_prefill_blocks_past_their_decode_steps(tmp_path):
+    """At Scout's proportions (bench-scout, bf16, group 128; one layer), each Int4 GEMM of the step is two launches,
+    its decode blocks' and its prefill blocks' (layout.INT4_PREFILL_ROWS), and the MoE is two tilings (route,
+    gate_up, down each); one launch of each pair has work at a decode step (B 1, T 1), the other at a 2048-token
+    prefill, so a step runs as many launches as before and the checks hold (~45 s)."""
+    r = _generate(tmp_path, "int4", "--layers", "1", preset="bench-scout")
+    assert r["problems"] == {"kernels": [], "opaque": [], "caches": [], "program": []}
+    ops, launches = r["graph_ops"], r["launches"]
+    gemms = sum(n for op, n in ops.items() if op.startswith("l4.int4_mm"))
+    moes = sum(n for op, n in ops.items() if op.startswith("l4.moe_q_fused"))
+    assert gemms == 2 and moes == 1                                                 # qkv (+ k RoPE), o_proj; the MoE
+    assert launches["int4_mm_kernel"] == 2 * gemms
+    assert launches["moe_route_kernel"] == launches["moe_int4_gate_up_kernel"] == launches["moe_int4_down_kernel"] \
+        == 2 * moes
+    decode, prefill = (set(r["work_at"][shape]) for shape in ("B=1 T=1", "B=1 T=2048"))
+    for kernel, n in (("int4_mm_kernel", gemms), ("moe_int4_gate_up_kernel", moes), ("moe_int4_down_kernel", moes)):
+        ran = [{name for name in work if name.rsplit("_", 1)[0] == kernel} for work in (decode, prefill)]
+        assert len(ran[0]) == len(ran[1]) == n and not ran[0] & ran[1], (kernel, ran)   # other compiled variants
+    # the decode step skips both route launches (its GEMMs map the token), the prefill runs the prefill map's
+    assert [len([w for w in work if w.startswith("moe_route_kernel")]) for work in (decode, prefill)] == [0, 1]
+    assert r["launched_at"]["B=1 T=1"] == len(decode) and r["launched_at"]["B=1 T=2048"] == len(prefill)
+
+
 @pytest.mark.slow
 def test_tuned_kernel_blocks_are_the_engines(tmp_path):
     """A manifest's kernel_blocks (compile --tune-kernels on a GPU) generate the engine the compile would: the tuned
@@ -141,7 +164,8 @@ def test_tuned_kernel_blocks_are_the_engines(tmp_path):
     assert r["problems"] == {"kernels": [], "opaque": [], "caches": [], "program": []}
     assert r["graph_ops"]["l4.int4_mm_rope_chained.default"] == r["graph_ops"]["l4.int4_mm.default"] == 2
     assert "l4.int4_mm_chained.default" not in r["graph_ops"]
-    assert r["launches"]["int4_mm_kernel"] == 4 and r["launches"]["moe_int4_down_kernel"] == 2
+    # each with its prefill blocks' launch beside it (layout.INT4_PREFILL_ROWS)
+    assert r["launches"]["int4_mm_kernel"] == 2 * 4 and r["launches"]["moe_int4_down_kernel"] == 2 * 2
     assert r["kernel_blocks"] == {"int4_mm 768 512 128 bfloat16": "BN64 BK128 SK4 NW8",
                                   "moe_q 16 512 1024 128 128 bfloat16": "BN64 BK128 SK1/2"}
 
@@ -261,8 +285,18 @@ def test_analyze_in_place_attention_writes_its_caches_from_the_combine_launch():
 
 def test_analyze_reports_a_kernel_op_without_its_launches():
     problems = _analyze(ops={**OPS, "l4.moe_q_fused.default": 1})["problems"]
-    assert problems["kernels"] == [f"l4.moe_q_fused.default x1 in the graph, {k} launched 0x"
+    assert problems["kernels"] == [f"l4.moe_q_fused.default x1 in the graph, {k} launched 0x (at most 2x with "
+                                   "prefill blocks)"
                                    for k in ("moe_route_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel")]
+    # an Int4 op launches its kernels once, or twice with its prefill blocks' launch beside the decode blocks'
+    tool, moe = _tool(), {"l4.moe_q_fused.default": 1, "l4.int4_mm.default": 2}
+    kernels = ("moe_route_kernel", "moe_int4_gate_up_kernel", "moe_int4_down_kernel")
+    assert tool.kernel_problems({**dict.fromkeys(kernels, 2), "int4_mm_kernel": 3}, moe) == []
+    assert tool.kernel_problems({**dict.fromkeys(kernels, 1), "int4_mm_kernel": 5}, moe) == [
+        "l4.int4_mm.default x2 in the graph, int4_mm_kernel launched 5x (at most 4x with prefill blocks)"]
+    assert tool.kernel_problems({"attention_partial_kernel": 2, "attention_combine_kernel": 1},
+                                {"l4.attention_fused.default": 1}) == [
+        "l4.attention_fused.default x1 in the graph, attention_partial_kernel launched 2x"]
 
 
 def test_bad_preset_is_one_error_line():
