@@ -1,7 +1,7 @@
 """The Triton kernels of issue 10 at Scout dimensions on one GPU: correctness against torch on dequantized weights,
 then time per block configuration as a fraction of the HBM copy bandwidth measured in the same run.
 
-    python benchmarks/bench_kernels.py [--tokens 1,8,32] [--quick] [--out FILE.json]
+    python benchmarks/bench_kernels.py [--tokens 1,8,32] [--prefill 2048,8192] [--quick] [--out FILE.json]
     python benchmarks/bench_kernels.py --tiny ...      # CI-sized dimensions (runs under TRITON_INTERPRET=1 on a CPU)
 
 Kernels (bf16 activations; Int4 weights packed as the quantize pass packs them, group 128, bf16 scales):
@@ -23,6 +23,10 @@ Kernels (bf16 activations; Int4 weights packed as the quantize pass packs them, 
                   RMS-normed: as l4::int4_mm_rope runs it (in the GEMM's epilogue, tiles of one head: BN 128, split 2,
                   chained as engines run it) and as the GEMM at its own blocks then one Inductor kernel (as they did)
     torch.mm      cuBLAS on the bf16 weight, the baseline the Int4 GEMV must beat (it streams 4x the bytes)
+    prefill       ``--prefill T,..``: q_proj and the Int4 MoE at T tokens in TFLOP/s, with the decode blocks (BM 16:
+                  each weight unpacked once per 16 rows) against the prefill blocks steps of more than
+                  ``layout.INT4_PREFILL_ROWS`` rows launch (``int4_prefill_blocks``: BM 128; the MoE's
+                  ``moe_int4_prefill_blocks``: BM 64), other tall tiles, and bf16 (cuBLAS; ``moe_fused``, BM 64)
     attention_fused  one decode step of a global layer's attention (40/8 heads x 128) in an 8192-slot bf16 cache,
                   at positions 511 and 8191, batch = tokens: it must read only the visible keys (timed as engines
                   run it, l4::attention_fused_chained: the new key and value written into the caches too, the key
@@ -283,7 +287,10 @@ def _add_norm(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, eps: float = 1e
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", default="1,8,32", help="token counts (decode batch sizes), comma-separated")
+    ap.add_argument("--tokens", default="1,8,32",
+                    help="token counts (decode batch sizes), comma-separated; empty: the --prefill rows alone")
+    ap.add_argument("--prefill", default="", help="prefill token counts for the Int4 GEMMs' prefill rows "
+                                                  "(TFLOP/s), comma-separated; none by default")
     ap.add_argument("--quick", action="store_true", help="two block configurations instead of the sweep")
     ap.add_argument("--tiny", action="store_true", help="CI-sized dimensions (CPU interpreter smoke run)")
     ap.add_argument("--out", default=None, metavar="FILE.json")
@@ -296,15 +303,17 @@ def main(argv: list[str] | None = None) -> int:
               + (why_unavailable() or "no CUDA device here"), file=sys.stderr)
         return 2
     try:
-        tokens = [int(t) for t in a.tokens.split(",")]
-        if not tokens or min(tokens) < 1:
+        tokens, prefill = ([int(t) for t in v.split(",")] if v else [] for v in (a.tokens, a.prefill))
+        if not (tokens or prefill) or min(tokens + prefill) < 1:
             raise ValueError
     except ValueError:
-        print(f"error: --tokens '{a.tokens}' is not a comma-separated list of positive integers", file=sys.stderr)
+        print(f"error: --tokens '{a.tokens}' / --prefill '{a.prefill}' must be comma-separated lists of positive "
+              "integers, not both empty", file=sys.stderr)
         return 2
     from l4compile.kernels.dispatch import k_rope_reference, load_triton_ops
     from l4compile.kernels.layout import (SPLIT_K_LOCK_WORDS, AttentionBlocks, attention_blocks, int4_blocks,
-                                          moe_fp8_blocks, moe_int4_blocks)
+                                          Int4Blocks, int4_prefill_blocks, moe_fp8_blocks, moe_int4_blocks,
+                                          moe_int4_prefill_blocks)
     from l4compile.kernels.ops import (add_rms_norm_router, fused_attention_inplace, fused_moe, fused_moe_fp8,
                                        fused_moe_int4, int4_matmul, int4_mm_rope_chained)
     from l4compile.ops.attention import attention_cached_impl, plain_rope_tables
@@ -329,14 +338,17 @@ def main(argv: list[str] | None = None) -> int:
         err = "-" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
         if r["ms"] is None:
             print(head + f"{r['error']} | - | - | {err} |", flush=True)
+        elif r.get("flops"):                        # a prefill row: compute-bound, in TFLOP/s
+            print(head + f"{r['ms'] * 1e3:.1f} | {r['flops'] / (r['ms'] / 1e3) / 1e12:.0f} TFLOP/s | - | {err} |",
+                  flush=True)
         else:
             eager = " (eager)" if r.get("eager") else ""
             print(head + f"{r['ms'] * 1e3:.1f}{eager} | {r['bytes_per_s'] / 1e9:.0f} | {100 * r['of_copy']:.1f}% | "
                   f"{err} |", flush=True)
 
-    def record(kernel, t, config, chosen, run, ref, moved):
+    def record(kernel, t, config, chosen, run, ref, moved, flops=None):
         row = {"kernel": kernel, "tokens": t, "config": config, "chosen": chosen, "rel_err": None, "bytes": moved,
-               "ms": None, "bytes_per_s": None, "of_copy": None, "error": None}
+               "ms": None, "bytes_per_s": None, "of_copy": None, "error": None, **({"flops": flops} if flops else {})}
         try:
             row["rel_err"] = rel_err(run(), ref)
             if row["rel_err"] < (5e-2 if interpreting() else BF16_TOL):   # the interpreter truncates to bf16
@@ -450,6 +462,41 @@ def main(argv: list[str] | None = None) -> int:
             record("moe_fp8_fused", t, f"BM{bm} BN{bn} BK{bk}", blocks == default_fp8,
                    lambda blocks=blocks: fused_moe_fp8(x, *f8weights, 1, blocks=blocks, logits=logits), ref, moved)
         record("moe_q reference fp8", t, "per expert", False, lambda: _moe_q_impl(x, *f8weights, 1), ref, moved)
+    # prefill: the Int4 GEMMs at T tokens, decode blocks against the prefill blocks engines launch past
+    # INT4_PREFILL_ROWS rows (given as blocks here: one launch for every T, the kernel an engine's prefill runs)
+    wp, ws, w_bf16 = next((wp, ws, w) for name, _, _, wp, ws, w in int4_cases(dims, [1], device, g) if name == "q_proj")
+    n, k = wp.shape[0], 2 * wp.shape[1]
+    group = k // ws.shape[1]
+    tall = [Int4Blocks(bm, bn, 128, True, num_stages=2, num_warps=nw) for bm, bn, nw in
+            ((128, 128, 8), (64, 64, 4), (128, 64, 8), (64, 128, 8))] if not a.tiny else [Int4Blocks(32, 32, 32, True)]
+    for t in prefill:
+        x = torch.randn(t, k, generator=g, device=device).to(torch.bfloat16)
+        ref, flops = F.linear(x, w_bf16), 2 * t * n * k
+        default = int4_prefill_blocks(n, k, group, x.dtype, ws.dtype)
+        record("int4_mm q_proj prefill", t, "decode blocks " + int4_label(int4_blocks(n, k, group)), False,
+               lambda: int4_matmul(x, wp, ws, blocks=int4_blocks(n, k, group)), ref, nbytes(wp, ws, x, ref), flops)
+        for b in tall:
+            record("int4_mm q_proj prefill", t, f"BM{b.block_m} " + int4_label(b), b == default,
+                   lambda b=b: int4_matmul(x, wp, ws, blocks=b), ref, nbytes(wp, ws, x, ref), flops)
+        record("torch.mm bf16 q_proj prefill", t, "cuBLAS", False, lambda: x @ w_bf16.t(), ref,
+               nbytes(w_bf16, x, ref), flops)
+    gh, gi = dims["H"] // qweights[2].shape[-1], dims["I"] // qweights[4].shape[-1]
+    both = [(b, b) for b in tall if b.block_m * b.block_n <= 128 * 64] if not a.tiny else [(tall[0], tall[0])]
+    for t in prefill:
+        x = torch.randn(t, dims["H"], generator=g, device=device).to(torch.bfloat16)
+        ref, logits = _moe_impl(x, *fweights, 1), F.linear(x, qweights[0])
+        flops = 2 * 2 * t * 3 * dims["H"] * dims["I"]          # routed + shared row a token: gate, up, down
+        moved = moe_bytes(x, qweights, fweights, dims["E"], True, logits)
+        default = moe_int4_prefill_blocks(dims["H"], dims["I"], gh, gi, x.dtype, qweights[4].dtype)
+        decode = moe_int4_blocks(dims["H"], dims["I"], gh, gi)
+        record("moe_q_fused prefill", t, "decode blocks " + int4_label(*decode), False,
+               lambda: fused_moe_int4(x, *qweights, 1, blocks=decode, logits=logits), ref, moved, flops)
+        for blocks in both:
+            record("moe_q_fused prefill", t, f"BM{blocks[0].block_m} " + int4_label(*blocks), blocks == default,
+                   lambda blocks=blocks: fused_moe_int4(x, *qweights, 1, blocks=blocks, logits=logits), ref, moved,
+                   flops)
+        record("moe_fused bf16 prefill", t, "BM64", False, lambda: fused_moe(x, *fweights, 1, logits=logits), ref,
+               moe_bytes(x, qweights, fweights, dims["E"], False, logits), flops)
     if a.out:
         Path(a.out).write_text(json.dumps({"device": device_name, "torch": torch.__version__, "copy_bytes_per_s": peak,
                                            "dims": dims, "rows": rows}, indent=2))

@@ -19,6 +19,10 @@
 #            8 warps), each checked, then timed (CUDA graph replay) against the HBM copy bandwidth; no model
 #            compile                                                                                 (box 240 s)
 #   sweep    the same over every block configuration (~500 rows)                                      (box 400 s)
+#   prefill4 benchmarks/bench_kernels.py --tokens '' --prefill 2048,8192: q_proj and the Int4 MoE at a prefill's
+#            token counts in TFLOP/s, the decode blocks (BM 16: a weight unpacked once per 16 rows) against the
+#            prefill blocks engines launch past layout.INT4_PREFILL_ROWS rows (BM 128 / BM 64), other tall tiles
+#            and bf16 (cuBLAS; moe_fused)                                                            (box 200 s)
 #   tests    the gpu-marked kernel tests: Triton kernels against their reference ops (real compile, bf16 tensor
 #            cores); failures are reported with their values (--tb=short -rfE)                      (box 150 s)
 #   engines  the gpu-marked tests that build and load CUDA AOTInductor packages: the kernels compiled into a
@@ -140,6 +144,9 @@ for spec in ${PARTS//,/ }; do
         boxed $(box 240) kernels $PY benchmarks/bench_kernels.py --quick --tokens 1,8,32 --out "$RES/kernels.json" ;;
     sweep)
         boxed $(box 400) sweep $PY benchmarks/bench_kernels.py --tokens 1,8,32 --out "$RES/sweep.json" ;;
+    prefill4)
+        boxed $(box 200) prefill4 $PY benchmarks/bench_kernels.py --tokens "" --prefill 2048,8192 \
+            --out "$RES/prefill-kernels.json" ;;
     tests)
         boxed $(box 150) tests $PY -m pytest -v -m gpu -p no:cacheprovider -o addopts="" --timeout 120 -n 4 \
             --tb=short -rfE -k "not aoti and not engine" tests/kernels ;;
@@ -198,7 +205,7 @@ for spec in ${PARTS//,/ }; do
         boxed $(box 580) $part $PY benchmarks/bench_gpu.py --parts full-bench --repeats 3 \
             --engine-dir "$ENGINES/$name" --out "$RES/$part" ;;
     *)
-        log "unknown part '$part' (probe, kernels, sweep, tests, engines, attention, decode1, modes, knobs, normrouter, attnmerge, moenorm, qkvrope, context, decode, prefill, full, fullq, fullc, fullb, fullqc, fullqb)" ;;
+        log "unknown part '$part' (probe, kernels, sweep, prefill4, tests, engines, attention, decode1, modes, knobs, normrouter, attnmerge, moenorm, qkvrope, context, decode, prefill, full, fullq, fullc, fullb, fullqc, fullqb)" ;;
     esac
 done
 

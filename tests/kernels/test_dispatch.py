@@ -487,3 +487,29 @@ def test_bench_kernels_script_checks_every_kernel(tmp_path, capsys):
     assert "| int4_mm q_proj | 2 | BN32 BK32 SK2 |" in out                        # split: l4::int4_mm_chained's form
     assert "| int4_mm q_proj | 2 | BN32 BK32 NW8 |" in out and "| moe_q_fused | 2 | BN32 BK32 NW8 |" in out
     assert "| moe_q_fused | 2 | BN32 BK32 |" in out and "| moe_q_fused | 2 | BN32 BK32 SK2/2 |" in out and "| moe_fp8_fused | 2 | BM16 BN16 BK32 |" in out and "| attention_fused pos 31 | 2 | BM16 BN16 |" in out
+
+
+def test_bench_kernels_prefill_rows(tmp_path, capsys):
+    """``--prefill`` (with ``--tokens ''``: its rows alone): q_proj and the Int4 MoE at prefill token counts, the
+    decode blocks against tall tiles and bf16, each checked and timed, in TFLOP/s (2 T N K; the MoE 12 T H I: a
+    routed and a shared row a token)."""
+    require_cuda_kernels() if torch.cuda.is_available() else require_interpreter()
+    import json
+
+    from tests.conftest import load_benchmark
+
+    mod = load_benchmark("bench_kernels")
+    out = tmp_path / "k.json"
+    assert mod.main(["--tiny", "--tokens", "", "--prefill", "20", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["kernel"], r["config"].split(" ")[0]) for r in rows] == [
+        ("int4_mm q_proj prefill", "decode"), ("int4_mm q_proj prefill", "BM32"),
+        ("torch.mm bf16 q_proj prefill", "cuBLAS"), ("moe_q_fused prefill", "decode"), ("moe_q_fused prefill", "BM32"),
+        ("moe_fused bf16 prefill", "BM64")]
+    assert all(r["error"] is None and r["ms"] > 0 for r in rows)
+    h, i = mod.TINY["H"], mod.TINY["I"]
+    assert {r["flops"] for r in rows[:3]} == {2 * 20 * mod.TINY["heads"] * mod.TINY["head_dim"] * h}
+    assert {r["flops"] for r in rows[3:]} == {12 * 20 * h * i}
+    assert "TFLOP/s" in capsys.readouterr().out
+    assert mod.main(["--tiny", "--tokens", "", "--prefill", ""]) == 2
+    assert "must be comma-separated lists of positive integers, not both empty" in capsys.readouterr().err
