@@ -307,7 +307,7 @@ def test_tiny_model_steps_with_fused_attention():
     assert len(calls) == n_steps * len(prog.kv_layout["layers"]) and worst < 1e-5
 
 
-def test_cuda_engine_step_writes_caches_in_place(tmp_path):
+def test_cuda_engine_step_writes_caches_in_place(tmp_path, monkeypatch, launches):
     """The step graph a --device cuda Inductor engine compiles (backends.inductor: ``caches_in_place`` with
     ``attention_cached_in_place``, exported and decomposed for CUDA): every layer attends with
     l4::attention_fused_chained and nothing else touches a cache. As AOTInductor and the jit runtime take it
@@ -316,8 +316,10 @@ def test_cuda_engine_step_writes_caches_in_place(tmp_path):
     l4::int4_mm_chained calls (l4::int4_mm_rope_chained for a RoPE layer's qkv, which transforms k) and the
     attention calls between them hand each other their zeroed counters from one new_zeros block. As saved
     (program.pt2) and run here on CPU tensors under the interpreter, a 13-token prefill and 7 decode steps (batch 2,
-    through the chunk-16 ring's wrap) give the step graph's logits and write its new caches into the caches given.
-    Built in a process without the interpreter, which cannot trace the kernels."""
+    through the chunk-16 ring's wrap) give the step graph's logits and write its new caches into the caches given;
+    so they do with the Int4 GEMMs' prefill blocks forced on (tiny's float32 GEMMs have none): the prefill's 26 rows
+    run them, the decode steps the decode blocks. Built in a process without the interpreter, which cannot trace
+    the kernels."""
     require_interpreter()
     from l4compile.compiler import lower
     from l4compile.config import CompileConfig
@@ -382,6 +384,19 @@ def test_cuda_engine_step_writes_caches_in_place(tmp_path):
 
     worst, _ = _tiny_steps_against_graph(prog, lambda x, pos, caches: (step(x, pos, *caches), caches))
     assert worst < 1e-5                                 # and the caches given updated in place, step by step
+    from l4compile.kernels import ops
+    from l4compile.kernels.layout import Int4Blocks
+
+    tall = Int4Blocks(32, 32, 32, True)
+    monkeypatch.setattr(ops, "INT4_PREFILL_ROWS", 8)
+    monkeypatch.setattr(ops, "int4_prefill_blocks", lambda *a: tall)
+    monkeypatch.setattr(ops, "moe_int4_prefill_blocks", lambda *a: (tall, tall))
+    launches.clear()
+    worst, _ = _tiny_steps_against_graph(prog, lambda x, pos, caches: (step(x, pos, *caches), caches))
+    assert worst < 1e-5
+    # 4 Int4 launches a layer a step (qkv, o_proj, the MoE's gate_up and down): the prefill's at BM 32, then 7 steps'
+    int4 = [kw["BLOCK_M"] for name, _, kw in launches if "int4" in name]
+    assert int4 == [32] * 4 * n_layers + [16] * 7 * 4 * n_layers, int4
 
 
 @pytest.mark.gpu
