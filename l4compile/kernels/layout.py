@@ -180,7 +180,7 @@ def moe_int4_prefill_blocks(hidden: int, inter: int, group_h: int, group_i: int,
     """The fused Int4 MoE's (gate_up, down) blocks at a step of more than ``INT4_PREFILL_ROWS`` tokens (its own tile
     map at their BM), or None where the decode blocks serve every step. BM 64 x BN 64 (4 warps, 2 stages): gate_up
     issues ~1.6 instructions a weight per 16 rows against ~4.8 at BM 16, down ~1.8 against ~5.2, on wgmma
-    m64n64k16, 2 programs an SM, no spill (225 / 171 registers, 97 / 80.5 KiB). BM 128 (8 warps) would unpack less
+    m64n64k16, 2 programs an SM, no spill (<= 234 / 171 registers, 97 / 80.5 KiB). BM 128 (8 warps) would unpack less
     (~1.1 / 1.3) but holds one program an SM, and its 3-stage or BN 128 forms overflow shared memory or spill."""
     if not (_prefill_applies(hidden, group_h, x_dtype, scale_dtype)
             and _prefill_applies(inter, group_i, x_dtype, scale_dtype)):

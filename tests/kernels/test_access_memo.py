@@ -47,6 +47,26 @@ def test_key_is_what_generate_ttir_compiles():
     assert key(k, {"x_ptr": real[1:]}, {})[2] == (("x_ptr", ("tensor", torch.bfloat16, False)),)   # 2-byte offset
 
 
+def test_autotuners_key_by_function_and_configs():
+    """Torch wraps a kernel launched with num_warps / num_stages in a new one-config Autotuner at each traced call:
+    two such wrappers of one kernel with the same configs share a key (one analysis, not one a call); other configs,
+    or a config with a pre_hook (which the key cannot vouch for), do not."""
+    from triton import Config
+    from triton.runtime.autotuner import Autotuner
+
+    from l4compile.kernels.access_memo import key
+
+    (a,) = _fakes((4, 16))
+    k = _kernel()
+    wrap = lambda *configs: Autotuner(k, k.arg_names, list(configs), key=[], reset_to_zero=None,  # noqa: E731
+                                      restore_value=None)
+    one, again = wrap(Config({}, num_warps=8, num_stages=2)), wrap(Config({}, num_warps=8, num_stages=2))
+    args = {"x_ptr": a, "T": 7}
+    assert one is not again and key(one, args, {}) == key(again, args, {}) != key(k, args, {})
+    assert key(wrap(Config({}, num_warps=4, num_stages=2)), args, {}) != key(one, args, {})
+    assert key(wrap(Config({}, num_warps=8, num_stages=2, pre_hook=lambda _: None)), args, {}) is None
+
+
 def test_key_declines_what_it_cannot_vouch_for():
     import triton
 
