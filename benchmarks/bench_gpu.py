@@ -30,8 +30,8 @@ baselines are transformers eager / `torch.compile` of the transformers model, me
                 which the decode part runs with a 160-slot cache) and half-way in; the attention kernel reads the
                 visible positions only, so the first should match the decode part's figure
     prefill  l4compile bench scout --layers N --device cuda --dtype bfloat16 --backends torch-compile,inductor
-                 --batch-sizes 1 --prompt-lens 2048,8192 --decode-steps 2
-             -> TFLOP/s and the fraction of bf16 dense peak
+                 --batch-sizes 1 --prompt-lens 2048,8192 --decode-steps 2, then --quant int4 --backends inductor
+             -> TFLOP/s and the fraction of bf16 dense peak (Int4: its GEMMs on their prefill blocks)
     full     l4compile compile scout --backend inductor --device cuda --dtype bfloat16 --quant int4 --stream-weights
                  --max-seq-len 192 --max-batch-size 1 --out DIR/engine-scout-int4 --force
                                                                           (all 48 layers, random weights; streamed:
@@ -99,8 +99,10 @@ def bench_commands(layers: int, repeats: int, out: Path, parts: tuple[str, ...],
                                                 "--prompt-lens", "128,4096", "--decode-steps", "32",
                                                 "--max-seq-len", "8192"]
     if "prefill" in parts:
-        cmds["prefill"] = base + scaled + ["--backends", "torch-compile,inductor", "--batch-sizes", "1",
-                                           "--prompt-lens", "2048,8192", "--decode-steps", "2"]
+        shape = ["--batch-sizes", "1", "--prompt-lens", "2048,8192", "--decode-steps", "2"]
+        cmds["prefill"] = base + scaled + ["--backends", "torch-compile,inductor", *shape]
+        # and Int4, whose GEMMs run their prefill blocks at these lengths (layout.INT4_PREFILL_ROWS)
+        cmds["prefill-int4"] = base + scaled + ["--quant", "int4", "--backends", "inductor", *shape]
     engine = engine_dir or out / "engine-scout-int4"
     if "full" in parts or "full-compile" in parts:
         lm_head = ["--pass-option", "quantize.quantize_lm_head=true"] if lm_head_int4 else []

@@ -59,7 +59,8 @@
 #            positions 128 and 4096 (the attention kernel reads only the visible positions)            (box 300 s)
 #   decode   benchmarks/bench_gpu.py --parts decode --layers 2: decode at batch 1/8/32, HBM roofline per layer,
 #            against eager and torch.compile of the transformers model                                 (box 420 s)
-#   prefill  benchmarks/bench_gpu.py --parts prefill --layers 2: 2K and 8K prompts, TFLOP/s             (box 300 s)
+#   prefill  benchmarks/bench_gpu.py --parts prefill --layers 2: 2K and 8K prompts, TFLOP/s, bf16 (against
+#            torch.compile) and Int4 (its GEMMs on their prefill blocks)                               (box 420 s)
 #   full     benchmarks/bench_gpu.py --parts full: all 48 layers of Scout, Int4, streamed: compile, then decode
 #            tokens/s at batch 1 and GPU memory (needs ~60 GB of disk; give it a call of its own)        (box 580 s)
 #   fullq    the same with the lm_head in Int4 too (--lm-head-int4): the bf16 lm_head reads 2.07 GB a token, ~0.8 ms
@@ -188,7 +189,7 @@ for spec in ${PARTS//,/ }; do
         boxed $(box 360) decode1 $PY benchmarks/bench_gpu.py --parts layer --layers 2 --repeats 3 --tune-kernels \
             --out "$RES/decode1" ;;
     decode | prefill | context)
-        boxed $(box $([ $part = decode ] && echo 420 || echo 300)) $part $PY benchmarks/bench_gpu.py --parts $part \
+        boxed $(box $([ $part = context ] && echo 300 || echo 420)) $part $PY benchmarks/bench_gpu.py --parts $part \
             --layers 2 --repeats 3 --out "$RES/$part" ;;
     full)
         boxed $(box 580) full $PY benchmarks/bench_gpu.py --parts full --repeats 3 --tune-kernels --out "$RES/full" ;;

@@ -28,13 +28,14 @@ def test_exits_2_with_one_error_line_without_cuda():
 def test_commands_cover_the_issue(tmp_path):
     cmds = _module().bench_commands(4, 3, tmp_path, ("decode", "prefill", "full"))
     assert set(cmds) == {"decode-none", "decode-int4", "decode-none-half", "decode-int4-half", "prefill",
-                         "compile-scout-int4", "full-scout-int4"}
+                         "prefill-int4", "compile-scout-int4", "full-scout-int4"}
     joined = {k: " ".join(v) for k, v in cmds.items()}
     engine = str(tmp_path / "engine-scout-int4")      # compiled streamed, then benchmarked as an engine directory
     assert "--stream-weights" in joined["compile-scout-int4"] and joined["compile-scout-int4"].endswith(engine)
     assert cmds["full-scout-int4"][:2] == ["bench", engine] and "--quant" not in joined["full-scout-int4"]
     assert "--batch-sizes 1,8,32" in joined["decode-int4"] and "--quant int4" in joined["decode-int4"]
     assert "--prompt-lens 2048,8192" in joined["prefill"] and "torch-compile" in joined["prefill"]
+    assert "--prompt-lens 2048,8192" in joined["prefill-int4"] and "--quant int4" in joined["prefill-int4"]
     assert "--layers" not in joined["full-scout-int4"] and "--layers 4" in joined["decode-none"]
     assert "--layers 2" in joined["decode-int4-half"] and "--backends inductor" in joined["decode-int4-half"]
     assert all("--device cuda" in j and f"--out {tmp_path}" in j for k, j in joined.items() if k != "full-scout-int4")
