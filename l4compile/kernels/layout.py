@@ -169,7 +169,7 @@ def int4_prefill_blocks(n_out: int, k_in: int, group: int, x_dtype: torch.dtype,
     ~5.2 instructions a weight a 16-row tile, against ~0.25 of its MMAs, so a prefill is bound by the unpack
     (~190 TFLOP/s by issue rate). BM 128 x BN 128 (8 warps, 2 stages) unpacks once per 128 rows, ~0.9 instructions a
     weight per 16 rows, and its dots become wgmma m64n128k16 (``benchmarks/kernels_sm90.py --ops``: 215 registers,
-    no spill, 86.5 KiB of shared memory). Unsplit: a prefill's output tiles fill the GPU."""
+    no spill, 84.5 KiB of shared memory). Unsplit: a prefill's output tiles fill the GPU."""
     if not _prefill_applies(k_in, group, x_dtype, scale_dtype) or n_out < 128:
         return None
     return Int4Blocks(128, 128, 128, True, num_stages=2, num_warps=8)
