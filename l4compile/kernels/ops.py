@@ -59,7 +59,7 @@ Importing this module imports Triton (``l4compile.kernels.dispatch`` does it onl
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -271,17 +271,19 @@ def _route_map(x: Tensor, router_w: Tensor, top_k: int, block_m: int, locks: tup
 @dataclass(frozen=True)
 class _MoeTiling:
     """One tile size's launches of the fused Int4 MoE: ``on`` (0 or 1, an int or a SymInt) multiplies their row
-    tiles; ``rows`` is its map, ``gate_up`` / ``down`` its blocks, ``*_split`` their ``_split_k_buffers``, ``grid_*``
-    the grids' first two axes, ``modes`` the map constexprs (``_route_map``'s)."""
+    tiles; ``gate_up`` / ``down`` are its blocks, ``*_split`` their ``_split_k_buffers``, ``grid_*`` the grids'
+    first two axes, ``words`` their SCALE_WORDS (``_k_step``); ``rows`` its map and ``modes`` the map constexprs
+    (``_route_map``'s), set once its route launch is made (which zeroes the split counters, so comes after them)."""
     on: object
-    rows: MoeRows
     gate_up: Int4Blocks
     down: Int4Blocks
     gate_up_split: tuple
     down_split: tuple
     grid_gate_up: tuple
     grid_down: tuple
-    modes: dict
+    words: tuple[bool, bool]
+    rows: MoeRows | None = None
+    modes: dict | None = None
 
 
 def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Tensor, down_q: Tensor, down_s: Tensor,
@@ -318,14 +320,22 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
     n_rows = n_tok * (top_k + 1)
     # 1 iff T <= INT4_PREFILL_ROWS (guard-free in a symbolic T): the decode blocks' launches, else the prefill ones'
     short = 1 if prefill is None else torch.sym_max(0, torch.sym_min(1, INT4_PREFILL_ROWS + 1 - n_tok))
-    n_tiles = num_tiles(n_rows, n_exp + 1, bgu.block_m)                         # the map's tiles (moe_route, moe_rows)
-    grid_gu = (n_tiles * short, triton.cdiv(i_dim, bgu.block_n))
-    grid_dn = (n_tiles * short, triton.cdiv(hidden, bdn.block_n))
-    step_gu = _k_step(bgu, group_h, gate_up_s, shared_gate_s, shared_up_s)[1]
-    step_dn = _k_step(bdn, group_i, down_s, shared_down_s)[1]
-    # split-K counters of both GEMMs: zeroed by the top-1 route kernel, no fill kernels of their own
-    gu = _split_k_buffers(n_rows, 2 * i_dim, hidden, bgu, x, grid_gu[0] * grid_gu[1], step_gu, top_k != 1)
-    dn = _split_k_buffers(n_rows, hidden, i_dim, bdn, x, grid_dn[0] * grid_dn[1], step_dn, top_k != 1)
+
+    def tiling(on, gate_up: Int4Blocks, down: Int4Blocks) -> _MoeTiling:
+        n_tiles = num_tiles(n_rows, n_exp + 1, gate_up.block_m) * on           # the map's tiles (moe_route, moe_rows)
+        grid_gu, grid_dn = (n_tiles, triton.cdiv(i_dim, gate_up.block_n)), (n_tiles, triton.cdiv(hidden, down.block_n))
+        words_gu, step_gu = _k_step(gate_up, group_h, gate_up_s, shared_gate_s, shared_up_s)
+        words_dn, step_dn = _k_step(down, group_i, down_s, shared_down_s)
+        # split-K counters of both GEMMs: zeroed by the top-1 route kernel, no fill kernels of their own
+        return _MoeTiling(on, gate_up, down,
+                          _split_k_buffers(n_rows, 2 * i_dim, hidden, gate_up, x, grid_gu[0] * grid_gu[1], step_gu,
+                                           top_k != 1),
+                          _split_k_buffers(n_rows, hidden, i_dim, down, x, grid_dn[0] * grid_dn[1], step_dn,
+                                           top_k != 1),
+                          grid_gu, grid_dn, (words_gu, words_dn))
+
+    decode = tiling(short, bgu, bdn)
+    gu, dn = decode.gate_up_split, decode.down_split
     # both GEMMs unsplit (nothing to zero): a 1-token top-1 step's tiles come from its logits in the GEMMs
     unsplit = all(isinstance(p[4], int) and p[4] == 1 for p in (gu, dn))
     logits, rows, in_map, map_modes = _route_map(x, router_w, top_k, bgu.block_m,
@@ -333,17 +343,11 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
     nl = _NormLaunch(norm, x, rows, top_k, hidden)
     act = torch.empty((n_rows, i_dim), device=x.device, dtype=x.dtype)           # [R, I]
     y = torch.empty((n_rows, hidden), device=x.device, dtype=x.dtype)            # [R, H]
-    tilings = [_MoeTiling(short, rows, bgu, bdn, gu, dn, grid_gu, grid_dn, map_modes)]
+    tilings = [replace(decode, rows=rows, modes=map_modes)]
     if prefill is not None:     # the prefill map: its own tiles, the row arrays above; unsplit, so nothing to zero
-        pgu, pdn = prefill
-        p_tiles = num_tiles(n_rows, n_exp + 1, pgu.block_m) * (1 - short)
-        tilings.append(_MoeTiling(
-            1 - short, moe_route(logits, pgu.block_m, on=1 - short, rows_of=rows), pgu, pdn,
-            _split_k_buffers(n_rows, 2 * i_dim, hidden, pgu, x, 0,
-                             _k_step(pgu, group_h, gate_up_s, shared_gate_s, shared_up_s)[1]),
-            _split_k_buffers(n_rows, hidden, i_dim, pdn, x, 0, _k_step(pdn, group_i, down_s, shared_down_s)[1]),
-            (p_tiles, triton.cdiv(i_dim, pgu.block_n)), (p_tiles, triton.cdiv(hidden, pdn.block_n)),
-            {**map_modes, "MAP_IN_KERNEL": False}))
+        p = tiling(1 - short, *prefill)
+        tilings.append(replace(p, rows=moe_route(logits, p.gate_up.block_m, on=p.on, rows_of=rows),
+                               modes={**map_modes, "MAP_IN_KERNEL": False}))
     tilings = [t for t in tilings if not (isinstance(t.on, int) and t.on == 0)]        # a constant 0: no launches
     mode = _dot_mode(x.dtype)
     for t in tilings:
@@ -355,7 +359,7 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
             *gate_up_s.stride(), *shared_gate_q.stride(), *shared_gate_s.stride(), act.stride(0), act.stride(1),
             *part_strides, logits, t.rows.routed_row, *in_map, *nl.gate_up[0], BLOCK_M=t.gate_up.block_m,
             BLOCK_N=t.gate_up.block_n, BLOCK_K=t.gate_up.block_k, SCALE_PER_BLOCK=t.gate_up.scale_per_block,
-            SCALE_WORDS=_k_step(t.gate_up, group_h, gate_up_s, shared_gate_s, shared_up_s)[0],
+            SCALE_WORDS=t.words[0],
             BF16X2=t.gate_up.bf16x2, FMA_UNPACK=fma_unpack(t.gate_up, (gate_up_q, shared_gate_q, shared_up_q),
                                                            (gate_up_s, shared_gate_s, shared_up_s)),
             **t.modes, **mode, **nl.gate_up[1], **_launch(t.gate_up))
@@ -367,7 +371,7 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
             *down_q.stride(), *down_s.stride(), *shared_down_q.stride(), *shared_down_s.stride(), y.stride(0),
             y.stride(1), *part_strides, logits, *in_map, *nl.down[0], BLOCK_M=t.down.block_m,
             BLOCK_N=t.down.block_n, BLOCK_K=t.down.block_k, SCALE_PER_BLOCK=t.down.scale_per_block,
-            SCALE_WORDS=_k_step(t.down, group_i, down_s, shared_down_s)[0], BF16X2=t.down.bf16x2,
+            SCALE_WORDS=t.words[1], BF16X2=t.down.bf16x2,
             FMA_UNPACK=fma_unpack(t.down, (down_q, shared_down_q), (down_s, shared_down_s)), **t.modes, **mode,
             **nl.down[1], **_launch(t.down))
     return nl.finish(y, rows)

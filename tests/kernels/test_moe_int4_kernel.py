@@ -171,7 +171,7 @@ def test_moe_q_fused_fma_and_byte_unpacks(monkeypatch):
     assert seen == [True, True, False, False, False, False]
 
 
-def test_decode_steps_build_their_tiles_in_the_gemms(monkeypatch):
+def test_decode_steps_build_their_tiles_in_the_gemms(launches):
     """Top-1 with both GEMMs unsplit: a 1-token step launches the route kernel with an empty grid (an engine skips
     it) and the GEMMs map the step from its logits (``moe_route.tile_span``); from 2 tokens, or with a split GEMM
     (whose counters the route launch zeroes), the route kernel runs. Every way gives the reference's output. The
@@ -179,27 +179,19 @@ def test_decode_steps_build_their_tiles_in_the_gemms(monkeypatch):
     require_interpreter()
     from l4compile.kernels import ops
 
-    grids, real = [], ops.wrap_triton
-
-    def record(kernel):
-        launcher = real(kernel)
-        return type("L", (), {"__getitem__": lambda _, grid: grids.append((kernel.__name__, tuple(grid)))
-                              or launcher[grid]})()
-
-    monkeypatch.setattr(ops, "wrap_triton", record)
     split = (Int4Blocks(16, 16, 16, True, 2), Int4Blocks(16, 16, 16, True))
     for n_tok, blocks, route_grid in ((1, None, 0), (2, None, 1), (17, None, 1), (1, split, 1)):
         args = make_moe_q(n_tok, 64, 48, 4, 128, seed=n_tok)
-        grids.clear()
+        launches.clear()
         out = ops.fused_moe_int4(*args, 1, blocks=blocks)
         assert rel_err(out, _moe_q_impl(*args, 1)) < TOL[torch.float32], (n_tok, blocks)
-        assert [g for name, g in grids if name == "moe_route_kernel"] == [(route_grid,)], (n_tok, grids)
-        assert [name for name, _ in grids][1:] == ["moe_int4_gate_up_kernel", "moe_int4_down_kernel"]
+        assert [g for name, g, _ in launches if name == "moe_route_kernel"] == [(route_grid,)], (n_tok, launches)
+        assert [name for name, *_ in launches][1:] == ["moe_int4_gate_up_kernel", "moe_int4_down_kernel"]
     for n_tok, route_grid in ((1, 0), (3, 1)):                                   # the bf16 MoE maps the same way
         args = make_moe(n_tok, 64, 48, 4, seed=n_tok)
-        grids.clear()
+        launches.clear()
         assert rel_err(ops.fused_moe(*args, 1), _moe_impl(*args, 1)) < TOL[torch.float32]
-        assert [g for name, g in grids if name == "moe_route_kernel"] == [(route_grid,)], (n_tok, grids)
+        assert [g for name, g, _ in launches if name == "moe_route_kernel"] == [(route_grid,)], (n_tok, launches)
 
 
 @pytest.mark.parametrize("norm", [False, True])
