@@ -135,7 +135,7 @@ def generate(ep, cache: Path, extra_configs: dict | None = None) -> Path:
 N_SPLIT_ARG = 17          # attention_partial_kernel's N_SPLIT: after 11 pointers and T, L, D, HKV, REP, CHUNK
 # the ops that write their caches in place: the reading (partial) launch and the combine launch may write them
 IN_PLACE_ATTENTION = {"l4.attention_fused_inplace.default", "l4.attention_fused_chained.default"}
-# (batch, tokens) of the steps whose launches ``nonempty_launches`` counts: a decode step, a 2K-token prefill
+# (batch, tokens) of the steps whose launches ``launches_with_work`` names: a decode step, a 2K-token prefill
 SHAPES = ((1, 1), (1, 2048))
 
 
@@ -165,12 +165,6 @@ def _cpp_int(expr: str, env: dict[str, int]) -> int:
         return int(eval(py, {"__builtins__": {}}, {"max": max, "min": min, "fdiv": lambda a, b: a // b, **env}))
     except (NameError, SyntaxError, TypeError, ZeroDivisionError) as e:
         raise ValueError(expr) from e
-
-
-def nonempty_launches(lines: list[str], batch: int, tokens: int) -> int | None:
-    """How many of ``run_impl``'s launches have work in a step of ``batch`` x ``tokens`` (``launches_with_work``)."""
-    work = launches_with_work(lines, batch, tokens)
-    return None if work is None else len(work)
 
 
 def launches_with_work(lines: list[str], batch: int, tokens: int) -> list[str] | None:

@@ -170,8 +170,8 @@ def test_tuned_kernel_blocks_are_the_engines(tmp_path):
                                   "moe_q 16 512 1024 128 128 bfloat16": "BN64 BK128 SK1/2"}
 
 
-def test_nonempty_launches_evaluates_the_wrappers_grids():
-    """``nonempty_launches`` follows run_impl's integer assignments and counts the launches whose grid has no 0: l4's
+def test_launches_with_work_evaluates_the_wrappers_grids():
+    """``launches_with_work`` follows run_impl's integer assignments and names the launches whose grid has no 0: l4's
     kernels by their last three arguments, Inductor's by their xnumel; a grid it cannot evaluate gives None."""
     tool = _tool()
     lines = ["    auto arg9_1 = std::move(inputs[0]);", "    auto arg9_1_size = arg9_1.sizes();",
@@ -183,10 +183,11 @@ def test_nonempty_launches_evaluates_the_wrappers_grids():
              "    call_combine_kernel_2(buf0, c10::div_floor_integer(static_cast<int64_t>(15L + s70), "
              "static_cast<int64_t>(16L))*(1L - std::min(static_cast<int64_t>(1L), static_cast<int64_t>(s70 - 1L))), "
              "2L*s34, 1L, this->device_idx_, stream, kernels, this->cubin_dir_);"]
-    assert tool.nonempty_launches(lines, 1, 1) == 2          # the route launch skipped at one token
-    assert tool.nonempty_launches(lines, 1, 2048) == 2       # the combine's grid empty past one token
-    assert tool.nonempty_launches(lines, 2, 1) == 3
-    assert tool.nonempty_launches([*lines, "    call_k_3(buf0, s99, 1L, 1L, this->device_idx_, stream);"], 1, 1) is None
+    assert tool.launches_with_work(lines, 1, 1) == ["triton_poi_0", "combine_kernel_2"]   # no route at one token
+    assert tool.launches_with_work(lines, 1, 2048) == ["triton_poi_0", "route_kernel_1"]  # no combine past one
+    assert len(tool.launches_with_work(lines, 2, 1)) == 3
+    assert tool.launches_with_work([*lines, "    call_k_3(buf0, s99, 1L, 1L, this->device_idx_, stream);"], 1, 1) \
+        is None
 
 
 def test_kernel_blocks_file_that_is_no_record_is_one_error_line(tmp_path, capsys):
