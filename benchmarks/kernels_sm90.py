@@ -155,13 +155,18 @@ OPS = ("I2F", "F2F", "F2FP", "PRMT", "LOP3", "SHF", "FMUL", "FADD", "FFMA", "HAD
        "STS", "STSM", "LDL", "STL")
 
 
+LOOP_MIN = 100          # loops shorter than this (a reduction's shuffle steps, a zeroing loop) are not listed
+
+
 def sass_ops(cubin: bytes, tool: Path) -> dict[str, int]:
     """Opcode counts of the body of the kernel's longest loop in SASS (a backward branch and the instructions it
     jumps back over: the K loop of a GEMM, one iteration of it; software pipelining puts copies of the loads and
     MMAs before and after it, which are not counted), the conversions and ALU work a dequantizing loop spends per
     weight beside its loads and tensor-core MMAs. ``total``: the loop's instructions; ``kernel``: the whole
     kernel's; ``kernel_sync``: the whole kernel's global atomics, memory barriers and L1 invalidations (a split-K
-    epilogue's counter: ``l4compile/kernels/split_k.py``). A kernel without a loop counts as a whole."""
+    epilogue's counter: ``l4compile/kernels/split_k.py``); ``loops``: the instructions of each loop of at least
+    ``LOOP_MIN``, in address order (the attention kernel's key loops: masked and unmasked tiles, at each tile height).
+    A kernel without a loop counts as a whole."""
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "k.cubin"
         path.write_bytes(cubin)
@@ -173,8 +178,10 @@ def sass_ops(cubin: bytes, tool: Path) -> dict[str, int]:
     lo, hi = max(loops, key=lambda r: r[1] - r[0]) if loops else (0, float("inf"))
     ops = [op for a, op, _ in code if lo <= a <= hi]
     every = [op for _, op, _ in code]
+    sizes = [sum(a <= x <= b for x, _, _ in code) for a, b in sorted(loops)]
     return {**{k: ops.count(k) for k in OPS}, "total": len(ops), "kernel": len(code),
-            "kernel_sync": {k: every.count(k) for k in ("ATOMG", "MEMBAR", "CCTL")}}
+            "kernel_sync": {k: every.count(k) for k in ("ATOMG", "MEMBAR", "CCTL")},
+            "loops": [n for n in sizes if n >= LOOP_MIN]}
 
 
 def loop_loads(ttgir: str) -> list[dict[str, int]]:

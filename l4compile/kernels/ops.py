@@ -652,6 +652,8 @@ def _fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
     """The bodies. ``write_caches``: the combine launch writes the new keys into the caches. ``q_transform``:
     (cos, sin, use_rope, qk_norm, temp_tuning, floor_scale, attn_scale, eps) for the partial kernel to apply to q;
     None: q comes transformed. ``lock`` / ``next_lock``: ``fused_attention_inplace``'s (MERGE)."""
+    if not scaling > 0:                            # the kernel keeps row maxima of unscaled scores
+        raise ValueError(f"attention_fused: scaling must be > 0, got {scaling}")
     batch, _, n_tok, head_dim = q.shape
     slots = k_cache.shape[2]
     rep = n_heads // n_kv_heads

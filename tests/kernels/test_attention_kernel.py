@@ -27,6 +27,7 @@ CASES = {
     "decode-wrapped-ring": (2, 1, 16, 4, 2, 16, 37, 16, True),
     "decode-chunk-start": (1, 1, 16, 4, 2, 16, 32, 16, True),     # first token of a chunk: sees itself alone
     "chunked-prefill": (2, 7, 16, 4, 2, 16, 13, 16, True),         # crosses a chunk boundary
+    "chunk-ends-a-tile": (1, 3, 16, 4, 2, 16, 15, 16, True),       # keys 0..15, a whole tile, seen by 15 alone
     "prompt-longer-than-ring": (2, 20, 16, 4, 2, 16, 0, 16, True),
     "continue-past-ring": (1, 20, 16, 4, 2, 16, 13, 16, True),
     "nope-global": (1, 9, 32, 4, 1, 16, 11, 0, False),             # temperature tuning, one kv head
@@ -157,6 +158,18 @@ def test_fused_attention_inplace_refuses_tables_of_another_head_dim():
             fused_attention_inplace(q, k, v, *args[3:6], cos, sin, 4, 2, 16, 0.25, True, True, False, 4.0, 0.1, 1e-5)
 
 
+def test_fused_attention_refuses_a_scaling_not_above_zero():
+    """The kernel keeps each row's largest unscaled score and scales in the exponent: that is the largest scaled
+    score only for a positive scaling (Llama 4's is head_dim ** -0.5)."""
+    require_interpreter()
+    from l4compile.kernels.ops import fused_attention
+
+    args = list(_args(*CASES["decode"]))
+    q, k, v = (x.view(1, 1, -1, 16).transpose(1, 2) for x in args[:3])
+    for scaling in (0.0, -0.25, float("nan")):
+        with pytest.raises(ValueError, match=rf"attention_fused: scaling must be > 0, got {scaling}"):
+            fused_attention(q, k, v, *args[3:6], 4, 2, 16, scaling)
+
 @pytest.mark.parametrize("chained", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_attention_cached_in_place(dtype, chained):
@@ -239,6 +252,38 @@ def test_decode_rows_take_the_short_tile(n_split, monkeypatch):
         short = attention_cached_impl(*args, fused_attend=_fused(AttentionBlocks(16, 16, bd), n_split))[0]
         assert rel_err(tall, short) < 1e-6, (case, rel_err(tall, short))
         assert rel_err(tall, attention_cached_impl(*args)[0]) < TOL[torch.float32], case
+
+
+@pytest.mark.parametrize("case, n_split, tiles", [
+    ("decode-two-blocks", 1, [(0, False), (16, False), (32, False), (48, False), (64, False), (80, False),
+                              (96, True)]),                              # 101 keys: 6 whole tiles, then the edge
+    ("decode-two-blocks", 3, [(0, False), (16, False), (32, False), (48, False), (64, False), (80, False),
+                              (96, True)]),                              # splits of 48 keys: [0, 48) [48, 96) [96, 101)
+    ("chunk-ends-a-tile", 1, [(0, True), (16, True)]),                  # rows 16, 17 must not see keys 0..15
+    # keys 0..19, 3 row blocks of 16 of the 4 heads x 9 tokens (positions 11..19): the first two hold a row at 11,
+    # the last one (head 3, positions 16..19) sees keys 0..15 whole
+    ("nope-global", 1, [(0, False), (0, True), (16, True)]),
+])
+def test_tiles_every_row_sees_take_no_mask(case, n_split, tiles, monkeypatch):
+    """The key tiles of a row block run unmasked where every row sees every key of the tile (after the last row's
+    chunk start, up to the first row's own position, inside the split), masked elsewhere: (first key, masked) of
+    each tile a program took, in order, with BN 16."""
+    require_interpreter()
+    from l4compile.kernels import attention
+    from l4compile.kernels.layout import AttentionBlocks
+
+    taken = []
+    inner = attention._attend_tile
+
+    def recorded(*a):
+        taken.append((int(a[4]), bool(a[-1])))   # p0, MASKED
+        return inner(*a)
+
+    monkeypatch.setattr(attention, "_attend_tile", recorded)
+    args = _args(*CASES[case])
+    out = attention_cached_impl(*args, fused_attend=_fused(AttentionBlocks(16, 16, 16), n_split))[0]
+    assert sorted(set(taken)) == tiles
+    assert rel_err(out, attention_cached_impl(*args)[0]) < TOL[torch.float32]
 
 
 def test_attention_splits():

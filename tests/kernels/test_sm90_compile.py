@@ -229,6 +229,27 @@ def test_decode_attention_tiles_and_loops(tmp_path):
     assert partial["shared_bytes"] == 114688 and partial["programs_per_sm"] == 2
 
 
+def test_attention_key_loops_mask_only_the_edge_tiles(tmp_path):
+    """The partial kernel runs two key loops at each tile height (16-row mma, 64-row wgmma): the masked tiles (a
+    chunk start, the diagonal, the ragged end), then the tiles every row sees, without a mask. At 64 rows (prefill)
+    the one masked loop before was 1583 SASS instructions a tile (integer division for the chunk test and the ring
+    slot, the mask, exp's range fix-ups), at 16 rows 735; the unmasked loops are under 40% and 70% of those, and
+    shorter than the masked loops beside them, with no spill and the same shared memory (112 KiB, 2 programs an
+    SM)."""
+    _nvidia_backend()
+    rows = [r for r in _rows(tmp_path, "--dtypes", "bfloat16", "--ops", "--cases", "attention_fused prefill T=2048")
+            if r["kernel"] == "attention_partial_kernel"]
+    assert len(rows) == 1 and rows[0]["stack_bytes"] == 0, rows
+    partial = rows[0]
+    loops = partial["sass_ops"]["loops"]           # masked, unmasked at BM 16, then at BM 64 (the merge's is short)
+    assert len(loops) == 4, loops
+    for masked, bulk in (loops[0:2], loops[2:4]):
+        assert bulk < masked, loops
+    assert loops[1] < 0.7 * 735 and loops[3] < 0.4 * 1583, loops      # the one masked loop before, each height
+    assert partial["shared_bytes"] == 114688 and partial["programs_per_sm"] == 2
+    assert all(lp["sync"] == 0 for lp in partial["loop_loads"]), partial["loop_loads"]
+
+
 def test_int4_pipeline_depth_reaches_the_compiler(tmp_path):
     """``Int4Blocks.num_stages`` (a sweep candidate) is the K loop's pipeline depth: at 4 and 5 stages int4_mm's
     decode GEMV stages more K steps (shared memory grows by one step's buffers a stage) and still spills nothing."""
