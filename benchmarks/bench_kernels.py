@@ -26,7 +26,9 @@ Kernels (bf16 activations; Int4 weights packed as the quantize pass packs them, 
     prefill       ``--prefill T,..``: q_proj and the Int4 MoE at T tokens in TFLOP/s, with the decode blocks (BM 16:
                   each weight unpacked once per 16 rows) against the prefill blocks steps of more than
                   ``layout.INT4_PREFILL_ROWS`` rows launch (``int4_prefill_blocks``: BM 128; the MoE's
-                  ``moe_int4_prefill_blocks``: BM 64), other tall tiles, and bf16 (cuBLAS; ``moe_fused``, BM 64)
+                  ``moe_int4_prefill_blocks``: BM 64), other tall tiles, and bf16 (cuBLAS; ``moe_fused``, BM 64);
+                  and a global layer's causal attention over the T tokens (40/8 heads x 128) against torch's SDPA
+                  (FlashAttention on a GPU, K/V expanded per query head)
     attention_fused  one decode step of a global layer's attention (40/8 heads x 128) in an 8192-slot bf16 cache,
                   at positions 511 and 8191, batch = tokens: it must read only the visible keys (timed as engines
                   run it, l4::attention_fused_chained: the new key and value written into the caches too, the key
@@ -497,6 +499,24 @@ def main(argv: list[str] | None = None) -> int:
                    flops)
         record("moe_fused bf16 prefill", t, "BM64", False, lambda: fused_moe(x, *fweights, 1, logits=logits), ref,
                moe_bytes(x, qweights, fweights, dims["E"], False, logits), flops)
+    # a global layer's causal attention over T new tokens at position 0 (the chunked layers' too, for T <= 8192), as
+    # engines run it (the caches written by the same launches), against torch's SDPA (FlashAttention on an H100) on
+    # K/V expanded per query head; q, k, v are the [B, T, heads * D] projections' views, as in an engine
+    hq, hkv, d = dims["heads"], dims["kv_heads"], dims["head_dim"]
+    for t in prefill:
+        q, k, v = (torch.randn(1, t, n * d, generator=g, device=device).to(torch.bfloat16).view(1, t, n, d)
+                   .transpose(1, 2) for n in (hq, hkv, hkv))
+        kc, vc = (torch.zeros(1, hkv, t, d, device=device, dtype=torch.bfloat16) for _ in "kv")
+        kx, vx = (x.repeat_interleave(hq // hkv, dim=1) for x in (k, v))
+        start, table = torch.zeros(1, dtype=torch.int64, device=device), torch.zeros(1, d // 2, device=device)
+        q_args = (table, table, hq, hkv, 0, d ** -0.5, False, False, False, 8192.0, 0.1, 1e-5)
+        sdpa = lambda q=q, kx=kx, vx=vx, t=t: F.scaled_dot_product_attention(  # noqa: E731
+            q, kx, vx, is_causal=True).transpose(1, 2).reshape(1, t, hq * d)
+        ref, flops = sdpa(), 4 * d * hq * t * (t + 1) // 2                    # QK^T and PV over the causal half
+        moved = nbytes(q, k, v, ref)
+        record("attention_fused prefill", t, "BM64 BN64", True,
+               lambda: fused_attention_inplace(q, k, v, kc, vc, start, *q_args, lock=lock)[0], ref, moved, flops)
+        record("sdpa prefill", t, "K/V expanded", False, sdpa, ref, moved, flops)
     if a.out:
         Path(a.out).write_text(json.dumps({"device": device_name, "torch": torch.__version__, "copy_bytes_per_s": peak,
                                            "dims": dims, "rows": rows}, indent=2))

@@ -491,8 +491,8 @@ def test_bench_kernels_script_checks_every_kernel(tmp_path, capsys):
 
 def test_bench_kernels_prefill_rows(tmp_path, capsys):
     """``--prefill`` (with ``--tokens ''``: its rows alone): q_proj and the Int4 MoE at prefill token counts, the
-    decode blocks against tall tiles and bf16, each checked and timed, in TFLOP/s (2 T N K; the MoE 12 T H I: a
-    routed and a shared row a token)."""
+    decode blocks against tall tiles and bf16, and the causal attention against SDPA, each checked and timed, in
+    TFLOP/s (2 T N K; the MoE 12 T H I: a routed and a shared row a token; attention 4 D Hq T (T + 1) / 2)."""
     require_cuda_kernels() if torch.cuda.is_available() else require_interpreter()
     import json
 
@@ -505,11 +505,13 @@ def test_bench_kernels_prefill_rows(tmp_path, capsys):
     assert [(r["kernel"], r["config"].split(" ")[0]) for r in rows] == [
         ("int4_mm q_proj prefill", "decode"), ("int4_mm q_proj prefill", "BM32"),
         ("torch.mm bf16 q_proj prefill", "cuBLAS"), ("moe_q_fused prefill", "decode"), ("moe_q_fused prefill", "BM32"),
-        ("moe_fused bf16 prefill", "BM64")]
+        ("moe_fused bf16 prefill", "BM64"), ("attention_fused prefill", "BM64"), ("sdpa prefill", "K/V")]
     assert all(r["error"] is None and r["ms"] > 0 for r in rows)
-    h, i = mod.TINY["H"], mod.TINY["I"]
-    assert {r["flops"] for r in rows[:3]} == {2 * 20 * mod.TINY["heads"] * mod.TINY["head_dim"] * h}
-    assert {r["flops"] for r in rows[3:]} == {12 * 20 * h * i}
+    h, i, heads, d = mod.TINY["H"], mod.TINY["I"], mod.TINY["heads"], mod.TINY["head_dim"]
+    assert {r["flops"] for r in rows[:3]} == {2 * 20 * heads * d * h}
+    assert {r["flops"] for r in rows[3:6]} == {12 * 20 * h * i}
+    assert {r["flops"] for r in rows[6:]} == {4 * d * heads * 20 * 21 // 2}      # causal: 20 * 21 / 2 pairs
+    assert rows[6]["rel_err"] < 1e-2
     assert "TFLOP/s" in capsys.readouterr().out
     assert mod.main(["--tiny", "--tokens", "", "--prefill", ""]) == 2
     assert "must be comma-separated lists of positive integers, not both empty" in capsys.readouterr().err
