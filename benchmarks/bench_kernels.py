@@ -27,8 +27,8 @@ Kernels (bf16 activations; Int4 weights packed as the quantize pass packs them, 
                   each weight unpacked once per 16 rows) against the prefill blocks steps of more than
                   ``layout.INT4_PREFILL_ROWS`` rows launch (``int4_prefill_blocks``: BM 128; the MoE's
                   ``moe_int4_prefill_blocks``: BM 64), other tall tiles, and bf16 (cuBLAS; ``moe_fused``, BM 64);
-                  and a global layer's causal attention over the T tokens (40/8 heads x 128) against torch's SDPA
-                  (FlashAttention on a GPU, K/V expanded per query head)
+                  and a global layer's causal attention over the T tokens (40/8 heads x 128), at its blocks and at
+                  BM 128 on 8 warps, against torch's SDPA (FlashAttention on a GPU, K/V expanded per query head)
     attention_fused  one decode step of a global layer's attention (40/8 heads x 128) in an 8192-slot bf16 cache,
                   at positions 511 and 8191, batch = tokens: it must read only the visible keys (timed as engines
                   run it, l4::attention_fused_chained: the new key and value written into the caches too, the key
@@ -514,8 +514,12 @@ def main(argv: list[str] | None = None) -> int:
             q, kx, vx, is_causal=True).transpose(1, 2).reshape(1, t, hq * d)
         ref, flops = sdpa(), 4 * d * hq * t * (t + 1) // 2                    # QK^T and PV over the causal half
         moved = nbytes(q, k, v, ref)
-        record("attention_fused prefill", t, "BM64 BN64", True,
-               lambda: fused_attention_inplace(q, k, v, kc, vc, start, *q_args, lock=lock)[0], ref, moved, flops)
+        default = attention_blocks(d)
+        for b in (default, AttentionBlocks(128, 64, default.block_d, 8)) if not a.tiny else (default,):
+            record("attention_fused prefill", t, f"BM{b.block_m} BN{b.block_n}"
+                   + (f" NW{b.num_warps}" if b.num_warps else ""), b == default,
+                   lambda b=b: fused_attention_inplace(q, k, v, kc, vc, start, *q_args, blocks=b, lock=lock)[0],
+                   ref, moved, flops)
         record("sdpa prefill", t, "K/V expanded", False, sdpa, ref, moved, flops)
     if a.out:
         Path(a.out).write_text(json.dumps({"device": device_name, "torch": torch.__version__, "copy_bytes_per_s": peak,

@@ -338,6 +338,11 @@ def sweep_cases(dims: dict, dtype: torch.dtype):
         blocks = AttentionBlocks(bm, bn, block_d)
         yield f"sweep attention_fused BM{bm} BN{bn}", lambda blocks=blocks: ops.fused_attention_inplace(
             *m.attention(1), *tables, hq, hkv, 0, d ** -0.5, False, False, False, 8192.0, 0.1, 1e-5, blocks=blocks)
+    # bench_kernels' prefill candidate: 128 rows on two warpgroups (the prefill path; a decode step's 16-row tile
+    # runs on 8 warps too)
+    tall = AttentionBlocks(128, 64, block_d, 8)
+    yield "sweep attention_fused prefill BM128 BN64 NW8", lambda: ops.fused_attention_inplace(
+        *m.attention(2048), *tables, hq, hkv, 0, d ** -0.5, False, False, False, 8192.0, 0.1, 1e-5, blocks=tall)
 
 
 def tuning_cases(dims: dict, dtype: torch.dtype):

@@ -696,7 +696,8 @@ def _fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
         *k_cache.stride(), *v_cache.stride(), *o_part.stride(), *lse.stride(), *out_strides, *table_strides,
         lock if merge else start, next_lock if merge else start, next_lock.numel() if merge else 0,
         BLOCK_M=bl.block_m, BLOCK_N=bl.block_n, BLOCK_D=bl.block_d, DECODE_M=decode_m, ROPE=rope,
-        QK_NORM=qk_norm, TEMP=temp, MERGE=merge, BLOCK_S=block_s, STAGES=ATTENTION_COMBINE_STAGES, **mode)
+        QK_NORM=qk_norm, TEMP=temp, MERGE=merge, BLOCK_S=block_s, STAGES=ATTENTION_COMBINE_STAGES, **mode,
+        **({"num_warps": bl.num_warps} if bl.num_warps else {}))
     # with S > 1 the merge, DECODE_M rows a program; with one split (the partial kernel wrote ``out``) no programs,
     # or, writing the caches, the T new tokens, DECODE_M a program (the merge's R*T rows cover them when S > 1);
     # with MERGE the partial kernel merged and wrote when S > 1, and the caches are written here when S = 1
