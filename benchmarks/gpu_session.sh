@@ -19,11 +19,12 @@
 #            8 warps), each checked, then timed (CUDA graph replay) against the HBM copy bandwidth; no model
 #            compile                                                                                 (box 240 s)
 #   sweep    the same over every block configuration (~500 rows)                                      (box 400 s)
-#   prefill4 benchmarks/bench_kernels.py --tokens '' --prefill 2048,8192: q_proj and the Int4 MoE at a prefill's
-#            token counts in TFLOP/s, the decode blocks (BM 16: a weight unpacked once per 16 rows) against the
-#            prefill blocks engines launch past layout.INT4_PREFILL_ROWS rows (BM 128 / BM 64), other tall tiles
-#            and bf16 (cuBLAS; moe_fused); the causal attention over those tokens (BM 64, and BM 128 on 8 warps)
-#            against torch's SDPA (FlashAttention)                                                   (box 240 s)
+#   prefill4 benchmarks/bench_kernels.py --tokens '' --prefill 256,512,2048,8192: q_proj and the Int4 MoE at a
+#            prefill's token counts in TFLOP/s, the decode blocks (BM 16: a weight unpacked once per 16 rows)
+#            against the prefill blocks engines launch past layout.INT4_PREFILL_ROWS rows (BM 128 / BM 64; 256 and
+#            512 tokens say where that threshold, a guess at 256, belongs), other tall tiles and bf16 (cuBLAS;
+#            moe_fused); the causal attention over those tokens (BM 64, and BM 128 on 8 warps) against torch's
+#            SDPA (FlashAttention)                                                                   (box 240 s)
 #   tests    the gpu-marked kernel tests: Triton kernels against their reference ops (real compile, bf16 tensor
 #            cores); failures are reported with their values (--tb=short -rfE)                      (box 150 s)
 #   engines  the gpu-marked tests that build and load CUDA AOTInductor packages: the kernels compiled into a
@@ -147,7 +148,7 @@ for spec in ${PARTS//,/ }; do
     sweep)
         boxed $(box 400) sweep $PY benchmarks/bench_kernels.py --tokens 1,8,32 --out "$RES/sweep.json" ;;
     prefill4)
-        boxed $(box 240) prefill4 $PY benchmarks/bench_kernels.py --tokens "" --prefill 2048,8192 \
+        boxed $(box 240) prefill4 $PY benchmarks/bench_kernels.py --tokens "" --prefill 256,512,2048,8192 \
             --out "$RES/prefill-kernels.json" ;;
     tests)
         boxed $(box 150) tests $PY -m pytest -v -m gpu -p no:cacheprovider -o addopts="" --timeout 120 -n 4 \
