@@ -170,6 +170,7 @@ def test_fused_attention_refuses_a_scaling_not_above_zero():
         with pytest.raises(ValueError, match=rf"attention_fused: scaling must be > 0, got {scaling}"):
             fused_attention(q, k, v, *args[3:6], 4, 2, 16, scaling)
 
+
 @pytest.mark.parametrize("chained", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_attention_cached_in_place(dtype, chained):
@@ -266,8 +267,8 @@ def test_decode_rows_take_the_short_tile(n_split, monkeypatch):
 ])
 def test_tiles_every_row_sees_take_no_mask(case, n_split, tiles, monkeypatch):
     """The key tiles of a row block run unmasked where every row sees every key of the tile (after the last row's
-    chunk start, up to the first row's own position, inside the split), masked elsewhere: (first key, masked) of
-    each tile a program took, in order, with BN 16."""
+    chunk start, up to the first row's own position, inside the split), masked elsewhere: the (first key, masked)
+    pairs the programs took, with BN 16, and the output still the reference's."""
     require_interpreter()
     from l4compile.kernels import attention
     from l4compile.kernels.layout import AttentionBlocks
