@@ -164,9 +164,10 @@ def sass_ops(cubin: bytes, tool: Path) -> dict[str, int]:
     MMAs before and after it, which are not counted), the conversions and ALU work a dequantizing loop spends per
     weight beside its loads and tensor-core MMAs. ``total``: the loop's instructions; ``kernel``: the whole
     kernel's; ``kernel_sync``: the whole kernel's global atomics, memory barriers and L1 invalidations (a split-K
-    epilogue's counter: ``l4compile/kernels/split_k.py``); ``loops``: the instructions of each loop of at least
-    ``LOOP_MIN``, in address order (the attention kernel's key loops: masked and unmasked tiles, at each tile height).
-    A kernel without a loop counts as a whole."""
+    epilogue's counter: ``l4compile/kernels/split_k.py``); ``loops``: [instructions, on the path that takes the
+    loop's longest forward branch] of each loop of at least ``LOOP_MIN``, in address order (the attention kernel's
+    key loop at each tile height: a masked tile runs all of it, an unmasked one branches past the mask). A kernel
+    without a loop counts as a whole."""
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "k.cubin"
         path.write_bytes(cubin)
@@ -178,10 +179,15 @@ def sass_ops(cubin: bytes, tool: Path) -> dict[str, int]:
     lo, hi = max(loops, key=lambda r: r[1] - r[0]) if loops else (0, float("inf"))
     ops = [op for a, op, _ in code if lo <= a <= hi]
     every = [op for _, op, _ in code]
-    sizes = [sum(a <= x <= b for x, _, _ in code) for a, b in sorted(loops)]
+    sizes = []
+    for a, b in sorted(loops):
+        size = sum(a <= x <= b for x, _, _ in code)
+        skips = [int(m.group(1), 16) - x for x, op, rest in code if a <= x < b and op == "BRA"
+                 and (m := re.search(r"(0x[0-9a-f]+)", rest)) and x < int(m.group(1), 16) <= b]
+        if size >= LOOP_MIN:                 # the path that takes the longest forward branch skips what it jumps
+            sizes.append([size, size - (max(skips) // 16 - 1 if skips else 0)])
     return {**{k: ops.count(k) for k in OPS}, "total": len(ops), "kernel": len(code),
-            "kernel_sync": {k: every.count(k) for k in ("ATOMG", "MEMBAR", "CCTL")},
-            "loops": [n for n in sizes if n >= LOOP_MIN]}
+            "kernel_sync": {k: every.count(k) for k in ("ATOMG", "MEMBAR", "CCTL")}, "loops": sizes}
 
 
 def loop_loads(ttgir: str) -> list[dict[str, int]]:
@@ -260,10 +266,11 @@ def cases(dims: dict, dtype: torch.dtype):
     lock = torch.empty(SPLIT_K_LOCK_WORDS, dtype=torch.int32, device="meta")      # a chained step's counters
     tables = [torch.empty(dims["slots"], d // 2, device="meta") for _ in "cs"]        # cos, sin [P, D/2]
     start = torch.empty(1, dtype=torch.int64, device="meta")
-    # a RoPE layer's qkv as a CUDA engine's step runs it: k's RoPE + qk-norm in the epilogue (k_rope.py), chained
-    for t in (1, 2048):        # at 2048 tokens (bf16) the prefill blocks' launch, BM 128 (layout.INT4_PREFILL_ROWS)
+    # a RoPE layer's qkv as a CUDA engine's step runs it: q's and k's RoPE + qk-norm in the epilogue (k_rope.py),
+    # chained; at 2048 tokens (bf16) the prefill blocks' launch, BM 128 (layout.INT4_PREFILL_ROWS)
+    for t in (1, 2048):
         yield f"int4_mm_rope qkv T={t}", lambda t=t: ops._int4_rope(
-            m.act(1, t, h), *m.int4((hq + 2 * hkv) * d, h), start, *tables, hq * d, hkv * d, d, True, 1e-5, lock)
+            m.act(1, t, h), *m.int4((hq + 2 * hkv) * d, h), start, *tables, 0, (hq + hkv) * d, d, True, 1e-5, lock)
     yield "moe_q_fused", lambda: ops.fused_moe_int4(m.act(1, h), *m.moe_q(), 1)
     yield "moe_fp8_fused", lambda: sm90_fp8(lambda: ops.fused_moe_fp8(m.act(1, h), *m.moe_fp8(), 1))
     yield "moe_fused", lambda: ops.fused_moe(m.act(1, h), m.act(e, h), m.act(e, h, 2 * i), m.act(e, i, h),
@@ -280,9 +287,11 @@ def cases(dims: dict, dtype: torch.dtype):
     # the engine's kernel serves any T (its row path and block path are one kernel); 2048 keeps both, as a symbolic T
     yield "add_rms_norm_router T=2048", lambda: ops.add_rms_norm_router(m.act(2048, h), m.act(2048, h), m.act(h),
                                                                         m.act(e, h), 1e-5)
-    rope = (*tables, hq, hkv, 0, d ** -0.5, True, True, False, 8192.0, 0.1, 1e-5)   # RoPE + qk-norm (3 of 4 layers)
+    rope = (*tables, hq, hkv, 0, d ** -0.5, True, True, False, 8192.0, 0.1, 1e-5)   # RoPE + qk-norm (bf16, FP8)
     nope = (*tables, hq, hkv, 0, d ** -0.5, False, False, True, 8192.0, 0.1, 1e-5)  # NoPE + temperature
-    for t, label, layer in ((1, "decode", rope), (1, "decode nope", nope), (2048, "prefill", rope)):
+    ready = (*tables, hq, hkv, 0, d ** -0.5, False, False, False, 8192.0, 0.1, 1e-5)   # Int4 RoPE layers: q ready
+    for t, label, layer in ((1, "decode", rope), (1, "decode nope", nope), (1, "decode q-ready", ready),
+                            (2048, "prefill", rope)):
         yield f"attention_fused {label} T={t}", lambda t=t, layer=layer: ops.fused_attention_inplace(
             *m.attention(t), *layer, lock=lock)
 
@@ -365,13 +374,13 @@ def tuning_cases(dims: dict, dtype: torch.dtype):
                                                                        lock=lock if b.split_k > 1 else None))
     # the qkv of RoPE layers as the tuning times it and engines run it: l4::int4_mm_rope, its blocks widened to heads
     key = int4_key((hq + 2 * hkv) * d, h, m.group, torch.bfloat16)
-    qkv = autotune.Problem(key, 48, rope=(d, hq * d, hkv * d, True), rope_count=36)
+    qkv = autotune.Problem(key, 48, rope=(d, 0, (hq + hkv) * d, True), rope_count=36)     # q and k in the epilogue
     tables = [torch.empty(dims["slots"], d // 2, device="meta") for _ in "cs"]
-    rope = ops.KRope(torch.empty(1, dtype=torch.int64, device="meta"), *tables, 1, hq * d, hkv * d, d, True, 1e-5)
+    rope = ops.KRope(torch.empty(1, dtype=torch.int64, device="meta"), *tables, 1, 0, (hq + hkv) * d, d, True, 1e-5)
     n_qkv = key[1]
     for b in autotune.candidates(qkv, dtype):
-        split = rope_int4_blocks(b, n_qkv, d, hq * d, hkv * d).split_k > 1
-        yield (f"tune {autotune.problem_name(key)} (k rope) {choice_label(b)}",
+        split = rope_int4_blocks(b, n_qkv, d, 0, (hq + hkv) * d).split_k > 1
+        yield (f"tune {autotune.problem_name(key)} (rope) {choice_label(b)}",
                lambda b=b, split=split: ops.int4_matmul(m.act(1, h), *m.int4(n_qkv, h), blocks=b, rope=rope,
                                                         lock=lock if split else None))
     key = moe_key(e, h, i, m.group, m.group, torch.bfloat16)

@@ -28,8 +28,9 @@ loads (ROPE: RoPE of interleaved pairs from the cos / sin tables at each row's p
 weightless RMS norm; TEMP: the NoPE temperature), as ``ops.attention._project`` does, and ``attention_combine_kernel``
 (WRITE) writes the T new keys and values into the caches, in place (slot = position mod L), once the partial kernel
 has read the cache: neither the query transform nor the cache update costs a launch of its own. k comes
-transformed: each program reads new keys, and transforming them there would redo it per row block and split (a CUDA
-engine's Int4 qkv GEMM transforms them in its epilogue: ``k_rope.py``).
+transformed: each program reads new keys, and transforming them there would redo it per row block and split. A CUDA
+Int4 engine's qkv GEMM transforms q too, in its epilogue (``k_rope.py``), and launches this kernel with no query
+transform (ROPE, QK_NORM and TEMP off): its bf16 and FP8 engines, whose qkv is cuBLAS / ``_scaled_mm``, keep it.
 ``l4::attention_fused_chained`` (MERGE: a CUDA engine's step, its launches chained by zeroed counters) also moves
 the merge and the cache write into the partial kernel when S > 1, so that a decode step's attention is one launch
 (the combine's grid is then empty; with one split the combine launch writes the caches, as before).
@@ -155,14 +156,14 @@ def _attend_rows(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o_ptr, lse_pt
     s_lo = k_lo + pid_s * per
     s_hi = tl.maximum(tl.minimum(s_lo + per, k_hi), s_lo)                       # empty past the keys
     # Tiles [u_lo, u_hi) hold keys every row of the block sees (from the last row's chunk start to the first row's
-    # own position, inside the split): they run without a mask, last, when the row bounds the mask needs are dead
-    # (at 255 registers, live across the bulk loop they spilled). The n_lo tiles of [s_lo, u_lo) (a block across a
-    # chunk start) and the n_hi of [u_hi, s_hi) (the diagonal, the split's ragged end) run first, masked, in one loop.
+    # own position, inside the split): they skip the mask. Tiles of [s_lo, u_lo) (a block across a chunk start) and
+    # [u_hi, s_hi) (the diagonal, the split's ragged end) take it. One loop over all of them, in key order, keeps
+    # one software pipeline (its loads run ahead across the boundary; two loops, masked then unmasked, each waited
+    # out its first loads, and kept the second loop's first addresses live across the first: a 72-byte spill in
+    # the variant without a q transform).
     blk_lo = tl.max(tl.where(rmask, row_lo, 0), axis=0)
     u_lo = tl.minimum(s_lo + tl.cdiv(tl.maximum(blk_lo - s_lo, 0), BLOCK_N) * BLOCK_N, s_hi)
     u_hi = tl.maximum(s_lo + (tl.maximum(tl.minimum(q_lo + 1, s_hi) - s_lo, 0) // BLOCK_N) * BLOCK_N, u_lo)
-    n_lo = tl.cdiv(u_lo - s_lo, BLOCK_N)
-    n_masked = n_lo + tl.cdiv(s_hi - u_hi, BLOCK_N)
     wrap = start % L                                    # a cached key's slot: (start + j) mod L, j in [-L, 0)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)                  # row maxima of the unscaled scores
@@ -170,15 +171,10 @@ def _attend_rows(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o_ptr, lse_pt
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     kc, kn = kc_ptr + b * scb + g * sch, kn_ptr + b * snb + g * snh             # this (batch, kv head)'s keys
     vc, vn = vc_ptr + b * svcb + g * svch, vn_ptr + b * svnb + g * svnh
-    for i in range(0, n_masked):
-        p0 = tl.where(i < n_lo, s_lo + i * BLOCK_N, u_hi + (i - n_lo) * BLOCK_N)
+    for p0 in range(s_lo, s_hi, BLOCK_N):
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, p0, s_hi, start, wrap, qpos, row_lo, rmask, dd, dmask,
                                      scale2, kc, kn, vc, vn, L, scl, scd, snt, snd, svcl, svcd, svnt, svnd,
-                                     BLOCK_N, PRECISION, DOT_F32, True)
-    for p0 in range(u_lo, u_hi, BLOCK_N):
-        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, p0, s_hi, start, wrap, qpos, row_lo, rmask, dd, dmask,
-                                     scale2, kc, kn, vc, vn, L, scl, scd, snt, snd, svcl, svcd, svnt, svnd,
-                                     BLOCK_N, PRECISION, DOT_F32, False)
+                                     (p0 < u_lo) | (p0 >= u_hi), BLOCK_N, PRECISION, DOT_F32)
 
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -195,16 +191,16 @@ def _attend_rows(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, start_ptr, o_ptr, lse_pt
 
 @triton.jit
 def _attend_tile(q, m_i, l_i, acc, p0, s_hi, start, wrap, qpos, row_lo, rmask, dd, dmask, scale2, k_cache, k_new,
-                 v_cache, v_new, L, scl, scd, snt, snd, svcl, svcd, svnt, svnd, BLOCK_N: tl.constexpr,
-                 PRECISION: tl.constexpr, DOT_F32: tl.constexpr, MASKED: tl.constexpr):
+                 v_cache, v_new, L, scl, scd, snt, snd, svcl, svcd, svnt, svnd, masked, BLOCK_N: tl.constexpr,
+                 PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
     """Keys p0 .. p0 + BN - 1 into the running softmax of q [BM, BD] at positions qpos [BM]: m_i [BM] (the largest
     unscaled score so far), l_i [BM], acc [BM, BD]. Position p < start is cache slot (wrap + p - start) mod L,
-    p >= start new key p - start (``k_cache`` / ``k_new``: the (batch, kv head)'s bases). MASKED: key p is visible
-    to row r iff p < s_hi, row r is valid and row_lo[r] <= p <= qpos[r] (row_lo: its chunk's start, or 0); an
-    unmasked tile holds keys every row sees. Scores go to base 2 (scale2 = scale * log2(e) > 0), so a score costs
-    one FFMA and one EX2. The masked loop this replaced took 1583 SASS instructions a tile at BM 64 and 735 at the
-    16-row decode tile (sm_90a, Triton 3.7.1: integer division for the chunk test and the slot, the mask, exp's
-    range fix-ups); unmasked tiles take 556 and 446, masked ones 835 and 564."""
+    p >= start new key p - start (``k_cache`` / ``k_new``: the (batch, kv head)'s bases). ``masked`` (a scalar,
+    a branch): key p is visible to row r iff p < s_hi, row r is valid and row_lo[r] <= p <= qpos[r] (row_lo: its
+    chunk's start, or 0); else the tile holds keys every row sees. Scores go to base 2 (scale2 = scale * log2(e)
+    > 0), so a score costs one FFMA and one EX2. The loop this replaced took 1583 SASS instructions a tile at BM 64
+    and 735 at the 16-row decode tile (sm_90a, Triton 3.7.1: integer division for the chunk test and the slot, the
+    mask, exp's range fix-ups); now an unmasked tile takes 613 and 503, a masked one 838 and 559."""
     kp = p0 + tl.arange(0, BLOCK_N)                                              # [BN] key positions
     j = kp - start                                                               # new key j, or cached (j < 0)
     cached = j < 0
@@ -212,10 +208,7 @@ def _attend_tile(q, m_i, l_i, acc, p0, s_hi, start, wrap, qpos, row_lo, rmask, d
     slot = tl.where(slot < 0, slot + L, slot)
     # one load per tile: each key's pointer into the cache (slot) or into the new keys (j)
     c2, d2 = cached[:, None], dd[None, :]
-    if MASKED:
-        kmask = (kp < s_hi)[:, None] & dmask[None, :]
-    else:
-        kmask = dmask[None, :]
+    kmask = (kp < s_hi)[:, None] & dmask[None, :]
     k = tl.load(tl.where(c2, k_cache + slot[:, None] * scl + d2 * scd, k_new + j[:, None] * snt + d2 * snd),
                 mask=kmask, other=0.0)
     v = tl.load(tl.where(c2, v_cache + slot[:, None] * svcl + d2 * svcd, v_new + j[:, None] * svnt + d2 * svnd),
@@ -224,7 +217,7 @@ def _attend_tile(q, m_i, l_i, acc, p0, s_hi, start, wrap, qpos, row_lo, rmask, d
     if DOT_F32:                                                                  # interpreter (see moe_gate_up)
         qd, kd = qd.to(tl.float32), kd.to(tl.float32)
     s = tl.dot(qd, kd, input_precision=PRECISION)                                # [BM, BN] float32, unscaled
-    if MASKED:
+    if masked:
         vis = (kp[None, :] <= qpos[:, None]) & (kp[None, :] >= row_lo[:, None])
         vis = vis & (kp < s_hi)[None, :] & rmask[:, None]
         s = tl.where(vis, s, float("-inf"))

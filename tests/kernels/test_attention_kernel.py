@@ -277,7 +277,7 @@ def test_tiles_every_row_sees_take_no_mask(case, n_split, tiles, monkeypatch):
     inner = attention._attend_tile
 
     def recorded(*a):
-        taken.append((int(a[4]), bool(a[-1])))   # p0, MASKED
+        taken.append((int(a[4]), bool(a[-4])))   # p0, masked (then BN, the dot modes)
         return inner(*a)
 
     monkeypatch.setattr(attention, "_attend_tile", recorded)
