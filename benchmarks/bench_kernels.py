@@ -19,9 +19,10 @@ Kernels (bf16 activations; Int4 weights packed as the quantize pass packs them, 
                   rows, the residual add and the next layer's input RMSNorm, as l4::moe_q_fused_norm (as engines run
                   it: in the MoE's down launch at one token, a launch of its own past that) and as the MoE then one
                   Inductor kernel (as they did)
-    int4_mm qkv + k rope  a RoPE layer's fused qkv (56 heads x 128) at a decode step, its keys RoPE-rotated and
-                  RMS-normed: as l4::int4_mm_rope runs it (in the GEMM's epilogue, tiles of one head: BN 128, split 2,
-                  chained as engines run it) and as the GEMM at its own blocks then one Inductor kernel (as they did)
+    int4_mm qkv + q/k rope  a RoPE layer's fused qkv (56 heads x 128) at a decode step, its queries and keys
+                  RoPE-rotated and RMS-normed: as l4::int4_mm_rope runs it (in the GEMM's epilogue, tiles of one
+                  head: BN 128, split 2, chained as engines run it) and as the GEMM at its own blocks then one
+                  Inductor kernel
     torch.mm      cuBLAS on the bf16 weight, the baseline the Int4 GEMV must beat (it streams 4x the bytes)
     prefill       ``--prefill T,..``: q_proj and the Int4 MoE at T tokens in TFLOP/s, with the decode blocks (BM 16:
                   each weight unpacked once per 16 rows) against the prefill blocks steps of more than
@@ -426,21 +427,21 @@ def main(argv: list[str] | None = None) -> int:
         record("norm + router", t, "Inductor + cuBLAS" if device.type == "cuda" else "aten", False,
                lambda: F.linear(norm(a_in, b_in, norm_w)[1], router_w), ref, moved)
     lock = torch.zeros(SPLIT_K_LOCK_WORDS, device=device, dtype=torch.int32)   # every chained call leaves it zeros
-    # a RoPE layer's qkv with its keys' RoPE + qk-norm: in the GEMM's epilogue against the GEMM then one Inductor
-    # kernel (as engines did), at a decode step of `tokens` sequences at position 4000
+    # a RoPE layer's qkv with its queries' and keys' RoPE + qk-norm: in the GEMM's epilogue (as engines run it)
+    # against the GEMM then one Inductor kernel, at a decode step of `tokens` sequences at position 4000
     wp, ws, w_bf16 = qkv_weight(dims, device, g)
     hq, hkv, d = dims["heads"], dims["kv_heads"], dims["head_dim"]
     cos, sin = plain_rope_tables(d, 4096, device)
     start = torch.tensor([4000 if device.type == "cuda" else 7], device=device)
-    k_args = (start, cos, sin, hq * d, hkv * d, d, True, 1e-5)
+    k_args = (start, cos, sin, 0, (hq + hkv) * d, d, True, 1e-5)                  # columns of q and k
     k_rope = torch.compile(k_rope_reference, dynamic=False) if device.type == "cuda" else k_rope_reference
     for t in tokens:
         x = torch.randn(t, 1, dims["H"], generator=g, device=device).to(torch.bfloat16)
         ref = k_rope_reference(F.linear(x, w_bf16), *k_args)
         moved = nbytes(wp, ws, x, ref)
-        record("int4_mm qkv + k rope", t, "l4::int4_mm_rope", True,
+        record("int4_mm qkv + q/k rope", t, "l4::int4_mm_rope", True,
                lambda: int4_mm_rope_chained(x, wp, ws, *k_args, lock)[0], ref, moved)
-        record("int4_mm qkv + k rope", t, "+ Inductor launch" if device.type == "cuda" else "+ aten", False,
+        record("int4_mm qkv + q/k rope", t, "+ Inductor launch" if device.type == "cuda" else "+ aten", False,
                lambda: k_rope(int4_matmul(x.view(t, -1), wp, ws).view(t, 1, -1), *k_args), ref, moved)
     for name, t, x, wp, ws, w_bf16 in int4_cases(dims, tokens, device, g):
         ref = F.linear(x, w_bf16)

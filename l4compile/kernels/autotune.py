@@ -419,7 +419,7 @@ def problem_name(key: Key | list) -> str:
 
 def summary(rec: dict[str, Any]) -> str:
     """One line of a ``tune`` record: the choice, its time and its speed-up over layout's choice."""
-    name = problem_name(rec["key"]) + (" (k rope)" if rec.get("rope") else "")
+    name = problem_name(rec["key"]) + (" (rope)" if rec.get("rope") else "")
     if rec["blocks"] is None:
         why = f"not measured ({rec['error']})" if rec.get("error") else "no candidate ran correctly"
         return f"{name}: {why}; layout's blocks stay"

@@ -232,19 +232,21 @@ def attention_cached_cuda(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_ca
 
 
 def attention_cached_in_place(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, *rest,
-                              k_ready: bool = False) -> Tensor:
+                              k_ready: bool = False, q_ready: bool = False) -> Tensor:
     """``l4::attention_cached`` (same arguments) with its caches updated in place -> the attention output alone. What
     a CUDA engine's step runs (``backends.inductor.caches_in_place``): ``l4::attention_fused_inplace`` applies q's
     RoPE and qk-norm (or temperature) in its partial kernel and writes the T new rows into the caches from its
     combine launch, so the step has no q-transform or cache-write kernels and copies no cache.
     Without the kernel, the reference's new caches are copied into the given ones (which an engine folds into a
-    write of the new rows). ``k_ready``: k comes with its RoPE / qk-norm applied (``linear_int4_rope``)."""
+    write of the new rows). ``k_ready`` / ``q_ready``: k / q comes with its RoPE / qk-norm applied
+    (``linear_int4_rope``)."""
     if fused_attention_supported(q, k_cache, v_cache):
         return attention_ops.attention_cached_impl(q, k, v, k_cache, v_cache, *rest, fused_inplace=True,
                                                    fused_attend=torch.ops.l4.attention_fused_inplace,
-                                                   k_ready=k_ready)[0]
-    if k_ready:
-        out, k_new, v_new = attention_ops.attention_cached_impl(q, k, v, k_cache, v_cache, *rest, k_ready=True)
+                                                   k_ready=k_ready, q_ready=q_ready)[0]
+    if k_ready or q_ready:
+        out, k_new, v_new = attention_ops.attention_cached_impl(q, k, v, k_cache, v_cache, *rest, k_ready=k_ready,
+                                                                q_ready=q_ready)
     else:
         out, k_new, v_new = torch.ops.l4.attention_cached(q, k, v, k_cache, v_cache, *rest)
     k_cache.copy_(k_new)
@@ -253,20 +255,21 @@ def attention_cached_in_place(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, 
 
 
 def attention_cached_chained(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, *rest_and_lock,
-                             k_ready: bool = False) -> tuple[Tensor, Tensor]:
+                             k_ready: bool = False, q_ready: bool = False) -> tuple[Tensor, Tensor]:
     """``attention_cached_in_place`` (``l4::attention_cached``'s arguments, then ``lock``: [SPLIT_K_LOCK_WORDS] int32
     zeros) as a CUDA engine's chained step runs it (``backends.inductor.split_k_locks_chained``) -> (the attention
     output, a block of zeroed counters for the next chained launch). ``l4::attention_fused_chained`` merges the key
     splits and writes the caches in its partial kernel, so that a decode step's attention is one launch. Without
-    the kernel, ``attention_cached_in_place``, and ``lock`` is handed on as it came (zeros). ``k_ready``: as there."""
+    the kernel, ``attention_cached_in_place``, and ``lock`` is handed on as it came (zeros). ``k_ready``,
+    ``q_ready``: as there."""
     *rest, lock = rest_and_lock
     if not fused_attention_supported(q, k_cache, v_cache):
-        return attention_cached_in_place(q, k, v, k_cache, v_cache, *rest, k_ready=k_ready), lock
+        return attention_cached_in_place(q, k, v, k_cache, v_cache, *rest, k_ready=k_ready, q_ready=q_ready), lock
 
     def attend(*args):
         return torch.ops.l4.attention_fused_chained(*args, lock)
     return attention_ops.attention_cached_impl(q, k, v, k_cache, v_cache, *rest, fused_inplace=True,
-                                               fused_attend=attend, k_ready=k_ready)[0]
+                                               fused_attend=attend, k_ready=k_ready, q_ready=q_ready)[0]
 
 
 def linear_int4_cuda(x: Tensor, w_packed: Tensor, w_scale: Tensor) -> Tensor:

@@ -1,12 +1,14 @@
 # BM x BN a tile of the qkv GEMM's output, D head_dim (BN a multiple of D), P rope table positions
-"""The k transform of a RoPE layer in the epilogue of its fused qkv GEMM (``l4::int4_mm_rope``).
+"""The q and k transforms of a RoPE layer in the epilogue of its fused qkv GEMM (``l4::int4_mm_rope``).
 
-A RoPE layer's new keys are RoPE-rotated at their positions and, with qk-norm, RMS-normed over each head
-(``ops.attention._project``). A CUDA engine's step did that in an Inductor kernel of its own between the qkv GEMM
-and the attention (the attention kernel transforms q itself; folded in there, the k transform took its partial
-kernel to 255 registers and spills, and each of its programs would redo it). Here the program that stores a tile of
-the qkv output transforms the keys in it first: the GEMM is launched with BN a multiple of D and tiles aligned to
-the heads (``layout.rope_int4_blocks``), so a k tile holds whole heads, in registers, and nothing is reread.
+A RoPE layer's new queries and keys are RoPE-rotated at their positions and, with qk-norm, RMS-normed over each head
+(``ops.attention._project``: the same transform for both). A CUDA engine's step did k's in an Inductor kernel of its
+own between the qkv GEMM and the attention, and q's in the attention kernel, where each key split of a decode step
+redid it after q's and the tables' round trip (folded in there too, the k transform took the partial kernel to 255
+registers and spills). Here the program that stores a tile of the qkv output transforms the heads in it first, for
+the columns [k_col0, k_col0 + k_cols) it is given (``backends.qkv_rope_fused``: q's and k's, which are adjacent):
+the GEMM is launched with BN a multiple of D and tiles aligned to the heads (``layout.rope_int4_blocks``), so a tile
+holds whole heads, in registers, and nothing is reread.
 
 Numerics as the reference: the GEMM's float32 sum is rounded to y's dtype (the qkv output), RoPE of interleaved
 pairs (x0 c - x1 s, x0 s + x1 c) in float32 with c, s = cos / sin[start + t, j] is rounded again, and the RMS norm

@@ -40,8 +40,8 @@ Contracts (same as the reference ops, which the tests compare against):
                                        the same product; lock (its split-K counters) left zeros, and a fresh block
                                        of zeros for the next GEMM's (``backends.inductor.split_k_locks_chained``)
     int4_mm_rope(x [B, T, Kin], w_packed, w_scale, start_pos [1], cos [P, D/2], sin, k_col0, k_cols, head_dim,
-                 qk_norm, eps) -> [B, T, N]: the same product with the keys' columns [k_col0, k_col0 + k_cols)
-                 transformed as l4::attention_cached transforms k (RoPE at start + t, then qk-norm), in the
+                 qk_norm, eps) -> [B, T, N]: the same product with the columns [k_col0, k_col0 + k_cols) (q's and
+                 k's) transformed as l4::attention_cached transforms q and k (RoPE at start + t, then qk-norm), in the
                  epilogue (``k_rope.py``); int4_mm_rope_chained(.., lock) -> (that, zeros like lock), chained
     attention_fused(q [B, Hq, T, D], k_new [B, Hkv, T, D], v_new, k_cache [B, Hkv, L, D], v_cache, start_pos [1],
                     n_heads, n_kv_heads, chunk, scaling) -> [B, T, Hq*D]
@@ -506,9 +506,9 @@ def default_moe_int4_blocks(down_q: Tensor, gate_up_s: Tensor, down_s: Tensor) -
 
 @dataclass(frozen=True)
 class KRope:
-    """The keys' transform an Int4 qkv GEMM applies in its epilogue (``l4::int4_mm_rope``, ``k_rope.py``): RoPE at
+    """The q / k transform an Int4 qkv GEMM applies in its epilogue (``l4::int4_mm_rope``, ``k_rope.py``): RoPE at
     positions start + t (token t of each of the GEMM's sequences of ``tokens`` rows), then with ``qk_norm`` the RMS
-    norm over each head, on output columns [k_col0, k_col0 + k_cols)."""
+    norm over each head, on output columns [k_col0, k_col0 + k_cols) (an engine's: q's and k's)."""
     start: Tensor          # [1] int64
     cos: Tensor            # [P, D/2] float32
     sin: Tensor

@@ -105,23 +105,25 @@ def attention_cached_impl(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_ca
                           cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int, head_dim: int, use_rope: bool,
                           qk_norm: bool, chunk: int, temp_tuning: bool, floor_scale: float, attn_scale: float,
                           scaling: float, eps: float, fused_attend=None, fused_inplace: bool = False,
-                          k_ready: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                          k_ready: bool = False, q_ready: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``fused_attend``: None for the plain-aten attention over ``cat(cache, new keys)``; CUDA passes
     ``l4::attention_fused`` (l4compile.kernels), which reads the visible keys in place: same arguments and result
     as ``_attend`` here, ``(q, k_new, v_new, k_cache, v_cache, start_pos, n_heads, n_kv_heads, chunk, scaling)``.
     ``fused_inplace``: ``fused_attend`` is ``l4::attention_fused_inplace``: it takes q untransformed with the
     layer's transform arguments ``(q, k_new, v_new, k_cache, v_cache, start_pos, cos, sin, n_heads, n_kv_heads,
     chunk, scaling, use_rope, qk_norm, temp_tuning, floor_scale, attn_scale, eps)``, and writes the new keys into
-    the caches it is given, which are then returned as the new caches (no index_copy here). ``k_ready``: k comes
-    with its RoPE / qk-norm applied (a CUDA engine's qkv GEMM does it in its epilogue: ``l4::int4_mm_rope``)."""
+    the caches it is given, which are then returned as the new caches (no index_copy here). ``k_ready`` /
+    ``q_ready``: k / q comes with its RoPE / qk-norm applied (a CUDA engine's qkv GEMM does it in its epilogue:
+    ``l4::int4_mm_rope``), and ``fused_attend`` is then told to leave q as it is."""
     t, slots = q.shape[1], k_cache.shape[2]
     start = start_pos.reshape(1).to(torch.int64)                                 # [1]
     pos = start + torch.arange(t, device=q.device)                               # [T] absolute positions
     qh, kh, vh = _project(q, k, v, pos, cos, sin, n_heads, n_kv_heads, head_dim, use_rope, qk_norm, temp_tuning,
-                          floor_scale, attn_scale, eps, raw_q=fused_inplace, raw_k=k_ready)
+                          floor_scale, attn_scale, eps, raw_q=fused_inplace or q_ready, raw_k=k_ready)
     if fused_inplace:
+        q_modes = (False, False, False) if q_ready else (use_rope, qk_norm, temp_tuning)
         return (fused_attend(qh, kh, vh, k_cache, v_cache, start, cos, sin, n_heads, n_kv_heads, chunk, scaling,
-                             use_rope, qk_norm, temp_tuning, floor_scale, attn_scale, eps), k_cache, v_cache)
+                             *q_modes, floor_scale, attn_scale, eps), k_cache, v_cache)
     if fused_attend is not None:
         out = fused_attend(qh, kh, vh, k_cache, v_cache, start, n_heads, n_kv_heads, chunk, scaling)
     else:

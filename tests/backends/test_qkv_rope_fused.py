@@ -1,6 +1,7 @@
-"""backends.qkv_rope_fused: a CUDA engine's step transforms each RoPE layer's keys (RoPE, qk-norm) in the epilogue
-of its Int4 qkv GEMM, and the attention takes k as it comes. The rewritten step graph, run here on CPU tensors with
-the Triton kernels under the interpreter, gives the step graph's logits; what does not match is left as it is."""
+"""backends.qkv_rope_fused: a CUDA engine's step transforms each RoPE layer's queries and keys (RoPE, qk-norm) in
+the epilogue of its Int4 qkv GEMM, and the attention takes q and k as they come. The rewritten step graph, run here
+on CPU tensors with the Triton kernels under the interpreter, gives the step graph's logits; what does not match is
+left as it is."""
 from __future__ import annotations
 
 import copy
@@ -50,9 +51,9 @@ def _run(gm, prog, caches, ids, start):
 @pytest.mark.parametrize("model", ["tiny", "tiny-maverick"])
 def test_step_graph_with_qkv_rope_fused_gives_the_same_logits(model, request):
     """The 3 RoPE layers of tiny (qk-norm) and of tiny-maverick (RoPE alone) are rewritten (the NoPE layer is not):
-    their qkv GEMMs became ``linear_int4_rope`` and their attention calls take k as it comes; the k transform's aten
-    ops left the graph. A 13-token prefill and two decode steps of a batch of 2 give the graph's logits (and
-    caches)."""
+    their qkv GEMMs became ``linear_int4_rope`` over q's and k's columns (0 .. (Hq + Hkv) * D) and their attention
+    calls take q and k as they come. A 13-token prefill and two decode steps of a batch of 2 give the graph's logits
+    (and caches)."""
     require_interpreter()
     from l4compile.kernels.dispatch import attention_cached_in_place
 
@@ -64,8 +65,12 @@ def test_step_graph_with_qkv_rope_fused_gives_the_same_logits(model, request):
     assert after.count("linear_int4_rope") == n_rope
     assert after.count("l4.linear_int4.default") == before.count("l4.linear_int4.default") - n_rope
     assert after.count("aten.rsqrt.default") == before.count("aten.rsqrt.default")   # the k norm is in the op body
-    ready = [n.kwargs.get("k_ready") for n in fused.graph.nodes if n.target is attention_cached_in_place]
-    assert sorted(map(bool, ready)) == [False] + [True] * n_rope
+    ready = [(n.kwargs.get("k_ready", False), n.kwargs.get("q_ready", False)) for n in fused.graph.nodes
+             if n.target is attention_cached_in_place]
+    assert sorted(ready) == [(False, False)] + [(True, True)] * n_rope
+    cfg = prog.model_config
+    spans = {n.args[6:9] for n in fused.graph.nodes if getattr(n.target, "__name__", "") == "linear_int4_rope"}
+    assert spans == {(0, (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim, cfg.head_dim)}
 
     _, n_kv, _, d = prog.kv_layout["shape"]
     caches = [[torch.zeros(2, n_kv, layer["slots"], d) for layer in prog.kv_layout["layers"] for _ in (0, 1)]

@@ -72,11 +72,11 @@ def test_rope_qkv_problems_are_marked_and_timed_as_engines_run_them():
     marked = autotune.problems(low.program.gm, rope_qkv=rope_qkv_match)
     assert all(p.rope is None for p in plain)
     (qkv,) = [p for p in marked if p.rope is not None]
-    assert qkv.rope == (16, 64, 32, True) and qkv.count == qkv.rope_count == 2
+    assert qkv.rope == (16, 0, 96, True) and qkv.count == qkv.rope_count == 2      # q and k: columns 0 .. 95
     assert qkv.key == int4_key(128, 64, 64, torch.bfloat16)
     assert [p.key for p in marked] == [p.key for p in plain]
     # Scout's qkv: BN 64 split 2 and BN 32 unsplit are both BN 128 split 4, timed once
-    scout = autotune.Problem(int4_key(7168, 5120, 128, torch.bfloat16), rope=(128, 5120, 1024, True))
+    scout = autotune.Problem(int4_key(7168, 5120, 128, torch.bfloat16), rope=(128, 0, 6144, True))
     widened = autotune.candidates(scout, torch.float32)
     assert len(widened) == len(autotune.int4_candidates(scout.key, torch.float32)) - 1
     assert Int4Blocks(16, 32, 128, True) not in widened
@@ -85,9 +85,9 @@ def test_rope_qkv_problems_are_marked_and_timed_as_engines_run_them():
     assert Int4Blocks(16, 32, 64, True) not in cands
     res = autotune.tune([qkv], "cpu", torch.float32, timer=scripted([3.0, 1.0, 2.0, 2.0, 2.0]), cache=False)
     (rec,) = res["problems"]
-    assert rec["rope"] == [16, 64, 32, True] and rec["rope_count"] == 2 and rec["label"] == "BN64 BK64 SK2"
+    assert rec["rope"] == [16, 0, 96, True] and rec["rope_count"] == 2 and rec["label"] == "BN64 BK64 SK2"
     assert all(c["error"] is None and c["rel_err"] < 1e-3 for c in rec["candidates"]), rec["candidates"]
-    assert autotune.summary(rec).startswith("int4_mm 128x64 G64 (k rope): ")
+    assert autotune.summary(rec).startswith("int4_mm 128x64 G64 (rope): ")
 
 
 def test_a_qkv_shape_that_nope_layers_share_is_timed_in_both_forms(monkeypatch):

@@ -472,7 +472,7 @@ def test_bench_kernels_script_checks_every_kernel(tmp_path, capsys):
     assert kernels == [*["attention_fused pos 7"] * 2, "sdpa aten pos 7", *["attention_fused pos 31"] * 2,
                        "sdpa aten pos 31",
                        *["moe_q_fused"] * 4, "moe_fused bf16", *["moe_q_fused + add + norm"] * 2,
-                       "add_rms_norm_router", "norm + router", *["int4_mm qkv + k rope"] * 2,
+                       "add_rms_norm_router", "norm + router", *["int4_mm qkv + q/k rope"] * 2,
                        *["int4_mm q_proj"] * 4, "torch.mm bf16 q_proj", *["int4_mm kv_proj"] * 4,
                        "torch.mm bf16 kv_proj", *["int4_mm o_proj"] * 4, "torch.mm bf16 o_proj", "moe_fp8_fused",
                        "moe_q reference fp8"]
