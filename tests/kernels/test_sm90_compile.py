@@ -24,8 +24,9 @@ LAUNCHED = ["int4_mm_kernel", "int4_mm_kernel",
             "moe_route_kernel", "moe_fp8_gate_up_kernel", "moe_fp8_down_kernel", "moe_norm_kernel",
             "moe_route_kernel", "moe_gate_up_kernel", "moe_down_kernel", "moe_norm_kernel",
             "add_rms_norm_router_kernel",                                            # any T: row and block paths
-            "attention_partial_kernel", "attention_combine_kernel",                  # decode: RoPE + qk-norm
+            "attention_partial_kernel", "attention_combine_kernel",                  # decode: RoPE + qk-norm (bf16)
             "attention_partial_kernel", "attention_combine_kernel",                  # decode: NoPE + temperature
+            "attention_partial_kernel", "attention_combine_kernel",                  # decode: q ready (Int4 RoPE)
             "attention_partial_kernel", "attention_combine_kernel"]                  # prefill
 
 
