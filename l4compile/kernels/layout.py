@@ -297,7 +297,7 @@ class AttentionBlocks:
     block_n: int   # keys per inner step
     block_d: int   # head_dim, padded to a power of two >= 16
     num_warps: int | None = None   # Triton's launch option; None: its default (4). A prefill candidate: BM 128 on
-    #                                8 warps (two wgmma warpgroups, 248 registers, 128 KiB, no spill on sm_90a)
+    #                                8 warps (two wgmma warpgroups, 233 registers, 128 KiB, no spill on sm_90a)
 
 
 ATTENTION_MAX_HEAD_DIM = 256
