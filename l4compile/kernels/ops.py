@@ -143,7 +143,7 @@ def moe_route(logits: Tensor, block_m: int, zero: tuple[Tensor, ...] = (), in_ke
     # unused counter pointers (0 ints to zero) get buffers of their own: an output passed again there would alias
     # the kernel's mutated arguments, which Inductor resolves with a copy kernel per MoE layer (bf16 and FP8 steps)
     za, zb = (*zero, *(torch.empty(1, device=dev, dtype=torch.int32) for _ in range(2 - len(zero))))
-    if isinstance(on, int) and on == 0:                 # the other map serves this step: no launch at all
+    if _never(on):                                      # the other map serves this step: no launch at all
         return rows
     grid = (torch.sym_max(0, torch.sym_min(1, n_tok - 1)) if in_kernel else 1) * on           # 0 at T = 1
     wrap_triton(moe_route_kernel)[(grid,)](
@@ -319,7 +319,7 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
     n_tok = x.shape[0]
     n_rows = n_tok * (top_k + 1)
     # 1 iff T <= INT4_PREFILL_ROWS (guard-free in a symbolic T): the decode blocks' launches, else the prefill ones'
-    short = 1 if prefill is None else torch.sym_max(0, torch.sym_min(1, INT4_PREFILL_ROWS + 1 - n_tok))
+    short = 1 if prefill is None else _short_step(n_tok)
 
     def tiling(on, gate_up: Int4Blocks, down: Int4Blocks) -> _MoeTiling:
         n_tiles = num_tiles(n_rows, n_exp + 1, gate_up.block_m) * on           # the map's tiles (moe_route, moe_rows)
@@ -348,7 +348,7 @@ def fused_moe_int4(x: Tensor, router_w: Tensor, gate_up_q: Tensor, gate_up_s: Te
         p = tiling(1 - short, *prefill)
         tilings.append(replace(p, rows=moe_route(logits, p.gate_up.block_m, on=p.on, rows_of=rows),
                                modes={**map_modes, "MAP_IN_KERNEL": False}))
-    tilings = [t for t in tilings if not (isinstance(t.on, int) and t.on == 0)]        # a constant 0: no launches
+    tilings = [t for t in tilings if not _never(t.on)]
     mode = _dot_mode(x.dtype)
     for t in tilings:
         part, part_strides, lock, k_split, splits = t.gate_up_split
@@ -465,10 +465,21 @@ def _check_lock(op: str, lock: Tensor, device: torch.device) -> None:
                          f"{list(lock.shape)} {lock.dtype} on {lock.device}")
 
 
-def _launch(b: Int4Blocks) -> dict:
-    """The launch options of an Int4 GEMM's blocks: ``num_stages`` and ``num_warps`` only where the blocks set them
-    (sweep candidates; engines launch with Triton's defaults)."""
-    return {k: v for k, v in (("num_stages", b.num_stages), ("num_warps", b.num_warps)) if v}
+def _launch(b: Int4Blocks | AttentionBlocks) -> dict:
+    """The launch options of a kernel's blocks: ``num_stages`` and ``num_warps`` only where the blocks set them
+    (sweep candidates, the Int4 prefill blocks; otherwise Triton's defaults). AttentionBlocks have no num_stages."""
+    return {k: v for k, v in (("num_stages", getattr(b, "num_stages", None)), ("num_warps", b.num_warps)) if v}
+
+
+def _short_step(rows):
+    """1 where a step of ``rows`` rows / tokens (an int or a SymInt) runs the Int4 decode blocks (at most
+    ``INT4_PREFILL_ROWS``), else 0: a guard-free expression, so an engine's symbolic step keeps one graph."""
+    return torch.sym_max(0, torch.sym_min(1, INT4_PREFILL_ROWS + 1 - rows))
+
+
+def _never(on) -> bool:
+    """Whether a launch's grid factor ``on`` (0 or 1, an int or a SymInt) is the constant 0: no launch is made."""
+    return isinstance(on, int) and on == 0
 
 
 def default_int4_blocks(w_packed: Tensor, w_scale: Tensor) -> Int4Blocks:
@@ -553,7 +564,7 @@ def int4_matmul(x: Tensor, w_packed: Tensor, w_scale: Tensor, blocks=None, lock:
     if prefill is None:
         _int4_launch(*launch, b, 1)
     else:                  # 1 iff M <= INT4_PREFILL_ROWS, guard-free in a symbolic M: one of the two grids is empty
-        short = torch.sym_max(0, torch.sym_min(1, INT4_PREFILL_ROWS + 1 - x.shape[0]))
+        short = _short_step(x.shape[0])
         _int4_launch(*launch, b, short)
         _int4_launch(*launch, prefill, 1 - short)
     return (y, next_lock) if chain else y
@@ -563,7 +574,7 @@ def _int4_launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, y: Tensor, group:
                  next_lock: Tensor | None, rope: KRope | None, b: Int4Blocks, on) -> None:
     """One launch of ``int4_matmul``'s kernel with blocks ``b`` into y, its row tiles times ``on`` (0 or 1, an int or
     a SymInt); none at all where ``on`` is a constant 0. A chained launch (``lock``) zeroes ``next_lock``."""
-    if isinstance(on, int) and on == 0:
+    if _never(on):
         return
     n_out, k_in = y.shape[1], x.shape[1]
     if b.bf16x2:
@@ -697,7 +708,7 @@ def _fused_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
         lock if merge else start, next_lock if merge else start, next_lock.numel() if merge else 0,
         BLOCK_M=bl.block_m, BLOCK_N=bl.block_n, BLOCK_D=bl.block_d, DECODE_M=decode_m, ROPE=rope,
         QK_NORM=qk_norm, TEMP=temp, MERGE=merge, BLOCK_S=block_s, STAGES=ATTENTION_COMBINE_STAGES, **mode,
-        **({"num_warps": bl.num_warps} if bl.num_warps else {}))
+        **_launch(bl))
     # with S > 1 the merge, DECODE_M rows a program; with one split (the partial kernel wrote ``out``) no programs,
     # or, writing the caches, the T new tokens, DECODE_M a program (the merge's R*T rows cover them when S > 1);
     # with MERGE the partial kernel merged and wrote when S > 1, and the caches are written here when S = 1
